@@ -1,0 +1,63 @@
+# The two commands of the README: `make demo` and `make test`. Both set up
+# everything themselves on a machine with only Python 3.11 and Java 17.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export USERFORMER_HOME ?= $(CURDIR)/var
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PYSPARK_PYTHON := $(CURDIR)/$(PY)
+export SPARK_LOCAL_IP := 127.0.0.1
+
+.PHONY: venv demo test test-fast bench lock clean cluster-up cluster-down help
+
+help:
+	@echo "make demo   - set up, generate 7 days of synthetic logs, run the pipeline on them"
+	@echo "make test   - set up and run the test suite"
+	@echo "make bench  - run tests/benchmarks (not part of CI)"
+	@echo "make lock   - re-resolve requirements.lock from pyproject.toml"
+
+venv: $(VENV)/.installed
+
+# torch first and alone, from its pinned CPU build: any unpinned torch would
+# pull gigabytes of CUDA packages. Then the locked set, then the project.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==26.3"
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(BIN)/userformer demo
+
+test: venv
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest tests -m "not slow and not cluster" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
+
+cluster-up: venv
+	bash infra/spark/start-cluster.sh
+
+cluster-down:
+	bash infra/spark/stop-cluster.sh
+
+# Re-resolve the lock in a scratch venv (torch first, as above).
+lock:
+	rm -rf /tmp/userformer-lock && $(PYTHON) -m venv /tmp/userformer-lock
+	/tmp/userformer-lock/bin/pip install --quiet --upgrade "pip==26.3"
+	/tmp/userformer-lock/bin/pip install --quiet "torch==2.13.0"
+	/tmp/userformer-lock/bin/pip install --quiet ".[test]"
+	{ echo "# Resolved, pinned dependency set (one resolve on Python 3.11, Linux x86_64)."; \
+	  echo "# torch is installed first, alone, from its pinned CPU build: see Makefile."; \
+	  echo "# Regenerate with: make lock"; \
+	  /tmp/userformer-lock/bin/pip freeze --all | grep -vE '^(torch==|userformer|-e |pip==)'; } > requirements.lock
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,61 @@
+"""`userformer`: one CLI for every step. Each step module registers its own subcommand.
+
+A step module exposes ``register(subparsers)``, which adds one parser with
+``set_defaults(func=run)``; ``run(args, cfg) -> int`` is the exit code. Heavy
+imports (Spark, torch) happen inside ``run`` so that ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from userformer.jobs.common import UserError
+from userformer.jobs.config import ConfigError, load_config
+
+# Order is the order of `userformer --help`: the data's path through the pipeline.
+STEP_MODULES = [
+    "userformer.jobs.generate",
+    "userformer.jobs.loaders",
+    "userformer.jobs.ingest",
+    "userformer.jobs.sequences",
+    "userformer.jobs.check",
+    "userformer.jobs.demo",
+    "userformer.jobs.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="userformer",
+        description="Daily batch pipeline: raw behaviour logs -> Delta tables -> per-user sequences -> customer model.",
+    )
+    p.add_argument("--config", help="TOML config file (default: $USERFORMER_CONFIG; see infra/config/userformer.toml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in STEP_MODULES:
+        importlib.import_module(name).register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("py4j", "great_expectations", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config)
+        return int(args.func(args, cfg) or 0)
+    except (ConfigError, UserError) as exc:
+        print(f"userformer {args.command}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "code", 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The one configuration: every knob of the pipeline, typed, with its range.
+
+Resolution order (later wins):
+  1. the defaults below;
+  2. a TOML file: ``--config FILE`` or ``$USERFORMER_CONFIG``
+     (``infra/config/userformer.toml`` is the commented example);
+  3. environment variables ``USERFORMER__SECTION__KEY=value``
+     (e.g. ``USERFORMER__SPARK__MASTER=spark://127.0.0.1:7077``);
+  4. ``$USERFORMER_HOME``, which moves every default path at once.
+
+Paths left empty derive from ``paths.home``: raw/, warehouse/, models/, index/,
+reports/ beneath it, so one variable points a whole run somewhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _rng(lo=None, hi=None, choices=None):
+    """Field metadata: the allowed range (inclusive) or set of values."""
+    return {"lo": lo, "hi": hi, "choices": choices}
+
+
+@dataclass
+class PathsConfig:
+    # Root of all state; USERFORMER_HOME overrides it.
+    home: str = ""
+    # Raw drops: raw/events/dt=YYYY-MM-DD/*.parquet and raw/items/dt=.../*.parquet.
+    raw_root: str = ""
+    # Delta tables, one folder per table.
+    warehouse_root: str = ""
+    models_root: str = ""
+    index_root: str = ""
+    # HTML/JSON reports of checks and runs.
+    reports_root: str = ""
+
+
+@dataclass
+class SparkConfig:
+    # local[*], local[N] or spark://host:port of a standalone master.
+    master: str = "local[2]"
+    app_name: str = "userformer"
+    driver_memory: str = "4g"
+    executor_memory: str = "2g"
+    # Small on purpose: a day of events is small; AQE coalesces further.
+    shuffle_partitions: int = field(default=8, metadata=_rng(1, 100_000))
+    # Extra spark.* settings, e.g. {"spark.executor.cores" = "1"}.
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class IngestConfig:
+    # Event types the contract knows; anything else is rejected (reason unknown_event_type).
+    item_event_types: list = field(
+        default_factory=lambda: ["view", "click", "cart", "remove_from_cart", "purchase", "favourite", "rate"]
+    )
+    non_item_event_types: list = field(default_factory=lambda: ["search", "signup", "login", "filter"])
+    # Events more than this many days before the drop date are rejected (ts_too_old).
+    max_late_days: int = field(default=7, metadata=_rng(0, 3650))
+    # Events this far after the end of the drop date are rejected (future_ts): clock skew allowance.
+    future_tolerance_s: int = field(default=3600, metadata=_rng(0, 7 * 86400))
+    # A duplicate of an event delivered in one of the previous N drops is dropped too.
+    dedupe_lookback_days: int = field(default=3, metadata=_rng(0, 90))
+    # Values outside are rejected (bad_duration).
+    max_duration_s: float = field(default=86400.0, metadata=_rng(1.0, None))
+    # A single user with more events than this in one drop is a bot/replay burst:
+    # the excess (latest events kept) goes to events_rejected (user_burst).
+    max_events_per_user_per_day: int = field(default=20_000, metadata=_rng(10, None))
+
+    @property
+    def event_types(self) -> list:
+        return list(self.item_event_types) + list(self.non_item_event_types)
+
+
+@dataclass
+class SequencesConfig:
+    # Events kept per user (the most recent ones).
+    max_len: int = field(default=256, metadata=_rng(1, 100_000))
+    # Target rows per Parquet file written for user_sequences.
+    rows_per_file: int = field(default=200_000, metadata=_rng(1_000, None))
+
+
+@dataclass
+class QualityConfig:
+    # Row count of a day must lie within [lo, hi] x the median of the trailing days.
+    row_count_band: list = field(default_factory=lambda: [0.2, 5.0])
+    trailing_days: int = field(default=7, metadata=_rng(1, 365))
+    # Fractions of the raw rows of a drop.
+    max_duplicate_ratio: float = field(default=0.05, metadata=_rng(0.0, 1.0))
+    max_rejected_ratio: float = field(default=0.05, metadata=_rng(0.0, 1.0))
+    # How many unexpected example values a failed expectation shows.
+    examples: int = field(default=5, metadata=_rng(0, 100))
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    sequences: SequencesConfig = field(default_factory=SequencesConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+
+    # ---- derived locations -------------------------------------------------
+    @property
+    def home(self) -> Path:
+        return Path(self.paths.home).expanduser().resolve()
+
+    def _sub(self, value: str, name: str) -> Path:
+        return Path(value).expanduser().resolve() if value else self.home / name
+
+    @property
+    def raw_root(self) -> Path:
+        return self._sub(self.paths.raw_root, "raw")
+
+    @property
+    def warehouse_root(self) -> Path:
+        return self._sub(self.paths.warehouse_root, "warehouse")
+
+    @property
+    def models_root(self) -> Path:
+        return self._sub(self.paths.models_root, "models")
+
+    @property
+    def index_root(self) -> Path:
+        return self._sub(self.paths.index_root, "index")
+
+    @property
+    def reports_root(self) -> Path:
+        return self._sub(self.paths.reports_root, "reports")
+
+    def table_path(self, name: str) -> Path:
+        """Folder of the Delta table `name` (see schemas.tables)."""
+        return self.warehouse_root / name
+
+    def raw_events_dir(self, dt) -> Path:
+        return self.raw_root / "events" / f"dt={dt}"
+
+    def raw_items_dir(self, dt) -> Path:
+        return self.raw_root / "items" / f"dt={dt}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_HOME = "~/.local/share/userformer"
+ENV_PREFIX = "USERFORMER__"
+
+
+def _coerce(value, typ, where: str):
+    """Convert an env-var string or TOML value to the field's declared type."""
+    origin = typing.get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        if origin is bool:
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+        if origin in (list, dict):
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{where}: expected a TOML {origin.__name__}, got {value!r}") from exc
+    try:
+        if origin is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: expected {origin.__name__}, got {value!r}") from exc
+    if not isinstance(value, origin):
+        raise ConfigError(f"{where}: expected {origin.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(section_obj, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = {f.name: f for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(names))})")
+        setattr(section_obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def _validate(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            meta = f.metadata
+            if not meta:
+                continue
+            v = getattr(obj, f.name)
+            where = f"{section.name}.{f.name}"
+            if meta.get("choices") is not None and v not in meta["choices"]:
+                raise ConfigError(f"{where}={v!r}: must be one of {meta['choices']}")
+            if meta.get("lo") is not None and v < meta["lo"]:
+                raise ConfigError(f"{where}={v!r}: must be >= {meta['lo']}")
+            if meta.get("hi") is not None and v > meta["hi"]:
+                raise ConfigError(f"{where}={v!r}: must be <= {meta['hi']}")
+    lo, hi = (cfg.quality.row_count_band + [None, None])[:2]
+    if len(cfg.quality.row_count_band) != 2 or not (0 <= lo <= 1 <= hi):
+        raise ConfigError(f"quality.row_count_band={cfg.quality.row_count_band!r}: must be [lo<=1, hi>=1]")
+    overlap = set(cfg.ingest.item_event_types) & set(cfg.ingest.non_item_event_types)
+    if overlap:
+        raise ConfigError(f"ingest: event types both item and non-item: {sorted(overlap)}")
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict | None = None) -> Config:
+    """Build the configuration from defaults, file, environment (see module doc)."""
+    env = os.environ if env is None else env
+    cfg = Config()
+    path = path or env.get("USERFORMER_CONFIG")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+        sections = {f.name for f in dataclasses.fields(cfg)}
+        for name, values in data.items():
+            if name not in sections or not isinstance(values, dict):
+                raise ConfigError(f"{p}: unknown section [{name}] (known: {', '.join(sorted(sections))})")
+            _apply(getattr(cfg, name), values, name)
+    for key, value in sorted(env.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = key[len(ENV_PREFIX):].lower().split("__")
+        if len(parts) != 2 or not hasattr(cfg, parts[0]):
+            raise ConfigError(f"{key}: expected USERFORMER__SECTION__KEY with a known section")
+        _apply(getattr(cfg, parts[0]), {parts[1]: value}, parts[0])
+    if env.get("USERFORMER_HOME"):
+        cfg.paths.home = env["USERFORMER_HOME"]
+    if not cfg.paths.home:
+        cfg.paths.home = DEFAULT_HOME
+    _validate(cfg)
+    return cfg
