@@ -38,6 +38,9 @@ def spark_session(cfg: Config):
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.sql.parquet.compression.codec", "snappy")
+        # Raw files written by pandas/pyarrow often carry nanosecond timestamps,
+        # which Spark refuses; read them as longs and convert in ingest.
+        .config("spark.sql.legacy.parquet.nanosAsLong", "true")
         .config("spark.sql.sources.partitionOverwriteMode", "static")
         .config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")

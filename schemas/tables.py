@@ -36,6 +36,9 @@ RAW_EVENTS = pa.schema(
     ]
 )
 RAW_EVENTS_REQUIRED = ("user_id", "ts", "event_type")
+# Raw files are what producers send: required columns must exist, but a null in
+# them is a bad row for quarantine, not an unreadable file, so all are nullable.
+RAW_EVENTS = pa.schema([f.with_nullable(True) for f in RAW_EVENTS], metadata=RAW_EVENTS.metadata)
 
 RAW_ITEMS = pa.schema(
     [
@@ -49,6 +52,7 @@ RAW_ITEMS = pa.schema(
     ]
 )
 RAW_ITEMS_REQUIRED = ("item_id",)
+RAW_ITEMS = pa.schema([f.with_nullable(True) for f in RAW_ITEMS])
 
 # ------------------------------------------------------------------ tables
 _ID_COLS = [

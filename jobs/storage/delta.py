@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import Schema as DeltaSchema
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
 
@@ -40,6 +41,11 @@ def open_table(path: str | Path, version: int | None = None) -> DeltaTable:
     if not exists(path):
         raise StorageError(f"no Delta table at {path}")
     return DeltaTable(str(path), version=version)
+
+
+def add_actions(path: str | Path, version: int | None = None) -> list[dict]:
+    """The active files of a version with their partition values (`partition.<col>`) and stats, from the log."""
+    return pa.table(open_table(path, version).get_add_actions(flatten=True)).to_pylist()
 
 
 def version_of(path: str | Path) -> int | None:
@@ -101,7 +107,7 @@ def read_spark(spark, path: str | Path, schema: pa.Schema, version: int | None =
     dt = open_table(path, version)
     parts = dt.metadata().partition_columns
     data_schema = pa.schema([f for f in schema if f.name not in parts])
-    actions = dt.get_add_actions(flatten=True).to_pylist()
+    actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     groups: dict[tuple, list[str]] = defaultdict(list)
     for a in actions:
         key = tuple(a.get(f"partition.{p}") for p in parts)
@@ -255,7 +261,7 @@ def commit_staged(
             if remove_files:
                 raise StorageError(f"cannot remove files from a table that does not exist: {table_path}")
             create_table_with_add_actions(
-                str(table_path), schema, adds, mode="error", partition_by=partition_by or None,
+                str(table_path), DeltaSchema.from_arrow(schema), adds, mode="error", partition_by=partition_by or None,
                 commit_properties=_commit_props(metadata),
             )
         else:
@@ -275,7 +281,7 @@ def commit_staged(
 
 def active_files(table_path: str | Path, version: int | None = None) -> list[str]:
     """Relative paths of the files of a version (as in the log)."""
-    return [a["path"] for a in open_table(table_path, version).get_add_actions(flatten=True).to_pylist()]
+    return [a["path"] for a in add_actions(table_path, version)]
 
 
 def history(table_path: str | Path, limit: int | None = None) -> list[dict]:

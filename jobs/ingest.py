@@ -1,0 +1,434 @@
+"""Ingest one drop: raw/events/dt=D (+ raw/items/dt=D) -> events, events_rejected, vocab, items.
+
+The step is a transaction over day D:
+  1. validate every raw file's footer and schema (a corrupt file, a missing
+     required column or an impossible type stops the step before anything is
+     written, with a message naming the file);
+  2. in Spark: normalise types, check every row against the contract, drop
+     duplicates (within the drop and against the previous drops' event ids),
+     cap single-user bursts; failing rows get a reason;
+  3. assign stable ids to new items / categories / brands / event types /
+     surfaces (append-only vocab) and update the item catalogue;
+  4. commit events_rejected[dt=D] and events[dt=D], each replacing that
+     partition in one Delta commit, so a rerun of D replaces D.
+Everything that can fail on bad input happens before the first commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from userformer.jobs.common import UserError, date_arg
+from userformer.jobs.config import Config
+from userformer.jobs.storage import delta
+from userformer.schemas import tables as S
+
+log = logging.getLogger(__name__)
+
+# What a raw column may arrive as, beyond the contract's own type.
+_STRING_OK = ("string", "large_string", "int8", "int16", "int32", "int64", "uint32", "uint64")
+_NUMBER_OK = ("double", "float", "halffloat", "int8", "int16", "int32", "int64", "uint32", "uint64")
+
+
+@dataclass(frozen=True)
+class RawFile:
+    path: Path
+    rows: int
+    ts_kind: str  # "timestamp", "timestamp_ns" or "string"
+    columns: tuple  # contract columns present
+
+
+def _type_name(t: pa.DataType) -> str:
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_dictionary(t):
+        return _type_name(t.value_type)
+    return str(t)
+
+
+def inspect_raw_files(raw_dir: Path) -> list[RawFile]:
+    """Read each raw file's footer; refuse corrupt files and contract-breaking schemas."""
+    if not raw_dir.is_dir():
+        raise UserError(f"raw partition not found: {raw_dir}")
+    paths = sorted(p for p in raw_dir.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+    if not paths:
+        raise UserError(f"raw partition {raw_dir} has no files")
+    out = []
+    for p in paths:
+        if p.suffix != ".parquet":
+            raise UserError(f"{p}: not a Parquet file (the raw contract is Parquet: *.parquet)")
+        try:
+            f = pq.ParquetFile(p)
+            schema = f.schema_arrow
+            rows = f.metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for truncated/corrupt files
+            raise UserError(f"{p}: unreadable Parquet file (truncated or corrupt?): {exc}") from None
+        names = set(schema.names)
+        missing = [c for c in S.RAW_EVENTS_REQUIRED if c not in names]
+        if missing:
+            raise UserError(f"{p}: missing required column(s) {missing}; has {sorted(names)}")
+        extra = sorted(names - set(S.RAW_EVENTS.names))
+        if extra:
+            log.warning("%s: ignoring columns outside the raw contract: %s", p.name, extra)
+        ts_kind = "timestamp"
+        for field in S.RAW_EVENTS:
+            if field.name not in names:
+                continue
+            got = schema.field(field.name).type
+            name = _type_name(got)
+            if field.name == "ts":
+                if pa.types.is_timestamp(got):
+                    ts_kind = "timestamp_ns" if got.unit == "ns" else "timestamp"
+                elif name in ("string", "large_string"):
+                    ts_kind = "string"
+                else:
+                    raise UserError(f"{p}: column ts has type {got}; expected a timestamp or an ISO-8601 string")
+            elif pa.types.is_string(field.type) and name not in _STRING_OK:
+                raise UserError(f"{p}: column {field.name} has type {got}; expected string")
+            elif pa.types.is_floating(field.type) and name not in _NUMBER_OK:
+                raise UserError(f"{p}: column {field.name} has type {got}; expected a number")
+        out.append(RawFile(p, rows, ts_kind, tuple(c for c in S.RAW_EVENTS.names if c in names)))
+    return out
+
+
+def _read_raw(spark, files: list[RawFile]):
+    """All raw files as one DataFrame of the contract's columns + ts_raw + source_file."""
+    from pyspark.sql import functions as F
+
+    groups: dict[tuple, list[str]] = {}
+    for f in files:
+        groups.setdefault((f.ts_kind, f.columns), []).append(str(f.path))
+    frames = []
+    for (ts_kind, cols), paths in sorted(groups.items()):
+        df = spark.read.parquet(*paths)
+        sel = {}
+        for field in S.RAW_EVENTS:
+            if field.name == "ts":
+                continue
+            c = F.col(field.name) if field.name in cols else F.lit(None)
+            sel[field.name] = c.cast("string" if pa.types.is_string(field.type) else "double")
+        ts = F.col("ts")
+        if ts_kind == "timestamp_ns":  # read as long nanoseconds (see jobs/spark.py)
+            sel["ts"] = F.timestamp_micros(F.floor(ts / 1000).cast("long"))
+            sel["ts_raw"] = F.date_format(sel["ts"], "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX")
+        elif ts_kind == "string":
+            # ISO-8601 with or without zone; no zone means UTC (the session zone).
+            sel["ts"] = F.coalesce(
+                F.try_to_timestamp(F.trim(ts)),
+                F.try_to_timestamp(F.trim(ts), F.lit("yyyy-MM-dd HH:mm:ss[.SSSSSS][ XXX][ zzz]")),
+            )
+            sel["ts_raw"] = ts
+        else:
+            sel["ts"] = ts.cast("timestamp")
+            sel["ts_raw"] = F.date_format(ts, "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX")
+        sel["source_file"] = F.col("_metadata.file_name")
+        frames.append(df.select(*[c.alias(n) for n, c in sel.items()]))
+    df = frames[0]
+    for f in frames[1:]:
+        df = df.unionByName(f)
+    return df
+
+
+def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
+    """Add `reason`/`detail` (null when the row is accepted). First failing rule wins."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    ic = cfg.ingest
+    day_start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    latest = day_start + dt.timedelta(days=1, seconds=ic.future_tolerance_s)
+    earliest = day_start - dt.timedelta(days=ic.max_late_days)
+    df = (
+        df.withColumn("user_id", F.nullif(F.trim("user_id"), F.lit("")))
+        .withColumn("item_id", F.nullif(F.trim("item_id"), F.lit("")))
+        .withColumn("event_type", F.lower(F.trim("event_type")))
+        .withColumn("surface", F.nullif(F.lower(F.trim("surface")), F.lit("")))
+    )
+    item_types = list(ic.item_event_types)
+    known = item_types + list(ic.non_item_event_types)
+    rules = [
+        ("null_user_id", F.col("user_id").isNull(), F.lit("user_id is null or empty")),
+        ("null_ts", F.col("ts_raw").isNull(), F.lit("ts is null")),
+        ("unparseable_ts", F.col("ts").isNull(), F.concat(F.lit("cannot parse ts "), F.col("ts_raw"))),
+        ("null_event_type", F.col("event_type").isNull() | (F.col("event_type") == ""), F.lit("event_type is null")),
+        ("unknown_event_type", ~F.col("event_type").isin(known), F.concat(F.lit("unknown event_type "), F.col("event_type"))),
+        ("future_ts", F.col("ts") > F.lit(latest), F.concat(F.lit(f"ts after {latest.isoformat()}: "), F.col("ts_raw"))),
+        ("ts_too_old", F.col("ts") < F.lit(earliest), F.concat(F.lit(f"ts more than {ic.max_late_days} days before the drop: "), F.col("ts_raw"))),
+        ("missing_item_id", F.col("event_type").isin(item_types) & F.col("item_id").isNull(), F.lit("item event without item_id")),
+        ("bad_duration", (F.col("duration_s") < 0) | (F.col("duration_s") > ic.max_duration_s) | F.isnan("duration_s"),
+         F.concat(F.lit("duration_s out of [0, %g]: " % ic.max_duration_s), F.col("duration_s").cast("string"))),
+    ]
+    reason, detail = F.lit(None).cast("string"), F.lit(None).cast("string")
+    for name, cond, msg in reversed(rules):
+        reason = F.when(F.coalesce(cond, F.lit(False)), F.lit(name)).otherwise(reason)
+        detail = F.when(F.coalesce(cond, F.lit(False)), msg).otherwise(detail)
+    df = df.withColumn("reason", reason).withColumn("detail", detail)
+    # Non-item actions carry no item: a stray item_id would create a phantom item.
+    df = df.withColumn("item_id", F.when(F.col("event_type").isin(item_types), F.col("item_id")))
+
+    # Content hash when the producer gave no id: the same event delivered twice hashes the same.
+    content_id = F.sha1(F.concat_ws("|", "user_id", F.col("ts").cast("string"), "event_type", F.coalesce("item_id", F.lit(""))))
+    df = df.withColumn("event_id", F.coalesce(F.nullif(F.trim("event_id"), F.lit("")), content_id))
+
+    # Duplicates within the drop: keep the first by (ts, file); later copies are quarantined.
+    ok = F.col("reason").isNull()
+    w = Window.partitionBy("event_id", ok).orderBy(F.col("ts").asc_nulls_last(), "source_file")
+    df = df.withColumn("_rn", F.when(ok, F.row_number().over(w)))
+    df = df.withColumn("reason", F.when(ok & (F.col("_rn") > 1), F.lit("duplicate")).otherwise(F.col("reason")))
+    df = df.withColumn("detail", F.when(F.col("reason") == "duplicate", F.lit("duplicate event_id within the drop")).otherwise(F.col("detail")))
+    if lookback_ids is not None:
+        seen = lookback_ids.select(F.col("event_id").alias("_seen_id"), F.col("dt").alias("_seen_dt")).dropDuplicates(["_seen_id"])
+        df = df.join(seen, df.event_id == seen._seen_id, "left")
+        prior = F.col("reason").isNull() & F.col("_seen_id").isNotNull()
+        df = df.withColumn("detail", F.when(prior, F.concat(F.lit("already delivered in drop dt="), F.col("_seen_dt").cast("string"))).otherwise(F.col("detail")))
+        df = df.withColumn("reason", F.when(prior, F.lit("duplicate")).otherwise(F.col("reason")))
+        df = df.drop("_seen_id", "_seen_dt")
+
+    # A single user flooding the drop (bot, replayed client buffer): keep the latest N events.
+    ok = F.col("reason").isNull()
+    wu = Window.partitionBy("user_id", ok).orderBy(F.col("ts").desc(), F.col("event_id").desc())
+    df = df.withColumn("_rk", F.when(ok, F.row_number().over(wu)))
+    burst = ok & (F.col("_rk") > ic.max_events_per_user_per_day)
+    df = df.withColumn("detail", F.when(burst, F.lit(f"user over {ic.max_events_per_user_per_day} events in one drop")).otherwise(F.col("detail")))
+    df = df.withColumn("reason", F.when(burst, F.lit("user_burst")).otherwise(F.col("reason")))
+    return df.drop("_rn", "_rk")
+
+
+# ------------------------------------------------------------------ vocab
+def _load_vocab(cfg: Config) -> pa.Table:
+    path = cfg.table_path("vocab")
+    return delta.read_arrow(path) if delta.exists(path) else S.VOCAB.empty_table()
+
+
+def extend_vocab(vocab: pa.Table, kind: str, keys, day: dt.date) -> tuple[pa.Table, dict]:
+    """New keys of `kind` get the next ids, in sorted order (deterministic). Returns (new rows, key->id of all)."""
+    mine = vocab.filter(pc.equal(vocab["kind"], kind))
+    mapping = dict(zip(mine["key"].to_pylist(), mine["idx"].to_pylist()))
+    new = sorted({k for k in keys if k is not None and k not in mapping})
+    start = max(mapping.values(), default=0) + 1
+    for i, k in enumerate(new):
+        mapping[k] = start + i
+    rows = pa.table(
+        {"kind": [kind] * len(new), "key": new, "idx": list(range(start, start + len(new))), "first_dt": [day] * len(new)},
+        schema=S.VOCAB,
+    )
+    return rows, mapping
+
+
+def _category_keys(l1, l2, l3):
+    """Vocab keys of the category levels: a level's key is its path, so 'shoes' under two lines stays two ids."""
+    k1 = l1 if l1 else None
+    k2 = f"{l1} > {l2}" if l1 and l2 else None
+    k3 = f"{l1} > {l2} > {l3}" if l1 and l2 and l3 else None
+    return k1, k2, k3
+
+
+def read_raw_items(cfg: Config, day: dt.date) -> pa.Table | None:
+    """The item snapshot delivered with drop D (optional), cast to RAW_ITEMS."""
+    d = cfg.raw_items_dir(day)
+    if not d.is_dir():
+        return None
+    parts = []
+    for p in sorted(d.glob("*.parquet")):
+        try:
+            t = pq.read_table(p)
+        except Exception as exc:
+            raise UserError(f"{p}: unreadable Parquet file (truncated or corrupt?): {exc}") from None
+        if "item_id" not in t.column_names:
+            raise UserError(f"{p}: missing required column item_id")
+        cols = {}
+        for f in S.RAW_ITEMS:
+            if f.name in t.column_names:
+                try:
+                    cols[f.name] = t[f.name].cast(f.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise UserError(f"{p}: column {f.name} cannot be read as {f.type}: {exc}") from None
+            else:
+                cols[f.name] = pa.nulls(len(t), f.type)
+        t = pa.table(cols, schema=S.RAW_ITEMS)
+        parts.append(t.filter(pc.is_valid(t["item_id"])))
+    if not parts:
+        return None
+    t = pa.concat_tables(parts)
+    # Last row per item wins (a snapshot may repeat an item).
+    df = t.to_pandas().drop_duplicates("item_id", keep="last")
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def update_items(cfg: Config, day: dt.date, snapshot: pa.Table | None, event_item_ids: list[str], vocab: pa.Table):
+    """New items table and new vocab rows after drop D. Items seen only in events get unknown attributes."""
+    import pandas as pd
+
+    path = cfg.table_path("items")
+    cur = delta.read_arrow(path).to_pandas() if delta.exists(path) else S.ITEMS.empty_table().to_pandas()
+    cur = cur.set_index("item_id", drop=False)
+    snap = snapshot.to_pandas() if snapshot is not None else pd.DataFrame(columns=S.RAW_ITEMS.names)
+    snap = snap.set_index("item_id", drop=False)
+
+    cats = [_category_keys(a, b, c) for a, b, c in zip(snap["category_l1"], snap["category_l2"], snap["category_l3"])]
+    new_rows = []
+    vocab_rows = []
+    all_ids = list(snap["item_id"]) + [i for i in event_item_ids if i is not None]
+    rows, item_map = extend_vocab(vocab, "item", all_ids, day)
+    vocab_rows.append(rows)
+    maps = {}
+    for lvl, kind in enumerate(("category_l1", "category_l2", "category_l3")):
+        rows, maps[kind] = extend_vocab(vocab, kind, [c[lvl] for c in cats], day)
+        vocab_rows.append(rows)
+    rows, maps["brand"] = extend_vocab(vocab, "brand", [b for b in snap["brand"] if isinstance(b, str) and b], day)
+    vocab_rows.append(rows)
+
+    attrs = ["category_l1", "category_l2", "category_l3", "brand", "title", "price"]
+    changed = 0
+    for (iid, r), (k1, k2, k3) in zip(snap.iterrows(), cats):
+        rec = {
+            "item_id": iid, "item_idx": item_map[iid],
+            **{a: (None if pd.isna(r[a]) else r[a]) for a in attrs},
+            "category_l1_idx": maps["category_l1"].get(k1, 0), "category_l2_idx": maps["category_l2"].get(k2, 0),
+            "category_l3_idx": maps["category_l3"].get(k3, 0),
+            "brand_idx": maps["brand"].get(r["brand"], 0) if isinstance(r["brand"], str) else 0,
+            "has_metadata": True,
+        }
+        if iid in cur.index:
+            old = cur.loc[iid]
+            same = all((old[a] == rec[a]) or (pd.isna(old[a]) and rec[a] is None) for a in attrs) and bool(old["has_metadata"])
+            if same:
+                continue
+            rec["first_dt"], rec["updated_dt"] = old["first_dt"], day
+        else:
+            rec["first_dt"] = rec["updated_dt"] = day
+        new_rows.append(rec)
+        changed += 1
+    known = set(cur.index) | set(snap.index)
+    unknown = sorted({i for i in event_item_ids if i is not None and i not in known})
+    for iid in unknown:
+        new_rows.append({
+            "item_id": iid, "item_idx": item_map[iid], **{a: None for a in attrs},
+            "category_l1_idx": 0, "category_l2_idx": 0, "category_l3_idx": 0, "brand_idx": 0,
+            "has_metadata": False, "first_dt": day, "updated_dt": day,
+        })
+    upd = pd.DataFrame(new_rows, columns=S.ITEMS.names)
+    merged = pd.concat([cur[~cur.index.isin(upd["item_id"])], upd.set_index("item_id", drop=False)])
+    merged = merged.sort_values("item_idx").reset_index(drop=True)
+    items = pa.Table.from_pandas(merged, schema=S.ITEMS, preserve_index=False)
+    return items, pa.concat_tables(vocab_rows), {"items_changed": changed, "items_unknown_new": len(unknown)}
+
+
+# ------------------------------------------------------------------- main
+def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
+    """Ingest the raw drop of `day` (see module doc). Returns counts."""
+    from pyspark.sql import functions as F
+
+    from userformer.jobs.spark import spark_session
+
+    files = inspect_raw_files(cfg.raw_events_dir(day))
+    raw_rows = sum(f.rows for f in files)
+    if raw_rows == 0 and not allow_empty:
+        raise UserError(f"raw partition dt={day} has {len(files)} file(s) but no rows (pass --allow-empty if an empty day is expected)")
+    snapshot = read_raw_items(cfg, day)
+
+    spark = spark_session(cfg)
+    events_path, rejected_path = cfg.table_path("events"), cfg.table_path("events_rejected")
+    lookback = None
+    if delta.exists(events_path) and cfg.ingest.dedupe_lookback_days > 0:
+        days = [str(day - dt.timedelta(days=i)) for i in range(1, cfg.ingest.dedupe_lookback_days + 1)]
+        lookback = delta.read_spark(spark, events_path, S.EVENTS, partition_filters=[("dt", "in", days)]).select("event_id", "dt")
+
+    checked = _validate_rows(_read_raw(spark, files), cfg, day, lookback).localCheckpoint()
+    accepted = checked.where(F.col("reason").isNull())
+
+    # Small collects: the day's distinct keys, for the vocabularies.
+    keys = accepted.select("event_type", "surface", "item_id").distinct().toArrow()
+    vocab = _load_vocab(cfg)
+    event_items = sorted(set(keys["item_id"].drop_null().to_pylist()))
+    items, vocab_new, item_stats = update_items(cfg, day, snapshot, event_items, vocab)
+    rows_et, et_map = extend_vocab(vocab, "event_type", keys["event_type"].to_pylist(), day)
+    rows_sf, sf_map = extend_vocab(vocab, "surface", keys["surface"].drop_null().to_pylist(), day)
+    vocab_new = pa.concat_tables([vocab_new, rows_et, rows_sf])
+
+    id_cols = ["item_id", "item_idx", "category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx"]
+    item_ids = spark.createDataFrame(items.select(id_cols).to_pandas())
+    small = spark.createDataFrame(
+        [("event_type", k, int(v)) for k, v in et_map.items()] + [("surface", k, int(v)) for k, v in sf_map.items()],
+        "kind string, key string, idx long",
+    )
+    et = small.where("kind = 'event_type'").select(F.col("key").alias("event_type"), F.col("idx").cast("int").alias("event_type_idx"))
+    sf = small.where("kind = 'surface'").select(F.col("key").alias("surface"), F.col("idx").cast("int").alias("surface_idx"))
+    events = (
+        accepted.join(F.broadcast(et), "event_type", "left")
+        .join(F.broadcast(sf), "surface", "left")
+        .join(item_ids, "item_id", "left")
+        .withColumn("dt", F.lit(day))
+        .fillna(0, subset=["item_idx", "category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx", "surface_idx"])
+    )
+    events = events.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS])
+    rejected = checked.where(F.col("reason").isNotNull()).withColumn("dt", F.lit(day))
+    rejected = rejected.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS_REJECTED])
+
+    # Stage both tables' files, then commit: nothing is visible until each commit.
+    st_rej = delta.staging_dir(rejected_path)
+    st_ev = delta.staging_dir(events_path)
+    try:
+        rejected.coalesce(1).write.mode("overwrite").partitionBy("dt").parquet(str(st_rej))
+        n_files = max(1, int(raw_rows // 2_000_000) + 1)
+        events.repartition(n_files).sortWithinPartitions("user_id", "ts").write.mode("overwrite").partitionBy("dt").parquet(str(st_ev))
+    except Exception:
+        import shutil
+
+        shutil.rmtree(st_rej, ignore_errors=True)
+        shutil.rmtree(st_ev, ignore_errors=True)
+        raise
+    counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
+
+    meta = {"step": "ingest", "dt": str(day)}
+    if len(vocab_new):
+        delta.write_arrow(cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta)
+    delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta)
+    filt = [("dt", "=", str(day))]
+    v_rej = delta.commit_staged(rejected_path, st_rej, S.EVENTS_REJECTED, partition_by=["dt"], mode="overwrite", partition_filters=filt, metadata=meta)
+    v_ev = delta.commit_staged(events_path, st_ev, S.EVENTS, partition_by=["dt"], mode="overwrite", partition_filters=filt, metadata=meta)
+    result = {
+        "dt": str(day),
+        "raw_files": len(files),
+        "raw_rows": raw_rows,
+        "accepted": counts.pop("accepted", 0),
+        "rejected": dict(sorted(counts.items())),
+        "new_vocab": {k: int(v) for k, v in zip(*_count_by(vocab_new, "kind"))},
+        **item_stats,
+        "events_version": v_ev,
+        "events_rejected_version": v_rej,
+    }
+    log.info("ingest dt=%s: %s", day, result)
+    return result
+
+
+def _count_by(t: pa.Table, col: str):
+    vc = pc.value_counts(t[col]) if len(t) else pa.array([], pa.struct([("values", pa.string()), ("counts", pa.int64())]))
+    return [v["values"] for v in vc.to_pylist()], [v["counts"] for v in vc.to_pylist()]
+
+
+def _spark_type(f: pa.Field):
+    return S.to_spark(pa.schema([f]))[0].dataType
+
+
+# -------------------------------------------------------------------- CLI
+def register(sub) -> None:
+    p = sub.add_parser("ingest", help="raw drop dt=D -> events, events_rejected, vocab, items (Spark, Delta)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--dt", type=date_arg, required=True, help="drop (arrival) date YYYY-MM-DD; reads raw/events/dt=D")
+    p.add_argument("--allow-empty", action="store_true", help="accept a drop with files but zero rows (commits an empty day)")
+    p.set_defaults(func=run)
+
+
+def run(args, cfg: Config) -> int:
+    import json
+
+    print(json.dumps(ingest(cfg, args.dt, allow_empty=args.allow_empty), indent=2, default=str))
+    return 0
