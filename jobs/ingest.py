@@ -222,12 +222,13 @@ def extend_vocab(vocab: pa.Table, kind: str, keys, day: dt.date) -> tuple[pa.Tab
     return rows, mapping
 
 
-def _category_keys(l1, l2, l3):
+def _category_keys(snap):
     """Vocab keys of the category levels: a level's key is its path, so 'shoes' under two lines stays two ids."""
-    k1 = l1 if l1 else None
-    k2 = f"{l1} > {l2}" if l1 and l2 else None
-    k3 = f"{l1} > {l2} > {l3}" if l1 and l2 and l3 else None
-    return k1, k2, k3
+    l1, l2, l3 = (snap[c].where(snap[c].notna() & (snap[c] != "")) for c in ("category_l1", "category_l2", "category_l3"))
+    k1 = l1
+    k2 = (l1 + " > " + l2).where(l1.notna() & l2.notna())
+    k3 = (l1 + " > " + l2 + " > " + l3).where(l1.notna() & l2.notna() & l3.notna())
+    return [k1, k2, k3]
 
 
 def read_raw_items(cfg: Config, day: dt.date) -> pa.Table | None:
@@ -267,58 +268,44 @@ def update_items(cfg: Config, day: dt.date, snapshot: pa.Table | None, event_ite
     import pandas as pd
 
     path = cfg.table_path("items")
-    cur = delta.read_arrow(path).to_pandas() if delta.exists(path) else S.ITEMS.empty_table().to_pandas()
-    cur = cur.set_index("item_id", drop=False)
-    snap = snapshot.to_pandas() if snapshot is not None else pd.DataFrame(columns=S.RAW_ITEMS.names)
-    snap = snap.set_index("item_id", drop=False)
-
-    cats = [_category_keys(a, b, c) for a, b, c in zip(snap["category_l1"], snap["category_l2"], snap["category_l3"])]
-    new_rows = []
-    vocab_rows = []
-    all_ids = list(snap["item_id"]) + [i for i in event_item_ids if i is not None]
-    rows, item_map = extend_vocab(vocab, "item", all_ids, day)
-    vocab_rows.append(rows)
-    maps = {}
-    for lvl, kind in enumerate(("category_l1", "category_l2", "category_l3")):
-        rows, maps[kind] = extend_vocab(vocab, kind, [c[lvl] for c in cats], day)
-        vocab_rows.append(rows)
-    rows, maps["brand"] = extend_vocab(vocab, "brand", [b for b in snap["brand"] if isinstance(b, str) and b], day)
-    vocab_rows.append(rows)
-
+    cur = (delta.read_arrow(path) if delta.exists(path) else S.ITEMS.empty_table()).to_pandas()
+    snap = (snapshot if snapshot is not None else S.RAW_ITEMS.empty_table()).to_pandas()
     attrs = ["category_l1", "category_l2", "category_l3", "brand", "title", "price"]
-    changed = 0
-    for (iid, r), (k1, k2, k3) in zip(snap.iterrows(), cats):
-        rec = {
-            "item_id": iid, "item_idx": item_map[iid],
-            **{a: (None if pd.isna(r[a]) else r[a]) for a in attrs},
-            "category_l1_idx": maps["category_l1"].get(k1, 0), "category_l2_idx": maps["category_l2"].get(k2, 0),
-            "category_l3_idx": maps["category_l3"].get(k3, 0),
-            "brand_idx": maps["brand"].get(r["brand"], 0) if isinstance(r["brand"], str) else 0,
-            "has_metadata": True,
-        }
-        if iid in cur.index:
-            old = cur.loc[iid]
-            same = all((old[a] == rec[a]) or (pd.isna(old[a]) and rec[a] is None) for a in attrs) and bool(old["has_metadata"])
-            if same:
-                continue
-            rec["first_dt"], rec["updated_dt"] = old["first_dt"], day
-        else:
-            rec["first_dt"] = rec["updated_dt"] = day
-        new_rows.append(rec)
-        changed += 1
-    known = set(cur.index) | set(snap.index)
-    unknown = sorted({i for i in event_item_ids if i is not None and i not in known})
-    for iid in unknown:
-        new_rows.append({
-            "item_id": iid, "item_idx": item_map[iid], **{a: None for a in attrs},
-            "category_l1_idx": 0, "category_l2_idx": 0, "category_l3_idx": 0, "brand_idx": 0,
-            "has_metadata": False, "first_dt": day, "updated_dt": day,
-        })
-    upd = pd.DataFrame(new_rows, columns=S.ITEMS.names)
-    merged = pd.concat([cur[~cur.index.isin(upd["item_id"])], upd.set_index("item_id", drop=False)])
-    merged = merged.sort_values("item_idx").reset_index(drop=True)
+
+    unknown = sorted(set(event_item_ids) - set(cur["item_id"]) - set(snap["item_id"]))
+    vocab_rows = []
+    rows, item_map = extend_vocab(vocab, "item", list(snap["item_id"]) + unknown, day)
+    vocab_rows.append(rows)
+    snap["item_idx"] = snap["item_id"].map(item_map).astype("int64")
+    for kind, keys in zip(("category_l1", "category_l2", "category_l3"), _category_keys(snap)):
+        rows, mapping = extend_vocab(vocab, kind, keys.dropna().tolist(), day)
+        vocab_rows.append(rows)
+        snap[f"{kind}_idx"] = keys.map(mapping).fillna(0).astype("int32")
+    brands = snap["brand"].where(snap["brand"].notna() & (snap["brand"] != ""))
+    rows, mapping = extend_vocab(vocab, "brand", brands.dropna().tolist(), day)
+    vocab_rows.append(rows)
+    snap["brand_idx"] = brands.map(mapping).fillna(0).astype("int32")
+    snap["has_metadata"] = True
+
+    # A snapshot row changes the item only if an attribute differs (or it had none before).
+    old = cur.set_index("item_id").reindex(snap["item_id"])
+    same = pd.Series(True, index=snap.index)
+    for a in attrs:
+        o, n = old[a].to_numpy(), snap[a].to_numpy()
+        same &= pd.Series((o == n) | (pd.isna(o) & pd.isna(n)), index=snap.index)
+    same &= old["has_metadata"].eq(True).to_numpy()
+    upd = snap[~same].copy()
+    upd["first_dt"] = old.loc[upd["item_id"], "first_dt"].fillna(day).to_numpy() if len(upd) else []
+    upd["updated_dt"] = day
+    new_unknown = pd.DataFrame({"item_id": unknown, "item_idx": [item_map[i] for i in unknown], "has_metadata": False,
+                                "first_dt": day, "updated_dt": day})
+    for c in ("category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx"):
+        new_unknown[c] = 0
+    parts = [cur[~cur["item_id"].isin(upd["item_id"])], upd, new_unknown]
+    merged = pd.concat([p.reindex(columns=S.ITEMS.names) for p in parts if len(p)], ignore_index=True)
+    merged = merged.sort_values("item_idx").reset_index(drop=True) if len(merged) else S.ITEMS.empty_table().to_pandas()
     items = pa.Table.from_pandas(merged, schema=S.ITEMS, preserve_index=False)
-    return items, pa.concat_tables(vocab_rows), {"items_changed": changed, "items_unknown_new": len(unknown)}
+    return items, pa.concat_tables(vocab_rows), {"items_changed": int(len(upd)), "items_unknown_new": len(unknown)}
 
 
 # ------------------------------------------------------------------- main
@@ -390,7 +377,8 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     meta = {"step": "ingest", "dt": str(day)}
     if len(vocab_new):
         delta.write_arrow(cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta)
-    delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta)
+    if item_stats["items_changed"] or item_stats["items_unknown_new"] or not delta.exists(cfg.table_path("items")):
+        delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta)
     filt = [("dt", "=", str(day))]
     v_rej = delta.commit_staged(rejected_path, st_rej, S.EVENTS_REJECTED, partition_by=["dt"], mode="overwrite", partition_filters=filt, metadata=meta)
     v_ev = delta.commit_staged(events_path, st_ev, S.EVENTS, partition_by=["dt"], mode="overwrite", partition_filters=filt, metadata=meta)

@@ -1,0 +1,257 @@
+"""Ingest on real Spark into real Delta tables: contract, quarantine, dedupe, vocabularies, reruns, bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from userformer.jobs import ingest as ingest_mod
+from userformer.jobs.common import UserError
+from userformer.jobs.storage import delta
+from userformer.schemas import tables as S
+
+from .rawdata import D1, D2, D3, events_table, three_days, ts, write_drop
+
+pytestmark = pytest.mark.spark
+
+TABLES = ("events", "events_rejected", "vocab", "items")
+
+
+def versions(cfg) -> dict:
+    return {t: delta.version_of(cfg.table_path(t)) for t in TABLES}
+
+
+def read(cfg, table, **kw) -> pa.Table:
+    return delta.read_arrow(cfg.table_path(table), **kw)
+
+
+def sort(t: pa.Table, *keys) -> pa.Table:
+    return t.sort_by([(k, "ascending") for k in keys])
+
+
+@pytest.fixture
+def three(cfg, spark):
+    three_days(cfg.raw_root)
+    return cfg
+
+
+def test_ingest_accepts_quarantines_and_dedupes(three):
+    cfg = three
+    r1 = ingest_mod.ingest(cfg, D1)
+    assert r1["raw_rows"] == 9 and r1["accepted"] == 4
+    assert r1["rejected"] == {"duplicate": 1, "future_ts": 1, "missing_item_id": 1, "null_user_id": 1, "unknown_event_type": 1}
+    r2 = ingest_mod.ingest(cfg, D2)
+    assert r2["accepted"] == 4 and r2["rejected"] == {"duplicate": 1}
+
+    ev = read(cfg, "events")
+    assert ev.schema.equals(S.EVENTS, check_metadata=False)
+    assert {"e1", "e2", "e3", "e4", "e8", "e9", "e10"} < set(ev["event_id"].to_pylist())
+    assert len(set(ev["event_id"].to_pylist())) == ev.num_rows == 8
+    # The late event of D2 is stored in drop D2 with its real time.
+    late = ev.filter(pc.equal(ev["event_id"], "e9")).to_pylist()[0]
+    assert late["dt"] == D2 and late["ts"] == ts(D1, 23)
+    # No producer id: a content hash, stable.
+    hashed = ev.filter((pc.field("user_id") == "u4") & (pc.field("event_type") == "search"))
+    assert len(hashed["event_id"][0].as_py()) == 40
+
+    rej = read(cfg, "events_rejected")
+    assert rej.schema.equals(S.EVENTS_REJECTED, check_metadata=False)
+    cross = rej.filter(pc.equal(rej["dt"], pa.scalar(D2))).to_pylist()[0]
+    assert cross["reason"] == "duplicate" and "2026-01-01" in cross["detail"] and cross["event_id"] == "e1"
+    assert all(r["source_file"] == "part-0.parquet" for r in rej.to_pylist())
+
+    # Ids: categories by path, brands, unknown item with unknown attributes.
+    items = {r["item_id"]: r for r in read(cfg, "items").to_pylist()}
+    assert set(items) == {"i1", "i2", "i3", "i9"}
+    assert items["i9"]["has_metadata"] is False and items["i9"]["category_l1_idx"] == 0
+    assert items["i1"]["category_l3_idx"] > 0 and items["i2"]["category_l3_idx"] == 0
+    e_i1 = ev.filter(pc.equal(ev["item_id"], "i1")).to_pylist()[0]
+    assert (e_i1["item_idx"], e_i1["category_l1_idx"], e_i1["brand_idx"]) == (
+        items["i1"]["item_idx"], items["i1"]["category_l1_idx"], items["i1"]["brand_idx"])
+    search = ev.filter(pc.equal(ev["event_type"], "search")).to_pylist()
+    assert all(r["item_idx"] == 0 and r["item_id"] is None for r in search)
+
+
+def test_vocab_ids_are_stable_and_append_only(three):
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    v1 = {(r["kind"], r["key"]): r["idx"] for r in read(cfg, "vocab").to_pylist()}
+    ingest_mod.ingest(cfg, D2)
+    ingest_mod.ingest(cfg, D1)  # a rerun must not renumber anything
+    v2 = {(r["kind"], r["key"]): r["idx"] for r in read(cfg, "vocab").to_pylist()}
+    assert all(v2[k] == v for k, v in v1.items())
+    assert ("item", "i9") in v2 and ("item", "i9") not in v1
+    for kind in S.VOCAB_KINDS:
+        ids = sorted(v for (k, _), v in v2.items() if k == kind)
+        assert ids == list(range(1, len(ids) + 1)), kind
+    assert v2[("category_l2", "beauty > skin")] != v2[("category_l2", "home > kitchen")]
+
+
+def test_rerun_replaces_the_day(three):
+    cfg = three
+    for d in (D1, D2, D3):
+        ingest_mod.ingest(cfg, d)
+    ev_before = sort(read(cfg, "events"), "event_id")
+    rej_before = sort(read(cfg, "events_rejected"), "dt", "reason", "event_id")
+    vocab_before = read(cfg, "vocab").num_rows
+    ingest_mod.ingest(cfg, D2)
+    assert sort(read(cfg, "events"), "event_id").equals(ev_before)
+    assert sort(read(cfg, "events_rejected"), "dt", "reason", "event_id").equals(rej_before)
+    assert read(cfg, "vocab").num_rows == vocab_before
+    hist = delta.history(cfg.table_path("events"))
+    assert hist[0]["dt"] == str(D2) and hist[0]["step"] == "ingest"
+
+
+def test_same_day_delivered_twice_is_deduplicated(three):
+    cfg = three
+    src = cfg.raw_events_dir(D1) / "part-0.parquet"
+    shutil.copy(src, cfg.raw_events_dir(D1) / "part-0-redelivered.parquet")
+    r = ingest_mod.ingest(cfg, D1)
+    assert r["accepted"] == 4
+    # The in-file duplicate, then every valid row of the copy (e1, e2, e3 twice, e4) again.
+    assert r["rejected"]["duplicate"] == 1 + 5
+    assert r["rejected"]["null_user_id"] == 2  # bad rows are quarantined once per copy
+    ev = read(cfg, "events")
+    assert ev.num_rows == 4 and len(set(ev["event_id"].to_pylist())) == 4
+
+
+def test_unparseable_and_string_timestamps(cfg, spark):
+    t = events_table([("a", "u1", ts(D1, 1), "view", "i1"), ("b", "u1", ts(D1, 2), "view", "i1"),
+                      ("c", "u1", ts(D1, 3), "view", "i1")])
+    t = t.set_column(2, "ts", pa.array(["2026-01-01T01:00:00Z", "yesterday-ish", "2026-01-01 03:30:00"]))
+    write_drop(cfg.raw_root, D1, t)
+    r = ingest_mod.ingest(cfg, D1)
+    assert r["accepted"] == 2 and r["rejected"] == {"unparseable_ts": 1}
+    got = sorted(read(cfg, "events")["ts"].to_pylist())
+    assert got == [ts(D1, 1), ts(D1, 3, 30)]
+    rej = read(cfg, "events_rejected").to_pylist()[0]
+    assert rej["ts_raw"] == "yesterday-ish" and "yesterday-ish" in rej["detail"]
+
+
+def test_nanosecond_and_integer_id_columns_are_normalised(cfg, spark):
+    t = events_table([("a", "7", ts(D1, 1), "view", "42")])
+    t = pa.table({
+        "event_id": t["event_id"], "user_id": pa.array([7], pa.int64()),
+        "ts": t["ts"].cast(pa.timestamp("ns", tz="UTC")), "event_type": t["event_type"],
+        "item_id": pa.array([42], pa.int64()),
+    })
+    write_drop(cfg.raw_root, D1, t)
+    ingest_mod.ingest(cfg, D1)
+    row = read(cfg, "events").to_pylist()[0]
+    assert (row["user_id"], row["item_id"], row["ts"]) == ("7", "42", ts(D1, 1))
+
+
+def test_old_events_and_bad_durations_are_rejected(cfg, spark):
+    t = events_table([("a", "u1", ts(D1, 1) - dt.timedelta(days=30), "view", "i1"),
+                      ("b", "u1", ts(D1, 2), "view", "i1"), ("c", "u1", ts(D1, 3), "view", "i1")])
+    t = t.set_column(6, "duration_s", pa.array([1.0, -5.0, 2.0]))
+    write_drop(cfg.raw_root, D1, t)
+    r = ingest_mod.ingest(cfg, D1)
+    assert r["rejected"] == {"ts_too_old": 1, "bad_duration": 1} and r["accepted"] == 1
+
+
+def test_single_user_burst_is_capped(home, monkeypatch, spark):
+    monkeypatch.setenv("USERFORMER__INGEST__MAX_EVENTS_PER_USER_PER_DAY", "50")
+    from userformer.jobs.config import load_config
+
+    cfg = load_config()
+    rows = [(f"b{i}", "bot", ts(D1, 0) + dt.timedelta(seconds=i), "view", "i1") for i in range(500)]
+    rows += [("n1", "u1", ts(D1, 5), "view", "i1")]
+    write_drop(cfg.raw_root, D1, events_table(rows))
+    r = ingest_mod.ingest(cfg, D1)
+    assert r["accepted"] == 51 and r["rejected"] == {"user_burst": 450}
+    kept = read(cfg, "events").filter(pc.field("user_id") == "bot")
+    # The latest events are the ones kept.
+    assert min(kept["ts"].to_pylist()) == ts(D1, 0) + dt.timedelta(seconds=450)
+
+
+# ---------------------------------------------------------------- refusals
+def _assert_refused(cfg, day, match):
+    before = versions(cfg)
+    with pytest.raises(UserError, match=match):
+        ingest_mod.ingest(cfg, day)
+    assert versions(cfg) == before, "a refused drop must leave every table as it was"
+    staging = cfg.warehouse_root / "_staging"
+    assert not staging.exists() or not any(p.is_file() for p in staging.rglob("*"))
+
+
+def test_missing_required_column_is_refused(three):
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    t = events_table([("x", "u1", ts(D2, 1), "view", "i1")]).drop_columns(["user_id"])
+    write_drop(cfg.raw_root, D2, t, name="part-1.parquet")
+    _assert_refused(cfg, D2, r"missing required column\(s\) \['user_id'\]")
+
+
+def test_wrong_type_is_refused(three):
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    t = events_table([("x", "u1", ts(D2, 1), "view", "i1")])
+    t = t.set_column(2, "ts", pa.array([True]))
+    write_drop(cfg.raw_root, D2, t, name="part-1.parquet")
+    _assert_refused(cfg, D2, "column ts has type bool")
+
+
+def test_truncated_parquet_is_refused(three):
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    f = cfg.raw_events_dir(D2) / "part-0.parquet"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    _assert_refused(cfg, D2, "part-0.parquet: unreadable Parquet file")
+
+
+def test_missing_and_empty_partitions(three):
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    _assert_refused(cfg, dt.date(2026, 2, 1), "raw partition not found")
+    empty = cfg.raw_events_dir(dt.date(2026, 1, 4))
+    empty.mkdir(parents=True)
+    _assert_refused(cfg, dt.date(2026, 1, 4), "has no files")
+    write_drop(cfg.raw_root, dt.date(2026, 1, 4), events_table([]))
+    _assert_refused(cfg, dt.date(2026, 1, 4), "no rows")
+    # An expected empty day: commits an empty partition and succeeds.
+    r = ingest_mod.ingest(cfg, dt.date(2026, 1, 4), allow_empty=True)
+    assert r["accepted"] == 0
+    assert delta.history(cfg.table_path("events"))[0]["dt"] == "2026-01-04"
+
+
+def test_failed_commit_leaves_tables_as_they_were(three, monkeypatch):
+    """A crash at the last commit (events) leaves events at its previous version; the rerun completes."""
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    before = delta.version_of(cfg.table_path("events"))
+    real = delta.commit_staged
+
+    def boom(path, *a, **kw):
+        if str(path).endswith("/events"):
+            raise OSError("disk full (injected)")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(delta, "commit_staged", boom)
+    with pytest.raises(OSError):
+        ingest_mod.ingest(cfg, D2)
+    assert delta.version_of(cfg.table_path("events")) == before
+    assert not list((cfg.table_path("events")).glob("dt=2026-01-02/*"))
+    monkeypatch.setattr(delta, "commit_staged", real)
+    ingest_mod.ingest(cfg, D2)
+    ev = read(cfg, "events")
+    assert ev.num_rows == 8 and len(set(ev["event_id"].to_pylist())) == 8
+
+
+def test_tables_readable_by_other_engines(three):
+    import duckdb
+    import polars as pl
+
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    path = str(cfg.table_path("events"))
+    assert pl.read_delta(path).height == 4
+    ds = delta.open_table(path).to_pyarrow_dataset()
+    assert duckdb.sql("select count(distinct user_id) from ds").fetchall()[0][0] == 2
+    assert pq.read_table(path + "/" + delta.active_files(path)[0]).num_rows == 4
