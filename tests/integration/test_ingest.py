@@ -253,5 +253,5 @@ def test_tables_readable_by_other_engines(three):
     path = str(cfg.table_path("events"))
     assert pl.read_delta(path).height == 4
     ds = delta.open_table(path).to_pyarrow_dataset()
-    assert duckdb.sql("select count(distinct user_id) from ds").fetchall()[0][0] == 2
+    assert duckdb.sql("select count(distinct user_id) from ds").fetchall()[0][0] == 3
     assert pq.read_table(path + "/" + delta.active_files(path)[0]).num_rows == 4
