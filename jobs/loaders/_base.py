@@ -35,12 +35,13 @@ def require_file(path, what: str = "input") -> Path:
 
 def refuse_items(fmt: str, items_path) -> None:
     if items_path is not None:
-        raise UserError(f"format {fmt} has no separate item file: its item attributes come from the events (drop --items)")
+        raise UserError(f"format {fmt} has no separate item file: its item attributes come from the events "
+                        "(drop --items)")
 
 
 def header_names(path: Path, delimiter: str) -> list[str]:
     """Column names of a header line; RecBole's typed names ('user_id:token') lose the type."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         first = f.readline().rstrip("\r\n")
     return [n.strip().split(":", 1)[0] for n in first.split(delimiter)]
 
@@ -167,7 +168,7 @@ def items_table(cols: dict) -> pa.Table:
     if len(t) and pc.count_distinct(t["item_id"]).as_py() < len(t):
         pos = t.append_column("_i", pa.array(range(len(t)), pa.int64()))
         last = pos.group_by("item_id", use_threads=False).aggregate([("_i", "max")])["_i_max"]
-        t = t.take(pc.sort_indices(last))
+        t = t.take(last)
     return t.cast(S.RAW_ITEMS)
 
 
