@@ -43,13 +43,18 @@ def register(sub) -> None:
     p.add_argument("--start", type=date_arg, default=dt.date(2026, 11, 1), help="first day (default 2026-11-01)")
     p.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
     p.set_defaults(func=run)
-    p = sub.add_parser("run-day", help="run the whole pipeline for one drop date, without Airflow")
+    p = sub.add_parser("run-day", help="run the whole pipeline for one drop date (or a range, in order), without Airflow")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
-    p.set_defaults(func=run_one)
+    p.add_argument("--to", type=date_arg, help="last drop date of a range run day by day in order (default: --dt only)")
+    p.set_defaults(func=run_days)
 
 
-def run_one(args, cfg: Config) -> int:
-    print(json.dumps(run_day(cfg, args.dt), indent=2, default=str))
+def run_days(args, cfg: Config) -> int:
+    last = args.to or args.dt
+    if last < args.dt:
+        raise UserError(f"--to {last} is before --dt {args.dt}")
+    for day in date_range(args.dt, (last - args.dt).days + 1):
+        print(json.dumps(run_day(cfg, day), indent=2, default=str), flush=True)
     return 0
 
 

@@ -137,3 +137,48 @@ def test_cluster_runs_pipeline_session_like_local(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert again.returncode == 0, again.stderr
+
+
+def _tables(home) -> dict:
+    """Every table of a home, sorted so that equal content compares equal."""
+    from userformer.jobs.storage import delta
+    from userformer.schemas.tables import TABLES
+
+    keys = {"events": ["event_id"], "events_rejected": ["dt", "reason", "source_file", "event_id", "ts_raw"],
+            "vocab": ["kind", "idx"], "items": ["item_idx"], "user_sequences": ["user_id"]}
+    out = {}
+    for name in TABLES:
+        t = delta.read_arrow(home / "warehouse" / name)
+        out[name] = t.sort_by([(k, "ascending") for k in keys[name]])
+    return out
+
+
+@pytest.mark.cluster
+def test_ingest_and_sequences_on_the_cluster_equal_local_mode(tmp_path):
+    """`userformer` steps with spark.master=spark://127.0.0.1:PORT give the same tables as local[2]."""
+    raw = tmp_path / "raw"
+    with SparkCluster(tmp_path / "spark", workers=2, cores=1, memory="1g") as cluster:
+        env = cluster.driver_env(home=tmp_path / "unused")
+        gen = subprocess.run(
+            [cluster.bin("userformer"), "generate", "--users", "300", "--items", "400", "--days", "3",
+             "--start", "2026-03-01", "--seed", "11", "--out", str(raw), "--malformed-rate", "0.01"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert gen.returncode == 0, gen.stderr
+        homes = {}
+        for mode in ("cluster", "local"):
+            home = tmp_path / mode
+            env = cluster.driver_env(home=home, USERFORMER__PATHS__RAW_ROOT=str(raw))
+            if mode == "local":
+                env["USERFORMER__SPARK__MASTER"] = "local[2]"
+            r = subprocess.run([cluster.bin("userformer"), "run-day", "--dt", "2026-03-01", "--to", "2026-03-03"],
+                               env=env, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, f"{mode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{cluster.log_tail()}"
+            homes[mode] = home
+        apps = [a for a in cluster.state().get("completedapps", []) if a["name"] == "userformer"]
+        assert apps, "the cluster run must show up as an application on the master"
+    on_cluster, local = _tables(homes["cluster"]), _tables(homes["local"])
+    assert on_cluster["events"].num_rows > 1000 and on_cluster["user_sequences"].num_rows > 100
+    assert on_cluster["events_rejected"].num_rows > 0
+    for name in on_cluster:
+        assert on_cluster[name].equals(local[name]), name

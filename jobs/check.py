@@ -1,0 +1,362 @@
+"""`userformer check TABLE --dt D`: the data-quality gate of one drop date, with Great Expectations.
+
+The suites (what good data means) live in schemas/quality/suites.py; this step
+reads the Delta tables for them, lets GE evaluate the expectations on pandas,
+writes ``reports/checks/<table>/dt=D.html`` and ``.json``, and exits 1 when any
+expectation fails so that the pipeline stops before bad data spreads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import html
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from userformer.jobs.common import UserError, date_arg
+from userformer.jobs.config import Config
+from userformer.jobs.storage import delta
+from userformer.schemas.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpectationResult:
+    expectation: str  # GE expectation type, e.g. expect_column_values_to_not_be_null
+    kwargs: dict  # its parameters: column, value_set, min_value, ...
+    success: bool
+    unexpected_count: int | None = None
+    element_count: int | None = None
+    unexpected_percent: float | None = None
+    examples: list = field(default_factory=list)  # a few unexpected values as JSON values (or ids of failing rows)
+    description: str = ""
+    note: str = ""  # why it was skipped, or the error GE hit
+    skipped: bool = False
+    scope: str = ""  # what it ran on: rows (of the day), users, metrics (one row of day-level numbers), schema
+
+    @property
+    def column(self) -> str | None:
+        kw = self.kwargs
+        if "column" in kw:
+            return kw["column"]
+        if "column_A" in kw:
+            return f"{kw['column_A']}, {kw['column_B']}"
+        return None
+
+
+@dataclass
+class CheckResult:
+    table: str
+    dt: datetime.date
+    success: bool
+    results: list[ExpectationResult] = field(default_factory=list)
+    error: str | None = None  # the table or the day is missing: nothing could be checked
+    facts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    html_path: Path | None = None
+    json_path: Path | None = None
+
+    @property
+    def failed(self) -> list[ExpectationResult]:
+        return [r for r in self.results if not r.success]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["results"] = [{**asdict(r), "column": r.column} for r in self.results]
+        return _jsonable(d)
+
+
+# ------------------------------------------------------------------ reading
+class DeltaSource:
+    """The warehouse for a suite: one snapshot per table, so every read of a check sees the same version."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._tables: dict = {}
+
+    def _table(self, table: str):
+        if table not in self._tables:
+            path = self.cfg.table_path(table)
+            if not delta.exists(path):
+                raise MissingData(f"table {table} does not exist at {path}")
+            t = delta.open_table(path)
+            self._tables[table] = (t, t.to_pyarrow_dataset())
+        return self._tables[table]
+
+    def schema(self, table: str) -> pa.Schema:
+        return self._table(table)[1].schema
+
+    def read(self, table: str, columns: list[str], filter=None) -> pa.Table:
+        return self._table(table)[1].to_table(columns=columns, filter=filter)
+
+    def partition_rows(self, table: str) -> dict[datetime.date, int]:
+        """Rows per dt from the log's per-file record counts, without reading data."""
+        t, ds = self._table(table)
+        adds = pa.table(t.get_add_actions(flatten=True)).to_pylist()
+        out: dict[datetime.date, int] = {}
+        uncounted = set()
+        for a in adds:
+            day = a.get("partition.dt")
+            day = datetime.date.fromisoformat(day) if isinstance(day, str) else day
+            if a.get("num_records") is None:
+                uncounted.add(day)
+            out[day] = out.get(day, 0) + (a.get("num_records") or 0)
+        for day in uncounted:  # files committed without stats: count from the Parquet footers
+            out[day] = ds.count_rows(filter=pc.field("dt") == pa.scalar(day, pa.date32()))
+        return out
+
+
+# ----------------------------------------------------------------------- GE
+@functools.cache
+def _gx():
+    """One ephemeral GE context and pandas data source per process (building them costs; they hold no data)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+    ))
+    return ctx, ctx.data_sources.add_pandas("userformer")
+
+
+@functools.cache
+def _batch_definition(asset: str):
+    _, source = _gx()
+    return source.add_dataframe_asset(name=asset).add_batch_definition_whole_dataframe("whole")
+
+
+def _validate(table: str, batch: Batch, examples: int) -> list[ExpectationResult]:
+    import great_expectations as gx
+
+    if not batch.expectations:
+        return []
+    for i, e in enumerate(batch.expectations):
+        e.meta = {**(e.meta or {}), "_i": i}  # GE does not promise to keep the suite's order
+    suite = gx.ExpectationSuite(name=f"{table}.{batch.name}", expectations=batch.expectations)
+    fmt: dict = {"result_format": "BASIC", "partial_unexpected_count": examples}
+    if batch.id_column:
+        fmt.update(result_format="SUMMARY", unexpected_index_column_names=[batch.id_column])
+    gx_batch = _batch_definition(f"{table}.{batch.name}").get_batch(batch_parameters={"dataframe": batch.frame})
+    res = gx_batch.validate(suite, result_format=fmt)
+    out = []
+    for r in sorted(res.results, key=lambda r: r.expectation_config.meta["_i"]):
+        cfg_ = r.expectation_config
+        got = r.result or {}
+        values = got.get("partial_unexpected_list") or []
+        if (cfg_.meta or {}).get("examples") == "ids" and batch.id_column:
+            values = [row.get(batch.id_column) for row in got.get("partial_unexpected_index_list") or []]
+        kwargs = {k: v for k, v in cfg_.kwargs.items() if k != "batch_id"}
+        if isinstance(kwargs.get("row_condition"), dict):
+            kwargs["row_condition"] = _condition_text(kwargs["row_condition"])
+        out.append(ExpectationResult(
+            expectation=cfg_.type, kwargs=kwargs, success=bool(r.success),
+            unexpected_count=got.get("unexpected_count"), element_count=got.get("element_count"),
+            unexpected_percent=got.get("unexpected_percent"), examples=_jsonable(values[:examples]),
+            description=cfg_.description or "", note=_exception_text(r.exception_info), scope=batch.name,
+        ))
+    return out
+
+
+def _condition_text(c: dict) -> str:
+    if c.get("type") == "comparison":
+        return f"{c['column']['name']} {c['operator']} {c['parameter']}"
+    return str(c)
+
+
+def _exception_text(info) -> str:
+    """GE reports an expectation it could not evaluate as failed with exception_info (flat or per metric)."""
+    if not info:
+        return ""
+    infos = [info] if "raised_exception" in info else list(info.values())
+    msgs = [i.get("exception_message") or "" for i in infos if isinstance(i, dict) and i.get("raised_exception")]
+    return "; ".join(m for m in msgs if m)
+
+
+def _outcome(o: Outcome, examples: int) -> ExpectationResult:
+    pct = None
+    if o.unexpected_count is not None and o.element_count:
+        pct = 100.0 * o.unexpected_count / o.element_count
+    return ExpectationResult(
+        expectation=o.expectation, kwargs=o.kwargs, success=o.success, unexpected_count=o.unexpected_count,
+        element_count=o.element_count, unexpected_percent=pct, examples=_jsonable(o.examples[:examples]),
+        description=o.description, note=o.note, skipped=o.skipped, scope=o.scope,
+    )
+
+
+def evaluate(plan: Plan, examples: int) -> list[ExpectationResult]:
+    out = []
+    for item in plan.items:
+        out += _validate(plan.table, item, examples) if isinstance(item, Batch) else [_outcome(item, examples)]
+    return out
+
+
+# --------------------------------------------------------------------- step
+def check(cfg: Config, table: str, dt: datetime.date) -> CheckResult:
+    """Run the suite of `table` for drop date `dt`; write the HTML and JSON reports; never raises on bad data."""
+    if table not in SUITES:
+        raise UserError(f"no quality suite for table {table!r}; known: {', '.join(SUITES)}")
+    t0 = time.perf_counter()
+    try:
+        plan = SUITES[table](cfg, dt, DeltaSource(cfg))
+        res = CheckResult(table, dt, success=False, results=evaluate(plan, cfg.quality.examples), facts=plan.facts)
+        res.success = not res.failed
+    except MissingData as exc:
+        res = CheckResult(table, dt, success=False, error=str(exc))
+    res.seconds = round(time.perf_counter() - t0, 3)
+    out = cfg.reports_root / "checks" / table
+    out.mkdir(parents=True, exist_ok=True)
+    res.html_path, res.json_path = out / f"dt={dt}.html", out / f"dt={dt}.json"
+    res.json_path.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+    res.html_path.write_text(render_html(res))
+    log.info("check %s dt=%s: %s in %.2fs", table, dt, "passed" if res.success else "FAILED", res.seconds)
+    return res
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, datetime.date):  # also pandas.Timestamp
+        return v.isoformat()
+    if isinstance(v, Path):
+        return str(v)
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # numpy scalars
+        try:
+            v = v.item()
+        except (TypeError, ValueError):
+            return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    try:  # pandas NaT / NA
+        import pandas as pd
+
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(v)
+
+
+def _fmt(v) -> str:
+    v = _jsonable(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "null" if v is None else str(v)
+
+
+def _params(r: ExpectationResult) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in r.kwargs.items() if k not in ("column", "column_A", "column_B"))
+
+
+def _counts(r: ExpectationResult) -> str:
+    if r.unexpected_count is None:
+        return ""
+    pct = f" ({r.unexpected_percent:.3g}%)" if r.unexpected_percent is not None else ""
+    return f"{r.unexpected_count} of {r.element_count}{pct}"
+
+
+def summary(res: CheckResult) -> str:
+    """What a person at a terminal needs: pass/fail, and for each failure what, where, how many, examples."""
+    head = f"check {res.table} dt={res.dt}: "
+    if res.error:
+        lines = [head + f"FAILED: {res.error}"]
+    elif res.success:
+        skipped = sum(r.skipped for r in res.results)
+        lines = [head + f"passed ({len(res.results)} expectations" + (f", {skipped} skipped" if skipped else "") + f", {res.seconds:.1f}s)"]
+    else:
+        lines = [head + f"FAILED ({len(res.failed)} of {len(res.results)} expectations, {res.seconds:.1f}s)"]
+        for r in res.failed:
+            where = f" on {r.column}" if r.column else ""
+            params = _params(r)
+            lines.append(f"  FAIL {r.expectation}{where}" + (f" [{params}]" if params else ""))
+            if r.description:
+                lines.append(f"       {r.description}")
+            if r.scope == "metrics" and r.examples:
+                lines.append(f"       value: {_fmt(r.examples[0])}")
+            else:
+                if r.unexpected_count is not None:
+                    lines.append(f"       {_counts(r)} {'columns' if r.scope == 'schema' else 'rows'} unexpected")
+                if r.examples:
+                    lines.append(f"       examples: {', '.join(_fmt(x) for x in r.examples)}")
+            if r.note:
+                lines.append(f"       {r.note}")
+    lines.append(f"report: {res.html_path}")
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
+.banner{padding:.8em 1em;border-radius:6px;font-size:1.3em;font-weight:600;color:#fff}
+.pass{background:#2e7d32}.fail{background:#c62828}
+table{border-collapse:collapse;margin-top:1em;width:100%}
+th,td{border:1px solid #ddd;padding:.35em .6em;text-align:left;vertical-align:top}
+th{background:#f5f5f5}tr.failed td{background:#fdecea}tr.skipped td{color:#777}
+code{font-size:12px}.desc{color:#555;font-size:12px}
+"""
+
+
+def render_html(res: CheckResult) -> str:
+    """A self-contained page: what was checked, pass/fail, one row per expectation with counts and examples."""
+    e = html.escape
+    state = "PASSED" if res.success else "FAILED"
+    rows = []
+    for r in sorted(res.results, key=lambda r: r.success):  # failures first, otherwise suite order
+        status = "skipped" if r.skipped else ("ok" if r.success else "FAILED")
+        cls = "skipped" if r.skipped else ("" if r.success else "failed")
+        notes = " ".join(x for x in (r.description, r.note) if x)
+        rows.append(
+            f'<tr class="{cls}"><td>{status}</td><td><code>{e(r.expectation)}</code><div class="desc">{e(notes)}</div></td>'
+            f"<td>{e(r.scope)}</td><td>{e(r.column or '')}</td><td><code>{e(_params(r))}</code></td><td>{e(_counts(r))}</td>"
+            f"<td><code>{e(', '.join(_fmt(x) for x in r.examples))}</code></td></tr>"
+        )
+    facts = "".join(f"<tr><th>{e(str(k))}</th><td><code>{e(json.dumps(_jsonable(v)))}</code></td></tr>" for k, v in res.facts.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>check {e(res.table)} dt={res.dt}: {state}</title>
+<style>{_CSS}</style></head><body>
+<h1>Data-quality check: {e(res.table)}, dt={res.dt}</h1>
+<div class="banner {'pass' if res.success else 'fail'}">{state}: {e(res.error) if res.error else f'{len(res.failed)} of {len(res.results)} expectations failed'}</div>
+<p>Checked {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC in {res.seconds:.2f}s.</p>
+{f'<table><caption>Facts</caption>{facts}</table>' if facts else ''}
+<table><tr><th>status</th><th>expectation</th><th>on</th><th>column</th><th>parameters</th><th>unexpected</th><th>examples</th></tr>
+{''.join(rows)}
+</table></body></html>
+"""
+
+
+# ---------------------------------------------------------------------- CLI
+def register(sub) -> None:
+    p = sub.add_parser(
+        "check", help="data-quality gate of one drop date (Great Expectations); exit 1 when it fails",
+        description="Validate a table for drop date D, write reports/checks/TABLE/dt=D.html and .json, "
+                    "and exit 1 when any expectation fails.",
+    )
+    p.add_argument("table", metavar="TABLE", choices=sorted(SUITES),
+                   help=f"table to check: {', '.join(sorted(SUITES))} (events: partition dt=D; "
+                        "user_sequences: the rows refreshed on D)")
+    p.add_argument("--dt", type=date_arg, required=True, help="drop date to check, YYYY-MM-DD")
+    p.set_defaults(func=run)
+
+
+def run(args, cfg: Config) -> int:
+    res = check(cfg, args.table, args.dt)
+    print(summary(res))
+    return 0 if res.success else 1
