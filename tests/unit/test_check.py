@@ -327,8 +327,18 @@ def test_sequences_duplicate_user_id_over_the_whole_table(cfg):
 def test_sequences_missing_table_or_day(cfg):
     assert "table user_sequences does not exist" in C.check(cfg, "user_sequences", D).error
     write_sequences(cfg, [seq("u1", 2, D - dt.timedelta(days=1))])
+    write_events(cfg, day(3))  # D had events, yet no user was refreshed: the step did not run
     res = C.check(cfg, "user_sequences", D)
     assert not res.success and f"no rows with updated_dt = {D}" in res.error
+
+
+def test_sequences_of_an_empty_day_pass(cfg):
+    """A drop without accepted events refreshes nobody: that is not a failure."""
+    write_sequences(cfg, [seq("u1", 2, D - dt.timedelta(days=1))])
+    write_events(cfg, [event(D - dt.timedelta(days=1), 0)])
+    res = C.check(cfg, "user_sequences", D)
+    assert res.success and res.error is None
+    assert res.facts["rows_updated"] == 0 and "no user to refresh" in res.facts["note"]
 
 
 # --------------------------------------------------------------------- CLI
