@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import sys
 import time
 
 from userformer.jobs.common import UserError, date_arg, date_range
@@ -58,13 +60,36 @@ def run_days(args, cfg: Config) -> int:
     return 0
 
 
+DEMO_MARKER = ".userformer-demo"
+
+
+def _fresh_demo_home(cfg: Config) -> None:
+    """The demo starts from nothing each time; it only ever wipes a home that an earlier demo made."""
+    import shutil
+
+    marker = cfg.home / DEMO_MARKER
+    dirs = [cfg.raw_root, cfg.warehouse_root, cfg.reports_root, cfg.models_root, cfg.index_root]
+    if any(d.exists() and any(d.iterdir()) for d in dirs) and not marker.exists():
+        raise UserError(f"{cfg.home} already holds pipeline data that no demo made; "
+                        "point USERFORMER_HOME at an empty folder for the demo")
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `userformer demo`; the next demo may wipe this folder's pipeline data\n")
+
+
 def run(args, cfg: Config) -> int:
     from userformer.jobs import generate, info
 
+    if not args.verbose:  # the per-day lines below are the demo's output; step logs only with -v
+        logging.getLogger("userformer").setLevel(logging.WARNING)
+    _fresh_demo_home(cfg)
     print(f"USERFORMER_HOME={cfg.home}")
     t0 = time.perf_counter()
-    summary = generate.generate(cfg, users=args.users, items=args.items, days=args.days, start=args.start, seed=args.seed)
-    print(f"generated raw logs under {cfg.raw_root}: {json.dumps(summary, default=str)[:400]}")
+    s = generate.generate(cfg, users=args.users, items=args.items, days=args.days, start=args.start, seed=args.seed)
+    print(f"generated {s['days']} days of raw logs under {cfg.raw_root}: {s['events_total']} rows "
+          f"({s['late']} late, {s['duplicates']} duplicates, {s['malformed']} malformed), "
+          f"{s['users']} users, {s['items']} items")
     days = []
     for day in date_range(args.start, args.days):
         r = run_day(cfg, day)
@@ -76,7 +101,7 @@ def run(args, cfg: Config) -> int:
     info.run_tables(type("A", (), {"json": False})(), cfg)
     print(f"\nchecks' HTML reports: {cfg.reports_root / 'checks'}")
     print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
-    print(f"  python -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
+    print(f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
           ".sort('lifetime_events', descending=True).select('user_id', 'seq_len', 'lifetime_events').head())\"")
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return 0
