@@ -360,28 +360,21 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     rejected = rejected.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS_REJECTED])
 
     # Stage both tables' files, then commit: nothing is visible until each commit.
-    st_rej = delta.staging_dir(rejected_path)
-    st_ev = delta.staging_dir(events_path)
-    try:
+    meta = {"step": "ingest", "dt": str(day)}
+    filt = [("dt", "=", str(day))]
+    with delta.staging(rejected_path) as st_rej, delta.staging(events_path) as st_ev:
         rejected.coalesce(1).write.mode("overwrite").partitionBy("dt").parquet(str(st_rej))
         n_files = max(1, int(raw_rows // 2_000_000) + 1)
         events.repartition(n_files).sortWithinPartitions("user_id", "ts").write.mode("overwrite").partitionBy("dt").parquet(str(st_ev))
-    except Exception:
-        import shutil
-
-        shutil.rmtree(st_rej, ignore_errors=True)
-        shutil.rmtree(st_ev, ignore_errors=True)
-        raise
-    counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
-
-    meta = {"step": "ingest", "dt": str(day)}
-    if len(vocab_new):
-        delta.write_arrow(cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta)
-    if item_stats["items_changed"] or item_stats["items_unknown_new"] or not delta.exists(cfg.table_path("items")):
-        delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta)
-    filt = [("dt", "=", str(day))]
-    v_rej = delta.commit_staged(rejected_path, st_rej, S.EVENTS_REJECTED, partition_by=["dt"], mode="overwrite", partition_filters=filt, metadata=meta)
-    v_ev = delta.commit_staged(events_path, st_ev, S.EVENTS, partition_by=["dt"], mode="overwrite", partition_filters=filt, metadata=meta)
+        counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
+        if len(vocab_new):
+            delta.write_arrow(cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta)
+        if item_stats["items_changed"] or item_stats["items_unknown_new"] or not delta.exists(cfg.table_path("items")):
+            delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta)
+        v_rej = delta.commit_staged(rejected_path, st_rej, S.EVENTS_REJECTED, partition_by=["dt"], mode="overwrite",
+                                    partition_filters=filt, metadata=meta)
+        v_ev = delta.commit_staged(events_path, st_ev, S.EVENTS, partition_by=["dt"], mode="overwrite",
+                                   partition_filters=filt, metadata=meta)
     result = {
         "dt": str(day),
         "raw_files": len(files),

@@ -78,19 +78,13 @@ def _to_struct_events(seq):
 
 def _write(df, cfg: Config, n_rows: int, *, remove_files=None, overwrite=False, meta=None) -> int:
     path = cfg.table_path("user_sequences")
-    staged = delta.staging_dir(path)
     n_files = max(1, -(-n_rows // cfg.sequences.rows_per_file))
-    try:
+    with delta.staging(path) as staged:
         df.repartition(n_files, "user_id").sortWithinPartitions("user_id").write.mode("overwrite").parquet(str(staged))
-    except Exception:
-        import shutil
-
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    return delta.commit_staged(
-        path, staged, S.USER_SEQUENCES, mode="overwrite" if overwrite else "append",
-        remove_files=remove_files, metadata=meta,
-    )
+        return delta.commit_staged(
+            path, staged, S.USER_SEQUENCES, mode="overwrite" if overwrite else "append",
+            remove_files=remove_files, metadata=meta,
+        )
 
 
 def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:

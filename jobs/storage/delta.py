@@ -12,6 +12,7 @@ read as Parquet; partition values come from the log, not from the paths.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -147,12 +148,16 @@ def _abs(table_path, rel: str) -> str:
     return str(Path(table_path) / urllib.parse.unquote(rel))
 
 
-def staging_dir(table_path: str | Path) -> Path:
-    """A fresh folder beside the warehouse for one job's Spark output; removed by commit_staged."""
+@contextlib.contextmanager
+def staging(table_path: str | Path):
+    """A fresh folder beside the warehouse for one job's Spark output, deleted on exit whatever happens."""
     root = Path(table_path).parent / "_staging" / Path(table_path).name
     d = root / f"{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
     d.mkdir(parents=True)
-    return d
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _stat_value(v):
@@ -232,8 +237,7 @@ def commit_staged(
 
     mode="overwrite" with partition_filters replaces those partitions (a rerun
     of a day replaces the day); mode="append" with remove_files replaces those
-    files (copy-on-write update). The staging folder is deleted afterwards,
-    whether or not the commit succeeded.
+    files (copy-on-write update). Files moved in but not committed are deleted.
     """
     table_path, staged = Path(table_path), Path(staged)
     partition_by = partition_by or []
@@ -275,8 +279,6 @@ def commit_staged(
         for m in moved:
             m.unlink(missing_ok=True)
         raise
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def active_files(table_path: str | Path, version: int | None = None) -> list[str]:

@@ -153,3 +153,26 @@ def test_only_files_of_active_users_are_rewritten(home, monkeypatch, spark):
     files_after = set(delta.active_files(cfg.table_path("user_sequences")))
     assert r["files_rewritten"] == 1 and len(files_before & files_after) == 2
     assert rows(cfg)["u00007"]["seq_len"] == 2 and len(table(cfg)) == 3000
+
+
+def test_failed_commit_leaves_sequences_as_they_were(small, monkeypatch):
+    cfg = small
+    for d in (D1, D2):
+        ingest.ingest(cfg, d)
+    sequences.update(cfg, D1)
+    before, v = table(cfg), delta.version_of(cfg.table_path("user_sequences"))
+    real = delta.commit_staged
+
+    def boom(*a, **kw):
+        raise OSError("object store unavailable (injected)")
+
+    monkeypatch.setattr(delta, "commit_staged", boom)
+    with pytest.raises(OSError):
+        sequences.update(cfg, D2)
+    assert delta.version_of(cfg.table_path("user_sequences")) == v and table(cfg).equals(before)
+    assert not list((cfg.warehouse_root / "_staging").rglob("*.parquet")), "staged files must not linger"
+    monkeypatch.setattr(delta, "commit_staged", real)
+    assert sequences.update(cfg, D2)["rerun"] is False  # the failed attempt left no trace of D2
+    after = table(cfg)
+    sequences.rebuild(cfg)
+    assert table(cfg).equals(after)

@@ -1,0 +1,49 @@
+"""`userformer demo` end to end through the real executable, as `make demo` runs it (smaller)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from userformer.jobs.storage import delta
+
+EXE = str(Path(sys.executable).parent / "userformer")
+
+pytestmark = pytest.mark.spark
+
+
+def demo(home, *args):
+    env = {**os.environ, "USERFORMER_HOME": str(home)}
+    return subprocess.run([EXE, "demo", "--days", "3", "--users", "300", "--items", "500", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_demo_runs_every_day_and_reruns_cleanly(tmp_path):
+    home = tmp_path / "home"
+    r = demo(home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    days = [line for line in r.stdout.splitlines() if line.startswith("2026-11-0")]
+    assert len(days) == 3 and all("checks ok" in d for d in days)
+    seq = delta.read_arrow(home / "warehouse" / "user_sequences")
+    events = delta.read_arrow(home / "warehouse" / "events")
+    assert seq.num_rows > 100 and events.num_rows > 1000
+    assert sum(seq["lifetime_events"].to_pylist()) == events.num_rows
+    assert (home / "reports" / "checks" / "events" / "dt=2026-11-03.html").is_file()
+    # A second demo in the same home starts over and ends with the same tables.
+    r2 = demo(home)
+    assert r2.returncode == 0, r2.stderr[-4000:]
+    again = delta.read_arrow(home / "warehouse" / "user_sequences")
+    assert again.sort_by("user_id").equals(seq.sort_by("user_id"))
+
+
+def test_demo_refuses_a_home_with_real_data(tmp_path):
+    home = tmp_path / "home"
+    (home / "warehouse" / "events").mkdir(parents=True)
+    (home / "warehouse" / "events" / "keep.txt").write_text("someone's data")
+    r = demo(home)
+    assert r.returncode == 2 and "no demo made" in r.stderr
+    assert (home / "warehouse" / "events" / "keep.txt").exists()
