@@ -102,6 +102,89 @@ class QualityConfig:
     examples: int = field(default=5, metadata=_rng(0, 100))
 
 
+# ----------------------------------------------------------------- model
+# Feature names the user tower can read per event (models/features.py).
+EVENT_FEATURES = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "event_type", "surface",
+                  "duration", "time_gap", "time_ref", "position"]
+# Item attributes the item tower can read (models/item_tower.py).
+ITEM_FEATURES = ["item_id", "category_l1", "category_l2", "category_l3", "brand"]
+# Preference heads (MCM task-aware readout) the model can have.
+HEAD_TASKS = ["category_l1", "category_l2", "category_l3", "brand", "event_type"]
+
+
+def _subset(allowed):
+    return {"lo": None, "hi": None, "choices": None, "subset": allowed}
+
+
+@dataclass
+class ModelConfig:
+    # Width of every embedding and of the transformer. Defaults = the tuned
+    # SASRec+SS setting on Amazon Beauty (eSASRec benchmark).
+    d_model: int = field(default=64, metadata=_rng(8, 4096))
+    n_layers: int = field(default=1, metadata=_rng(1, 48))
+    n_heads: int = field(default=1, metadata=_rng(1, 64))
+    # Hidden width of the feed-forward = ffn_mult x d_model (SASRec: 1).
+    ffn_mult: int = field(default=1, metadata=_rng(1, 16))
+    dropout: float = field(default=0.2, metadata=_rng(0.0, 0.9))
+    # Events the encoder reads (the newest); sequences are LEFT-padded to it.
+    max_len: int = field(default=50, metadata=_rng(2, 100_000))
+    # Per-event inputs; id-only SASRec = ["item_id", "position"].
+    event_features: list = field(default_factory=lambda: list(EVENT_FEATURES), metadata=_subset(EVENT_FEATURES))
+    # How feature vectors become one event vector: mean (MCM) or concat (concatenate + project).
+    pooling: str = field(default="mean", metadata=_rng(choices=["mean", "concat"]))
+    # Item tower inputs; drop "item_id" for a purely content-based (inductive) tower.
+    item_features: list = field(default_factory=lambda: list(ITEM_FEATURES), metadata=_subset(ITEM_FEATURES))
+    # Item tower MLP after pooling (False: pooled embeddings only, as SASRec).
+    item_mlp: bool = True
+    # The user tower's item/category/brand embeddings are the item tower's (SASRec's shared in/out table).
+    tie_embeddings: bool = True
+    # Residual MLP after the transformer (PinnerFormer), before the L2 normalisation.
+    output_mlp: bool = True
+    # Log-scale buckets of time gaps (seconds) and the periods (s) of their sin/cos features.
+    time_buckets: int = field(default=32, metadata=_rng(2, 256))
+    time_periods_s: list = field(default_factory=lambda: [3600.0, 86400.0, 604800.0])
+    # Preference heads (MCM task-aware attentional readout); [] = none.
+    heads: list = field(default_factory=lambda: ["category_l1", "brand", "event_type"], metadata=_subset(HEAD_TASKS))
+    # Score = cosine / temperature; learned from this start (PinnerFormer).
+    temperature: float = field(default=0.05, metadata=_rng(0.001, 10.0))
+    learn_temperature: bool = True
+
+
+@dataclass
+class TrainConfig:
+    # next_action: every position predicts the next item (SASRec); dense_all_action:
+    # sampled positions predict a positive within the next K days (PinnerFormer).
+    objective: str = field(default="next_action", metadata=_rng(choices=["next_action", "dense_all_action"]))
+    # dense_all_action: horizon in days, or in events when the data has no real times.
+    dense_horizon_days: float = field(default=14.0, metadata=_rng(0.01, 3650.0))
+    dense_horizon_events: int = field(default=10, metadata=_rng(1, 10_000))
+    # dense_all_action: positions sampled per sequence.
+    dense_positions: int = field(default=8, metadata=_rng(1, 10_000))
+    # sampled: softmax over the positive + negatives, logQ-corrected; full: over the whole catalogue.
+    loss: str = field(default="sampled", metadata=_rng(choices=["sampled", "full"]))
+    # Negatives per batch: uniformly random items and positives of other rows of the batch.
+    uniform_negatives: int = field(default=256, metadata=_rng(0, 1_000_000))
+    inbatch_negatives: int = field(default=0, metadata=_rng(0, 1_000_000))
+    # Weight of each preference head's loss (added to the retrieval loss).
+    head_weight: float = field(default=0.1, metadata=_rng(0.0, 100.0))
+    lr: float = field(default=0.001, metadata=_rng(1e-6, 1.0))
+    weight_decay: float = field(default=0.0, metadata=_rng(0.0, 10.0))
+    batch_size: int = field(default=128, metadata=_rng(1, 1_000_000))
+    epochs: int = field(default=200, metadata=_rng(1, 100_000))
+    # Early stopping: evaluations without a better validation NDCG@10.
+    patience: int = field(default=50, metadata=_rng(1, 100_000))
+    eval_every: int = field(default=1, metadata=_rng(1, 100_000))
+    grad_clip: float = field(default=1.0, metadata=_rng(0.0, 1e6))
+    seed: int = field(default=42, metadata=_rng(0, 2**31 - 1))
+    # auto = cuda when available, else cpu. The same code runs on both.
+    device: str = field(default="auto", metadata=_rng(choices=["auto", "cpu", "cuda"]))
+    # bf16 autocast on CUDA; cpu_bf16 also on CPU (fast on AVX512-BF16, less exact).
+    bf16: bool = True
+    cpu_bf16: bool = False
+    # CPU threads for torch (the machines here have 2 cores).
+    num_threads: int = field(default=2, metadata=_rng(1, 1024))
+
+
 @dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -109,6 +192,8 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     sequences: SequencesConfig = field(default_factory=SequencesConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     # ---- derived locations -------------------------------------------------
     @property
@@ -202,6 +287,8 @@ def _validate(cfg: Config) -> None:
                 continue
             v = getattr(obj, f.name)
             where = f"{section.name}.{f.name}"
+            if meta.get("subset") is not None and not set(v) <= set(meta["subset"]):
+                raise ConfigError(f"{where}={v!r}: allowed items are {meta['subset']}")
             if meta.get("choices") is not None and v not in meta["choices"]:
                 raise ConfigError(f"{where}={v!r}: must be one of {meta['choices']}")
             if meta.get("lo") is not None and v < meta["lo"]:
@@ -211,6 +298,12 @@ def _validate(cfg: Config) -> None:
     lo, hi = (cfg.quality.row_count_band + [None, None])[:2]
     if len(cfg.quality.row_count_band) != 2 or not (0 <= lo <= 1 <= hi):
         raise ConfigError(f"quality.row_count_band={cfg.quality.row_count_band!r}: must be [lo<=1, hi>=1]")
+    if cfg.model.d_model % cfg.model.n_heads:
+        raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.n_heads={cfg.model.n_heads}")
+    if not cfg.model.item_features:
+        raise ConfigError("model.item_features: the item tower needs at least one feature")
+    if cfg.train.loss == "sampled" and cfg.train.uniform_negatives + cfg.train.inbatch_negatives == 0:
+        raise ConfigError("train: sampled softmax needs uniform_negatives or inbatch_negatives > 0")
     overlap = set(cfg.ingest.item_event_types) & set(cfg.ingest.non_item_event_types)
     if overlap:
         raise ConfigError(f"ingest: event types both item and non-item: {sorted(overlap)}")

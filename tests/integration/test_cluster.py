@@ -8,7 +8,6 @@ cluster and once in local[2]; both results must agree, and with a closed form.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 
@@ -70,12 +69,6 @@ def _expected() -> list[dict]:
     ]
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.cluster
 def test_cluster_runs_pipeline_session_like_local(tmp_path):
     home = tmp_path / "home"
@@ -130,7 +123,8 @@ def test_cluster_runs_pipeline_session_like_local(tmp_path):
     print(f", stop {cluster.stop_seconds:.1f}s")
     assert not [p for p in pids.values() if pid_alive(p)], "Spark daemons still running after stop"
     assert not list((tmp_path / "spark" / "pids").glob("*.pid"))
-    assert not _port_open(cluster.master_port) and not _port_open(cluster.webui_port)
+    # (No check that the ports are closed: with the PIDs gone they are, and a free
+    # ephemeral port may be taken at once by any other process on a busy machine.)
     # Stopping again is a no-op.
     again = subprocess.run(
         ["bash", str(SCRIPTS / "stop-cluster.sh")], env=cluster._script_env(),
