@@ -172,7 +172,7 @@ class StageLog:
         job = self.stage_job.get(si["Stage ID"], {})
         props = job.get("Properties") or {}
         site = self.sql.get(str(props.get("spark.sql.execution.id"))) or props.get("callSite.short") or si.get("Stage Name", "")
-        site = site.replace(str(REPO) + "/", "").replace(" at NativeMethodAccessorImpl.java:0", "")
+        site = site.replace(str(REPO) + "/", "").replace(" at NativeMethodAccessorImpl.java:0", "").replace(" at <unknown>:0", "")
         if "withThreadLocalCaptured" in site:  # AQE's query stages carry no useful call site
             site = ""
         ops = []
