@@ -329,6 +329,17 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
         lookback = delta.read_spark(spark, events_path, S.EVENTS, partition_filters=[("dt", "in", days)]).select("event_id", "dt")
 
     checked = _validate_rows(_read_raw(spark, files), cfg, day, lookback).localCheckpoint()
+    try:
+        return _publish(cfg, spark, day, files, raw_rows, snapshot, checked)
+    finally:
+        checked.unpersist()  # a long session (run-day over many days) must not keep every day's blocks
+
+
+def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, checked) -> dict:
+    """Vocab, items, then events_rejected[D] and events[D], each in one commit."""
+    from pyspark.sql import functions as F
+
+    events_path, rejected_path = cfg.table_path("events"), cfg.table_path("events_rejected")
     accepted = checked.where(F.col("reason").isNull())
 
     # Small collects: the day's distinct keys, for the vocabularies.

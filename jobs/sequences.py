@@ -30,22 +30,27 @@ _EVENT_FIELDS = ["ts", "item_idx", "event_type_idx", "category_l1_idx", "categor
 
 
 def _per_user(events):
-    """Aggregate events to one row per user: sorted event structs, counts, first/last time, last drop date."""
+    """Aggregate events to one row per user: event structs, counts per type, first/last time, last drop date.
+
+    One shuffle: the per-type counts come from the same aggregation (a small
+    array of type names per user) instead of a second groupBy and a join.
+    """
     from pyspark.sql import functions as F
 
     ev = F.struct(*[F.col(c) for c in _EVENT_FIELDS])
-    per_type = events.groupBy("user_id", "event_type").agg(F.count("*").alias("n"))
-    counts = per_type.groupBy("user_id").agg(
-        F.map_from_entries(F.collect_list(F.struct("event_type", "n"))).alias("counts")
-    )
     agg = events.groupBy("user_id").agg(
         F.collect_list(ev).alias("events"),
+        F.collect_list("event_type").alias("_types"),
         F.count("*").alias("n_events"),
         F.min("ts").alias("first_ts"),
         F.max("ts").alias("last_ts"),
         F.max("dt").alias("last_dt"),
     )
-    return agg.join(counts, "user_id")
+    counts = F.map_from_entries(F.transform(
+        F.array_distinct("_types"),
+        lambda t: F.struct(t.alias("k"), F.size(F.filter("_types", lambda x: x == t)).cast("long").alias("v")),
+    ))
+    return agg.withColumn("counts", counts).drop("_types")
 
 
 def _finish(df, max_len: int):
@@ -92,28 +97,29 @@ def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:
 
     Read from the commit metadata. The second value is where a rerun of that
     same drop starts from, so a rerun replaces the drop's effect instead of
-    merging its events twice (-1 when that drop created the table).
+    merging its events twice (-1 when that drop created the table; None after a
+    rebuild, which has no single drop to undo). A restore done by hand (no
+    metadata) is followed to the version it restored.
     """
     if not delta.exists(seq_path):
         return None, None
-    hist = delta.history(seq_path)  # newest first
-    applied = hist[0].get("dt") or hist[0].get("upto")
+    hist = {h["version"]: h for h in delta.history(seq_path)}
+    h = hist[max(hist)]
+    while h.get("operation") == "RESTORE" and not (h.get("dt") or h.get("upto")):
+        h = hist.get(int(h["operationParameters"]["version"]), {})
+    applied = h.get("dt") or h.get("upto")
     if not applied:
         return None, None
-    if hist[0].get("step") != "sequences":  # a rebuild: there is no single drop to undo
+    if h.get("step") != "sequences":
         return dt.date.fromisoformat(applied), None
-    base = hist[0]["version"] - 1
-    for h in hist[1:]:
-        if (h.get("dt") or h.get("upto")) != applied or h.get("step") != "sequences":
-            break
-        base = h["version"] - 1
+    base = h["version"] - 1
+    while base in hist and hist[base].get("step") == "sequences" and hist[base].get("dt") == applied:
+        base -= 1
     return dt.date.fromisoformat(applied), base
 
 
 def update(cfg: Config, day: dt.date) -> dict:
     """Merge drop D's events into user_sequences for the users active on D (idempotent: a rerun of D replaces D)."""
-    from pyspark.sql import functions as F
-
     from userformer.jobs.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
@@ -134,6 +140,16 @@ def update(cfg: Config, day: dt.date) -> dict:
     meta = {"step": "sequences", "dt": str(day), "events_version": delta.version_of(events_path)}
     events = delta.read_spark(spark, events_path, S.EVENTS, partition_filters=[("dt", "=", str(day))])
     new = _per_user(events).localCheckpoint()
+    try:
+        return _merge_day(cfg, spark, day, new, rerun, base, meta)
+    finally:
+        new.unpersist()  # a long session (run-day over many days) must not keep every day's blocks
+
+
+def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | None, meta: dict) -> dict:
+    from pyspark.sql import functions as F
+
+    seq_path = cfg.table_path("user_sequences")
     n_active = new.count()
     # The state D is applied to: the current table, or on a rerun the version before D.
     base_exists = delta.exists(seq_path) and (not rerun or base >= 0)
@@ -155,8 +171,9 @@ def update(cfg: Config, day: dt.date) -> dict:
     else:
         touched = [r["_file"] for r in cur.join(new.select("user_id"), "user_id", "left_semi").select("_file").distinct().collect()]
         old = cur.where(F.col("_file").isin(touched)).drop("_file")
-    old_active = old.join(new.select("user_id"), "user_id", "left_semi")
-    keep = old.join(new.select("user_id"), "user_id", "left_anti")
+    active = new.select("user_id")
+    old_active = old.join(active, "user_id", "left_semi")
+    keep = old.join(active, "user_id", "left_anti")
 
     o = old_active.select(
         "user_id",
@@ -177,17 +194,19 @@ def update(cfg: Config, day: dt.date) -> dict:
         F.col("last_dt"),
     )
     out = _finish(merged, cfg.sequences.max_len).unionByName(keep.select(*S.USER_SEQUENCES.names))
-    n_old = old.count()
-    n_new_users = n_active - old_active.count()
+    # Row counts from the Delta log's file stats: no extra pass over the data.
+    before = delta.add_actions(seq_path, base if rerun else None)
+    rel = None if rerun else _relative(seq_path, touched)
+    n_old = sum(a["num_records"] for a in before if rerun or a["path"] in set(rel))
+    users_before = sum(a["num_records"] for a in before)
     if rerun:
-        version = _write(out, cfg, n_old + n_new_users, overwrite=True, meta=meta)
-        n_files = -1
+        version = _write(out, cfg, n_old + n_active, overwrite=True, meta=meta)
     else:
-        rel = _relative(seq_path, touched)
-        version = _write(out, cfg, n_old + n_new_users, remove_files=rel, meta=meta)
-        n_files = len(rel)
+        version = _write(out, cfg, n_old + n_active, remove_files=rel, meta=meta)
+    n_new_users = sum(a["num_records"] for a in delta.add_actions(seq_path)) - users_before
     result = {"dt": str(day), "active_users": n_active, "new_users": n_new_users, "rerun": rerun,
-              "files_rewritten": n_files, "rows_written": n_old + n_new_users, "version": version}
+              "files_rewritten": len(before) if rerun else len(rel), "rows_written": n_old + n_new_users,
+              "version": version}
     log.info("sequences dt=%s: %s", day, result)
     return result
 
@@ -240,13 +259,16 @@ def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
     if upto is not None:
         events = events.where(F.col("dt") <= F.lit(upto))
     per_user = _per_user(events).localCheckpoint()
-    n = per_user.count()
-    last = per_user.agg(F.max("last_dt")).first()[0]
-    if last is None:
-        raise UserError("events holds no rows to rebuild from")
-    # `upto` records the last drop included, so a following `--dt` update knows where the state stands.
-    meta = {"step": "sequences-rebuild", "upto": str(upto or last), "events_version": delta.version_of(events_path)}
-    version = _write(_finish(per_user, cfg.sequences.max_len), cfg, n, overwrite=True, meta=meta)
+    try:
+        n = per_user.count()
+        last = per_user.agg(F.max("last_dt")).first()[0]
+        if last is None:
+            raise UserError("events holds no rows to rebuild from")
+        # `upto` records the last drop included, so a following `--dt` update knows where the state stands.
+        meta = {"step": "sequences-rebuild", "upto": str(upto or last), "events_version": delta.version_of(events_path)}
+        version = _write(_finish(per_user, cfg.sequences.max_len), cfg, n, overwrite=True, meta=meta)
+    finally:
+        per_user.unpersist()
     return {"users": n, "version": version, "upto": meta["upto"]}
 
 
