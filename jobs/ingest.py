@@ -138,7 +138,6 @@ def _read_raw(spark, files: list[RawFile]):
 
 def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
     """Add `reason`/`detail` (null when the row is accepted). First failing rule wins."""
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     ic = cfg.ingest
@@ -178,11 +177,11 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
     df = df.withColumn("event_id", F.coalesce(F.nullif(F.trim("event_id"), F.lit("")), content_id))
 
     # Duplicates within the drop: keep the first by (ts, file); later copies are quarantined.
-    ok = F.col("reason").isNull()
-    w = Window.partitionBy("event_id", ok).orderBy(F.col("ts").asc_nulls_last(), "source_file")
-    df = df.withColumn("_rn", F.when(ok, F.row_number().over(w)))
-    df = df.withColumn("reason", F.when(ok & (F.col("_rn") > 1), F.lit("duplicate")).otherwise(F.col("reason")))
-    df = df.withColumn("detail", F.when(F.col("reason") == "duplicate", F.lit("duplicate event_id within the drop")).otherwise(F.col("detail")))
+    # Only ids seen twice need the (sorting) window; finding them is a cheap aggregation.
+    df = _rank_within(df, "event_id", F.col("event_id"), 1, [F.col("ts").asc_nulls_last(), F.col("source_file")])
+    dup = F.col("reason").isNull() & (F.col("_rank") > 1)
+    df = df.withColumn("detail", F.when(dup, F.lit("duplicate event_id within the drop")).otherwise(F.col("detail")))
+    df = df.withColumn("reason", F.when(dup, F.lit("duplicate")).otherwise(F.col("reason"))).drop("_rank")
     if lookback_ids is not None:
         seen = lookback_ids.select(F.col("event_id").alias("_seen_id"), F.col("dt").alias("_seen_dt")).dropDuplicates(["_seen_id"])
         df = df.join(seen, df.event_id == seen._seen_id, "left")
@@ -192,13 +191,32 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
         df = df.drop("_seen_id", "_seen_dt")
 
     # A single user flooding the drop (bot, replayed client buffer): keep the latest N events.
+    cap = ic.max_events_per_user_per_day
+    df = _rank_within(df, "user_id", F.col("user_id"), cap, [F.col("ts").desc(), F.col("event_id").desc()])
+    burst = F.col("reason").isNull() & (F.col("_rank") > cap)
+    df = df.withColumn("detail", F.when(burst, F.lit(f"user over {cap} events in one drop")).otherwise(F.col("detail")))
+    return df.withColumn("reason", F.when(burst, F.lit("user_burst")).otherwise(F.col("reason"))).drop("_rank")
+
+
+def _rank_within(df, name: str, key, limit: int, order):
+    """Add `_rank`: the row_number of each accepted row within its `key` group by `order`,
+    computed only for groups with more than `limit` accepted rows (null elsewhere).
+
+    A window over every row sorts the whole drop; the groups that matter
+    (duplicated ids, bursting users) are few, so they are found with an
+    aggregation and only their rows are ranked.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
     ok = F.col("reason").isNull()
-    wu = Window.partitionBy("user_id", ok).orderBy(F.col("ts").desc(), F.col("event_id").desc())
-    df = df.withColumn("_rk", F.when(ok, F.row_number().over(wu)))
-    burst = ok & (F.col("_rk") > ic.max_events_per_user_per_day)
-    df = df.withColumn("detail", F.when(burst, F.lit(f"user over {ic.max_events_per_user_per_day} events in one drop")).otherwise(F.col("detail")))
-    df = df.withColumn("reason", F.when(burst, F.lit("user_burst")).otherwise(F.col("reason")))
-    return df.drop("_rn", "_rk")
+    flag = f"_many_{name}"
+    many = df.where(ok).groupBy(key.alias("_k")).count().where(F.col("count") > limit).select("_k", F.lit(True).alias(flag))
+    df = df.join(many, key.eqNullSafe(F.col("_k")), "left").drop("_k")
+    hit = ok & F.col(flag).isNotNull()
+    ranked = df.where(hit).withColumn("_rank", F.row_number().over(Window.partitionBy(key).orderBy(*order)))
+    rest = df.where(~hit).withColumn("_rank", F.lit(None).cast("int"))
+    return ranked.unionByName(rest).drop(flag)
 
 
 # ------------------------------------------------------------------ vocab
@@ -311,8 +329,6 @@ def update_items(cfg: Config, day: dt.date, snapshot: pa.Table | None, event_ite
 # ------------------------------------------------------------------- main
 def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     """Ingest the raw drop of `day` (see module doc). Returns counts."""
-    from pyspark.sql import functions as F
-
     from userformer.jobs.spark import spark_session
 
     files = inspect_raw_files(cfg.raw_events_dir(day))
@@ -322,7 +338,7 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     snapshot = read_raw_items(cfg, day)
 
     spark = spark_session(cfg)
-    events_path, rejected_path = cfg.table_path("events"), cfg.table_path("events_rejected")
+    events_path = cfg.table_path("events")
     lookback = None
     if delta.exists(events_path) and cfg.ingest.dedupe_lookback_days > 0:
         days = [str(day - dt.timedelta(days=i)) for i in range(1, cfg.ingest.dedupe_lookback_days + 1)]

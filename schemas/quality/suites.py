@@ -289,7 +289,6 @@ def _last_is(ts: pa.ChunkedArray, last: pa.ChunkedArray) -> np.ndarray:
 
 def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     """The users refreshed on `dt` (updated_dt == D); user_id uniqueness over the whole table."""
-    import pandas as pd
     from great_expectations import expectations as E
 
     actual = src.schema("user_sequences")

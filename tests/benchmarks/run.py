@@ -107,7 +107,7 @@ def _stages(run: dict, k: int = 3) -> str:
 
 
 def md_throughput(doc: dict) -> str:
-    lines = [f"## pipeline throughput (one drop)", "", _machine_line(doc), "",
+    lines = ["## pipeline throughput (one drop)", "", _machine_line(doc), "",
              "| raw events | users | step | median s | events/s | samples s | Spark |",
              "|---:|---:|---|---:|---:|---|---|"]
     for r in doc["results"]:
