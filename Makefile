@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both set up
 # everything themselves on a machine with only Python 3.11 and Java 17.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
