@@ -186,12 +186,20 @@ class TrainConfig:
 
 
 @dataclass
+class StorageConfig:
+    # `userformer maintain` deletes files no version of the last N days references.
+    # Time travel (restore, reruns of a past day) reaches back this far and no further.
+    retention_days: float = field(default=30.0, metadata=_rng(0.0, 3650.0))
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     sequences: SequencesConfig = field(default_factory=SequencesConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

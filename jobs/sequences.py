@@ -92,6 +92,9 @@ def _write(df, cfg: Config, n_rows: int, *, remove_files=None, overwrite=False, 
         )
 
 
+_NO_DATA_CHANGE = ("VACUUM", "OPTIMIZE", "CHECKPOINT")
+
+
 def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:
     """(last drop applied to user_sequences, version holding the state just before it).
 
@@ -104,7 +107,11 @@ def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:
     if not delta.exists(seq_path):
         return None, None
     hist = {h["version"]: h for h in delta.history(seq_path)}
-    h = hist[max(hist)]
+    v = max(hist)
+    # Maintenance commits (vacuum, optimize) change no rows: look past them.
+    while v - 1 in hist and str(hist[v].get("operation", "")).startswith(_NO_DATA_CHANGE):
+        v -= 1
+    h = hist[v]
     while h.get("operation") == "RESTORE" and not (h.get("dt") or h.get("upto")):
         h = hist.get(int(h["operationParameters"]["version"]), {})
     applied = h.get("dt") or h.get("upto")
@@ -135,6 +142,11 @@ def update(cfg: Config, day: dt.date) -> dict:
         raise UserError(
             f"user_sequences already includes drops up to {applied}; updating {day} now would apply it out of order. "
             f"Rerun the days in order from a restored table (repair) or `userformer sequences --rebuild`."
+        )
+    if rerun and base >= 0 and delta.missing_files(seq_path, base):
+        raise UserError(
+            f"cannot rerun {day}: the state before it (user_sequences version {base}) was vacuumed "
+            f"(storage.retention_days); recompute with `userformer sequences --rebuild --upto {day}`"
         )
     spark = spark_session(cfg)
     meta = {"step": "sequences", "dt": str(day), "events_version": delta.version_of(events_path)}

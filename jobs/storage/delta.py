@@ -281,6 +281,13 @@ def commit_staged(
         raise
 
 
+def missing_files(table_path: str | Path, version: int) -> list[str]:
+    """Files a (local) version references that are gone, e.g. vacuumed after its retention window."""
+    if "://" in str(table_path):
+        return []  # object stores: left to the reader's error
+    return [p for p in active_files(table_path, version) if not (Path(table_path) / urllib.parse.unquote(p)).exists()]
+
+
 def active_files(table_path: str | Path, version: int | None = None) -> list[str]:
     """Relative paths of the files of a version (as in the log)."""
     return [a["path"] for a in add_actions(table_path, version)]
