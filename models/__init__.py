@@ -1,2 +1,12 @@
-"""The torch customer model (event featurisation, encoder, heads, losses, training,
-evaluation). Built in issue #3; nothing here yet."""
+"""The torch customer model (issue #3): PinnerFormer-style user tower over MCM heterogeneous events.
+
+- data.py: per-user sequences (from user_sequences or a loader's raw tables), splits, left-padded batches
+- features.py: event featurisation (item, categories, brand, event type, surface, duration, time gaps)
+- encoder.py: pre-norm causal transformer -> output MLP -> L2-normalised user embedding
+- item_tower.py: item id + content -> L2-normalised item vector (works for unseen items)
+- heads.py: MCM task-aware attentional readout (preference scores per task)
+- losses.py: sampled softmax with logQ + mixed negatives, full softmax, next-action / dense all-action
+- metrics.py: full-catalogue HR/NDCG@10, coverage@10, entropy@50
+- train.py: training loop, evaluation, checkpoints
+- bench_quality.py: full vs id-only vs most-popular on a benchmark file
+"""

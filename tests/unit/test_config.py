@@ -55,6 +55,9 @@ def test_file_then_environment_override(tmp_path):
         ({"USERFORMER__QUALITY__MAX_REJECTED_RATIO": "1.5"}, "must be <= 1.0"),
         ({"USERFORMER__QUALITY__ROW_COUNT_BAND": "[2.0, 3.0]"}, "row_count_band"),
         ({"USERFORMER__INGEST__NON_ITEM_EVENT_TYPES": '["view"]'}, "both item and non-item"),
+        ({"USERFORMER__MODEL__HEADS": '["nope"]'}, "model.heads=['nope']: allowed items"),
+        ({"USERFORMER__MODEL__N_HEADS": "3"}, "must be divisible by model.n_heads=3"),
+        ({"USERFORMER__TRAIN__OBJECTIVE": "bert"}, "train.objective='bert': must be one of"),
     ],
 )
 def test_bad_values_are_clear_errors(env, message):
