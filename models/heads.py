@@ -1,0 +1,50 @@
+"""MCM task-aware attentional readout: preference scores per task (next category, brand, event type, ...).
+
+For label w of a task with embedding e_w and encoder states h_i of the events
+the user has had:  a_{w,i} = softmax_i(e_w . h_i),  r_w = sum_i a_{w,i} h_i,
+s(w) = r_w . e_w.  Each label looks at the events relevant to it; a softmax
+over the task's labels gives the user's preference scores. Label 0 (unknown)
+is never predicted. Trained on random prefixes (MCM): the readout only ever
+sees the past.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from userformer.models.item_tower import FIELD
+
+
+class TaskReadout(nn.Module):
+    def __init__(self, n_labels: int, d: int):
+        super().__init__()
+        self.labels = nn.Embedding(max(n_labels, 2), d)
+        nn.init.normal_(self.labels.weight, std=1.0 / math.sqrt(d))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """h (B, L, d), mask (B, L) of the positions to read -> scores (B, W); column 0 is -inf."""
+        e = self.labels.weight  # (W, d)
+        att = torch.einsum("bld,wd->bwl", h, e).masked_fill(~mask[:, None, :], float("-inf"))
+        a = torch.softmax(att, -1).nan_to_num(0.0)  # a user with no events reads nothing
+        r = torch.einsum("bwl,bld->bwd", a, h)
+        s = (r * e).sum(-1)
+        s[:, 0] = float("-inf")
+        return s
+
+
+class PreferenceHeads(nn.Module):
+    """One readout per task; tasks name a field of the next event (category_l1, brand, event_type, ...)."""
+
+    def __init__(self, tasks: list[str], d: int, sizes: dict[str, int]):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.readouts = nn.ModuleDict({t: TaskReadout(sizes[FIELD[t]], d) for t in self.tasks})
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t: r(h, mask) for t, r in self.readouts.items()}
+
+    def preferences(self, h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preference scores: per task, a distribution over its labels."""
+        return {t: torch.softmax(s, -1) for t, s in self.forward(h, mask).items()}

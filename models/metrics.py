@@ -1,0 +1,101 @@
+"""Full-catalogue ranking metrics: every user is scored against ALL items (no sampled negatives).
+
+Protocol: nothing is excluded from the ranking except the padding row 0, in
+particular NOT the user's history items (the eSASRec benchmark's protocol,
+which the README's published Beauty numbers come from; S3-Rec's own code
+zeroes history items instead, which can only raise the numbers). A target's
+rank is its position in the score-sorted list (0 = top; ties in topk's order).
+
+- HR@10: share of users whose (single) target ranks < 10 (= Recall@10 with one target).
+- NDCG@10: 1 / log2(rank + 2) when rank < 10, else 0, averaged over users.
+- Recall@10 (several targets, time split): |top10 & positives| / |positives|, averaged.
+- coverage@10: share of the catalogue that appears in at least one user's top 10.
+- entropy@50: per user, Shannon entropy (nats) of the category distribution of the
+  top 50 (items with an unknown category ignored), averaged over users.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def ranks_of(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(U, I) scores, (U,) target ids -> (U,) rank = items with a strictly higher score."""
+    t = scores.gather(1, targets[:, None])
+    return (scores > t).sum(1)
+
+
+def ndcg_from_ranks(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def entropy(labels: np.ndarray) -> float:
+    """Shannon entropy (nats) of the label distribution of one list; labels <= 0 (unknown) ignored."""
+    labels = labels[labels > 0]
+    if not len(labels):
+        return 0.0
+    _, c = np.unique(labels, return_counts=True)
+    p = c / c.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def entropies(labels: np.ndarray) -> np.ndarray:
+    """Row-wise `entropy` of a (U, K) label matrix, vectorised (labels <= 0 ignored)."""
+    labels = np.asarray(labels, np.int64)
+    n_lab = int(labels.max(initial=0)) + 1
+    counts = np.zeros((len(labels), n_lab))
+    np.add.at(counts, (np.repeat(np.arange(len(labels)), labels.shape[1]), labels.ravel()), 1.0)
+    counts[:, 0] = 0.0
+    tot = counts.sum(1, keepdims=True)
+    p = np.divide(counts, tot, out=np.zeros_like(counts), where=tot > 0)
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(1)
+
+
+class RankingAccumulator:
+    """Collects per-chunk results of full-catalogue ranking, then summarises."""
+
+    def __init__(self, n_items: int, item_category: np.ndarray | None, k: int = 10, k_div: int = 50):
+        self.n_items, self.cat, self.k, self.k_div = n_items, item_category, k, k_div
+        self.ranks, self.recalls, self.entropies = [], [], []
+        self.seen = np.zeros(n_items + 1, bool)
+
+    def add(self, scores: torch.Tensor, targets: torch.Tensor, target_sets: list | None = None) -> None:
+        """`scores` (U, n_items + 1) is modified in place (column 0 set to -inf)."""
+        scores = scores.float()
+        scores[:, 0] = float("-inf")  # padding is not an item
+        kk = min(max(self.k, self.k_div), self.n_items)
+        top_t = scores.topk(kk, dim=1).indices
+        # Rank within the top kk (= kk when the target is further down): all that @k metrics need, and
+        # much cheaper than comparing every score. Ties are ordered by topk, as any ranker would.
+        hit = top_t == targets[:, None].to(top_t.device)
+        self.ranks.append(torch.where(hit.any(1), hit.float().argmax(1), kk).cpu().numpy())
+        top = top_t.cpu().numpy()
+        self.seen[top[:, : self.k].ravel()] = True
+        if self.cat is not None:
+            self.entropies.append(entropies(self.cat[top[:, : self.k_div]]))
+        if target_sets is not None:
+            for row, pos in zip(top[:, : self.k], target_sets):
+                self.recalls.append(len(np.intersect1d(row, pos)) / max(len(pos), 1))
+
+    def result(self) -> dict:
+        r = np.concatenate(self.ranks) if self.ranks else np.zeros(0)
+        k = self.k
+        out = {
+            "users": len(r),
+            f"hr@{k}": float((r < k).mean()) if len(r) else 0.0,
+            f"ndcg@{k}": float(ndcg_from_ranks(r, k).mean()) if len(r) else 0.0,
+            f"coverage@{k}": float(self.seen[1:].sum() / max(self.n_items, 1)),
+            f"entropy@{self.k_div}": float(np.concatenate(self.entropies).mean()) if self.entropies else 0.0,
+        }
+        if self.recalls:
+            out[f"recall@{k}"] = float(np.mean(self.recalls))
+        return out
+
+
+def evaluate_scores(scores: torch.Tensor, targets, n_items: int, item_category: np.ndarray | None = None,
+                    target_sets: list | None = None, k: int = 10, k_div: int = 50) -> dict:
+    """Metrics of one (U, n_items + 1) score matrix (column 0 = padding)."""
+    acc = RankingAccumulator(n_items, item_category, k, k_div)
+    acc.add(scores, torch.as_tensor(np.asarray(targets), dtype=torch.long), target_sets)
+    return acc.result()

@@ -1,0 +1,46 @@
+"""The customer model: item tower + event featuriser + user encoder + preference heads + temperature."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from userformer.jobs.config import ModelConfig
+from userformer.models.data import ItemCatalog
+from userformer.models.encoder import UserEncoder
+from userformer.models.features import EventFeaturizer, TimeFeatures
+from userformer.models.heads import PreferenceHeads
+from userformer.models.item_tower import ItemTower
+
+
+class UserFormer(nn.Module):
+    def __init__(self, cfg: ModelConfig, catalog: ItemCatalog):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.sizes = dict(catalog.sizes)
+        self.item_tower = ItemTower(cfg.item_features, d, catalog, mlp=cfg.item_mlp)
+        feats = EventFeaturizer(cfg.event_features, d, catalog.sizes, cfg.max_len, cfg.pooling, cfg.time_buckets,
+                                cfg.time_periods_s, shared=self.item_tower.embs if cfg.tie_embeddings else None)
+        time_ref = TimeFeatures(d, cfg.time_buckets, cfg.time_periods_s) if "time_ref" in cfg.event_features else None
+        self.encoder = UserEncoder(feats, d, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.output_mlp, time_ref)
+        self.heads = PreferenceHeads(cfg.heads, d, catalog.sizes)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature)),
+                                            requires_grad=cfg.learn_temperature)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp_min(1e-3)
+
+    def user_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, d) unit-norm embedding at the newest event (last column: sequences are left-padded)."""
+        h = self.encoder.hidden(batch)
+        return self.encoder.embed(h[:, -1], batch["ref_ts"] - batch["ts"][:, -1])
+
+    def preferences(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per head, (B, labels) preference distribution read from the whole sequence."""
+        return self.heads.preferences(self.encoder.hidden(batch), batch["mask"])
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,225 @@
+"""Training loop: deterministic by seed, CPU or CUDA (bf16 autocast) with the same code, AdamW,
+tqdm progress (loss, sequences/s), early stopping on validation NDCG@10, best checkpoint kept.
+
+`fit` works on in-memory `Sequences` (data.py); streaming from the Delta table
+feeds the same `train_epoch` batch by batch (issue #3, later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from userformer.jobs.config import ModelConfig, TrainConfig
+from userformer.models import losses as LS
+from userformer.models.data import (
+    ITEM_ATTRS,
+    EvalSet,
+    ItemCatalog,
+    Sequences,
+    batches,
+    item_counts,
+    pad_batch,
+)
+from userformer.models.metrics import RankingAccumulator
+from userformer.models.model import UserFormer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, tcfg: TrainConfig):
+    """bf16 autocast on CUDA (and on CPU when cpu_bf16); a no-op otherwise."""
+    if tcfg.bf16 and (device.type == "cuda" or tcfg.cpu_bf16):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------- loss
+def batch_loss(model: UserFormer, batch: dict, tcfg: TrainConfig, sampler: LS.NegativeSampler | None,
+               gen: torch.Generator, real_time: bool) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch padded to max_len + 1 (the extra column supplies the last target)."""
+    inp, tgt, ok, query_ts = LS.next_action_targets(batch)
+    h = model.encoder.hidden(inp)
+    if tcfg.objective == "next_action":
+        # Only positions with a target go through the output MLP.
+        u = model.encoder.embed(h[ok], query_ts[ok] - inp["ts"][ok])
+        pos = tgt[ok]
+    else:
+        horizon = tcfg.dense_horizon_days * 86400.0 if real_time else float(tcfg.dense_horizon_events)
+        _, p, dtgt, dok = LS.dense_all_action_targets(batch, tcfg.dense_positions, horizon, real_time, gen)
+        p, dtgt, dok = p.to(h.device), dtgt.to(h.device), dok.to(h.device)
+        hp = h.gather(1, p[..., None].expand(-1, -1, h.shape[-1]))[dok]
+        gap = (query_ts.gather(1, p) - inp["ts"].gather(1, p))[dok]
+        u = model.encoder.embed(hp, gap)
+        pos = dtgt[dok]
+    tau = model.temperature
+    if tcfg.loss == "full":
+        retrieval = LS.full_softmax(u, model.item_tower.all_items(), pos, tau)
+    else:
+        neg = sampler.sample(pos).to(u.device)
+        vecs = model.item_tower(torch.cat([pos, neg]))
+        retrieval = LS.sampled_softmax(u, vecs[: len(pos)], pos, vecs[len(pos):], neg,
+                                       sampler.log_q.to(u.device), tau)
+    heads = {}
+    if model.heads.tasks:
+        # MCM random prefix: one cut per sequence; the heads read events <= t and predict event t+1.
+        r = torch.rand(ok.shape, generator=gen).to(ok.device).masked_fill(~ok, -1.0)
+        t = r.argmax(1)
+        has = ok.any(1)
+        cols = torch.arange(ok.shape[1], device=ok.device)[None, :]
+        read = inp["mask"] & (cols <= t[:, None])
+        scores = model.heads(h, read)
+        nxt = tgt.gather(1, t[:, None])[:, 0]
+        for task, s in scores.items():
+            if task == "event_type":
+                label = batch["event_type"][:, 1:].gather(1, t[:, None])[:, 0]
+            else:
+                label = model.item_tower.attrs[nxt, ITEM_ATTRS.index(task)]
+            label = torch.where(has, label, torch.zeros_like(label))
+            if (label > 0).any():
+                heads[task] = F.cross_entropy(s.float(), label, ignore_index=0)
+    loss = LS.multitask_loss(retrieval, heads, tcfg.head_weight)
+    return loss, {"retrieval": float(retrieval.detach()), **{k: float(v.detach()) for k, v in heads.items()}}
+
+
+# ------------------------------------------------------------- evaluation
+@torch.no_grad()
+def embed_users(model: UserFormer, seqs: Sequences, max_len: int, device: torch.device, tcfg: TrainConfig,
+                batch_size: int = 1024, ref_ts: np.ndarray | None = None) -> torch.Tensor:
+    model.eval()
+    out = torch.zeros(len(seqs), model.cfg.d_model, device=device)
+    order = np.argsort(seqs.lengths, kind="stable")  # similar lengths per batch: trimmed batches stay narrow
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        b = to_device(pad_batch(seqs, rows, max_len, None if ref_ts is None else ref_ts[rows]), device)
+        with autocast(device, tcfg):
+            out[torch.from_numpy(rows).to(device)] = model.user_embedding(b).float()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: UserFormer, ev: EvalSet, catalog: ItemCatalog, device: torch.device, tcfg: TrainConfig,
+             ref_ts: np.ndarray | None = None, category: str = "category_l2", chunk: int = 2048) -> dict:
+    """Full-catalogue metrics of `ev` (see metrics.py for the protocol)."""
+    model.eval()
+    users = embed_users(model, ev.history, model.cfg.max_len, device, tcfg, ref_ts=ref_ts)
+    items = model.item_tower.all_items().float()
+    acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
+    targets = torch.as_tensor(ev.targets, dtype=torch.long)
+    for i in range(0, len(users), chunk):
+        sets = ev.target_sets[i:i + chunk] if ev.target_sets is not None else None
+        acc.add((users[i:i + chunk] @ items.T).cpu(), targets[i:i + chunk], sets)
+    return acc.result()
+
+
+def evaluate_popular(train: Sequences, ev: EvalSet, catalog: ItemCatalog, category: str = "category_l2",
+                     chunk: int = 2048) -> dict:
+    """Most-popular baseline in the same harness: every user gets the training counts as scores."""
+    counts = torch.from_numpy(item_counts(train, catalog.n_items)).float()
+    acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
+    targets = torch.as_tensor(ev.targets, dtype=torch.long)
+    for i in range(0, len(targets), chunk):
+        n = len(targets[i:i + chunk])
+        sets = ev.target_sets[i:i + chunk] if ev.target_sets is not None else None
+        acc.add(counts[None, :].repeat(n, 1), targets[i:i + chunk], sets)
+    return acc.result()
+
+
+# ---------------------------------------------------------------- training
+def checkpoint(model: UserFormer, tcfg: TrainConfig, epoch: int, metrics: dict, extra: dict | None = None) -> dict:
+    """What a checkpoint holds: weights, both configs, vocabulary sizes, metrics (+ e.g. Delta versions)."""
+    return {"state_dict": copy.deepcopy(model.state_dict()), "model_config": dataclasses.asdict(model.cfg),
+            "train_config": dataclasses.asdict(tcfg), "vocab_sizes": dict(model.sizes), "epoch": epoch,
+            "metrics": metrics, **(extra or {})}
+
+
+def load_checkpoint(path, catalog: ItemCatalog) -> tuple[UserFormer, dict]:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    model = UserFormer(ModelConfig(**ck["model_config"]), catalog)
+    model.load_state_dict(ck["state_dict"])
+    return model, ck
+
+
+def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequences, valid: EvalSet, catalog: ItemCatalog,
+        ckpt_path: str | Path | None = None, progress: bool = True, log=print) -> tuple[UserFormer, dict]:
+    """Train from scratch; returns the best model (by validation NDCG@10) and a history dict."""
+    torch.set_num_threads(tcfg.num_threads)
+    seed_everything(tcfg.seed)
+    device = pick_device(tcfg.device)
+    model = UserFormer(mcfg, catalog).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
+                            weight_decay=tcfg.weight_decay)
+    counts = item_counts(train, catalog.n_items)
+    sampler = LS.NegativeSampler(counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed)
+    gen = torch.Generator().manual_seed(tcfg.seed + 1)
+    rng = np.random.default_rng(tcfg.seed)
+    rows_all = np.flatnonzero(train.lengths >= 2)  # a sequence needs one input and one target
+    best, best_ck, bad, history = -1.0, None, 0, []
+    t_train = 0.0
+    for epoch in range(1, tcfg.epochs + 1):
+        model.train()
+        t0, n_seq, tot, n_b = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(total=len(rows_all), desc=f"epoch {epoch}", unit="seq", disable=not progress, leave=False)
+        for rows in batches(len(rows_all), tcfg.batch_size, rng, lengths=train.lengths[rows_all]):
+            b = to_device(pad_batch(train, rows_all[rows], mcfg.max_len + 1), device)
+            with autocast(device, tcfg):
+                loss, _ = batch_loss(model, b, tcfg, sampler, gen, train.real_time)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            n_seq += len(rows)
+            tot += float(loss.detach())
+            n_b += 1
+            bar.update(len(rows))
+            bar.set_postfix(loss=f"{tot / n_b:.4f}", seq_s=f"{n_seq / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        dt = time.perf_counter() - t0
+        t_train += dt
+        rec = {"epoch": epoch, "loss": tot / max(n_b, 1), "epoch_seconds": dt, "seq_per_s": n_seq / dt,
+               "temperature": float(model.temperature.detach())}
+        if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+            m = evaluate(model, valid, catalog, device, tcfg)
+            rec.update({f"valid_{k}": v for k, v in m.items() if k != "users"})
+            if m["ndcg@10"] > best:
+                best, bad = m["ndcg@10"], 0
+                best_ck = checkpoint(model, tcfg, epoch, {"valid": m, "train_seconds": t_train},
+                                     {"history": [*history, rec]})
+                if ckpt_path:
+                    torch.save(best_ck, ckpt_path)
+            else:
+                bad += 1
+        history.append(rec)
+        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at epoch {epoch}")
+        if bad >= tcfg.patience:
+            break
+    if best_ck is not None:
+        model.load_state_dict(best_ck["state_dict"])
+    return model, {"history": history, "best_epoch": best_ck["epoch"] if best_ck else None,
+                   "best_valid_ndcg@10": best, "epochs": len(history), "train_seconds": t_train}

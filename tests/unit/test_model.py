@@ -1,0 +1,289 @@
+"""The customer model at tiny sizes: shapes, masks, norms, readout and logQ math, metrics, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from userformer.jobs.config import ModelConfig, TrainConfig
+from userformer.models import data as D
+from userformer.models import losses as LS
+from userformer.models.heads import TaskReadout
+from userformer.models.metrics import entropy, evaluate_scores
+from userformer.models.model import UserFormer
+from userformer.models.train import batch_loss, evaluate, fit
+
+torch.set_num_threads(1)
+ALL_FEATURES = ModelConfig().event_features
+
+
+def tiny_data(n_users=40, n_items=30, length=12, seed=0, real_time=True):
+    """Users walk through items in order (item i -> i+1, wrapping): a learnable next-item task."""
+    rng = np.random.default_rng(seed)
+    users, items, ts, etypes, surf, dur = [], [], [], [], [], []
+    for u in range(n_users):
+        start = rng.integers(n_items)
+        for k in range(length):
+            users.append(f"u{u}")
+            items.append(f"i{(start + k) % n_items}")
+            ts.append(1_600_000_000 + u * 10 + k * 3600 * (1 + rng.integers(3)) if real_time else 1_600_000_000 + k)
+            etypes.append(["view", "purchase"][rng.integers(2)])
+            surf.append(["home", "search"][rng.integers(2)])
+            dur.append(float(rng.integers(1, 100)) if k % 3 else None)
+    ts = np.cumsum(np.asarray(ts) * 0 + 1) + np.asarray(ts)  # strictly increasing per user
+    events = pa.table({"user_id": users, "ts": pa.array(ts * 1_000_000, pa.timestamp("us", tz="UTC")),
+                       "event_type": etypes, "item_id": items, "surface": surf,
+                       "duration_s": pa.array(dur, pa.float64())})
+    cat = {f"i{i}": (f"c{i % 3}", f"s{i % 6}", f"t{i % 9}", None if i % 5 == 0 else f"b{i % 4}") for i in range(n_items)}
+    catalog = pa.table({"item_id": list(cat), "category_l1": [v[0] for v in cat.values()],
+                        "category_l2": [v[1] for v in cat.values()], "category_l3": [v[2] for v in cat.values()],
+                        "brand": [v[3] for v in cat.values()]})
+    return D.from_raw(events, catalog, real_time=real_time)
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = {"d_model": 16, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "max_len": 10, "time_buckets": 8,
+            "heads": ["category_l1", "brand", "event_type"]}
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_data()
+
+
+def model_of(cfg, catalog, seed=0):
+    torch.manual_seed(seed)
+    return UserFormer(cfg, catalog).eval()
+
+
+# --------------------------------------------------------------- data
+def test_from_raw_and_leave_one_out(data):
+    seqs, catalog = data
+    assert len(seqs) == 40 and catalog.n_items == 30 and seqs.lengths.tolist() == [12] * 40
+    assert all(np.all(np.diff(seqs.ts[a:b]) > 0) for a, b in zip(seqs.offsets[:-1], seqs.offsets[1:]))
+    # item attributes follow the item, brand unknown (0) for every 5th item
+    assert catalog.attrs["brand"][seqs.ints["item"]].tolist() == seqs.ints["brand"].tolist()
+    train, valid, test = D.leave_one_out(seqs)
+    assert train.lengths.tolist() == [10] * 40
+    assert test.history.lengths.tolist() == [11] * 40 and valid.history.lengths.tolist() == [10] * 40
+    assert test.targets.tolist() == seqs.ints["item"][seqs.offsets[1:] - 1].tolist()
+    assert valid.targets.tolist() == seqs.ints["item"][seqs.offsets[1:] - 2].tolist()
+
+
+def test_time_split_and_from_sequences_table(data):
+    seqs, _ = data
+    t = float(np.median(seqs.ts))
+    train, ev = D.time_split(seqs, t, 86400 * 365)
+    assert np.all(train.ts < t) and len(ev.targets) == len(ev.target_sets) > 0
+    assert all(ev.targets[i] in ev.target_sets[i] for i in range(len(ev.targets)))
+    tab = pa.table({"user_id": ["a"], "item_idx": [[3, 4]], "event_type_idx": [[1, 1]],
+                    "ts": pa.array([[10, 20]], pa.list_(pa.timestamp("us", tz="UTC"))),
+                    "category_l1_idx": [[1, 2]], "category_l2_idx": [[0, 0]], "category_l3_idx": [[0, 0]],
+                    "brand_idx": [[5, None]], "surface_idx": [[0, 0]], "duration_s": [[None, 2.0]]})
+    s = D.from_sequences_table(tab)
+    assert s.ints["item"].tolist() == [3, 4] and s.ints["brand"].tolist() == [5, 0]
+    assert s.ts.tolist() == [1e-5, 2e-5] and np.isnan(s.duration[0])
+
+
+def test_pad_batch_is_left_padded_and_trimmed(data):
+    seqs, _ = data
+    short = seqs.take_events(seqs.position_in_user() < np.repeat(np.arange(len(seqs)) % 5 + 1, seqs.lengths))
+    b = D.pad_batch(short, np.array([0, 3]), 10)
+    assert b["mask"].tolist() == [[False, False, False, True], [True, True, True, True]]
+    assert b["item"][0, -1] == short.ints["item"][short.offsets[1] - 1] and b["item"][0, 0] == 0
+
+
+# ------------------------------------------------------------ encoder
+@pytest.mark.parametrize("pooling", ["mean", "concat"])
+def test_shapes_norms_and_causality(data, pooling):
+    seqs, catalog = data
+    model = model_of(tiny_cfg(pooling=pooling, event_features=ALL_FEATURES), catalog)
+    b = D.pad_batch(seqs, np.arange(4), 10)
+    h, u = model.encoder(b)
+    assert h.shape == (4, 10, 16) and u.shape == (4, 10, 16)
+    assert torch.allclose(u.norm(dim=-1), torch.ones(4, 10), atol=1e-5)
+    ue = model.user_embedding(b)
+    assert ue.shape == (4, 16) and torch.allclose(ue.norm(dim=-1), torch.ones(4), atol=1e-5)
+    # change the last 3 events (ids, attributes, times): states before them stay the same
+    b2 = {k: v.clone() for k, v in b.items()}
+    for k in ("item", "brand", "category_l1", "event_type", "surface"):
+        b2[k][:, -3:] = (b2[k][:, -3:] + 1) % 3
+    b2["ts"][:, -3:] += 1e5
+    h2, _ = model.encoder(b2)
+    assert torch.allclose(h[:, :-3], h2[:, :-3], atol=1e-5)
+    assert not torch.allclose(h[:, -1], h2[:, -1], atol=1e-5)
+
+
+def test_padding_does_not_change_outputs(data):
+    seqs, catalog = data
+    model = model_of(tiny_cfg(event_features=ALL_FEATURES), catalog)
+    b = D.pad_batch(seqs, np.arange(3), 6)
+    wide = D.pad_batch(seqs, np.arange(3), 6, trim=False)
+    # pad 4 more columns on the left, with garbage in the padded slots
+    pad = {k: torch.cat([torch.full((3, 4), 7, dtype=v.dtype), v], 1) if v.dim() == 2 else v
+           for k, v in wide.items()}
+    pad["mask"] = torch.cat([torch.zeros(3, 4, dtype=torch.bool), wide["mask"]], 1)
+    h1, u1 = model.encoder(b)
+    h2, u2 = model.encoder(pad)
+    assert torch.allclose(h1, h2[:, 4:], atol=1e-5) and torch.allclose(u1, u2[:, 4:], atol=1e-5)
+    assert torch.allclose(model.user_embedding(b), model.user_embedding(pad), atol=1e-5)
+
+
+def test_id_only_has_no_content_parameters(data):
+    _, catalog = data
+    m = model_of(tiny_cfg(event_features=["item_id", "position"], item_features=["item_id"], heads=[]), catalog)
+    names = {n for n, _ in m.named_parameters()}
+    assert not any("brand" in n or "category" in n or "time" in n for n in names)
+
+
+# --------------------------------------------------------- item tower
+def test_unseen_item_gets_a_vector_from_content(data):
+    _, catalog = data
+    model = model_of(tiny_cfg(), catalog)
+    unseen = torch.tensor([10_000, 0])  # an id past the table, and "unknown"
+    attrs = {"category_l1": torch.tensor([1, 1]), "category_l2": torch.tensor([2, 2]),
+             "category_l3": torch.tensor([0, 3]), "brand": torch.tensor([1, 2])}
+    v = model.item_tower(unseen, attrs)
+    assert torch.isfinite(v).all() and torch.allclose(v.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(v[0], v[1])
+    allv = model.item_tower.all_items()
+    assert allv.shape == (31, 16) and torch.isfinite(allv).all()
+
+
+# -------------------------------------------------------------- heads
+def test_readout_matches_hand_computation():
+    r = TaskReadout(3, 2)
+    with torch.no_grad():
+        r.labels.weight.copy_(torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 2.0]]))
+    h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    mask = torch.tensor([[True, True, False]])
+    s = r(h, mask)[0]
+    # label 1: e=(1,0): logits (1, 0) -> a = (e/(1+e), 1/(1+e)); r = a1*(1,0)+a2*(0,1); s = r.e = a1
+    a1 = math.e / (1 + math.e)
+    # label 2: e=(0,2): logits (0, 2) -> a = (1/(1+e^2), e^2/(1+e^2)); s = 2 * a2
+    a2 = math.exp(2) / (1 + math.exp(2))
+    assert s[0] == float("-inf")
+    assert s[1].item() == pytest.approx(a1, rel=1e-5) and s[2].item() == pytest.approx(2 * a2, rel=1e-5)
+
+
+# --------------------------------------------------------------- loss
+def test_logq_correction_math():
+    counts = np.array([0, 6, 3, 1], float)  # p = (.6, .3, .1)
+    s = LS.NegativeSampler(counts, n_uniform=2, n_inbatch=4)
+    expect = np.log(4 * np.array([0.6, 0.3, 0.1]) + 2 / 3)
+    assert np.allclose(s.log_q[1:].numpy(), expect, atol=1e-6)
+    user = torch.tensor([[1.0, 0.0]])
+    vec = {1: [1.0, 0.0], 2: [0.0, 1.0], 3: [-1.0, 0.0]}
+    neg_ids = torch.tensor([2, 3, 1])  # 1 is the positive: an accidental hit, masked
+    loss = LS.sampled_softmax(user, torch.tensor([vec[1]]), torch.tensor([1]), torch.tensor([vec[i] for i in [2, 3, 1]]),
+                              neg_ids, s.log_q, torch.tensor(0.5))
+    lp = 1 / 0.5 - expect[0]
+    ln = [0 / 0.5 - expect[1], -1 / 0.5 - expect[2]]
+    hand = -(lp - math.log(math.exp(lp) + sum(math.exp(x) for x in ln)))
+    assert loss.item() == pytest.approx(hand, rel=1e-5)
+    nolq = LS.sampled_softmax(user, torch.tensor([vec[1]]), torch.tensor([1]), torch.tensor([vec[2]]),
+                              torch.tensor([2]), None, torch.tensor(1.0))
+    assert nolq.item() == pytest.approx(-(1 - math.log(math.e + 1)), rel=1e-5)
+
+
+def test_dense_all_action_targets_are_in_the_future_window(data):
+    seqs, _ = data
+    b = D.pad_batch(seqs, np.arange(8), 11)
+    gen = torch.Generator().manual_seed(0)
+    _, pos, tgt, ok = LS.dense_all_action_targets(b, 4, 3, False, gen)
+    assert ok.all()
+    items = b["item"]
+    for r in range(8):
+        for p, t in zip(pos[r].tolist(), tgt[r].tolist()):
+            assert t in items[r, p + 1:p + 4].tolist()
+
+
+# ----------------------------------------------------------- training
+def test_loss_decreases_and_is_deterministic(data):
+    seqs, catalog = data
+    train, valid, _ = D.leave_one_out(seqs)
+    tc = TrainConfig(epochs=6, batch_size=8, lr=5e-3, uniform_negatives=16, inbatch_negatives=8, patience=100,
+                     num_threads=1)
+    cfg = tiny_cfg(event_features=ALL_FEATURES)
+    _, h1 = fit(cfg, tc, train, valid, catalog, progress=False, log=lambda s: None)
+    _, h2 = fit(cfg, tc, train, valid, catalog, progress=False, log=lambda s: None)
+    losses = [r["loss"] for r in h1["history"]]
+    assert losses[-1] < 0.8 * losses[0]
+    assert losses == [r["loss"] for r in h2["history"]]
+
+
+@pytest.mark.parametrize("objective, loss", [("dense_all_action", "sampled"), ("next_action", "full")])
+def test_objectives_and_full_softmax_train(data, objective, loss):
+    seqs, catalog = data
+    train, valid, test = D.leave_one_out(seqs)
+    tc = TrainConfig(epochs=10, batch_size=8, lr=1e-2, objective=objective, loss=loss, uniform_negatives=16,
+                     dense_horizon_events=2, num_threads=1)
+    content = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "position"]
+    model, h = fit(tiny_cfg(heads=[], event_features=content), tc, train, valid, catalog, progress=False,
+                   log=lambda s: None)
+    assert h["history"][-1]["loss"] < h["history"][0]["loss"]
+    m = evaluate(model, test, catalog, torch.device("cpu"), tc)
+    assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
+    assert m["hr@10"] > 10 / 30  # better than random on a deterministic walk
+
+
+def test_head_losses_are_present(data):
+    seqs, catalog = data
+    model = UserFormer(tiny_cfg(), catalog).train()
+    b = D.pad_batch(seqs, np.arange(6), 11)
+    sampler = LS.NegativeSampler(D.item_counts(seqs, catalog.n_items), 8, 4)
+    loss, parts = batch_loss(model, b, TrainConfig(), sampler, torch.Generator().manual_seed(0), True)
+    assert set(parts) == {"retrieval", "category_l1", "brand", "event_type"} and torch.isfinite(loss)
+    loss.backward()
+    assert model.heads.readouts["brand"].labels.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------ metrics
+def test_metrics_against_hand_values():
+    # 3 users, 5 items (+ padding column 0 that must never count)
+    scores = torch.tensor([
+        [99.0, 0.9, 0.8, 0.7, 0.6, 0.5],  # target 1 at rank 0
+        [99.0, 0.9, 0.8, 0.7, 0.6, 0.5],  # target 3 at rank 2
+        [99.0, 0.1, 0.2, 0.3, 0.4, 0.5],  # target 1 at rank 4
+    ])
+    cat = np.array([0, 1, 1, 2, 2, 0])  # item 5 has an unknown category
+    m = evaluate_scores(scores, [1, 3, 1], 5, cat, k=3, k_div=4)
+    assert m["hr@3"] == pytest.approx(2 / 3)
+    assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert m["coverage@3"] == pytest.approx(5 / 5)  # top 3s: {1,2,3} and {5,4,3}
+    # top 4: users 1-2 items 1..4 -> cats 1,1,2,2 -> ln 2; user 3 items 5,4,3,2 -> cats 2,2,1 -> H(2/3, 1/3)
+    h3 = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert m["entropy@4"] == pytest.approx((2 * math.log(2) + h3) / 3)
+    assert entropy(np.array([0, 0])) == 0.0
+    m10 = evaluate_scores(scores, [1, 3, 1], 5, cat, target_sets=[np.array([1, 2]), np.array([3]), np.array([1])])
+    assert m10["hr@10"] == 1.0 and m10["recall@10"] == 1.0 and m10["ndcg@10"] == pytest.approx(
+        (1 + 1 / math.log2(4) + 1 / math.log2(6)) / 3)
+
+
+def test_checkpoint_round_trip(data, tmp_path):
+    from userformer.models.train import load_checkpoint
+
+    seqs, catalog = data
+    train, valid, test = D.leave_one_out(seqs)
+    tc = TrainConfig(epochs=2, batch_size=16, uniform_negatives=8, num_threads=1)
+    ck = tmp_path / "m.pt"
+    model, hist = fit(tiny_cfg(), tc, train, valid, catalog, ckpt_path=ck, progress=False, log=lambda s: None)
+    again, meta = load_checkpoint(ck, catalog)
+    assert meta["vocab_sizes"] == catalog.sizes and meta["epoch"] == hist["best_epoch"]
+    assert "ndcg@10" in meta["metrics"]["valid"] and meta["history"]
+    b = D.pad_batch(test.history, np.arange(5), 10)
+    assert torch.allclose(model.eval().user_embedding(b), again.eval().user_embedding(b), atol=1e-6)
+
+
+def test_most_popular_baseline(data):
+    from userformer.models.train import evaluate_popular
+
+    seqs, catalog = data
+    train, _, test = D.leave_one_out(seqs)
+    m = evaluate_popular(train, test, catalog)
+    assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1 and m["coverage@10"] == pytest.approx(10 / 30)
