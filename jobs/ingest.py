@@ -42,7 +42,7 @@ class RawFile:
     path: Path
     rows: int
     ts_kind: str  # "timestamp", "timestamp_ns" or "string"
-    columns: tuple  # contract columns present
+    columns: tuple  # (name, type) of the contract columns present: files read together must agree
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -94,7 +94,7 @@ def inspect_raw_files(raw_dir: Path) -> list[RawFile]:
                 raise UserError(f"{p}: column {field.name} has type {got}; expected string")
             elif pa.types.is_floating(field.type) and name not in _NUMBER_OK:
                 raise UserError(f"{p}: column {field.name} has type {got}; expected a number")
-        out.append(RawFile(p, rows, ts_kind, tuple(c for c in S.RAW_EVENTS.names if c in names)))
+        out.append(RawFile(p, rows, ts_kind, tuple((c, str(schema.field(c).type)) for c in S.RAW_EVENTS.names if c in names)))
     return out
 
 
@@ -106,7 +106,8 @@ def _read_raw(spark, files: list[RawFile]):
     for f in files:
         groups.setdefault((f.ts_kind, f.columns), []).append(str(f.path))
     frames = []
-    for (ts_kind, cols), paths in sorted(groups.items()):
+    for (ts_kind, typed), paths in sorted(groups.items()):
+        cols = {name for name, _ in typed}
         df = spark.read.parquet(*paths)
         sel = {}
         for field in S.RAW_EVENTS:

@@ -146,6 +146,19 @@ def test_nanosecond_and_integer_id_columns_are_normalised(cfg, spark):
     assert (row["user_id"], row["item_id"], row["ts"]) == ("7", "42", ts(D1, 1))
 
 
+def test_files_of_one_drop_may_differ_in_types(cfg, spark):
+    """One producer sends string ids and ISO strings, another integers and timestamps: both land."""
+    a = events_table([("a", "u1", ts(D1, 1), "view", "i1")])
+    b = pa.table({"user_id": pa.array([2], pa.int64()), "ts": pa.array(["2026-01-01T02:00:00Z"]),
+                  "event_type": ["cart"], "item_id": pa.array([42], pa.int64())})
+    write_drop(cfg.raw_root, D1, a, name="part-a.parquet")
+    write_drop(cfg.raw_root, D1, b, name="part-b.parquet")
+    r = ingest_mod.ingest(cfg, D1)
+    assert r["accepted"] == 2 and r["raw_files"] == 2
+    got = sorted((x["user_id"], x["item_id"], x["ts"]) for x in read(cfg, "events").to_pylist())
+    assert got == [("2", "42", ts(D1, 2)), ("u1", "i1", ts(D1, 1))]
+
+
 def test_old_events_and_bad_durations_are_rejected(cfg, spark):
     t = events_table([("a", "u1", ts(D1, 1) - dt.timedelta(days=30), "view", "i1"),
                       ("b", "u1", ts(D1, 2), "view", "i1"), ("c", "u1", ts(D1, 3), "view", "i1")])
