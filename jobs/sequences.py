@@ -244,16 +244,14 @@ def _relative(table_path, uris: list[str]) -> list[str]:
     import urllib.parse
     from pathlib import Path
 
-    rels = {a: a for a in delta.active_files(table_path)}
+    by_plain = {urllib.parse.unquote(r): r for r in delta.active_files(table_path)}
     root = Path(table_path).resolve()
     out = []
     for u in uris:
-        p = Path(urllib.parse.unquote(urllib.parse.urlparse(u).path)).resolve()
-        rel = p.relative_to(root).as_posix()
-        match = [r for r in rels if urllib.parse.unquote(r) == rel]
-        if not match:
+        rel = Path(urllib.parse.unquote(urllib.parse.urlparse(u).path)).resolve().relative_to(root).as_posix()
+        if rel not in by_plain:
             raise RuntimeError(f"file {u} is not an active file of {table_path}")
-        out.append(match[0])
+        out.append(by_plain[rel])
     return out
 
 
