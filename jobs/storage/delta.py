@@ -105,10 +105,9 @@ def read_spark(spark, path: str | Path, schema: pa.Schema, version: int | None =
 
     from userformer.schemas.tables import to_spark
 
-    dt = open_table(path, version)
-    parts = dt.metadata().partition_columns
+    parts = open_table(path, version).metadata().partition_columns
     data_schema = pa.schema([f for f in schema if f.name not in parts])
-    actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+    actions = add_actions(path, version)
     groups: dict[tuple, list[str]] = defaultdict(list)
     for a in actions:
         key = tuple(a.get(f"partition.{p}") for p in parts)
