@@ -98,7 +98,7 @@ def run(args, cfg: Config) -> int:
               f"  users refreshed {seq['active_users']:>6} (new {seq['new_users']})  checks ok  {r['seconds']}s")
         days.append(r)
     print()
-    info.run_tables(type("A", (), {"json": False})(), cfg)
+    info.print_tables(cfg)
     print(f"\nchecks' HTML reports: {cfg.reports_root / 'checks'}")
     print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
     print(f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"

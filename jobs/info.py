@@ -39,10 +39,16 @@ def register(sub) -> None:
 
 
 def run_tables(args, cfg: Config) -> int:
-    rows = table_summary(cfg)
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
+        print(json.dumps(table_summary(cfg), indent=2))
+    else:
+        print_tables(cfg)
+    return 0
+
+
+def print_tables(cfg: Config) -> None:
+    """The table summary as aligned text (also the end of `userformer demo`)."""
+    rows = table_summary(cfg)
     print(f"warehouse: {cfg.warehouse_root}")
     print(f"{'table':<18}{'version':>8}{'rows':>12}{'files':>7}{'dts':>5}  last commit")
     for r in rows:
@@ -50,7 +56,6 @@ def run_tables(args, cfg: Config) -> int:
             print(f"{r['table']:<18}{'-':>8}  (not created yet)")
             continue
         print(f"{r['table']:<18}{r['version']:>8}{r['rows']:>12}{r['files']:>7}{r['partitions']:>5}  {r['last_step'] or ''} {r['last_commit_dt'] or ''}")
-    return 0
 
 
 def run_schema(args, cfg: Config) -> int:

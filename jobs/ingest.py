@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,18 +395,13 @@ def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, c
         "raw_rows": raw_rows,
         "accepted": counts.pop("accepted", 0),
         "rejected": dict(sorted(counts.items())),
-        "new_vocab": {k: int(v) for k, v in zip(*_count_by(vocab_new, "kind"))},
+        "new_vocab": dict(Counter(vocab_new["kind"].to_pylist())),
         **item_stats,
         "events_version": v_ev,
         "events_rejected_version": v_rej,
     }
     log.info("ingest dt=%s: %s", day, result)
     return result
-
-
-def _count_by(t: pa.Table, col: str):
-    vc = pc.value_counts(t[col]) if len(t) else pa.array([], pa.struct([("values", pa.string()), ("counts", pa.int64())]))
-    return [v["values"] for v in vc.to_pylist()], [v["counts"] for v in vc.to_pylist()]
 
 
 def _spark_type(f: pa.Field):
