@@ -4,10 +4,14 @@
         --sequences ../shared/data/s3rec_beauty/Beauty.txt \\
         --attributes ../shared/data/s3rec_beauty/Beauty_item2attributes.json --out results.json
 
+    userformer benchmark quality --format movielens --sequences ../shared/data/ml-100k/ml-100k.inter --out ml.json
+
 Order-only files (s3rec) use leave-one-out: last item = test, the one before =
-validation (early stopping only; never reported). Ranking is against the full
-catalogue (metrics.py). Writes JSON {dataset, protocol, commit, config, models}
-and prints a Markdown table of the TEST metrics.
+validation (early stopping only; never reported). Time-stamped files use a
+global time split (`split`): train before the validation time, validate on the
+window up to the test time, test on the next `--horizon-days`. Ranking is
+against the full catalogue (metrics.py). Writes JSON {dataset, protocol,
+commit, config, models} and prints a Markdown table of the TEST metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime as dt
 import json
 import logging
 import subprocess
@@ -22,9 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from userformer.jobs.config import ModelConfig, load_config
 from userformer.jobs.loaders import LOADERS
 from userformer.models import data as D
+from userformer.models.item_tower import FIELD
 from userformer.models.train import (
     evaluate,
     evaluate_popular,
@@ -33,23 +40,56 @@ from userformer.models.train import (
     pick_device,
 )
 
-# Order-only formats: their times only keep the order.
+# Order-only formats: their times only keep the order -> leave-one-out; the others -> time split.
 ORDER_ONLY = {"s3rec"}
-# Event features that carry information per format (constant ones would only dilute mean pooling).
-CONTENT_EVENT = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "position"]
-CONTENT_ITEM = ["item_id", "category_l1", "category_l2", "category_l3", "brand"]
 
 
-def variant(name: str, base: ModelConfig, fmt: str) -> ModelConfig:
+def informative(m: ModelConfig, seqs: D.Sequences, catalog: D.ItemCatalog) -> ModelConfig:
+    """Drop the inputs and heads this data cannot inform: a categorical field with one value or none (an
+    event type that is always "purchase", a brand nobody has), durations that are all unknown, time features
+    of order-only data. A constant input only dilutes mean pooling; a constant head learns nothing."""
+    m = copy.deepcopy(m)
+
+    def varies(field: str) -> bool:
+        v = seqs.ints[field] if field in seqs.ints else catalog.attrs[field]
+        return len(np.unique(v[v > 0])) > 1
+
+    keep_event = {"item_id": True, "position": True, "duration": bool(np.isfinite(seqs.duration).any()),
+                  "time_gap": seqs.real_time, "time_ref": seqs.real_time}
+    m.event_features = [f for f in m.event_features if keep_event.get(f, f in FIELD and varies(FIELD[f]))]
+    m.item_features = [f for f in m.item_features if f == "item_id" or varies(FIELD[f])]
+    m.heads = [h for h in m.heads if varies(FIELD[h])]
+    return m
+
+
+def variant(name: str, base: ModelConfig, seqs: D.Sequences, catalog: D.ItemCatalog) -> ModelConfig:
+    """`full`: every input the data informs; `id_only`: SASRec (item id + position in, item id out, no
+    heads), the same code otherwise."""
     m = copy.deepcopy(base)
     if name == "id_only":
-        # SASRec: item id + position in, item id out, no heads. Same code otherwise.
         m.event_features, m.item_features, m.heads = ["item_id", "position"], ["item_id"], []
-    elif fmt in ORDER_ONLY:
-        # No real times, durations, surfaces, and one event type: keep the informative features.
-        m.event_features = [f for f in m.event_features if f in CONTENT_EVENT]
-        m.heads = [h for h in m.heads if h != "event_type"]
-    return m
+        return m
+    return informative(m, seqs, catalog)
+
+
+def split(seqs: D.Sequences, order_only: bool, args) -> tuple[D.Sequences, D.EvalSet, D.EvalSet, str]:
+    """The benchmark protocol: leave-one-out for order-only files, a global time split otherwise."""
+    if order_only:
+        train, valid, test = D.leave_one_out(seqs)
+        return train, valid, test, ("leave-one-out (last item test, second-to-last validation for early stopping "
+                                    "only); full-catalogue ranking, history items not excluded; TEST metrics")
+    t_valid, t_test = np.quantile(seqs.ts, [args.valid_quantile, args.test_quantile])
+    train, valid, test = D.time_protocol(seqs, float(t_valid), float(t_test), args.horizon_days * 86400.0)
+    return train, valid, test, (
+        f"time split: train on events before the {args.valid_quantile:.2f} quantile of event times "
+        f"({_iso(t_valid)}); validation (early stopping only) = items of [{_iso(t_valid)}, {_iso(t_test)}); "
+        f"test = users with items in [{_iso(t_test)}, +{args.horizon_days:g} days), embedded at {_iso(t_test)} "
+        "from all their history before it (users without history kept); every item of the window is a positive; "
+        "full-catalogue ranking; TEST metrics (hr@10 on the first positive, recall@10 over all)")
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(float(t), dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _git(*args: str) -> str:
@@ -67,18 +107,21 @@ def git_commit() -> str:
 
 
 def markdown(models: dict) -> str:
-    cols = ["hr@10", "ndcg@10", "coverage@10", "entropy@50", "epochs", "train_seconds"]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    """The TEST metrics as a Markdown table (recall@10 for time splits; head accuracies last)."""
+    cols = ["hr@10", "ndcg@10", "recall@10", "coverage@10", "entropy@50"]
+    cols = [c for c in cols if any(c in m for m in models.values())]
+    heads = sorted({t for m in models.values() for t in (m.get("heads") or {})})
+    head = cols + [f"{t} acc@1" for t in heads] + ["epochs", "train s"]
+    lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, m in models.items():
-        cells = [f"{m[c]:.4f}" if isinstance(m.get(c), float) and c != "train_seconds"
-                 else (f"{m[c]:.0f}" if isinstance(m.get(c), float) else str(m.get(c, "")))
-                 for c in cols]
+        cells = [f"{m[c]:.4f}" if c in m else "" for c in cols]
+        cells += [f"{m['heads'][t]['acc@1']:.3f}" if t in (m.get("heads") or {}) else "" for t in heads]
+        cells += [str(m.get("epochs", "")), f"{m.get('train_seconds', 0.0):.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--format", required=True, choices=sorted(LOADERS))
     ap.add_argument("--sequences", required=True, type=Path, help="the dataset's event file")
     ap.add_argument("--attributes", type=Path, help="item attribute file (default: the loader's sibling file)")
@@ -86,18 +129,24 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="all", choices=["full", "id_only", "popular", "all"])
     ap.add_argument("--epochs", type=int, help="max epochs (default: train.epochs of the config)")
     ap.add_argument("--patience", type=int, help="early-stopping patience (default: train.patience)")
-    ap.add_argument("--config", type=Path, help="TOML config (model and train sections are used)")
+    ap.add_argument("--valid-quantile", type=float, default=0.8,
+                    help="time split: validation starts at this quantile of event times (default 0.8)")
+    ap.add_argument("--test-quantile", type=float, default=0.9,
+                    help="time split: test starts at this quantile of event times (default 0.9)")
+    ap.add_argument("--horizon-days", type=float, default=28.0,
+                    help="time split: positives are the items of the next N days after the test time (default 28)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a model/train setting, e.g. --set model.d_model=128 (repeatable)")
     ap.add_argument("--checkpoint-dir", type=Path, help="keep the best checkpoint of each model here")
     ap.add_argument("--reuse-checkpoints", action="store_true",
                     help="evaluate <checkpoint-dir>/<model>.pt where it exists instead of training that model")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
 
+
+def run(args, config_path=None) -> int:
+    """Train and evaluate every model asked for; write the JSON and print the Markdown table."""
     env = {f"USERFORMER__{k.split('=', 1)[0].replace('.', '__').upper()}": k.split("=", 1)[1] for k in args.set}
-    cfg = load_config(args.config, env=env)
+    cfg = load_config(config_path, env=env)
     mcfg, tcfg = cfg.model, cfg.train
     if args.epochs:
         tcfg.epochs = args.epochs
@@ -108,11 +157,10 @@ def main(argv=None) -> int:
     events, items, _ = LOADERS[args.format](args.sequences, args.attributes)
     order_only = args.format in ORDER_ONLY
     seqs, catalog = D.from_raw(events, items, real_time=not order_only)
-    if not order_only:
-        raise SystemExit("only leave-one-out (order-only formats) is wired here yet; time split: issue #3, next")
-    train, valid, test = D.leave_one_out(seqs)
+    train, valid, test, protocol = split(seqs, order_only, args)
     print(f"{args.format}: {len(seqs):,} users, {catalog.n_items:,} items, {len(events):,} events; "
-          f"test users {len(test.targets):,}; loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+          f"validation users {len(valid.targets):,}, test users {len(test.targets):,}; "
+          f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     names = ["full", "id_only", "popular"] if args.model == "all" else [args.model]
     results, configs = {}, {}
@@ -121,7 +169,7 @@ def main(argv=None) -> int:
         if name == "popular":
             results[name] = {**evaluate_popular(train, test, catalog), "epochs": 0, "train_seconds": 0.0}
             continue
-        m = variant(name, mcfg, args.format)
+        m = variant(name, mcfg, seqs, catalog)
         configs[name] = dataclasses.asdict(m)
         ck = args.checkpoint_dir / f"{name}.pt" if args.checkpoint_dir else None
         if ck:
@@ -133,7 +181,7 @@ def main(argv=None) -> int:
             model.to(device)
             res = evaluate(model, test, catalog, device, tcfg)
             results[name] = {**res, "epochs": meta["epoch"], "best_epoch": meta["epoch"],
-                             "best_valid_ndcg@10": meta["metrics"]["valid"]["ndcg@10"],
+                             "best_valid": meta["metrics"]["valid"],
                              "train_seconds": meta["metrics"]["train_seconds"],
                              "seconds_per_epoch": meta["metrics"]["train_seconds"] / max(meta["epoch"], 1),
                              "parameters": model.n_parameters(), "checkpoint": str(ck),
@@ -145,23 +193,33 @@ def main(argv=None) -> int:
                           log=lambda s: print(s, file=sys.stderr, flush=True))
         res = evaluate(model, test, catalog, device, tcfg)
         results[name] = {**res, "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
-                         "best_valid_ndcg@10": hist["best_valid_ndcg@10"], "train_seconds": hist["train_seconds"],
+                         "best_valid": hist["best_valid"], "train_seconds": hist["train_seconds"],
                          "seconds_per_epoch": hist["train_seconds"] / max(hist["epochs"], 1),
                          "parameters": model.n_parameters(), "history": hist["history"]}
         print(f"{name} TEST: {json.dumps(res)}", file=sys.stderr, flush=True)
     out = {
         "dataset": f"{args.format}:{args.sequences.name}",
-        "protocol": ("leave-one-out (last item test, second-to-last validation for early stopping only); "
-                     "full-catalogue ranking, history items not excluded; metrics on the TEST targets"),
+        "protocol": protocol,
         "commit": git_commit(),
+        "command": " ".join(sys.argv),
         "config": {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "variants": configs},
-        "data": {"users": len(seqs), "items": catalog.n_items, "events": len(events), "test_users": len(test.targets)},
+        "data": {"users": len(seqs), "items": catalog.n_items, "events": len(events),
+                 "valid_users": len(valid.targets), "test_users": len(test.targets)},
         "models": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(markdown(results))
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, help="TOML config (model and train sections are used)")
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    return run(args, args.config)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,8 @@ class EvalSet:
     history: Sequences
     targets: np.ndarray  # (U,) item id of the (first) target
     target_sets: list | None = None  # per user, all positives (time split); None = just `targets`
+    target_event_type: np.ndarray | None = None  # (U,) event type id of the (first) target event
+    ref_ts: np.ndarray | None = None  # (U,) time each user is embedded at (time split: the split time)
 
 
 def leave_one_out(seqs: Sequences, min_len: int = 3) -> tuple[Sequences, EvalSet, EvalSet]:
@@ -186,8 +188,10 @@ def leave_one_out(seqs: Sequences, min_len: int = 3) -> tuple[Sequences, EvalSet
     ev = seqs.take_users(users)
     ev_pos = ev.position_in_user()
     ev_rev = np.repeat(ev.lengths, ev.lengths) - 1 - ev_pos
-    valid = EvalSet(ev.take_events(ev_rev >= 2), seqs.ints["item"][last[users] - 1])
-    test = EvalSet(ev.take_events(ev_rev >= 1), seqs.ints["item"][last[users]])
+    et = seqs.ints["event_type"]
+    valid = EvalSet(ev.take_events(ev_rev >= 2), seqs.ints["item"][last[users] - 1],
+                    target_event_type=et[last[users] - 1])
+    test = EvalSet(ev.take_events(ev_rev >= 1), seqs.ints["item"][last[users]], target_event_type=et[last[users]])
     return train, valid, test
 
 
@@ -200,12 +204,26 @@ def time_split(seqs: Sequences, t_split: float, horizon_s: float) -> tuple[Seque
     user_of = np.repeat(np.arange(len(seqs)), seqs.lengths)
     order = np.argsort(user_of[in_win], kind="stable")
     its, us = seqs.ints["item"][in_win][order], user_of[in_win][order]
+    ets = seqs.ints["event_type"][in_win][order]
     users = np.unique(us)
     lo, hi = np.searchsorted(us, users, side="left"), np.searchsorted(us, users, side="right")
     sets = [np.unique(its[a:b]) for a, b in zip(lo, hi)]
     first = its[lo] if len(users) else np.zeros(0, np.int64)  # the first positive in time
     hist = train.take_users(users)
-    return train, EvalSet(hist, first, sets)
+    return train, EvalSet(hist, first, sets, ets[lo] if len(users) else np.zeros(0, np.int64),
+                          np.full(len(users), float(t_split)))
+
+
+def time_protocol(seqs: Sequences, valid_at: float, test_at: float, horizon_s: float) -> tuple[Sequences, EvalSet, EvalSet]:
+    """Time-based train / validation / test (PinnerFormer): train on events before `valid_at`; validation
+    (early stopping only) = positives in [valid_at, test_at), embedded from history before `valid_at`; test =
+    positives in [test_at, test_at + horizon_s), embedded from ALL history before `test_at` (events the model
+    was not trained on are read as input, as the daily pipeline does with a model trained earlier)."""
+    if not valid_at < test_at:
+        raise ValueError(f"validation time {valid_at} must be before test time {test_at}")
+    train, valid = time_split(seqs, valid_at, test_at - valid_at)
+    _, test = time_split(seqs, test_at, horizon_s)
+    return train, valid, test
 
 
 # ----------------------------------------------------------------- batches

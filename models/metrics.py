@@ -99,3 +99,32 @@ def evaluate_scores(scores: torch.Tensor, targets, n_items: int, item_category: 
     acc = RankingAccumulator(n_items, item_category, k, k_div)
     acc.add(scores, torch.as_tensor(np.asarray(targets), dtype=torch.long), target_sets)
     return acc.result()
+
+
+class HeadAccuracy:
+    """Accuracy of each preference head: does the head's top label (top 5) equal the label of the user's next
+    event (the target's category / brand / event type)? Targets with an unknown label (0) are skipped.
+    `majority@1` is the share of the most frequent label among the targets: what a constant guess gets."""
+
+    def __init__(self):
+        self.hits1, self.hits5, self.labels = {}, {}, {}
+
+    def add(self, task: str, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.to(scores.device)
+        ok = labels > 0
+        if not ok.any():
+            return
+        top = scores[ok].topk(min(5, scores.shape[1]), dim=1).indices
+        lab = labels[ok]
+        self.hits1.setdefault(task, []).append((top[:, 0] == lab).cpu().numpy())
+        self.hits5.setdefault(task, []).append((top == lab[:, None]).any(1).cpu().numpy())
+        self.labels.setdefault(task, []).append(lab.cpu().numpy())
+
+    def result(self) -> dict:
+        out = {}
+        for task in self.hits1:
+            lab = np.concatenate(self.labels[task])
+            out[task] = {"users": int(len(lab)), "acc@1": float(np.concatenate(self.hits1[task]).mean()),
+                         "acc@5": float(np.concatenate(self.hits5[task]).mean()),
+                         "majority@1": float(np.bincount(lab).max() / len(lab))}
+        return out

@@ -287,3 +287,59 @@ def test_most_popular_baseline(data):
     train, _, test = D.leave_one_out(seqs)
     m = evaluate_popular(train, test, catalog)
     assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1 and m["coverage@10"] == pytest.approx(10 / 30)
+
+
+# ------------------------------------------------- protocols, heads, benchmark variants
+def test_time_protocol_splits_train_valid_test_by_time(data):
+    seqs, _ = data
+    t_valid, t_test = np.quantile(seqs.ts, [0.6, 0.8])
+    train, valid, test = D.time_protocol(seqs, float(t_valid), float(t_test), 86400.0 * 365)
+    assert np.all(train.ts < t_valid)
+    # validation positives lie in [t_valid, t_test); test history is everything before t_test
+    assert np.all(valid.history.ts < t_valid) and np.all(test.history.ts < t_test)
+    assert test.history.ts.max() >= t_valid  # it reads events the model was not trained on
+    assert np.all(test.ref_ts == t_test) and np.all(valid.ref_ts == t_valid)
+    in_valid = (seqs.ts >= t_valid) & (seqs.ts < t_test)
+    assert sum(len(s) for s in valid.target_sets) <= in_valid.sum()
+    assert len(test.target_event_type) == len(test.targets)
+    with pytest.raises(ValueError):
+        D.time_protocol(seqs, float(t_test), float(t_valid), 86400.0)
+
+
+def test_head_accuracy_counts_top1_top5_and_skips_unknown_labels():
+    from userformer.models.metrics import HeadAccuracy
+
+    acc = HeadAccuracy()
+    scores = torch.tensor([[-1e9, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+                           [-1e9, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
+                           [-1e9, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0]])
+    acc.add("brand", scores, torch.tensor([1, 6, 0]))  # hit@1; miss@5 (label ranks 6th); unknown -> skipped
+    r = acc.result()["brand"]
+    assert r == {"users": 2, "acc@1": 0.5, "acc@5": 0.5, "majority@1": 0.5}
+
+
+def test_evaluate_reports_each_head(data):
+    seqs, catalog = data
+    _, _, test = D.leave_one_out(seqs)
+    model = model_of(tiny_cfg(), catalog)
+    m = evaluate(model, test, catalog, torch.device("cpu"), TrainConfig(num_threads=1))
+    assert set(m["heads"]) == {"category_l1", "brand", "event_type"}
+    assert all(0.0 <= h["acc@1"] <= h["acc@5"] <= 1.0 and h["users"] > 0 for h in m["heads"].values())
+    assert "heads" not in evaluate(model, test, catalog, torch.device("cpu"), TrainConfig(num_threads=1), heads=False)
+
+
+def test_benchmark_variants_drop_what_the_data_cannot_inform(data):
+    from userformer.models.bench_quality import variant
+
+    seqs, catalog = data
+    base = ModelConfig()
+    full = variant("full", base, seqs, catalog)
+    assert full.event_features == base.event_features and full.heads == base.heads  # everything varies here
+    # One event type, no durations, order-only times: those inputs and the event-type head go.
+    flat = D.Sequences(seqs.user_ids, seqs.offsets, {**seqs.ints, "event_type": np.ones_like(seqs.ints["event_type"])},
+                       seqs.ts, np.full_like(seqs.duration, np.nan), real_time=False)
+    m = variant("full", base, flat, catalog)
+    assert not {"event_type", "duration", "time_gap", "time_ref"} & set(m.event_features)
+    assert "event_type" not in m.heads and "item_id" in m.event_features
+    ido = variant("id_only", base, seqs, catalog)
+    assert (ido.event_features, ido.item_features, ido.heads) == (["item_id", "position"], ["item_id"], [])
