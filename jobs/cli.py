@@ -25,6 +25,7 @@ STEP_MODULES = [
     "userformer.jobs.maintain",
     "userformer.jobs.demo",
     "userformer.jobs.info",
+    "userformer.jobs.benchmark",
 ]
 
 

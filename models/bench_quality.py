@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from userformer.jobs.benchmark import add_quality_arguments
 from userformer.jobs.config import ModelConfig, load_config
 from userformer.jobs.loaders import LOADERS
 from userformer.models import data as D
@@ -121,28 +122,6 @@ def markdown(models: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--format", required=True, choices=sorted(LOADERS))
-    ap.add_argument("--sequences", required=True, type=Path, help="the dataset's event file")
-    ap.add_argument("--attributes", type=Path, help="item attribute file (default: the loader's sibling file)")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--model", default="all", choices=["full", "id_only", "popular", "all"])
-    ap.add_argument("--epochs", type=int, help="max epochs (default: train.epochs of the config)")
-    ap.add_argument("--patience", type=int, help="early-stopping patience (default: train.patience)")
-    ap.add_argument("--valid-quantile", type=float, default=0.8,
-                    help="time split: validation starts at this quantile of event times (default 0.8)")
-    ap.add_argument("--test-quantile", type=float, default=0.9,
-                    help="time split: test starts at this quantile of event times (default 0.9)")
-    ap.add_argument("--horizon-days", type=float, default=28.0,
-                    help="time split: positives are the items of the next N days after the test time (default 28)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a model/train setting, e.g. --set model.d_model=128 (repeatable)")
-    ap.add_argument("--checkpoint-dir", type=Path, help="keep the best checkpoint of each model here")
-    ap.add_argument("--reuse-checkpoints", action="store_true",
-                    help="evaluate <checkpoint-dir>/<model>.pt where it exists instead of training that model")
-    ap.add_argument("--no-progress", action="store_true")
-
-
 def run(args, config_path=None) -> int:
     """Train and evaluate every model asked for; write the JSON and print the Markdown table."""
     env = {f"USERFORMER__{k.split('=', 1)[0].replace('.', '__').upper()}": k.split("=", 1)[1] for k in args.set}
@@ -216,7 +195,7 @@ def run(args, config_path=None) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, help="TOML config (model and train sections are used)")
-    add_arguments(ap)
+    add_quality_arguments(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return run(args, args.config)

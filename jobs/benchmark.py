@@ -1,0 +1,52 @@
+"""`userformer benchmark quality`: the reproducible model-quality benchmark on a public dataset.
+
+Full model vs id-only SASRec vs most-popular, trained and evaluated in one run
+with the same split and harness (models/bench_quality.py has the protocol).
+The speed and pipeline benchmarks live in tests/benchmarks/ (`make bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from userformer.jobs.config import Config
+from userformer.jobs.loaders import LOADERS
+
+
+def add_quality_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of `benchmark quality` (also `python -m userformer.models.bench_quality`)."""
+    ap.add_argument("--format", required=True, choices=sorted(LOADERS))
+    ap.add_argument("--sequences", required=True, type=Path, help="the dataset's event file")
+    ap.add_argument("--attributes", type=Path, help="item attribute file (default: the loader's sibling file)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--model", default="all", choices=["full", "id_only", "popular", "all"])
+    ap.add_argument("--epochs", type=int, help="max epochs (default: train.epochs of the config)")
+    ap.add_argument("--patience", type=int, help="early-stopping patience (default: train.patience)")
+    ap.add_argument("--valid-quantile", type=float, default=0.8,
+                    help="time split: validation starts at this quantile of event times (default 0.8)")
+    ap.add_argument("--test-quantile", type=float, default=0.9,
+                    help="time split: test starts at this quantile of event times (default 0.9)")
+    ap.add_argument("--horizon-days", type=float, default=28.0,
+                    help="time split: positives are the items of the next N days after the test time (default 28)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a model/train setting, e.g. --set model.d_model=128 (repeatable)")
+    ap.add_argument("--checkpoint-dir", type=Path, help="keep the best checkpoint of each model here")
+    ap.add_argument("--reuse-checkpoints", action="store_true",
+                    help="evaluate <checkpoint-dir>/<model>.pt where it exists instead of training that model")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("benchmark", help="reproducible benchmarks: `benchmark quality` (full vs id-only vs popular)")
+    kinds = p.add_subparsers(dest="benchmark", metavar="KIND", required=True)
+    q = kinds.add_parser("quality", help="train + evaluate full, id-only and most-popular on a dataset file; "
+                                         "write JSON (metrics, config, commit) and print a table")
+    add_quality_arguments(q)
+    q.set_defaults(func=run)
+
+
+def run(args, cfg: Config) -> int:
+    from userformer.models import bench_quality
+
+    return bench_quality.run(args, args.config)
