@@ -165,6 +165,8 @@ class TrainConfig:
     # Negatives per batch: uniformly random items and positives of other rows of the batch.
     uniform_negatives: int = field(default=256, metadata=_rng(0, 1_000_000))
     inbatch_negatives: int = field(default=0, metadata=_rng(0, 1_000_000))
+    # Own negatives for every positive (SASRec+SS, gSASRec) instead of one set shared by the batch.
+    negatives_per_row: bool = True
     # Weight of each preference head's loss (added to the retrieval loss).
     head_weight: float = field(default=0.1, metadata=_rng(0.0, 100.0))
     lr: float = field(default=0.001, metadata=_rng(1e-6, 1.0))

@@ -26,10 +26,11 @@ class TaskReadout(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h (B, L, d), mask (B, L) of the positions to read -> scores (B, W); column 0 is -inf."""
         e = self.labels.weight  # (W, d)
-        att = torch.einsum("bld,wd->bwl", h, e).masked_fill(~mask[:, None, :], float("-inf"))
-        a = torch.softmax(att, -1).nan_to_num(0.0)  # a user with no events reads nothing
-        r = torch.einsum("bwl,bld->bwd", a, h)
-        s = (r * e).sum(-1)
+        att = torch.einsum("bld,wd->bwl", h, e)  # e_w . h_i
+        a = torch.softmax(att.masked_fill(~mask[:, None, :], float("-inf")), -1).nan_to_num(0.0)
+        # s(w) = r_w . e_w = sum_i a_wi (h_i . e_w) = sum_i a_wi att_wi: no (B, W, d) readout tensor needed.
+        # A user with no events reads nothing (a = 0, s = 0).
+        s = (a * att).sum(-1)
         s[:, 0] = float("-inf")
         return s
 

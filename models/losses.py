@@ -19,37 +19,57 @@ import torch.nn.functional as F
 
 
 class NegativeSampler:
-    """Draws the batch's negatives and knows each item's log Q."""
+    """Draws the negatives and knows each item's log Q.
 
-    def __init__(self, counts: np.ndarray, n_uniform: int, n_inbatch: int, seed: int = 0):
+    `per_row=False`: one shared set of M negatives for the whole batch (cheap: one (N, M) product).
+    `per_row=True`: every positive gets its own M negatives (SASRec+SS / gSASRec / RecTools): the same
+    number of logits, but the batch pushes away ~N x M distinct draws instead of M, so far more of the
+    catalogue gets a gradient per step; item vectors are computed once per distinct id (`item_vectors`).
+    """
+
+    def __init__(self, counts: np.ndarray, n_uniform: int, n_inbatch: int, seed: int = 0, per_row: bool = False):
         counts = np.asarray(counts, np.float64).copy()
         counts[0] = 0.0
         self.n_items = len(counts) - 1
-        self.n_uniform, self.n_inbatch = n_uniform, n_inbatch
+        self.n_uniform, self.n_inbatch, self.per_row = n_uniform, n_inbatch, per_row
         p = counts / max(counts.sum(), 1.0)
         q = n_inbatch * p + n_uniform / self.n_items
-        self.log_q = torch.from_numpy(np.log(np.maximum(q, 1e-30))).float()
+        # Uniform negatives alone have the same Q for every item: the correction is a constant, a no-op.
+        self.log_q = torch.from_numpy(np.log(np.maximum(q, 1e-30))).float() if n_inbatch else None
         self.gen = torch.Generator().manual_seed(seed)
 
     def sample(self, positives: torch.Tensor) -> torch.Tensor:
-        """(M,) negative ids: uniform over 1..N, plus items of random rows of `positives` (its valid ids)."""
-        out = [torch.randint(1, self.n_items + 1, (self.n_uniform,), generator=self.gen)]
+        """Negative ids: (M,) shared, or (N, M) per positive when `per_row`; uniform over 1..N plus items of
+        random rows of `positives` (its valid ids: popularity-distributed in-batch negatives)."""
+        shape = (len(positives),) if self.per_row else ()
+        out = [torch.randint(1, self.n_items + 1, (*shape, self.n_uniform), generator=self.gen)]
         pos = positives[positives > 0].cpu()
         if self.n_inbatch and len(pos):
-            out.append(pos[torch.randint(0, len(pos), (self.n_inbatch,), generator=self.gen)])
-        return torch.cat(out)
+            out.append(pos[torch.randint(0, len(pos), (*shape, self.n_inbatch), generator=self.gen)])
+        return torch.cat(out, -1)
+
+
+def item_vectors(tower, ids: torch.Tensor) -> torch.Tensor:
+    """Item tower outputs for `ids` of any shape, computing each distinct id once."""
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    return tower(uniq)[inv]
 
 
 def sampled_softmax(user: torch.Tensor, pos_vec: torch.Tensor, pos_ids: torch.Tensor, neg_vec: torch.Tensor,
                     neg_ids: torch.Tensor, log_q: torch.Tensor | None, temperature: torch.Tensor) -> torch.Tensor:
-    """Mean CE of the positive among [positive, negatives]. user/pos_vec (N, d), neg_vec (M, d);
-    log_q (n_items + 1,) or None (no correction)."""
-    pos_logit = (user * pos_vec).sum(-1) / temperature
-    neg_logit = user @ neg_vec.T / temperature
+    """Mean CE of the positive among [positive, negatives]. user/pos_vec (N, d); negatives shared, neg_vec
+    (M, d) / neg_ids (M,), or per row, (N, M, d) / (N, M); log_q (n_items + 1,) or None (no correction)."""
+    user = user / temperature  # (N, d), not the (N, M) logits: the cheap side of the product
+    pos_logit = (user * pos_vec).sum(-1)
+    if neg_ids.dim() == 1:
+        neg_logit = user @ neg_vec.T
+        neg_ids = neg_ids[None, :]
+    else:
+        neg_logit = torch.bmm(neg_vec, user[:, :, None])[..., 0]
     if log_q is not None:
         pos_logit = pos_logit - log_q[pos_ids]
-        neg_logit = neg_logit - log_q[neg_ids][None, :]
-    neg_logit = neg_logit.masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+        neg_logit = neg_logit - log_q[neg_ids]
+    neg_logit = neg_logit.masked_fill(neg_ids == pos_ids[:, None], float("-inf"))
     logits = torch.cat([pos_logit[:, None], neg_logit], 1)
     return F.cross_entropy(logits.float(), torch.zeros(len(user), dtype=torch.long, device=user.device))
 

@@ -80,9 +80,10 @@ def batch_loss(model: UserFormer, batch: dict, tcfg: TrainConfig, sampler: LS.Ne
         retrieval = LS.full_softmax(u, model.item_tower.all_items(), pos, tau)
     else:
         neg = sampler.sample(pos).to(u.device)
-        vecs = model.item_tower(torch.cat([pos, neg]))
-        retrieval = LS.sampled_softmax(u, vecs[: len(pos)], pos, vecs[len(pos):], neg,
-                                       sampler.log_q.to(u.device), tau)
+        vecs = LS.item_vectors(model.item_tower, torch.cat([pos, neg.reshape(-1)]))
+        log_q = sampler.log_q.to(u.device) if sampler.log_q is not None else None
+        retrieval = LS.sampled_softmax(u, vecs[: len(pos)], pos, vecs[len(pos):].reshape(*neg.shape, -1), neg,
+                                       log_q, tau)
     heads = {}
     if model.heads.tasks:
         # MCM random prefix: one cut per sequence; the heads read events <= t and predict event t+1.
@@ -205,7 +206,8 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequences, valid: EvalSet, 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
                             weight_decay=tcfg.weight_decay)
     counts = item_counts(train, catalog.n_items)
-    sampler = LS.NegativeSampler(counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed)
+    sampler = LS.NegativeSampler(counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed,
+                                 per_row=tcfg.negatives_per_row)
     gen = torch.Generator().manual_seed(tcfg.seed + 1)
     rng = np.random.default_rng(tcfg.seed)
     rows_all = np.flatnonzero(train.lengths >= 2)  # a sequence needs one input and one target

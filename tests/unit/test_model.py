@@ -191,6 +191,30 @@ def test_logq_correction_math():
     assert nolq.item() == pytest.approx(-(1 - math.log(math.e + 1)), rel=1e-5)
 
 
+def test_per_row_negatives_equal_the_shared_loss_row_by_row():
+    torch.manual_seed(0)
+    user, pos_vec = torch.randn(3, 4), torch.randn(3, 4)
+    pos_ids = torch.tensor([1, 2, 3])
+    neg_ids = torch.tensor([[4, 5, 1], [1, 6, 7], [8, 3, 9]])  # an accidental hit in rows 0 and 2
+    table = torch.randn(10, 4)
+    per_row = LS.sampled_softmax(user, pos_vec, pos_ids, table[neg_ids], neg_ids, None, torch.tensor(0.1))
+    rows = [LS.sampled_softmax(user[i:i + 1], pos_vec[i:i + 1], pos_ids[i:i + 1], table[neg_ids[i]], neg_ids[i],
+                               None, torch.tensor(0.1)) for i in range(3)]
+    assert per_row.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+    s = LS.NegativeSampler(np.array([0, 5, 1, 1]), n_uniform=6, n_inbatch=2, per_row=True)
+    neg = s.sample(torch.tensor([1, 2, 0, 3, 1]))
+    assert neg.shape == (5, 8) and int(neg.min()) >= 1 and int(neg.max()) <= 3
+    # Uniform negatives alone: log Q is the same for every item, so no correction is applied.
+    assert LS.NegativeSampler(np.array([0, 5, 1, 1]), n_uniform=6, n_inbatch=0).log_q is None
+
+
+def test_item_vectors_compute_each_distinct_id_once(data):
+    _, catalog = data
+    tower = UserFormer(tiny_cfg(), catalog).item_tower.eval()
+    ids = torch.tensor([[3, 1, 3], [0, 1, 7]])
+    assert torch.allclose(LS.item_vectors(tower, ids), tower(ids), atol=1e-6)
+
+
 def test_dense_all_action_targets_are_in_the_future_window(data):
     seqs, _ = data
     b = D.pad_batch(seqs, np.arange(8), 11)
@@ -221,7 +245,7 @@ def test_loss_decreases_and_is_deterministic(data):
 def test_objectives_and_full_softmax_train(data, objective, loss):
     seqs, catalog = data
     train, valid, test = D.leave_one_out(seqs)
-    tc = TrainConfig(epochs=10, batch_size=8, lr=1e-2, objective=objective, loss=loss, uniform_negatives=16,
+    tc = TrainConfig(epochs=20, batch_size=8, lr=1e-2, objective=objective, loss=loss, uniform_negatives=16,
                      dense_horizon_events=2, num_threads=1)
     content = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "position"]
     model, h = fit(tiny_cfg(heads=[], event_features=content), tc, train, valid, catalog, progress=False,
