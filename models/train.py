@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -189,54 +190,116 @@ def checkpoint(model: UserFormer, tcfg: TrainConfig, epoch: int, metrics: dict, 
             "metrics": metrics, **(extra or {})}
 
 
-def load_checkpoint(path, catalog: ItemCatalog) -> tuple[UserFormer, dict]:
+def load_checkpoint(path, catalog: ItemCatalog | None = None) -> tuple[UserFormer, dict]:
+    """A checkpoint file -> (model, checkpoint). Without `catalog`, the one the model was trained with (its
+    attribute buffer and vocabulary sizes). Registry versions: models.registry.load (checks and clear errors)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
+    if catalog is None:
+        from userformer.models.registry import catalog_of
+
+        catalog = catalog_of(ck, path)
     model = UserFormer(ModelConfig(**ck["model_config"]), catalog)
     model.load_state_dict(ck["state_dict"])
     return model, ck
 
 
-def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequences, valid: EvalSet, catalog: ItemCatalog,
-        ckpt_path: str | Path | None = None, progress: bool = True, log=print) -> tuple[UserFormer, dict]:
-    """Train from scratch; returns the best model (by validation NDCG@10) and a history dict."""
+def save_atomic(obj, path: str | Path) -> None:
+    """torch.save through a temporary file + rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state(rng: np.random.Generator, gen: torch.Generator, sampler) -> dict:
+    """Every random stream training draws from (batch order, negatives, head cuts, dropout)."""
+    return {"numpy": rng.bit_generator.state, "gen": gen.get_state(),
+            "sampler": sampler.gen.get_state() if sampler is not None else None,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict, rng: np.random.Generator, gen: torch.Generator, sampler) -> None:
+    rng.bit_generator.state = state["numpy"]
+    gen.set_state(state["gen"])
+    if sampler is not None and state.get("sampler") is not None:
+        sampler.gen.set_state(state["sampler"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    v, internal, g = state["python"]
+    random.setstate((v, tuple(internal), g))
+
+
+def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, catalog: ItemCatalog,
+        ckpt_path: str | Path | None = None, progress: bool = True, log=print, *, model: UserFormer | None = None,
+        state_path: str | Path | None = None, resume: dict | None = None,
+        extra: dict | None = None) -> tuple[UserFormer, dict]:
+    """Train; returns the best model (by validation recall@10 / NDCG@10) and a history dict.
+
+    `train`: in-memory Sequences, or a chunked source (`chunks(rng)`, `item_counts(n)`, `n_sequences`,
+    `real_time`; models/stream.py: DeltaSequences streams the Delta table). `valid`: the early-stopping set, or
+    None: no validation, the last epoch's model is kept (fine-tuning for a fixed number of epochs).
+    `model`: warm start from it (its config wins over `mcfg`) instead of a fresh model.
+    `state_path`: after every epoch, the whole training state (weights, optimizer, every RNG, early-stopping
+    state, history) is written there atomically; `resume` (that state, loaded) continues after its epoch and
+    ends exactly as the uninterrupted run would. `extra` goes into every checkpoint (e.g. data versions).
+    """
+    from userformer.models.stream import as_source
+
     torch.set_num_threads(tcfg.num_threads)
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)
-    model = UserFormer(mcfg, catalog).to(device)
+    source = as_source(train)
+    model = (model if model is not None else UserFormer(mcfg, catalog)).to(device)
+    max_len = model.cfg.max_len
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
                             weight_decay=tcfg.weight_decay)
-    counts = item_counts(train, catalog.n_items)
+    counts = source.item_counts(catalog.n_items)
     sampler = LS.NegativeSampler(counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed,
                                  per_row=tcfg.negatives_per_row)
     gen = torch.Generator().manual_seed(tcfg.seed + 1)
     rng = np.random.default_rng(tcfg.seed)
-    rows_all = np.flatnonzero(train.lengths >= 2)  # a sequence needs one input and one target
-    best, best_ck, bad, history = -1.0, None, 0, []
-    t_train = 0.0
-    for epoch in range(1, tcfg.epochs + 1):
+    best, best_ck, bad, history, t_train, done, stopped = -1.0, None, 0, [], 0.0, 0, False
+    if resume is not None:
+        model.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(resume["optimizer"])
+        best, best_ck, bad, history = resume["best"], resume["best_checkpoint"], resume["bad"], list(resume["history"])
+        t_train, done, stopped = resume["train_seconds"], resume["epoch"], resume["stopped"]
+        set_rng_state(resume["rng"], rng, gen, sampler)
+    for epoch in range(done + 1, tcfg.epochs + 1):
+        if stopped:
+            break
         model.train()
         t0, n_seq, tot, n_b = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(total=len(rows_all), desc=f"epoch {epoch}", unit="seq", disable=not progress, leave=False)
-        for rows in batches(len(rows_all), tcfg.batch_size, rng, lengths=train.lengths[rows_all]):
-            b = to_device(pad_batch(train, rows_all[rows], mcfg.max_len + 1), device)
-            with autocast(device, tcfg):
-                loss, _ = batch_loss(model, b, tcfg, sampler, gen, train.real_time)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            opt.step()
-            n_seq += len(rows)
-            tot += float(loss.detach())
-            n_b += 1
-            bar.update(len(rows))
-            bar.set_postfix(loss=f"{tot / n_b:.4f}", seq_s=f"{n_seq / (time.perf_counter() - t0):.0f}")
+        bar = tqdm(total=source.n_sequences, desc=f"epoch {epoch}", unit="seq", disable=not progress, leave=False)
+        for chunk in source.chunks(rng):
+            rows_all = np.flatnonzero(chunk.lengths >= 2)  # a sequence needs one input and one target
+            for rows in batches(len(rows_all), tcfg.batch_size, rng, lengths=chunk.lengths[rows_all]):
+                b = to_device(pad_batch(chunk, rows_all[rows], max_len + 1), device)
+                with autocast(device, tcfg):
+                    loss, _ = batch_loss(model, b, tcfg, sampler, gen, chunk.real_time)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if tcfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                opt.step()
+                n_seq += len(rows)
+                tot += float(loss.detach())
+                n_b += 1
+                bar.update(len(rows))
+                bar.set_postfix(loss=f"{tot / n_b:.4f}", seq_s=f"{n_seq / (time.perf_counter() - t0):.0f}")
         bar.close()
         dt = time.perf_counter() - t0
         t_train += dt
-        rec = {"epoch": epoch, "loss": tot / max(n_b, 1), "epoch_seconds": dt, "seq_per_s": n_seq / dt,
+        rec = {"epoch": epoch, "loss": tot / max(n_b, 1), "epoch_seconds": dt, "seq_per_s": n_seq / max(dt, 1e-9),
                "temperature": float(model.temperature.detach())}
-        if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at epoch {epoch}: {rec}")
+        if valid is None:
+            best_ck = None  # the last epoch is the result (built after the loop)
+        elif epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
             m = evaluate(model, valid, catalog, device, tcfg, heads=False)
             rec.update({f"valid_{k}": v for k, v in m.items() if k != "users"})
             # Several positives per user (time split): recall@10; one target (leave-one-out): NDCG@10.
@@ -244,18 +307,27 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequences, valid: EvalSet, 
             if m[key] > best:
                 best, bad = m[key], 0
                 best_ck = checkpoint(model, tcfg, epoch, {"valid": m, "train_seconds": t_train},
-                                     {"history": [*history, rec]})
+                                     {"history": [*history, rec], **(extra or {})})
                 if ckpt_path:
-                    torch.save(best_ck, ckpt_path)
+                    save_atomic(best_ck, ckpt_path)
             else:
                 bad += 1
         history.append(rec)
+        stopped = bad >= tcfg.patience
+        if state_path:
+            save_atomic({"epoch": epoch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": rng_state(rng, gen, sampler), "best": best, "best_checkpoint": best_ck, "bad": bad,
+                         "history": history, "train_seconds": t_train, "stopped": stopped,
+                         "model_config": dataclasses.asdict(model.cfg), "train_config": dataclasses.asdict(tcfg)},
+                        state_path)
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-        if not math.isfinite(rec["loss"]):
-            raise FloatingPointError(f"loss is {rec['loss']} at epoch {epoch}")
-        if bad >= tcfg.patience:
-            break
+    if valid is None:
+        last = history[-1]["epoch"] if history else 0
+        best_ck = checkpoint(model, tcfg, last, {"train_seconds": t_train}, {"history": history, **(extra or {})})
+        if ckpt_path:
+            save_atomic(best_ck, ckpt_path)
     if best_ck is not None:
         model.load_state_dict(best_ck["state_dict"])
     return model, {"history": history, "best_epoch": best_ck["epoch"] if best_ck else None,
-                   "best_valid": best, "epochs": len(history), "train_seconds": t_train}
+                   "best_valid": best, "epochs": len(history), "train_seconds": t_train,
+                   "stopped_early": stopped}
