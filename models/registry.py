@@ -1,0 +1,299 @@
+"""Model registry: every trained model is a version; one of them is PUBLISHED.
+
+Layout under ``cfg.models_root``::
+
+    versions/<version>/model.pt        checkpoint: weights, model_config, train_config, vocab_sizes, the Delta
+                                       versions of user_sequences / items / vocab it was trained on, metrics,
+                                       parent version, dt (torch.save; loadable with weights_only=True)
+    versions/<version>/manifest.json   the same minus the weights, readable by people and tools, plus the
+                                       sha256 of model.pt; written last: a version without it is incomplete
+    versions/INDEX.jsonl               append-only log of every version ever allocated (ids are never reused)
+    PUBLISHED                          {"version", "published_at", "reason", "previous"}: the model the pipeline
+                                       serves; replaced atomically (temp file + os.replace)
+    publish_log.jsonl                  every publish, in order (who was published when and why)
+    runs/<run_id>/                     training runs (jobs/train.py): run.json, last.pt (resumable), best.pt
+
+Version ids ``v<NNNN>-<YYYYMMDD>-<kind>`` (e.g. ``v0003-20261104-finetune``)
+sort in creation order; NNNN is one more than any id allocated before, taken
+by an exclusive mkdir, so two writers never share one and a deleted version's
+number is not handed out again.
+
+Re-embedding rule: user embeddings are only comparable with the item vectors
+of the model that produced them. When the PUBLISHED version changes, every
+user is re-embedded with the new model (inference, issue #4, compares the
+published version with the one its embeddings were made with); stale
+embeddings are never mixed with a new item space. `userformer finetune`
+measures what skipping that would cost (manifest: ``stale_embeddings``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import uuid
+import zipfile
+from pathlib import Path
+
+from userformer.jobs.common import UserError
+
+REEMBED_RULE = ("on promotion every user is re-embedded with the new model: user embeddings of an older "
+                "version are not comparable with this version's item vectors (see stale_embeddings)")
+REQUIRED_KEYS = ("state_dict", "model_config", "train_config", "vocab_sizes")
+_VERSION = re.compile(r"^v(\d{4,})-(\d{8})-([a-z][a-z0-9_]*)$")
+
+
+# ----------------------------------------------------------------- paths
+def versions_root(cfg) -> Path:
+    return cfg.models_root / "versions"
+
+
+def version_dir(cfg, version: str) -> Path:
+    if not _VERSION.match(version):
+        raise UserError(f"not a model version id: {version!r} (expected e.g. v0001-20261104-train)")
+    return versions_root(cfg) / version
+
+
+def pointer_path(cfg) -> Path:
+    return cfg.models_root / "PUBLISHED"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------ file writes
+def write_json(path: Path, obj) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_torch(path: Path, obj) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plain(obj):
+    """JSON-able copy (numpy scalars -> numbers, tuples -> lists, dates -> text): what a manifest can hold and a
+    weights_only torch.load accepts."""
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(o):
+    if hasattr(o, "item") and callable(o.item):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return str(o)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------- versions
+def _allocated(cfg) -> list[str]:
+    root = versions_root(cfg)
+    names = {p.name for p in root.iterdir() if _VERSION.match(p.name)} if root.is_dir() else set()
+    index = root / "INDEX.jsonl"
+    if index.is_file():
+        for line in index.read_text().splitlines():
+            try:
+                names.add(json.loads(line)["version"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return sorted(names)
+
+
+def allocate(cfg, day: dt.date | None, kind: str) -> tuple[str, Path]:
+    """A fresh version id and its (empty) folder."""
+    root = versions_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    n = max((int(_VERSION.match(v).group(1)) for v in _allocated(cfg)), default=0) + 1
+    stamp = (day or dt.datetime.now(dt.UTC).date()).strftime("%Y%m%d")
+    while True:
+        version = f"v{n:04d}-{stamp}-{kind}"
+        d = root / version
+        try:
+            d.mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        with open(root / "INDEX.jsonl", "a") as f:
+            f.write(json.dumps({"version": version, "allocated_at": now_iso()}) + "\n")
+        return version, d
+
+
+def register(cfg, checkpoint: dict, *, kind: str, day: dt.date | None, status: str = "registered",
+             manifest: dict | None = None) -> str:
+    """Store a checkpoint as a new version (model.pt, then manifest.json). Returns the version id."""
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing}")
+    version, d = allocate(cfg, day, kind)
+    ck = {**{k: (v if k == "state_dict" else plain(v)) for k, v in checkpoint.items()},
+          "version": version, "kind": kind, "status": status, "dt": str(day) if day else None}
+    ck["state_dict"] = {k: v.detach().cpu() for k, v in checkpoint["state_dict"].items()}
+    save_torch(d / "model.pt", ck)
+    man = {"version": version, "kind": kind, "status": status, "dt": ck["dt"], "created_at": now_iso(),
+           **{k: v for k, v in ck.items() if k not in ("state_dict", "version", "kind", "status", "dt", "history")},
+           **plain(manifest or {}),
+           "reembedding_rule": REEMBED_RULE,
+           "files": {"model.pt": {"bytes": (d / "model.pt").stat().st_size, "sha256": sha256(d / "model.pt")}}}
+    write_json(d / "manifest.json", man)
+    return version
+
+
+def read_manifest(cfg, version: str) -> dict:
+    p = version_dir(cfg, version) / "manifest.json"
+    if not p.is_file():
+        if p.parent.is_dir():
+            raise UserError(f"model version {version} is incomplete (no {p}): its registration did not finish")
+        raise UserError(f"no model version {version} under {versions_root(cfg)}")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as exc:
+        raise UserError(f"{p}: not valid JSON ({exc})") from None
+
+
+def list_versions(cfg) -> list[dict]:
+    """Manifests of every complete version, oldest first."""
+    root = versions_root(cfg)
+    if not root.is_dir():
+        return []
+    return [read_manifest(cfg, p.name) for p in sorted(root.iterdir())
+            if _VERSION.match(p.name) and (p / "manifest.json").is_file()]
+
+
+# -------------------------------------------------------------- publishing
+def published(cfg) -> dict | None:
+    """The PUBLISHED pointer ({"version", "published_at", "reason", ...}), or None when nothing is published."""
+    p = pointer_path(cfg)
+    if not p.exists():
+        return None
+    try:
+        ptr = json.loads(p.read_text())
+        if not isinstance(ptr, dict) or not _VERSION.match(str(ptr.get("version", ""))):
+            raise ValueError("no valid 'version'")
+    except ValueError as exc:
+        raise UserError(f"{p}: corrupt published pointer ({exc}); publish a version again "
+                        f"(versions under {versions_root(cfg)})") from None
+    return ptr
+
+
+def publish(cfg, version: str, reason: str) -> dict:
+    """Make `version` the published model (atomic pointer swap); the version must load."""
+    man = read_manifest(cfg, version)
+    read_checkpoint(version_dir(cfg, version) / "model.pt", man)  # never point at something unloadable
+    prev = published(cfg)
+    ptr = {"version": version, "published_at": now_iso(), "reason": reason,
+           "previous": prev["version"] if prev else None}
+    write_json(pointer_path(cfg), ptr)
+    with open(cfg.models_root / "publish_log.jsonl", "a") as f:
+        f.write(json.dumps(ptr) + "\n")
+    return ptr
+
+
+# ---------------------------------------------------------------- loading
+def read_checkpoint(path: Path, manifest: dict | None = None) -> dict:
+    """A checkpoint file, checked: exists, matches the manifest's checksum, unpickles, has the required keys."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model checkpoint not found: {path}")
+    want = ((manifest or {}).get("files") or {}).get("model.pt", {}).get("sha256")
+    if want and sha256(path) != want:
+        raise UserError(f"{path}: checksum does not match its manifest (truncated or modified file)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: unreadable model checkpoint (truncated or corrupt?): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(ck, dict):
+        raise UserError(f"{path}: not a model checkpoint (a {type(ck).__name__}, expected a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing:
+        raise UserError(f"{path}: not a model checkpoint, missing {', '.join(missing)}")
+    return ck
+
+
+def catalog_of(ck: dict, path: Path | str = "checkpoint"):
+    """The ItemCatalog a checkpoint was built for (attributes from its attrs buffer, sizes from vocab_sizes)."""
+    from userformer.models.data import ITEM_ATTRS, INT_FIELDS, ItemCatalog
+
+    sizes = {k: int(v) for k, v in ck["vocab_sizes"].items()}
+    if any(k not in sizes for k in INT_FIELDS):
+        raise UserError(f"{path}: vocab_sizes lacks {[k for k in INT_FIELDS if k not in sizes]}")
+    attrs_t = ck["state_dict"].get("item_tower.attrs")
+    if attrs_t is None:
+        raise UserError(f"{path}: weights lack item_tower.attrs")
+    if attrs_t.shape[0] != sizes["item"]:
+        raise UserError(f"{path}: model/vocabulary size mismatch: the item tower has {attrs_t.shape[0]} item rows "
+                        f"but vocab_sizes says {sizes['item']}")
+    a = attrs_t.numpy()
+    return ItemCatalog({name: a[:, i].copy() for i, name in enumerate(ITEM_ATTRS)}, sizes)
+
+
+def model_from_checkpoint(ck: dict, path: Path | str = "checkpoint"):
+    """Rebuild the UserFormer of a checkpoint; any disagreement of config, sizes and weights is a UserError."""
+    from userformer.jobs.config import ModelConfig
+    from userformer.models.model import UserFormer
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(ck["model_config"]) - known)
+    if unknown:
+        raise UserError(f"{path}: model_config has settings this code does not know: {unknown} "
+                        "(written by another version of userformer)")
+    catalog = catalog_of(ck, path)
+    try:
+        model = UserFormer(ModelConfig(**ck["model_config"]), catalog)
+        model.load_state_dict(ck["state_dict"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[:4])
+        raise UserError(f"{path}: model/vocabulary size mismatch or wrong weights: {detail}") from None
+    return model
+
+
+def load(cfg, version: str | None = None):
+    """(model, checkpoint) of `version`, or of the published version when None. The model is on the CPU, in eval
+    mode, sized to the vocabulary it was trained with (see models/grow.py to extend it)."""
+    if version is None:
+        ptr = published(cfg)
+        if ptr is None:
+            raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first")
+        version = ptr["version"]
+    man = read_manifest(cfg, version)
+    path = version_dir(cfg, version) / "model.pt"
+    ck = read_checkpoint(path, man)
+    model = model_from_checkpoint(ck, path)
+    return model.eval(), ck
+
+
+def fit_to_catalog(model, catalog, where: str) -> dict:
+    """Grow `model` to `catalog` (ids added since it was trained); a SMALLER catalogue is a UserError."""
+    from userformer.models.grow import grow
+
+    try:
+        return grow(model, catalog)
+    except ValueError as exc:
+        raise UserError(f"{where}: model/vocabulary size mismatch: {exc}") from None
