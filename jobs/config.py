@@ -185,6 +185,16 @@ class TrainConfig:
     cpu_bf16: bool = False
     # CPU threads for torch (the machines here have 2 cores).
     num_threads: int = field(default=2, metadata=_rng(1, 1024))
+    # --- training from the warehouse (`userformer train` / `evaluate`, models/stream.py) ---
+    # Users read from user_sequences per chunk (memory bound); chunk order and rows are shuffled per epoch.
+    stream_chunk_users: int = field(default=4096, metadata=_rng(1, 10_000_000))
+    # Time protocol: training uses events before T - this (T = end of the drop date); the window
+    # [T - this, T) gives the validation (early stopping) and `evaluate` positives.
+    eval_horizon_days: float = field(default=1.0, metadata=_rng(0.01, 365.0))
+    # Users of the window kept for validation / evaluation (a stable hash sample beyond this).
+    max_eval_users: int = field(default=5000, metadata=_rng(1, 10_000_000))
+    # Share of the window's users (stable hash of user_id) used for early stopping; `evaluate` reports on the rest.
+    valid_user_fraction: float = field(default=0.5, metadata=_rng(0.05, 0.95))
 
 
 @dataclass
@@ -192,6 +202,25 @@ class StorageConfig:
     # `userformer maintain` deletes files no version of the last N days references.
     # Time travel (restore, reruns of a past day) reaches back this far and no further.
     retention_days: float = field(default=30.0, metadata=_rng(0.0, 3650.0))
+
+
+GATE_METRICS = ["hr@10", "ndcg@10", "recall@10"]
+
+
+@dataclass
+class FinetuneConfig:
+    # `userformer finetune --dt D`: warm start from the published model on D's active users.
+    epochs: int = field(default=2, metadata=_rng(1, 1000))
+    lr: float = field(default=0.0003, metadata=_rng(1e-7, 1.0))
+    # Share of the users NOT active on D replayed with them (against forgetting), sampled per day by hash.
+    replay_fraction: float = field(default=0.1, metadata=_rng(0.0, 1.0))
+    # Share of D's active users kept out of training to gate the candidate on (sampled per day by hash).
+    holdout_fraction: float = field(default=0.2, metadata=_rng(0.01, 0.9))
+    # Promote only if candidate >= published x (1 - this) on every gate metric; < 0 demands a gain.
+    max_quality_drop: float = field(default=0.02, metadata=_rng(-10.0, 1.0))
+    gate_metrics: list = field(default_factory=lambda: ["ndcg@10", "recall@10"], metadata=_subset(GATE_METRICS))
+    # Fewer held-out users with positives on D than this: too noisy to judge, the candidate is not promoted.
+    min_holdout_users: int = field(default=10, metadata=_rng(0, 10_000_000))
 
 
 @dataclass
@@ -204,6 +233,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     # ---- derived locations -------------------------------------------------
     @property
