@@ -29,6 +29,9 @@ def add_quality_arguments(ap: argparse.ArgumentParser) -> None:
                     help="time split: test starts at this quantile of event times (default 0.9)")
     ap.add_argument("--horizon-days", type=float, default=28.0,
                     help="time split: positives are the items of the next N days after the test time (default 28)")
+    ap.add_argument("--history", choices=["exclude", "keep"], default="exclude",
+                    help="exclude the user's history items from the ranking (default; the protocol of the published "
+                         "Beauty numbers) or keep them; the test metrics of the other choice are reported too")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a model/train setting, e.g. --set model.d_model=128 (repeatable)")
     ap.add_argument("--checkpoint-dir", type=Path, help="keep the best checkpoint of each model here")

@@ -43,6 +43,8 @@ from userformer.models.train import (
 
 # Order-only formats: their times only keep the order -> leave-one-out; the others -> time split.
 ORDER_ONLY = {"s3rec"}
+# Where the test metrics of the other history protocol go in each model's results.
+OTHER = {"exclude": "history_kept", "keep": "history_excluded"}
 
 
 def informative(m: ModelConfig, seqs: D.Sequences, catalog: D.ItemCatalog) -> ModelConfig:
@@ -75,18 +77,37 @@ def variant(name: str, base: ModelConfig, seqs: D.Sequences, catalog: D.ItemCata
 
 def split(seqs: D.Sequences, order_only: bool, args) -> tuple[D.Sequences, D.EvalSet, D.EvalSet, str]:
     """The benchmark protocol: leave-one-out for order-only files, a global time split otherwise."""
+    excl = args.history == "exclude"
+    ranking = ("full-catalogue ranking, " + ("the user's history items excluded (as S3-Rec's code and the "
+               "eSASRec benchmark do)" if excl else "history items not excluded") +
+               f"; also under '{OTHER[args.history]}': the test metrics with history items "
+               + ("kept" if excl else "excluded"))
     if order_only:
         train, valid, test = D.leave_one_out(seqs)
+        valid.exclude_history = test.exclude_history = excl
         return train, valid, test, ("leave-one-out (last item test, second-to-last validation for early stopping "
-                                    "only); full-catalogue ranking, history items not excluded; TEST metrics")
+                                    f"only); {ranking}; TEST metrics")
     t_valid, t_test = np.quantile(seqs.ts, [args.valid_quantile, args.test_quantile])
     train, valid, test = D.time_protocol(seqs, float(t_valid), float(t_test), args.horizon_days * 86400.0)
+    valid.exclude_history = test.exclude_history = excl
     return train, valid, test, (
         f"time split: train on events before the {args.valid_quantile:.2f} quantile of event times "
         f"({_iso(t_valid)}); validation (early stopping only) = items of [{_iso(t_valid)}, {_iso(t_test)}); "
         f"test = users with items in [{_iso(t_test)}, +{args.horizon_days:g} days), embedded at {_iso(t_test)} "
         "from all their history before it (users without history kept); every item of the window is a positive; "
-        "full-catalogue ranking; TEST metrics (hr@10 on the first positive, recall@10 over all)")
+        f"{ranking}; TEST metrics (hr@10 on the first positive, recall@10 over all)")
+
+
+def test_metrics(model, test: D.EvalSet, catalog: D.ItemCatalog, device, tcfg, history: str) -> dict:
+    """The test metrics under the chosen history protocol, plus the ranking metrics under the other one."""
+    res = evaluate(model, test, catalog, device, tcfg)
+    other = dataclasses.replace(test, exclude_history=not test.exclude_history)
+    res[OTHER[history]] = _ranking(evaluate(model, other, catalog, device, tcfg, heads=False))
+    return res
+
+
+def _ranking(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k.split("@")[0] in ("hr", "ndcg", "recall")}
 
 
 def _iso(t: float) -> str:
@@ -112,10 +133,13 @@ def markdown(models: dict) -> str:
     cols = ["hr@10", "ndcg@10", "recall@10", "coverage@10", "entropy@50"]
     cols = [c for c in cols if any(c in m for m in models.values())]
     heads = sorted({t for m in models.values() for t in (m.get("heads") or {})})
-    head = cols + [f"{t} acc@1" for t in heads] + ["epochs", "train s"]
+    alt = next((k for k in OTHER.values() if any(k in m for m in models.values())), None)
+    alt_cols = [c for c in ("hr@10", "ndcg@10") if alt]
+    head = cols + [f"{c} ({alt.replace('_', ' ')})" for c in alt_cols] + [f"{t} acc@1" for t in heads] + ["epochs", "train s"]
     lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, m in models.items():
         cells = [f"{m[c]:.4f}" if c in m else "" for c in cols]
+        cells += [f"{m[alt][c]:.4f}" if c in m.get(alt, {}) else "" for c in alt_cols]
         cells += [f"{m['heads'][t]['acc@1']:.3f}" if t in (m.get("heads") or {}) else "" for t in heads]
         cells += [str(m.get("epochs", "")), f"{m.get('train_seconds', 0.0):.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -146,7 +170,9 @@ def run(args, config_path=None) -> int:
     device = pick_device(tcfg.device)
     for name in names:
         if name == "popular":
-            results[name] = {**evaluate_popular(train, test, catalog), "epochs": 0, "train_seconds": 0.0}
+            other = dataclasses.replace(test, exclude_history=not test.exclude_history)
+            results[name] = {**evaluate_popular(train, test, catalog), OTHER[args.history]: _ranking(
+                evaluate_popular(train, other, catalog)), "epochs": 0, "train_seconds": 0.0}
             continue
         m = variant(name, mcfg, seqs, catalog)
         configs[name] = dataclasses.asdict(m)
@@ -158,7 +184,7 @@ def run(args, config_path=None) -> int:
             model, meta = load_checkpoint(ck, catalog)
             configs[name] = meta["model_config"]
             model.to(device)
-            res = evaluate(model, test, catalog, device, tcfg)
+            res = test_metrics(model, test, catalog, device, tcfg, args.history)
             results[name] = {**res, "epochs": meta["epoch"], "best_epoch": meta["epoch"],
                              "best_valid": meta["metrics"]["valid"],
                              "train_seconds": meta["metrics"]["train_seconds"],
@@ -170,7 +196,7 @@ def run(args, config_path=None) -> int:
         print(f"--- {name}: {m.event_features} -> {m.item_features}, heads {m.heads}", file=sys.stderr)
         model, hist = fit(m, tcfg, train, valid, catalog, ckpt_path=ck, progress=not args.no_progress,
                           log=lambda s: print(s, file=sys.stderr, flush=True))
-        res = evaluate(model, test, catalog, device, tcfg)
+        res = test_metrics(model, test, catalog, device, tcfg, args.history)
         results[name] = {**res, "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
                          "best_valid": hist["best_valid"], "train_seconds": hist["train_seconds"],
                          "seconds_per_epoch": hist["train_seconds"] / max(hist["epochs"], 1),

@@ -172,6 +172,9 @@ class EvalSet:
     target_sets: list | None = None  # per user, all positives (time split); None = just `targets`
     target_event_type: np.ndarray | None = None  # (U,) event type id of the (first) target event
     ref_ts: np.ndarray | None = None  # (U,) time each user is embedded at (time split: the split time)
+    # Rank only items not in the user's history (S3-Rec's and the eSASRec benchmark's protocol; right where an
+    # item is consumed once, wrong where users repeat, e.g. views).
+    exclude_history: bool = False
 
 
 def leave_one_out(seqs: Sequences, min_len: int = 3) -> tuple[Sequences, EvalSet, EvalSet]:

@@ -1,10 +1,11 @@
 """Full-catalogue ranking metrics: every user is scored against ALL items (no sampled negatives).
 
-Protocol: nothing is excluded from the ranking except the padding row 0, in
-particular NOT the user's history items (the eSASRec benchmark's protocol,
-which the README's published Beauty numbers come from; S3-Rec's own code
-zeroes history items instead, which can only raise the numbers). A target's
-rank is its position in the score-sorted list (0 = top; ties in topk's order).
+Protocol: nothing is excluded from the ranking except the padding row 0, unless
+the evaluation set says `exclude_history` (data.EvalSet): then the user's
+history items cannot be recommended either. S3-Rec's code and the eSASRec
+benchmark (whose published Beauty numbers the README compares with) exclude
+them; where users repeat items (views) they must stay. A target's rank is its
+position in the score-sorted list (0 = top; ties in topk's order).
 
 - HR@10: share of users whose (single) target ranks < 10 (= Recall@10 with one target).
 - NDCG@10: 1 / log2(rank + 2) when rank < 10, else 0, averaged over users.
@@ -60,10 +61,14 @@ class RankingAccumulator:
         self.ranks, self.recalls, self.entropies = [], [], []
         self.seen = np.zeros(n_items + 1, bool)
 
-    def add(self, scores: torch.Tensor, targets: torch.Tensor, target_sets: list | None = None) -> None:
-        """`scores` (U, n_items + 1) is modified in place (column 0 set to -inf)."""
+    def add(self, scores: torch.Tensor, targets: torch.Tensor, target_sets: list | None = None,
+            exclude: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`scores` (U, n_items + 1) is modified in place (column 0 set to -inf). `exclude`: (rows, items)
+        pairs that may not be recommended (a user's history, when the protocol excludes it)."""
         scores = scores.float()
         scores[:, 0] = float("-inf")  # padding is not an item
+        if exclude is not None:
+            scores[torch.as_tensor(exclude[0], dtype=torch.long), torch.as_tensor(exclude[1], dtype=torch.long)] = float("-inf")
         kk = min(max(self.k, self.k_div), self.n_items)
         top_t = scores.topk(kk, dim=1).indices
         # Rank within the top kk (= kk when the target is further down): all that @k metrics need, and

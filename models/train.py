@@ -136,7 +136,7 @@ def evaluate(model: UserFormer, ev: EvalSet, catalog: ItemCatalog, device: torch
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     for i in range(0, len(users), chunk):
         sets = ev.target_sets[i:i + chunk] if ev.target_sets is not None else None
-        acc.add((users[i:i + chunk] @ items.T).cpu(), targets[i:i + chunk], sets)
+        acc.add((users[i:i + chunk] @ items.T).cpu(), targets[i:i + chunk], sets, history_pairs(ev, i, chunk))
     out = acc.result()
     if heads and model.heads.tasks:
         out["heads"] = evaluate_heads(model, ev, device, tcfg, ref_ts)
@@ -178,8 +178,20 @@ def evaluate_popular(train: Sequences, ev: EvalSet, catalog: ItemCatalog, catego
     for i in range(0, len(targets), chunk):
         n = len(targets[i:i + chunk])
         sets = ev.target_sets[i:i + chunk] if ev.target_sets is not None else None
-        acc.add(counts[None, :].repeat(n, 1), targets[i:i + chunk], sets)
+        acc.add(counts[None, :].repeat(n, 1), targets[i:i + chunk], sets, history_pairs(ev, i, chunk))
     return acc.result()
+
+
+def history_pairs(ev: EvalSet, start: int, chunk: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(row within the chunk, item) of every history event of users start..start+chunk, when the protocol
+    excludes history items from the ranking (EvalSet.exclude_history); else None."""
+    if not ev.exclude_history:
+        return None
+    h = ev.history
+    stop = min(start + chunk, len(h))
+    lo, hi = h.offsets[start], h.offsets[stop]
+    rows = np.repeat(np.arange(stop - start), h.lengths[start:stop])
+    return rows, h.ints["item"][lo:hi]
 
 
 # ---------------------------------------------------------------- training

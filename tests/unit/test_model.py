@@ -367,3 +367,22 @@ def test_benchmark_variants_drop_what_the_data_cannot_inform(data):
     assert "event_type" not in m.heads and "item_id" in m.event_features
     ido = variant("id_only", base, seqs, catalog)
     assert (ido.event_features, ido.item_features, ido.heads) == (["item_id", "position"], ["item_id"], [])
+
+
+def test_history_exclusion_removes_seen_items_from_the_ranking():
+    from dataclasses import replace
+
+    # one user, history items 1 and 2; scores prefer 1 > 2 > 3 > 4; target 3
+    hist = D.Sequences(np.array(["u"], dtype=object), np.array([0, 2]), {k: np.array([1, 2]) for k in D.INT_FIELDS},
+                       np.array([1.0, 2.0]), np.full(2, np.nan, np.float32))
+    ev = D.EvalSet(hist, np.array([3]))
+    from userformer.models.train import history_pairs
+    assert history_pairs(ev, 0, 10) is None
+    rows, items = history_pairs(replace(ev, exclude_history=True), 0, 10)
+    assert rows.tolist() == [0, 0] and items.tolist() == [1, 2]
+    scores = torch.tensor([[0.0, 4.0, 3.0, 2.0, 1.0]])
+    kept = evaluate_scores(scores.clone(), [3], 4, k=1, k_div=1)
+    from userformer.models.metrics import RankingAccumulator
+    acc = RankingAccumulator(4, None, k=1, k_div=1)
+    acc.add(scores.clone(), torch.tensor([3]), exclude=(rows, items))
+    assert kept["hr@1"] == 0.0 and acc.result()["hr@1"] == 1.0  # the target moves to the top once 1, 2 are out
