@@ -163,10 +163,12 @@ class TrainConfig:
     # sampled: softmax over the positive + negatives, logQ-corrected; full: over the whole catalogue.
     loss: str = field(default="sampled", metadata=_rng(choices=["sampled", "full"]))
     # Negatives per batch: uniformly random items and positives of other rows of the batch.
-    uniform_negatives: int = field(default=256, metadata=_rng(0, 1_000_000))
+    # 2048 shared by the batch: on Beauty within ~7% of 256 per positive per epoch (first 4 epochs) at less
+    # than half the time per epoch on these CPUs.
+    uniform_negatives: int = field(default=2048, metadata=_rng(0, 1_000_000))
     inbatch_negatives: int = field(default=0, metadata=_rng(0, 1_000_000))
     # Own negatives for every positive (SASRec+SS, gSASRec) instead of one set shared by the batch.
-    negatives_per_row: bool = True
+    negatives_per_row: bool = False
     # Weight of each preference head's loss (added to the retrieval loss).
     head_weight: float = field(default=0.1, metadata=_rng(0.0, 100.0))
     lr: float = field(default=0.001, metadata=_rng(1e-6, 1.0))
