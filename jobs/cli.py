@@ -22,6 +22,7 @@ STEP_MODULES = [
     "userformer.jobs.ingest",
     "userformer.jobs.sequences",
     "userformer.jobs.check",
+    "userformer.jobs.train",
     "userformer.jobs.maintain",
     "userformer.jobs.demo",
     "userformer.jobs.info",

@@ -165,13 +165,16 @@ class Catalog:
     day: dt.date | None
 
 
-def warehouse_catalog(cfg, day: dt.date | None = None) -> Catalog:
-    """The item catalogue and vocabulary sizes as of `day` (None: everything), from `items` + `vocab`."""
+def warehouse_catalog(cfg, day: dt.date | None = None, versions: dict | None = None) -> Catalog:
+    """The item catalogue and vocabulary sizes as of `day` (None: everything), from `items` + `vocab` (their
+    current versions, or `versions` = {"items": v, "vocab": v} to re-read exactly what a run read)."""
     vpath, ipath = cfg.table_path("vocab"), cfg.table_path("items")
     for p in (vpath, ipath):
         if not delta.exists(p):
             raise UserError(f"no {p.name} table at {p}: run `userformer ingest --dt D` first")
-    vv, iv = delta.version_of(vpath), delta.version_of(ipath)
+    versions = versions or {}
+    vv = versions.get("vocab", delta.version_of(vpath))
+    iv = versions.get("items", delta.version_of(ipath))
     sizes = vocab_sizes(delta.read_arrow(vpath, vv), day)
     items = delta.read_arrow(ipath, iv, columns=["item_idx", "first_dt", *[f"{a}_idx" for a in ITEM_ATTRS]])
     if day is not None:

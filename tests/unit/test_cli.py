@@ -28,7 +28,8 @@ def run(*args, home=None):
 
 def test_every_subcommand_has_help():
     names = commands()
-    assert {"generate", "load", "ingest", "sequences", "check", "demo", "run-day", "tables", "schema"} <= set(names)
+    assert {"generate", "load", "ingest", "sequences", "check", "demo", "run-day", "tables", "schema",
+            "train", "finetune", "evaluate"} <= set(names)
     top = run("--help")
     assert top.returncode == 0 and all(n in top.stdout for n in names)
     for name in names:

@@ -1,0 +1,480 @@
+"""The customer model over the warehouse: `userformer train`, `finetune --dt D`, `evaluate` (models/registry.py).
+
+**train** [--dt D]: the time protocol (PinnerFormer). T = end of drop D (default:
+the latest drop user_sequences includes), read as of D (Delta time travel for
+user_sequences; vocabulary and catalogue = ids first seen by D). Training uses
+the events before T - ``train.eval_horizon_days``, streamed from the table in
+chunks of ``train.stream_chunk_users`` users (models/stream.py; never the
+whole table in memory). Validation = users with item events in the window
+[T - horizon, T), a stable-hash share ``train.valid_user_fraction`` of them
+(at most ``train.max_eval_users``, kept in memory), embedded at the window
+start and ranked against the full catalogue; early stopping on it. Every epoch
+writes ``models_root/runs/<run>/last.pt`` (weights, optimizer, every RNG), so
+``--resume RUN|latest`` finishes an interrupted run exactly as it would have
+ended. The best model is registered; ``--publish`` (and the very first model)
+publishes it.
+
+**finetune --dt D**: warm start from the PUBLISHED model, grown to D's
+vocabulary (models/grow.py: new ids get rows, old rows stay). Trains
+``finetune.epochs`` epochs on the users active on D (user_sequences row with
+``updated_dt == D``) plus a replay sample of the others
+(``finetune.replay_fraction``), minus a held-out share of D's active users
+(``finetune.holdout_fraction``). Gate, on the held-out users: embedded from
+their history before D, positives = items they engaged with on D; the published
+model (grown) and the candidate are scored in the same harness and the
+candidate is promoted (registered + published) only if, on every
+``finetune.gate_metrics``, candidate >= published x (1 - max_quality_drop).
+Otherwise it is registered as rejected and the pointer stays. Exit 0 either
+way; a day without events trains nothing and succeeds.
+
+**Re-embedding rule**: on promotion every user is re-embedded (inference,
+issue #4, re-embeds all users when the published version changed). User
+embeddings of the old model are not comparable with the new model's item
+vectors; finetune measures by how much (held-out users: old user embeddings x
+new item vectors vs the candidate's fresh embeddings; manifest
+``stale_embeddings``).
+
+**evaluate** [--version V] [--dt D]: the K = ``train.eval_horizon_days`` days
+ending with drop D: users embedded at the window start from all their history
+before it (users never seen in training included), positives = their items in
+the window, full catalogue; the users validation never used (the other hash
+share); most-popular (counts before the window) in the same run. Writes
+``reports_root/models/<version>/evaluate-dt=D.json`` and prints a table. A
+model trained on events inside the window is flagged (``window_overlaps_training``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from userformer.jobs.common import UserError, date_arg
+from userformer.jobs.config import Config, ModelConfig, TrainConfig
+
+DAY_S = 86400.0
+VALID_SALT = "valid"  # which window users validate (the rest are evaluate's)
+SAMPLE_SALT = "eval-sample"  # which of them are kept beyond max_eval_users
+
+
+# ------------------------------------------------------------------- data
+@dataclasses.dataclass
+class Snapshot:
+    """The warehouse as of one drop date: the user_sequences version to stream and the catalogue."""
+
+    day: dt.date
+    seq_path: Path
+    versions: dict  # user_sequences / items / vocab -> Delta version
+    catalog: object  # models.data.ItemCatalog
+
+    def record(self, cfg: Config) -> dict:
+        return {"dt": str(self.day), **{name: {"path": str(cfg.table_path(name)), "version": v}
+                                         for name, v in self.versions.items()}}
+
+
+def snapshot(cfg: Config, day: dt.date | None, versions: dict | None = None) -> Snapshot:
+    from userformer.models import stream as ST
+
+    if versions:
+        seq_v, d = versions["user_sequences"], day
+    else:
+        seq_v, d = ST.sequences_version(cfg, day)
+    cat = ST.warehouse_catalog(cfg, d, versions)
+    return Snapshot(d, cfg.table_path("user_sequences"), {"user_sequences": seq_v, **cat.versions}, cat.catalog)
+
+
+def _bucket(table, salt: str):
+    from userformer.models.stream import user_buckets
+
+    return user_buckets(table["user_id"].to_pylist(), salt)
+
+
+def _dataclass(cls, values: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{where}: settings this version of userformer does not know: {unknown}")
+    return cls(**values)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _summary_metrics(m: dict) -> dict:
+    return {k: v for k, v in m.items() if isinstance(v, (int, float))}
+
+
+# ------------------------------------------------------------------ train
+def _find_run(cfg: Config, ref: str) -> Path:
+    runs = cfg.models_root / "runs"
+    if ref == "latest":
+        todo = [p for p in sorted(runs.iterdir()) if (p / "run.json").is_file()
+                and json.loads((p / "run.json").read_text()).get("status") != "finished"] if runs.is_dir() else []
+        if not todo:
+            raise UserError(f"no unfinished training run under {runs} to resume")
+        return todo[-1]
+    d = runs / ref
+    if not (d / "run.json").is_file():
+        known = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+        raise UserError(f"no training run {ref!r} under {runs} (runs: {', '.join(known[-5:]) or 'none'})")
+    return d
+
+
+def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None, publish: bool = False,
+          resume: str | None = None, max_users: int | None = None, progress: bool = True, log=_stderr) -> dict:
+    """Train a model on the warehouse (module doc), register it, publish it when asked or when it is the first."""
+    import torch
+    from userformer.models import registry as R
+    from userformer.models import stream as ST
+    from userformer.models import train as T
+
+    t0 = time.perf_counter()
+    state = None
+    if resume:
+        run_dir = _find_run(cfg, resume)
+        run = json.loads((run_dir / "run.json").read_text())
+        if run.get("status") == "finished":
+            log(f"run {run['run_id']} already finished: version {run['summary']['version']}")
+            return run["summary"]
+        mcfg = _dataclass(ModelConfig, run["model_config"], f"{run_dir}/run.json model_config")
+        tcfg = _dataclass(TrainConfig, run["train_config"], f"{run_dir}/run.json train_config")
+        snap = snapshot(cfg, dt.date.fromisoformat(run["data"]["dt"]),
+                        {k: run["data"][k]["version"] for k in ("user_sequences", "items", "vocab")})
+        publish, max_users = publish or run["publish"], run["max_users"]
+        if (run_dir / "last.pt").is_file():
+            state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+            log(f"resuming run {run['run_id']} after epoch {state['epoch']}")
+    else:
+        snap = snapshot(cfg, day)
+        mcfg, tcfg = copy.deepcopy(cfg.model), copy.deepcopy(cfg.train)
+        run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        run_dir = cfg.models_root / "runs" / run_id
+        run_dir.mkdir(parents=True)
+        run = {"run_id": run_id, "status": "running", "created_at": R.now_iso(), "data": snap.record(cfg),
+               "publish": publish, "max_users": max_users, "model_config": dataclasses.asdict(mcfg)}
+    if epochs:
+        tcfg.epochs = epochs
+    run["train_config"] = dataclasses.asdict(tcfg)
+    R.write_json(run_dir / "run.json", run)
+
+    cat = snap.catalog
+    T_ref = ST.day_end(snap.day)
+    horizon = tcfg.eval_horizon_days * DAY_S
+    split = T_ref - horizon
+    source = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split)
+    if max_users:
+        frac = max_users / max(source.n_rows, 1)
+        source.select = lambda t: _bucket(t, "max-users") < frac
+    valid = ST.WindowUsers(split, T_ref, tcfg.max_eval_users, salt=SAMPLE_SALT,
+                           keep=lambda t: _bucket(t, VALID_SALT) < tcfg.valid_user_fraction)
+    source.summarise(cat.n_items, (valid,))
+    if not source.n_sequences:
+        raise UserError(f"no user has 2+ events before {ST.iso(split)} in user_sequences as of {snap.day} "
+                        f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first")
+    valid_ev = valid.result()
+    if not len(valid_ev.targets):
+        log(f"warning: no validation users with item events in [{ST.iso(split)}, {ST.iso(T_ref)}): "
+            "no early stopping, the last epoch is kept")
+    log(f"train as of {snap.day}: {source.n_sequences} sequences of {source.n_users} users before {ST.iso(split)}, "
+        f"{len(valid_ev.targets)} validation users (of {valid.total} in the window), {cat.n_items} items; "
+        f"run {run['run_id']}")
+    protocol = {"reference_time": ST.iso(T_ref), "split_time": ST.iso(split), "trained_until": ST.iso(split),
+                "trained_until_ts": split, "eval_horizon_days": tcfg.eval_horizon_days,
+                "valid_user_fraction": tcfg.valid_user_fraction}
+    extra = {"data": snap.record(cfg), "protocol": protocol, "run_id": run["run_id"], "parent": None}
+    model, hist = T.fit(mcfg, tcfg, source, valid_ev if len(valid_ev.targets) else None, cat,
+                        ckpt_path=run_dir / "best.pt", progress=progress, log=log, state_path=run_dir / "last.pt",
+                        resume=state, extra=extra)
+
+    device = T.pick_device(tcfg.device)
+    metrics = {"best_epoch": hist["best_epoch"], "epochs": hist["epochs"], "stopped_early": hist["stopped_early"],
+               "train_seconds": hist["train_seconds"], "train_sequences": source.n_sequences,
+               "valid_users": len(valid_ev.targets)}
+    if len(valid_ev.targets):
+        metrics["valid"] = T.evaluate(model, valid_ev, cat, device, tcfg)
+        metrics["valid_most_popular"] = ST.evaluate_counts(source.item_counts(cat.n_items), valid_ev, cat)
+    ck = T.checkpoint(model, tcfg, hist["best_epoch"] or hist["epochs"], metrics,
+                      {**extra, "history": hist["history"], "parameters": model.n_parameters()})
+    version = R.register(cfg, ck, kind="train", day=snap.day)
+    ptr = R.published(cfg)
+    published = publish or ptr is None
+    if published:
+        R.publish(cfg, version, "userformer train --publish" if publish else "first model of this registry")
+    summary = {"version": version, "published": published, "run_id": run["run_id"], "dt": str(snap.day),
+               "data": snap.record(cfg), "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
+               "train_sequences": source.n_sequences, "valid_users": len(valid_ev.targets),
+               "valid": _summary_metrics(metrics.get("valid", {})),
+               "valid_most_popular": _summary_metrics(metrics.get("valid_most_popular", {})),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    run.update(status="finished", finished_at=R.now_iso(), summary=summary)
+    R.write_json(run_dir / "run.json", run)
+    for f in ("last.pt", "best.pt"):  # the registry holds the result; the resumable state is no longer needed
+        (run_dir / f).unlink(missing_ok=True)
+    return summary
+
+
+# --------------------------------------------------------------- finetune
+def gate(candidate: dict, published: dict, metrics: list[str], max_quality_drop: float, users: int,
+         min_users: int) -> dict:
+    """The promotion rule: enough held-out users, and candidate >= published x (1 - max_quality_drop) on each metric."""
+    checks = {}
+    for m in metrics:
+        c, p = float(candidate.get(m, 0.0)), float(published.get(m, 0.0))
+        need = p * (1.0 - max_quality_drop)
+        checks[m] = {"candidate": c, "published": p, "threshold": need, "passed": c >= need}
+    failed = [m for m, ch in checks.items() if not ch["passed"]]
+    if users < min_users:
+        reason = f"only {users} held-out users with positives (finetune.min_holdout_users={min_users}): not judged"
+    elif failed:
+        reason = "below the published model: " + ", ".join(
+            f"{m} {checks[m]['candidate']:.4f} < {checks[m]['threshold']:.4f}" for m in failed)
+    else:
+        reason = "passed: " + ", ".join(f"{m} {ch['candidate']:.4f} >= {ch['threshold']:.4f}" for m, ch in checks.items())
+    return {"promote": users >= min_users and not failed, "reason": reason, "checks": checks, "users": users,
+            "min_users": min_users, "max_quality_drop": max_quality_drop}
+
+
+def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, progress: bool = True, log=_stderr) -> dict:
+    """Fine-tune the published model on drop `day`, gate it, promote or reject it (module doc)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from userformer.models import registry as R
+    from userformer.models import stream as ST
+    from userformer.models import train as T
+
+    t0 = time.perf_counter()
+    ft = cfg.finetune
+    ptr = R.published(cfg)
+    if ptr is None:
+        raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first "
+                        "(finetune warm-starts from the published version)")
+    state = ST.drop_state(cfg, day)
+    base = {"dt": str(day), "published": ptr["version"], "trained": False, "promoted": False}
+    if state == "ingested":
+        raise UserError(f"user_sequences does not include drop {day} yet: run `userformer sequences --dt {day}` first")
+    if state == "missing":
+        raise UserError(f"no sequences for {day}: drop {day} was not ingested (`userformer run-day --dt {day}`)")
+    if state == "empty":
+        return {**base, "reason": f"drop {day} has no events: nothing to fine-tune, nothing promoted"}
+    pub_path = R.version_dir(cfg, ptr["version"]) / "model.pt"
+    published, pub_ck = R.load(cfg, ptr["version"])
+    start, end = ST.day_start(day), ST.day_end(day)
+    until = (pub_ck.get("protocol") or {}).get("trained_until_ts")
+    if until is not None and until >= end:
+        return {**base, "reason": f"the published version {ptr['version']} was already trained on events up to "
+                                  f"{ST.iso(until)}: nothing new in drop {day}"}
+    snap = snapshot(cfg, day)
+    cat = snap.catalog
+    grow_report = R.fit_to_catalog(published, cat, str(pub_path))  # in place: `published` is now grown
+    grown = published
+
+    tc = _dataclass(TrainConfig, pub_ck["train_config"], f"{pub_path} train_config")
+    # The model's objective and loss, this machine's device settings, the fine-tuning schedule.
+    tcfg = dataclasses.replace(tc, epochs=epochs or ft.epochs, lr=ft.lr, device=cfg.train.device,
+                               bf16=cfg.train.bf16, cpu_bf16=cfg.train.cpu_bf16, num_threads=cfg.train.num_threads,
+                               stream_chunk_users=cfg.train.stream_chunk_users)
+    on_day = pa.scalar(day, pa.date32())
+
+    def active(t):
+        return pc.equal(t["updated_dt"], on_day).to_numpy(zero_copy_only=False)
+
+    def held(t):
+        return _bucket(t, f"holdout|{day}") < ft.holdout_fraction
+
+    def train_rows(t):
+        a = active(t)
+        return (a & ~held(t)) | (~a & (_bucket(t, f"replay|{day}") < ft.replay_fraction))
+
+    counts = {"active_users": 0, "holdout_users": 0}
+
+    def count(t, seqs):
+        a = active(t)
+        counts["active_users"] += int(a.sum())
+        counts["holdout_users"] += int((a & held(t)).sum())
+
+    gate_users = ST.WindowUsers(start, end, cfg.train.max_eval_users, salt=SAMPLE_SALT, keep=lambda t: active(t) & held(t))
+    census = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users)
+    census.summarise(cat.n_items, (count, gate_users))
+    if counts["active_users"] == 0:
+        return {**base, "reason": f"no user was active on {day}: nothing to fine-tune, nothing promoted"}
+    source = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=end,
+                               select=train_rows).summarise(cat.n_items)
+    gate_ev = gate_users.result()
+    info = {**counts, "gate_users": len(gate_ev.targets), "train_sequences": source.n_sequences,
+            "replay_fraction": ft.replay_fraction, "holdout_fraction": ft.holdout_fraction,
+            "epochs": tcfg.epochs, "lr": tcfg.lr}
+    log(f"finetune {ptr['version']} on {day}: {info}")
+    if not source.n_sequences:
+        return {**base, **info, "reason": f"no training sequences on {day} once the held-out users are out"}
+
+    device = T.pick_device(tcfg.device)
+    grown.to(device)
+    pub_m = T.evaluate(grown, gate_ev, cat, device, tcfg)
+    stale_users = T.embed_users(grown, gate_ev.history, grown.cfg.max_len, device, tcfg, ref_ts=gate_ev.ref_ts)
+    protocol = {"reference_time": ST.iso(end), "trained_until": ST.iso(end), "trained_until_ts": end,
+                "gate_window": [ST.iso(start), ST.iso(end)], "parent_trained_until": until}
+    extra = {"data": snap.record(cfg), "protocol": protocol, "parent": ptr["version"], "finetune": info}
+    candidate, hist = T.fit(grown.cfg, tcfg, source, None, cat, progress=progress, log=log,
+                            model=copy.deepcopy(grown), extra=extra)
+    cand_m = T.evaluate(candidate, gate_ev, cat, device, tcfg)
+    stale_m = ST.evaluate_embeddings(stale_users, candidate.item_tower.all_items(), gate_ev, cat)
+    pop_m = ST.evaluate_counts(source.item_counts(cat.n_items), gate_ev, cat)
+    decision = gate(cand_m, pub_m, ft.gate_metrics, ft.max_quality_drop, len(gate_ev.targets), ft.min_holdout_users)
+    stale = {"users": len(gate_ev.targets),
+             "stale_user_embeddings": _summary_metrics(stale_m),
+             "fresh_user_embeddings": _summary_metrics(cand_m),
+             "fresh_minus_stale": {k: cand_m.get(k, 0.0) - stale_m.get(k, 0.0) for k in ("recall@10", "ndcg@10", "hr@10")},
+             "what": "held-out users of the day: the published model's user embeddings (history before the day) "
+                     "against the candidate's item vectors, vs the candidate's own fresh embeddings of them",
+             "rule": R.REEMBED_RULE}
+    metrics = {"gate": {"candidate": cand_m, "published": pub_m, "most_popular": pop_m},
+               "train_seconds": hist["train_seconds"], "epochs": hist["epochs"]}
+    ck = T.checkpoint(candidate, tcfg, hist["epochs"], metrics,
+                      {**extra, "history": hist["history"], "gate": decision, "stale_embeddings": stale,
+                       "grown": grow_report, "parameters": candidate.n_parameters()})
+    status = "promoted" if decision["promote"] else "rejected"
+    version = R.register(cfg, ck, kind="finetune", day=day, status=status)
+    if decision["promote"]:
+        R.publish(cfg, version, f"finetune dt={day} over {ptr['version']}: gate {decision['reason']}")
+    return {**base, "trained": True, "promoted": decision["promote"], "version": version, "status": status,
+            "published": version if decision["promote"] else ptr["version"], "parent": ptr["version"],
+            "reason": decision["reason"], "gate": decision, "stale_embeddings": stale, **info,
+            "most_popular": _summary_metrics(pop_m), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# --------------------------------------------------------------- evaluate
+def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = None, out=print) -> dict:
+    """Evaluate a registered model (default: the published one) on the window ending with drop `day` (module doc)."""
+    import torch
+    from userformer.models import registry as R
+    from userformer.models import stream as ST
+    from userformer.models import train as T
+
+    t0 = time.perf_counter()
+    if version is None:
+        ptr = R.published(cfg)
+        if ptr is None:
+            raise UserError(f"no published model under {cfg.models_root}: pass --version or run `userformer train`")
+        version = ptr["version"]
+    model, ck = R.load(cfg, version)
+    snap = snapshot(cfg, day)
+    cat = snap.catalog
+    grow_report = R.fit_to_catalog(model, cat, str(R.version_dir(cfg, version) / "model.pt"))
+    tcfg = cfg.train
+    torch.set_num_threads(tcfg.num_threads)
+    end = ST.day_end(snap.day)
+    start = end - tcfg.eval_horizon_days * DAY_S
+    window = ST.WindowUsers(start, end, tcfg.max_eval_users, salt=SAMPLE_SALT,
+                            keep=lambda t: _bucket(t, VALID_SALT) >= tcfg.valid_user_fraction)
+    history = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=start,
+                                min_len=1).summarise(cat.n_items, (window,))
+    ev = window.result()
+    if not len(ev.targets):
+        raise UserError(f"no users with item events in [{ST.iso(start)}, {ST.iso(end)}) as of {snap.day} "
+                        f"(train.eval_horizon_days={tcfg.eval_horizon_days}): nothing to evaluate")
+    device = T.pick_device(tcfg.device)
+    model.to(device)
+    m = T.evaluate(model, ev, cat, device, tcfg)
+    pop = ST.evaluate_counts(history.item_counts(cat.n_items), ev, cat)
+    until = (ck.get("protocol") or {}).get("trained_until_ts")
+    report = {
+        "version": version, "kind": ck.get("kind"), "dt": str(snap.day), "created_at": R.now_iso(),
+        "protocol": {"window": [ST.iso(start), ST.iso(end)], "embedded_at": ST.iso(start),
+                     "horizon_days": tcfg.eval_horizon_days, "ranking": "full catalogue",
+                     "users": f"users with item events in the window, the {1 - tcfg.valid_user_fraction:.0%} "
+                              "hash share validation never sees; cold users (no history) included",
+                     "model_trained_until": ST.iso(until) if until is not None else None,
+                     "window_overlaps_training": bool(until is not None and until > start + 1e-6)},
+        "users": len(ev.targets), "window_users": window.total,
+        "cold_users": int((ev.history.lengths == 0).sum()),
+        "items": cat.n_items, "grown_since_model": grow_report,
+        "data": snap.record(cfg),
+        "models": {version: m, "most_popular": pop},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    path = cfg.reports_root / "models" / version / f"evaluate-dt={snap.day}.json"
+    R.write_json(path, report)
+    report["path"] = str(path)
+    out(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    cols = ["users", "hr@10", "recall@10", "ndcg@10", "coverage@10", "entropy@50"]
+    p = report["protocol"]
+    lines = [f"evaluate {report['version']} as of {report['dt']}: window {p['window'][0]} .. {p['window'][1]}, "
+             f"{report['users']} users ({report['cold_users']} cold), {report['items']} items (full catalogue)"]
+    if p["window_overlaps_training"]:
+        lines.append(f"WARNING: the model was trained on events up to {p['model_trained_until']}, inside the window")
+    lines += ["", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in report["models"].items():
+        cells = [str(m.get(c, "")) if c == "users" else (f"{m[c]:.4f}" if c in m else "") for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    heads = report["models"][report["version"]].get("heads") or {}
+    if heads:
+        lines += ["", "| head | users | acc@1 | acc@5 | majority@1 |", "|---|---|---|---|---|"]
+        for task, h in heads.items():
+            lines.append(f"| {task} | {h.get('users', '')} | {h.get('acc@1', 0):.4f} | {h.get('acc@5', 0):.4f} | "
+                         f"{h.get('majority@1', 0):.4f} |")
+    lines += ["", f"report: {report.get('path', '')}"]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- CLI
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the customer model on the warehouse (streams user_sequences), "
+                                     "register it; --publish makes it the served version",
+                       description="Train on user_sequences as of a drop date (time protocol: the last "
+                                   "train.eval_horizon_days validate), register the best model; the first model "
+                                   "and --publish publish it. See jobs/train.py.")
+    p.add_argument("--dt", type=date_arg, help="as of this drop date (default: the latest in user_sequences)")
+    p.add_argument("--epochs", type=int, help="max epochs (default: train.epochs); with --resume: extend the run to N")
+    p.add_argument("--publish", action="store_true", help="publish the new version (the first one always is)")
+    p.add_argument("--resume", metavar="RUN_ID|latest", help="continue an interrupted run from its last epoch")
+    p.add_argument("--max-users", type=int, metavar="N", help="train on about N users (a stable hash sample)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    p = sub.add_parser("finetune", help="warm-start the published model on drop D's active users; promote it only "
+                                        "if it passes the quality gate on held-out users",
+                       description="Fine-tune the published version on drop D (grows embeddings for new ids), gate "
+                                   "it against the published model on held-out users of D, promote or reject. "
+                                   "Exit 0 either way. See jobs/train.py.")
+    p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
+    p.add_argument("--epochs", type=int, help="epochs (default: finetune.epochs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    p = sub.add_parser("evaluate", help="time-based evaluation of a model version on the warehouse, with "
+                                        "most-popular in the same run; JSON report + table",
+                       description="Evaluate a version (default: the published one) on the train.eval_horizon_days "
+                                   "ending with drop D: recall/HR/NDCG@10, coverage@10, entropy@50, head accuracy, "
+                                   "most-popular. See jobs/train.py.")
+    p.add_argument("--version", help="model version (default: the published one)")
+    p.add_argument("--dt", type=date_arg, help="last drop date of the window (default: the latest)")
+    p.set_defaults(func=run)
+
+
+def run(args, cfg: Config) -> int:
+    if args.command == "train":
+        if args.epochs is not None and args.epochs < 1:
+            raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+        if args.max_users is not None and args.max_users < 1:
+            raise UserError(f"--max-users must be >= 1, got {args.max_users}")
+        if args.resume and args.dt:
+            raise UserError("--resume continues a run on its own data; --dt cannot change it")
+        res = train(cfg, day=args.dt, epochs=args.epochs, publish=args.publish, resume=args.resume,
+                    max_users=args.max_users, progress=not args.no_progress)
+    elif args.command == "finetune":
+        if args.epochs is not None and args.epochs < 1:
+            raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+        res = finetune(cfg, args.dt, epochs=args.epochs, progress=not args.no_progress)
+    else:
+        res = evaluate(cfg, version=args.version, day=args.dt)
+        return 0
+    print(json.dumps(res, indent=2, default=str))
+    return 0
