@@ -152,7 +152,7 @@ def register(cfg, checkpoint: dict, *, kind: str, day: dt.date | None, status: s
     ck["state_dict"] = {k: v.detach().cpu() for k, v in checkpoint["state_dict"].items()}
     save_torch(d / "model.pt", ck)
     man = {"version": version, "kind": kind, "status": status, "dt": ck["dt"], "created_at": now_iso(),
-           **{k: v for k, v in ck.items() if k not in ("state_dict", "version", "kind", "status", "dt", "history")},
+           **{k: v for k, v in ck.items() if k not in ("state_dict", "version", "kind", "status", "dt")},
            **plain(manifest or {}),
            "reembedding_rule": REEMBED_RULE,
            "files": {"model.pt": {"bytes": (d / "model.pt").stat().st_size, "sha256": sha256(d / "model.pt")}}}

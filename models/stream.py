@@ -110,6 +110,9 @@ def sequences_version(cfg, day: dt.date | None) -> tuple[int, dt.date]:
     current = delta.version_of(path)
     if day is None or day == latest:
         return current, latest
+    if day > latest and all(drop_state(cfg, latest + dt.timedelta(days=i)) == "empty"
+                            for i in range(1, (day - latest).days + 1)):
+        return current, day  # only drops without events since: the table as it is, as of `day`
     if day > latest:
         raise UserError(f"user_sequences includes drops up to {latest} only, not {day}: "
                         f"run `userformer sequences --dt {day}` first")

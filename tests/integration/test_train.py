@@ -206,6 +206,11 @@ def test_finetune_without_a_model_or_a_day_and_an_empty_day(warehouse, trained, 
     assert R.published(cfg)["version"] == v1 and len(R.list_versions(cfg)) == 1
     with pytest.raises(UserError, match="no sequences for 2026-11-06"):
         J.finetune(cfg, D6, log=quiet)
+    # As of the empty day, the data is the table as it stands (sequences made no commit for D5).
+    seq = cfg.table_path("user_sequences")
+    assert ST.sequences_version(cfg, D5) == (delta.version_of(seq), D5)
+    with pytest.raises(UserError, match="includes drops up to 2026-11-05 only|up to 2026-11-04 only"):
+        ST.sequences_version(cfg, D6)
 
 
 # --------------------------------------------------------------- evaluate
@@ -230,7 +235,7 @@ def test_evaluate_writes_its_report_and_prints_a_table(warehouse, trained, tmp_p
 def test_cli(warehouse, trained, tmp_path):
     env = {**os.environ, **env_of(warehouse, tmp_path)}
     r = subprocess.run([EXE, "finetune", "--dt", str(D4)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 2 and "userformer finetune: error: no published model" in r.stderr
+    assert r.returncode == 2 and "userformer finetune: error: no published model" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     with_registry(load_config(env=env_of(warehouse, tmp_path)), trained)
     r = subprocess.run([EXE, "evaluate", "--dt", str(D3)], capture_output=True, text=True, env=env, timeout=300)
