@@ -9,13 +9,15 @@ the new ids. `grow` extends, in place:
   so corrected attributes of old items apply too);
 - the event featuriser's own tables (event type, surface; and item/category/brand
   when the towers are not tied): shared tables stay shared;
-- every preference head's label table.
+- every preference head's label table (and its per-label prior, if it has one).
 
 New rows: zero for categories, brands, event types, surfaces and head labels
 ("knows nothing yet": an unknown value adds nothing to a mean-pooled event or
-item and scores 0 in a head); a new ITEM's id row is its content vector, the
-mean of its (grown) attribute embeddings, so before any fine-tuning the grown
-model scores a new item exactly by its category and brand.
+item and scores 0 in a head); a new label's prior is the lowest prior of the
+known labels (it has not been seen yet). A new ITEM's id row makes the item
+exactly its content before any fine-tuning: the mean of its (grown) attribute
+embeddings under mean pooling (id and content are averaged), zero under
+``id_plus_mean`` pooling (the id is added to the content mean).
 """
 
 from __future__ import annotations
@@ -77,11 +79,16 @@ def grow(model, catalog: ItemCatalog) -> dict:
         want = max(new_sizes[FIELD[task]], 2)
         if want > old_n:
             r.labels = _grown(r.labels, want)
+            bias = getattr(r, "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == old_n:
+                prior = bias.detach()[1:].min() if old_n > 1 else bias.new_zeros(())
+                r.bias = nn.Parameter(torch.cat([bias.detach(), prior.expand(want - old_n)]),
+                                      requires_grad=bias.requires_grad)
     tower.attrs = attrs.to(old_attrs.device)
     tower.n_items = n_items - 1
 
     # Content initialisation of the new items' id rows (item tower side; tied tables see it too).
-    if "item_id" in tower.embs:
+    if "item_id" in tower.embs and not getattr(tower, "id_plus_mean", False):
         ids = tower.embs["item_id"]
         old_n = old_sizes["item"]
         if ids.num_embeddings > old_n:

@@ -168,6 +168,9 @@ def test_grow_adds_rows_and_keeps_old_ones_exactly(tie):
     assert m.sizes == new_cat.sizes and m.item_tower.n_items == 37
     assert m.heads.readouts["brand"].labels.num_embeddings == 6
     assert torch.equal(m.heads.readouts["brand"].labels.weight[5], torch.zeros(16))
+    bias = getattr(m.heads.readouts["brand"], "bias", None)  # heads with a per-label prior
+    if bias is not None:
+        assert bias.shape == (6,) and bias[5] == before["heads.readouts.brand.bias"][1:].min()
     if tie:  # still one table in and out
         assert m.encoder.features.embs["item_id"] is m.item_tower.embs["item_id"]
     # Old items score as before; a new item's id row is its content vector.
