@@ -237,7 +237,8 @@ def pad_batch(seqs: Sequences, rows: np.ndarray, max_len: int, ref_ts: np.ndarra
     `keep`: when > 0, the newest `keep` events are dropped first (kept out of the input).
     `trim`: narrow the batch to its longest row (most sequences are far shorter than max_len).
     `ref_ts`: per user reference time for the time-to-reference feature (default: the newest kept event).
-    Returns ints (long), ts/duration (float), `mask` (True = real event).
+    Returns ints (long), ts/duration (float), `mask` (True = real event), `from_start` (B,) (the row holds
+    the user's first event).
     """
     rows = np.asarray(rows, np.int64)
     ends = seqs.offsets[rows + 1] - keep
@@ -249,11 +250,18 @@ def pad_batch(seqs: Sequences, rows: np.ndarray, max_len: int, ref_ts: np.ndarra
     first_col = (max_len - lens)[:, None]
     valid = col >= first_col
     src = np.where(valid, starts[:, None] + col - first_col, 0)
-    out = {k: torch.from_numpy(np.where(valid, v[src], 0)) for k, v in seqs.ints.items()}
-    ts = np.where(valid, seqs.ts[src], 0.0)
+
+    def take(a, fill):  # a set of users without a single event has nothing to index
+        return np.where(valid, a[src], fill) if len(a) else np.full(valid.shape, fill, a.dtype)
+
+    out = {k: torch.from_numpy(take(v, 0)) for k, v in seqs.ints.items()}
+    ts = take(seqs.ts, 0.0)
     out["ts"] = torch.from_numpy(ts)
-    out["duration"] = torch.from_numpy(np.where(valid, seqs.duration[src], np.nan).astype(np.float32))
+    out["duration"] = torch.from_numpy(take(seqs.duration, np.nan).astype(np.float32))
     out["mask"] = torch.from_numpy(valid)
+    # The window starts at the user's first event (nothing older was cut off): training then also learns
+    # to predict that first event from an empty history (the cold-start embedding, see model.py).
+    out["from_start"] = torch.from_numpy((starts == seqs.offsets[rows]) & (lens > 0))
     if ref_ts is None:
         ref_ts = np.where(lens > 0, ts[:, -1], 0.0)
     out["ref_ts"] = torch.from_numpy(np.asarray(ref_ts, np.float64))

@@ -3,7 +3,9 @@
 Every event is a set of features (item id, category levels, brand, event type
 = MCM's token type, surface, log duration, time gap to the previous event).
 Each feature gives a d-vector; ``mean`` pooling averages the ones the event
-has (MCM: an unknown brand adds nothing instead of a zero), ``concat``
+has (MCM: an unknown brand adds nothing instead of a zero), ``id_plus_mean``
+adds the item id's vector to the mean of the others (content then cannot
+dilute an item's identity; an unseen item is its content), ``concat``
 concatenates them and projects back to d (lets the model weigh features).
 A learned position embedding (counted from the newest event, so left padding
 does not move it) is added after pooling. Any feature can be switched off:
@@ -21,7 +23,7 @@ import math
 
 import torch
 from torch import nn
-from userformer.models.item_tower import FIELD, embedding
+from userformer.models.item_tower import FIELD, embedding, pool
 
 CATEGORICAL = ("item_id", "category_l1", "category_l2", "category_l3", "brand", "event_type", "surface")
 
@@ -89,8 +91,7 @@ class EventFeaturizer(nn.Module):
         if self.pooling == "concat":
             x = self.project(torch.cat(parts, -1))
         else:
-            cnt = torch.stack(present, -1).float().sum(-1, keepdim=True).clamp_min(1.0)
-            x = torch.stack(parts, 0).sum(0) / cnt
+            x = pool(parts, present, self.pooling == "id_plus_mean" and "item_id" in self.embs)
         if self.position is not None:
             L = mask.shape[1]
             recency = torch.arange(L - 1, -1, -1, device=mask.device).clamp_max(self.position.num_embeddings - 1)

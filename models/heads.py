@@ -2,7 +2,8 @@
 
 For label w of a task with embedding e_w and encoder states h_i of the events
 the user has had:  a_{w,i} = softmax_i(e_w . h_i),  r_w = sum_i a_{w,i} h_i,
-s(w) = r_w . e_w.  Each label looks at the events relevant to it; a softmax
+s(w) = r_w . e_w (+ a learned per-label prior b_w, so that a user with no
+events gets the population's preferences).  Each label looks at the events relevant to it; a softmax
 over the task's labels gives the user's preference scores. Label 0 (unknown)
 is never predicted. Trained on random prefixes (MCM): the readout only ever
 sees the past.
@@ -22,6 +23,8 @@ class TaskReadout(nn.Module):
         super().__init__()
         self.labels = nn.Embedding(max(n_labels, 2), d)
         nn.init.normal_(self.labels.weight, std=1.0 / math.sqrt(d))
+        # Per-label prior (not in MCM's formula): what a user without events gets, and a calibration offset.
+        self.bias = nn.Parameter(torch.zeros(max(n_labels, 2)))
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h (B, L, d), mask (B, L) of the positions to read -> scores (B, W); column 0 is -inf."""
@@ -30,7 +33,7 @@ class TaskReadout(nn.Module):
         a = torch.softmax(att.masked_fill(~mask[:, None, :], float("-inf")), -1).nan_to_num(0.0)
         # s(w) = r_w . e_w = sum_i a_wi (h_i . e_w) = sum_i a_wi att_wi: no (B, W, d) readout tensor needed.
         # A user with no events reads nothing (a = 0, s = 0).
-        s = (a * att).sum(-1)
+        s = (a * att).sum(-1) + self.bias
         s[:, 0] = float("-inf")
         return s
 

@@ -30,6 +30,15 @@ def embedding(n: int, d: int) -> nn.Embedding:
     return e
 
 
+def pool(parts: list[torch.Tensor], present: list[torch.Tensor], id_first: bool) -> torch.Tensor:
+    """Mean of the feature vectors an event (or item) has; with `id_first`, parts[0] (the item id's vector)
+    plus the mean of the others, so that shared content vectors do not drown the identity."""
+    if id_first and len(parts) > 1:
+        return parts[0] + pool(parts[1:], present[1:], False)
+    cnt = torch.stack(present, -1).float().sum(-1, keepdim=True).clamp_min(1.0)
+    return torch.stack(parts, 0).sum(0) / cnt
+
+
 class ResidualMLP(nn.Module):
     """x + W2 GELU(W1 LN(x)): starts near the identity, so it can only refine the pooled vector."""
 
@@ -42,8 +51,9 @@ class ResidualMLP(nn.Module):
 
 
 class ItemTower(nn.Module):
-    def __init__(self, features: list[str], d: int, catalog: ItemCatalog, mlp: bool = True):
+    def __init__(self, features: list[str], d: int, catalog: ItemCatalog, mlp: bool = True, id_plus_mean: bool = False):
         super().__init__()
+        self.id_plus_mean = id_plus_mean
         self.features = [f for f in features if f in ("item_id", *ITEM_ATTRS)]
         self.n_items = catalog.n_items
         self.embs = nn.ModuleDict({f: embedding(catalog.sizes[FIELD[f]], d) for f in self.features})
@@ -57,17 +67,17 @@ class ItemTower(nn.Module):
         attributes (for items not in it); an id outside the table counts as unknown (0)."""
         known = (item_idx > 0) & (item_idx < self.attrs.shape[0])
         idx = torch.where(known, item_idx, torch.zeros_like(item_idx))
-        total, count = 0.0, 0.0
+        parts, present = [], []
         for f, emb in self.embs.items():
             if f == "item_id":
                 ids = idx.clamp_max(emb.num_embeddings - 1) * (idx < emb.num_embeddings)
             else:
                 ids = attrs[f] if attrs is not None and f in attrs else self.attrs[idx, ITEM_ATTRS.index(f)]
                 ids = torch.where(ids < emb.num_embeddings, ids, torch.zeros_like(ids))
-            total = total + emb(ids)
-            count = count + (ids > 0).unsqueeze(-1).float()
-        # Mean over the attributes the item has (an unknown brand does not dilute the rest).
-        pooled = total / count.clamp_min(1.0)
+            parts.append(emb(ids))
+            present.append(ids > 0)
+        # Mean over the attributes the item has (an unknown brand does not dilute the rest); or id + that mean.
+        pooled = pool(parts, present, self.id_plus_mean and "item_id" in self.embs)
         return F.normalize(self.mlp(pooled), dim=-1)
 
     def all_items(self) -> torch.Tensor:

@@ -76,6 +76,13 @@ def batch_loss(model: UserFormer, batch: dict, tcfg: TrainConfig, sampler: LS.Ne
         gap = (query_ts.gather(1, p) - inp["ts"].gather(1, p))[dok]
         u = model.encoder.embed(hp, gap)
         pos = dtgt[dok]
+    # Cold start: the user's first event, predicted from no events at all, trains the cold embedding.
+    first = inp["mask"].float().argmax(1)
+    first_item = batch["item"].gather(1, first[:, None])[:, 0]
+    cold = batch["from_start"].to(first_item.device) & (first_item > 0)
+    if cold.any():
+        u = torch.cat([u, model.cold_embedding().to(u.dtype).expand(int(cold.sum()), -1)])
+        pos = torch.cat([pos, first_item[cold]])
     tau = model.temperature
     if tcfg.loss == "full":
         retrieval = LS.full_softmax(u, model.item_tower.all_items(), pos, tau)

@@ -248,12 +248,12 @@ def test_objectives_and_full_softmax_train(data, objective, loss):
     tc = TrainConfig(epochs=20, batch_size=8, lr=1e-2, objective=objective, loss=loss, uniform_negatives=16,
                      dense_horizon_events=2, num_threads=1)
     content = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "position"]
-    model, h = fit(tiny_cfg(heads=[], event_features=content), tc, train, valid, catalog, progress=False,
-                   log=lambda s: None)
+    model, h = fit(tiny_cfg(heads=[], event_features=content, pooling="id_plus_mean"), tc, train, valid, catalog,
+                   progress=False, log=lambda s: None)
     assert h["history"][-1]["loss"] < h["history"][0]["loss"]
     m = evaluate(model, test, catalog, torch.device("cpu"), tc)
     assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
-    assert m["hr@10"] > 10 / 30  # better than random on a deterministic walk
+    assert m["hr@10"] > 0.6  # random: 10 / 30; a deterministic walk is learnable
 
 
 def test_head_losses_are_present(data):
@@ -386,3 +386,42 @@ def test_history_exclusion_removes_seen_items_from_the_ranking():
     acc = RankingAccumulator(4, None, k=1, k_div=1)
     acc.add(scores.clone(), torch.tensor([3]), exclude=(rows, items))
     assert kept["hr@1"] == 0.0 and acc.result()["hr@1"] == 1.0  # the target moves to the top once 1, 2 are out
+
+
+def test_users_without_events_get_the_trained_cold_embedding(data):
+    seqs, catalog = data
+    model = model_of(tiny_cfg(), catalog)
+    empty = D.Sequences(np.array(["new"], dtype=object), np.array([0, 0]), {k: np.zeros(0, np.int64) for k in D.INT_FIELDS},
+                        np.zeros(0), np.zeros(0, np.float32))
+    b = D.pad_batch(empty, np.array([0]), 10)
+    with torch.no_grad():
+        u = model.user_embedding(b)
+        assert torch.allclose(u[0], model.cold_embedding(), atol=1e-6)
+        prefs = model.preferences(b)  # no events: the heads' priors (softmax of the biases)
+        for task, p in prefs.items():
+            assert torch.allclose(p[0, 1:], torch.softmax(model.heads.readouts[task].bias[1:], -1), atol=1e-5)
+    # A window that starts at the user's first event trains the cold embedding on that event.
+    full = D.pad_batch(seqs, np.arange(4), 12)  # 12 events each: the whole history
+    assert full["from_start"].all() and not D.pad_batch(seqs, np.arange(4), 5)["from_start"].any()
+    model.train()
+    loss, _ = batch_loss(model, full, TrainConfig(uniform_negatives=8), LS.NegativeSampler(
+        D.item_counts(seqs, catalog.n_items), 8, 0), torch.Generator().manual_seed(0), True)
+    loss.backward()
+    assert model.cold.grad is not None and model.cold.grad.abs().sum() > 0
+
+
+def test_id_plus_mean_pooling_keeps_identity_and_embeds_unseen_items_by_content(data):
+    _, catalog = data
+    tower = model_of(tiny_cfg(pooling="id_plus_mean", item_mlp=False), catalog).item_tower
+    ids = torch.tensor([1, 2])
+    parts = {f: e for f, e in tower.embs.items()}
+    attrs = {a: tower.attrs[ids, D.ITEM_ATTRS.index(a)] for a in D.ITEM_ATTRS}
+    content = [parts[a](attrs[a]) for a in D.ITEM_ATTRS]
+    cnt = torch.stack([(attrs[a] > 0) for a in D.ITEM_ATTRS], -1).float().sum(-1, keepdim=True)
+    expect = parts["item_id"](ids) + torch.stack(content).sum(0) / cnt
+    with torch.no_grad():
+        assert torch.allclose(tower(ids), torch.nn.functional.normalize(expect, dim=-1), atol=1e-6)
+        # an id the model never saw (outside the table) with known attributes: its content alone
+        unseen = tower(torch.tensor([catalog.n_items + 5]), attrs={a: attrs[a][:1] for a in D.ITEM_ATTRS})
+        only = torch.stack([c[:1] for c in content]).sum(0) / cnt[:1]
+        assert torch.allclose(unseen, torch.nn.functional.normalize(only, dim=-1), atol=1e-6)
