@@ -434,7 +434,7 @@ def register(sub) -> None:
                                    "train.eval_horizon_days validate), register the best model; the first model "
                                    "and --publish publish it. See jobs/train.py.")
     p.add_argument("--dt", type=date_arg, help="as of this drop date (default: the latest in user_sequences)")
-    p.add_argument("--epochs", type=int, help="max epochs (default: train.epochs); with --resume: extend the run to N")
+    p.add_argument("--epochs", type=int, help="max epochs (default: train.epochs); with --resume of an unfinished run: its new maximum")
     p.add_argument("--publish", action="store_true", help="publish the new version (the first one always is)")
     p.add_argument("--resume", metavar="RUN_ID|latest", help="continue an interrupted run from its last epoch")
     p.add_argument("--max-users", type=int, metavar="N", help="train on about N users (a stable hash sample)")

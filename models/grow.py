@@ -48,8 +48,8 @@ def grow(model, catalog: ItemCatalog) -> dict:
     new_sizes = dict(old_sizes)
     for k, n in catalog.sizes.items():
         if k in old_sizes and n < old_sizes[k]:
-            raise ValueError(f"catalogue has {n} {k} ids but the model {old_sizes[k]}: the vocabulary only grows, "
-                             "so the model belongs to another warehouse")
+            raise ValueError(f"catalogue has {n} {k} ids but the model {old_sizes[k]}: the vocabulary only grows, so "
+                             "the catalogue is older than the model (use a later drop date) or from another warehouse")
         new_sizes[k] = max(n, old_sizes.get(k, 1))
     grown = {k: [old_sizes.get(k, 1), n] for k, n in new_sizes.items() if n != old_sizes.get(k, 1)}
     tower = model.item_tower

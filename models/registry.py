@@ -270,7 +270,10 @@ def model_from_checkpoint(ck: dict, path: Path | str = "checkpoint"):
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = "; ".join(lines[:4])
-        raise UserError(f"{path}: model/vocabulary size mismatch or wrong weights: {detail}") from None
+        if "size mismatch" in str(exc):
+            raise UserError(f"{path}: model/vocabulary size mismatch: {detail}") from None
+        raise UserError(f"{path}: its weights do not fit this version of the model code (retrain, or run the "
+                        f"userformer that wrote it): {detail}") from None
     return model
 
 

@@ -178,8 +178,11 @@ def warehouse_catalog(cfg, day: dt.date | None = None, versions: dict | None = N
     versions = versions or {}
     vv = versions.get("vocab", delta.version_of(vpath))
     iv = versions.get("items", delta.version_of(ipath))
-    sizes = vocab_sizes(delta.read_arrow(vpath, vv), day)
-    items = delta.read_arrow(ipath, iv, columns=["item_idx", "first_dt", *[f"{a}_idx" for a in ITEM_ATTRS]])
+    try:
+        sizes = vocab_sizes(delta.read_arrow(vpath, vv), day)
+        items = delta.read_arrow(ipath, iv, columns=["item_idx", "first_dt", *[f"{a}_idx" for a in ITEM_ATTRS]])
+    except (OSError, delta.StorageError) as exc:
+        raise UserError(f"cannot read vocab version {vv} / items version {iv} (vacuumed?): {exc}") from None
     if day is not None:
         items = items.filter(pc.less_equal(items["first_dt"], pa.scalar(day, pa.date32())))
     n = sizes["item"]
@@ -245,7 +248,11 @@ class DeltaSequences:
         self.pieces: list[_Piece] = []
         for a in delta.add_actions(path, version):
             f = _abs(path, a["path"])
-            md = pq.ParquetFile(f).metadata
+            try:
+                md = pq.ParquetFile(f).metadata
+            except FileNotFoundError:
+                raise UserError(f"user_sequences version {version} lacks its file {f} (vacuumed after "
+                                "storage.retention_days?): read a later version") from None
             for rg in range(md.num_row_groups):
                 if md.row_group(rg).num_rows:
                     self.pieces.append(_Piece(f, rg, md.row_group(rg).num_rows))

@@ -137,9 +137,15 @@ def test_size_mismatch_is_a_clear_error(cfg):
     ck["vocab_sizes"]["item"] = 31
     ck["vocab_sizes"]["brand"] = 9
     torch.save(ck, path)
-    with pytest.raises(UserError, match=f"{path}: model/vocabulary size mismatch or wrong weights: .*size mismatch"):
+    with pytest.raises(UserError, match=f"{path}: model/vocabulary size mismatch: .*size mismatch for item_tower.embs.brand"):
         R.model_from_checkpoint(R.read_checkpoint(path), path)
-    # A catalogue smaller than the model: another warehouse.
+    # Weights of another version of the model code.
+    ck["vocab_sizes"]["brand"] = 5
+    ck["state_dict"]["extra.weight"] = torch.zeros(2)
+    torch.save(ck, path)
+    with pytest.raises(UserError, match=f"{path}: its weights do not fit this version of the model code"):
+        R.model_from_checkpoint(R.read_checkpoint(path), path)
+    # A catalogue smaller than the model: older than the model, or another warehouse.
     small = catalog(n_items=20)
     with pytest.raises(UserError, match="model.pt: model/vocabulary size mismatch: catalogue has 21 item ids"):
         R.fit_to_catalog(m, small, str(path))
