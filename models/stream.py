@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import math
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -268,12 +269,12 @@ class DeltaSequences:
 
     def tables(self, rng: np.random.Generator | None = None) -> Iterator[pa.Table]:
         """The selected rows, chunk by chunk: in file order, or shuffled and interleaved with `rng`."""
-        order = list(rng.permutation(len(self.pieces))) if rng is not None else list(range(len(self.pieces)))
+        order = deque(rng.permutation(len(self.pieces)).tolist() if rng is not None else range(len(self.pieces)))
         width = self.interleave if rng is not None else 1
         open_: list[list] = []  # [reader, chunks left (weight)]
         while order or open_:
             while order and len(open_) < width:
-                p = self.pieces[order.pop(0)]
+                p = self.pieces[order.popleft()]
                 open_.append([self._read(p), math.ceil(p.rows / self.chunk_users)])
             if rng is not None and len(open_) > 1:
                 w = np.array([max(o[1], 1) for o in open_], np.float64)
