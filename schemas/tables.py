@@ -148,6 +148,52 @@ USER_SEQUENCES = pa.schema(
     ]
 )
 
+# ------------------------------------------------------------ published outputs (issue #4)
+# One published snapshot (these four tables and the item index) is always of one model version.
+_VEC = pa.list_(pa.float32())
+USER_EMBEDDINGS = pa.schema(
+    [
+        col("user_id", pa.string(), "Customer id; one current row per user.", nullable=False),
+        col("embedding", _VEC, "Unit-norm user vector (model.d_model floats); score an item by the dot product "
+            "with its item_embeddings row.", nullable=False),
+        col("model_version", pa.string(), "Registry version of the model that computed it.", nullable=False),
+        col("as_of", pa.date32(), "Drop date D whose sequences it was computed from.", nullable=False),
+        col("updated_at", TS, "When this row was last written.", nullable=False),
+    ]
+)
+USER_PREFERENCE_SCORES = pa.schema(
+    [
+        col("user_id", pa.string(), "Customer id.", nullable=False),
+        col("task", pa.string(), "Preference head: category_l1, category_l2, category_l3, brand or event_type.", nullable=False),
+        col("label_idx", pa.list_(pa.int64()), "Vocabulary ids of the top-K labels, best first.", nullable=False),
+        col("labels", pa.list_(pa.string()), "The labels themselves (vocab keys), parallel to label_idx.", nullable=False),
+        col("scores", pa.list_(pa.float32()), "Preference probability of each label (softmax over all the task's labels).", nullable=False),
+        col("model_version", pa.string(), "Registry version of the model that computed it.", nullable=False),
+        col("as_of", pa.date32(), "Drop date D whose sequences it was computed from.", nullable=False),
+    ]
+)
+ITEM_EMBEDDINGS = pa.schema(
+    [
+        col("item_id", pa.string(), "Item id; one row per item of the catalogue.", nullable=False),
+        col("item_idx", pa.int64(), "Vocabulary id of item_id.", nullable=False),
+        col("embedding", _VEC, "Unit-norm item vector from the item tower (id + content).", nullable=False),
+        col("has_metadata", pa.bool_(), "False for items seen only in events (vector from the id alone).", nullable=False),
+        col("model_version", pa.string(), "Registry version of the model that computed it.", nullable=False),
+        col("as_of", pa.date32(), "Drop date D of the catalogue it was computed from.", nullable=False),
+    ]
+)
+USER_CANDIDATES = pa.schema(
+    [
+        col("user_id", pa.string(), "Customer id (users refreshed on as_of).", nullable=False),
+        col("item_idx", pa.list_(pa.int64()), "Top-N candidate item ids from the index, best first.", nullable=False),
+        col("item_id", pa.list_(pa.string()), "The same items' ids.", nullable=False),
+        col("scores", pa.list_(pa.float32()), "Similarity of each candidate (dot product of unit vectors).", nullable=False),
+        col("model_version", pa.string(), "Model version of the embeddings and index used.", nullable=False),
+        col("index_version", pa.string(), "Item index version the candidates came from.", nullable=False),
+        col("as_of", pa.date32(), "Drop date D.", nullable=False),
+    ]
+)
+
 # Table name -> (schema, partition columns, one-line description).
 TABLES: dict[str, tuple[pa.Schema, list[str], str]] = {
     "events": (EVENTS, ["dt"], "Accepted, deduplicated events with their ids; partition dt = drop date."),
@@ -155,7 +201,16 @@ TABLES: dict[str, tuple[pa.Schema, list[str], str]] = {
     "vocab": (VOCAB, [], "Append-only string -> integer id maps for items, categories, brands, event types, surfaces."),
     "items": (ITEMS, [], "Current item catalogue, one row per item id ever seen."),
     "user_sequences": (USER_SEQUENCES, [], "Per user, the most recent max_len events as parallel arrays, plus lifetime counts."),
+    "user_embeddings": (USER_EMBEDDINGS, [], "Published: one current embedding per user (rows of users without new events stay untouched)."),
+    "user_preference_scores": (USER_PREFERENCE_SCORES, [], "Published: per user and preference task, the top-K labels with their probabilities."),
+    "item_embeddings": (ITEM_EMBEDDINGS, [], "Published: every catalogue item's vector of the current model version."),
+    "user_candidates": (USER_CANDIDATES, [], "Published: top-N candidate items per refreshed user, from the item index."),
 }
+
+
+# What ingest + sequences write (the rest are the model's published outputs).
+FOUNDATION_TABLES = ("events", "events_rejected", "vocab", "items", "user_sequences")
+OUTPUT_TABLES = tuple(t for t in TABLES if t not in FOUNDATION_TABLES)
 
 
 def schema_of(table: str) -> pa.Schema:

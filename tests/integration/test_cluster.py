@@ -136,12 +136,12 @@ def test_cluster_runs_pipeline_session_like_local(tmp_path):
 def _tables(home) -> dict:
     """Every table of a home, sorted so that equal content compares equal."""
     from userformer.jobs.storage import delta
-    from userformer.schemas.tables import TABLES
+    from userformer.schemas.tables import FOUNDATION_TABLES
 
     keys = {"events": ["event_id"], "events_rejected": ["dt", "reason", "source_file", "event_id", "ts_raw"],
             "vocab": ["kind", "idx"], "items": ["item_idx"], "user_sequences": ["user_id"]}
     out = {}
-    for name in TABLES:
+    for name in FOUNDATION_TABLES:
         t = delta.read_arrow(home / "warehouse" / name)
         out[name] = t.sort_by([(k, "ascending") for k in keys[name]])
     return out
