@@ -228,6 +228,27 @@ class FinetuneConfig:
 
 
 @dataclass
+class InferConfig:
+    # `userformer infer --dt D` / `publish --dt D` (jobs/infer.py, jobs/publish.py).
+    # Users per forward pass.
+    batch_size: int = field(default=512, metadata=_rng(1, 1_000_000))
+    # Users read from user_sequences per chunk (bounds memory; one Parquet row group per chunk is written).
+    chunk_users: int = field(default=8192, metadata=_rng(1, 10_000_000))
+    # Labels kept per preference task in user_preference_scores (best first).
+    top_k_labels: int = field(default=10, metadata=_rng(1, 10_000))
+    # Shards `publish` expects when --shards is not given (users split by a stable hash of user_id).
+    shards: int = field(default=1, metadata=_rng(1, 100_000))
+    # auto = cuda when available, else cpu; bf16 autocast on CUDA (outputs are re-normalised in float32).
+    device: str = field(default="auto", metadata=_rng(choices=["auto", "cpu", "cuda"]))
+    bf16: bool = True
+    # Output checks before publishing: |norm - 1| of every embedding below this.
+    norm_tolerance: float = field(default=1e-3, metadata=_rng(1e-7, 0.5))
+    # Mean top-1 preference probability of every task within [lo, hi] (0..1): outside, a head has
+    # collapsed (near 1) or says nothing (near 0).
+    top1_mean_band: list = field(default_factory=lambda: [0.01, 0.99])
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -238,6 +259,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     # ---- derived locations -------------------------------------------------
     @property
@@ -348,6 +370,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.item_features: the item tower needs at least one feature")
     if cfg.train.loss == "sampled" and cfg.train.uniform_negatives + cfg.train.inbatch_negatives == 0:
         raise ConfigError("train: sampled softmax needs uniform_negatives or inbatch_negatives > 0")
+    band = cfg.infer.top1_mean_band
+    if len(band) != 2 or not all(isinstance(b, (int, float)) for b in band) or not (0 <= band[0] <= band[1] <= 1):
+        raise ConfigError(f"infer.top1_mean_band={band!r}: must be [lo, hi] with 0 <= lo <= hi <= 1")
     overlap = set(cfg.ingest.item_event_types) & set(cfg.ingest.non_item_event_types)
     if overlap:
         raise ConfigError(f"ingest: event types both item and non-item: {sorted(overlap)}")
