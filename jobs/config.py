@@ -248,6 +248,41 @@ class InferConfig:
     top1_mean_band: list = field(default_factory=lambda: [0.01, 0.99])
 
 
+INDEX_KINDS = ["auto", "flat", "hnsw", "ivf"]
+
+
+@dataclass
+class IndexConfig:
+    # `userformer index --dt D` (jobs/index.py): FAISS index of item_embeddings, chosen by catalogue size.
+    # auto: exact IndexFlatIP up to flat_max_items, HNSW up to hnsw_max_items, IVF above; or force one kind.
+    kind: str = field(default="auto", metadata=_rng(choices=INDEX_KINDS))
+    flat_max_items: int = field(default=250_000, metadata=_rng(0, 1_000_000_000))
+    hnsw_max_items: int = field(default=2_000_000, metadata=_rng(0, 1_000_000_000))
+    # HNSW (IndexHNSWFlat, inner product): links per node, build and search beam widths.
+    hnsw_m: int = field(default=32, metadata=_rng(4, 256))
+    hnsw_ef_construction: int = field(default=80, metadata=_rng(8, 4096))
+    hnsw_ef_search: int = field(default=128, metadata=_rng(8, 4096))
+    # IVF (IndexIVFFlat, or IVF-PQ when ivf_pq_m > 0): lists (0 = about sqrt(items)), lists probed per query,
+    # training sample (vectors; at least 39 per list are used), PQ sub-quantizers (must divide the dimension).
+    ivf_nlist: int = field(default=0, metadata=_rng(0, 1_000_000))
+    ivf_nprobe: int = field(default=32, metadata=_rng(1, 1_000_000))
+    ivf_train_size: int = field(default=200_000, metadata=_rng(1_000, 100_000_000))
+    ivf_pq_m: int = field(default=0, metadata=_rng(0, 1024))
+    # Index check before the switch: recall@10 against exact search on this many queries (user embeddings of
+    # the model version when there are any, else item vectors), at least min_recall_at_10.
+    recall_sample: int = field(default=1000, metadata=_rng(10, 1_000_000))
+    min_recall_at_10: float = field(default=0.9, metadata=_rng(0.0, 1.0))
+    # Complete index versions kept under index_root/versions (the current one always among them).
+    versions_kept: int = field(default=3, metadata=_rng(1, 1000))
+    # FAISS threads (0 = FAISS's default: every core).
+    threads: int = field(default=0, metadata=_rng(0, 1024))
+    # `userformer candidates --dt D`: top-N items per user refreshed on D, searched in batches of this many users.
+    candidates_n: int = field(default=100, metadata=_rng(1, 10_000))
+    candidates_batch_users: int = field(default=8192, metadata=_rng(1, 10_000_000))
+    # Leave out items the user has purchased (events up to D) from user_candidates.
+    candidates_exclude_purchased: bool = False
+
+
 @dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -260,6 +295,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     # ---- derived locations -------------------------------------------------
     @property
@@ -373,6 +409,9 @@ def _validate(cfg: Config) -> None:
     band = cfg.infer.top1_mean_band
     if len(band) != 2 or not all(isinstance(b, (int, float)) for b in band) or not (0 <= band[0] <= band[1] <= 1):
         raise ConfigError(f"infer.top1_mean_band={band!r}: must be [lo, hi] with 0 <= lo <= hi <= 1")
+    if cfg.index.hnsw_max_items < cfg.index.flat_max_items:
+        raise ConfigError(f"index.hnsw_max_items={cfg.index.hnsw_max_items} must be >= "
+                          f"index.flat_max_items={cfg.index.flat_max_items}")
     overlap = set(cfg.ingest.item_event_types) & set(cfg.ingest.non_item_event_types)
     if overlap:
         raise ConfigError(f"ingest: event types both item and non-item: {sorted(overlap)}")
