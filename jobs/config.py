@@ -130,10 +130,10 @@ class ModelConfig:
     max_len: int = field(default=50, metadata=_rng(2, 100_000))
     # Per-event inputs; id-only SASRec = ["item_id", "position"].
     event_features: list = field(default_factory=lambda: list(EVENT_FEATURES), metadata=_subset(EVENT_FEATURES))
-    # How feature vectors become one event vector: mean (MCM) or concat (concatenate + project).
+    # How feature vectors become one event vector: mean (MCM), id_plus_mean or concat (concatenate + project).
     # id_plus_mean: the item id's vector + the mean of the other features (content does not dilute identity;
     # an unseen item is its content), in events and in the item tower alike.
-    pooling: str = field(default="mean", metadata=_rng(choices=["mean", "id_plus_mean", "concat"]))
+    pooling: str = field(default="id_plus_mean", metadata=_rng(choices=["mean", "id_plus_mean", "concat"]))
     # Item tower inputs; drop "item_id" for a purely content-based (inductive) tower.
     item_features: list = field(default_factory=lambda: list(ITEM_FEATURES), metadata=_subset(ITEM_FEATURES))
     # Item tower MLP after pooling (False: pooled embeddings only, as SASRec).
