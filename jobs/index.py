@@ -1,0 +1,863 @@
+"""The item ANN index: `userformer index --dt D` and `userformer candidates --dt D`.
+
+**index --dt D** builds a FAISS index from ``item_embeddings`` (every row must
+carry one model version, the published one when the registry has a
+PUBLISHED pointer). The kind follows the catalogue size (``[index]``):
+exact ``IndexFlatIP`` up to ``flat_max_items``, ``IndexHNSWFlat`` (inner
+product; M / efConstruction / efSearch from the config) up to
+``hnsw_max_items``, ``IndexIVFFlat`` (IVF-PQ when ``ivf_pq_m`` > 0; nlist
+about sqrt(n), nprobe from the config) above. FAISS ids are the items'
+``item_idx`` (``IndexIDMap2`` around flat/HNSW, IVF's own ids with a hash
+direct map), so every kind can hand back an item's vector by its id.
+
+Before anything becomes current the index is checked: recall@10 against exact
+search on ``recall_sample`` queries (user embeddings of the same model
+version when there are any, else item vectors) >= ``min_recall_at_10``,
+vector count == item_embeddings rows, dimension == the embeddings' (users'
+too), finite unit-norm vectors, unique item ids. The outcome is a report like
+``userformer check``'s: ``reports_root/checks/index/dt=D.json`` + ``.html``.
+
+Layout under ``index_root``::
+
+    versions/<version>/index.faiss     the FAISS index (search parameters also in the manifest)
+    versions/<version>/items.parquet   item_idx, item_id of every vector (sorted by item_idx)
+    versions/<version>/manifest.json   model version, as_of (D), items, dimension, kind + parameters, build
+                                       seconds, recall@10 + sample, item_embeddings Delta version,
+                                       status (current/rejected) and the check; written last
+    versions/INDEX.jsonl               every version id ever allocated (ids are never reused)
+    CURRENT                            {"version", "model_version", "as_of", "switched_at", "previous"}
+    switch_log.jsonl                   every switch of CURRENT, in order
+    _building/                         versions being built (a crash leaves them here, never current)
+
+A version ``i<NNNN>-<YYYYMMDD>`` is built in ``_building/`` and renamed into
+``versions/`` complete; then CURRENT is replaced atomically (temp file +
+os.replace). A reader resolves CURRENT once and opens that folder, so it gets
+the previous complete index or the new complete one, never part of one. A
+failed check leaves the built version in ``versions/`` with status
+``rejected`` (for inspection) and CURRENT as it was (exit 1). After a switch,
+retention keeps the newest ``versions_kept`` accepted versions (the current
+one among them) and removes older or rejected ones and leftovers of crashed
+builds.
+
+**Reruns.** When CURRENT was built from exactly the same inputs (model
+version, item_embeddings Delta version, build parameters), ``index`` does
+nothing and says so (exit 0); ``--force`` builds a new version anyway.
+
+**candidates --dt D** writes ``user_candidates``: for every user whose
+``user_embeddings`` row has ``as_of == D``, the top ``candidates_n`` items of
+the current index (optionally without the items the user purchased in events
+up to D: ``candidates_exclude_purchased`` / ``--exclude-purchased``), in one
+MERGE commit on user_id (those users' rows replaced, every other row
+untouched). It refuses when those embeddings are of another model version
+than the index. A day without refreshed users writes nothing and succeeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from userformer.jobs.common import UserError, date_arg
+from userformer.jobs.config import Config
+from userformer.jobs.storage import delta
+from userformer.schemas import tables as S
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.parquet"
+MANIFEST_FILE = "manifest.json"
+RECALL_K = 10
+PURCHASE = "purchase"
+_VERSION = re.compile(r"^i(\d{4,})-(\d{8})$")
+
+
+class NoIndex(UserError):
+    """No current index: the API and `candidates` cannot run (exit 2, naming the command that builds one)."""
+
+    def __init__(self, cfg: Config, detail: str = ""):
+        super().__init__(f"no item index is current under {cfg.index_root}{detail}: "
+                         "run `userformer index --dt D` first (after `userformer publish --dt D`)", code=2)
+
+
+# ------------------------------------------------------------------ layout
+def versions_root(cfg: Config) -> Path:
+    return cfg.index_root / "versions"
+
+
+def version_dir(cfg: Config, version: str) -> Path:
+    if not _VERSION.match(version):
+        raise UserError(f"not an index version id: {version!r} (expected e.g. i0001-20260107)")
+    return versions_root(cfg) / version
+
+
+def current_path(cfg: Config) -> Path:
+    return cfg.index_root / "CURRENT"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A reader sees the old file or the new one, never part of one (temp file, fsync, os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2, default=_default) + "\n"
+
+
+def _default(o):
+    if hasattr(o, "item") and callable(o.item):
+        return o.item()
+    if isinstance(o, (datetime.date, Path)):
+        return str(o)
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return str(o)
+
+
+def current(cfg: Config) -> dict | None:
+    """The CURRENT pointer, or None when no index was ever made current."""
+    p = current_path(cfg)
+    if not p.exists():
+        return None
+    try:
+        ptr = json.loads(p.read_text())
+        if not isinstance(ptr, dict) or not _VERSION.match(str(ptr.get("version", ""))):
+            raise ValueError("no valid 'version'")
+    except ValueError as exc:
+        raise UserError(f"{p}: corrupt index pointer ({exc}); rebuild with `userformer index --dt D --force`") from None
+    return ptr
+
+
+def read_manifest(cfg: Config, version: str) -> dict:
+    p = version_dir(cfg, version) / MANIFEST_FILE
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"index version {version} is incomplete or gone: {p} missing") from None
+    except ValueError as exc:
+        raise UserError(f"{p}: corrupt manifest ({exc})") from None
+
+
+def list_versions(cfg: Config) -> list[str]:
+    root = versions_root(cfg)
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and _VERSION.match(p.name)), key=_number)
+
+
+def _number(version: str) -> int:
+    return int(_VERSION.match(version).group(1))
+
+
+# ------------------------------------------------------------------ faiss
+def _faiss(cfg: Config | None = None):
+    import faiss
+
+    if cfg is not None and cfg.index.threads:
+        faiss.omp_set_num_threads(cfg.index.threads)
+    return faiss
+
+
+def choose_kind(cfg: Config, n: int) -> str:
+    ic = cfg.index
+    if ic.kind != "auto":
+        return ic.kind
+    if n <= ic.flat_max_items:
+        return "flat"
+    return "hnsw" if n <= ic.hnsw_max_items else "ivf"
+
+
+def build_params(cfg: Config, kind: str, n: int, d: int) -> dict:
+    """What the index of `kind` is built and searched with (stored in the manifest)."""
+    ic = cfg.index
+    if kind == "flat":
+        return {"metric": "inner_product"}
+    if kind == "hnsw":
+        return {"metric": "inner_product", "M": ic.hnsw_m, "efConstruction": ic.hnsw_ef_construction,
+                "efSearch": ic.hnsw_ef_search}
+    nlist = ic.ivf_nlist or max(1, int(round(math.sqrt(n))))
+    nlist = max(1, min(nlist, n))
+    train = min(n, max(ic.ivf_train_size, 39 * nlist))
+    p = {"metric": "inner_product", "nlist": nlist, "nprobe": min(ic.ivf_nprobe, nlist), "train_size": train}
+    if ic.ivf_pq_m:
+        if d % ic.ivf_pq_m:
+            raise UserError(f"index.ivf_pq_m={ic.ivf_pq_m} must divide the dimension {d}")
+        p.update(pq_m=ic.ivf_pq_m, pq_bits=8)
+    return p
+
+
+def build_faiss(vectors: np.ndarray, ids: np.ndarray, kind: str, params: dict, seed: int = 0):
+    """A FAISS index over `vectors` (float32, n x d) with FAISS ids `ids` (int64)."""
+    faiss = _faiss()
+    n, d = vectors.shape
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        index.add_with_ids(vectors, ids)
+    elif kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(d, params["M"], ip)
+        inner.hnsw.efConstruction = params["efConstruction"]
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(vectors, ids)
+    elif kind == "ivf":
+        quantizer = faiss.IndexFlatIP(d)
+        if params.get("pq_m"):
+            index = faiss.IndexIVFPQ(quantizer, d, params["nlist"], params["pq_m"], params["pq_bits"], ip)
+        else:
+            index = faiss.IndexIVFFlat(quantizer, d, params["nlist"], ip)
+        rng = np.random.default_rng(seed)
+        sample = vectors if params["train_size"] >= n else vectors[np.sort(rng.choice(n, params["train_size"], replace=False))]
+        index.cp.seed = seed
+        index.train(np.ascontiguousarray(sample))
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(item_idx) for similar_items
+        index.add_with_ids(vectors, ids)
+    else:
+        raise UserError(f"unknown index kind {kind!r}")
+    set_search_params(index, kind, params)
+    return index
+
+
+def set_search_params(index, kind: str, params: dict) -> None:
+    faiss = _faiss()
+    if kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efSearch = params["efSearch"]
+    elif kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = params["nprobe"]
+
+
+def describe(kind: str, params: dict) -> str:
+    if kind == "flat":
+        return "exact IndexFlatIP"
+    if kind == "hnsw":
+        return f"IndexHNSWFlat M={params['M']} efConstruction={params['efConstruction']} efSearch={params['efSearch']}"
+    what = f"IndexIVFPQ m={params['pq_m']}" if params.get("pq_m") else "IndexIVFFlat"
+    return f"{what} nlist={params['nlist']} nprobe={params['nprobe']}"
+
+
+def exact_topk(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the exact top-k inner products (the recall reference)."""
+    faiss = _faiss()
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    _, pos = flat.search(queries, min(k, len(vectors)))
+    return np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
+
+
+def recall_at_k(truth: np.ndarray, found: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / |truth| (labels -1 ignored)."""
+    if not len(truth):
+        return float("nan")
+    hits = []
+    for t, f in zip(truth, found):
+        t = set(int(x) for x in t if x >= 0)
+        hits.append(len(t & set(int(x) for x in f if x >= 0)) / max(1, len(t)))
+    return float(np.mean(hits))
+
+
+def vectors_of(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list<float> column with equal lengths as a float32 (n x d) array."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    lens = pc.list_value_length(arr)
+    lo, hi = pc.min(lens).as_py(), pc.max(lens).as_py()
+    if lo != hi or lo is None or arr.null_count:
+        raise UserError(f"embeddings of unequal length ({lo}..{hi}) or null: cannot index them")
+    flat = pc.list_flatten(arr).cast(pa.float32())
+    return np.ascontiguousarray(flat.to_numpy(zero_copy_only=False).reshape(n, lo))
+
+
+# ------------------------------------------------------------- open (readers)
+@dataclass
+class ItemIndex:
+    """One complete index version, opened: search by vector, look items up by id."""
+
+    version: str
+    path: Path
+    manifest: dict
+    index: object  # faiss.Index
+    item_idx: np.ndarray  # sorted
+    item_id: np.ndarray  # object array, parallel to item_idx
+    _by_id: dict | None = field(default=None, repr=False)
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest["model_version"]
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def ids_of(self, labels: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(self.item_idx, labels), 0, len(self.item_idx) - 1)
+        return self.item_id[pos]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, item_idx) of the top k per query; -1 pads where the index found fewer."""
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.index.d))
+        return self.index.search(q, max(1, min(k, self.ntotal)))
+
+    def idx_of_item(self, item_id: str) -> int | None:
+        if self._by_id is None:
+            self._by_id = {s: int(i) for s, i in zip(self.item_id.tolist(), self.item_idx.tolist())}
+        return self._by_id.get(item_id)
+
+    def vector(self, item_idx: int) -> np.ndarray:
+        return self.index.reconstruct(int(item_idx))
+
+
+def open_version(cfg: Config, version: str) -> ItemIndex:
+    import pyarrow.parquet as pq
+
+    faiss = _faiss(cfg)
+    d = version_dir(cfg, version)
+    man = read_manifest(cfg, version)
+    try:
+        index = faiss.read_index(str(d / INDEX_FILE))
+        items = pq.read_table(d / ITEMS_FILE, columns=["item_idx", "item_id"])
+    except (RuntimeError, OSError, pa.ArrowInvalid) as exc:
+        raise UserError(f"index version {version} at {d} cannot be read: {exc}") from None
+    set_search_params(index, man["kind"], man["params"])
+    return ItemIndex(version, d, man, index, items["item_idx"].to_numpy(),
+                     np.asarray(items["item_id"].to_pylist(), dtype=object))
+
+
+def open_current(cfg: Config) -> ItemIndex:
+    ptr = current(cfg)
+    if ptr is None:
+        raise NoIndex(cfg, " (no CURRENT pointer)")
+    return open_version(cfg, ptr["version"])
+
+
+# ------------------------------------------------------------------- build
+@dataclass
+class IndexResult:
+    dt: datetime.date
+    status: str  # current (built and switched), rejected (check failed), unchanged (no-op rerun)
+    version: str
+    manifest: dict
+    check: object | None = None  # jobs.check.CheckResult
+    previous: str | None = None
+    removed: list[str] = field(default_factory=list)
+
+
+def _read_items(cfg: Config) -> tuple[pa.Table, int]:
+    path = cfg.table_path("item_embeddings")
+    if not delta.exists(path):
+        raise UserError(f"no item_embeddings table at {path}: run `userformer publish --dt D` first")
+    t = delta.open_table(path)
+    data = t.to_pyarrow_dataset().to_table(columns=["item_id", "item_idx", "embedding", "model_version", "as_of"])
+    return data, t.version()
+
+
+def _model_version(cfg: Config, data: pa.Table) -> str:
+    counts = {r["values"]: r["counts"] for r in pc.value_counts(data["model_version"]).to_pylist()}
+    if len(counts) != 1:
+        shown = ", ".join(f"{v} ({n} rows)" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        raise UserError(f"item_embeddings mixes model versions: {shown}; an index is of one version: "
+                        "publish the item embeddings of one version first (`userformer publish --dt D`)")
+    mv = next(iter(counts))
+    try:
+        from userformer.models import registry
+
+        pub = registry.published(cfg)
+    except UserError:
+        raise
+    except Exception:  # pragma: no cover - registry unreadable for another reason: the table decides
+        pub = None
+    if pub and pub["version"] != mv:
+        raise UserError(f"item_embeddings holds model version {mv} but the published model is {pub['version']}: "
+                        "run `userformer infer --dt D` and `userformer publish --dt D` first")
+    return mv
+
+
+def _queries(cfg: Config, model_version: str, items: np.ndarray, seed: int) -> tuple[np.ndarray, str, int | None]:
+    """Recall queries: a sample of user embeddings of the model version, else of item vectors."""
+    n_want = cfg.index.recall_sample
+    rng = np.random.default_rng(seed)
+    path = cfg.table_path("user_embeddings")
+    if delta.exists(path):
+        t = delta.open_table(path)
+        ds = t.to_pyarrow_dataset()
+        flt = pc.field("model_version") == model_version
+        n = ds.count_rows(filter=flt)
+        if n:
+            take = np.sort(rng.choice(n, min(n, n_want), replace=False))
+            q = vectors_of(ds.take(pa.array(take), columns=["embedding"], filter=flt)["embedding"])
+            return q, "user_embeddings", t.version()
+    take = np.sort(rng.choice(len(items), min(len(items), n_want), replace=False))
+    return items[take], "item_embeddings", None
+
+
+def _allocate(cfg: Config, dt: datetime.date) -> str:
+    """A new version id: one more than any allocated before; taken by an exclusive mkdir."""
+    root = versions_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root / "INDEX.jsonl"
+    used = [_number(v) for v in list_versions(cfg)]
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            try:
+                used.append(_number(json.loads(line)["version"]))
+            except (ValueError, KeyError, AttributeError):
+                continue
+    n = max(used, default=0) + 1
+    while True:
+        version = f"i{n:04d}-{dt:%Y%m%d}"
+        try:
+            (root / version).mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    with open(log_path, "a") as f:
+        f.write(json.dumps({"version": version, "dt": str(dt), "allocated_at": _now()}) + "\n")
+    return version
+
+
+def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    finite = np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1)
+    return ~finite, finite & (np.abs(norms - 1.0) > tol)
+
+
+def _check(cfg: Config, dt: datetime.date, *, recall: float, n_queries: int, query_source: str, rows: int,
+           index, d: int, user_d: int | None, vectors: np.ndarray, data: pa.Table, facts: dict):
+    from userformer.jobs.check import CheckResult, ExpectationResult
+
+    ic = cfg.index
+    R = []
+    R.append(ExpectationResult(
+        "expect_index_recall_at_10_to_be_at_least", {"min_value": ic.min_recall_at_10, "queries": n_queries,
+                                                     "query_source": query_source},
+        success=bool(recall >= ic.min_recall_at_10), examples=[round(recall, 4)], scope="metrics",
+        description="recall@10 of the index against exact inner-product search >= index.min_recall_at_10"))
+    R.append(ExpectationResult(
+        "expect_index_vector_count_to_equal", {"value": rows}, success=int(index.ntotal) == rows,
+        examples=[int(index.ntotal)], scope="metrics",
+        description="one vector per item_embeddings row"))
+    dims_ok = index.d == d and (user_d is None or user_d == d)
+    R.append(ExpectationResult(
+        "expect_index_dimension_to_equal", {"value": d, "user_embeddings": user_d}, success=bool(dims_ok),
+        examples=[int(index.d)], scope="metrics",
+        description="index dimension == item embedding length (== user embedding length when there are users)"))
+    nonfinite, offnorm = _norm_bad(vectors, cfg.infer.norm_tolerance)
+    ids = data["item_id"].to_numpy(zero_copy_only=False)
+    for name, mask, desc in (
+        ("expect_item_vectors_to_be_finite", nonfinite, "no NaN or inf in an item vector (examples: item_id)"),
+        ("expect_item_vectors_to_be_unit_norm", offnorm,
+         f"|norm - 1| <= infer.norm_tolerance ({cfg.infer.norm_tolerance:g}) (examples: item_id)"),
+    ):
+        R.append(ExpectationResult(name, {"column": "embedding"}, success=not mask.any(),
+                                   unexpected_count=int(mask.sum()), element_count=rows,
+                                   unexpected_percent=100.0 * mask.sum() / rows if rows else None,
+                                   examples=[str(x) for x in ids[mask][: cfg.quality.examples]], scope="rows",
+                                   description=desc))
+    idx = data["item_idx"].to_numpy()
+    uniq, counts = np.unique(idx, return_counts=True)
+    dup = uniq[counts > 1]
+    R.append(ExpectationResult(
+        "expect_column_values_to_be_unique", {"column": "item_idx"}, success=not len(dup),
+        unexpected_count=int(counts[counts > 1].sum()), element_count=rows,
+        unexpected_percent=100.0 * counts[counts > 1].sum() / rows if rows else None,
+        examples=[int(x) for x in dup[: cfg.quality.examples]], scope="rows",
+        description="one vector per item id (FAISS ids = item_idx)"))
+    res = CheckResult("index", dt, success=all(r.success for r in R), results=R, facts=facts)
+    return res
+
+
+def _write_report(cfg: Config, res) -> None:
+    from userformer.jobs.check import render_html
+
+    out = cfg.reports_root / "checks" / "index"
+    out.mkdir(parents=True, exist_ok=True)
+    res.html_path, res.json_path = out / f"dt={res.dt}.html", out / f"dt={res.dt}.json"
+    res.json_path.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+    res.html_path.write_text(render_html(res))
+
+
+def _write_items(path: Path, data: pa.Table) -> None:
+    import pyarrow.parquet as pq
+
+    items = data.select(["item_idx", "item_id"])
+    items = items.take(pc.sort_indices(items["item_idx"]))
+    pq.write_table(items, path)
+
+
+def _write_index(index, path: Path) -> None:
+    _faiss().write_index(index, str(path))
+
+
+def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> IndexResult:
+    """Build, check and (when the check passes) make current an index of item_embeddings. See the module doc."""
+    t0 = time.perf_counter()
+    faiss = _faiss(cfg)
+    data, table_version = _read_items(cfg)
+    if data.num_rows == 0:
+        raise UserError(f"item_embeddings at {cfg.table_path('item_embeddings')} has no rows: nothing to index")
+    model_version = _model_version(cfg, data)
+    vectors = vectors_of(data["embedding"])
+    n, d = vectors.shape
+    kind = choose_kind(cfg, n)
+    params = build_params(cfg, kind, n, d)
+    inputs = {"model_version": model_version, "item_embeddings_version": table_version, "kind": kind,
+              "params": params, "items": n, "dimension": d}
+
+    ptr = current(cfg)
+    if ptr and not force:
+        try:
+            cur = read_manifest(cfg, ptr["version"])
+        except UserError:
+            cur = None
+        if cur and {k: cur.get(k) for k in inputs} == inputs:
+            log.info("index %s is current and was built from the same inputs: nothing to do", ptr["version"])
+            return IndexResult(dt, "unchanged", ptr["version"], cur, previous=ptr["version"])
+
+    as_of = data["as_of"]
+    version = _allocate(cfg, dt)
+    building = cfg.index_root / "_building" / f"{version}.{uuid.uuid4().hex[:8]}"
+    dest = versions_root(cfg) / version
+    try:
+        building.mkdir(parents=True)
+        ids = data["item_idx"].to_numpy().astype(np.int64)
+        tb = time.perf_counter()
+        index = build_faiss(vectors, ids, kind, params, seed=dt.toordinal())
+        build_s = time.perf_counter() - tb
+        _write_index(index, building / INDEX_FILE)
+        _write_items(building / ITEMS_FILE, data)
+
+        tr = time.perf_counter()
+        queries, query_source, users_version = _queries(cfg, model_version, vectors, seed=dt.toordinal())
+        user_d = queries.shape[1] if query_source == "user_embeddings" else None
+        if user_d is not None and user_d != d:
+            recall = float("nan")
+        else:
+            truth = exact_topk(vectors, ids, queries, RECALL_K)
+            _, found = index.search(queries, min(RECALL_K, n))
+            recall = recall_at_k(truth, found)
+        recall_s = time.perf_counter() - tr
+        res = _check(cfg, dt, recall=recall, n_queries=len(queries), query_source=query_source, rows=n,
+                     index=index, d=d, user_d=user_d, vectors=vectors, data=data,
+                     facts={"version": version, "model_version": model_version, "items": n, "dimension": d,
+                            "kind": kind, "params": params, "item_embeddings_version": table_version})
+        manifest = {
+            "version": version, "as_of": str(dt), "status": "current" if res.success else "rejected",
+            **inputs,
+            "index_class": _class_name(index),
+            "item_embeddings_as_of": [str(pc.min(as_of).as_py()), str(pc.max(as_of).as_py())],
+            "build_seconds": round(build_s, 3),
+            "recall_at_10": None if math.isnan(recall) else round(recall, 5),
+            "recall_sample": len(queries), "recall_query_source": query_source,
+            "recall_seconds": round(recall_s, 3),
+            "user_embeddings_version": users_version,
+            "files": {INDEX_FILE: (building / INDEX_FILE).stat().st_size, ITEMS_FILE: (building / ITEMS_FILE).stat().st_size},
+            "faiss_version": faiss.__version__,
+            "built_at": _now(),
+            "check": {"success": res.success, "failed": [r.expectation for r in res.results if not r.success]},
+        }
+        _write_atomic(building / MANIFEST_FILE, _json(manifest))
+        _fsync_dir(building)
+        os.rename(building, dest)  # replaces the empty placeholder the allocation made
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        if dest.is_dir() and not (dest / MANIFEST_FILE).exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    _write_report(cfg, res)
+    result = IndexResult(dt, manifest["status"], version, manifest, check=res, previous=ptr["version"] if ptr else None)
+    if not res.success:
+        log.warning("index %s failed its check: CURRENT stays %s", version, result.previous)
+        return result
+    switch(cfg, version, manifest)
+    result.removed = retain(cfg)
+    log.info("index %s is current (%.1fs)", version, time.perf_counter() - t0)
+    return result
+
+
+def _class_name(index) -> str:
+    faiss = _faiss()
+    outer = type(faiss.downcast_index(index)).__name__
+    inner = getattr(index, "index", None)
+    return f"{outer}({type(faiss.downcast_index(inner)).__name__})" if inner is not None and outer.startswith("IndexIDMap") else outer
+
+
+def switch(cfg: Config, version: str, manifest: dict | None = None) -> dict:
+    """Make a complete, accepted version current (atomic pointer replace) and log the switch."""
+    manifest = manifest or read_manifest(cfg, version)
+    if manifest.get("status") != "current":
+        raise UserError(f"index version {version} was {manifest.get('status')}: it cannot be made current")
+    prev = current(cfg)
+    ptr = {"version": version, "model_version": manifest["model_version"], "as_of": manifest["as_of"],
+           "switched_at": _now(), "previous": prev["version"] if prev else None}
+    _write_atomic(current_path(cfg), _json(ptr))
+    with open(cfg.index_root / "switch_log.jsonl", "a") as f:
+        f.write(json.dumps(ptr) + "\n")
+    return ptr
+
+
+def retain(cfg: Config) -> list[str]:
+    """Keep the newest `versions_kept` accepted versions (the current one always); remove the rest."""
+    ptr = current(cfg)
+    cur = ptr["version"] if ptr else None
+    removed = []
+    accepted, other = [], []
+    for v in list_versions(cfg):
+        try:
+            status = json.loads((versions_root(cfg) / v / MANIFEST_FILE).read_text()).get("status")
+        except (OSError, ValueError):
+            status = None
+        (accepted if status == "current" else other).append((v, status))
+    keep = {v for v, _ in accepted[-cfg.index.versions_kept:]}
+    if cur:
+        keep.add(cur)
+    cur_n = _number(cur) if cur else None
+    for v, status in accepted + other:
+        if v in keep:
+            continue
+        if status is None and (cur_n is None or _number(v) > cur_n):
+            continue  # an incomplete version newer than the current one: a build may be running
+        shutil.rmtree(versions_root(cfg) / v, ignore_errors=True)
+        removed.append(v)
+    stale = time.time() - 86400
+    for p in (cfg.index_root / "_building").glob("*") if (cfg.index_root / "_building").is_dir() else []:
+        if p.stat().st_mtime < stale:
+            shutil.rmtree(p, ignore_errors=True)
+    return sorted(removed, key=_number)
+
+
+# -------------------------------------------------------------- candidates
+def events_dataset(cfg: Config):
+    """The events table as a pyarrow dataset (None when there is none)."""
+    path = cfg.table_path("events")
+    return delta.open_table(path).to_pyarrow_dataset() if delta.exists(path) else None
+
+
+def purchased_items(cfg: Config, users: list[str] | None, upto: datetime.date | None = None,
+                    events=None) -> dict[str, set[int]]:
+    """item_idx of the purchases (events, event_type purchase, dt <= upto) of `users` (None: every user).
+
+    `events`: a dataset from events_dataset() (opened once, outside delta-rs' own threads)."""
+    events = events_dataset(cfg) if events is None else events
+    if events is None:
+        return {}
+    flt = pc.field("event_type") == PURCHASE
+    if upto is not None:
+        flt &= pc.field("dt") <= pa.scalar(upto, pa.date32())
+    if users is not None:
+        if not users:
+            return {}
+        flt &= pc.field("user_id").isin(pa.array(users, pa.string())) if len(users) > 1 else pc.field("user_id") == users[0]
+    t = events.to_table(columns=["user_id", "item_idx"], filter=flt)
+    out: dict[str, set[int]] = {}
+    for u, i in zip(t["user_id"].to_pylist(), t["item_idx"].to_pylist()):
+        if i:
+            out.setdefault(u, set()).add(i)
+    return out
+
+
+def topn(index: ItemIndex, queries: np.ndarray, n: int, exclude: list[set[int]] | None = None):
+    """Per query: (item_idx, scores) of the best n, leaving out each query's `exclude` ids."""
+    extra = max((len(e) for e in exclude), default=0) if exclude else 0
+    scores, labels = index.search(queries, n + extra)
+    out = []
+    for row in range(len(labels)):
+        lab, sc = labels[row], scores[row]
+        keep = lab >= 0
+        if exclude and exclude[row]:
+            keep &= ~np.isin(lab, np.fromiter(exclude[row], dtype=np.int64))
+        out.append((lab[keep][:n], sc[keep][:n]))
+    return out
+
+
+def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None = None) -> dict:
+    """Write user_candidates for the users refreshed on `dt` (one MERGE commit). See the module doc."""
+    t0 = time.perf_counter()
+    exclude = cfg.index.candidates_exclude_purchased if exclude_purchased is None else exclude_purchased
+    ue_path = cfg.table_path("user_embeddings")
+    if not delta.exists(ue_path):
+        raise UserError(f"no user_embeddings table at {ue_path}: run `userformer publish --dt {dt}` first")
+    idx = open_current(cfg)
+    ue = delta.open_table(ue_path)
+    ue_version = ue.version()
+    ds = ue.to_pyarrow_dataset()
+    flt = pc.field("as_of") == pa.scalar(dt, pa.date32())
+    versions = {r["values"]: r["counts"] for r in
+                pc.value_counts(ds.to_table(columns=["model_version"], filter=flt)["model_version"]).to_pylist()}
+    n_users = sum(versions.values())
+    out = {"dt": str(dt), "users": n_users, "index_version": idx.version, "model_version": idx.model_version,
+           "user_embeddings_version": ue_version, "exclude_purchased": exclude, "n": cfg.index.candidates_n}
+    if not n_users:
+        log.info("no user_embeddings row with as_of = %s: no candidates to write", dt)
+        return {**out, "table_version": delta.version_of(cfg.table_path("user_candidates")), "written": 0,
+                "seconds": round(time.perf_counter() - t0, 3)}
+    other = {v: c for v, c in versions.items() if v != idx.model_version}
+    if other:
+        shown = ", ".join(f"{v} ({c} users)" for v, c in other.items())
+        raise UserError(f"user embeddings of {dt} are of model {shown} but the current index {idx.version} is of "
+                        f"model {idx.model_version}: run `userformer index --dt {dt}` first")
+    n = cfg.index.candidates_n
+    stats = {"excluded": 0, "rows": 0}
+    events = events_dataset(cfg) if exclude else None
+
+    def batches():
+        for b in ds.to_batches(columns=["user_id", "embedding"], filter=flt, batch_size=cfg.index.candidates_batch_users):
+            if not b.num_rows:
+                continue
+            users = b.column("user_id").to_pylist()
+            q = vectors_of(b.column("embedding"))
+            bought = purchased_items(cfg, users, dt, events) if events is not None else {}
+            ex = [bought.get(u, set()) for u in users] if exclude else None
+            res = topn(idx, q, n, ex)
+            if exclude:
+                stats["excluded"] += sum(len(e) for e in ex)
+            stats["rows"] += len(users)
+            labels = [r[0] for r in res]
+            lens = np.array([len(x) for x in labels], dtype=np.int32)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+            flat_idx = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+            flat_sc = np.concatenate([r[1] for r in res]).astype(np.float32) if res else np.zeros(0, np.float32)
+            cols = {
+                "user_id": pa.array(users, pa.string()),
+                "item_idx": pa.ListArray.from_arrays(offsets, pa.array(flat_idx, pa.int64())),
+                "item_id": pa.ListArray.from_arrays(offsets, pa.array(idx.ids_of(flat_idx).tolist(), pa.string())),
+                "scores": pa.ListArray.from_arrays(offsets, pa.array(flat_sc, pa.float32())),
+                "model_version": pa.array([idx.model_version] * len(users), pa.string()),
+                "index_version": pa.array([idx.version] * len(users), pa.string()),
+                "as_of": pa.array([dt] * len(users), pa.date32()),
+            }
+            yield pa.RecordBatch.from_arrays([cols[f.name].cast(f.type) for f in S.USER_CANDIDATES],
+                                             schema=S.USER_CANDIDATES)
+
+    meta = {"step": "candidates", "dt": str(dt), "index_version": idx.version, "model_version": idx.model_version,
+            "user_embeddings_version": ue_version, "exclude_purchased": exclude}
+    path = cfg.table_path("user_candidates")
+    from deltalake import CommitProperties, DeltaTable, write_deltalake
+
+    import pyarrow.parquet as pq
+
+    props = CommitProperties(custom_metadata={k: str(v) for k, v in meta.items()})
+    # Searched batch by batch into a staged Parquet file (bounded memory; an error surfaces here, before any
+    # commit), then ONE commit: a MERGE on user_id streamed from that file (or the table's first write).
+    with delta.staging(path) as stage:
+        staged = stage / "candidates.parquet"
+        with pq.ParquetWriter(staged, S.USER_CANDIDATES) as w:
+            for b in batches():
+                w.write_batch(b)
+        source = pq.ParquetFile(staged)
+        reader = pa.RecordBatchReader.from_batches(
+            S.USER_CANDIDATES, (b.cast(S.USER_CANDIDATES) for b in source.iter_batches(batch_size=65536)))
+        if not delta.exists(path):
+            path.mkdir(parents=True, exist_ok=True)
+            write_deltalake(str(path), reader, mode="append", commit_properties=props)
+        else:
+            (DeltaTable(str(path))
+             .merge(reader, predicate="t.user_id = s.user_id", source_alias="s", target_alias="t",
+                    commit_properties=props)
+             .when_matched_update_all().when_not_matched_insert_all().execute())
+    out.update(written=stats["rows"], excluded_purchases=stats["excluded"], table_version=delta.version_of(path),
+               seconds=round(time.perf_counter() - t0, 3))
+    log.info("user_candidates: %d users of %s from index %s (v%s)", stats["rows"], dt, idx.version, out["table_version"])
+    return out
+
+
+# --------------------------------------------------------------------- CLI
+def register(sub) -> None:
+    p = sub.add_parser(
+        "index", help="build the FAISS item index from item_embeddings, check its recall, make it current",
+        description="Build a FAISS index of item_embeddings (kind by catalogue size: exact, HNSW, IVF), measure "
+                    "recall@10 against exact search, check it, and switch index_root/CURRENT to it atomically "
+                    "(a failed check switches nothing and exits 1). A rerun with unchanged inputs does nothing "
+                    "(--force builds anyway). See jobs/index.py.")
+    p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD (names the version, the report)")
+    p.add_argument("--force", action="store_true", help="build a new version even if CURRENT has the same inputs")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=run_index)
+    p = sub.add_parser(
+        "candidates", help="user_candidates: top-N items of the current index for the users refreshed on D",
+        description="Search the current item index for every user whose user_embeddings row is as of D and "
+                    "replace those users' user_candidates rows in one commit (other users untouched).")
+    p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exclude-purchased", dest="exclude", action="store_true", default=None,
+                   help="leave out items the user purchased (default: index.candidates_exclude_purchased)")
+    g.add_argument("--include-purchased", dest="exclude", action="store_false", help="keep purchased items")
+    p.set_defaults(func=run_candidates)
+
+
+def run_index(args, cfg: Config) -> int:
+    from userformer.jobs.check import summary
+
+    res = build_index(cfg, args.dt, force=args.force)
+    m = res.manifest
+    if args.json:
+        print(json.dumps({"status": res.status, **m}, indent=2, default=str))
+    if res.status == "unchanged":
+        if not args.json:
+            print(f"index {res.version} is current and was built from the same inputs (model {m['model_version']}, "
+                  f"item_embeddings v{m['item_embeddings_version']}): nothing to do (--force builds a new version)")
+        return 0
+    if not args.json:
+        print(f"index {res.version}: {describe(m['kind'], m['params'])}, {m['items']:,} items x {m['dimension']}, "
+              f"model {m['model_version']}, built in {m['build_seconds']:.1f}s")
+        rc = m["recall_at_10"]
+        print(f"recall@10 {'n/a' if rc is None else f'{rc:.4f}'} on {m['recall_sample']} queries from "
+              f"{m['recall_query_source']} (threshold {cfg.index.min_recall_at_10})")
+        print(summary(res.check))
+        if res.status == "current":
+            print(f"CURRENT -> {res.version}" + (f" (previous {res.previous})" if res.previous else "")
+                  + (f"; removed {', '.join(res.removed)}" if res.removed else ""))
+        else:
+            print(f"CURRENT unchanged: {res.previous or 'none'} (rejected version kept for inspection: "
+                  f"{versions_root(cfg) / res.version})")
+    return 0 if res.status == "current" else 1
+
+
+def run_candidates(args, cfg: Config) -> int:
+    out = candidates(cfg, args.dt, exclude_purchased=args.exclude)
+    if not out["users"]:
+        print(f"candidates dt={args.dt}: no user_embeddings row is as of {args.dt}; nothing written")
+        return 0
+    print(f"candidates dt={args.dt}: {out['written']:,} users x top {out['n']} from index {out['index_version']} "
+          f"(model {out['model_version']}"
+          + (f", {out['excluded_purchases']:,} purchased items left out" if out["exclude_purchased"] else "")
+          + f") -> user_candidates v{out['table_version']} in {out['seconds']:.1f}s")
+    return 0
