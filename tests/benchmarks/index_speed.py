@@ -1,0 +1,247 @@
+"""Item index speed: build time, recall@10 against exact search and queries/s of exact vs HNSW (vs IVF).
+
+    python -m tests.benchmarks.index_speed                       # 100K and 1M items, d=64 (about 10 min here)
+    python -m tests.benchmarks.index_speed --sizes 100000 --repeats 5 --out /tmp/ix
+
+Not a test: nothing asserts a time. One run measures every size and index kind, on the same synthetic data,
+so the ratios are of one machine state; the load average is recorded before every sample.
+
+Data: clustered unit vectors, d=64: 1,000 centres on the unit sphere with Zipf(0.8) cluster sizes; an item is
+its centre + N(0, spread^2/d) per dimension, normalised (spread 0.9: cosine to the centre ~0.74). Queries
+stand for users: a random mix of two centres (popularity-weighted) + the same noise, normalised. Each index
+is built by jobs/index.py's own build_faiss with build_params of the default [index] config (what
+`userformer index` builds), plus a sweep of the search parameter (HNSW efSearch, IVF nprobe).
+
+Measured per size: exact IndexFlatIP (build = add; search = the reference), HNSW, and IVF at the sizes in
+--ivf-sizes: build seconds (median of samples; after the first, as many as fit in --build-budget-s), recall@10
+of the batch search against exact on --queries queries, queries/s of one batch search of all queries (median
+of --repeats) and the median latency of single-query calls (--single queries, one call each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.benchmarks.pipeline import REPO, git_info, load, machine_info, mem_available_gib, now, summary
+
+D = 64
+CLUSTERS = 1000
+ZIPF = 0.8
+SPREAD = 0.9
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------- data
+def make_data(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CLUSTERS, D)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    w = 1.0 / np.arange(1, CLUSTERS + 1) ** ZIPF
+    w /= w.sum()
+    noise = np.float32(SPREAD / np.sqrt(D))
+
+    def unit(x):
+        return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+    items = np.empty((n, D), np.float32)
+    for s in range(0, n, 250_000):  # in chunks: bounded temporaries
+        m = min(250_000, n - s)
+        items[s:s + m] = unit(centres[rng.choice(CLUSTERS, m, p=w)] + noise * rng.standard_normal((m, D), np.float32))
+    a, b = rng.choice(CLUSTERS, n_queries, p=w), rng.choice(CLUSTERS, n_queries, p=w)
+    mix = rng.random(n_queries, np.float32)[:, None]
+    queries = unit(mix * centres[a] + (1 - mix) * centres[b] + noise * rng.standard_normal((n_queries, D), np.float32))
+    return items, queries
+
+
+# ----------------------------------------------------------------- timing
+def sample(fn) -> tuple[float, object, list[float]]:
+    ld = load()[0]
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out, ld
+
+
+def builds(fn, repeats: int, budget_s: float) -> tuple[object, dict]:
+    """Build `repeats` times at most; after the first, only as many as fit in budget_s. Returns the last index."""
+    secs, loads = [], []
+    index = None
+    while True:
+        del index
+        s, index, ld = sample(fn)
+        secs.append(s)
+        loads.append(ld)
+        want = repeats if repeats <= 1 else max(1, min(repeats, 1 + int(budget_s // max(secs[0], 1e-9))))
+        if len(secs) >= want:
+            break
+    return index, {**summary(secs), "load_before": loads, "reduced": len(secs) < repeats}
+
+
+def searches(index, queries: np.ndarray, k: int, repeats: int, n_single: int) -> tuple[np.ndarray, dict]:
+    """Batch search of all queries `repeats` times (q/s of the median) and n_single one-query calls."""
+    secs, loads = [], []
+    labels = None
+    for _ in range(repeats):
+        s, (_, labels), ld = sample(lambda: index.search(queries, k))
+        secs.append(s)
+        loads.append(ld)
+    single = []
+    for q in queries[:n_single]:
+        t0 = time.perf_counter()
+        index.search(q[None, :], k)
+        single.append(time.perf_counter() - t0)
+    med = statistics.median(secs)
+    return labels, {
+        "batch": {**summary(secs), "load_before": loads}, "queries": len(queries),
+        "qps": round(len(queries) / med, 1),
+        "single_query_ms": {"median": round(1000 * statistics.median(single), 3),
+                            "p90": round(1000 * float(np.percentile(single, 90)), 3), "calls": len(single)},
+    }
+
+
+# ------------------------------------------------------------------ bench
+def bench_size(n: int, args, cfg) -> dict:
+    from userformer.jobs import index as ix
+
+    log(f"n={n:,}: data")
+    t0 = time.perf_counter()
+    items, queries = make_data(n, args.queries, args.seed)
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    out = {"items": n, "dimension": D, "data_s": round(time.perf_counter() - t0, 2),
+           "default_kind": ix.choose_kind(cfg, n), "load_at_start": load(), "mem_available_gib": mem_available_gib()}
+    k = 10
+
+    log(f"n={n:,}: exact")
+    flat, b = builds(lambda: ix.build_faiss(items, ids, "flat", ix.build_params(cfg, "flat", n, D)), args.repeats, 60)
+    truth, s = searches(flat, queries, k, args.repeats, args.single)
+    out["exact"] = {"index_class": ix._class_name(flat), "params": ix.build_params(cfg, "flat", n, D),
+                    "build": b, "recall_at_10": ix.recall_at_k(truth, truth), **s}
+    del flat
+
+    log(f"n={n:,}: hnsw build")
+    hp = ix.build_params(cfg, "hnsw", n, D)
+    hnsw, b = builds(lambda: ix.build_faiss(items, ids, "hnsw", hp), args.repeats, args.build_budget_s)
+    out["hnsw"] = {"index_class": ix._class_name(hnsw), "params": hp, "build": b, "sweep": []}
+    for ef in args.ef_search:
+        ix.set_search_params(hnsw, "hnsw", {**hp, "efSearch": ef})
+        found, s = searches(hnsw, queries, k, args.repeats, args.single)
+        r = round(ix.recall_at_k(truth, found), 4)
+        out["hnsw"]["sweep"].append({"efSearch": ef, "recall_at_10": r, **s})
+        log(f"n={n:,}: hnsw efSearch={ef}: recall@10 {r}, {s['qps']:,} q/s")
+    del hnsw
+
+    if n in args.ivf_sizes:
+        log(f"n={n:,}: ivf build")
+        vp = ix.build_params(cfg, "ivf", n, D)
+        ivf, b = builds(lambda: ix.build_faiss(items, ids, "ivf", vp), args.repeats, args.build_budget_s)
+        out["ivf"] = {"index_class": ix._class_name(ivf), "params": vp, "build": b, "sweep": []}
+        for npr in args.nprobe:
+            ix.set_search_params(ivf, "ivf", {**vp, "nprobe": npr})
+            found, s = searches(ivf, queries, k, args.repeats, args.single)
+            r = round(ix.recall_at_k(truth, found), 4)
+            out["ivf"]["sweep"].append({"nprobe": npr, "recall_at_10": r, **s})
+            log(f"n={n:,}: ivf nprobe={npr}: recall@10 {r}, {s['qps']:,} q/s")
+        del ivf
+    out["load_at_end"] = load()
+    return out
+
+
+# --------------------------------------------------------------- markdown
+def markdown(res: dict) -> str:
+    p = res["params"]
+    g = res["git"]
+    lines = [
+        "# Item index speed (exact vs HNSW vs IVF)", "",
+        f"`{res['command']}`", "",
+        f"Commit `{(g['commit'] or '?')[:7]}`{' (dirty)' if g['dirty'] else ''}, {res['started']} .. {res['finished']} "
+        f"({res['total_s']:.0f} s). Machine: {res['machine']['cpu_count']} cores ({res['machine']['cpu_model']}), "
+        f"{res['machine']['memory_total_gib']} GiB, faiss {res['machine']['faiss']}, {res['faiss_threads']} threads; "
+        f"load average {res['load_at_start']} at start, {res['load_at_end']} at end (shared machine: absolute "
+        "numbers are pessimistic; compare within this run).", "",
+        f"Data: d={D}, {CLUSTERS} clusters (Zipf {ZIPF} sizes), spread {SPREAD}; {p['queries']} user-like queries "
+        f"(mixes of two centres); recall@10 against exact IndexFlatIP; q/s = queries / median seconds of one batch "
+        f"search of all of them ({p['repeats']} repeats); single = median latency of {p['single']} one-query calls. "
+        "Build: median of the samples (count in brackets). Rows marked * are the default [index] parameters.", "",
+        "| items | index | parameters | build s | recall@10 | batch q/s | single ms |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in res["results"]:
+        n = f"{r['items']:,}"
+        e = r["exact"]
+        lines.append(f"| {n} | exact{' *' if r['default_kind'] == 'flat' else ''} | IndexFlatIP | "
+                     f"{e['build']['median_s']:.2f} ({len(e['build']['samples_s'])}) | 1.000 | {e['qps']:,.0f} | "
+                     f"{e['single_query_ms']['median']:.2f} |")
+        for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")):
+            if kind not in r:
+                continue
+            x = r[kind]
+            b = x["build"]
+            fixed = (f"M={x['params']['M']} efC={x['params']['efConstruction']}" if kind == "hnsw"
+                     else f"nlist={x['params']['nlist']} train={x['params']['train_size']:,}")
+            default = x["params"][key]
+            for i, s in enumerate(x["sweep"]):
+                star = " *" if s[key] == default and r["default_kind"] == kind else (" (default)" if s[key] == default else "")
+                build = f"{b['median_s']:.1f} ({len(b['samples_s'])})" if i == 0 else "″"
+                lines.append(f"| {n} | {kind}{star} | {fixed} {key}={s[key]} | {build} | {s['recall_at_10']:.3f} | "
+                             f"{s['qps']:,.0f} | {s['single_query_ms']['median']:.3f} |")
+    lines += ["", "Default kind by size (`[index]` flat_max_items / hnsw_max_items): " +
+              ", ".join(f"{r['items']:,} -> {r['default_kind']}" for r in res["results"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.index_speed", description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(float(x.replace("M", "e6").replace("K", "e3"))) for x in s.split(",") if x]  # noqa: E731
+    ap.add_argument("--sizes", type=ints, default=[100_000, 1_000_000], help="catalogue sizes (100K,1M)")
+    ap.add_argument("--ivf-sizes", type=ints, default=[1_000_000], help="sizes that also get an IVF index")
+    ap.add_argument("--queries", type=int, default=1000, help="queries for recall and batch q/s")
+    ap.add_argument("--single", type=int, default=100, help="one-query calls timed for latency")
+    ap.add_argument("--repeats", type=int, default=3, help="samples of each search (and build, budget allowing)")
+    ap.add_argument("--build-budget-s", type=float, default=60.0,
+                    help="after a build's first sample, take more only as fit in this many seconds")
+    ap.add_argument("--ef-search", type=ints, default=[16, 32, 64, 128, 256], help="HNSW efSearch sweep")
+    ap.add_argument("--nprobe", type=ints, default=[8, 16, 32, 64, 128], help="IVF nprobe sweep")
+    ap.add_argument("--threads", type=int, default=0, help="FAISS threads (0: FAISS's default)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=REPO / "tests" / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+
+    import faiss
+
+    from userformer.jobs.config import load_config
+
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    cfg = load_config(env={"USERFORMER_HOME": "/tmp/userformer-bench-unused"})
+    t0 = time.perf_counter()
+    res = {
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": "python -m tests.benchmarks.index_speed " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {**machine_info(), "faiss": faiss.__version__}, "faiss_threads": faiss.omp_get_max_threads(),
+        "git": git_info(), "started": now(), "load_at_start": load(), "mem_available_gib_at_start": mem_available_gib(),
+        "data": {"dimension": D, "clusters": CLUSTERS, "zipf": ZIPF, "spread": SPREAD, "seed": args.seed},
+        "index_config": cfg.to_dict()["index"], "results": [],
+    }
+    for n in args.sizes:
+        res["results"].append(bench_size(n, args, cfg))
+    res.update(finished=now(), load_at_end=load(), total_s=round(time.perf_counter() - t0, 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "index-speed.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    (args.out / "index-speed.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
