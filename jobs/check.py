@@ -207,13 +207,14 @@ def evaluate(plan: Plan, examples: int) -> list[ExpectationResult]:
 
 
 # --------------------------------------------------------------------- step
-def check(cfg: Config, table: str, dt: datetime.date) -> CheckResult:
-    """Run the suite of `table` for drop date `dt`; write the HTML and JSON reports; never raises on bad data."""
+def check(cfg: Config, table: str, dt: datetime.date, options: dict | None = None) -> CheckResult:
+    """Run the suite of `table` for drop date `dt`; write the HTML and JSON reports; never raises on bad data.
+    `options` go to the suite builder (outputs: shards)."""
     if table not in SUITES:
         raise UserError(f"no quality suite for table {table!r}; known: {', '.join(SUITES)}")
     t0 = time.perf_counter()
     try:
-        plan = SUITES[table](cfg, dt, DeltaSource(cfg))
+        plan = SUITES[table](cfg, dt, DeltaSource(cfg), **(options or {}))
         res = CheckResult(table, dt, success=False, results=evaluate(plan, cfg.quality.examples), facts=plan.facts)
         res.success = not res.failed
     except MissingData as exc:
@@ -351,12 +352,18 @@ def register(sub) -> None:
     )
     p.add_argument("table", metavar="TABLE", choices=sorted(SUITES),
                    help=f"table to check: {', '.join(sorted(SUITES))} (events: partition dt=D; "
-                        "user_sequences: the rows refreshed on D)")
+                        "user_sequences: the rows refreshed on D; outputs: the staged `userformer infer` "
+                        "output of D, before `publish`)")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date to check, YYYY-MM-DD")
+    p.add_argument("--shards", type=int, help="outputs only: shards to expect (default: infer.shards)")
     p.set_defaults(func=run)
 
 
 def run(args, cfg: Config) -> int:
-    res = check(cfg, args.table, args.dt)
+    if args.shards is not None and args.table != "outputs":
+        raise UserError("--shards applies to `check outputs` only")
+    if args.shards is not None and args.shards < 1:
+        raise UserError(f"--shards must be >= 1, got {args.shards}")
+    res = check(cfg, args.table, args.dt, {"shards": args.shards} if args.shards else None)
     print(summary(res))
     return 0 if res.success else 1

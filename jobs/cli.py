@@ -23,6 +23,8 @@ STEP_MODULES = [
     "userformer.jobs.sequences",
     "userformer.jobs.check",
     "userformer.jobs.train",
+    "userformer.jobs.infer",
+    "userformer.jobs.publish",
     "userformer.jobs.index",
     "userformer.jobs.serve",
     "userformer.jobs.maintain",

@@ -346,8 +346,17 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     return plan
 
 
+# ------------------------------------------------------------ model outputs
+def outputs(cfg: Config, dt: _dt.date, src: Source, shards: int | None = None) -> Plan:
+    """The staged inference outputs of drop D, before publishing (schemas/quality/outputs.py)."""
+    from userformer.schemas.quality.outputs import outputs as build
+
+    return build(cfg, dt, src, shards=shards)
+
+
 # Table -> suite builder. `userformer check` offers exactly these tables.
-SUITES: dict[str, Callable[[Config, _dt.date, Source], Plan]] = {
+SUITES: dict[str, Callable[..., Plan]] = {
     "events": events,
     "user_sequences": user_sequences,
+    "outputs": outputs,
 }

@@ -1,0 +1,410 @@
+"""`userformer infer --dt D [--shard i --shards n] [--all-users]`: batch inference of the PUBLISHED model.
+
+**Which users.** Those whose ``user_sequences`` row changed on drop D
+(``updated_dt == D``, read at the version that applied D: Delta time travel),
+and EVERY user when the published model version differs from the model
+version of the last publish of an earlier drop (read from the publish commits
+of the three output tables: if any of them was last published with another
+version, or never, everyone is re-embedded: user vectors of another version
+are not comparable with this version's item vectors, models/registry.py), or
+with ``--all-users``. A user is embedded at their newest event (the same
+vector whichever day computes it), from their newest ``model.max_len`` events.
+
+**Shards.** ``--shard i --shards n`` embeds the users with
+``blake2b(user_id) % n == i`` (stable on every machine; not Python's salted
+``hash``). Every catalogue item (``items`` rows first seen by D, the model
+grown to D's vocabulary) is embedded by shard 0 only, so shards can run on
+separate workers and the item tower runs once.
+
+**Bounded memory.** ``user_sequences`` is streamed ``infer.chunk_users`` rows
+at a time (only the model's columns; the ``updated_dt`` filter is pushed into
+the Parquet scan), embedded ``infer.batch_size`` users per forward pass, and
+written one row group per chunk. CUDA with bf16 autocast when present
+(``infer.device``/``infer.bf16``), CPU otherwise; vectors and probabilities are
+finished in float32 (re-normalised), so both pass the same output checks.
+
+**Staged output.** One folder per (D, model version, shard)::
+
+    warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/
+        user_embeddings.parquet          schemas.tables.USER_EMBEDDINGS rows of the shard's users
+        user_preference_scores.parquet   USER_PREFERENCE_SCORES: one row per user and head, top-K labels
+        item_embeddings.parquet          ITEM_EMBEDDINGS (shard 0 only)
+        _SUCCESS.json                    rows, model version, input Delta versions, full/incremental, seconds
+
+written into a temporary folder beside it and renamed into place when
+complete, so a folder with ``_SUCCESS.json`` is always whole; rerunning a shard
+replaces its folder. An empty day writes empty files and succeeds.
+`userformer publish --dt D` (jobs/publish.py) checks and publishes them.
+`userformer maintain` deletes staged days older than 24 h.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from userformer.jobs.common import UserError, date_arg
+from userformer.jobs.config import Config
+from userformer.jobs.storage import delta
+
+# The published tables, in the order `publish` commits them (jobs/publish.py).
+OUTPUTS = ("user_embeddings", "user_preference_scores", "item_embeddings")
+MANIFEST = "_SUCCESS.json"
+ITEM_CHUNK = 65536
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ shards
+def shard_of(user_ids, shards: int) -> np.ndarray:
+    """The shard of every user id: blake2b-64 of its UTF-8 bytes, modulo `shards` (the same on every machine)."""
+    out = np.empty(len(user_ids), np.int64)
+    for i, u in enumerate(user_ids):
+        out[i] = int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "big") % shards
+    return out
+
+
+def staging_root(cfg: Config) -> Path:
+    return cfg.warehouse_root / "_staging" / "infer"
+
+
+def day_dir(cfg: Config, day: dt.date, version: str) -> Path:
+    return staging_root(cfg) / f"dt={day}" / f"model={version}"
+
+
+def shard_name(shard: int, shards: int) -> str:
+    return f"shard={shard}-of-{shards}"
+
+
+def shard_dir(cfg: Config, day: dt.date, version: str, shard: int, shards: int) -> Path:
+    return day_dir(cfg, day, version) / shard_name(shard, shards)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The shard's manifest, or None when the shard is missing or was never completed."""
+    p = folder / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        return None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete `tmp` folder to `final`, replacing what was there (a reader sees old, none, or new)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------ publish state
+def publish_commits(cfg: Config, table: str) -> list[dict]:
+    """The `publish` commits of an output table, oldest first (from its Delta history)."""
+    path = cfg.table_path(table)
+    if not delta.exists(path):
+        return []
+    return sorted((h for h in delta.history(path) if h.get("step") == "publish"), key=lambda h: h["version"])
+
+
+def last_publish(cfg: Config, before: dt.date | None = None) -> dict[str, dict | None]:
+    """Per output table: {"dt", "model_version", "version"} of its last publish (of a drop before `before`), or
+    None when it has none. A table whose log no longer holds a publish commit (log cleanup after
+    storage.retention_days) is judged by its rows: the model_version they all carry."""
+    out: dict[str, dict | None] = {}
+    for table in OUTPUTS:
+        commits = publish_commits(cfg, table)
+        if before is not None:
+            commits = [h for h in commits if h.get("dt") and dt.date.fromisoformat(h["dt"]) < before]
+        if commits:
+            h = commits[-1]
+            out[table] = {"dt": h.get("dt"), "model_version": h.get("model_version"), "version": h["version"]}
+            continue
+        out[table] = None
+        path = cfg.table_path(table)
+        if not publish_commits(cfg, table) and delta.exists(path):
+            import pyarrow.compute as pc
+
+            versions = pc.unique(delta.read_arrow(path, columns=["model_version"])["model_version"]).to_pylist()
+            if versions:
+                out[table] = {"dt": None, "model_version": versions[0] if len(versions) == 1 else "<mixed>",
+                              "version": delta.version_of(path)}
+    return out
+
+
+def full_reason(cfg: Config, day: dt.date, version: str) -> str | None:
+    """Why every user must be (re-)embedded for drop `day` with model `version`; None when only the day's users."""
+    prev = last_publish(cfg, before=day)
+    never = [t for t, p in prev.items() if p is None]
+    if len(never) == len(prev):
+        return f"no publish before {day}: every user is embedded"
+    if never:
+        return f"{', '.join(never)} never published before {day} (an interrupted first publish): every user is embedded"
+    other = {t: p for t, p in prev.items() if p["model_version"] != version}
+    if other:
+        t, p = next(iter(other.items()))
+        return (f"published model {version} differs from {p['model_version']} of the last publish "
+                f"({t}, dt={p['dt']}): every user is re-embedded")
+    return None
+
+
+# --------------------------------------------------------------- the model
+def _autocast(device, bf16: bool):
+    from userformer.models.train import autocast
+
+    return autocast(device, SimpleNamespace(bf16=bf16, cpu_bf16=False))
+
+
+def embed_sequences(model, seqs, device, *, batch_size: int, top_k: int, bf16: bool = True):
+    """(embeddings (U, d) float32, {task: (label ids (U, k) int64, probabilities (U, k) float32)}) of `seqs`,
+    in its user order. One encoder pass per batch feeds both the user vector (as model.user_embedding: the
+    newest event, cold embedding for a user without events) and the heads (softmax over each task's labels,
+    top k = min(top_k, labels - 1): label 0 "unknown" is never predicted)."""
+    import torch
+    import torch.nn.functional as F
+    from userformer.models.data import pad_batch
+    from userformer.models.train import to_device
+
+    model.eval()
+    n = len(seqs)
+    d = model.cfg.d_model
+    emb = np.zeros((n, d), np.float32)
+    ks = {t: min(top_k, r.labels.num_embeddings - 1) for t, r in model.heads.readouts.items()}
+    prefs = {t: (np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)) for t, k in ks.items()}
+    order = np.argsort(seqs.lengths, kind="stable")  # similar lengths per batch: trimmed batches stay narrow
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            rows = order[i:i + batch_size]
+            b = to_device(pad_batch(seqs, rows, model.cfg.max_len), device)
+            with _autocast(device, bf16):
+                h = model.encoder.hidden(b)
+                u = model.encoder.embed(h[:, -1], b["ref_ts"] - b["ts"][:, -1])
+                u = torch.where(b["mask"].any(1, keepdim=True), u, model.cold_embedding().to(u.dtype))
+                scores = model.heads(h, b["mask"])
+            emb[rows] = F.normalize(u.float(), dim=-1).cpu().numpy()
+            for task, s in scores.items():
+                p = torch.softmax(s.float(), -1)
+                top = p.topk(ks[task], dim=-1)
+                prefs[task][0][rows] = top.indices.cpu().numpy()
+                prefs[task][1][rows] = top.values.cpu().numpy()
+    return emb, prefs
+
+
+def item_vectors(model, item_idx: np.ndarray, device, bf16: bool = True) -> np.ndarray:
+    """(N, d) float32 unit vectors of the item tower for these item ids, in chunks."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.zeros((len(item_idx), model.cfg.d_model), np.float32)
+    with torch.no_grad():
+        for i in range(0, len(item_idx), ITEM_CHUNK):
+            ids = torch.from_numpy(np.array(item_idx[i:i + ITEM_CHUNK], np.int64)).to(device)
+            with _autocast(device, bf16):
+                v = model.item_tower(ids)
+            out[i:i + ITEM_CHUNK] = F.normalize(v.float(), dim=-1).cpu().numpy()
+    return out
+
+
+def label_keys(cfg: Config, vocab_version: int, tasks) -> dict[str, np.ndarray]:
+    """Per head task, vocabulary id -> key (object array; None where the vocabulary has no such id)."""
+    import pyarrow.compute as pc
+    from userformer.models.item_tower import FIELD
+
+    kinds = {t: FIELD[t] for t in tasks}
+    vocab = delta.read_arrow(cfg.table_path("vocab"), vocab_version, columns=["kind", "key", "idx"],
+                             filter=pc.field("kind").isin(sorted(set(kinds.values()))))
+    out = {}
+    for task, kind in kinds.items():
+        v = vocab.filter(pc.equal(vocab["kind"], kind))
+        idx = v["idx"].to_numpy()
+        arr = np.full(int(idx.max(initial=0)) + 1, None, object)
+        arr[idx] = np.asarray(v["key"].to_pylist(), object)
+        out[task] = arr
+    return out
+
+
+# ------------------------------------------------------------------ arrow
+def _lists(values: np.ndarray, typ):
+    import pyarrow as pa
+
+    n, k = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                    pa.array(values.reshape(-1), typ))
+
+
+def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_at: dt.datetime):
+    """The staged rows of one chunk: (user_embeddings, user_preference_scores) as Arrow tables."""
+    import pyarrow as pa
+    from userformer.schemas import tables as S
+
+    n = len(user_ids)
+    ue = pa.table({"user_id": pa.array(list(user_ids), pa.string()), "embedding": _lists(emb, pa.float32()),
+                   "model_version": pa.array([version] * n, pa.string()),
+                   "as_of": pa.array([day] * n, pa.date32()),
+                   "updated_at": pa.array([updated_at] * n, S.TS)}, schema=S.USER_EMBEDDINGS)
+    parts = []
+    for task, (idx, p) in prefs.items():
+        names = keys[task]
+        lab = np.where(idx < len(names), names[np.minimum(idx, len(names) - 1)], None)
+        k = idx.shape[1]
+        parts.append(pa.table({
+            "user_id": pa.array(list(user_ids), pa.string()), "task": pa.array([task] * n, pa.string()),
+            "label_idx": _lists(idx, pa.int64()),
+            "labels": pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                               pa.array(lab.reshape(-1).tolist(), pa.string())),
+            "scores": _lists(p, pa.float32()), "model_version": pa.array([version] * n, pa.string()),
+            "as_of": pa.array([day] * n, pa.date32())}, schema=S.USER_PREFERENCE_SCORES))
+    ps = pa.concat_tables(parts) if parts else S.USER_PREFERENCE_SCORES.empty_table()
+    return ue, ps
+
+
+# ------------------------------------------------------------------- step
+def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users: bool = False, log=_stderr) -> dict:
+    """Embed the users of drop `day` (module doc) for one shard and stage the result. Returns the manifest."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+    from userformer.models import registry as R
+    from userformer.models import stream as ST
+    from userformer.models import train as T
+    from userformer.models.data import from_sequences_table
+    from userformer.schemas import tables as S
+
+    if shards < 1 or not 0 <= shard < shards:
+        raise UserError(f"--shard must be in 0..{shards - 1} (--shards {shards}), got {shard}")
+    t0 = time.perf_counter()
+    ic = cfg.infer
+    ptr = R.published(cfg)
+    if ptr is None:
+        raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first")
+    version = ptr["version"]
+    state = ST.drop_state(cfg, day)
+    if state == "missing":
+        raise UserError(f"drop {day} was not ingested: run `userformer run-day --dt {day}` first")
+    if state == "ingested":
+        raise UserError(f"user_sequences does not include drop {day} yet: run `userformer sequences --dt {day}` first")
+    seq_v, _ = ST.sequences_version(cfg, day)
+    model_path = R.version_dir(cfg, version) / "model.pt"
+    model, ck = R.load(cfg, version)  # missing / corrupt / inconsistent checkpoint: UserError naming the file
+    cat = ST.warehouse_catalog(cfg, day)
+    grown = R.fit_to_catalog(model, cat.catalog, str(model_path))  # a catalogue older than the model: UserError
+    reason = "--all-users: every user is re-embedded" if all_users else full_reason(cfg, day, version)
+    full = reason is not None
+    if not full:
+        reason = f"users whose sequences changed on {day} (updated_dt = {day})"
+    device = T.pick_device(ic.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("infer.device = cuda but no CUDA device is available (use auto or cpu)")
+    torch.set_num_threads(cfg.train.num_threads)
+    model.to(device).eval()
+    tasks = list(model.heads.readouts)
+    keys = label_keys(cfg, cat.versions["vocab"], tasks)
+    updated_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    seq_path = cfg.table_path("user_sequences")
+    inputs = {"user_sequences": {"path": str(seq_path), "version": seq_v},
+              **{t: {"path": str(cfg.table_path(t)), "version": v} for t, v in cat.versions.items()}}
+
+    final = shard_dir(cfg, day, version, shard, shards)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.utime(final.parent.parent)  # `maintain` clears staged days by age: this one is in use
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    rows = {"user_embeddings": 0, "user_preference_scores": 0, "item_embeddings": None}
+    try:
+        ue_w = pq.ParquetWriter(tmp / "user_embeddings.parquet", S.USER_EMBEDDINGS)
+        ps_w = pq.ParquetWriter(tmp / "user_preference_scores.parquet", S.USER_PREFERENCE_SCORES)
+        try:
+            ds = delta.open_table(seq_path, seq_v).to_pyarrow_dataset()
+            filt = None if full else pc.field("updated_dt") == pa.scalar(day, pa.date32())
+            for batch in ds.to_batches(columns=ST.COLUMNS, filter=filt, batch_size=ic.chunk_users,
+                                       batch_readahead=1, fragment_readahead=1):
+                t = pa.Table.from_batches([batch])
+                if shards > 1:
+                    t = t.filter(pa.array(shard_of(t["user_id"].to_pylist(), shards) == shard))
+                if not t.num_rows:
+                    continue
+                seqs = from_sequences_table(t)
+                emb, prefs = embed_sequences(model, seqs, device, batch_size=ic.batch_size, top_k=ic.top_k_labels,
+                                             bf16=ic.bf16)
+                ue, ps = user_tables(seqs.user_ids, emb, prefs, keys, version, day, updated_at)
+                ue_w.write_table(ue)
+                ps_w.write_table(ps)
+                rows["user_embeddings"] += ue.num_rows
+                rows["user_preference_scores"] += ps.num_rows
+        finally:
+            ue_w.close()
+            ps_w.close()
+        if shard == 0:
+            items = delta.read_arrow(cfg.table_path("items"), cat.versions["items"],
+                                     columns=["item_id", "item_idx", "has_metadata", "first_dt"],
+                                     filter=pc.field("first_dt") <= pa.scalar(day, pa.date32()))
+            items = items.sort_by("item_idx")
+            idx = items["item_idx"].to_numpy()
+            vec = item_vectors(model, idx, device, ic.bf16)
+            n = items.num_rows
+            it = pa.table({"item_id": items["item_id"], "item_idx": items["item_idx"], "embedding": _lists(vec, pa.float32()),
+                           "has_metadata": items["has_metadata"], "model_version": pa.array([version] * n, pa.string()),
+                           "as_of": pa.array([day] * n, pa.date32())}, schema=S.ITEM_EMBEDDINGS)
+            pq.write_table(it, tmp / "item_embeddings.parquet")
+            rows["item_embeddings"] = n
+        manifest = {
+            "dt": str(day), "model_version": version, "shard": shard, "shards": shards,
+            "run_id": f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+            "full": full, "reason": reason, "users": rows["user_embeddings"], "rows": rows,
+            "tasks": tasks, "top_k_labels": ic.top_k_labels, "d_model": model.cfg.d_model,
+            "labels_per_task": {t: min(ic.top_k_labels, r.labels.num_embeddings - 1)
+                                for t, r in model.heads.readouts.items()},
+            "inputs": inputs, "grown_since_model": grown, "device": str(device),
+            "bf16": bool(ic.bf16 and device.type == "cuda"), "updated_at": updated_at.isoformat(),
+            "created_at": R.now_iso(), "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["path"] = str(final)
+    log(f"infer dt={day} {shard_name(shard, shards)}: {rows['user_embeddings']} users ({reason}), "
+        f"{rows['item_embeddings'] if rows['item_embeddings'] is not None else 'no'} items, model {version}, "
+        f"{device}, {manifest['seconds']:.1f}s -> {final}")
+    return manifest
+
+
+# -------------------------------------------------------------------- CLI
+def register(sub) -> None:
+    p = sub.add_parser("infer", help="embed the users whose sequences changed on drop D (every user after a model "
+                                     "change) with the published model; stage the shard's output for `publish`",
+                       description="Batch inference of the published model for drop D: user embeddings and "
+                                   "preference scores of the users with updated_dt = D (all users when the "
+                                   "published version differs from the last publish, or --all-users), item "
+                                   "embeddings of the catalogue (shard 0). Output: "
+                                   "warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/. See jobs/infer.py.")
+    p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
+    p.add_argument("--shard", type=int, default=0, help="this shard's number, 0..n-1 (default 0)")
+    p.add_argument("--shards", type=int, help="number of shards (default: infer.shards)")
+    p.add_argument("--all-users", action="store_true", help="re-embed every user, not only D's")
+    p.set_defaults(func=run)
+
+
+def run(args, cfg: Config) -> int:
+    shards = args.shards if args.shards is not None else cfg.infer.shards
+    res = infer(cfg, args.dt, shard=args.shard, shards=shards, all_users=args.all_users)
+    print(json.dumps(res, indent=2, default=str))
+    return 0

@@ -1,0 +1,307 @@
+"""`userformer publish --dt D [--shards n]`: the staged inference of drop D -> the published tables.
+
+**Refuses** (a clear error, exit non-zero, no table touched) unless every
+shard 0..n-1 of (D, the PUBLISHED model version) has its ``_SUCCESS.json``
+(jobs/infer.py), the shards agree on their inputs, those inputs are still
+what the warehouse holds for D, and the output checks pass
+(``userformer check outputs --dt D``: schemas/quality/outputs.py). A drop
+older than the last published one is refused too: it would turn refreshed
+rows back in time.
+
+**Then one Delta commit per table**, in this order:
+
+1. ``user_embeddings``: MERGE on user_id (update matched, insert new); rows of
+   users without new events are not touched;
+2. ``user_preference_scores``: the refreshed users' rows are deleted and
+   their new rows inserted in ONE merge (a key row per refreshed user matches
+   and deletes its old rows; the new rows carry no key and are inserted);
+3. ``item_embeddings``: overwritten with the catalogue's vectors (skipped when
+   the last publish already wrote this model on the same catalogue).
+
+After a full re-embed (a new model version) both user merges also delete rows
+of users no longer in user_sequences, so every row is of the new version.
+Each commit carries ``step=publish``, ``dt``, ``model_version``, ``shards``,
+``full``, ``users``, the input Delta versions and ``outputs_id`` (which staged
+shards it published). A rerun skips a table whose last publish commit has the
+same ``outputs_id`` and redoes the rest, so a crash between commits is
+completed by rerunning, and publishing the same staged output twice leaves
+the tables as they are. An empty day (no user to refresh, same model,
+same catalogue) commits nothing.
+
+**What a reader sees.** Each table is whole at every version. Between the
+commits of one publish (or after a crash between them, until the rerun) the
+latest versions can mix days: D's user rows with D-1's preference rows or item
+vectors. After a model change that means user vectors of the new version next
+to item vectors of the old one; every row carries ``model_version``, so a
+reader combining tables checks it agrees, or reads the versions named by
+``warehouse/_published/outputs.json`` (`published_outputs`), written after
+the last commit of every complete publish: one consistent snapshot (Delta time
+travel). History: every version stays readable until `userformer maintain`
+vacuums it (``storage.retention_days``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from userformer.jobs import infer as I
+from userformer.jobs.common import UserError, date_arg
+from userformer.jobs.config import Config
+from userformer.jobs.storage import delta
+
+KEY = "_replace_user"  # merge key of user_preference_scores' delete+insert
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def marker_path(cfg: Config) -> Path:
+    return cfg.warehouse_root / "_published" / "outputs.json"
+
+
+def published_outputs(cfg: Config) -> dict | None:
+    """The last complete publish: {"dt", "model_version", "tables": {name: Delta version}, ...}, or None.
+    Read the tables at these versions for a snapshot in which all three agree."""
+    p = marker_path(cfg)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _write_marker(cfg: Config, record: dict) -> None:
+    from userformer.models.registry import write_json
+
+    write_json(marker_path(cfg), record)
+    with open(marker_path(cfg).with_name("log.jsonl"), "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+# ------------------------------------------------------------- the shards
+def staged_shards(cfg: Config, day: dt.date, version: str, shards: int) -> list[dict]:
+    """The manifests of shards 0..shards-1 of (day, version); a UserError naming every missing shard."""
+    out, missing = [], []
+    for i in range(shards):
+        d = I.shard_dir(cfg, day, version, i, shards)
+        m = I.read_manifest(d)
+        if m is None:
+            missing.append(i)
+        else:
+            out.append({**m, "path": str(d)})
+    if missing:
+        have = sorted(p.name for p in I.day_dir(cfg, day, version).glob("shard=*")) \
+            if I.day_dir(cfg, day, version).is_dir() else []
+        cmds = "; ".join(f"userformer infer --dt {day} --shard {i} --shards {shards}" for i in missing[:3])
+        raise UserError(f"publish dt={day}: {len(missing)} of {shards} shards of model {version} have no staged "
+                        f"output (missing: {', '.join(I.shard_name(i, shards) for i in missing)}; staged: "
+                        f"{', '.join(have) or 'none'}); run {cmds}{' ...' if len(missing) > 3 else ''}")
+    return out
+
+
+def consistent(manifests: list[dict]) -> dict:
+    """What every shard must share (inputs, full or not, model); a UserError when they differ."""
+    keys = ("dt", "model_version", "full", "inputs", "tasks", "top_k_labels", "d_model")
+    first = {k: manifests[0].get(k) for k in keys}
+    for m in manifests[1:]:
+        diff = [k for k in keys if m.get(k) != first[k]]
+        if diff:
+            raise UserError(f"publish dt={first['dt']}: shard {m['shard']} of {m['shards']} differs from shard "
+                            f"{manifests[0]['shard']} in {', '.join(diff)} (inferred from different inputs); rerun "
+                            f"`userformer infer` for every shard")
+    return first
+
+
+def outputs_id(manifests: list[dict]) -> str:
+    return hashlib.sha256("|".join(sorted(m["run_id"] for m in manifests)).encode()).hexdigest()[:16]
+
+
+def _files(manifests: list[dict], table: str) -> list[str]:
+    return [str(Path(m["path"]) / f"{table}.parquet") for m in manifests
+            if (Path(m["path"]) / f"{table}.parquet").is_file()]
+
+
+# ----------------------------------------------------------------- commits
+def _reader(files: list[str], schema):
+    """The staged rows of `files` as one stream (bounded memory)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    ds = pds.dataset(files, schema=schema, format="parquet")
+    return pa.RecordBatchReader.from_batches(schema, ds.to_batches(batch_readahead=1, fragment_readahead=1))
+
+
+def _merge_embeddings(cfg: Config, files: list[str], full: bool, props) -> int:
+    from userformer.schemas import tables as S
+
+    path = cfg.table_path("user_embeddings")
+    delta.ensure_table(path, S.USER_EMBEDDINGS)
+    m = delta.open_table(path).merge(_reader(files, S.USER_EMBEDDINGS), predicate="t.user_id = s.user_id",
+                                     source_alias="s", target_alias="t", commit_properties=props)
+    m = m.when_matched_update_all().when_not_matched_insert_all()
+    if full:
+        m = m.when_not_matched_by_source_delete()
+    m.execute()
+    return delta.version_of(path)
+
+
+def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], full: bool, props) -> int:
+    """Delete every row of the refreshed users and insert their new rows, in one merge commit."""
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+    from userformer.schemas import tables as S
+
+    path = cfg.table_path("user_preference_scores")
+    delta.ensure_table(path, S.USER_PREFERENCE_SCORES)
+    cols = S.USER_PREFERENCE_SCORES
+    schema = pa.schema([pa.field(KEY, pa.string()), *[f.with_nullable(True) for f in cols]])
+
+    def batches():
+        # One key row per refreshed user (user ids are unique over the shards: checked before publishing) ...
+        for b in pds.dataset(user_files, format="parquet").to_batches(columns=["user_id"], batch_readahead=1):
+            n = b.num_rows
+            yield pa.record_batch([b.column(0), *[pa.nulls(n, f.type) for f in cols]], schema=schema)
+        # ... and the new rows, without a key: they never match, so they are inserted.
+        for b in pds.dataset(files, schema=cols, format="parquet").to_batches(batch_readahead=1):
+            yield pa.record_batch([pa.nulls(b.num_rows, pa.string()), *b.columns], schema=schema)
+
+    m = delta.open_table(path).merge(pa.RecordBatchReader.from_batches(schema, batches()),
+                                     predicate=f"t.user_id = s.{KEY}", source_alias="s", target_alias="t",
+                                     commit_properties=props)
+    m = m.when_matched_delete().when_not_matched_insert({c: f"s.{c}" for c in cols.names}, predicate=f"s.{KEY} IS NULL")
+    if full:
+        m = m.when_not_matched_by_source_delete()
+    m.execute()
+    return delta.version_of(path)
+
+
+def _overwrite_items(cfg: Config, files: list[str], props) -> int:
+    from deltalake import write_deltalake
+    from userformer.schemas import tables as S
+
+    path = cfg.table_path("item_embeddings")
+    delta.ensure_table(path, S.ITEM_EMBEDDINGS)
+    write_deltalake(str(path), _reader(files, S.ITEM_EMBEDDINGS), mode="overwrite", commit_properties=props)
+    return delta.version_of(path)
+
+
+# -------------------------------------------------------------------- step
+def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
+    """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
+    from userformer.jobs import check as C
+    from userformer.models import registry as R
+    from userformer.models import stream as ST
+
+    t0 = time.perf_counter()
+    shards = shards or cfg.infer.shards
+    if shards < 1:
+        raise UserError(f"--shards must be >= 1, got {shards}")
+    ptr = R.published(cfg)
+    if ptr is None:
+        raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first")
+    version = ptr["version"]
+
+    last = I.last_publish(cfg)
+    marker = published_outputs(cfg)
+    days = [dt.date.fromisoformat(p["dt"]) for p in last.values() if p and p.get("dt")]
+    if marker and marker.get("dt"):
+        days.append(dt.date.fromisoformat(marker["dt"]))
+    if days and day < max(days):
+        raise UserError(f"publish dt={day}: drop {max(days)} is published already; publishing an older drop would "
+                        f"turn the rows refreshed since back in time (publish drops in order; rerun {max(days)} "
+                        "to redo the latest)")
+
+    manifests = staged_shards(cfg, day, version, shards)
+    common = consistent(manifests)
+    seq_v, _ = ST.sequences_version(cfg, day)
+    staged_v = common["inputs"]["user_sequences"]["version"]
+    if staged_v != seq_v:
+        raise UserError(f"publish dt={day}: the shards were inferred from user_sequences version {staged_v}, but the "
+                        f"warehouse now holds version {seq_v} for {day} (sequences rerun?); rerun `userformer infer "
+                        f"--dt {day}` for every shard")
+    need_full = I.full_reason(cfg, day, version)
+    if need_full and not common["full"]:
+        raise UserError(f"publish dt={day}: the shards hold only the day's users but {need_full}; rerun "
+                        f"`userformer infer --dt {day}` for every shard")
+
+    res = C.check(cfg, "outputs", day, {"shards": shards})
+    if not res.success:
+        raise UserError(f"publish dt={day}: the output checks failed, nothing was published\n{C.summary(res)}", code=1)
+
+    from deltalake import CommitProperties
+
+    users = sum(m["users"] for m in manifests)
+    oid = outputs_id(manifests)
+    inputs = common["inputs"]
+    meta = {"step": "publish", "dt": str(day), "model_version": version, "shards": shards, "full": common["full"],
+            "users": users, "outputs_id": oid,
+            **{f"{t}_version": inputs[t]["version"] for t in ("user_sequences", "items", "vocab") if t in inputs}}
+    props = CommitProperties(custom_metadata={k: str(v) for k, v in meta.items()})
+    done = {}  # table -> its last publish commit
+    for t in I.OUTPUTS:
+        commits = I.publish_commits(cfg, t)
+        done[t] = commits[-1] if commits else None
+    report: dict[str, dict] = {}
+
+    def already(table: str) -> bool:
+        h = done[table]
+        return h is not None and h.get("outputs_id") == oid
+
+    # 1 + 2: the users' tables.
+    user_files = _files(manifests, "user_embeddings")
+    for table in ("user_embeddings", "user_preference_scores"):
+        if already(table):
+            report[table] = {"committed": False, "version": done[table]["version"],
+                             "reason": "this staged output is published already"}
+        elif users == 0:
+            report[table] = {"committed": False, "version": delta.version_of(cfg.table_path(table)),
+                             "reason": f"no user to refresh on {day}"}
+        else:
+            if table == "user_embeddings":
+                v = _merge_embeddings(cfg, user_files, common["full"], props)
+            else:
+                v = _replace_preferences(cfg, user_files, _files(manifests, table), common["full"], props)
+            report[table] = {"committed": True, "version": v, "rows": sum(m["rows"][table] for m in manifests)}
+    # 3: the items (the same catalogue under the same model: nothing new).
+    items_m = next(m for m in manifests if m["shard"] == 0)
+    h = done["item_embeddings"]
+    same = (h is not None and h.get("model_version") == version
+            and all(h.get(f"{t}_version") == str(inputs[t]["version"]) for t in ("items", "vocab"))
+            and h.get("items") == str(items_m["rows"]["item_embeddings"]))
+    if already("item_embeddings") or same:
+        report["item_embeddings"] = {"committed": False, "version": h["version"],
+                                     "reason": "the same model's vectors of the same catalogue are published"}
+    else:
+        iprops = CommitProperties(custom_metadata={**props.custom_metadata,
+                                                   "items": str(items_m["rows"]["item_embeddings"])})
+        v = _overwrite_items(cfg, _files([items_m], "item_embeddings"), iprops)
+        report["item_embeddings"] = {"committed": True, "version": v, "rows": items_m["rows"]["item_embeddings"]}
+
+    record = {"dt": str(day), "model_version": version, "shards": shards, "full": common["full"], "users": users,
+              "outputs_id": oid, "tables": {t: r["version"] for t, r in report.items()},
+              "inputs": {t: v["version"] for t, v in inputs.items()}, "published_at": R.now_iso()}
+    _write_marker(cfg, record)
+    out = {**record, "reason": common.get("reason") or manifests[0].get("reason"), "commits": report,
+           "check": str(res.json_path), "seconds": round(time.perf_counter() - t0, 3)}
+    log(f"publish dt={day}: model {version}, {users} users ({'full' if common['full'] else 'incremental'}), "
+        + ", ".join(f"{t} {'v' + str(r['version']) if r['committed'] else 'unchanged'}" for t, r in report.items()))
+    return out
+
+
+# -------------------------------------------------------------------- CLI
+def register(sub) -> None:
+    p = sub.add_parser("publish", help="check the staged inference of drop D and publish it: user_embeddings "
+                                       "(merge), user_preference_scores, item_embeddings (one commit each)",
+                       description="Publish the staged output of `userformer infer --dt D` (every shard of the "
+                                   "published model) after the output checks pass; refuses and writes nothing "
+                                   "otherwise. See jobs/publish.py.")
+    p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
+    p.add_argument("--shards", type=int, help="number of shards to expect (default: infer.shards)")
+    p.set_defaults(func=run)
+
+
+def run(args, cfg: Config) -> int:
+    print(json.dumps(publish(cfg, args.dt, shards=args.shards), indent=2, default=str))
+    return 0
