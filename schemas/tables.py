@@ -158,7 +158,8 @@ USER_EMBEDDINGS = pa.schema(
             "with its item_embeddings row.", nullable=False),
         col("model_version", pa.string(), "Registry version of the model that computed it.", nullable=False),
         col("as_of", pa.date32(), "Drop date D whose sequences it was computed from.", nullable=False),
-        col("updated_at", TS, "When this row was last written.", nullable=False),
+        col("updated_at", TS, "When the inference run that wrote this row computed it (republishing the same "
+            "staged output keeps it).", nullable=False),
     ]
 )
 USER_PREFERENCE_SCORES = pa.schema(
