@@ -183,7 +183,12 @@ def test_grow_adds_rows_and_keeps_old_ones_exactly(tie):
     assert torch.allclose(m.item_tower.all_items()[:31], old_vecs, atol=1e-6)
     t = m.item_tower
     content = torch.stack([t.embs[f].weight[t.attrs[35, i]] for i, f in enumerate(D.ITEM_ATTRS)]).mean(0)
-    assert torch.allclose(t.embs["item_id"].weight[35], content, atol=1e-6)
+    if m.cfg.pooling == "id_plus_mean":  # id + mean(content): a zero id row leaves exactly the content
+        assert torch.equal(t.embs["item_id"].weight[35], torch.zeros(16))
+    else:  # mean over id and content: an id row equal to the content mean keeps it
+        assert torch.allclose(t.embs["item_id"].weight[35], content, atol=1e-6)
+    assert torch.allclose(t(torch.tensor([35])), t.forward(torch.tensor([0]), attrs={
+        f: t.attrs[35:36, i] for i, f in enumerate(D.ITEM_ATTRS)}), atol=1e-6)  # = an unknown id with its content
     b = D.pad_batch(D.Sequences(np.array(["u"], object), np.array([0, 3]),
                                 {k: np.array([1, 36, 37]) % new_cat.sizes[k] for k in D.INT_FIELDS},
                                 np.array([1.0, 2.0, 3.0]), np.full(3, np.nan, np.float32)), np.array([0]), 8)
