@@ -255,9 +255,12 @@ INDEX_KINDS = ["auto", "flat", "hnsw", "ivf"]
 class IndexConfig:
     # `userformer index --dt D` (jobs/index.py): FAISS index of item_embeddings, chosen by catalogue size.
     # auto: exact IndexFlatIP up to flat_max_items, HNSW up to hnsw_max_items, IVF above; or force one kind.
+    # Measured here (tests/benchmarks/results/index-speed.md, d=64): at 100K HNSW (defaults below) reaches
+    # recall@10 ~0.98 at 3x exact's batch q/s; at 1M it builds 24x slower than IVF and falls below 0.9 at
+    # efSearch 128, while IVF (nprobe 32) keeps ~0.98: exact up to 100K, HNSW to 300K, IVF beyond.
     kind: str = field(default="auto", metadata=_rng(choices=INDEX_KINDS))
-    flat_max_items: int = field(default=250_000, metadata=_rng(0, 1_000_000_000))
-    hnsw_max_items: int = field(default=2_000_000, metadata=_rng(0, 1_000_000_000))
+    flat_max_items: int = field(default=100_000, metadata=_rng(0, 1_000_000_000))
+    hnsw_max_items: int = field(default=300_000, metadata=_rng(0, 1_000_000_000))
     # HNSW (IndexHNSWFlat, inner product): links per node, build and search beam widths.
     hnsw_m: int = field(default=32, metadata=_rng(4, 256))
     hnsw_ef_construction: int = field(default=80, metadata=_rng(8, 4096))

@@ -15,7 +15,7 @@ is built by jobs/index.py's own build_faiss with build_params of the default [in
 Measured per size: exact IndexFlatIP (build = add; search = the reference), HNSW, and IVF at the sizes in
 --ivf-sizes: build seconds (median of samples; after the first, as many as fit in --build-budget-s), recall@10
 of the batch search against exact on --queries queries, queries/s of one batch search of all queries (median
-of --repeats) and the median latency of single-query calls (--single queries, one call each).
+of --repeats) and the median latency of single-query calls (--single queries, one call each, one thread).
 """
 
 from __future__ import annotations
@@ -95,11 +95,20 @@ def searches(index, queries: np.ndarray, k: int, repeats: int, n_single: int) ->
         s, (_, labels), ld = sample(lambda: index.search(queries, k))
         secs.append(s)
         loads.append(ld)
+    # One query per call, as `recommend` / `similar-items` search; on one FAISS thread, since a single query
+    # gains nothing from more and an OpenMP team on a loaded machine adds scheduling waits to every call.
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     single = []
-    for q in queries[:n_single]:
-        t0 = time.perf_counter()
-        index.search(q[None, :], k)
-        single.append(time.perf_counter() - t0)
+    try:
+        for q in queries[:n_single]:
+            t0 = time.perf_counter()
+            index.search(q[None, :], k)
+            single.append(time.perf_counter() - t0)
+    finally:
+        faiss.omp_set_num_threads(threads)
     med = statistics.median(secs)
     return labels, {
         "batch": {**summary(secs), "load_before": loads}, "queries": len(queries),
@@ -170,7 +179,8 @@ def markdown(res: dict) -> str:
         "numbers are pessimistic; compare within this run).", "",
         f"Data: d={D}, {CLUSTERS} clusters (Zipf {ZIPF} sizes), spread {SPREAD}; {p['queries']} user-like queries "
         f"(mixes of two centres); recall@10 against exact IndexFlatIP; q/s = queries / median seconds of one batch "
-        f"search of all of them ({p['repeats']} repeats); single = median latency of {p['single']} one-query calls. "
+        f"search of all of them ({p['repeats']} repeats); single = median latency of {p['single']} one-query calls "
+        "(one FAISS thread). "
         "Build: median of the samples (count in brackets). Rows marked * are the default [index] parameters.", "",
         "| items | index | parameters | build s | recall@10 | batch q/s | single ms |",
         "|---:|---|---|---:|---:|---:|---:|",
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.index_speed", description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(float(x.replace("M", "e6").replace("K", "e3"))) for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--sizes", type=ints, default=[100_000, 1_000_000], help="catalogue sizes (100K,1M)")
-    ap.add_argument("--ivf-sizes", type=ints, default=[1_000_000], help="sizes that also get an IVF index")
+    ap.add_argument("--ivf-sizes", type=ints, default=[100_000, 1_000_000], help="sizes that also get an IVF index")
     ap.add_argument("--queries", type=int, default=1000, help="queries for recall and batch q/s")
     ap.add_argument("--single", type=int, default=100, help="one-query calls timed for latency")
     ap.add_argument("--repeats", type=int, default=3, help="samples of each search (and build, budget allowing)")
