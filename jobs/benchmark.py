@@ -32,6 +32,9 @@ def add_quality_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--history", choices=["exclude", "keep"], default="exclude",
                     help="exclude the user's history items from the ranking (default; the protocol of the published "
                          "Beauty numbers) or keep them; the test metrics of the other choice are reported too")
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], metavar="S1,S2,...",
+                    help="train every model once per seed and report the mean (std and each run beside it); "
+                         "default: train.seed")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a model/train setting, e.g. --set model.d_model=128 (repeatable)")
     ap.add_argument("--checkpoint-dir", type=Path, help="keep the best checkpoint of each model here")

@@ -138,12 +138,62 @@ def markdown(models: dict) -> str:
     head = cols + [f"{c} ({alt.replace('_', ' ')})" for c in alt_cols] + [f"{t} acc@1" for t in heads] + ["epochs", "train s"]
     lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, m in models.items():
-        cells = [f"{m[c]:.4f}" if c in m else "" for c in cols]
+        sd = m.get("std", {})
+        cells = [(f"{m[c]:.4f} ± {sd[c]:.4f}" if c in sd else f"{m[c]:.4f}") if c in m else "" for c in cols]
         cells += [f"{m[alt][c]:.4f}" if c in m.get(alt, {}) else "" for c in alt_cols]
         cells += [f"{m['heads'][t]['acc@1']:.3f}" if t in (m.get("heads") or {}) else "" for t in heads]
         cells += [str(m.get("epochs", "")), f"{m.get('train_seconds', 0.0):.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def train_and_test(name, m: ModelConfig, tcfg, ck, train, valid, test, catalog, device, args) -> dict:
+    """Train one variant with one seed (or evaluate its saved checkpoint) and return its test results."""
+    if ck:
+        ck.parent.mkdir(parents=True, exist_ok=True)
+    if args.reuse_checkpoints and ck and ck.is_file():
+        # A model trained earlier (e.g. by a parallel `--model NAME` run): evaluate its best checkpoint.
+        model, meta = load_checkpoint(ck, catalog)
+        model.to(device)
+        res = test_metrics(model, test, catalog, device, tcfg, args.history)
+        print(f"{name} seed {tcfg.seed} TEST (checkpoint {ck}): {json.dumps(res)}", file=sys.stderr, flush=True)
+        return {**res, "seed": meta["train_config"]["seed"], "epochs": meta["epoch"], "best_epoch": meta["epoch"],
+                "best_valid": meta["metrics"]["valid"], "train_seconds": meta["metrics"]["train_seconds"],
+                "seconds_per_epoch": meta["metrics"]["train_seconds"] / max(meta["epoch"], 1),
+                "parameters": model.n_parameters(), "checkpoint": str(ck), "train_config": meta["train_config"],
+                "history": meta.get("history"), "checkpoint_model_config": meta["model_config"]}
+    print(f"--- {name} seed {tcfg.seed}: {m.event_features} -> {m.item_features}, heads {m.heads}", file=sys.stderr)
+    model, hist = fit(m, tcfg, train, valid, catalog, ckpt_path=ck, progress=not args.no_progress,
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
+    res = test_metrics(model, test, catalog, device, tcfg, args.history)
+    print(f"{name} seed {tcfg.seed} TEST: {json.dumps(res)}", file=sys.stderr, flush=True)
+    return {**res, "seed": tcfg.seed, "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
+            "best_valid": hist["best_valid"], "train_seconds": hist["train_seconds"],
+            "seconds_per_epoch": hist["train_seconds"] / max(hist["epochs"], 1),
+            "parameters": model.n_parameters(), "history": hist["history"]}
+
+
+def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
+    """Mean of every metric over the seeds' runs (std beside it, each run kept under `per_seed`)."""
+    out = {"seeds": seeds, "per_seed": runs}
+
+    def numeric(d):
+        return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"}
+
+    for k in numeric(runs[0]):
+        vals = np.array([r[k] for r in runs], float)
+        out[k] = float(vals.mean())
+        out.setdefault("std", {})[k] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    for sub in ("heads", *OTHER.values()):
+        if sub in runs[0]:
+            out[sub] = _mean_tree([r[sub] for r in runs])
+    out["epochs"] = int(round(out["epochs"]))
+    return out
+
+
+def _mean_tree(dicts: list[dict]) -> dict:
+    return {k: (_mean_tree([d[k] for d in dicts]) if isinstance(v, dict) else float(np.mean([d[k] for d in dicts])))
+            for k, v in dicts[0].items()}
 
 
 def run(args, config_path=None) -> int:
@@ -166,48 +216,33 @@ def run(args, config_path=None) -> int:
           f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     names = ["full", "id_only", "popular"] if args.model == "all" else [args.model]
+    seeds = args.seeds or [tcfg.seed]
     results, configs = {}, {}
     device = pick_device(tcfg.device)
     for name in names:
-        if name == "popular":
+        if name == "popular":  # deterministic: one evaluation
             other = dataclasses.replace(test, exclude_history=not test.exclude_history)
             results[name] = {**evaluate_popular(train, test, catalog), OTHER[args.history]: _ranking(
                 evaluate_popular(train, other, catalog)), "epochs": 0, "train_seconds": 0.0}
             continue
         m = variant(name, mcfg, seqs, catalog)
         configs[name] = dataclasses.asdict(m)
-        ck = args.checkpoint_dir / f"{name}.pt" if args.checkpoint_dir else None
-        if ck:
-            ck.parent.mkdir(parents=True, exist_ok=True)
-        if args.reuse_checkpoints and ck and ck.is_file():
-            # A model trained earlier (e.g. by a parallel `--model NAME` run): evaluate its best checkpoint.
-            model, meta = load_checkpoint(ck, catalog)
-            configs[name] = meta["model_config"]
-            model.to(device)
-            res = test_metrics(model, test, catalog, device, tcfg, args.history)
-            results[name] = {**res, "epochs": meta["epoch"], "best_epoch": meta["epoch"],
-                             "best_valid": meta["metrics"]["valid"],
-                             "train_seconds": meta["metrics"]["train_seconds"],
-                             "seconds_per_epoch": meta["metrics"]["train_seconds"] / max(meta["epoch"], 1),
-                             "parameters": model.n_parameters(), "checkpoint": str(ck),
-                             "train_config": meta["train_config"], "history": meta.get("history")}
-            print(f"{name} TEST (checkpoint {ck}): {json.dumps(res)}", file=sys.stderr, flush=True)
-            continue
-        print(f"--- {name}: {m.event_features} -> {m.item_features}, heads {m.heads}", file=sys.stderr)
-        model, hist = fit(m, tcfg, train, valid, catalog, ckpt_path=ck, progress=not args.no_progress,
-                          log=lambda s: print(s, file=sys.stderr, flush=True))
-        res = test_metrics(model, test, catalog, device, tcfg, args.history)
-        results[name] = {**res, "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
-                         "best_valid": hist["best_valid"], "train_seconds": hist["train_seconds"],
-                         "seconds_per_epoch": hist["train_seconds"] / max(hist["epochs"], 1),
-                         "parameters": model.n_parameters(), "history": hist["history"]}
-        print(f"{name} TEST: {json.dumps(res)}", file=sys.stderr, flush=True)
+        runs = []
+        for seed in seeds:
+            t = dataclasses.replace(tcfg, seed=seed)
+            ck = args.checkpoint_dir / (f"{name}.pt" if len(seeds) == 1 else f"{name}-seed{seed}.pt") \
+                if args.checkpoint_dir else None
+            runs.append(train_and_test(name, m, t, ck, train, valid, test, catalog, device, args))
+            if "checkpoint_model_config" in runs[-1]:
+                configs[name] = runs[-1].pop("checkpoint_model_config")
+        results[name] = runs[0] if len(runs) == 1 else over_seeds(runs, seeds)
     out = {
         "dataset": f"{args.format}:{args.sequences.name}",
         "protocol": protocol,
         "commit": git_commit(),
         "command": " ".join(sys.argv),
-        "config": {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "variants": configs},
+        "config": {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "variants": configs,
+                   "seeds": seeds},
         "data": {"users": len(seqs), "items": catalog.n_items, "events": len(events),
                  "valid_users": len(valid.targets), "test_users": len(test.targets)},
         "models": results,

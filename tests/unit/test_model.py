@@ -425,3 +425,14 @@ def test_id_plus_mean_pooling_keeps_identity_and_embeds_unseen_items_by_content(
         unseen = tower(torch.tensor([catalog.n_items + 5]), attrs={a: attrs[a][:1] for a in D.ITEM_ATTRS})
         only = torch.stack([c[:1] for c in content]).sum(0) / cnt[:1]
         assert torch.allclose(unseen, torch.nn.functional.normalize(only, dim=-1), atol=1e-6)
+
+
+def test_benchmark_means_over_seeds():
+    from userformer.models.bench_quality import over_seeds
+
+    runs = [{"seed": 1, "hr@10": 0.2, "epochs": 10, "heads": {"brand": {"acc@1": 0.5}}, "history_kept": {"hr@10": 0.1}},
+            {"seed": 2, "hr@10": 0.4, "epochs": 13, "heads": {"brand": {"acc@1": 0.7}}, "history_kept": {"hr@10": 0.3}}]
+    out = over_seeds(runs, [1, 2])
+    assert out["hr@10"] == pytest.approx(0.3) and out["std"]["hr@10"] == pytest.approx(0.1414, abs=1e-4)
+    assert out["epochs"] == 12 and out["heads"]["brand"]["acc@1"] == pytest.approx(0.6)
+    assert out["history_kept"]["hr@10"] == pytest.approx(0.2) and out["per_seed"] == runs and out["seeds"] == [1, 2]
