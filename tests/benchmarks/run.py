@@ -1,11 +1,13 @@
-"""Run the pipeline benchmarks and write their results (see README.md beside this file).
+"""Run the benchmarks and write their results (see README.md beside this file).
 
-    python -m tests.benchmarks.run [--scenario throughput|incremental|all] [--events 1000000,10000000]
-                                   [--users-30d N] [--repeats K] [--out DIR]
+    python -m tests.benchmarks.run [--scenario throughput|incremental|model|all] [--events 1000000,10000000]
+                                   [--users-30d N] [--repeats K] [--device cpu|cuda|auto] [--out DIR]
 
-Each measured configuration runs in a child process (python -m tests.benchmarks.pipeline)
+Each measured pipeline configuration runs in a child process (python -m tests.benchmarks.pipeline)
 with its own temporary USERFORMER_HOME under /tmp, deleted afterwards. Results go to
 DIR/pipeline-<scenario>.json and DIR/pipeline-<scenario>.md; the Markdown is printed too.
+The model scenario runs python -m tests.benchmarks.model_speed in a child process (no Spark, no
+files but its results: DIR/model-speed.json and .md).
 """
 
 from __future__ import annotations
@@ -176,21 +178,24 @@ def md_incremental(doc: dict) -> str:
 # -------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=["throughput", "incremental", "all"], default="all")
+    p.add_argument("--scenario", choices=["throughput", "incremental", "model", "all"], default="all")
     p.add_argument("--events", default="1000000,10000000",
                    help="throughput: comma-separated drop sizes; 1M/10M accepted; SIZE:K sets K repeats for that size")
     p.add_argument("--users-30d", type=int, default=100_000, help="incremental: users of the 30-day history (default 100000)")
     p.add_argument("--days", type=int, default=30, help="incremental: days of history (default 30)")
     p.add_argument("--active-frac", type=float, default=0.05, help="incremental: share of users active per day (default 0.05)")
-    p.add_argument("--repeats", type=int, default=3, help="samples per measured step (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="samples per measured step (default 3; model: samples per measurement, default 5)")
     p.add_argument("--step-budget-s", type=float, default=None,
                    help="throughput: take fewer repeats of a step when first-sample x repeats would exceed this")
     p.add_argument("--driver-memory", default=None, help="override spark.driver_memory (default: by size)")
     p.add_argument("--shuffle-partitions", type=int, default=None, help="override spark.shuffle_partitions (default: by size)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="model: where the model runs (default auto)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS.relative_to(REPO)})")
     a = p.parse_args(argv)
-    if a.repeats < 1:
+    if a.repeats is not None and a.repeats < 1:
         p.error("--repeats must be >= 1")
+    model_repeats, a.repeats = a.repeats, a.repeats or 3
     if a.days < 2:
         p.error("--days must be >= 2")
     sizes = parse_sizes(a.events, a.repeats)
@@ -219,6 +224,16 @@ def main(argv=None) -> int:
         doc["results"] = [child("incremental", extra)]
         doc["finished"] = now()
         write(a.out, "incremental", doc, md_incremental(doc))
+
+    if a.scenario in ("model", "all"):
+        # Its own process: torch's threads and allocations stay out of this one; it writes its own results.
+        cmd = [sys.executable, "-m", "tests.benchmarks.model_speed", "--device", a.device, "--out", str(a.out)]
+        if model_repeats is not None:
+            cmd += ["--repeats", str(model_repeats)]
+        log(f"$ {' '.join(cmd)}")
+        r = subprocess.run(cmd, cwd=REPO)
+        if r.returncode != 0:
+            raise SystemExit(f"model benchmark failed with exit code {r.returncode}: {' '.join(cmd)}")
     return 0
 
 
