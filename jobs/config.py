@@ -138,6 +138,8 @@ class ModelConfig:
     item_features: list = field(default_factory=lambda: list(ITEM_FEATURES), metadata=_subset(ITEM_FEATURES))
     # Item tower MLP after pooling (False: pooled embeddings only, as SASRec).
     item_mlp: bool = True
+    # Dropout on the pooled item vector while training (RecTools' SASRec drops item embeddings too).
+    item_dropout: float = field(default=0.0, metadata=_rng(0.0, 0.9))
     # The user tower's item/category/brand embeddings are the item tower's (SASRec's shared in/out table).
     tie_embeddings: bool = True
     # Residual MLP after the transformer (PinnerFormer), before the L2 normalisation.

@@ -51,9 +51,11 @@ class ResidualMLP(nn.Module):
 
 
 class ItemTower(nn.Module):
-    def __init__(self, features: list[str], d: int, catalog: ItemCatalog, mlp: bool = True, id_plus_mean: bool = False):
+    def __init__(self, features: list[str], d: int, catalog: ItemCatalog, mlp: bool = True, id_plus_mean: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         self.id_plus_mean = id_plus_mean
+        self.drop = nn.Dropout(dropout)
         self.features = [f for f in features if f in ("item_id", *ITEM_ATTRS)]
         self.n_items = catalog.n_items
         self.embs = nn.ModuleDict({f: embedding(catalog.sizes[FIELD[f]], d) for f in self.features})
@@ -77,7 +79,7 @@ class ItemTower(nn.Module):
             parts.append(emb(ids))
             present.append(ids > 0)
         # Mean over the attributes the item has (an unknown brand does not dilute the rest); or id + that mean.
-        pooled = pool(parts, present, self.id_plus_mean and "item_id" in self.embs)
+        pooled = self.drop(pool(parts, present, self.id_plus_mean and "item_id" in self.embs))
         return F.normalize(self.mlp(pooled), dim=-1)
 
     def all_items(self) -> torch.Tensor:

@@ -22,7 +22,7 @@ class UserFormer(nn.Module):
         self.cfg = cfg
         self.sizes = dict(catalog.sizes)
         self.item_tower = ItemTower(cfg.item_features, d, catalog, mlp=cfg.item_mlp,
-                                    id_plus_mean=cfg.pooling == "id_plus_mean")
+                                    id_plus_mean=cfg.pooling == "id_plus_mean", dropout=cfg.item_dropout)
         feats = EventFeaturizer(cfg.event_features, d, catalog.sizes, cfg.max_len, cfg.pooling, cfg.time_buckets,
                                 cfg.time_periods_s, shared=self.item_tower.embs if cfg.tie_embeddings else None)
         time_ref = TimeFeatures(d, cfg.time_buckets, cfg.time_periods_s) if "time_ref" in cfg.event_features else None
