@@ -47,9 +47,10 @@ nothing and says so (exit 0); ``--force`` builds a new version anyway.
 ``user_embeddings`` row has ``as_of == D``, the top ``candidates_n`` items of
 the current index (optionally without the items the user purchased in events
 up to D: ``candidates_exclude_purchased`` / ``--exclude-purchased``), in one
-MERGE commit on user_id (those users' rows replaced, every other row
-untouched). It refuses when those embeddings are of another model version
-than the index. A day without refreshed users writes nothing and succeeds.
+commit: those users' rows replaced, every other user's row kept as it was
+(rows of users without a user_embeddings row any more are dropped). It
+refuses when those embeddings are of another model version than the index.
+A day without refreshed users writes nothing and succeeds.
 """
 
 from __future__ import annotations
@@ -306,6 +307,21 @@ def vectors_of(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.ascontiguousarray(flat.to_numpy(zero_copy_only=False).reshape(n, lo))
 
 
+def str_field(name: str) -> pc.Expression:
+    """A string column in a pyarrow dataset filter, cast to string.
+
+    delta-rs (1.6) MERGE / DELETE rewrite string columns as Arrow string_view (delta-rs issue #4579), and
+    pyarrow has no comparison kernel for string_view against a string literal: a plain
+    ``pc.field("user_id") == "u1"`` fails on those files. Casting the field works on both kinds of file
+    (it costs row-group pruning on that column)."""
+    return pc.field(name).cast(pa.string())
+
+
+def str_in(name: str, values) -> pc.Expression:
+    values = list(values)
+    return str_field(name) == values[0] if len(values) == 1 else str_field(name).isin(pa.array(values, pa.string()))
+
+
 # ------------------------------------------------------------- open (readers)
 @dataclass
 class ItemIndex:
@@ -418,12 +434,15 @@ def _queries(cfg: Config, model_version: str, items: np.ndarray, seed: int) -> t
     if delta.exists(path):
         t = delta.open_table(path)
         ds = t.to_pyarrow_dataset()
-        flt = pc.field("model_version") == model_version
-        n = ds.count_rows(filter=flt)
+        n = ds.count_rows()
         if n:
-            take = np.sort(rng.choice(n, min(n, n_want), replace=False))
-            q = vectors_of(ds.take(pa.array(take), columns=["embedding"], filter=flt)["embedding"])
-            return q, "user_embeddings", t.version()
+            # Oversample, keep the rows of this model version (usually all after a full re-embed).
+            take = np.sort(rng.choice(n, min(n, 4 * n_want), replace=False))
+            rows = ds.take(pa.array(take), columns=["embedding", "model_version"])
+            rows = rows.filter(pc.equal(rows["model_version"].cast(pa.string()), model_version))
+            if rows.num_rows:
+                pick = np.sort(rng.permutation(rows.num_rows)[:n_want])
+                return vectors_of(rows["embedding"].take(pa.array(pick))), "user_embeddings", t.version()
     take = np.sort(rng.choice(len(items), min(len(items), n_want), replace=False))
     return items[take], "item_embeddings", None
 
@@ -679,13 +698,13 @@ def purchased_items(cfg: Config, users: list[str] | None, upto: datetime.date | 
     events = events_dataset(cfg) if events is None else events
     if events is None:
         return {}
-    flt = pc.field("event_type") == PURCHASE
+    flt = str_field("event_type") == PURCHASE
     if upto is not None:
         flt &= pc.field("dt") <= pa.scalar(upto, pa.date32())
     if users is not None:
         if not users:
             return {}
-        flt &= pc.field("user_id").isin(pa.array(users, pa.string())) if len(users) > 1 else pc.field("user_id") == users[0]
+        flt &= str_in("user_id", users)
     t = events.to_table(columns=["user_id", "item_idx"], filter=flt)
     out: dict[str, set[int]] = {}
     for u, i in zip(t["user_id"].to_pylist(), t["item_idx"].to_pylist()):
@@ -735,7 +754,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
         raise UserError(f"user embeddings of {dt} are of model {shown} but the current index {idx.version} is of "
                         f"model {idx.model_version}: run `userformer index --dt {dt}` first")
     n = cfg.index.candidates_n
-    stats = {"excluded": 0, "rows": 0}
+    stats = {"excluded": 0, "rows": 0, "kept": 0, "dropped": 0}
     events = events_dataset(cfg) if exclude else None
 
     def batches():
@@ -770,30 +789,51 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
     meta = {"step": "candidates", "dt": str(dt), "index_version": idx.version, "model_version": idx.model_version,
             "user_embeddings_version": ue_version, "exclude_purchased": exclude}
     path = cfg.table_path("user_candidates")
-    from deltalake import CommitProperties, DeltaTable, write_deltalake
+    from deltalake import CommitProperties, write_deltalake
 
     import pyarrow.parquet as pq
 
     props = CommitProperties(custom_metadata={k: str(v) for k, v in meta.items()})
     # Searched batch by batch into a staged Parquet file (bounded memory; an error surfaces here, before any
-    # commit), then ONE commit: a MERGE on user_id streamed from that file (or the table's first write).
+    # commit). Then ONE commit that rewrites the table: the other users' rows as they are, then the new rows,
+    # streamed. Not a delta-rs MERGE: it would rewrite about every file anyway (refreshed users are spread
+    # over all of them) and writes strings as string_view, which pyarrow filters cannot compare (see
+    # str_field). Rows of users that no longer have a user_embeddings row are dropped.
     with delta.staging(path) as stage:
         staged = stage / "candidates.parquet"
+        refreshed: list[str] = []
         with pq.ParquetWriter(staged, S.USER_CANDIDATES) as w:
             for b in batches():
+                refreshed += b.column("user_id").to_pylist()
                 w.write_batch(b)
-        source = pq.ParquetFile(staged)
-        reader = pa.RecordBatchReader.from_batches(
-            S.USER_CANDIDATES, (b.cast(S.USER_CANDIDATES) for b in source.iter_batches(batch_size=65536)))
-        if not delta.exists(path):
-            path.mkdir(parents=True, exist_ok=True)
-            write_deltalake(str(path), reader, mode="append", commit_properties=props)
-        else:
-            (DeltaTable(str(path))
-             .merge(reader, predicate="t.user_id = s.user_id", source_alias="s", target_alias="t",
-                    commit_properties=props)
-             .when_matched_update_all().when_not_matched_insert_all().execute())
-    out.update(written=stats["rows"], excluded_purchases=stats["excluded"], table_version=delta.version_of(path),
+        published_users = ds.to_table(columns=["user_id"])["user_id"].cast(pa.string()).combine_chunks()
+        schema = S.USER_CANDIDATES
+
+        def conform(b):
+            return pa.RecordBatch.from_arrays([b.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+        # Opened here: rows() runs inside delta-rs' write, which must not be re-entered.
+        old = delta.open_table(path).to_pyarrow_dataset() if delta.exists(path) else None
+
+        def rows():
+            if old is not None:
+                for b in old.to_batches(filter=~str_in("user_id", refreshed), batch_size=65536,
+                                        batch_readahead=1, fragment_readahead=1):
+                    b = conform(b)
+                    live = pc.is_in(b.column("user_id"), value_set=published_users)
+                    b = b.filter(live)
+                    stats["kept"] += b.num_rows
+                    stats["dropped"] += len(live) - b.num_rows
+                    if b.num_rows:
+                        yield b
+            for b in pq.ParquetFile(staged).iter_batches(batch_size=65536):
+                yield conform(b)
+
+        path.mkdir(parents=True, exist_ok=True)
+        write_deltalake(str(path), pa.RecordBatchReader.from_batches(schema, rows()),
+                        mode="overwrite", commit_properties=props)
+    out.update(written=stats["rows"], kept=stats["kept"], dropped=stats["dropped"],
+               excluded_purchases=stats["excluded"], table_version=delta.version_of(path),
                seconds=round(time.perf_counter() - t0, 3))
     log.info("user_candidates: %d users of %s from index %s (v%s)", stats["rows"], dt, idx.version, out["table_version"])
     return out

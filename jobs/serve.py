@@ -105,8 +105,7 @@ class Recommender:
         if not ids:
             return schema.empty_table()
         ds = self._user_table().to_pyarrow_dataset()
-        flt = pc.field("user_id") == ids[0] if len(ids) == 1 else pc.field("user_id").isin(pa.array(ids, pa.string()))
-        t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=flt)
+        t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=ix.str_in("user_id", ids))
         pos = {u: i for i, u in enumerate(t["user_id"].to_pylist())}
         lost = [u for u in ids if u not in pos]
         if lost and missing == "error":

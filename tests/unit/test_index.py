@@ -307,6 +307,50 @@ def test_candidates_for_refreshed_users_only(icfg):
     assert delta.version_of(path) == v0 + 1
 
 
+def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
+    """publish MERGEs user_embeddings; delta-rs then writes strings as string_view, which a plain pyarrow
+    filter cannot compare. Every read here must still work, and user_candidates must stay filterable."""
+    items = write_items(icfg, 400)
+    x = clustered(30, 2)
+    path = icfg.table_path("user_embeddings")
+    delta.ensure_table(path, S.USER_EMBEDDINGS)
+    src = user_rows([f"u{j}" for j in range(30)], x, D1).cast(S.USER_EMBEDDINGS)
+    (delta.open_table(path).merge(pa.RecordBatchReader.from_batches(S.USER_EMBEDDINGS, src.to_batches()),
+                                  "t.user_id = s.user_id", source_alias="s", target_alias="t")
+     .when_matched_update_all().when_not_matched_insert_all().execute())
+    files = delta.open_table(path).file_uris()
+    assert {str(pq.read_schema(f).field("user_id").type) for f in files} == {"string_view"}
+    with pytest.raises(pa.ArrowNotImplementedError):  # the delta-rs behaviour worked around here
+        delta.open_table(path).to_pyarrow_dataset().to_table(filter=pc.field("user_id") == "u3")
+    write_purchases(icfg, [("u3", int(exact(items, x[3:4], 1)[0, 0]))])
+    ix.build_index(icfg, D1)
+    assert ix.read_manifest(icfg, "i0001-20260106")["recall_query_source"] == "user_embeddings"
+    ix.candidates(icfg, D1, exclude_purchased=True)
+    ix.candidates(icfg, D1)
+    r = serve.Recommender(icfg)
+    assert [h.item_idx for h in r.recommend("u3", k=3)] == exact(items, x[3:4], 3)[0].tolist()
+    assert [h.item_idx for h in r.recommend("u3", k=3, exclude_purchased=True)] == exact(items, x[3:4], 4)[0, 1:].tolist()
+    assert r.embeddings(["u4", "u3"])["user_id"].to_pylist() == ["u4", "u3"]
+    cand = delta.open_table(icfg.table_path("user_candidates"))
+    assert {str(pq.read_schema(f).field("user_id").type) for f in cand.file_uris()} == {"string"}
+    assert cand.to_pyarrow_dataset().to_table(filter=pc.field("user_id") == "u3").num_rows == 1
+
+
+def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
+    write_items(icfg, 300)
+    write_users(icfg, 50)
+    ix.build_index(icfg, D1)
+    ix.candidates(icfg, D1)
+    ue = delta.read_arrow(icfg.table_path("user_embeddings"))
+    delta.write_arrow(icfg.table_path("user_embeddings"), ue.filter(pc.field("user_id") != "u49"),
+                      S.USER_EMBEDDINGS, mode="overwrite")
+    refresh_users(icfg, ["u1", "u2"], D2, seed=3)
+    out = ix.candidates(icfg, D2)
+    assert (out["written"], out["kept"], out["dropped"]) == (2, 47, 1)
+    users = delta.read_arrow(icfg.table_path("user_candidates"))["user_id"].to_pylist()
+    assert len(users) == 49 and "u49" not in users
+
+
 def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
     write_items(icfg, 300)
     write_users(icfg, 100)  # two batches of 64
