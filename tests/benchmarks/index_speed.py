@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "command": "python -m tests.benchmarks.index_speed " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m tests.benchmarks.index_speed", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {**machine_info(), "faiss": faiss.__version__}, "faiss_threads": faiss.omp_get_max_threads(),
         "git": git_info(), "started": now(), "load_at_start": load(), "mem_available_gib_at_start": mem_available_gib(),
         "data": {"dimension": D, "clusters": CLUSTERS, "zipf": ZIPF, "spread": SPREAD, "seed": args.seed},
