@@ -55,7 +55,6 @@ A day without refreshed users writes nothing and succeeds.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -74,7 +73,7 @@ import pyarrow.compute as pc
 
 from userformer.jobs.common import UserError, date_arg
 from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
+from userformer.jobs.storage import delta, files
 from userformer.schemas import tables as S
 
 log = logging.getLogger(__name__)
@@ -114,57 +113,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """A reader sees the old file or the new one, never part of one (temp file, fsync, os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, default=_default) + "\n"
-
-
-def _default(o):
-    if hasattr(o, "item") and callable(o.item):
-        return o.item()
-    if isinstance(o, (datetime.date, Path)):
-        return str(o)
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    return str(o)
-
-
 def current(cfg: Config) -> dict | None:
     """The CURRENT pointer, or None when no index was ever made current."""
-    p = current_path(cfg)
-    if not p.exists():
-        return None
-    try:
-        ptr = json.loads(p.read_text())
-        if not isinstance(ptr, dict) or not _VERSION.match(str(ptr.get("version", ""))):
-            raise ValueError("no valid 'version'")
-    except ValueError as exc:
-        raise UserError(f"{p}: corrupt index pointer ({exc}); rebuild with `userformer index --dt D --force`") from None
-    return ptr
+    return files.read_pointer(current_path(cfg), _VERSION, "index pointer",
+                              "rebuild with `userformer index --dt D --force`")
 
 
 def read_manifest(cfg: Config, version: str) -> dict:
@@ -612,10 +564,10 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
             "built_at": _now(),
             "check": {"success": res.success, "failed": [r.expectation for r in res.results if not r.success]},
         }
-        _write_atomic(building / MANIFEST_FILE, _json(manifest))
-        _fsync_dir(building)
+        files.write_json(building / MANIFEST_FILE, manifest)
+        files.fsync_dir(building)
         os.rename(building, dest)  # replaces the empty placeholder the allocation made
-        _fsync_dir(dest.parent)
+        files.fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         if dest.is_dir() and not (dest / MANIFEST_FILE).exists():
@@ -647,7 +599,7 @@ def switch(cfg: Config, version: str, manifest: dict | None = None) -> dict:
     prev = current(cfg)
     ptr = {"version": version, "model_version": manifest["model_version"], "as_of": manifest["as_of"],
            "switched_at": _now(), "previous": prev["version"] if prev else None}
-    _write_atomic(current_path(cfg), _json(ptr))
+    files.write_json(current_path(cfg), ptr)
     with open(cfg.index_root / "switch_log.jsonl", "a") as f:
         f.write(json.dumps(ptr) + "\n")
     return ptr

@@ -32,13 +32,13 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import re
-import uuid
 import zipfile
 from pathlib import Path
 
 from userformer.jobs.common import UserError
+from userformer.jobs.storage import files
+from userformer.jobs.storage.files import write_json  # noqa: F401  (callers use registry.write_json)
 
 REEMBED_RULE = ("on promotion every user is re-embedded with the new model: user embeddings of an older "
                 "version are not comparable with this version's item vectors (see stale_embeddings)")
@@ -66,37 +66,16 @@ def now_iso() -> str:
 
 
 # ------------------------------------------------------------ file writes
-def write_json(path: Path, obj) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def save_torch(path: Path, obj) -> None:
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    files.replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def plain(obj):
     """JSON-able copy (numpy scalars -> numbers, tuples -> lists, dates -> text): what a manifest can hold and a
     weights_only torch.load accepts."""
-    return json.loads(json.dumps(obj, default=_default))
-
-
-def _default(o):
-    if hasattr(o, "item") and callable(o.item):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    return str(o)
+    return json.loads(json.dumps(obj, default=files.jsonable))
 
 
 def sha256(path: Path) -> str:
@@ -184,17 +163,8 @@ def list_versions(cfg) -> list[dict]:
 # -------------------------------------------------------------- publishing
 def published(cfg) -> dict | None:
     """The PUBLISHED pointer ({"version", "published_at", "reason", ...}), or None when nothing is published."""
-    p = pointer_path(cfg)
-    if not p.exists():
-        return None
-    try:
-        ptr = json.loads(p.read_text())
-        if not isinstance(ptr, dict) or not _VERSION.match(str(ptr.get("version", ""))):
-            raise ValueError("no valid 'version'")
-    except ValueError as exc:
-        raise UserError(f"{p}: corrupt published pointer ({exc}); publish a version again "
-                        f"(versions under {versions_root(cfg)})") from None
-    return ptr
+    return files.read_pointer(pointer_path(cfg), _VERSION, "published pointer",
+                              f"publish a version again (versions under {versions_root(cfg)})")
 
 
 def publish(cfg, version: str, reason: str) -> dict:

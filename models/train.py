@@ -11,7 +11,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from userformer.jobs.config import ModelConfig, TrainConfig
+from userformer.jobs.storage import files
 from userformer.models import losses as LS
 from userformer.models.data import (
     ITEM_ATTRS,
@@ -224,10 +224,7 @@ def load_checkpoint(path, catalog: ItemCatalog | None = None) -> tuple[UserForme
 
 def save_atomic(obj, path: str | Path) -> None:
     """torch.save through a temporary file + rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    files.replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state(rng: np.random.Generator, gen: torch.Generator, sampler) -> dict:
