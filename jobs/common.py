@@ -14,6 +14,13 @@ class UserError(Exception):
         self.code = code
 
 
+class GateFailed(UserError):
+    """A data-quality gate failed: nothing downstream runs or is published. Exit code 1; never retried."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code=1)
+
+
 def date_arg(value: str) -> dt.date:
     """argparse type for --dt / --start: YYYY-MM-DD."""
     try:

@@ -291,6 +291,27 @@ class IndexConfig:
 
 
 @dataclass
+class PipelineConfig:
+    # The daily pipeline (jobs/pipeline.py: `userformer run-day`, the Airflow DAGs in dags/).
+    # A raw drop is ready when its folder holds this marker (written by the producer last); "" = any Parquet file.
+    ready_marker: str = "_SUCCESS"
+    # When nothing is published yet, the day's step trains a first model from scratch (as `userformer train
+    # --dt D`) with at most this many epochs (0 = train.epochs); until the warehouse has events before the
+    # validation window (train.eval_horizon_days), the model steps are skipped and nothing is published.
+    bootstrap_epochs: int = field(default=0, metadata=_rng(0, 10_000))
+    # Airflow: wait for the raw drop this long (poke every sensor_poke_s) before failing the run.
+    sensor_timeout_s: int = field(default=6 * 3600, metadata=_rng(1, 7 * 86400))
+    sensor_poke_s: int = field(default=60, metadata=_rng(1, 86400))
+    # Airflow: retries of a task on a transient error (never on a data-quality failure), with exponential
+    # backoff from retry_delay_s.
+    retries: int = field(default=2, metadata=_rng(0, 20))
+    retry_delay_s: int = field(default=60, metadata=_rng(1, 86400))
+    # Airflow pool of the inference shards (size = GPU workers) and its slot count when the pool is created.
+    gpu_pool: str = "gpu"
+    gpu_pool_slots: int = field(default=1, metadata=_rng(1, 10_000))
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -303,6 +324,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     # ---- derived locations -------------------------------------------------
     @property

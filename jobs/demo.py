@@ -14,27 +14,8 @@ import sys
 import time
 
 from userformer.jobs.common import UserError, date_arg, date_range
+from userformer.jobs import pipeline
 from userformer.jobs.config import Config
-
-
-def run_day(cfg: Config, day: dt.date) -> dict:
-    """The pipeline for one drop date, as far as it exists. Stops at the first failed gate."""
-    from userformer.jobs import check, ingest, sequences
-
-    out = {"dt": str(day)}
-    t0 = time.perf_counter()
-    out["ingest"] = ingest.ingest(cfg, day)
-    gate = check.check(cfg, "events", day)
-    out["check_events"] = gate.success
-    if not gate.success:
-        raise UserError(f"events check failed for {day}: see {gate.html_path}", code=1)
-    out["sequences"] = sequences.update(cfg, day)
-    gate = check.check(cfg, "user_sequences", day)
-    out["check_user_sequences"] = gate.success
-    if not gate.success:
-        raise UserError(f"user_sequences check failed for {day}: see {gate.html_path}", code=1)
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    return out
 
 
 def register(sub) -> None:
@@ -48,6 +29,8 @@ def register(sub) -> None:
     p = sub.add_parser("run-day", help="run the whole pipeline for one drop date (or a range, in order), without Airflow")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--to", type=date_arg, help="last drop date of a range run day by day in order (default: --dt only)")
+    p.add_argument("--skip-finetune", action="store_true", help="keep the published model (no fine-tuning, no gate)")
+    p.add_argument("--full-reembed", action="store_true", help="re-embed every user, not only the day's")
     p.set_defaults(func=run_days)
 
 
@@ -56,7 +39,8 @@ def run_days(args, cfg: Config) -> int:
     if last < args.dt:
         raise UserError(f"--to {last} is before --dt {args.dt}")
     for day in date_range(args.dt, (last - args.dt).days + 1):
-        print(json.dumps(run_day(cfg, day), indent=2, default=str), flush=True)
+        res = pipeline.run_day(cfg, day, skip_finetune=args.skip_finetune, full_reembed=args.full_reembed)
+        print(json.dumps(res, indent=2, default=str), flush=True)
     return 0
 
 
@@ -92,7 +76,7 @@ def run(args, cfg: Config) -> int:
           f"{s['users']} users, {s['items']} items")
     days = []
     for day in date_range(args.start, args.days):
-        r = run_day(cfg, day)
+        r = pipeline.run_day(cfg, day)
         ing, seq = r["ingest"], r["sequences"]
         print(f"{day}: raw {ing['raw_rows']:>7}  accepted {ing['accepted']:>7}  rejected {sum(ing['rejected'].values()):>5}"
               f"  users refreshed {seq['active_users']:>6} (new {seq['new_users']})  checks ok  {r['seconds']}s")

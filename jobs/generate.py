@@ -468,6 +468,9 @@ def _events_table(rows: dict, w: _World, prefixes: pa.Array, type_names: pa.Arra
     }, schema=RAW_EVENTS)
 
 
+READY_MARKER = "_SUCCESS"  # pipeline.ready_marker's default
+
+
 def _write(table: pa.Table, path: Path) -> None:
     """Write via a hidden temporary name and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -562,7 +565,10 @@ def generate(cfg: Config, *, users: int, items: int, days: int, start: dt.date, 
         bad = _malformed(rng, rows, int(rng.binomial(len(drop["n"]), malformed_rate)), day_us, bad_types)
         drop = _concat([drop, bad])
         drop = _take(drop, np.argsort(drop["ts"], kind="stable"))
-        _write(_events_table(drop, w, prefixes, type_names), out / "events" / f"dt={day}" / "part-00000.parquet")
+        day_dir = out / "events" / f"dt={day}"
+        (day_dir / READY_MARKER).unlink(missing_ok=True)
+        _write(_events_table(drop, w, prefixes, type_names), day_dir / "part-00000.parquet")
+        (day_dir / READY_MARKER).write_text("")  # written last, as a producer does: the drop is complete
 
         n_drop = len(drop["n"])
         summary["events_per_day"][str(day)] = n_drop

@@ -58,6 +58,10 @@ from userformer.jobs.common import UserError, date_arg
 from userformer.jobs.config import Config, ModelConfig, TrainConfig
 
 DAY_S = 86400.0
+
+
+class NotEnoughHistory(UserError):
+    """The warehouse has no training sequence before the validation window yet (a pipeline's first days)."""
 VALID_SALT = "valid"  # which window users validate (the rest are evaluate's)
 SAMPLE_SALT = "eval-sample"  # which of them are kept beyond max_eval_users
 
@@ -175,7 +179,7 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
                            keep=lambda t: _bucket(t, VALID_SALT) < tcfg.valid_user_fraction)
     source.summarise(cat.n_items, (valid,))
     if not source.n_sequences:
-        raise UserError(f"no user has 2+ events before {ST.iso(split)} in user_sequences as of {snap.day} "
+        raise NotEnoughHistory(f"no user has 2+ events before {ST.iso(split)} in user_sequences as of {snap.day} "
                         f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first")
     valid_ev = valid.result()
     if not len(valid_ev.targets):
@@ -240,8 +244,14 @@ def gate(candidate: dict, published: dict, metrics: list[str], max_quality_drop:
             "min_users": min_users, "max_quality_drop": max_quality_drop}
 
 
-def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, progress: bool = True, log=_stderr) -> dict:
-    """Fine-tune the published model on drop `day`, gate it, promote or reject it (module doc)."""
+def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: bool = True, progress: bool = True,
+             log=_stderr) -> dict:
+    """Fine-tune the published model on drop `day`, gate it, promote or reject it (module doc).
+
+    With ``promote=False`` the candidate is registered with status "candidate" and its gate measurements, and
+    `promote_candidate` decides (the daily DAG's separate gate task). A rerun of a day whose candidate of the same
+    parent and data is registered already returns that candidate instead of training another one.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
     from userformer.models import registry as R
@@ -270,6 +280,15 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, progress: 
         return {**base, "reason": f"the published version {ptr['version']} was already trained on events up to "
                                   f"{ST.iso(until)}: nothing new in drop {day}"}
     snap = snapshot(cfg, day)
+    prior = _prior_candidate(cfg, day, ptr["version"], snap.record(cfg))
+    if prior is not None:
+        log(f"finetune {day}: candidate {prior['version']} of {ptr['version']} on the same data exists "
+            f"({prior['status']}): not training another")
+        res = {**base, "trained": False, "version": prior["version"], "status": prior["status"],
+               "parent": ptr["version"], "reason": f"rerun: candidate {prior['version']} ({prior['status']}) exists"}
+        if promote and prior["status"] == "candidate":
+            res.update(promote_candidate(cfg, day, prior["version"]))
+        return res
     cat = snap.catalog
     grow_report = R.fit_to_catalog(published, cat, str(pub_path))  # in place: `published` is now grown
     grown = published
@@ -338,14 +357,60 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, progress: 
     ck = T.checkpoint(candidate, tcfg, hist["epochs"], metrics,
                       {**extra, "history": hist["history"], "gate": decision, "stale_embeddings": stale,
                        "grown": grow_report, "parameters": candidate.n_parameters()})
-    status = "promoted" if decision["promote"] else "rejected"
+    status = ("promoted" if decision["promote"] else "rejected") if promote else "candidate"
     version = R.register(cfg, ck, kind="finetune", day=day, status=status)
-    if decision["promote"]:
+    if promote and decision["promote"]:
         R.publish(cfg, version, f"finetune dt={day} over {ptr['version']}: gate {decision['reason']}")
-    return {**base, "trained": True, "promoted": decision["promote"], "version": version, "status": status,
-            "published": version if decision["promote"] else ptr["version"], "parent": ptr["version"],
-            "reason": decision["reason"], "gate": decision, "stale_embeddings": stale, **info,
-            "most_popular": _summary_metrics(pop_m), "seconds": round(time.perf_counter() - t0, 1)}
+    return {**base, "trained": True, "promoted": promote and decision["promote"], "version": version,
+            "status": status, "published": version if promote and decision["promote"] else ptr["version"],
+            "parent": ptr["version"], "reason": decision["reason"], "gate": decision, "stale_embeddings": stale,
+            **info, "most_popular": _summary_metrics(pop_m), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _prior_candidate(cfg: Config, day: dt.date, parent: str, data: dict) -> dict | None:
+    """A fine-tuned version of `parent` on drop `day` from the same Delta versions, if one is registered."""
+    from userformer.models import registry as R
+
+    for man in reversed(R.list_versions(cfg)):
+        if (man.get("kind") == "finetune" and man.get("dt") == str(day) and man.get("parent") == parent
+                and man.get("data") == data):
+            return man
+    return None
+
+
+def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
+    """The gate: publish the candidate `version` iff its held-out measurements pass the rule of the current config.
+
+    The measurements were taken by `finetune` (candidate and published model on the same held-out users); the rule
+    (``finetune.gate_metrics``, ``max_quality_drop``, ``min_holdout_users``) is applied here, so a tightened config
+    applies to candidates not yet judged. The published model must still be the candidate's parent: a candidate of
+    an older model is not comparable and is rejected. Idempotent: a judged candidate keeps its verdict.
+    """
+    from userformer.models import registry as R
+
+    man = R.read_manifest(cfg, version)
+    ptr = R.published(cfg)
+    if man.get("kind") != "finetune" or man.get("dt") != str(day):
+        raise UserError(f"{version} is not a fine-tuned candidate of drop {day} (kind {man.get('kind')}, "
+                        f"dt {man.get('dt')})")
+    if man["status"] != "candidate":
+        return {"version": version, "status": man["status"], "promoted": False,
+                "published": ptr["version"] if ptr else None, "reason": f"already judged: {man['status']}",
+                "gate": man.get("gate")}
+    ft = cfg.finetune
+    g = man["metrics"]["gate"]
+    if ptr is None or ptr["version"] != man.get("parent"):
+        decision = {"promote": False, "reason": f"the published model is {ptr and ptr['version']}, not the "
+                                                f"candidate's parent {man.get('parent')}: not comparable"}
+    else:
+        decision = gate(g["candidate"], g["published"], ft.gate_metrics, ft.max_quality_drop,
+                        int(man["finetune"]["gate_users"]), ft.min_holdout_users)
+    status = "promoted" if decision["promote"] else "rejected"
+    R.set_status(cfg, version, status, decision)
+    if decision["promote"]:
+        ptr = R.publish(cfg, version, f"finetune dt={day} over {man['parent']}: gate {decision['reason']}")
+    return {"version": version, "status": status, "promoted": decision["promote"],
+            "published": ptr["version"] if ptr else None, "reason": decision["reason"], "gate": decision}
 
 
 # --------------------------------------------------------------- evaluate

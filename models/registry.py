@@ -139,6 +139,17 @@ def register(cfg, checkpoint: dict, *, kind: str, day: dt.date | None, status: s
     return version
 
 
+def set_status(cfg, version: str, status: str, decision: dict | None = None) -> dict:
+    """Record a verdict on a registered version (e.g. candidate -> promoted/rejected) in its manifest."""
+    man = read_manifest(cfg, version)
+    man["status"] = status
+    if decision is not None:
+        man["gate"] = plain(decision)
+    man.setdefault("status_history", []).append({"status": status, "at": now_iso()})
+    write_json(version_dir(cfg, version) / "manifest.json", man)
+    return man
+
+
 def read_manifest(cfg, version: str) -> dict:
     p = version_dir(cfg, version) / "manifest.json"
     if not p.is_file():

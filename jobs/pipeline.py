@@ -1,0 +1,278 @@
+"""The daily pipeline for one drop date D, as steps: what `userformer run-day` and the Airflow DAGs run.
+
+    wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences
+      -> fine-tune (or bootstrap the first model) -> gate -> infer (per shard)
+      -> publish (runs the output checks first) -> index -> check index -> candidates -> report
+
+Each step is a plain function ``(cfg, day, ...) -> dict`` that reads only D's
+inputs and writes only D's outputs, so a rerun replaces, never duplicates. A
+failed data-quality gate raises `GateFailed` (exit 1, never retried by
+Airflow); bad input raises `UserError`; anything else is treated as transient.
+A step with nothing to do (no model yet, an empty day) returns
+``{"skipped": reason}`` and the day still succeeds.
+
+Every step's result is kept in the day's ledger,
+``reports_root/runs/dt=D/<step>.json`` (the latest run of each step), which
+the daily report (jobs/report.py) and the demo's summary read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+
+from userformer.jobs.common import GateFailed, UserError
+from userformer.jobs.config import Config
+from userformer.jobs.storage import delta, files
+
+log = logging.getLogger(__name__)
+
+# The steps of a day, in order (ledger names; infer is "infer-<shard>-of-<shards>").
+STEPS = ["ingest", "check_events", "sequences", "check_user_sequences", "finetune", "gate", "infer", "publish",
+         "index", "check_index", "candidates", "report"]
+
+
+# ------------------------------------------------------------------ ledger
+def ledger_dir(cfg: Config, day: dt.date) -> Path:
+    return cfg.reports_root / "runs" / f"dt={day}"
+
+
+def record(cfg: Config, day: dt.date, step: str, result: dict, seconds: float) -> dict:
+    """Keep a step's result in the day's ledger (atomically; a rerun replaces it) and return it."""
+    out = {"step": step, "dt": str(day), "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+           "seconds": round(seconds, 2), "result": result}
+    files.write_json(ledger_dir(cfg, day) / f"{step}.json", out)
+    return result
+
+
+def read_ledger(cfg: Config, day: dt.date) -> dict[str, dict]:
+    """Step name -> its ledger entry for drop `day` (missing steps absent)."""
+    d = ledger_dir(cfg, day)
+    if not d.is_dir():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+
+
+def _step(name: str):
+    """Time a step and keep its result in the ledger (also when it is skipped; failures are not recorded)."""
+    def wrap(fn):
+        def run(cfg: Config, day: dt.date, *args, **kwargs):
+            t0 = time.perf_counter()
+            res = fn(cfg, day, *args, **kwargs)
+            step = name
+            if name == "infer":
+                step = f"infer-{res.get('shard', 0)}-of-{res.get('shards', 1)}"
+            return record(cfg, day, step, res, time.perf_counter() - t0)
+        run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn
+        return run
+    return wrap
+
+
+def _published_model(cfg: Config) -> dict | None:
+    from userformer.models import registry as R
+
+    return R.published(cfg)
+
+
+# ------------------------------------------------------------------- steps
+def raw_ready(cfg: Config, day: dt.date) -> bool:
+    """Has the producer finished drop `day`? Its folder holds the ready marker (pipeline.ready_marker), or,
+    with no marker configured, at least one Parquet file."""
+    d = cfg.raw_events_dir(day)
+    if not d.is_dir():
+        return False
+    marker = cfg.pipeline.ready_marker
+    return (d / marker).is_file() if marker else any(d.glob("*.parquet"))
+
+
+@_step("ingest")
+def ingest(cfg: Config, day: dt.date) -> dict:
+    """Raw drop D -> events[dt=D] + events_rejected[dt=D], items, vocab (Spark; one commit per table)."""
+    from userformer.jobs import ingest as I
+
+    marker = cfg.pipeline.ready_marker
+    # A drop the producer marked complete may be empty (a quiet day); without a marker an empty folder is an error.
+    return I.ingest(cfg, day, allow_empty=bool(marker) and (cfg.raw_events_dir(day) / marker).is_file())
+
+
+def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) -> dict:
+    """The data-quality gate of `table` for D (Great Expectations); raises GateFailed when it fails."""
+    from userformer.jobs import check as C
+
+    t0 = time.perf_counter()
+    res = C.check(cfg, table, day, options)
+    failed = [r.expectation for r in res.results if not r.success]
+    out = {"table": table, "success": res.success, "expectations": len(res.results), "failed": failed,
+           "html": str(res.html_path), "json": str(res.json_path)}
+    record(cfg, day, f"check_{table}", out, time.perf_counter() - t0)
+    if not res.success:
+        raise GateFailed(f"{table} check failed for {day}: {', '.join(failed)} (report: {res.html_path})\n"
+                         f"{C.summary(res)}")
+    return out
+
+
+@_step("sequences")
+def sequences(cfg: Config, day: dt.date) -> dict:
+    """events[dt=D] -> user_sequences: the rows of the users active on D (one MERGE)."""
+    from userformer.jobs import sequences as Q
+
+    return Q.update(cfg, day)
+
+
+@_step("finetune")
+def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
+    """Fine-tune the published model on D's users (a candidate for the gate), or train the first model.
+
+    Nothing published yet: train from scratch as of D (at most pipeline.bootstrap_epochs epochs) and publish it;
+    while the warehouse has no events before the validation window this is skipped (the model steps wait).
+    """
+    from userformer.jobs import train as TR
+
+    if skip:
+        return {"skipped": "fine-tuning skipped by the run's parameters (skip_finetune)", "candidate": None}
+    if _published_model(cfg) is None:
+        try:
+            res = TR.train(cfg, day=day, epochs=cfg.pipeline.bootstrap_epochs or None, progress=False,
+                           log=log.info)
+        except TR.NotEnoughHistory as exc:
+            return {"skipped": f"no published model yet and too little history to train one: {exc}",
+                    "candidate": None}
+        return {"action": "bootstrap", "candidate": None, **res}
+    res = TR.finetune(cfg, day, promote=False, progress=False, log=log.info)
+    cand = res.get("version") if res.get("status") == "candidate" else None
+    return {"action": "finetune", "candidate": cand, **res}
+
+
+@_step("gate")
+def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
+    """Promote the day's candidate iff it is not worse than the published model on held-out users of D."""
+    from userformer.jobs import train as TR
+
+    if not candidate:
+        ptr = _published_model(cfg)
+        return {"skipped": "no candidate to judge", "published": ptr["version"] if ptr else None}
+    return TR.promote_candidate(cfg, day, candidate)
+
+
+@_step("infer")
+def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int | None = None, *, full: bool = False) -> dict:
+    """Embeddings and preference scores of D's changed users (everyone after a model change), one shard."""
+    from userformer.jobs import infer as N
+
+    shards = shards or cfg.infer.shards
+    if _published_model(cfg) is None:
+        return {"skipped": "no published model yet", "shard": shard, "shards": shards}
+    res = N.infer(cfg, day, shard=shard, shards=shards, all_users=full, log=log.info)
+    return {**res, "shard": shard, "shards": shards}
+
+
+@_step("publish")
+def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
+    """Output checks, then one Delta commit per output table (jobs/publish.py); a failed check publishes nothing."""
+    from userformer.jobs import publish as P
+
+    if _published_model(cfg) is None:
+        return {"skipped": "no published model yet"}
+    try:
+        return P.publish(cfg, day, shards=shards, log=log.info)
+    except UserError as exc:
+        if exc.code == 1:  # the output checks failed
+            raise GateFailed(str(exc)) from None
+        raise
+
+
+@_step("index")
+def index(cfg: Config, day: dt.date) -> dict:
+    """FAISS index of item_embeddings; made current only if its recall check passes (jobs/index.py)."""
+    from userformer.jobs import index as X
+
+    if not delta.exists(cfg.table_path("item_embeddings")):
+        return {"skipped": "no item_embeddings published yet"}
+    res = X.build_index(cfg, day)
+    m = res.manifest
+    out = {"status": res.status, "version": res.version, "previous": res.previous, "kind": m.get("kind"),
+           "items": m.get("items"), "model_version": m.get("model_version"), "recall_at_10": m.get("recall_at_10"),
+           "build_seconds": m.get("build_seconds"), "removed": res.removed}
+    if res.status == "rejected":
+        record(cfg, day, "index", out, 0.0)
+        raise GateFailed(f"index {res.version} failed its check (recall@10 {m.get('recall_at_10')} < "
+                         f"{cfg.index.min_recall_at_10} or bad vectors): CURRENT stays {res.previous}")
+    return out
+
+
+@_step("check_index")
+def check_index(cfg: Config, day: dt.date) -> dict:
+    """What downstream readers get: the CURRENT index is complete, of the published item vectors, recall above
+    the threshold."""
+    from userformer.jobs import index as X
+
+    if not delta.exists(cfg.table_path("item_embeddings")):
+        return {"skipped": "no index yet"}
+    ptr = X.current(cfg)
+    if ptr is None:
+        raise GateFailed("no CURRENT index although item_embeddings is published")
+    man = X.read_manifest(cfg, ptr["version"])
+    items = delta.open_table(cfg.table_path("item_embeddings"))
+    versions = set(items.to_pyarrow_dataset().to_table(columns=["model_version"])["model_version"].to_pylist())
+    problems = []
+    if versions != {man["model_version"]}:
+        problems.append(f"index model {man['model_version']} != item_embeddings models {sorted(versions)}")
+    if man.get("items") != items.to_pyarrow_dataset().count_rows():
+        problems.append(f"index has {man.get('items')} items, item_embeddings has "
+                        f"{items.to_pyarrow_dataset().count_rows()}")
+    rc = man.get("recall_at_10")
+    if rc is not None and rc < cfg.index.min_recall_at_10:
+        problems.append(f"recall@10 {rc} < {cfg.index.min_recall_at_10}")
+    out = {"version": ptr["version"], "model_version": man["model_version"], "items": man.get("items"),
+           "recall_at_10": rc, "problems": problems}
+    if problems:
+        record(cfg, day, "check_index", out, 0.0)
+        raise GateFailed(f"index check failed for {day}: " + "; ".join(problems))
+    return out
+
+
+@_step("candidates")
+def candidates(cfg: Config, day: dt.date) -> dict:
+    """user_candidates: top-N items from the current index for every user refreshed on D."""
+    from userformer.jobs import index as X
+
+    if not delta.exists(cfg.table_path("user_embeddings")) or X.current(cfg) is None:
+        return {"skipped": "no user_embeddings or index yet"}
+    return X.candidates(cfg, day)
+
+
+@_step("report")
+def report(cfg: Config, day: dt.date) -> dict:
+    """The day's HTML report (jobs/report.py): metrics over days, loss, users refreshed, scores, drift, checks."""
+    from userformer.jobs import report as RP
+
+    return RP.report(cfg, day)
+
+
+# --------------------------------------------------------------------- day
+def run_day(cfg: Config, day: dt.date, *, skip_finetune: bool = False, full_reembed: bool = False,
+            shards: int | None = None) -> dict:
+    """Every step of drop `day`, in order, in this process (`userformer run-day`). Stops at the first failure."""
+    t0 = time.perf_counter()
+    shards = shards or cfg.infer.shards
+    if not raw_ready(cfg, day):
+        marker = cfg.pipeline.ready_marker
+        raise UserError(f"raw drop {day} is not ready: {cfg.raw_events_dir(day)}"
+                        + (f" has no {marker} marker" if marker else " has no Parquet file"))
+    out = {"dt": str(day), "ingest": ingest(cfg, day)}
+    out["check_events"] = check(cfg, "events", day)
+    out["sequences"] = sequences(cfg, day)
+    out["check_user_sequences"] = check(cfg, "user_sequences", day)
+    out["finetune"] = finetune(cfg, day, skip=skip_finetune)
+    out["gate"] = gate(cfg, day, out["finetune"].get("candidate"))
+    out["infer"] = [infer(cfg, day, i, shards, full=full_reembed) for i in range(shards)]
+    out["publish"] = publish(cfg, day, shards)
+    out["index"] = index(cfg, day)
+    out["check_index"] = check_index(cfg, day)
+    out["candidates"] = candidates(cfg, day)
+    out["report"] = report(cfg, day)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
