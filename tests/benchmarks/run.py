@@ -1,13 +1,14 @@
 """Run the benchmarks and write their results (see README.md beside this file).
 
-    python -m tests.benchmarks.run [--scenario throughput|incremental|model|all] [--events 1000000,10000000]
+    python -m tests.benchmarks.run [--scenario throughput|incremental|model|infer|all] [--events 1000000,10000000]
                                    [--users-30d N] [--repeats K] [--device cpu|cuda|auto] [--out DIR]
 
 Each measured pipeline configuration runs in a child process (python -m tests.benchmarks.pipeline)
 with its own temporary USERFORMER_HOME under /tmp, deleted afterwards. Results go to
 DIR/pipeline-<scenario>.json and DIR/pipeline-<scenario>.md; the Markdown is printed too.
 The model scenario runs python -m tests.benchmarks.model_speed in a child process (no Spark, no
-files but its results: DIR/model-speed.json and .md).
+files but its results: DIR/model-speed.json and .md); the infer scenario runs
+python -m tests.benchmarks.infer_incremental (DIR/infer-incremental.json and .md).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def md_incremental(doc: dict) -> str:
 # -------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=["throughput", "incremental", "model", "all"], default="all")
+    p.add_argument("--scenario", choices=["throughput", "incremental", "model", "infer", "all"], default="all")
     p.add_argument("--events", default="1000000,10000000",
                    help="throughput: comma-separated drop sizes; 1M/10M accepted; SIZE:K sets K repeats for that size")
     p.add_argument("--users-30d", type=int, default=100_000, help="incremental: users of the 30-day history (default 100000)")
@@ -234,6 +235,16 @@ def main(argv=None) -> int:
         r = subprocess.run(cmd, cwd=REPO)
         if r.returncode != 0:
             raise SystemExit(f"model benchmark failed with exit code {r.returncode}: {' '.join(cmd)}")
+    if a.scenario in ("infer", "all"):
+        # Inference of an incremental day vs a full re-embed (its own process and temporary home).
+        cmd = [sys.executable, "-m", "tests.benchmarks.infer_incremental", "--device", a.device, "--out", str(a.out),
+               "--active-share", str(a.active_frac)]
+        if model_repeats is not None:
+            cmd += ["--repeats", str(model_repeats)]
+        log(f"$ {' '.join(cmd)}")
+        r = subprocess.run(cmd, cwd=REPO)
+        if r.returncode != 0:
+            raise SystemExit(f"infer benchmark failed with exit code {r.returncode}: {' '.join(cmd)}")
     return 0
 
 

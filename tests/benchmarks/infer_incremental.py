@@ -1,0 +1,177 @@
+"""Inference cost of an incremental day (~5% of users active) versus a full re-embed, as a ratio in one run (issue #4).
+
+    python -m tests.benchmarks.infer_incremental [--users N] [--items N] [--active-share F] [--repeats K]
+                                                  [--device cpu|cuda|auto] [--out DIR]
+
+Setup (not timed): a fresh USERFORMER_HOME under /tmp; three generated drops,
+the first two with most users active (the history), the third cut down to the
+events of a stable-hash share ``--active-share`` of the users (a real drop of
+the same world, fewer users: the "day with ~5% active"); ingest + sequences of
+all three (Spark); a small model trained as of the second day, published, and
+its inference of the second day published (so the third is a plain daily
+refresh: same model, an earlier publish).
+
+Measured, alternating, ``--repeats`` times each, on the third day:
+  full         ``infer --all-users`` (every user in user_sequences) + ``publish`` (full MERGE)
+  incremental  ``infer`` (users with updated_dt = the day) + ``publish`` (MERGE of those users)
+Both also embed the whole catalogue (shard 0), a cost that does not shrink with
+the day. Reported: medians, the ratio median(incremental) / median(full) of
+each part and of the total, users/s. Nothing is asserted. Results:
+DIR/infer-incremental.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.benchmarks.pipeline import git_info, load, log, machine_info, mem_available_gib, now
+
+RESULTS = Path(__file__).resolve().parent / "results"
+START = dt.date(2026, 2, 1)
+SEED = 23
+
+
+def _in_share(user_ids: list[str], share: float) -> list[bool]:
+    return [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "big") / 2**64 < share
+            for u in user_ids]
+
+
+def cut_drop(path: Path, share: float) -> tuple[int, int]:
+    """Keep only the events of a stable-hash share of the users in one raw drop file; returns (before, after)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    ids = [u or "" for u in t["user_id"].to_pylist()]
+    kept = t.filter(pa.array(_in_share(ids, share)))
+    pq.write_table(kept, path)
+    return t.num_rows, kept.num_rows
+
+
+def setup(home: Path, users: int, items: int, share: float, device: str) -> tuple[object, dict]:
+    from userformer.jobs import ingest, sequences, train
+    from userformer.jobs.config import load_config
+    from userformer.jobs.generate import generate
+    from userformer.jobs.spark import stop_spark
+
+    cfg = load_config(env={"USERFORMER_HOME": str(home), "USERFORMER__INFER__DEVICE": device,
+                           "USERFORMER__TRAIN__DEVICE": device})
+    d1, d2, d3 = (START + dt.timedelta(days=i) for i in range(3))
+    t0 = time.perf_counter()
+    gen = generate(cfg, users=users, items=items, days=3, start=START, seed=SEED, active_frac=0.9,
+                   events_per_active_user=6.0)
+    before, after = cut_drop(cfg.raw_events_dir(d3) / "part-00000.parquet", share)
+    log(f"generated {gen['events_total']:,} raw events; day 3 cut to {after:,} of {before:,} rows "
+        f"({share:.0%} of users) in {time.perf_counter() - t0:.1f}s")
+    seq = {}
+    for d in (d1, d2, d3):
+        ingest.ingest(cfg, d)
+        seq[str(d)] = sequences.update(cfg, d)
+        log(f"  {d}: {seq[str(d)]['active_users']:,} active users")
+    stop_spark()
+    t0 = time.perf_counter()
+    tr = train.train(cfg, day=d2, epochs=1, max_users=5000, publish=True, progress=False, log=log)
+    log(f"trained {tr['version']} (1 epoch, ~5000 users) in {time.perf_counter() - t0:.1f}s")
+    measure(cfg, d2, full=True)  # the model's first publish: every user as of day 2
+    return cfg, {"generate": {"events": gen["events_total"], "day3_rows_before_cut": before,
+                              "day3_rows": after}, "sequences": seq, "model": tr["version"]}
+
+
+def measure(cfg, day: dt.date, full: bool) -> dict:
+    from userformer.jobs import infer, publish
+
+    quiet = lambda *_: None  # noqa: E731
+    t0 = time.perf_counter()
+    m = infer.infer(cfg, day, all_users=full, log=quiet)
+    t1 = time.perf_counter()
+    p = publish.publish(cfg, day, log=quiet)
+    t2 = time.perf_counter()
+    if m["full"] != full:
+        raise RuntimeError(f"expected a {'full' if full else 'incremental'} inference, got {m['reason']}")
+    return {"users": m["users"], "items": m["rows"]["item_embeddings"], "infer_s": round(t1 - t0, 3),
+            "publish_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3), "load_before": load(),
+            "commits": {t: r.get("committed") for t, r in p["commits"].items()}}
+
+
+def summarise(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in ("infer_s", "publish_s", "total_s")} | {
+        "users": runs[0]["users"], "samples_total_s": [r["total_s"] for r in runs]}
+
+
+def markdown(doc: dict) -> str:
+    m, g = doc["machine"], doc["git"]
+    f, i, r = doc["full"], doc["incremental"], doc["ratio"]
+    lines = [
+        "## inference: incremental day vs full re-embed", "",
+        f"{m['cpu_count']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB; commit {str(g['commit'])[:10]}"
+        f"{' (dirty)' if g['dirty'] else ''}; {doc['started']} .. {doc['finished']}; load avg at start "
+        f"{doc['load_at_start']}; device {doc['device']}", "",
+        f"{doc['users_in_table']:,} users in user_sequences, {i['users']:,} active on the day "
+        f"({doc['active_share_measured']:.1%}), {doc['items']:,} items; model {doc['setup']['model']} "
+        f"(d={doc['d_model']}); {doc['repeats']} samples each, alternating.", "",
+        "| run | users | infer s (median) | publish s (median) | total s (median) | samples total s | users/s (infer) |",
+        "|---|---:|---:|---:|---:|---|---:|"]
+    for name, s in (("full re-embed (`infer --all-users` + `publish`)", f),
+                    ("incremental (`infer` + `publish`)", i)):
+        lines.append(f"| {name} | {s['users']:,} | {s['infer_s']:.2f} | {s['publish_s']:.2f} | {s['total_s']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in s['samples_total_s'])} | {s['users'] / s['infer_s']:,.0f} |")
+    lines += ["", f"**ratio incremental / full: total {r['total_s']:.3f}, infer {r['infer_s']:.3f}, publish "
+                  f"{r['publish_s']:.3f}** (users {r['users']:.3f}). Both embed every catalogue item (shard 0) and "
+                  "read the model and catalogue once, which does not shrink with the day.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.infer_incremental", description=__doc__.split("\n\n")[0])
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--items", type=int, default=20_000)
+    p.add_argument("--active-share", type=float, default=0.05)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--keep-home", action="store_true", help="keep the temporary USERFORMER_HOME")
+    a = p.parse_args(argv)
+    doc = {"benchmark": "infer-incremental", "params": vars(a) | {"out": str(a.out)}, "machine": machine_info(),
+           "git": git_info(), "started": now(), "load_at_start": load(),
+           "mem_available_gib_at_start": mem_available_gib(), "command": " ".join(sys.argv)}
+    home = Path(tempfile.mkdtemp(prefix="userformer-bench-infer-", dir="/tmp"))
+    try:
+        cfg, info = setup(home / "home", a.users, a.items, a.active_share, a.device)
+        day = START + dt.timedelta(days=2)
+        runs = {"full": [], "incremental": []}
+        for k in range(a.repeats):
+            for kind in ("incremental", "full"):
+                r = measure(cfg, day, full=kind == "full")
+                runs[kind].append(r)
+                log(f"  {kind} #{k + 1}: {r['users']:,} users, infer {r['infer_s']:.2f}s, publish {r['publish_s']:.2f}s")
+        from userformer.models import registry as R
+
+        f, i = summarise(runs["full"]), summarise(runs["incremental"])
+        doc.update(setup=info, runs=runs, full=f, incremental=i, repeats=a.repeats, device=a.device,
+                   users_in_table=f["users"], items=runs["full"][0]["items"],
+                   active_share_measured=i["users"] / f["users"],
+                   d_model=R.read_manifest(cfg, info["model"])["model_config"]["d_model"],
+                   ratio={k: i[k] / f[k] for k in ("infer_s", "publish_s", "total_s")} | {"users": i["users"] / f["users"]},
+                   finished=now())
+    finally:
+        if not a.keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "infer-incremental.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    md = markdown(doc)
+    (a.out / "infer-incremental.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
