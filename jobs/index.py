@@ -591,18 +591,33 @@ def _class_name(index) -> str:
     return f"{outer}({type(faiss.downcast_index(inner)).__name__})" if inner is not None and outer.startswith("IndexIDMap") else outer
 
 
-def switch(cfg: Config, version: str, manifest: dict | None = None) -> dict:
-    """Make a complete, accepted version current (atomic pointer replace) and log the switch."""
+def switch(cfg: Config, version: str, manifest: dict | None = None, extra: dict | None = None) -> dict:
+    """Make a complete, accepted version current (atomic pointer replace) and log the switch (`extra`: e.g. a
+    repair's id, in the pointer and the log)."""
     manifest = manifest or read_manifest(cfg, version)
     if manifest.get("status") != "current":
         raise UserError(f"index version {version} was {manifest.get('status')}: it cannot be made current")
     prev = current(cfg)
     ptr = {"version": version, "model_version": manifest["model_version"], "as_of": manifest["as_of"],
-           "switched_at": _now(), "previous": prev["version"] if prev else None}
+           "switched_at": _now(), "previous": prev["version"] if prev else None, **(extra or {})}
     files.write_json(current_path(cfg), ptr)
     with open(cfg.index_root / "switch_log.jsonl", "a") as f:
         f.write(json.dumps(ptr) + "\n")
     return ptr
+
+
+def unset_current(cfg: Config, extra: dict | None = None) -> dict | None:
+    """Remove the CURRENT pointer (no index, as before the first one; `repair` back to before the first model).
+    The versions stay. Logged in switch_log.jsonl with ``"version": null``; None when there was no CURRENT."""
+    prev = current(cfg)
+    if prev is None:
+        return None
+    entry = {"version": None, "switched_at": _now(), "previous": prev["version"], **(extra or {})}
+    current_path(cfg).unlink()
+    files.fsync_dir(cfg.index_root)
+    with open(cfg.index_root / "switch_log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
 
 
 def retain(cfg: Config) -> list[str]:

@@ -60,6 +60,7 @@ from userformer.jobs.storage import delta
 # The published tables, in the order `publish` commits them (jobs/publish.py).
 OUTPUTS = ("user_embeddings", "user_preference_scores", "item_embeddings")
 MANIFEST = "_SUCCESS.json"
+SELECTION = "selection.parquet"  # the users an explicit selection (repair) asked for, in every shard's folder
 ITEM_CHUNK = 65536
 
 
@@ -120,7 +121,8 @@ def publish_commits(cfg: Config, table: str) -> list[dict]:
     path = cfg.table_path(table)
     if not delta.exists(path):
         return []
-    return sorted((h for h in delta.history(path) if h.get("step") == "publish"), key=lambda h: h["version"])
+    # The lineage: publishes a repair undid (a RESTORE to before them) no longer count.
+    return [h for h in delta.lineage(path) if h.get("step") == "publish"]
 
 
 def last_publish(cfg: Config, before: dt.date | None = None) -> dict[str, dict | None]:
@@ -275,8 +277,14 @@ def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_
 
 
 # ------------------------------------------------------------------- step
-def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users: bool = False, log=_stderr) -> dict:
-    """Embed the users of drop `day` (module doc) for one shard and stage the result. Returns the manifest."""
+def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users: bool = False, log=_stderr,
+          users: list[str] | None = None) -> dict:
+    """Embed the users of drop `day` (module doc) for one shard and stage the result. Returns the manifest.
+
+    `users`: embed exactly these users (those of them with a user_sequences row, in this shard) instead of D's
+    changed users: `repair --mode recompute` after it rebuilt their sequences. The selection is staged with the
+    shard (``selection.parquet``) so that the output checks count against it; `publish` accepts such shards only
+    while every output table's last publish is of the same model (else everyone must be re-embedded)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -305,10 +313,16 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
     model, ck = R.load(cfg, version)  # missing / corrupt / inconsistent checkpoint: UserError naming the file
     cat = ST.warehouse_catalog(cfg, day)
     grown = R.fit_to_catalog(model, cat.catalog, str(model_path))  # a catalogue older than the model: UserError
-    reason = "--all-users: every user is re-embedded" if all_users else full_reason(cfg, day, version)
-    full = reason is not None
-    if not full:
-        reason = f"users whose sequences changed on {day} (updated_dt = {day})"
+    if users is not None and all_users:
+        raise UserError("infer: pass either a list of users or all_users, not both")
+    selection = sorted(set(users)) if users is not None else None
+    if selection is not None:
+        reason, full = f"the {len(selection)} users a repair selected", False
+    else:
+        reason = "--all-users: every user is re-embedded" if all_users else full_reason(cfg, day, version)
+        full = reason is not None
+        if not full:
+            reason = f"users whose sequences changed on {day} (updated_dt = {day})"
     device = T.pick_device(ic.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("infer.device = cuda but no CUDA device is available (use auto or cpu)")
@@ -332,7 +346,11 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
         ps_w = pq.ParquetWriter(tmp / "user_preference_scores.parquet", S.USER_PREFERENCE_SCORES)
         try:
             ds = delta.open_table(seq_path, seq_v).to_pyarrow_dataset()
-            filt = None if full else pc.field("updated_dt") == pa.scalar(day, pa.date32())
+            if selection is not None:
+                pq.write_table(pa.table({"user_id": pa.array(selection, pa.string())}), tmp / SELECTION)
+                filt = pc.field("user_id").isin(pa.array(selection, pa.string()))
+            else:
+                filt = None if full else pc.field("updated_dt") == pa.scalar(day, pa.date32())
             for batch in ds.to_batches(columns=ST.COLUMNS, filter=filt, batch_size=ic.chunk_users,
                                        batch_readahead=1, fragment_readahead=1):
                 t = pa.Table.from_batches([batch])
@@ -368,6 +386,9 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
             "dt": str(day), "model_version": version, "shard": shard, "shards": shards,
             "run_id": f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
             "full": full, "reason": reason, "users": rows["user_embeddings"], "rows": rows,
+            "selection": None if selection is None else {
+                "users": len(selection), "file": SELECTION,
+                "sha256": hashlib.sha256("\n".join(selection).encode()).hexdigest()},
             "tasks": tasks, "top_k_labels": ic.top_k_labels, "d_model": model.cfg.d_model,
             "labels_per_task": {t: min(ic.top_k_labels, r.labels.num_embeddings - 1)
                                 for t, r in model.heads.readouts.items()},

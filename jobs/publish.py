@@ -103,7 +103,7 @@ def staged_shards(cfg: Config, day: dt.date, version: str, shards: int) -> list[
 
 def consistent(manifests: list[dict]) -> dict:
     """What every shard must share (inputs, full or not, model); a UserError when they differ."""
-    keys = ("dt", "model_version", "full", "inputs", "tasks", "top_k_labels", "d_model")
+    keys = ("dt", "model_version", "full", "inputs", "tasks", "top_k_labels", "d_model", "selection")
     first = {k: manifests[0].get(k) for k in keys}
     for m in manifests[1:]:
         diff = [k for k in keys if m.get(k) != first[k]]
@@ -222,6 +222,10 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
                         f"warehouse now holds version {seq_v} for {day} (sequences rerun?); rerun `userformer infer "
                         f"--dt {day}` for every shard")
     need_full = I.full_reason(cfg, day, version)
+    if need_full and common.get("selection") and all(p and p.get("model_version") == version for p in last.values()):
+        # A repair's selected users (jobs/repair.py): the published rows are all of this model already (its
+        # full re-embed was published), so replacing just these users keeps one model version per snapshot.
+        need_full = None
     if need_full and not common["full"]:
         raise UserError(f"publish dt={day}: the shards hold only the day's users but {need_full}; rerun "
                         f"`userformer infer --dt {day}` for every shard")

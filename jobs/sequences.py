@@ -236,7 +236,7 @@ def _drop_ingested(events_path, day) -> bool:
     parts = {str(a["partition.dt"]) for a in delta.add_actions(events_path)}
     if str(day) in parts:
         return True
-    return any(h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.history(events_path))
+    return any(h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.lineage(events_path))
 
 
 def _relative(table_path, uris: list[str]) -> list[str]:

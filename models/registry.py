@@ -178,17 +178,43 @@ def published(cfg) -> dict | None:
                               f"publish a version again (versions under {versions_root(cfg)})")
 
 
-def publish(cfg, version: str, reason: str) -> dict:
-    """Make `version` the published model (atomic pointer swap); the version must load."""
+def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
+    """Make `version` the published model (atomic pointer swap); the version must load. `extra` keys (e.g. a
+    repair's id) go into the pointer and its log line."""
     man = read_manifest(cfg, version)
     read_checkpoint(version_dir(cfg, version) / "model.pt", man)  # never point at something unloadable
     prev = published(cfg)
     ptr = {"version": version, "published_at": now_iso(), "reason": reason,
-           "previous": prev["version"] if prev else None}
+           "previous": prev["version"] if prev else None, **(extra or {})}
     write_json(pointer_path(cfg), ptr)
-    with open(cfg.models_root / "publish_log.jsonl", "a") as f:
-        f.write(json.dumps(ptr) + "\n")
+    _log_publish(cfg, ptr)
     return ptr
+
+
+def unpublish(cfg, reason: str, extra: dict | None = None) -> dict | None:
+    """Remove the PUBLISHED pointer: no model is served, as before the first one (`repair` back to before the
+    first model). Every version stays. Logged in publish_log.jsonl with ``"version": null``. Returns the log line,
+    or None when nothing was published."""
+    prev = published(cfg)
+    if prev is None:
+        return None
+    entry = {"version": None, "published_at": now_iso(), "reason": reason, "previous": prev["version"],
+             **(extra or {})}
+    pointer_path(cfg).unlink()
+    files.fsync_dir(pointer_path(cfg).parent)
+    _log_publish(cfg, entry)
+    return entry
+
+
+def publish_log(cfg) -> list[dict]:
+    """Every line of publish_log.jsonl, oldest first (a repair's withdrawal has version None)."""
+    p = cfg.models_root / "publish_log.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
+
+
+def _log_publish(cfg, entry: dict) -> None:
+    with open(cfg.models_root / "publish_log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 # ---------------------------------------------------------------- loading

@@ -118,7 +118,7 @@ def sequences_version(cfg, day: dt.date | None) -> tuple[int, dt.date]:
         raise UserError(f"user_sequences includes drops up to {latest} only, not {day}: "
                         f"run `userformer sequences --dt {day}` first")
     chosen = None
-    for h in sorted(delta.history(path), key=lambda h: h["version"]):
+    for h in delta.lineage(path):  # oldest first; commits a repair's RESTORE undid are not in it
         d = _commit_day(h)
         if d is not None and h.get("step") in ("sequences", "sequences-rebuild"):
             if d <= day:
@@ -141,7 +141,7 @@ def drop_state(cfg, day: dt.date) -> str:
     has_events = delta.exists(events) and any(
         str(a.get("partition.dt")) == str(day) and (a.get("num_records") or 0) > 0 for a in delta.add_actions(events))
     ingested = has_events or (delta.exists(events) and any(
-        h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.history(events)))
+        h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.lineage(events)))
     if latest is not None and day <= latest and (has_events or day == latest):
         return "applied"
     if has_events:

@@ -294,3 +294,25 @@ def active_files(table_path: str | Path, version: int | None = None) -> list[str
 
 def history(table_path: str | Path, limit: int | None = None) -> list[dict]:
     return open_table(table_path).history(limit)
+
+
+def lineage(table_path: str | Path) -> list[dict]:
+    """The commits whose effects the current version holds, oldest first.
+
+    The history minus the commits a RESTORE undid: from the latest commit back,
+    a RESTORE to version v continues at v (the RESTORE itself is kept, it is
+    how the table got here). `repair` restores tables to before a bad drop and
+    re-runs the drops; whatever reads "the last commit of step X / drop D" from
+    the log (publish's order check, sequences' applied drop, an empty drop's
+    ingest) reads the lineage, so the undone commits no longer count.
+    Stops where the log was cleaned up (`maintain`).
+    """
+    hist = {h["version"]: h for h in history(table_path)}
+    out: list[dict] = []
+    v = max(hist, default=-1)
+    while v in hist:
+        h = hist[v]
+        out.append(h)
+        target = (h.get("operationParameters") or {}).get("version") if h.get("operation") == "RESTORE" else None
+        v = int(target) if target is not None and int(target) < v else v - 1
+    return out[::-1]

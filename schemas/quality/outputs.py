@@ -129,7 +129,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
 
     plan = Plan("outputs", dt)
     first = manifests[0]
-    keys = ("dt", "model_version", "full", "inputs", "tasks", "top_k_labels", "labels_per_task")
+    keys = ("dt", "model_version", "full", "inputs", "tasks", "top_k_labels", "labels_per_task", "selection")
     diffs = [f"shard {m['shard']}: {k}" for m in manifests[1:] for k in keys if m.get(k) != first.get(k)]
     plan.items.append(Outcome(
         "expect_shards_to_share_their_inputs", {"shards": shards}, success=not diffs,
@@ -164,6 +164,10 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     # Users to refresh, counted again from the table the shards read.
     inp = first["inputs"]["user_sequences"]
     filt = None if first["full"] else pc.field("updated_dt") == pa.scalar(dt, pa.date32())
+    selected = first.get("selection")
+    if selected:  # a repair's explicit users (jobs/infer.py): those of them with a row
+        sel = pq.read_table(Path(first["path"]) / selected["file"], columns=["user_id"])["user_id"]
+        filt = pc.field("user_id").isin(sel.combine_chunks().cast(pa.string()))
     want_ids = delta.read_arrow(cfg.table_path("user_sequences"), inp["version"], filter=filt,
                                 columns=["user_id"])["user_id"].to_pylist()
     expected = np.bincount(I.shard_of(want_ids, shards), minlength=shards) if want_ids else np.zeros(shards, np.int64)
@@ -292,7 +296,9 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
         E.ExpectColumnValuesToBeBetween(column="users", min_value=metrics["users_to_refresh"],
                                         max_value=metrics["users_to_refresh"],
                                         description=f"rows = users to refresh ({metrics['users_to_refresh']}: "
-                                                    + ("every user" if first["full"] else f"updated_dt = {dt}") + ")"),
+                                                    + ("every user" if first["full"] else
+                                                       f"{selected['users']} selected users" if selected else
+                                                       f"updated_dt = {dt}") + ")"),
         E.ExpectColumnValuesToBeBetween(column="preference_rows", min_value=metrics["preference_rows_expected"],
                                         max_value=metrics["preference_rows_expected"],
                                         description=f"preference rows = users x heads ({n_tasks})"),
