@@ -27,6 +27,7 @@ STEP_MODULES = [
     "userformer.jobs.publish",
     "userformer.jobs.index",
     "userformer.jobs.serve",
+    "userformer.jobs.report",
     "userformer.jobs.repair",
     "userformer.jobs.maintain",
     "userformer.jobs.demo",
