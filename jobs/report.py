@@ -485,7 +485,7 @@ def drift(cfg: Config, day: dt.date, pub: dict, table_name: str) -> dict:
     else:
         keep = None
     new_keys, new, new_models = vectors(new_ds, key, keep)
-    old_keys, old, old_models = vectors(old_ds, key, keep if keep is not None else None)
+    old_keys, old, old_models = vectors(old_ds, key, keep)
     if not new_keys or not old_keys:
         raise NotAvailable(f"no {key} of {table_name} version {now_v} is in version {prev['version']}")
     if old.shape[1] != new.shape[1]:
