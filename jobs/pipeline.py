@@ -2,7 +2,7 @@
 
     wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences
       -> fine-tune (or bootstrap the first model) -> gate -> infer (per shard)
-      -> publish (runs the output checks first) -> index -> check index -> candidates -> report
+      -> check outputs -> publish (runs the output checks again) -> index -> check index -> candidates -> report
 
 Each step is a plain function ``(cfg, day, ...) -> dict`` that reads only D's
 inputs and writes only D's outputs, so a rerun replaces, never duplicates. A
@@ -31,8 +31,8 @@ from userformer.jobs.storage import delta, files
 log = logging.getLogger(__name__)
 
 # The steps of a day, in order (ledger names; infer is "infer-<shard>-of-<shards>").
-STEPS = ["ingest", "check_events", "sequences", "check_user_sequences", "finetune", "gate", "infer", "publish",
-         "index", "check_index", "candidates", "report"]
+STEPS = ["ingest", "check_events", "sequences", "check_user_sequences", "finetune", "gate", "infer", "check_outputs",
+         "publish", "index", "check_index", "candidates", "report"]
 
 
 # ------------------------------------------------------------------ ledger
@@ -142,7 +142,8 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
                     "candidate": None}
         return {"action": "bootstrap", "candidate": None, **res}
     res = TR.finetune(cfg, day, promote=False, progress=False, log=log.info)
-    cand = res.get("version") if res.get("status") == "candidate" else None
+    # A rerun after a repair's restore finds the day's candidate promoted before: the gate publishes it again.
+    cand = res.get("version") if res.get("status") in ("candidate", "promoted") else None
     return {"action": "finetune", "candidate": cand, **res}
 
 
@@ -167,6 +168,16 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int | None = None, 
         return {"skipped": "no published model yet", "shard": shard, "shards": shards}
     res = N.infer(cfg, day, shard=shard, shards=shards, all_users=full, log=log.info)
     return {**res, "shard": shard, "shards": shards}
+
+
+def check_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
+    """The output checks of D's staged inference (`check outputs`: every shard staged, norms, scores); raises
+    GateFailed when they fail. `publish` runs them again before its commits."""
+    if _published_model(cfg) is None:
+        out = {"skipped": "no published model yet"}
+        record(cfg, day, "check_outputs", out, 0.0)
+        return out
+    return check(cfg, "outputs", day, {"shards": shards or cfg.infer.shards})
 
 
 @_step("publish")
@@ -269,6 +280,7 @@ def run_day(cfg: Config, day: dt.date, *, skip_finetune: bool = False, full_reem
     out["finetune"] = finetune(cfg, day, skip=skip_finetune)
     out["gate"] = gate(cfg, day, out["finetune"].get("candidate"))
     out["infer"] = [infer(cfg, day, i, shards, full=full_reembed) for i in range(shards)]
+    out["check_outputs"] = check_outputs(cfg, day, shards)
     out["publish"] = publish(cfg, day, shards)
     out["index"] = index(cfg, day)
     out["check_index"] = check_index(cfg, day)

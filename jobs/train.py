@@ -131,8 +131,13 @@ def _find_run(cfg: Config, ref: str) -> Path:
 
 
 def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None, publish: bool = False,
-          resume: str | None = None, max_users: int | None = None, progress: bool = True, log=_stderr) -> dict:
-    """Train a model on the warehouse (module doc), register it, publish it when asked or when it is the first."""
+          resume: str | None = None, max_users: int | None = None, progress: bool = True, log=_stderr,
+          window_days: float | None = None) -> dict:
+    """Train a model on the warehouse (module doc), register it, publish it when asked or when it is the first.
+
+    `window_days`: train only on the events of the last `window_days` days up to the end of D (older events are
+    left out of every sequence); the last ``train.eval_horizon_days`` of the window validate, as always.
+    """
     import torch
     from userformer.models import registry as R
     from userformer.models import stream as ST
@@ -151,6 +156,7 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
         snap = snapshot(cfg, dt.date.fromisoformat(run["data"]["dt"]),
                         {k: run["data"][k]["version"] for k in ("user_sequences", "items", "vocab")})
         publish, max_users = publish or run["publish"], run["max_users"]
+        window_days = run.get("window_days")
         if (run_dir / "last.pt").is_file():
             state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
             log(f"resuming run {run['run_id']} after epoch {state['epoch']}")
@@ -161,7 +167,8 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
         run_dir = cfg.models_root / "runs" / run_id
         run_dir.mkdir(parents=True)
         run = {"run_id": run_id, "status": "running", "created_at": R.now_iso(), "data": snap.record(cfg),
-               "publish": publish, "max_users": max_users, "model_config": dataclasses.asdict(mcfg)}
+               "publish": publish, "max_users": max_users, "window_days": window_days,
+               "model_config": dataclasses.asdict(mcfg)}
     if epochs:
         tcfg.epochs = epochs
     run["train_config"] = dataclasses.asdict(tcfg)
@@ -171,7 +178,14 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
     T_ref = ST.day_end(snap.day)
     horizon = tcfg.eval_horizon_days * DAY_S
     split = T_ref - horizon
-    source = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split)
+    t_min = None
+    if window_days is not None:
+        if window_days * DAY_S <= horizon:
+            raise UserError(f"a training window of {window_days} days leaves nothing to train on before the "
+                            f"validation window (train.eval_horizon_days={tcfg.eval_horizon_days})")
+        t_min = T_ref - window_days * DAY_S
+    source = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split,
+                               t_min=t_min)
     if max_users:
         frac = max_users / max(source.n_rows, 1)
         source.select = lambda t: _bucket(t, "max-users") < frac
@@ -179,7 +193,9 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
                            keep=lambda t: _bucket(t, VALID_SALT) < tcfg.valid_user_fraction)
     source.summarise(cat.n_items, (valid,))
     if not source.n_sequences:
-        raise NotEnoughHistory(f"no user has 2+ events before {ST.iso(split)} in user_sequences as of {snap.day} "
+        raise NotEnoughHistory(f"no user has 2+ events before {ST.iso(split)}"
+                               + (f" (from {ST.iso(t_min)})" if t_min is not None else "")
+                               + f" in user_sequences as of {snap.day} "
                         f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first")
     valid_ev = valid.result()
     if not len(valid_ev.targets):
@@ -190,7 +206,8 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
         f"run {run['run_id']}")
     protocol = {"reference_time": ST.iso(T_ref), "split_time": ST.iso(split), "trained_until": ST.iso(split),
                 "trained_until_ts": split, "eval_horizon_days": tcfg.eval_horizon_days,
-                "valid_user_fraction": tcfg.valid_user_fraction}
+                "valid_user_fraction": tcfg.valid_user_fraction,
+                "trained_from": ST.iso(t_min) if t_min is not None else None, "window_days": window_days}
     extra = {"data": snap.record(cfg), "protocol": protocol, "run_id": run["run_id"], "parent": None}
     model, hist = T.fit(mcfg, tcfg, source, valid_ev if len(valid_ev.targets) else None, cat,
                         ckpt_path=run_dir / "best.pt", progress=progress, log=log, state_path=run_dir / "last.pt",
@@ -286,7 +303,7 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
             f"({prior['status']}): not training another")
         res = {**base, "trained": False, "version": prior["version"], "status": prior["status"],
                "parent": ptr["version"], "reason": f"rerun: candidate {prior['version']} ({prior['status']}) exists"}
-        if promote and prior["status"] == "candidate":
+        if promote and prior["status"] in ("candidate", "promoted"):
             res.update(promote_candidate(cfg, day, prior["version"]))
         return res
     cat = snap.catalog
@@ -384,7 +401,8 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
     The measurements were taken by `finetune` (candidate and published model on the same held-out users); the rule
     (``finetune.gate_metrics``, ``max_quality_drop``, ``min_holdout_users``) is applied here, so a tightened config
     applies to candidates not yet judged. The published model must still be the candidate's parent: a candidate of
-    an older model is not comparable and is rejected. Idempotent: a judged candidate keeps its verdict.
+    an older model is not comparable and is rejected. Idempotent: a judged candidate keeps its verdict (a promoted
+    one is published again when the published model is back at its parent, as after a repair's restore).
     """
     from userformer.models import registry as R
 
@@ -393,6 +411,13 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
     if man.get("kind") != "finetune" or man.get("dt") != str(day):
         raise UserError(f"{version} is not a fine-tuned candidate of drop {day} (kind {man.get('kind')}, "
                         f"dt {man.get('dt')})")
+    if man["status"] == "promoted" and ptr is not None and ptr["version"] == man.get("parent"):
+        # The published model went back to this candidate's parent (a repair restored it): the same candidate
+        # of the same data passed this gate before, so it is published again rather than retrained.
+        ptr = R.publish(cfg, version, f"finetune dt={day} over {man['parent']}: promoted before, published again "
+                                      "after the published model went back to its parent")
+        return {"version": version, "status": "promoted", "promoted": True, "published": ptr["version"],
+                "reason": "promoted before on the same data: published again", "gate": man.get("gate")}
     if man["status"] != "candidate":
         return {"version": version, "status": man["status"], "promoted": False,
                 "published": ptr["version"] if ptr else None, "reason": f"already judged: {man['status']}",

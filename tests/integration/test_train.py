@@ -196,6 +196,57 @@ def test_finetune_below_the_gate_is_registered_as_rejected(warehouse, trained, t
     assert [m["status"] for m in R.list_versions(cfg)] == ["registered", "rejected"]
 
 
+def test_candidate_then_gate_as_the_daily_dag_runs_them(warehouse, trained, tmp_path):
+    """finetune(promote=False) registers a candidate; promote_candidate applies the rule of the config it runs with."""
+    cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
+    v1 = with_registry(cfg, trained)
+    r = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)
+    assert r["trained"] and r["status"] == "candidate" and not r["promoted"]
+    assert R.published(cfg)["version"] == v1 and R.read_manifest(cfg, r["version"])["status"] == "candidate"
+    # A rerun of the day finds the candidate instead of training another.
+    again = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)
+    assert not again["trained"] and again["version"] == r["version"] and len(R.list_versions(cfg)) == 2
+
+    # The gate, under a stricter config than the candidate was trained with: rejected, pointer unchanged.
+    strict = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="-10", FINETUNE__MIN_HOLDOUT_USERS="1")
+    g = J.promote_candidate(strict, D4, r["version"])
+    assert not g["promoted"] and g["status"] == "rejected" and "below the published" in g["reason"]
+    assert R.published(cfg)["version"] == v1
+    man = R.read_manifest(cfg, r["version"])
+    assert man["status"] == "rejected" and man["status_history"][-1]["status"] == "rejected"
+    # Judged once: a later, laxer gate does not overturn it.
+    assert J.promote_candidate(cfg, D4, r["version"])["reason"] == "already judged: rejected"
+    with pytest.raises(UserError, match="not a fine-tuned candidate of drop 2026-11-05"):
+        J.promote_candidate(cfg, D5, r["version"])
+
+
+def test_gate_promotes_a_passing_candidate_and_again_after_a_restore(warehouse, trained, tmp_path):
+    cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
+    v1 = with_registry(cfg, trained)
+    c4 = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)["version"]
+    g = J.promote_candidate(cfg, D4, c4)
+    assert g["promoted"] and g["status"] == "promoted" and R.published(cfg)["version"] == c4
+    assert R.published(cfg)["previous"] == v1
+    # After the published model went back to the parent (a repair's restore), the rerun reuses the candidate
+    # and the gate publishes it again instead of training another.
+    R.publish(cfg, v1, "test: back to v1")
+    again = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)
+    assert again["version"] == c4 and not again["trained"] and again["status"] == "promoted"
+    g = J.promote_candidate(cfg, D4, c4)
+    assert g["promoted"] and R.published(cfg)["version"] == c4 and len(R.list_versions(cfg)) == 2
+    assert J.promote_candidate(cfg, D4, c4)["reason"] == "already judged: promoted"
+
+
+def test_gate_refuses_a_candidate_of_another_parent(warehouse, trained, tmp_path):
+    cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
+    with_registry(cfg, trained)
+    c4 = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)["version"]
+    R.publish(cfg, c4, "test: another model published meanwhile")  # no longer the candidate's parent
+    g = J.promote_candidate(cfg, D4, c4)
+    assert not g["promoted"] and "not the candidate's parent" in g["reason"]
+    assert R.read_manifest(cfg, c4)["status"] == "rejected"
+
+
 def test_finetune_without_a_model_or_a_day_and_an_empty_day(warehouse, trained, tmp_path):
     cfg = config(warehouse, tmp_path)
     with pytest.raises(UserError, match="no published model"):
