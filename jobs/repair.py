@@ -593,49 +593,113 @@ def plan(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[s
     return plan_recompute(cfg, from_dt, to_dt, users)
 
 
-def repair(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[str] | None = None,
-           dry_run: bool = False, repair_id: str | None = None) -> dict:
-    """Repair drops from_dt..to_dt (module doc). Returns the JSON summary (also kept in reports_root/repairs/)."""
-    t0 = time.perf_counter()
+# The stages of a repair: `repair()` runs them in order; the `repair` DAG runs each as a task. Each takes the
+# summary `start` made (JSON-plain, what goes to XCom), returns its part of the result, and can be retried: it
+# re-derives what is left to do from the warehouse.
+def start(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[str] | None = None,
+          dry_run: bool = False, repair_id: str | None = None) -> dict:
+    """Validate and plan; unless `dry_run`, fix the user selection (recompute) in the repair's folder and write
+    the report (status running). Returns the summary the other stages take."""
     rid = repair_id or new_id()
     users = sorted(set(users)) if users is not None else None
     summary = {"id": rid, "mode": mode, "from_dt": str(from_dt), "to_dt": str(to_dt), "dry_run": dry_run,
                "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                "plan": plan(cfg, from_dt, to_dt, mode, users)}
-    if mode == "recompute" and users is None:
-        users = select_users(cfg, from_dt, to_dt)
+    if mode == "recompute":
+        if users is None:
+            users = select_users(cfg, from_dt, to_dt)
         summary["plan"]["users_selected"] = len(users)
-    if dry_run:
-        summary["status"] = "planned"
-        return summary
-    summary["status"] = "running"
-    write_report(cfg, summary)
-    try:
-        if mode == "restore":
-            summary["restored"] = apply_restore(cfg, from_dt, rid)
-            write_report(cfg, summary)
-            summary["rerun"] = []
-            for d in summary["plan"]["rerun"]:
-                summary["rerun"] += rerun_days(cfg, [dt.date.fromisoformat(d)])
-        else:
-            upto = dt.date.fromisoformat(summary["plan"]["upto"])
-            seq = recompute_sequences(cfg, users, upto, rid)
-            summary["sequences"] = {k: v for k, v in seq.items() if k != "removed"}
-            summary["sequences"]["removed_users"] = len(seq["removed"])
-            if summary["plan"]["outputs"].get("skipped") is None:
-                summary["outputs"] = reinfer_and_publish(cfg, users, upto, seq["removed"], rid)
-                summary["index"] = reindex(cfg, upto)
-        summary["status"] = "done"
-    except Exception as exc:
-        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                       hint="fix the cause and run the same repair again (it is idempotent)")
-        raise
-    finally:
-        summary["seconds"] = round(time.perf_counter() - t0, 1)
-        summary["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        summary["report"] = str(write_report(cfg, summary))
-        log.info("repair %s: %s", rid, summary["status"])
+        summary["plan"]["users_sample"] = users[:10]
+        if not users:
+            raise UserError(f"no user has events or a sequence updated in {from_dt}..{to_dt}: nothing to recompute")
+    summary["status"] = "planned" if dry_run else "running"
+    if not dry_run:
+        if users is not None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            f = repairs_root(cfg) / rid / "users.parquet"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"user_id": pa.array(users, pa.string())}), f)
+            summary["users_file"] = str(f)
+        write_report(cfg, summary)
     return summary
+
+
+def _users_of(summary: dict) -> list[str]:
+    return parse_users(users_file=summary["users_file"])
+
+
+def stage_state(cfg: Config, summary: dict) -> dict:
+    """restore: tables, model, index, marker, ledgers back to before from_dt; recompute: the users' sequences."""
+    from_dt = dt.date.fromisoformat(summary["from_dt"])
+    if summary["mode"] == "restore":
+        return {"restored": apply_restore(cfg, from_dt, summary["id"])}
+    seq = recompute_sequences(cfg, _users_of(summary), dt.date.fromisoformat(summary["plan"]["upto"]), summary["id"])
+    return {"sequences": {**{k: v for k, v in seq.items() if k != "removed"}, "removed_users": seq["removed"]}}
+
+
+def stage_outputs(cfg: Config, summary: dict, state: dict | None = None) -> dict:
+    """restore: the drops re-run in order (run_day: sequences, model, inference, publish, index, candidates);
+    recompute: the users re-inferred and published (their removed users' rows deleted)."""
+    if summary["mode"] == "restore":
+        out = []
+        try:
+            for d in summary["plan"]["rerun"]:
+                out += rerun_days(cfg, [dt.date.fromisoformat(d)])
+        except Exception:
+            summary.setdefault("rerun", out)
+            raise
+        return {"rerun": out}
+    if summary["plan"]["outputs"].get("skipped") is not None:
+        return {"outputs": {"skipped": summary["plan"]["outputs"]["skipped"]}}
+    removed = ((state or {}).get("sequences") or {}).get("removed_users") or []
+    upto = dt.date.fromisoformat(summary["plan"]["upto"])
+    return {"outputs": reinfer_and_publish(cfg, _users_of(summary), upto, removed, summary["id"])}
+
+
+def stage_index(cfg: Config, summary: dict) -> dict:
+    """recompute: the index (unchanged when item_embeddings is) and the candidates of the repaired users;
+    restore: nothing left (each re-run day built its index and candidates)."""
+    if summary["mode"] == "restore" or summary["plan"]["outputs"].get("skipped") is not None:
+        return {}
+    return {"index": reindex(cfg, dt.date.fromisoformat(summary["plan"]["upto"]))}
+
+
+def finish(cfg: Config, summary: dict, *parts: dict, error: BaseException | None = None) -> dict:
+    """The final summary, kept in reports_root/repairs/<id>.json."""
+    out = dict(summary)
+    for p in parts:
+        out.update(p or {})
+    if error is not None:
+        out.update(status="failed", error=f"{type(error).__name__}: {error}",
+                   hint="fix the cause and run the same repair again (it is idempotent)")
+    else:
+        out["status"] = "done"
+    out["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    out["report"] = str(repairs_root(cfg) / f"{out['id']}.json")
+    write_report(cfg, out)
+    log.info("repair %s: %s", out["id"], out["status"])
+    return out
+
+
+def repair(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[str] | None = None,
+           dry_run: bool = False, repair_id: str | None = None) -> dict:
+    """Repair drops from_dt..to_dt (module doc). Returns the JSON summary (also kept in reports_root/repairs/)."""
+    t0 = time.perf_counter()
+    summary = start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id)
+    if dry_run:
+        return summary
+    parts: list[dict] = []
+    try:
+        parts.append(stage_state(cfg, summary))
+        write_report(cfg, {**summary, **parts[0]})
+        parts.append(stage_outputs(cfg, summary, parts[0]))
+        parts.append(stage_index(cfg, summary))
+    except Exception as exc:
+        finish(cfg, {**summary, "seconds": round(time.perf_counter() - t0, 1)}, *parts, error=exc)
+        raise
+    return finish(cfg, {**summary, "seconds": round(time.perf_counter() - t0, 1)}, *parts)
 
 
 # -------------------------------------------------------------------- CLI

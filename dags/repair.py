@@ -1,0 +1,127 @@
+"""### repair: undo bad drops FROM..TO, then redo them from clean data
+
+Manual only (no schedule). Trigger it with the params below after fixing the raw data (restore) or re-ingesting
+the bad partitions (recompute); **pause `daily_refresh` first** and unpause it when this run succeeded. Each task
+calls one function of `jobs/repair.py`, the same ones `userformer repair --from FROM --to TO --mode MODE` runs,
+so a repair runs identically without Airflow.
+
+plan -> state -> outputs -> index -> report
+
+* **plan**: validates the params against the warehouse and writes the plan (every table's version now and the
+  version it goes back to) to ``reports_root/repairs/<id>.json``; refuses (no retry, nothing changed) when TO <
+  FROM, when restore's TO is before the latest processed drop, when a raw drop is not ready, or when FROM is
+  beyond the retention window (``storage.retention_days``: its versions were vacuumed). ``dry_run`` stops here.
+* **state** - restore: every Delta table, the published model, the index and the publish marker back to before
+  FROM, the day ledgers moved aside; recompute: user_sequences of the affected users rebuilt from the events.
+* **outputs** - restore: drops FROM..TO re-run in order (the daily pipeline's steps); recompute: the users
+  re-inferred with the published model and published.
+* **index** - recompute: index and candidates rebuilt (restore: done by each re-run day).
+* **report**: the JSON summary (also in the run's XCom).
+
+Every task can be retried (transient errors, exponential backoff); bad input and failed data-quality gates fail
+at once. A run is idempotent: triggering the same repair again gives the same tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from airflow.sdk import Param, dag, get_current_context
+
+from common import TAG, config, default_args, plain, step
+
+log = logging.getLogger("userformer.dags.repair")
+CFG = config()
+
+
+def _params() -> dict:
+    return dict(get_current_context().get("params") or {})
+
+
+@step(retries=0)
+def plan() -> dict:
+    """Validate the params and plan the repair (jobs/repair.py `start`); the plan goes to the log and the report."""
+    from userformer.jobs import repair as RP
+
+    p = _params()
+    users = RP.parse_users(p.get("users")) if p.get("users") else None
+    summary = RP.start(CFG, dt.date.fromisoformat(p["from_dt"]), dt.date.fromisoformat(p["to_dt"]), p["mode"],
+                       users=users, dry_run=bool(p.get("dry_run")))
+    log.info("repair plan: %s", summary["plan"])
+    return plain(summary)
+
+
+@step
+def state(summary: dict) -> dict:
+    """restore: tables, model, index, marker back to before FROM; recompute: the users' sequences rebuilt."""
+    from userformer.jobs import repair as RP
+
+    if summary["dry_run"]:
+        return {}
+    return plain(RP.stage_state(CFG, summary))
+
+
+@step
+def outputs(summary: dict, st: dict) -> dict:
+    """restore: re-run FROM..TO in order; recompute: re-infer and publish the users."""
+    from userformer.jobs import repair as RP
+
+    if summary["dry_run"]:
+        return {}
+    return plain(RP.stage_outputs(CFG, summary, st))
+
+
+@step
+def index(summary: dict, out: dict) -> dict:
+    """recompute: index and candidates (restore: each re-run day built them)."""
+    from userformer.jobs import repair as RP
+
+    if summary["dry_run"]:
+        return {}
+    return plain(RP.stage_index(CFG, summary))
+
+
+@step(retries=0)
+def report(summary: dict, st: dict, out: dict, idx: dict) -> dict:
+    """The summary of the repair, kept in reports_root/repairs/<id>.json."""
+    from userformer.jobs import repair as RP
+
+    if summary["dry_run"]:
+        return summary
+    res = RP.finish(CFG, summary, st, out, idx)
+    log.info("repair %s done: file://%s", res["id"], res["report"])
+    return plain(res)
+
+
+@dag(
+    dag_id="repair",
+    schedule=None,
+    start_date=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(CFG),
+    params={
+        "from_dt": Param(type="string", format="date", title="From (first bad drop)",
+                         description="YYYY-MM-DD: the first drop to repair"),
+        "to_dt": Param(type="string", format="date", title="To (last drop)",
+                       description="YYYY-MM-DD: the last drop to repair; restore needs at least the latest "
+                                   "processed drop"),
+        "mode": Param("restore", type="string", enum=["restore", "recompute"], title="Mode",
+                      description="restore: tables back to before FROM, then re-run FROM..TO; recompute: rebuild "
+                                  "the affected users' sequences from the (clean) events, re-infer, republish"),
+        "users": Param(None, type=["null", "array"], items={"type": "string"}, title="Users (recompute)",
+                       description="recompute only: these user ids (default: every user with events in FROM..TO)"),
+        "dry_run": Param(False, type="boolean", title="Dry run", description="plan only; change nothing"),
+    },
+    tags=[TAG, "repair"],
+    doc_md=__doc__,
+)
+def repair():
+    s = plan()
+    st = state(s)
+    out = outputs(s, st)
+    report(s, st, out, index(s, out))
+
+
+repair()

@@ -1,0 +1,257 @@
+"""`userformer repair` (jobs/repair.py) on real pipeline runs: corrupt a day, detect it, repair, compare with a clean run.
+
+Home A runs 3 generated days (300 users, 400 items) cleanly with `pipeline.run_day`, once for the module. Each
+test builds home B from the same raw files, damages it, repairs it and compares every table with home A's:
+events, events_rejected, vocab, items and user_sequences exactly; user_embeddings, user_preference_scores,
+item_embeddings and user_candidates with a float tolerance, without the run-specific columns (updated_at: when
+the inference ran; index_version) and with model versions compared without their allocation number (a home
+that trained a model on the bad data allocates later numbers: v0003-20261102-train there is v0001-20261102-train
+in A). Training uses 1 thread and the same seed, so the re-trained models are bit-identical to A's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from userformer.jobs import generate, pipeline
+from userformer.jobs import repair as RP
+from userformer.jobs.common import GateFailed, UserError
+from userformer.jobs.config import load_config
+from userformer.jobs.storage import delta
+from userformer.models import registry as R
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+START = dt.date(2026, 11, 1)
+D1, D2, D3 = (START + dt.timedelta(days=i) for i in range(3))
+SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "3", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "16",
+            "MODEL__MAX_LEN": "20", "MODEL__TIME_BUCKETS": "8", "TRAIN__BATCH_SIZE": "64",
+            "TRAIN__UNIFORM_NEGATIVES": "64", "TRAIN__STREAM_CHUNK_USERS": "64"}
+EXACT = {"events": ("event_id",), "events_rejected": None, "vocab": ("kind", "key"), "items": ("item_id",),
+         "user_sequences": ("user_id",)}
+FLOATS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"),
+          "item_embeddings": ("item_idx",), "user_candidates": ("user_id",)}
+RUN_SPECIFIC = {"updated_at", "index_version"}
+
+
+def config(home):
+    return load_config(env={"USERFORMER_HOME": str(home), **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()}})
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, spark):
+    """Home A: the three days run cleanly."""
+    home = tmp_path_factory.mktemp("clean") / "home"
+    cfg = config(home)
+    generate.generate(cfg, users=300, items=400, days=3, start=START, seed=3)
+    for d in (D1, D2, D3):
+        pipeline.run_day(cfg, d)
+    assert R.published(cfg) is not None and delta.exists(cfg.table_path("user_candidates"))
+    return cfg
+
+
+def fresh(clean, tmp_path, name="b", copy_all=False):
+    """Home B: A's raw files only (or all of A's state, `copy_all`)."""
+    home = tmp_path / name
+    if copy_all:
+        shutil.copytree(clean.home, home)
+    else:
+        shutil.copytree(clean.raw_root, home / "raw")
+    return config(home)
+
+
+def raw_file(cfg, day):
+    return next(cfg.raw_events_dir(day).glob("*.parquet"))
+
+
+# ---------------------------------------------------------------- compare
+def _norm_model(v):
+    return re.sub(r"^v\d+-", "", v) if isinstance(v, str) else v
+
+
+def _rows(cfg, table, keys, users=None):
+    t = delta.read_arrow(cfg.table_path(table))
+    t = pa.table({c: (t[c].cast(pa.string()) if pa.types.is_string_view(t[c].type) else t[c]) for c in t.column_names})
+    out = {}
+    for r in t.to_pylist():
+        r = {c: (_norm_model(v) if c == "model_version" else v) for c, v in r.items() if c not in RUN_SPECIFIC}
+        if users is not None and r.get("user_id") not in users:
+            continue
+        k = tuple(r[c] for c in keys) if keys else tuple(str(r[c]) for c in sorted(r))
+        assert k not in out, f"{table}: {k} twice"
+        out[k] = r
+    return out
+
+
+def _close(a, b):
+    if isinstance(a, list) and a and isinstance(a[0], float):
+        return b is not None and len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-5)
+    return a == b
+
+
+def assert_same_tables(a, b, tables=None, users=None):
+    """Every table of B equals A's (module doc)."""
+    for table in tables or [*EXACT, *FLOATS]:
+        keys = EXACT.get(table, FLOATS.get(table))
+        ra, rb = _rows(a, table, keys, users), _rows(b, table, keys, users)
+        assert ra.keys() == rb.keys(), f"{table}: {len(ra.keys() ^ rb.keys())} keys differ"
+        for k, row in ra.items():
+            if table in EXACT:
+                assert rb[k] == row, f"{table} {k} differs"
+            else:
+                bad = [c for c in row if not _close(row[c], rb[k][c])]
+                assert not bad, f"{table} {k}: {bad} differ"
+
+
+def effective_publish_history(cfg):
+    """The published model versions (without their numbers) since the last repair's line in publish_log."""
+    log = R.publish_log(cfg)
+    last = max((i for i, e in enumerate(log) if e.get("repair")), default=-1)
+    return [_norm_model(e["version"]) for e in log[last + 1:]]
+
+
+def assert_same_as_clean(a, b):
+    assert_same_tables(a, b)
+    assert effective_publish_history(b) == effective_publish_history(a)
+    assert _norm_model(R.published(b)["version"]) == _norm_model(R.published(a)["version"])
+    from userformer.jobs import index as X
+
+    assert _norm_model(X.current(b)["model_version"]) == _norm_model(X.current(a)["model_version"])
+    from userformer.jobs import publish as P
+
+    ma, mb = P.published_outputs(a), P.published_outputs(b)
+    assert (mb["dt"], _norm_model(mb["model_version"])) == (ma["dt"], _norm_model(ma["model_version"]))
+    assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == \
+        sorted(p.name for p in (a.reports_root / "runs").iterdir())
+
+
+# ------------------------------------------------------------------ tests
+def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(clean, tmp_path):
+    b = fresh(clean, tmp_path)
+    good = pq.read_table(raw_file(b, D2))
+    # A third of day 2's rows get an event type the contract does not know: the rejected-ratio check fails.
+    n = good.num_rows
+    bad_types = pc.if_else(pa.array(np.arange(n) % 3 == 0), pa.scalar("clik"), good["event_type"])
+    pq.write_table(good.set_column(good.schema.get_field_index("event_type"), "event_type", bad_types),
+                   raw_file(b, D2))
+    pipeline.run_day(b, D1)
+    with pytest.raises(GateFailed, match="events check failed"):
+        pipeline.run_day(b, D2)
+    # Nothing downstream of the failed check was written: no sequences of D2, no model, no output table.
+    from userformer.jobs.sequences import applied_drop
+
+    assert applied_drop(b.table_path("user_sequences"))[0] == D1
+    assert R.published(b) is None
+    assert not any(delta.exists(b.table_path(t)) for t in ("user_embeddings", "item_embeddings", "user_candidates"))
+    assert set(pipeline.read_ledger(b, D2)) == {"ingest", "check_events"}
+
+    pq.write_table(good, raw_file(b, D2))  # the producer re-delivers the clean drop
+    plan = RP.repair(b, D2, D3, "restore", dry_run=True)["plan"]
+    assert plan["tables"]["events"] == {**plan["tables"]["events"], "action": "restore", "to_version": 0,
+                                        "to_dt": str(D1)}
+    assert plan["tables"]["user_sequences"]["action"] == "unchanged"
+    assert plan["rerun"] == [str(D2), str(D3)] and plan["ledgers"] == [str(D2)]
+    res = RP.repair(b, D2, D3, "restore")
+    assert res["status"] == "done" and [d["dt"] for d in res["rerun"]] == [str(D2), str(D3)]
+    assert (b.reports_root / "repairs" / res["id"] / "runs" / f"dt={D2}" / "check_events.json").is_file()
+    assert_same_as_clean(clean, b)
+
+
+def test_undetected_corruption_restore_twice_gives_the_clean_tables(clean, tmp_path):
+    b = fresh(clean, tmp_path)
+    good = pq.read_table(raw_file(b, D2))
+    # Same rows, same counts, valid ids: day 2's item events point at the wrong items (a shifted join upstream).
+    items = good["item_id"].combine_chunks()
+    has = pc.is_valid(items).to_numpy(zero_copy_only=False)
+    vals = np.array(items.to_pylist(), object)
+    vals[has] = np.roll(vals[has], 7)
+    pq.write_table(good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(vals, pa.string())),
+                   raw_file(b, D2))
+    for d in (D1, D2, D3):
+        pipeline.run_day(b, d)  # the checks pass: nothing noticed
+    with pytest.raises(AssertionError):
+        assert_same_tables(clean, b, ["user_sequences"])
+    pq.write_table(good, raw_file(b, D2))
+
+    before = {t: delta.version_of(b.table_path(t)) for t in RP.S.TABLES}
+    plan = RP.repair(b, D2, D3, "restore", dry_run=True)["plan"]
+    assert {t: delta.version_of(b.table_path(t)) for t in RP.S.TABLES} == before  # the dry run changed nothing
+    assert plan["model"]["action"] == "unpublish" and plan["index"]["action"] == "unset"
+    assert plan["tables"]["user_embeddings"]["action"] == "move_aside"
+    assert plan["tables"]["user_sequences"]["to_version"] == 0
+    with pytest.raises(UserError, match="before 2026-11-03, the latest drop"):
+        RP.repair(b, D2, D2, "restore")
+    with pytest.raises(UserError, match="is before --from"):
+        RP.repair(b, D3, D2, "restore")
+
+    res = RP.repair(b, D2, D3, "restore")
+    assert res["restored"]["model"]["action"] == "unpublish"
+    assert_same_as_clean(clean, b)
+    # The corrupt run's models stay registered; publish_log says what happened.
+    assert [e["version"] for e in R.publish_log(b)][2] is None
+    # Idempotent: the same repair again ends with the same tables.
+    res2 = RP.repair(b, D2, D3, "restore")
+    assert res2["status"] == "done"
+    assert_same_as_clean(clean, b)
+
+
+def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_path, monkeypatch):
+    b = fresh(clean, tmp_path, copy_all=True)
+    seq = delta.read_arrow(b.table_path("user_sequences"))
+    d3 = seq.filter(pc.equal(seq["updated_dt"], pa.scalar(D3, pa.date32())))
+    victims = sorted(d3["user_id"].to_pylist())[:5]
+    # A bad hand-made fix: their sequences lose their newest 3 events (one MERGE without metadata).
+    rows = d3.filter(pc.is_in(d3["user_id"], pa.array(victims))).to_pylist()
+    for r in rows:
+        for c in RP.S.SEQUENCE_ARRAYS:
+            r[c] = r[c][:-3]
+        r["seq_len"] -= 3
+    src = pa.Table.from_pylist(rows, schema=RP.S.USER_SEQUENCES)
+    delta.open_table(b.table_path("user_sequences")).merge(
+        src, "t.user_id = s.user_id", source_alias="s", target_alias="t").when_matched_update_all().execute()
+    with pytest.raises(AssertionError):
+        assert_same_tables(clean, b, ["user_sequences"])
+    outputs = {t: delta.version_of(b.table_path(t)) for t in RP.USER_OUTPUTS + ("item_embeddings",)}
+
+    # A failure after the sequences commit (inference dies): the published tables are as they were.
+    from userformer.jobs import infer as I
+
+    def boom(*a, **k):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(I, "infer", boom)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        RP.repair(b, D3, D3, "recompute", users=victims)
+    assert {t: delta.version_of(b.table_path(t)) for t in outputs} == outputs
+    monkeypatch.undo()
+
+    res = RP.repair(b, D3, D3, "recompute", users=victims)
+    assert res["status"] == "done" and res["sequences"]["rebuilt"] == 5
+    assert res["outputs"]["inferred"] == 5 and res["outputs"]["published"]["users"] == 5
+    # Those users equal the clean run; every other row is untouched (updated_at included).
+    assert_same_tables(clean, b)
+    ua, ub = (delta.read_arrow(c.table_path("user_embeddings")) for c in (clean, b))
+    others = lambda t: t.filter(pc.invert(pc.is_in(t["user_id"].cast(pa.string()), pa.array(victims))))  # noqa: E731
+    key = [("user_id", "ascending")]
+    assert others(ub).cast(others(ua).schema).sort_by(key).equals(others(ua).sort_by(key))
+    # Idempotent.
+    RP.repair(b, D3, D3, "recompute", users=victims)
+    assert_same_tables(clean, b)
+
+
+def test_restore_beyond_the_retention_window_is_refused(clean, tmp_path):
+    from userformer.jobs.maintain import maintain
+
+    b = fresh(clean, tmp_path, copy_all=True)
+    maintain(b, retention_days=0)  # every file no current version references is gone
+    with pytest.raises(UserError, match="beyond the retention window"):
+        RP.repair(b, D2, D3, "restore", dry_run=True)
+    with pytest.raises(UserError, match="--users applies to --mode recompute"):
+        RP.repair(b, D2, D3, "restore", users=["u1"])
