@@ -98,6 +98,12 @@ class DeltaSource:
     def read(self, table: str, columns: list[str], filter=None) -> pa.Table:
         return self._table(table)[1].to_table(columns=columns, filter=filter)
 
+    def drops(self, table: str) -> set[datetime.date]:
+        """The drop dates whose ingest commit the table's current version holds (an empty drop has no partition)."""
+        self._table(table)
+        return {datetime.date.fromisoformat(c["dt"]) for c in delta.lineage(self.cfg.table_path(table))
+                if c.get("step") == "ingest" and c.get("dt")}
+
     def partition_rows(self, table: str) -> dict[datetime.date, int]:
         """Rows per dt from the log's per-file record counts, without reading data."""
         t, ds = self._table(table)

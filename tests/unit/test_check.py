@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from userformer.jobs import check as C
+from userformer.jobs.config import load_config
 from userformer.jobs.storage import delta
 from userformer.schemas import tables as S
 
@@ -243,6 +244,25 @@ def test_missing_table_or_partition_fails_clearly(cfg):
     res = C.check(cfg, "events", D)
     assert not res.success and f"no partition dt={D}" in res.error
     assert "FAILED" in C.summary(res) and f"no partition dt={D}" in C.summary(res)
+
+
+def test_an_ingested_empty_drop_is_judged_by_the_day_level_checks(cfg, monkeypatch):
+    """Ingest of an empty drop commits no partition; the check still knows the drop and the row-count band judges."""
+    from deltalake import CommitProperties, write_deltalake
+
+    write_events(cfg, [event(D - dt.timedelta(days=k), i) for k in range(1, 8) for i in range(100)])
+    write_rejected(cfg, D, {})
+    write_deltalake(str(cfg.table_path("events")), S.EVENTS.empty_table(), mode="overwrite",
+                    predicate=f"dt = '{D}'", commit_properties=CommitProperties(
+                        custom_metadata={"step": "ingest", "dt": str(D)}))
+    res = C.check(cfg, "events", D)
+    assert res.error is None and res.facts["rows"] == 0
+    r = failed(res, "expect_column_values_to_be_between", "row_count")
+    assert r.examples == [0] and len(res.failed) == 1
+    # A site with quiet days accepts them by starting the band at 0.
+    monkeypatch.setenv("USERFORMER__QUALITY__ROW_COUNT_BAND", "[0, 5]")
+    res = C.check(load_config(), "events", D)
+    assert res.success, C.summary(res)
 
 
 # ----------------------------------------------------------- user_sequences
