@@ -30,7 +30,9 @@ STEP_MODULES = [
     "userformer.jobs.report",
     "userformer.jobs.repair",
     "userformer.jobs.maintain",
+    "userformer.jobs.retrain",
     "userformer.jobs.demo",
+    "userformer.jobs.orchestrator",
     "userformer.jobs.info",
     "userformer.jobs.benchmark",
 ]

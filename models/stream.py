@@ -233,7 +233,8 @@ class _Piece:
 class DeltaSequences:
     """One pinned version of user_sequences as chunks of Sequences (see module doc).
 
-    `t_max`: training uses only events before it. `select(table) -> bool mask`:
+    `t_max`: training uses only events before it; `t_min`: and none before this one (a
+    training window). `select(table) -> bool mask`:
     which rows (users) of a chunk take part. `chunks(rng)` yields the training
     part of every chunk; `summarise()` must run once first (item counts for
     logQ / popularity, the number of trainable sequences) and can feed the
@@ -242,9 +243,10 @@ class DeltaSequences:
 
     def __init__(self, path: str | Path, version: int, chunk_users: int, *, t_max: float | None = None,
                  select: Callable[[pa.Table], np.ndarray] | None = None, min_len: int = 2,
-                 interleave: int = INTERLEAVE):
+                 interleave: int = INTERLEAVE, t_min: float | None = None):
         self.path, self.version, self.chunk_users = Path(path), version, chunk_users
         self.t_max, self.select, self.min_len, self.interleave = t_max, select, min_len, interleave
+        self.t_min = t_min
         self.real_time = True
         self.pieces: list[_Piece] = []
         for a in delta.add_actions(path, version):
@@ -292,9 +294,13 @@ class DeltaSequences:
                 yield t
 
     def training_part(self, seqs: Sequences) -> Sequences:
-        """Events before t_max; users with at least `min_len` of them."""
-        if self.t_max is not None:
+        """Events in [t_min, t_max); users with at least `min_len` of them."""
+        if self.t_max is not None and self.t_min is not None:
+            seqs = seqs.take_events((seqs.ts >= self.t_min) & (seqs.ts < self.t_max))
+        elif self.t_max is not None:
             seqs = seqs.take_events(seqs.ts < self.t_max)
+        elif self.t_min is not None:
+            seqs = seqs.take_events(seqs.ts >= self.t_min)
         return seqs.take_users(np.flatnonzero(seqs.lengths >= self.min_len))
 
     def summarise(self, n_items: int, visitors: tuple = ()) -> DeltaSequences:

@@ -1,0 +1,209 @@
+"""### daily_refresh: one drop date D, end to end
+
+One run per logical date; the run for D processes **drop D** (the raw folder ``raw/events/dt=D``), never "the
+latest data": ``@daily`` as a data-interval timetable, so the run for D starts at 00:00 UTC of D+1 and its logical
+date (``{{ ds }}``) is D (dags/common.py `drop_date`). Each task calls one step of `jobs/pipeline.py`, the same
+function `userformer run-day --dt D` calls, so a day runs identically without Airflow.
+
+wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences -> fine-tune -> gate
+-> infer (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index -> candidates -> report
+
+* **Idempotent**: every step replaces D's outputs; a rerun (clear) of a run or a task duplicates nothing.
+* **In date order**: one active run at a time, and ingest, sequences, fine-tune and gate depend on their previous
+  run (vocabulary ids, sequences and the model carry state from day to day). Backfills are explicit (no catchup):
+  from the UI's Backfill dialog or ``POST /api/v2/backfills`` (reprocess behaviour "failed" or "completed").
+* **Retries**: transient errors retry with exponential backoff (``pipeline.retries``, ``pipeline.retry_delay_s``);
+  a failed data-quality gate or bad input fails at once (no retry), and nothing downstream is published.
+* **Params**: ``skip_finetune`` keeps the published model; ``full_reembed`` re-embeds every user (booleans,
+  validated at trigger time).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+
+from common import QUALITY_TASK_RETRIES, TAG, config, default_args, no_retry_on_bad_data, plain, run_context, step
+
+log = logging.getLogger("userformer.dags.daily_refresh")
+CFG = config()
+SHARDS = list(range(CFG.infer.shards))
+
+
+@task.sensor(mode="reschedule", poke_interval=CFG.pipeline.sensor_poke_s, timeout=CFG.pipeline.sensor_timeout_s,
+             retries=0)
+@no_retry_on_bad_data
+def wait_for_raw() -> bool:
+    """Wait for drop D: its folder ``raw/events/dt=D`` holds the producer's ready marker (``pipeline.ready_marker``).
+
+    Reschedule mode (no worker slot is held between pokes, every ``pipeline.sensor_poke_s``); fails after
+    ``pipeline.sensor_timeout_s``."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    ready = pipeline.raw_ready(cfg, day)
+    log.info("raw drop %s at %s: %s", day, cfg.raw_events_dir(day), "ready" if ready else "not ready yet")
+    return ready
+
+
+@step(depends_on_past=True)
+def ingest() -> dict:
+    """Raw drop D -> ``events[dt=D]`` + ``events_rejected[dt=D]``, ``items``, ``vocab`` (Spark; one commit per
+    table). Depends on its previous run: vocabulary ids are handed out in date order."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.ingest(cfg, day))
+
+
+@step(retries=QUALITY_TASK_RETRIES)
+def check_events(ingested: dict) -> dict:
+    """Data-quality gate of ``events[dt=D]`` (Great Expectations; HTML report under ``reports/checks/events``).
+    Fails without retry when an expectation fails."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.check(cfg, "events", day))
+
+
+@step(depends_on_past=True)
+def sequences(checked: dict) -> dict:
+    """``events[dt=D]`` -> ``user_sequences``: the rows of the users active on D (one commit). Depends on its
+    previous run: the table carries every earlier day."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.sequences(cfg, day))
+
+
+@step(retries=QUALITY_TASK_RETRIES)
+def check_user_sequences(updated: dict) -> dict:
+    """Data-quality gate of the ``user_sequences`` rows refreshed on D. Fails without retry."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.check(cfg, "user_sequences", day))
+
+
+@step(depends_on_past=True)
+def finetune(checked: dict) -> dict:
+    """Fine-tune the published model on D's users (+ replay) into a candidate; with nothing published, train the
+    first model. Skipped with the param ``skip_finetune``. Depends on its previous run (the model carries)."""
+    from userformer.jobs import pipeline
+
+    cfg, day, params = run_context()
+    res = pipeline.finetune(cfg, day, skip=bool(params.get("skip_finetune")))
+    return plain({k: res.get(k) for k in ("action", "candidate", "version", "status", "reason", "skipped")})
+
+
+@step(depends_on_past=True)
+def gate(tuned: dict) -> dict:
+    """Promote the day's candidate iff it holds up against the published model on held-out users of D
+    (``finetune.gate_metrics``, ``finetune.max_quality_drop``). A rejected candidate is not an error."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    res = pipeline.gate(cfg, day, tuned.get("candidate"))
+    return plain({k: res.get(k) for k in ("version", "status", "promoted", "published", "reason", "skipped")})
+
+
+@step
+def infer(shard: int, gated: dict) -> dict:
+    """Embeddings + preference scores of one shard of D's changed users (every user after a model change, or
+    with the param ``full_reembed``), staged for publishing. Runs in the ``gpu`` pool (``pipeline.gpu_pool``)."""
+    from userformer.jobs import pipeline
+
+    cfg, day, params = run_context()
+    res = pipeline.infer(cfg, day, shard, len(SHARDS), full=bool(params.get("full_reembed")))
+    return plain({k: res.get(k) for k in ("shard", "shards", "users", "model_version", "reason", "skipped")})
+
+
+@step(retries=QUALITY_TASK_RETRIES)
+def check_outputs(inferred: list) -> dict:
+    """Output checks of D's staged inference: every shard staged, unit norms, sane preference scores. Fails
+    without retry; nothing is published then."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.check_outputs(cfg, day, len(SHARDS)))
+
+
+@step
+def publish(checked: dict) -> dict:
+    """One Delta commit per output table: ``user_embeddings``, ``user_preference_scores``, ``item_embeddings``
+    (checks again first; a rerun completes a crashed publish)."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.publish(cfg, day, len(SHARDS)))
+
+
+@step
+def index(published: dict) -> dict:
+    """FAISS index of ``item_embeddings``, switched to (``index/CURRENT``) only if its recall check passes."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.index(cfg, day))
+
+
+@step(retries=QUALITY_TASK_RETRIES)
+def check_index(built: dict) -> dict:
+    """What downstream readers get: the CURRENT index is of the published item vectors, complete, recall@10
+    above ``index.min_recall_at_10``. Fails without retry."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.check_index(cfg, day))
+
+
+@step
+def candidates(checked: dict) -> dict:
+    """``user_candidates``: top-N items from the current index for every user refreshed on D."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    return plain(pipeline.candidates(cfg, day))
+
+
+@step
+def report(done: dict) -> dict:
+    """The day's HTML report (metrics over days, users refreshed, checks); its file:// URL is in this log."""
+    from userformer.jobs import pipeline
+
+    cfg, day, _ = run_context()
+    res = plain(pipeline.report(cfg, day))
+    path = res.get("html") or res.get("path")
+    if path:
+        log.info("report of %s: file://%s", day, path)
+    log.info("ledger of %s: file://%s", day, pipeline.ledger_dir(cfg, day))
+    return res
+
+
+@dag(
+    dag_id="daily_refresh",
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
+    start_date=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(CFG),
+    params={
+        "skip_finetune": Param(False, type="boolean", title="Skip fine-tuning",
+                               description="keep the published model: no fine-tuning, no gate"),
+        "full_reembed": Param(False, type="boolean", title="Full re-embed",
+                              description="re-embed every user, not only those with new events on D"),
+    },
+    tags=[TAG],
+    doc_md=__doc__,
+)
+def daily_refresh():
+    ing = ingest()
+    wait_for_raw() >> ing
+    seq = check_user_sequences(sequences(check_events(ing)))
+    shards = infer.override(pool=CFG.pipeline.gpu_pool, doc_md=infer.function.__doc__).partial(gated=gate(finetune(seq))).expand(shard=SHARDS)
+    report(candidates(check_index(index(publish(check_outputs(shards))))))
+
+
+daily_refresh()
