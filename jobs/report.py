@@ -508,6 +508,8 @@ def drift(cfg: Config, day: dt.date, pub: dict, table_name: str) -> dict:
 
 def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     """User and item embedding drift between the previous publish and D's: summary, histogram, most moved."""
+    import numpy as np
+
     pub = publish_of(ledger, day)
     parts, results, facts = [], [], {}
     for t in ("user_embeddings", "item_embeddings"):
@@ -519,7 +521,8 @@ def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     if results:
         fig, axes = figure(4.5 * len(results), 2.6, len(results))
         for ax, r in zip(axes, results):
-            ax.hist(r["cosines"], bins=30, color="C4")
+            # float64: float32 cosines of unchanged vectors can span less than 30 representable bins
+            ax.hist(np.asarray(r["cosines"], dtype=np.float64), bins=30, color="C4")
             ax.set_title(f"{r['table']}: cosine old vs new", fontsize=10)
             ax.set_xlabel("cosine", fontsize=8)
             ax.ticklabel_format(axis="x", useOffset=False)
