@@ -521,8 +521,8 @@ def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     if results:
         fig, axes = figure(4.5 * len(results), 2.6, len(results))
         for ax, r in zip(axes, results):
-            # float64: float32 cosines of unchanged vectors can span less than 30 representable bins
-            ax.hist(np.asarray(r["cosines"], dtype=np.float64), bins=30, color="C4")
+            # Rounded: the cosines of unchanged vectors differ by rounding noise (~1e-16), fewer than 30 bins
+            ax.hist(np.round(np.asarray(r["cosines"], dtype=np.float64), 6), bins=30, color="C4")
             ax.set_title(f"{r['table']}: cosine old vs new", fontsize=10)
             ax.set_xlabel("cosine", fontsize=8)
             ax.ticklabel_format(axis="x", useOffset=False)
