@@ -10,10 +10,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: venv demo test test-fast bench lock clean cluster-up cluster-down help
+.PHONY: venv demo airflow test test-fast bench lock clean cluster-up cluster-down help
 
 help:
-	@echo "make demo   - set up, generate 7 days of synthetic logs, run the pipeline on them"
+	@echo "make demo   - set up, generate 7 days of synthetic logs, run daily_refresh on them through Airflow"
+	@echo "make airflow - Airflow standalone on 127.0.0.1 with the project's DAGs (prints URL + login; Ctrl-C stops)"
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - run tests/benchmarks (not part of CI)"
 	@echo "make lock   - re-resolve requirements.lock from pyproject.toml"
@@ -32,6 +33,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 demo: venv
 	$(BIN)/userformer demo
+
+# AIRFLOW_PORT=8080 by default (a free port if 8080 is taken); state under $(USERFORMER_HOME)/airflow.
+airflow: venv
+	$(BIN)/userformer airflow start $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
 
 test: venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -1,8 +1,12 @@
-"""`userformer demo`: generate a week of synthetic logs and run the pipeline over it, day by day.
+"""`userformer demo`: generate a week of synthetic logs and run `daily_refresh` over it through Airflow.
 
-This is what `make demo` runs. It runs every step that exists, in order, for
-each day: ingest -> check events -> sequences -> check user_sequences, and
-prints a summary. (The model, inference and Airflow steps join as they land.)
+This is what `make demo` runs: a fresh demo home (it only ever wipes one an earlier demo made), 7 days of
+synthetic raw drops, then Airflow standalone on 127.0.0.1 (jobs/orchestrator.py) and one backfill of the
+`daily_refresh` DAG over those dates (``POST /api/v2/backfills``; the runs go in date order), and a summary: rows
+per table, users refreshed per day, model versions, evaluation metrics, index recall, where everything is and a
+query to try. ``--no-airflow`` runs the same steps in this process instead (`pipeline.run_day`, as
+`userformer run-day`). Without ``--config`` / ``$USERFORMER_CONFIG`` the demo's sizes come from
+``infra/config/demo.toml`` (short training), which Airflow's tasks get through ``USERFORMER_CONFIG`` as well.
 """
 
 from __future__ import annotations
@@ -10,12 +14,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from userformer.jobs.common import UserError, date_arg, date_range
 from userformer.jobs import pipeline
-from userformer.jobs.config import Config
+from userformer.jobs.config import Config, load_config
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "config" / "demo.toml"
 
 
 def register(sub) -> None:
@@ -25,6 +33,11 @@ def register(sub) -> None:
     p.add_argument("--items", type=int, default=3000, help="items (default 3000)")
     p.add_argument("--start", type=date_arg, default=dt.date(2026, 11, 1), help="first day (default 2026-11-01)")
     p.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
+    p.add_argument("--no-airflow", action="store_true",
+                   help="run the days in this process (`run-day`) instead of through Airflow")
+    p.add_argument("--port", type=int, help="Airflow's API/UI port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--keep-airflow", action="store_true",
+                   help="leave Airflow running after the summary (Ctrl-C stops it), to look at the runs in the UI")
     p.set_defaults(func=run)
     p = sub.add_parser("run-day", help="run the whole pipeline for one drop date (or a range, in order), without Airflow")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
@@ -51,41 +64,196 @@ def _fresh_demo_home(cfg: Config) -> None:
     """The demo starts from nothing each time; it only ever wipes a home that an earlier demo made."""
     import shutil
 
+    from userformer.jobs.orchestrator import airflow_home
+
     marker = cfg.home / DEMO_MARKER
     dirs = [cfg.raw_root, cfg.warehouse_root, cfg.reports_root, cfg.models_root, cfg.index_root]
     if any(d.exists() and any(d.iterdir()) for d in dirs) and not marker.exists():
         raise UserError(f"{cfg.home} already holds pipeline data that no demo made; "
                         "point USERFORMER_HOME at an empty folder for the demo")
-    for d in dirs:
+    for d in dirs + [airflow_home(cfg)]:
         shutil.rmtree(d, ignore_errors=True)
     cfg.home.mkdir(parents=True, exist_ok=True)
     marker.write_text("made by `userformer demo`; the next demo may wipe this folder's pipeline data\n")
 
 
+def demo_config(args, cfg: Config) -> Config:
+    """The demo's configuration: --config / $USERFORMER_CONFIG when given, else infra/config/demo.toml; exported as
+    USERFORMER_CONFIG so that Airflow's tasks read the same file."""
+    if args.config or os.environ.get("USERFORMER_CONFIG"):
+        path = Path(args.config or os.environ["USERFORMER_CONFIG"]).resolve()
+        os.environ["USERFORMER_CONFIG"] = str(path)
+        return cfg
+    if not DEMO_CONFIG.is_file():
+        return cfg
+    os.environ["USERFORMER_CONFIG"] = str(DEMO_CONFIG)
+    return load_config(DEMO_CONFIG)
+
+
+def day_line(cfg: Config, day: dt.date, seconds: float | None = None) -> str:
+    """One line per finished day, from its ledger."""
+    led = pipeline.read_ledger(cfg, day)
+
+    def res(step):
+        return (led.get(step) or {}).get("result") or {}
+
+    ing, seq, ft, gt = res("ingest"), res("sequences"), res("finetune"), res("gate")
+    embedded = sum(res(k).get("users") or 0 for k in led if k.startswith("infer-"))
+    checks = [k for k in led if k.startswith("check_")]
+    ok = all(res(k).get("success", True) and not res(k).get("problems") for k in checks)
+    if ft.get("action") == "bootstrap":
+        model = f"first model {ft.get('version')}"
+    elif ft.get("candidate"):
+        model = f"{ft['candidate']} {gt.get('status', '?')}"
+    else:
+        model = "no model yet" if not gt.get("published") else f"kept {gt.get('published')}"
+    took = f"  {seconds:.0f}s" if seconds is not None else ""
+    return (f"{day}: raw {ing.get('raw_rows', 0):>7}  accepted {ing.get('accepted', 0):>7}  "
+            f"rejected {sum((ing.get('rejected') or {}).values()):>5}  users refreshed {seq.get('active_users', 0):>6} "
+            f"(new {seq.get('new_users', 0)})  embedded {embedded:>6}  checks {'ok' if ok else 'FAILED'}  "
+            f"model: {model}{took}")
+
+
+def _metrics(m: dict, keys=("ndcg@10", "recall@10")) -> str:
+    return ", ".join(f"{k} {m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float)))
+
+
+def print_summary(cfg: Config, days: list[dt.date]) -> None:
+    """Rows per table, users refreshed per day, model versions, evaluation metrics, index recall, where things are."""
+    from userformer.jobs import info
+    from userformer.models import registry as R
+
+    print("\nusers per day (refreshed = with new events; embedded = user embeddings written, everyone after a "
+          "model change):")
+    print(f"  {'dt':<12}{'refreshed':>10}{'new':>7}{'embedded':>10}  {'model published after the day':<31}"
+          f"{'index recall@10':>16}")
+    for day in days:
+        led = pipeline.read_ledger(cfg, day)
+
+        def res(step):
+            return (led.get(step) or {}).get("result") or {}
+
+        seq, gt, ci = res("sequences"), res("gate"), res("check_index")
+        embedded = sum(res(k).get("users") or 0 for k in led if k.startswith("infer-"))
+        rc = ci.get("recall_at_10")
+        print(f"  {str(day):<12}{seq.get('active_users', 0):>10}{seq.get('new_users', 0):>7}{embedded:>10}  "
+              f"{str(gt.get('published') or '-'):<31}{(f'{rc:.3f}' if isinstance(rc, float) else '-'):>16}")
+
+    print("\nmodel versions (models/registry.py; the gate compares a candidate with the published model on "
+          "held-out users of its day):")
+    ptr = R.published(cfg)
+    for man in R.list_versions(cfg):
+        m = man.get("metrics") or {}
+        if man.get("kind") == "finetune":
+            g = m.get("gate") or {}
+            what = (f"candidate {_metrics(g.get('candidate') or {})} vs published "
+                    f"{_metrics(g.get('published') or {})}")
+        else:
+            what = f"validation {_metrics(m.get('valid') or {})}; most popular {_metrics(m.get('valid_most_popular') or {})}"
+        star = " (published)" if ptr and ptr["version"] == man["version"] else ""
+        print(f"  {man['version']:<26}{man.get('status', ''):<10} {what}{star}")
+
+    print()
+    info.print_tables(cfg)
+    last = days[-1]
+    rep = (pipeline.read_ledger(cfg, last).get("report") or {}).get("result") or {}
+    print(f"\nwhere things are (USERFORMER_HOME={cfg.home}):")
+    print(f"  Delta tables        {cfg.warehouse_root}/<table>")
+    print(f"  item index          {cfg.index_root} (CURRENT points at the live version)")
+    print(f"  models              {cfg.models_root} (PUBLISHED points at the served version)")
+    print(f"  checks' reports     {cfg.reports_root / 'checks'}")
+    print(f"  day ledgers         {cfg.reports_root / 'runs'}")
+    if rep.get("html"):
+        print(f"  daily report        file://{rep['html']}")
+    print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
+    print(f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
+          ".sort('lifetime_events', descending=True).select('user_id', 'seq_len', 'lifetime_events').head())\"")
+    user = _some_user(cfg)
+    if user:
+        print("a user's recommendations from the index:")
+        print(f"  {Path(sys.executable).parent / 'userformer'} recommend --user {user} -k 10")
+
+
+def _some_user(cfg: Config) -> str | None:
+    """The published user with the longest history (for the example command)."""
+    from userformer.jobs.storage import delta
+
+    path = cfg.table_path("user_sequences")
+    if not delta.exists(path) or not delta.exists(cfg.table_path("user_embeddings")):
+        return None
+    t = delta.read_arrow(path, columns=["user_id", "lifetime_events"])
+    if not t.num_rows:
+        return None
+    counts = t["lifetime_events"].to_pylist()
+    return str(t["user_id"][counts.index(max(counts))].as_py())
+
+
+def _run_in_process(cfg: Config, days: list[dt.date]) -> None:
+    for day in days:
+        r = pipeline.run_day(cfg, day)
+        print(day_line(cfg, day, r["seconds"]), flush=True)
+
+
+def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
+    from userformer.jobs import orchestrator as O
+
+    t0 = time.perf_counter()
+    af = O.start(cfg, args.port or O.free_port(), scheduled_runs=False)
+    print(f"Airflow {af.url} (login {af.username} / {af.password}; pid {af.pid}) ready in "
+          f"{time.perf_counter() - t0:.0f}s; backfill of daily_refresh {days[0]} .. {days[-1]}", flush=True)
+    started: dict[str, float] = {}
+    try:
+        def progress(run):
+            day = dt.date.fromisoformat(run["logical_date"][:10])
+            if run["state"] == "running":
+                started[str(day)] = time.perf_counter()
+            elif run["state"] == "success":
+                took = time.perf_counter() - started.get(str(day), time.perf_counter())
+                print(day_line(cfg, day, took), flush=True)
+            elif run["state"] == "failed":
+                bad = af.failed_tasks("daily_refresh", run["dag_run_id"])
+                print(f"{day}: run {run['dag_run_id']} FAILED at "
+                      + ", ".join(f"{t['task_id']} ({t['state']})" for t in bad), flush=True)
+                for t in bad:
+                    for p in af.task_log_path("daily_refresh", run["dag_run_id"], t["task_id"]):
+                        print(f"  log: {p}", flush=True)
+
+        states = O.run_backfill(af, "daily_refresh", days[0], days[-1], reprocess="completed", progress=progress)
+        failed = [d for d, s in states.items() if s != "success"]
+        if failed:
+            raise UserError(f"daily_refresh failed for {', '.join(failed)}: see the logs above or {af.url}", code=1)
+        if args.keep_airflow:
+            print(f"\nAirflow keeps running at {af.url} (login {af.username} / {af.password}); Ctrl-C stops it.",
+                  flush=True)
+            print_summary(cfg, days)
+            try:
+                while af.alive():
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        af.stop()
+
+
 def run(args, cfg: Config) -> int:
-    from userformer.jobs import generate, info
+    from userformer.jobs import generate
 
     if not args.verbose:  # the per-day lines below are the demo's output; step logs only with -v
         logging.getLogger("userformer").setLevel(logging.WARNING)
+    cfg = demo_config(args, cfg)
     _fresh_demo_home(cfg)
-    print(f"USERFORMER_HOME={cfg.home}")
+    print(f"USERFORMER_HOME={cfg.home}  config {os.environ.get('USERFORMER_CONFIG', '(defaults)')}")
     t0 = time.perf_counter()
     s = generate.generate(cfg, users=args.users, items=args.items, days=args.days, start=args.start, seed=args.seed)
     print(f"generated {s['days']} days of raw logs under {cfg.raw_root}: {s['events_total']} rows "
           f"({s['late']} late, {s['duplicates']} duplicates, {s['malformed']} malformed), "
-          f"{s['users']} users, {s['items']} items")
-    days = []
-    for day in date_range(args.start, args.days):
-        r = pipeline.run_day(cfg, day)
-        ing, seq = r["ingest"], r["sequences"]
-        print(f"{day}: raw {ing['raw_rows']:>7}  accepted {ing['accepted']:>7}  rejected {sum(ing['rejected'].values()):>5}"
-              f"  users refreshed {seq['active_users']:>6} (new {seq['new_users']})  checks ok  {r['seconds']}s")
-        days.append(r)
-    print()
-    info.print_tables(cfg)
-    print(f"\nchecks' HTML reports: {cfg.reports_root / 'checks'}")
-    print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
-    print(f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
-          ".sort('lifetime_events', descending=True).select('user_id', 'seq_len', 'lifetime_events').head())\"")
+          f"{s['users']} users, {s['items']} items", flush=True)
+    days = date_range(args.start, args.days)
+    if args.no_airflow:
+        _run_in_process(cfg, days)
+    else:
+        _run_through_airflow(args, cfg, days)
+    if not (args.keep_airflow and not args.no_airflow):
+        print_summary(cfg, days)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return 0

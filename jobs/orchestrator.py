@@ -451,6 +451,9 @@ def standalone_main() -> None:
     Their log servers would listen on every interface (``[logging] worker_log_server_port``, host "" hard-coded);
     on one machine the API server reads the task logs from ``$AIRFLOW_HOME/logs`` directly, so they are not
     needed. Everything else is Airflow's own standalone: SIGINT stops its parts and waits for them."""
+    # A parent started in the background by a non-interactive shell hands down SIGINT ignored; standalone stops
+    # its parts on KeyboardInterrupt, so SIGINT must raise it here whatever the parent did.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from airflow.cli.commands import standalone_command as S
     from airflow.configuration import write_default_airflow_configuration_if_needed
 

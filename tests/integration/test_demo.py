@@ -1,4 +1,5 @@
-"""`userformer demo` end to end through the real executable, as `make demo` runs it (smaller)."""
+"""`userformer demo` end to end through the real executable, as `make demo` runs it (smaller, and with
+``--no-airflow``: the same steps in one process; the Airflow path is tests/integration/test_airflow.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.spark
 
 def demo(home, *args):
     env = {**os.environ, "USERFORMER_HOME": str(home)}
-    return subprocess.run([EXE, "demo", "--days", "3", "--users", "300", "--items", "500", *args],
+    return subprocess.run([EXE, "demo", "--no-airflow", "--days", "3", "--users", "300", "--items", "500", *args],
                           capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -28,6 +29,8 @@ def test_demo_runs_every_day_and_reruns_cleanly(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     days = [line for line in r.stdout.splitlines() if line.startswith("2026-11-0")]
     assert len(days) == 3 and all("checks ok" in d for d in days)
+    for part in ("model versions", "index recall@10", "users per day", "where things are", "pl.read_delta"):
+        assert part in r.stdout
     seq = delta.read_arrow(home / "warehouse" / "user_sequences")
     events = delta.read_arrow(home / "warehouse" / "events")
     assert seq.num_rows > 100 and events.num_rows > 1000
