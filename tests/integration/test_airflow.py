@@ -1,0 +1,220 @@
+"""`daily_refresh` through Airflow 3 on generated data (issue #5), against the same days run without Airflow.
+
+Home A runs 3 generated days (300 users, 400 items, a small model) with `pipeline.run_day` in this process, once
+for the module (what `userformer run-day` does). Then:
+
+- **end to end**: home B runs the three dates one after another with ``airflow dags test daily_refresh D`` (every
+  task of the DAG, in date order, on a throwaway SQLite metadata DB); the tables' contents are checked (events per
+  day, user_sequences, user_embeddings = every user, item_embeddings = the catalogue, the index CURRENT, the
+  ledger) and must equal A's.
+- **backfill**: home C starts Airflow standalone on 127.0.0.1 (jobs/orchestrator.py; started and stopped by PID
+  here), creates one backfill over the three dates through ``POST /api/v2/backfills``, waits until every run
+  succeeded, stops Airflow, and its tables must equal A's.
+
+Equal means: events, events_rejected (without source_file, a path into the home), vocab, items and
+user_sequences row for row; user_embeddings, user_preference_scores, item_embeddings and user_candidates with a
+float tolerance and without the run-specific columns (updated_at, index_version); the model registry's versions
+(ids are allocated sequentially per home, so they are equal), their statuses and the published pointer. Training
+runs on one thread with the same seed in every home.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.conftest import REPO
+from userformer.jobs import generate, pipeline
+from userformer.jobs.config import load_config
+from userformer.jobs.storage import delta
+from userformer.models import registry as R
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+START = dt.date(2026, 11, 1)
+DAYS = [START + dt.timedelta(days=i) for i in range(3)]
+BIN = Path(sys.executable).parent
+# Small and fast, passed to Airflow's task processes through the environment as well.
+SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "3", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "16",
+            "MODEL__MAX_LEN": "20", "MODEL__TIME_BUCKETS": "8", "TRAIN__BATCH_SIZE": "64",
+            "TRAIN__UNIFORM_NEGATIVES": "64", "TRAIN__STREAM_CHUNK_USERS": "64", "TRAIN__PATIENCE": "2",
+            "FINETUNE__EPOCHS": "1", "PIPELINE__SENSOR_POKE_S": "5", "PIPELINE__RETRY_DELAY_S": "5",
+            # Each Spark task starts a JVM: start it fast (infra/config/demo.toml says why).
+            "SPARK__EXTRA": '{"spark.driver.extraJavaOptions" = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"}'}
+EXACT = {"events": ("event_id",), "events_rejected": None, "vocab": ("kind", "key"), "items": ("item_id",),
+         "user_sequences": ("user_id",)}
+FLOATS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"),
+          "item_embeddings": ("item_idx",), "user_candidates": ("user_id",)}
+RUN_SPECIFIC = {"updated_at", "index_version", "source_file"}
+
+
+def env_of(home: Path) -> dict:
+    """USERFORMER_* of a home: no config file, SETTINGS as USERFORMER__ variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("USERFORMER")}
+    return {**env, "USERFORMER_HOME": str(home), **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()}}
+
+
+def config(home: Path):
+    return load_config(env=env_of(home))
+
+
+def new_home(root: Path):
+    cfg = config(root / "home")
+    generate.generate(cfg, users=300, items=400, days=len(DAYS), start=START, seed=5)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, spark):
+    """Home A: the days one by one, without Airflow."""
+    cfg = new_home(tmp_path_factory.mktemp("sequential"))
+    for d in DAYS:
+        pipeline.run_day(cfg, d)
+    return cfg
+
+
+# ---------------------------------------------------------------- compare
+def _rows(cfg, table, keys):
+    t = delta.read_arrow(cfg.table_path(table))
+    t = pa.table({c: (t[c].cast(pa.string()) if pa.types.is_string_view(t[c].type) else t[c]) for c in t.column_names})
+    out = {}
+    for r in t.to_pylist():
+        r = {c: v for c, v in r.items() if c not in RUN_SPECIFIC}
+        k = tuple(r[c] for c in keys) if keys else tuple(str(r[c]) for c in sorted(r))
+        assert k not in out, f"{table}: {k} twice"
+        out[k] = r
+    return out
+
+
+def _close(a, b):
+    if isinstance(a, list) and a and isinstance(a[0], float):
+        return b is not None and len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-5)
+    return a == b
+
+
+def registry(cfg):
+    return [(m["version"], m["kind"], m["status"], m.get("dt")) for m in R.list_versions(cfg)]
+
+
+def assert_same_as(a, b):
+    """Every table, the model registry and the published pointers of B equal A's (module doc)."""
+    for table in [*EXACT, *FLOATS]:
+        keys = EXACT.get(table, FLOATS.get(table))
+        ra, rb = _rows(a, table, keys), _rows(b, table, keys)
+        assert ra.keys() == rb.keys(), f"{table}: {len(ra.keys() ^ rb.keys())} keys differ"
+        for k, row in ra.items():
+            if table in EXACT:
+                assert rb[k] == row, f"{table} {k} differs"
+            else:
+                bad = [c for c in row if not _close(row[c], rb[k][c])]
+                assert not bad, f"{table} {k}: {bad} differ"
+    assert registry(b) == registry(a)
+    assert R.published(b)["version"] == R.published(a)["version"]
+    from userformer.jobs import index as X
+
+    assert X.current(b)["model_version"] == X.current(a)["model_version"]
+
+
+def assert_contents(cfg):
+    """What three days of daily_refresh leave behind, read from the tables and the ledgers."""
+    from userformer.jobs import index as X
+
+    events = delta.read_arrow(cfg.table_path("events"))
+    per_day = {str(d): n for d, n in zip(*np.unique(np.array(events["dt"].cast(pa.string())), return_counts=True))}
+    for d in DAYS:
+        led = pipeline.read_ledger(cfg, d)
+        missing = [s for s in pipeline.STEPS if s != "infer" and s not in led]
+        assert not missing, f"{d}: steps missing from the ledger: {missing}"
+        assert per_day[str(d)] == led["ingest"]["result"]["accepted"] > 0
+        for c in ("check_events", "check_user_sequences"):
+            assert led[c]["result"]["success"] is True
+    seqs = delta.read_arrow(cfg.table_path("user_sequences"))
+    users = set(events["user_id"].to_pylist())
+    assert set(seqs["user_id"].to_pylist()) == users
+    assert sum(seqs["lifetime_events"].to_pylist()) == events.num_rows
+    ptr = R.published(cfg)
+    assert ptr is not None  # day 2 trained the first model (day 1 has no history before its validation window)
+    emb = delta.read_arrow(cfg.table_path("user_embeddings"))
+    assert emb.num_rows == len(users) and set(emb["user_id"].cast(pa.string()).to_pylist()) == users
+    assert set(emb["model_version"].cast(pa.string()).to_pylist()) == {ptr["version"]}
+    items = delta.read_arrow(cfg.table_path("items"))
+    item_emb = delta.read_arrow(cfg.table_path("item_embeddings"))
+    assert item_emb.num_rows == items.num_rows
+    cur = X.current(cfg)
+    assert cur is not None and cur["model_version"] == ptr["version"]
+    last = pipeline.read_ledger(cfg, DAYS[-1])
+    assert last["check_index"]["result"]["recall_at_10"] >= cfg.index.min_recall_at_10
+    assert last["check_outputs"]["result"]["success"] is True
+
+
+# ------------------------------------------------------------------ tests
+def test_daily_refresh_end_to_end_three_days(sequential, tmp_path):
+    """`airflow dags test` for three consecutive dates: every task of the DAG, in date order."""
+    cfg = new_home(tmp_path)
+    env = {**env_of(cfg.home), "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    r = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for d in DAYS:
+        r = subprocess.run([str(BIN / "airflow"), "dags", "test", "daily_refresh", str(d)], env=env,
+                           capture_output=True, text=True, timeout=600)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "state=success" in out and "state=failed" not in out, out[-6000:]
+        assert f"DagRun Finished: dag_id=daily_refresh, logical_date={d} 00:00:00+00:00" in out
+    assert_contents(cfg)
+    assert_same_as(sequential, cfg)
+
+
+def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tmp_path):
+    """Standalone on 127.0.0.1, a backfill over three dates via POST /api/v2/backfills, stopped by PID."""
+    from userformer.jobs import orchestrator as O
+
+    cfg = new_home(tmp_path)
+    saved = {k: os.environ.get(k) for k in env_of(cfg.home) if k.startswith("USERFORMER")}
+    os.environ.update({k: v for k, v in env_of(cfg.home).items() if k.startswith("USERFORMER")})
+    try:
+        af = O.start(cfg, O.free_port(), scheduled_runs=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        assert af.url.startswith("http://127.0.0.1:") and af.password
+        assert af.api("GET", f"/pools/{cfg.pipeline.gpu_pool}")["slots"] == cfg.pipeline.gpu_pool_slots
+        af.unpause("daily_refresh")
+        b = af.backfill("daily_refresh", DAYS[0], DAYS[-1], reprocess="failed")
+        assert b["dag_id"] == "daily_refresh" and b["max_active_runs"] == 1
+        runs = af.wait_runs("daily_refresh", start=DAYS[0], end=DAYS[-1], timeout=1500)
+        states = {r["logical_date"][:10]: r["state"] for r in runs}
+        failed = {r["dag_run_id"]: af.failed_tasks("daily_refresh", r["dag_run_id"]) for r in runs
+                  if r["state"] != "success"}
+        assert states == {str(d): "success" for d in DAYS}, (states, failed, O._tail(af.log_path, 80))
+        # In date order: each run started after the previous one ended.
+        ordered = sorted(runs, key=lambda r: r["logical_date"])
+        for prev, nxt in zip(ordered, ordered[1:]):
+            assert nxt["start_date"] >= prev["end_date"]
+        tis = af.task_instances("daily_refresh", ordered[-1]["dag_run_id"])
+        assert {t["task_id"] for t in tis} >= {"wait_for_raw", "ingest", "infer", "publish", "report"}
+        assert all(t["state"] == "success" for t in tis)
+        assert [t["pool"] for t in tis if t["task_id"] == "infer"] == [cfg.pipeline.gpu_pool]
+        # The report task links the day's report from its log.
+        logs = af.task_log_path("daily_refresh", ordered[-1]["dag_run_id"], "report")
+        assert logs and "file://" in logs[-1].read_text()
+    finally:
+        pid = af.pid
+        af.stop()
+    assert af.proc.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # no process of its group is left
+    assert_contents(cfg)
+    assert_same_as(sequential, cfg)
