@@ -218,16 +218,25 @@ class Airflow:
         return self.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
     def backfill(self, dag_id: str, start: dt.date, end: dt.date, *, reprocess: str = "failed",
-                 conf: dict | None = None, max_active_runs: int = 1) -> dict:
+                 conf: dict | None = None, max_active_runs: int = 1, wait_running_s: float = 0.0) -> dict:
         """``POST /api/v2/backfills``: one run per logical date start..end (inclusive), in date order.
 
         `reprocess`: what happens to dates that have a finished run: "failed" reruns failed ones, "completed"
-        reruns every finished one, "none" leaves them (not allowed for DAGs with depends_on_past)."""
+        reruns every finished one, "none" leaves them (not allowed for DAGs with depends_on_past). Airflow runs
+        one backfill per DAG at a time and marks a finished one complete a few seconds after its last run:
+        `wait_running_s` retries that long while the previous backfill is still running (HTTP 409)."""
         body = {"dag_id": dag_id, "from_date": _midnight(start), "to_date": _midnight(end),
                 "reprocess_behavior": reprocess, "max_active_runs": max_active_runs, "run_backwards": False}
         if conf is not None:
             body["dag_run_conf"] = conf
-        return self.api("POST", "/backfills", body)
+        deadline = time.monotonic() + wait_running_s
+        while True:
+            res = self.api("POST", "/backfills", body, ok=(409,))
+            if res.get("status") != 409:
+                return res
+            if time.monotonic() > deadline:
+                raise AirflowError(f"Airflow POST /backfills: HTTP 409: {res['detail'][:2000]}")
+            time.sleep(2.0)
 
     def trigger(self, dag_id: str, *, logical_date: dt.date | None = None, conf: dict | None = None) -> dict:
         """``POST /api/v2/dags/{dag_id}/dagRuns`` (a manual run; `logical_date` None = a run without one)."""
