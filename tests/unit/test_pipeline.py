@@ -1,0 +1,49 @@
+"""jobs/pipeline.py without Spark: when a raw drop counts as ready, the day ledger, refusals of run_day."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from userformer.jobs import pipeline as P
+from userformer.jobs.common import UserError
+from userformer.jobs.config import load_config
+
+D = dt.date(2026, 11, 3)
+
+
+def test_a_drop_is_ready_only_once_its_marker_is_there(cfg):
+    d = cfg.raw_events_dir(D)
+    assert not P.raw_ready(cfg, D)  # no folder
+    d.mkdir(parents=True)
+    (d / "part-00000.parquet").write_bytes(b"being written")
+    assert not P.raw_ready(cfg, D)  # files, but the producer has not said it is complete
+    (d / cfg.pipeline.ready_marker).write_text("")
+    assert P.raw_ready(cfg, D)
+
+
+def test_without_a_marker_any_parquet_file_makes_it_ready(home, monkeypatch):
+    monkeypatch.setenv("USERFORMER__PIPELINE__READY_MARKER", "")
+    cfg = load_config()
+    d = cfg.raw_events_dir(D)
+    d.mkdir(parents=True)
+    assert not P.raw_ready(cfg, D)
+    (d / "part-00000.parquet").write_bytes(b"x")
+    assert P.raw_ready(cfg, D)
+
+
+def test_run_day_refuses_a_drop_that_is_not_ready_and_writes_nothing(cfg):
+    with pytest.raises(UserError, match="raw drop 2026-11-03 is not ready.*_SUCCESS"):
+        P.run_day(cfg, D)
+    assert P.read_ledger(cfg, D) == {} and not cfg.warehouse_root.exists()
+
+
+def test_the_ledger_keeps_the_latest_result_of_each_step(cfg):
+    P.record(cfg, D, "ingest", {"accepted": 1}, 0.5)
+    P.record(cfg, D, "ingest", {"accepted": 2}, 0.7)  # a rerun replaces
+    P.record(cfg, D, "infer-0-of-2", {"users": 3}, 0.1)
+    led = P.read_ledger(cfg, D)
+    assert set(led) == {"ingest", "infer-0-of-2"}
+    assert led["ingest"]["result"] == {"accepted": 2} and led["ingest"]["seconds"] == 0.7
+    assert led["ingest"]["dt"] == str(D) and P.read_ledger(cfg, D + dt.timedelta(days=1)) == {}
