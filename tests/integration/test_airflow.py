@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pytest
 
 from tests.conftest import REPO
+from tests.integration import warehouses as W
 from userformer.jobs import generate, pipeline
 from userformer.jobs.config import load_config
 from userformer.jobs.storage import delta
@@ -53,11 +53,6 @@ SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "3", "TRAIN__NUM_THREADS": "1", "MODEL
             "FINETUNE__EPOCHS": "1", "PIPELINE__SENSOR_POKE_S": "5", "PIPELINE__RETRY_DELAY_S": "5",
             # Each Spark task starts a JVM: start it fast (infra/config/demo.toml says why).
             "SPARK__EXTRA": '{"spark.driver.extraJavaOptions" = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"}'}
-EXACT = {"events": ("event_id",), "events_rejected": None, "vocab": ("kind", "key"), "items": ("item_id",),
-         "user_sequences": ("user_id",)}
-FLOATS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"),
-          "item_embeddings": ("item_idx",), "user_candidates": ("user_id",)}
-RUN_SPECIFIC = {"updated_at", "index_version", "source_file"}
 
 
 def env_of(home: Path) -> dict:
@@ -86,30 +81,6 @@ def sequential(tmp_path_factory, spark):
 
 
 # ---------------------------------------------------------------- compare
-def _model(v):
-    """A model version id without its allocation number (a repair re-trains into new numbers)."""
-    return re.sub(r"^v\d+-", "", v) if isinstance(v, str) else v
-
-
-def _rows(cfg, table, keys, renumbered: bool = False):
-    t = delta.read_arrow(cfg.table_path(table))
-    t = pa.table({c: (t[c].cast(pa.string()) if pa.types.is_string_view(t[c].type) else t[c]) for c in t.column_names})
-    out = {}
-    for r in t.to_pylist():
-        r = {c: (_model(v) if renumbered and c == "model_version" else v) for c, v in r.items()
-             if c not in RUN_SPECIFIC}
-        k = tuple(r[c] for c in keys) if keys else tuple(str(r[c]) for c in sorted(r))
-        assert k not in out, f"{table}: {k} twice"
-        out[k] = r
-    return out
-
-
-def _close(a, b):
-    if isinstance(a, list) and a and isinstance(a[0], float):
-        return b is not None and len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-5)
-    return a == b
-
-
 def registry(cfg):
     return [(m["version"], m["kind"], m["status"], m.get("dt")) for m in R.list_versions(cfg)]
 
@@ -121,21 +92,12 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
     rerun's tables have new Delta versions, so it is not the same training data), which must then be rejected.
     `repaired`: B was restored and re-ran days; their models were trained again into new version numbers, so
     model versions are compared without the number and the registry only through what is published."""
-    for table in [*EXACT, *FLOATS]:
-        keys = EXACT.get(table, FLOATS.get(table))
-        ra, rb = _rows(a, table, keys, repaired), _rows(b, table, keys, repaired)
-        assert ra.keys() == rb.keys(), f"{table}: {len(ra.keys() ^ rb.keys())} keys differ"
-        for k, row in ra.items():
-            if table in EXACT:
-                assert rb[k] == row, f"{table} {k} differs"
-            else:
-                bad = [c for c in row if not _close(row[c], rb[k][c])]
-                assert not bad, f"{table} {k}: {bad} differ"
+    W.assert_same_tables(a, b, renumbered=repaired)
     from userformer.jobs import index as X
 
     if repaired:
-        assert _model(R.published(b)["version"]) == _model(R.published(a)["version"])
-        assert _model(X.current(b)["model_version"]) == _model(X.current(a)["model_version"])
+        assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
+        assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
         return
     ra, rb = registry(a), registry(b)
     if rerun_of is None:

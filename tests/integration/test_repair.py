@@ -12,7 +12,6 @@ in A). Training uses 1 thread and the same seed, so the re-trained models are bi
 from __future__ import annotations
 
 import datetime as dt
-import re
 import shutil
 
 import numpy as np
@@ -27,6 +26,8 @@ from userformer.jobs.config import load_config
 from userformer.jobs.storage import delta
 from userformer.models import registry as R
 
+from tests.integration import warehouses as W
+
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 START = dt.date(2026, 11, 1)
@@ -34,11 +35,6 @@ D1, D2, D3 = (START + dt.timedelta(days=i) for i in range(3))
 SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "3", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "16",
             "MODEL__MAX_LEN": "20", "MODEL__TIME_BUCKETS": "8", "TRAIN__BATCH_SIZE": "64",
             "TRAIN__UNIFORM_NEGATIVES": "64", "TRAIN__STREAM_CHUNK_USERS": "64"}
-EXACT = {"events": ("event_id",), "events_rejected": None, "vocab": ("kind", "key"), "items": ("item_id",),
-         "user_sequences": ("user_id",)}
-FLOATS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"),
-          "item_embeddings": ("item_idx",), "user_candidates": ("user_id",)}
-RUN_SPECIFIC = {"updated_at", "index_version"}
 
 
 def config(home):
@@ -72,62 +68,29 @@ def raw_file(cfg, day):
 
 
 # ---------------------------------------------------------------- compare
-def _norm_model(v):
-    return re.sub(r"^v\d+-", "", v) if isinstance(v, str) else v
-
-
-def _rows(cfg, table, keys, users=None):
-    t = delta.read_arrow(cfg.table_path(table))
-    t = pa.table({c: (t[c].cast(pa.string()) if pa.types.is_string_view(t[c].type) else t[c]) for c in t.column_names})
-    out = {}
-    for r in t.to_pylist():
-        r = {c: (_norm_model(v) if c == "model_version" else v) for c, v in r.items() if c not in RUN_SPECIFIC}
-        if users is not None and r.get("user_id") not in users:
-            continue
-        k = tuple(r[c] for c in keys) if keys else tuple(str(r[c]) for c in sorted(r))
-        assert k not in out, f"{table}: {k} twice"
-        out[k] = r
-    return out
-
-
-def _close(a, b):
-    if isinstance(a, list) and a and isinstance(a[0], float):
-        return b is not None and len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-5)
-    return a == b
-
-
 def assert_same_tables(a, b, tables=None, users=None):
-    """Every table of B equals A's (module doc)."""
-    for table in tables or [*EXACT, *FLOATS]:
-        keys = EXACT.get(table, FLOATS.get(table))
-        ra, rb = _rows(a, table, keys, users), _rows(b, table, keys, users)
-        assert ra.keys() == rb.keys(), f"{table}: {len(ra.keys() ^ rb.keys())} keys differ"
-        for k, row in ra.items():
-            if table in EXACT:
-                assert rb[k] == row, f"{table} {k} differs"
-            else:
-                bad = [c for c in row if not _close(row[c], rb[k][c])]
-                assert not bad, f"{table} {k}: {bad} differ"
+    """Every table of B equals A's (tests/integration/warehouses.py; model versions without their numbers)."""
+    W.assert_same_tables(a, b, tables, renumbered=True, users=users)
 
 
 def effective_publish_history(cfg):
     """The published model versions (without their numbers) since the last repair's line in publish_log."""
     log = R.publish_log(cfg)
     last = max((i for i, e in enumerate(log) if e.get("repair")), default=-1)
-    return [_norm_model(e["version"]) for e in log[last + 1:]]
+    return [W.model_id(e["version"]) for e in log[last + 1:]]
 
 
 def assert_same_as_clean(a, b):
     assert_same_tables(a, b)
     assert effective_publish_history(b) == effective_publish_history(a)
-    assert _norm_model(R.published(b)["version"]) == _norm_model(R.published(a)["version"])
+    assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
     from userformer.jobs import index as X
 
-    assert _norm_model(X.current(b)["model_version"]) == _norm_model(X.current(a)["model_version"])
+    assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
     from userformer.jobs import publish as P
 
     ma, mb = P.published_outputs(a), P.published_outputs(b)
-    assert (mb["dt"], _norm_model(mb["model_version"])) == (ma["dt"], _norm_model(ma["model_version"]))
+    assert (mb["dt"], W.model_id(mb["model_version"])) == (ma["dt"], W.model_id(ma["model_version"]))
     assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == \
         sorted(p.name for p in (a.reports_root / "runs").iterdir())
 
