@@ -226,14 +226,13 @@ def check_index(cfg: Config, day: dt.date) -> dict:
     if ptr is None:
         raise GateFailed("no CURRENT index although item_embeddings is published")
     man = X.read_manifest(cfg, ptr["version"])
-    items = delta.open_table(cfg.table_path("item_embeddings"))
-    versions = set(items.to_pyarrow_dataset().to_table(columns=["model_version"])["model_version"].to_pylist())
+    models = delta.read_arrow(cfg.table_path("item_embeddings"), columns=["model_version"])["model_version"]
+    versions = set(models.cast("string").to_pylist())
     problems = []
     if versions != {man["model_version"]}:
         problems.append(f"index model {man['model_version']} != item_embeddings models {sorted(versions)}")
-    if man.get("items") != items.to_pyarrow_dataset().count_rows():
-        problems.append(f"index has {man.get('items')} items, item_embeddings has "
-                        f"{items.to_pyarrow_dataset().count_rows()}")
+    if man.get("items") != len(models):
+        problems.append(f"index has {man.get('items')} items, item_embeddings has {len(models)}")
     rc = man.get("recall_at_10")
     if rc is not None and rc < cfg.index.min_recall_at_10:
         problems.append(f"recall@10 {rc} < {cfg.index.min_recall_at_10}")

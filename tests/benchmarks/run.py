@@ -69,6 +69,15 @@ def child(scenario: str, extra: list[str]) -> dict:
         result.unlink(missing_ok=True)
 
 
+def child_module(module: str, args: list[str], repeats: int | None) -> None:
+    """Run a benchmark module that writes its own results, in a child process; fail loudly if it fails."""
+    cmd = [sys.executable, "-m", module, *args] + (["--repeats", str(repeats)] if repeats is not None else [])
+    log(f"$ {' '.join(cmd)}")
+    r = subprocess.run(cmd, cwd=REPO)
+    if r.returncode != 0:
+        raise SystemExit(f"{module} failed with exit code {r.returncode}: {' '.join(cmd)}")
+
+
 def header(scenario: str, params: dict) -> dict:
     return {"benchmark": f"pipeline-{scenario}", "scenario": scenario, "params": params,
             "machine": machine_info(), "git": git_info(), "started": now(),
@@ -228,23 +237,11 @@ def main(argv=None) -> int:
 
     if a.scenario in ("model", "all"):
         # Its own process: torch's threads and allocations stay out of this one; it writes its own results.
-        cmd = [sys.executable, "-m", "tests.benchmarks.model_speed", "--device", a.device, "--out", str(a.out)]
-        if model_repeats is not None:
-            cmd += ["--repeats", str(model_repeats)]
-        log(f"$ {' '.join(cmd)}")
-        r = subprocess.run(cmd, cwd=REPO)
-        if r.returncode != 0:
-            raise SystemExit(f"model benchmark failed with exit code {r.returncode}: {' '.join(cmd)}")
+        child_module("tests.benchmarks.model_speed", ["--device", a.device, "--out", str(a.out)], model_repeats)
     if a.scenario in ("infer", "all"):
         # Inference of an incremental day vs a full re-embed (its own process and temporary home).
-        cmd = [sys.executable, "-m", "tests.benchmarks.infer_incremental", "--device", a.device, "--out", str(a.out),
-               "--active-share", str(a.active_frac)]
-        if model_repeats is not None:
-            cmd += ["--repeats", str(model_repeats)]
-        log(f"$ {' '.join(cmd)}")
-        r = subprocess.run(cmd, cwd=REPO)
-        if r.returncode != 0:
-            raise SystemExit(f"infer benchmark failed with exit code {r.returncode}: {' '.join(cmd)}")
+        child_module("tests.benchmarks.infer_incremental", ["--device", a.device, "--out", str(a.out),
+                                                            "--active-share", str(a.active_frac)], model_repeats)
     return 0
 
 
