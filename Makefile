@@ -5,12 +5,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+JARS := infra/jars/lib
+JARS_PROFILE ?=
 export USERFORMER_HOME ?= $(CURDIR)/var
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: venv demo airflow test test-fast bench lock clean cluster-up cluster-down help
+.PHONY: venv jars demo airflow test test-fast bench lock clean cluster-up cluster-down help
 
 help:
 	@echo "make demo   - set up, generate 7 days of synthetic logs, run daily_refresh on them through Airflow"
@@ -18,11 +20,24 @@ help:
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - run tests/benchmarks (not part of CI)"
 	@echo "make lock   - re-resolve requirements.lock from pyproject.toml"
+	@echo "make jars   - (re)install Delta's Spark JARs into infra/jars/lib (JARS_PROFILE=s3 adds the S3A connector)"
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(JARS)/.installed
 
-# torch first and alone, from its pinned CPU build: any unpinned torch would
-# pull gigabytes of CUDA packages. Then the locked set, then the project.
+# Delta's Spark JARs, resolved by Maven from infra/jars/pom.xml and checked
+# against infra/jars/jars.sha256 (see infra/jars/README.md).
+$(JARS)/.installed: infra/jars/pom.xml infra/jars/jars.sha256 infra/jars/fetch.sh
+	bash infra/jars/fetch.sh $(JARS_PROFILE)
+	touch $@
+
+jars:
+	bash infra/jars/fetch.sh $(JARS_PROFILE)
+	touch $(JARS)/.installed
+
+# torch first and alone, pinned exactly: any unpinned torch would pull a newer
+# build. Where pip's find-links hold a CPU wheel of 2.13.0 it takes that one;
+# otherwise the index serves the CUDA build (larger; it runs on CPUs too).
+# Then the locked set, then the project.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==26.3"
@@ -65,4 +80,4 @@ lock:
 	  /tmp/userformer-lock/bin/pip freeze --all | grep -vE '^(torch==|userformer|-e |pip==)'; } > requirements.lock
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info $(JARS)

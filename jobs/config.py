@@ -56,6 +56,8 @@ class SparkConfig:
     shuffle_partitions: int = field(default=8, metadata=_rng(1, 100_000))
     # Extra spark.* settings, e.g. {"spark.executor.cores" = "1"}.
     extra: dict = field(default_factory=dict)
+    # Folder of Delta's Spark JARs with their jars.sha256 ("" = infra/jars/lib, filled by `make jars`).
+    jars_dir: str = ""
 
 
 @dataclass

@@ -1,25 +1,62 @@
-"""One way to start Spark: the session every Spark job uses."""
+"""One way to start Spark: the session every Spark job uses, with Delta Lake's JARs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+from pathlib import Path
 
+from userformer.jobs.common import UserError
 from userformer.jobs.config import Config
 
 _SESSION = None
 
+# infra/jars/lib/, filled by `make jars` (infra/jars/fetch.sh) and listed with
+# checksums in its jars.sha256.
+DEFAULT_JARS_DIR = Path(__file__).resolve().parents[1] / "infra" / "jars" / "lib"
+
+
+def delta_jars(cfg: Config) -> list[Path]:
+    """The verified JAR set of cfg.spark.jars_dir; refuses a missing, partial or altered set with how to reinstall."""
+    root = Path(cfg.spark.jars_dir).expanduser() if cfg.spark.jars_dir else DEFAULT_JARS_DIR
+    fix = "reinstall them with `make jars` (infra/jars/fetch.sh)"
+    listing = root / "jars.sha256"
+    if not listing.is_file():
+        raise UserError(f"Delta's Spark JARs are not installed in {root} (no jars.sha256): {fix}")
+    jars = []
+    for line in listing.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        jar = root / name.strip()
+        if not jar.is_file():
+            raise UserError(f"Delta's Spark JAR {jar} is missing: {fix}")
+        h = hashlib.sha256()
+        with open(jar, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != digest:
+            raise UserError(f"Delta's Spark JAR {jar} does not match its checksum (corrupt or replaced): {fix}")
+        jars.append(jar)
+    if not any(j.name.startswith("delta-spark_") for j in jars):
+        raise UserError(f"{listing} lists no delta-spark JAR: {fix}")
+    return jars
+
 
 def spark_session(cfg: Config):
-    """A SparkSession for cfg.spark.master (local[N] or spark://...), set up for Delta-by-delta-rs.
+    """A SparkSession for cfg.spark.master (local[N] or spark://...) that reads and writes Delta natively.
 
-    Why the settings: Parquet timestamps as INT64 micros (Spark's INT96 default
-    reads back as nanoseconds, which delta-rs rejects); no _SUCCESS/.crc side
-    files in table folders; UTC everywhere so dates do not shift with the host.
+    Why the settings: Delta's JARs from infra/jars (spark.jars: also shipped to
+    a cluster's executors) with its SQL extension and catalog; Parquet
+    timestamps as INT64 micros (what every other reader of the tables expects;
+    Spark's INT96 default reads back as nanoseconds); UTC everywhere so dates
+    do not shift with the host.
     """
     global _SESSION
     if _SESSION is not None and _SESSION._jsc is not None and _SESSION.conf.get("spark.master") == cfg.spark.master:
         return _SESSION
+    jars = delta_jars(cfg)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -28,6 +65,9 @@ def spark_session(cfg: Config):
     b = (
         SparkSession.builder.master(cfg.spark.master)
         .appName(cfg.spark.app_name)
+        .config("spark.jars", ",".join(str(j) for j in jars))
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
         .config("spark.driver.memory", cfg.spark.driver_memory)
         .config("spark.executor.memory", cfg.spark.executor_memory)
         .config("spark.driver.host", "127.0.0.1")
@@ -42,10 +82,9 @@ def spark_session(cfg: Config):
         # Raw files written by pandas/pyarrow often carry nanosecond timestamps,
         # which Spark refuses; read them as longs and convert in ingest.
         .config("spark.sql.legacy.parquet.nanosAsLong", "true")
-        .config("spark.sql.sources.partitionOverwriteMode", "static")
+        # No .crc / _SUCCESS side files beside local data files (the Delta log has its own checksums).
         .config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
-        .config("spark.hadoop.parquet.summary.metadata.level", "NONE")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
     )

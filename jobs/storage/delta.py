@@ -1,79 +1,251 @@
-"""Delta tables with delta-rs, and the bridge to Spark (which has no Delta JARs here).
+"""Delta tables: Spark writes its tables through delta-spark, Python steps through delta-rs.
 
-Writes from Spark: Spark writes Parquet into a private staging folder, the
-files are moved under the table root, and ONE delta-rs transaction commits
-them (adds, and removes of what they replace). Either the commit lands and
-readers see the whole new version, or it does not and readers see the old one;
-files moved but not committed are invisible and vacuum deletes them.
+Who writes what. The Spark jobs (ingest's `events` / `events_rejected`,
+`user_sequences`) write, overwrite partitions (`replaceWhere`) and MERGE
+through delta-spark (`spark_write`, `spark_table`), and only Spark writes
+them: `user_sequences` carries deletion vectors, which delta-rs cannot write.
+Python steps (vocab, items, the published outputs, candidates) write with
+delta-rs (`write_arrow`); these tables carry no reader-breaking feature, so
+every reader (Spark, delta-rs, Polars, pandas, DuckDB) reads them.
 
-Reads into Spark: the active files of a version are listed from the log and
-read as Parquet; partition values come from the log, not from the paths.
+Concurrency as Delta defines it. A delta-spark commit that conflicts with a
+concurrent one fails with Delta's concurrent-modification error; a delta-rs
+write given `read_version` commits against exactly the version it read
+(optimistic: any commit since makes it fail instead of silently replacing
+it). Either failure becomes `ConcurrentWrite`, which names the table and says
+that rerunning the step (from a fresh read) is safe.
+
+Reading from Python (`read_arrow`, `scan`, `data_files`) applies deletion
+vectors, so the rows are those of the version, whatever wrote it.
+Commit metadata: each commit carries `step`, `dt` and input versions; delta-rs
+writes them as commitInfo keys, delta-spark as the JSON `userMetadata`;
+`history()` shows both the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
-import os
-import shutil
-import time
+import re
 import urllib.parse
 import uuid
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake import Schema as DeltaSchema
-from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+from deltalake.exceptions import CommitFailedError
 
 
 class StorageError(RuntimeError):
     """A table could not be read or written as asked."""
 
 
+class ConcurrentWrite(StorageError):
+    """Another writer committed to the table while this step ran; nothing of this step was committed.
+
+    Rerunning the step is safe: it reads the table afresh. `code` is the CLI's exit status
+    (EX_TEMPFAIL: try again); Airflow retries it like any transient failure.
+    """
+
+    code = 75
+
+    def __init__(self, path, detail: str = ""):
+        self.path = str(path)
+        super().__init__(
+            f"another writer committed to {self.path} while this step ran, so its commit was refused and nothing "
+            f"of it was written{': ' + detail if detail else ''}. Rerun the step (it reads the table afresh); "
+            "run one writer per warehouse at a time")
+
+
+def uri(path: str | Path) -> str:
+    """A table location as a URI: object-store URIs unchanged, local paths absolute (file:// is implied)."""
+    s = str(path)
+    return s if "://" in s else str(Path(s).expanduser().resolve())
+
+
+def is_local(path: str | Path) -> bool:
+    s = str(path)
+    return "://" not in s or s.startswith("file://")
+
+
 def exists(path: str | Path) -> bool:
-    return DeltaTable.is_deltatable(str(path))
+    return DeltaTable.is_deltatable(uri(path))
 
 
 def open_table(path: str | Path, version: int | None = None) -> DeltaTable:
     if not exists(path):
         raise StorageError(f"no Delta table at {path}")
-    return DeltaTable(str(path), version=version)
+    return DeltaTable(uri(path), version=version)
 
 
 def add_actions(path: str | Path, version: int | None = None) -> list[dict]:
-    """The active files of a version with their partition values (`partition.<col>`) and stats, from the log."""
+    """The active files of a version with their partition values (`partition.<col>`) and stats, from the log.
+
+    `num_records` counts the rows physically in a file, deleted ones included;
+    `logical_rows` counts what readers see."""
     return pa.table(open_table(path, version).get_add_actions(flatten=True)).to_pylist()
 
 
 def version_of(path: str | Path) -> int | None:
     """Current version of the table, or None when it does not exist yet."""
-    return DeltaTable(str(path)).version() if exists(path) else None
+    return DeltaTable(uri(path)).version() if exists(path) else None
+
+
+def has_deletion_vectors(table: DeltaTable) -> bool:
+    return "deletionVectors" in (table.protocol().reader_features or [])
 
 
 def ensure_table(path: str | Path, schema: pa.Schema, partition_by: list[str] | None = None) -> DeltaTable:
     """Create an empty table with `schema` if none exists; return it."""
     if not exists(path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-        write_deltalake(str(path), schema.empty_table(), partition_by=partition_by or None, mode="ignore")
-    return DeltaTable(str(path))
+        if is_local(path):
+            Path(uri(path)).mkdir(parents=True, exist_ok=True)
+        write_deltalake(uri(path), schema.empty_table(), partition_by=partition_by or None, mode="ignore")
+    return DeltaTable(uri(path))
 
 
-def _commit_props(metadata: dict | None) -> CommitProperties | None:
-    if not metadata:
+def _commit_props(metadata: dict | None, strict: bool = False) -> CommitProperties | None:
+    if not metadata and not strict:
         return None
-    return CommitProperties(custom_metadata={k: str(v) for k, v in metadata.items()})
+    custom = {k: str(v) for k, v in (metadata or {}).items()}
+    # strict: commit exactly on top of the version read, or fail (no rebase onto a newer version).
+    return CommitProperties(custom_metadata=custom or None, max_commit_retries=0 if strict else None)
+
+
+# --------------------------------------------------------------- reading (Python)
+@dataclass(frozen=True)
+class DataFile:
+    """One active data file of a version: its location, partition values, physical rows and the rows to keep."""
+
+    path: str
+    partition: dict
+    rows: int
+    keep: np.ndarray | None  # bool per physical row (deletion vector); None = every row
+
+    def mask(self, start: int, length: int) -> np.ndarray | None:
+        """The keep-mask of physical rows [start, start + length), or None when all are kept."""
+        if self.keep is None:
+            return None
+        out = np.ones(length, bool)
+        part = self.keep[start:start + length]  # a selection vector may stop early: the rest is kept
+        out[:len(part)] = part
+        return None if out.all() else out
+
+
+def _abs(table_path, rel: str) -> str:
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    base = uri(table_path)
+    if "://" in base:
+        return base.rstrip("/") + "/" + rel
+    return str(Path(base) / urllib.parse.unquote(rel))
+
+
+def _plain(location: str) -> str:
+    """file:///a/b%3D1/c -> /a/b=1/c (other schemes unchanged) so log paths and DV paths compare."""
+    if location.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(location).path)
+    return urllib.parse.unquote(location)
+
+
+def data_files(path: str | Path, version: int | None = None) -> list[DataFile]:
+    """The active files of a version, each with its deletion vector applied as a keep-mask."""
+    t = open_table(path, version)
+    parts = t.metadata().partition_columns
+    keeps: dict[str, np.ndarray] = {}
+    if has_deletion_vectors(t):
+        dv = pa.table(t.deletion_vectors())
+        for f, sel in zip(dv["filepath"].to_pylist(), dv["selection_vector"].to_pylist()):
+            keeps[_plain(f)] = np.asarray(sel, bool)
+    out = []
+    for a in pa.table(t.get_add_actions(flatten=True)).to_pylist():
+        loc = _abs(path, a["path"])
+        out.append(DataFile(loc, {p: a.get(f"partition.{p}") for p in parts}, int(a.get("num_records") or 0),
+                            keeps.get(_plain(loc))))
+    return out
+
+
+def logical_rows(path: str | Path, version: int | None = None) -> int:
+    """Rows a reader sees in a version (file row counts minus deleted rows), from the log alone."""
+    n = 0
+    for f in data_files(path, version):
+        m = f.mask(0, f.rows)
+        n += f.rows if m is None else int(m.sum())
+    return n
+
+
+def _with_partitions(batch: pa.RecordBatch, f: DataFile, schema: pa.Schema) -> pa.Table:
+    t = pa.Table.from_batches([batch])
+    for p, v in f.partition.items():
+        if p in schema.names and p not in t.column_names:
+            t = t.append_column(p, pa.array([v] * t.num_rows).cast(schema.field(p).type))
+    return t
+
+
+def scan(path: str | Path, version: int | None = None, *, columns: list[str] | None = None, filter=None,
+         batch_size: int = 65_536) -> Iterator[pa.Table]:
+    """A version's rows in batches, file by file (bounded memory), deletion vectors applied.
+
+    `filter` is a pyarrow.dataset expression. Tables without deletion vectors
+    are read through delta-rs's dataset (file skipping by stats and
+    partitions); with them, file by file with each file's keep-mask.
+    """
+    t = open_table(path, version)
+    if not has_deletion_vectors(t):
+        ds = t.to_pyarrow_dataset()
+        for b in ds.to_batches(columns=columns, filter=filter, batch_size=batch_size,
+                               batch_readahead=1, fragment_readahead=1):
+            if b.num_rows:
+                yield pa.Table.from_batches([b])
+        return
+    schema = t.schema().to_arrow()
+    schema = pa.schema(schema) if not isinstance(schema, pa.Schema) else schema
+    need = None if columns is None else list(dict.fromkeys(columns + _filter_fields(filter, schema)))
+    for f in data_files(path, version):
+        pf = pq.ParquetFile(f.path)
+        file_cols = None if need is None else [c for c in need if c in pf.schema_arrow.names]
+        start = 0
+        for b in pf.iter_batches(batch_size=batch_size, columns=file_cols):
+            n = b.num_rows
+            m = f.mask(start, n)
+            start += n
+            tab = _with_partitions(b, f, schema)
+            if m is not None:
+                tab = tab.filter(pa.array(m))
+            if filter is not None and tab.num_rows:
+                tab = tab.filter(filter)
+            if columns is not None:
+                tab = tab.select(columns)
+            if tab.num_rows:
+                yield tab
+
+
+def _filter_fields(expr, schema: pa.Schema) -> list[str]:
+    if expr is None:
+        return []
+    text = str(expr)
+    return [n for n in schema.names if re.search(rf"\b{re.escape(n)}\b", text)]
 
 
 def read_arrow(path: str | Path, version: int | None = None, filter=None, columns: list[str] | None = None) -> pa.Table:
-    """Read (part of) a table as Arrow; `filter` is a pyarrow.dataset expression."""
-    ds = open_table(path, version).to_pyarrow_dataset()
-    return ds.to_table(filter=filter, columns=columns)
+    """Read (part of) a version as one Arrow table, deletion vectors applied; `filter` is a pyarrow.dataset expression."""
+    t = open_table(path, version)
+    if not has_deletion_vectors(t):
+        return t.to_pyarrow_dataset().to_table(filter=filter, columns=columns)
+    parts = list(scan(path, version, columns=columns, filter=filter))
+    if parts:
+        return pa.concat_tables(parts)
+    schema = t.schema().to_arrow()
+    schema = pa.schema(schema) if not isinstance(schema, pa.Schema) else schema
+    return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
 
 
+# --------------------------------------------------------------- writing (Python, delta-rs)
 def write_arrow(
     path: str | Path,
     data: pa.Table,
@@ -83,208 +255,143 @@ def write_arrow(
     partition_by: list[str] | None = None,
     predicate: str | None = None,
     metadata: dict | None = None,
+    read_version: int | None = None,
 ) -> int:
-    """Write an Arrow table in one commit (overwrite with `predicate` replaces just those rows). Returns the version."""
+    """Write an Arrow table in one commit (overwrite with `predicate` replaces just those rows). Returns the version.
+
+    `read_version`: the version the step read to compute `data` (-1: it found no
+    table). The commit then lands on exactly that version or raises
+    `ConcurrentWrite`; without it the write is blind (appends of independent rows).
+    """
     data = data.select(schema.names).cast(schema)
-    Path(path).mkdir(parents=True, exist_ok=True)
-    write_deltalake(
-        str(path),
-        data,
-        mode=mode,
-        partition_by=partition_by or None,
-        predicate=predicate,
-        commit_properties=_commit_props(metadata),
-    )
-    return DeltaTable(str(path)).version()
+    if is_local(path):
+        Path(uri(path)).mkdir(parents=True, exist_ok=True)
+    strict = read_version is not None
+    if strict and read_version >= 0:
+        target = DeltaTable(uri(path), version=read_version)
+    else:
+        target = uri(path)
+        if strict and exists(path):  # the step found no table, but one exists now
+            raise ConcurrentWrite(path, "the table was created meanwhile")
+    try:
+        write_deltalake(
+            target,
+            data,
+            mode=mode,
+            partition_by=partition_by or None,
+            predicate=predicate,
+            commit_properties=_commit_props(metadata, strict),
+        )
+    except CommitFailedError as exc:
+        raise ConcurrentWrite(path, f"read version {read_version}, now {version_of(path)}") from exc
+    return DeltaTable(uri(path)).version()
 
 
-# ------------------------------------------------------------------ Spark
-def read_spark(spark, path: str | Path, schema: pa.Schema, version: int | None = None, partition_filters=None):
-    """The active files of a version as a Spark DataFrame with `schema` (partition columns from the log)."""
-    from pyspark.sql import functions as F
-
-    from userformer.schemas.tables import to_spark
-
-    parts = open_table(path, version).metadata().partition_columns
-    data_schema = pa.schema([f for f in schema if f.name not in parts])
-    actions = add_actions(path, version)
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for a in actions:
-        key = tuple(a.get(f"partition.{p}") for p in parts)
-        if partition_filters and not _match(dict(zip(parts, key)), partition_filters):
-            continue
-        groups[key].append(_abs(path, a["path"]))
-    frames = []
-    for key, files in sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
-        df = spark.read.schema(to_spark(data_schema)).parquet(*files)
-        for p, v in zip(parts, key):
-            df = df.withColumn(p, F.lit(v).cast(to_spark(pa.schema([schema.field(p)]))[0].dataType))
-        frames.append(df.select(*schema.names))
-    if not frames:
-        return spark.createDataFrame([], to_spark(schema))
-    out = frames[0]
-    for f in frames[1:]:
-        out = out.unionByName(f)
-    return out
-
-
-def _match(values: dict, filters) -> bool:
-    for col, op, val in filters:
-        v = values.get(col)
-        v = v.isoformat() if isinstance(v, (_dt.date, _dt.datetime)) else (None if v is None else str(v))
-        if op == "=" and v != str(val):
-            return False
-        if op == "in" and v not in {str(x) for x in val}:
-            return False
-        if op == "!=" and v == str(val):
-            return False
-    return True
-
-
-def _abs(table_path, rel: str) -> str:
-    if "://" in rel or rel.startswith("/"):
-        return rel
-    return str(Path(table_path) / urllib.parse.unquote(rel))
+def strict_commit(metadata: dict | None = None) -> CommitProperties:
+    """Commit properties for a delta-rs operation (merge, delete) on a table opened at the version read:
+    land on that version or fail (see `conflicts`)."""
+    return _commit_props(metadata, strict=True)
 
 
 @contextlib.contextmanager
-def staging(table_path: str | Path):
-    """A fresh folder beside the warehouse for one job's Spark output, deleted on exit whatever happens."""
-    root = Path(table_path).parent / "_staging" / Path(table_path).name
-    d = root / f"{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
-    d.mkdir(parents=True)
+def conflicts(path: str | Path):
+    """Turn a refused commit (delta-rs or delta-spark) inside the block into `ConcurrentWrite`."""
     try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _stat_value(v):
-    if isinstance(v, _dt.datetime):
-        return v.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    if isinstance(v, _dt.date):
-        return v.isoformat()
-    if isinstance(v, bytes):
-        return None
-    if isinstance(v, str) and len(v) > 32:
-        return None
-    return v
-
-
-def file_stats(path: str | Path) -> str:
-    """Delta stats JSON (numRecords, min/max, nullCount of top-level primitive columns) from a Parquet footer."""
-    md = pq.ParquetFile(path).metadata
-    schema = md.schema.to_arrow_schema()
-    mins, maxs, nulls = {}, {}, {}
-    leaf_of = {}
-    for i in range(md.num_columns):
-        leaf_of[md.schema.column(i).path] = i
-    for f in schema:
-        i = leaf_of.get(f.name)
-        if i is None:  # nested: no stats
-            continue
-        lo = hi = None
-        nc = 0
-        ok = True
-        for rg in range(md.num_row_groups):
-            st = md.row_group(rg).column(i).statistics
-            if st is None:
-                ok = False
-                break
-            nc += st.null_count or 0
-            if st.has_min_max:
-                a, b = st.min, st.max
-                lo = a if lo is None or a < lo else lo
-                hi = b if hi is None or b > hi else hi
-        if not ok:
-            continue
-        nulls[f.name] = nc
-        if pa.types.is_timestamp(f.type) and lo is not None:
-            # Delta keeps millisecond stats: floor the min, ceil the max so skipping stays correct.
-            lo = lo.replace(microsecond=lo.microsecond // 1000 * 1000)
-            hi = hi.replace(microsecond=hi.microsecond // 1000 * 1000) + _dt.timedelta(milliseconds=1 if hi.microsecond % 1000 else 0)
-        if lo is not None and _stat_value(lo) is not None and _stat_value(hi) is not None:
-            mins[f.name] = _stat_value(lo)
-            maxs[f.name] = _stat_value(hi)
-    return json.dumps({"numRecords": md.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
-
-
-def _partition_values(rel_dir: Path, partition_by: list[str]) -> dict[str, str | None]:
-    values = {}
-    for part in rel_dir.parts:
-        if "=" in part:
-            k, v = part.split("=", 1)
-            values[k] = None if v == "__HIVE_DEFAULT_PARTITION__" else urllib.parse.unquote(v)
-    missing = [p for p in partition_by if p not in values]
-    if missing:
-        raise StorageError(f"staged folder {rel_dir} lacks partition {missing}")
-    return {p: values[p] for p in partition_by}
-
-
-def commit_staged(
-    table_path: str | Path,
-    staged: str | Path,
-    schema: pa.Schema,
-    *,
-    partition_by: list[str] | None = None,
-    mode: str = "append",
-    partition_filters: list | None = None,
-    remove_files: list[str] | None = None,
-    metadata: dict | None = None,
-) -> int:
-    """Commit the Parquet files Spark wrote under `staged` to the table, atomically. Returns the new version.
-
-    mode="overwrite" with partition_filters replaces those partitions (a rerun
-    of a day replaces the day); mode="append" with remove_files replaces those
-    files (copy-on-write update). Files moved in but not committed are deleted.
-    """
-    table_path, staged = Path(table_path), Path(staged)
-    partition_by = partition_by or []
-    moved: list[Path] = []
-    try:
-        files = sorted(p for p in staged.rglob("*.parquet") if not p.name.startswith((".", "_")))
-        run = staged.name
-        adds = []
-        for f in files:
-            rel_dir = f.parent.relative_to(staged)
-            pv = _partition_values(rel_dir, partition_by)
-            dest_dir = table_path.joinpath(*[f"{p}={urllib.parse.quote(pv[p] or '__HIVE_DEFAULT_PARTITION__', safe='')}" for p in partition_by])
-            dest_dir.mkdir(parents=True, exist_ok=True)
-            dest = dest_dir / f"{run}-{f.name}"
-            os.replace(f, dest)
-            moved.append(dest)
-            st = dest.stat()
-            rel = dest.relative_to(table_path).as_posix()
-            adds.append(AddAction(rel, st.st_size, pv, int(st.st_mtime * 1000), True, file_stats(dest)))
-        actions: list = list(adds)
-        now_ms = int(time.time() * 1000)
-        for rel in remove_files or []:
-            actions.append(RemoveAction(rel, True, now_ms))
-        if not exists(table_path):
-            if remove_files:
-                raise StorageError(f"cannot remove files from a table that does not exist: {table_path}")
-            create_table_with_add_actions(
-                str(table_path), DeltaSchema.from_arrow(schema), adds, mode="error", partition_by=partition_by or None,
-                commit_properties=_commit_props(metadata),
-            )
-        else:
-            DeltaTable(str(table_path)).create_write_transaction(
-                actions, mode, schema, partition_by=partition_by or None,
-                partition_filters=partition_filters, commit_properties=_commit_props(metadata),
-            )
-        return DeltaTable(str(table_path)).version()
-    except BaseException:
-        # Not referenced by any version: delete now rather than wait for vacuum.
-        for m in moved:
-            m.unlink(missing_ok=True)
+        yield
+    except CommitFailedError as exc:
+        raise ConcurrentWrite(path, str(exc).splitlines()[0]) from exc
+    except Exception as exc:
+        if is_conflict(exc):
+            raise ConcurrentWrite(path, _conflict_kind(exc)) from exc
         raise
 
 
+# Delta's error classes for a commit that lost to a concurrent one (io.delta.exceptions.*).
+_CONFLICT = re.compile(r"DELTA_CONCURRENT_\w+|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|Concurrent\w*Exception")
+
+
+def is_conflict(exc: BaseException) -> bool:
+    return bool(_CONFLICT.search(f"{type(exc).__name__} {exc}"[:4000]))
+
+
+def _conflict_kind(exc: BaseException) -> str:
+    m = _CONFLICT.search(f"{type(exc).__name__} {exc}"[:4000])
+    return m.group(0) if m else type(exc).__name__
+
+
+# --------------------------------------------------------------- Spark (delta-spark)
+def spark_read(spark, path: str | Path, version: int | None = None):
+    """A table (or one of its versions) as a Spark DataFrame, through delta-spark."""
+    r = spark.read.format("delta")
+    if version is not None:
+        r = r.option("versionAsOf", int(version))
+    return r.load(uri(path))
+
+
+def spark_table(spark, path: str | Path):
+    """delta.tables.DeltaTable for MERGE, RESTORE, OPTIMIZE, VACUUM on a path."""
+    from delta.tables import DeltaTable as SparkDeltaTable
+
+    return SparkDeltaTable.forPath(spark, uri(path))
+
+
+def _tagged(metadata: dict | None) -> tuple[dict, str]:
+    tag = uuid.uuid4().hex
+    return {**(metadata or {}), "commit_tag": tag}, tag
+
+
+def _version_tagged(path, tag: str) -> int:
+    for h in history(path, 50):
+        if h.get("commit_tag") == tag:
+            return int(h["version"])
+    raise StorageError(f"the commit just made to {path} is not in its recent history")
+
+
+def spark_write(df, path: str | Path, *, mode: str = "append", partition_by: list[str] | None = None,
+                replace_where: str | None = None, metadata: dict | None = None,
+                properties: dict | None = None) -> int:
+    """Write a DataFrame in one Delta commit; `replace_where` replaces just the rows it matches
+    (a partition, e.g. "dt = '2026-11-01'"). `properties` (delta.*) apply when the table is created.
+    Returns the version this commit made."""
+    meta, tag = _tagged(metadata)
+    w = df.write.format("delta").mode(mode).option("userMetadata", json.dumps(meta, default=str))
+    if partition_by:
+        w = w.partitionBy(*partition_by)
+    if replace_where is not None:
+        w = w.option("replaceWhere", replace_where)
+    for k, v in (properties or {}).items():
+        w = w.option(k, str(v))
+    with conflicts(path):
+        w.save(uri(path))
+    return _version_tagged(path, tag)
+
+
+@contextlib.contextmanager
+def spark_commit(spark, path: str | Path, metadata: dict | None = None):
+    """Run a delta-spark operation (MERGE, DELETE, RESTORE, OPTIMIZE) as one tagged commit.
+
+    Yields a dict whose "version" is the commit's version after the block
+    (None when the operation committed nothing). Conflicts become ConcurrentWrite.
+    """
+    meta, tag = _tagged(metadata)
+    key = "spark.databricks.delta.commitInfo.userMetadata"
+    spark.conf.set(key, json.dumps(meta, default=str))
+    out: dict = {"version": None}
+    try:
+        with conflicts(path):
+            yield out
+    finally:
+        spark.conf.unset(key)
+    with contextlib.suppress(StorageError):
+        out["version"] = _version_tagged(path, tag)
+
+
+# --------------------------------------------------------------- log
 def missing_files(table_path: str | Path, version: int) -> list[str]:
     """Files a (local) version references that are gone, e.g. vacuumed after its retention window."""
-    if "://" in str(table_path):
+    if not is_local(table_path):
         return []  # object stores: left to the reader's error
-    return [p for p in active_files(table_path, version) if not (Path(table_path) / urllib.parse.unquote(p)).exists()]
+    return [f.path for f in data_files(table_path, version) if not Path(_plain(f.path)).exists()]
 
 
 def active_files(table_path: str | Path, version: int | None = None) -> list[str]:
@@ -293,7 +400,16 @@ def active_files(table_path: str | Path, version: int | None = None) -> list[str
 
 
 def history(table_path: str | Path, limit: int | None = None) -> list[dict]:
-    return open_table(table_path).history(limit)
+    """Commits, newest first, with their metadata keys at the top level whoever wrote them."""
+    out = []
+    for h in open_table(table_path).history(limit):
+        um = h.get("userMetadata")
+        if isinstance(um, str) and um.startswith("{"):
+            with contextlib.suppress(ValueError):
+                for k, v in json.loads(um).items():
+                    h.setdefault(k, v if isinstance(v, str) or v is None else str(v))
+        out.append(h)
+    return out
 
 
 def lineage(table_path: str | Path) -> list[dict]:
@@ -313,6 +429,7 @@ def lineage(table_path: str | Path) -> list[dict]:
     while v in hist:
         h = hist[v]
         out.append(h)
-        target = (h.get("operationParameters") or {}).get("version") if h.get("operation") == "RESTORE" else None
+        params = h.get("operationParameters") or {}
+        target = params.get("version") if h.get("operation") == "RESTORE" else None
         v = int(target) if target is not None and int(target) < v else v - 1
     return out[::-1]
