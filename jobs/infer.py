@@ -345,15 +345,13 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
         ue_w = pq.ParquetWriter(tmp / "user_embeddings.parquet", S.USER_EMBEDDINGS)
         ps_w = pq.ParquetWriter(tmp / "user_preference_scores.parquet", S.USER_PREFERENCE_SCORES)
         try:
-            ds = delta.open_table(seq_path, seq_v).to_pyarrow_dataset()
             if selection is not None:
                 pq.write_table(pa.table({"user_id": pa.array(selection, pa.string())}), tmp / SELECTION)
                 filt = pc.field("user_id").isin(pa.array(selection, pa.string()))
             else:
                 filt = None if full else pc.field("updated_dt") == pa.scalar(day, pa.date32())
-            for batch in ds.to_batches(columns=ST.COLUMNS, filter=filt, batch_size=ic.chunk_users,
-                                       batch_readahead=1, fragment_readahead=1):
-                t = pa.Table.from_batches([batch])
+            # delta.scan, not delta-rs's dataset: user_sequences is MERGEd by Spark with deletion vectors.
+            for t in delta.scan(seq_path, seq_v, columns=ST.COLUMNS, filter=filt, batch_size=ic.chunk_users):
                 if shards > 1:
                     t = t.filter(pa.array(shard_of(t["user_id"].to_pylist(), shards) == shard))
                 if not t.num_rows:

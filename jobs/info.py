@@ -18,12 +18,13 @@ def table_summary(cfg: Config) -> list[dict]:
             out.append({"table": name, "path": str(path), "exists": False})
             continue
         t = delta.open_table(path)
-        adds = delta.add_actions(path)
-        parts = sorted({str(a.get("partition.dt")) for a in adds if a.get("partition.dt") is not None})
-        last = t.history(1)[0]
+        files = delta.data_files(path, t.version())
+        parts = sorted({str(f.partition["dt"]) for f in files if f.partition.get("dt") is not None})
+        last = delta.history(path, 1)[0]  # Spark's commits carry step/dt in userMetadata: history() lifts them
         out.append({
             "table": name, "path": str(path), "exists": True, "version": t.version(),
-            "rows": sum(a["num_records"] or 0 for a in adds), "files": len(adds),
+            # rows readers see: Spark's MERGE leaves replaced rows in the files, deleted by deletion vectors
+            "rows": sum(f.kept for f in files), "files": len(files),
             "partitions": len(parts), "first_dt": parts[0] if parts else None, "last_dt": parts[-1] if parts else None,
             "last_step": last.get("step"), "last_commit_dt": last.get("dt") or last.get("upto"),
         })

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -138,8 +137,9 @@ def drop_state(cfg, day: dt.date) -> str:
     without events), 'ingested' (events, but sequences not run yet) or 'missing'."""
     latest = applied_drop(cfg) if delta.exists(cfg.table_path("user_sequences")) else None
     events = cfg.table_path("events")
+    # Rows readers see (deleted ones excluded), not the files' record counts.
     has_events = delta.exists(events) and any(
-        str(a.get("partition.dt")) == str(day) and (a.get("num_records") or 0) > 0 for a in delta.add_actions(events))
+        str(k) == str(day) and n > 0 for k, n in delta.partition_rows(events, "dt").items())
     ingested = has_events or (delta.exists(events) and any(
         h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.lineage(events)))
     if latest is not None and day <= latest and (has_events or day == latest):
@@ -225,9 +225,15 @@ def as_source(train):
 
 @dataclass
 class _Piece:
-    path: str
+    file: delta.DataFile
     row_group: int
-    rows: int
+    start: int  # the row group's first physical row in its file (where its slice of the keep-mask starts)
+    physical: int  # rows stored in the row group, deleted ones included
+    rows: int  # rows a reader sees: physical minus those a deletion vector deletes
+
+    @property
+    def path(self) -> str:
+        return self.file.path
 
 
 class DeltaSequences:
@@ -249,25 +255,43 @@ class DeltaSequences:
         self.t_min = t_min
         self.real_time = True
         self.pieces: list[_Piece] = []
-        for a in delta.add_actions(path, version):
-            f = _abs(path, a["path"])
+        # Spark's MERGE marks replaced rows in deletion vectors instead of rewriting files: a piece keeps
+        # the slice of its file's keep-mask that covers its row group's physical rows.
+        try:
+            files = delta.data_files(path, version)
+        except Exception as exc:  # the version's log or deletion vectors are gone; the message says which
+            raise UserError(f"cannot read user_sequences version {version} ({str(exc).splitlines()[0][:300]}): "
+                            "vacuumed after storage.retention_days? read a later version") from None
+        for f in files:
             try:
-                md = pq.ParquetFile(f).metadata
+                md = pq.ParquetFile(f.path).metadata
             except FileNotFoundError:
-                raise UserError(f"user_sequences version {version} lacks its file {f} (vacuumed after "
+                raise UserError(f"user_sequences version {version} lacks its file {f.path} (vacuumed after "
                                 "storage.retention_days?): read a later version") from None
+            start = 0
             for rg in range(md.num_row_groups):
-                if md.row_group(rg).num_rows:
-                    self.pieces.append(_Piece(f, rg, md.row_group(rg).num_rows))
-        self.n_rows = sum(p.rows for p in self.pieces)
+                n = md.row_group(rg).num_rows
+                m = f.mask(start, n)
+                kept = n if m is None else int(m.sum())
+                if kept:
+                    self.pieces.append(_Piece(f, rg, start, n, kept))
+                start += n
+        self.n_rows = sum(p.rows for p in self.pieces)  # logical rows (what Spark or Polars would count)
         self.n_users = self.n_sequences = None
         self._counts = None
 
     # -- raw reading
     def _read(self, piece: _Piece) -> Iterator[pa.Table]:
         pf = pq.ParquetFile(piece.path, buffer_size=1 << 20, pre_buffer=False)
+        at = piece.start
         for b in pf.iter_batches(batch_size=self.chunk_users, row_groups=[piece.row_group], columns=COLUMNS):
-            yield pa.Table.from_batches([b])
+            t = pa.Table.from_batches([b])
+            m = piece.file.mask(at, b.num_rows)
+            at += b.num_rows
+            if m is not None:
+                t = t.filter(pa.array(m))
+            if t.num_rows:
+                yield t
 
     def tables(self, rng: np.random.Generator | None = None) -> Iterator[pa.Table]:
         """The selected rows, chunk by chunk: in file order, or shuffled and interleaved with `rng`."""
@@ -329,12 +353,6 @@ class DeltaSequences:
             tr = self.training_part(from_sequences_table(t))
             if len(tr):
                 yield tr
-
-
-def _abs(table_path, rel: str) -> str:
-    if "://" in rel or rel.startswith("/"):
-        return rel
-    return str(Path(table_path) / urllib.parse.unquote(rel))
 
 
 # --------------------------------------------------------- window users

@@ -136,6 +136,12 @@ class DataFile:
         out[:len(part)] = part
         return None if out.all() else out
 
+    @property
+    def kept(self) -> int:
+        """Rows a reader sees in this file: its physical rows minus those its deletion vector deletes."""
+        m = self.mask(0, self.rows)
+        return self.rows if m is None else int(m.sum())
+
 
 def _abs(table_path, rel: str) -> str:
     if "://" in rel or rel.startswith("/"):
@@ -165,18 +171,25 @@ def data_files(path: str | Path, version: int | None = None) -> list[DataFile]:
     out = []
     for a in pa.table(t.get_add_actions(flatten=True)).to_pylist():
         loc = _abs(path, a["path"])
-        out.append(DataFile(loc, {p: a.get(f"partition.{p}") for p in parts}, int(a.get("num_records") or 0),
-                            keeps.get(_plain(loc))))
+        rows = a.get("num_records")
+        if rows is None:  # a file committed without stats: its footer has the count
+            rows = pq.ParquetFile(loc).metadata.num_rows
+        out.append(DataFile(loc, {p: a.get(f"partition.{p}") for p in parts}, int(rows), keeps.get(_plain(loc))))
     return out
 
 
 def logical_rows(path: str | Path, version: int | None = None) -> int:
     """Rows a reader sees in a version (file row counts minus deleted rows), from the log alone."""
-    n = 0
+    return sum(f.kept for f in data_files(path, version))
+
+
+def partition_rows(path: str | Path, column: str, version: int | None = None) -> dict:
+    """Rows a reader sees per value of partition column `column` (as the log holds it), from the log alone."""
+    out: dict = {}
     for f in data_files(path, version):
-        m = f.mask(0, f.rows)
-        n += f.rows if m is None else int(m.sum())
-    return n
+        k = f.partition.get(column)
+        out[k] = out.get(k, 0) + f.kept
+    return out
 
 
 def _with_partitions(batch: pa.RecordBatch, f: DataFile, schema: pa.Schema) -> pa.Table:
@@ -187,42 +200,96 @@ def _with_partitions(batch: pa.RecordBatch, f: DataFile, schema: pa.Schema) -> p
     return t
 
 
+class Snapshot:
+    """One version of a table opened once for any number of reads, deletion vectors applied.
+
+    Tables without deletion vectors are read through delta-rs's dataset (file
+    skipping by stats and partitions); with them, file by file with each
+    file's keep-mask, skipping row groups by partition values and Parquet
+    statistics. The log (and the deletion vectors) are read once, here: a
+    job filtering the same version many times (candidates' purchases per
+    batch of users) does not replay it per read.
+    """
+
+    def __init__(self, path: str | Path, version: int | None = None):
+        t = open_table(path, version)
+        self.path, self.version = path, t.version()
+        schema = t.schema().to_arrow()
+        self.schema = schema if isinstance(schema, pa.Schema) else pa.schema(schema)
+        self.deletion_vectors = has_deletion_vectors(t)
+        self._ds = None if self.deletion_vectors else t.to_pyarrow_dataset()
+        self._files = data_files(path, self.version) if self.deletion_vectors else None
+
+    def scan(self, columns: list[str] | None = None, filter=None, batch_size: int = 65_536) -> Iterator[pa.Table]:
+        """The rows in batches of at most `batch_size`, file by file (bounded memory)."""
+        if self._ds is not None:
+            for b in self._ds.to_batches(columns=columns, filter=filter, batch_size=batch_size,
+                                         batch_readahead=1, fragment_readahead=1):
+                if b.num_rows:
+                    yield pa.Table.from_batches([b])
+            return
+        schema = self.schema
+        need = None if columns is None else list(dict.fromkeys(columns + _filter_fields(filter, schema)))
+        for f in self._files:
+            if not f.kept:
+                continue
+            pf = pq.ParquetFile(f.path)
+            md = pf.metadata
+            file_cols = None if need is None else [c for c in need if c in pf.schema_arrow.names]
+            starts = np.concatenate([[0], np.cumsum([md.row_group(i).num_rows for i in range(md.num_row_groups)])])
+            for rg in _row_groups(f, md.num_row_groups, filter, schema):
+                start = int(starts[rg])  # deletion vectors index physical rows of the whole file
+                for b in pf.iter_batches(batch_size=batch_size, row_groups=[rg], columns=file_cols):
+                    n = b.num_rows
+                    m = f.mask(start, n)
+                    start += n
+                    tab = _with_partitions(b, f, schema)
+                    if m is not None:
+                        tab = tab.filter(pa.array(m))
+                    if filter is not None and tab.num_rows:
+                        tab = tab.filter(filter)
+                    if columns is not None:
+                        tab = tab.select(columns)
+                    if tab.num_rows:
+                        yield tab
+
+    def to_table(self, columns: list[str] | None = None, filter=None) -> pa.Table:
+        if self._ds is not None:
+            return self._ds.to_table(columns=columns, filter=filter)
+        parts = list(self.scan(columns, filter))
+        if parts:
+            return pa.concat_tables(parts)
+        return (self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])).empty_table()
+
+
 def scan(path: str | Path, version: int | None = None, *, columns: list[str] | None = None, filter=None,
          batch_size: int = 65_536) -> Iterator[pa.Table]:
-    """A version's rows in batches, file by file (bounded memory), deletion vectors applied.
+    """A version's rows in batches, file by file (bounded memory), deletion vectors applied (see `Snapshot`).
 
-    `filter` is a pyarrow.dataset expression. Tables without deletion vectors
-    are read through delta-rs's dataset (file skipping by stats and
-    partitions); with them, file by file with each file's keep-mask.
-    """
-    t = open_table(path, version)
-    if not has_deletion_vectors(t):
-        ds = t.to_pyarrow_dataset()
-        for b in ds.to_batches(columns=columns, filter=filter, batch_size=batch_size,
-                               batch_readahead=1, fragment_readahead=1):
-            if b.num_rows:
-                yield pa.Table.from_batches([b])
-        return
-    schema = t.schema().to_arrow()
-    schema = pa.schema(schema) if not isinstance(schema, pa.Schema) else schema
-    need = None if columns is None else list(dict.fromkeys(columns + _filter_fields(filter, schema)))
-    for f in data_files(path, version):
-        pf = pq.ParquetFile(f.path)
-        file_cols = None if need is None else [c for c in need if c in pf.schema_arrow.names]
-        start = 0
-        for b in pf.iter_batches(batch_size=batch_size, columns=file_cols):
-            n = b.num_rows
-            m = f.mask(start, n)
-            start += n
-            tab = _with_partitions(b, f, schema)
-            if m is not None:
-                tab = tab.filter(pa.array(m))
-            if filter is not None and tab.num_rows:
-                tab = tab.filter(filter)
-            if columns is not None:
-                tab = tab.select(columns)
-            if tab.num_rows:
-                yield tab
+    `filter` is a pyarrow.dataset expression."""
+    yield from Snapshot(path, version).scan(columns, filter, batch_size)
+
+
+def _row_groups(f: DataFile, n: int, filter, schema: pa.Schema) -> list[int]:
+    """The row groups of `f` that may hold rows matching `filter` (partition values and Parquet statistics),
+    so that a filtered read of a table with deletion vectors skips files and row groups as delta-rs's
+    dataset does for the others (e.g. infer's updated_dt = D reads the day's MERGE output, not the table)."""
+    if filter is None or n == 0:
+        return list(range(n))
+    try:
+        import pyarrow.dataset as pds
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(f.path) if "://" in f.path else (pafs.LocalFileSystem(), f.path)
+        part = pc.scalar(True)
+        for k, v in f.partition.items():
+            if k in schema.names:
+                part = part & (pc.field(k).is_null() if v is None else
+                               pc.field(k) == pa.array([v]).cast(schema.field(k).type)[0])
+        frag = pds.ParquetFileFormat().make_fragment(p, filesystem=fs, partition_expression=part)
+        return [rg.id for rg in frag.subset(filter, schema=schema).row_groups]
+    except Exception:  # pruning only saves reading: when it cannot be worked out, read everything
+        return list(range(n))
 
 
 def _filter_fields(expr, schema: pa.Schema) -> list[str]:
@@ -234,15 +301,7 @@ def _filter_fields(expr, schema: pa.Schema) -> list[str]:
 
 def read_arrow(path: str | Path, version: int | None = None, filter=None, columns: list[str] | None = None) -> pa.Table:
     """Read (part of) a version as one Arrow table, deletion vectors applied; `filter` is a pyarrow.dataset expression."""
-    t = open_table(path, version)
-    if not has_deletion_vectors(t):
-        return t.to_pyarrow_dataset().to_table(filter=filter, columns=columns)
-    parts = list(scan(path, version, columns=columns, filter=filter))
-    if parts:
-        return pa.concat_tables(parts)
-    schema = t.schema().to_arrow()
-    schema = pa.schema(schema) if not isinstance(schema, pa.Schema) else schema
-    return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
+    return Snapshot(path, version).to_table(columns, filter)
 
 
 # --------------------------------------------------------------- writing (Python, delta-rs)
