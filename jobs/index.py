@@ -55,6 +55,7 @@ A day without refreshed users writes nothing and succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -651,17 +652,33 @@ def retain(cfg: Config) -> list[str]:
 
 
 # -------------------------------------------------------------- candidates
+@contextlib.contextmanager
+def _staging(cfg: Config, step: str):
+    """A fresh folder under warehouse/_staging/<step>/ for one run's intermediate files, deleted on exit
+    (`maintain` clears those of runs that died)."""
+    stamp = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    d = cfg.warehouse_root / "_staging" / step / stamp
+    d.mkdir(parents=True)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def events_dataset(cfg: Config):
-    """The events table as a pyarrow dataset (None when there is none)."""
+    """The current version of events, opened once for many filtered reads (`to_table`), None when there is none.
+
+    A `delta.Snapshot`, not delta-rs's dataset: events is Spark's table, and a deletion vector there
+    would make delta-rs refuse it (or, reading its files, count deleted rows)."""
     path = cfg.table_path("events")
-    return delta.open_table(path).to_pyarrow_dataset() if delta.exists(path) else None
+    return delta.Snapshot(path) if delta.exists(path) else None
 
 
 def purchased_items(cfg: Config, users: list[str] | None, upto: datetime.date | None = None,
                     events=None) -> dict[str, set[int]]:
     """item_idx of the purchases (events, event_type purchase, dt <= upto) of `users` (None: every user).
 
-    `events`: a dataset from events_dataset() (opened once, outside delta-rs' own threads)."""
+    `events`: from events_dataset() (opened once, outside delta-rs' own threads)."""
     events = events_dataset(cfg) if events is None else events
     if events is None:
         return {}
@@ -756,17 +773,17 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
     meta = {"step": "candidates", "dt": str(dt), "index_version": idx.version, "model_version": idx.model_version,
             "user_embeddings_version": ue_version, "exclude_purchased": exclude}
     path = cfg.table_path("user_candidates")
-    from deltalake import CommitProperties, write_deltalake
+    from deltalake import write_deltalake
+    from deltalake.exceptions import DeltaError
 
     import pyarrow.parquet as pq
 
-    props = CommitProperties(custom_metadata={k: str(v) for k, v in meta.items()})
     # Searched batch by batch into a staged Parquet file (bounded memory; an error surfaces here, before any
     # commit). Then ONE commit that rewrites the table: the other users' rows as they are, then the new rows,
     # streamed. Not a delta-rs MERGE: it would rewrite about every file anyway (refreshed users are spread
     # over all of them) and writes strings as string_view, which pyarrow filters cannot compare (see
     # str_field). Rows of users that no longer have a user_embeddings row are dropped.
-    with delta.staging(path) as stage:
+    with _staging(cfg, path.name) as stage:
         staged = stage / "candidates.parquet"
         refreshed: list[str] = []
         with pq.ParquetWriter(staged, S.USER_CANDIDATES) as w:
@@ -779,8 +796,11 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
         def conform(b):
             return pa.RecordBatch.from_arrays([b.column(f.name).cast(f.type) for f in schema], schema=schema)
 
-        # Opened here: rows() runs inside delta-rs' write, which must not be re-entered.
-        old = delta.open_table(path).to_pyarrow_dataset() if delta.exists(path) else None
+        # Opened here: rows() runs inside delta-rs' write, which must not be re-entered. The commit lands on
+        # exactly the version whose rows it copies, or fails (ConcurrentWrite): a concurrent writer's rows are
+        # never dropped by this overwrite.
+        read_v = delta.version_of(path)
+        old = delta.open_table(path, read_v).to_pyarrow_dataset() if read_v is not None else None
 
         def rows():
             if old is not None:
@@ -796,9 +816,24 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
             for b in pq.ParquetFile(staged).iter_batches(batch_size=65536):
                 yield conform(b)
 
-        path.mkdir(parents=True, exist_ok=True)
-        write_deltalake(str(path), pa.RecordBatchReader.from_batches(schema, rows()),
-                        mode="overwrite", commit_properties=props)
+        if read_v is None:
+            target = delta.uri(path)
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            target = delta.open_table(path, read_v)
+        created = delta.ConcurrentWrite(path, "the table was created meanwhile")
+        if read_v is None and delta.exists(path):
+            raise created
+        try:
+            with delta.conflicts(path):
+                # Creating: "error", so that a table another writer created since is refused, not overwritten.
+                write_deltalake(target, pa.RecordBatchReader.from_batches(schema, rows()),
+                                mode="overwrite" if read_v is not None else "error",
+                                commit_properties=delta.strict_commit(meta))
+        except DeltaError as exc:
+            if read_v is None and delta.exists(path):
+                raise created from exc
+            raise
     out.update(written=stats["rows"], kept=stats["kept"], dropped=stats["dropped"],
                excluded_purchases=stats["excluded"], table_version=delta.version_of(path),
                seconds=round(time.perf_counter() - t0, 3))

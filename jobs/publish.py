@@ -26,7 +26,10 @@ shards it published). A rerun skips a table whose last publish commit has the
 same ``outputs_id`` and redoes the rest, so a crash between commits is
 completed by rerunning, and publishing the same staged output twice leaves
 the tables as they are. An empty day (no user to refresh, same model,
-same catalogue) commits nothing.
+same catalogue) commits nothing. Each commit lands on exactly the version
+whose history publish read: when another writer committed to that table
+since, the commit fails (`ConcurrentWrite`, exit 75) and nothing of it is
+written; rerunning publish then reads afresh and completes.
 
 **What a reader sees.** Each table is whole at every version. Between the
 commits of one publish (or after a crash between them, until the rerun) the
@@ -133,28 +136,40 @@ def _reader(files: list[str], schema):
     return pa.RecordBatchReader.from_batches(schema, ds.to_batches(batch_readahead=1, fragment_readahead=1))
 
 
-def _merge_embeddings(cfg: Config, files: list[str], full: bool, props) -> int:
+def _as_read(path, schema, read_v: int | None):
+    """The table at the version publish read (created empty when it found none), to commit on exactly that
+    version: a writer that committed since makes the commit fail (ConcurrentWrite) instead of being merged
+    over or overwritten unseen."""
+    if read_v is None:
+        delta.ensure_table(path, schema)
+        read_v = 0  # the empty table ensure_table creates; a table created meanwhile has later versions
+    return delta.open_table(path, read_v)
+
+
+def _merge_embeddings(cfg: Config, files: list[str], full: bool, meta: dict, read_v: int | None) -> int:
     from userformer.schemas import tables as S
 
     path = cfg.table_path("user_embeddings")
-    delta.ensure_table(path, S.USER_EMBEDDINGS)
-    m = delta.open_table(path).merge(_reader(files, S.USER_EMBEDDINGS), predicate="t.user_id = s.user_id",
-                                     source_alias="s", target_alias="t", commit_properties=props)
+    t = _as_read(path, S.USER_EMBEDDINGS, read_v)
+    m = t.merge(_reader(files, S.USER_EMBEDDINGS), predicate="t.user_id = s.user_id",
+                source_alias="s", target_alias="t", commit_properties=delta.strict_commit(meta))
     m = m.when_matched_update_all().when_not_matched_insert_all()
     if full:
         m = m.when_not_matched_by_source_delete()
-    m.execute()
-    return delta.version_of(path)
+    with delta.conflicts(path):
+        m.execute()
+    return t.version()
 
 
-def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], full: bool, props) -> int:
+def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], full: bool, meta: dict,
+                         read_v: int | None) -> int:
     """Delete every row of the refreshed users and insert their new rows, in one merge commit."""
     import pyarrow as pa
     import pyarrow.dataset as pds
     from userformer.schemas import tables as S
 
     path = cfg.table_path("user_preference_scores")
-    delta.ensure_table(path, S.USER_PREFERENCE_SCORES)
+    t = _as_read(path, S.USER_PREFERENCE_SCORES, read_v)
     cols = S.USER_PREFERENCE_SCORES
     schema = pa.schema([pa.field(KEY, pa.string()), *[f.with_nullable(True) for f in cols]])
 
@@ -167,24 +182,26 @@ def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], f
         for b in pds.dataset(files, schema=cols, format="parquet").to_batches(batch_readahead=1):
             yield pa.record_batch([pa.nulls(b.num_rows, pa.string()), *b.columns], schema=schema)
 
-    m = delta.open_table(path).merge(pa.RecordBatchReader.from_batches(schema, batches()),
-                                     predicate=f"t.user_id = s.{KEY}", source_alias="s", target_alias="t",
-                                     commit_properties=props)
+    m = t.merge(pa.RecordBatchReader.from_batches(schema, batches()), predicate=f"t.user_id = s.{KEY}",
+                source_alias="s", target_alias="t", commit_properties=delta.strict_commit(meta))
     m = m.when_matched_delete().when_not_matched_insert({c: f"s.{c}" for c in cols.names}, predicate=f"s.{KEY} IS NULL")
     if full:
         m = m.when_not_matched_by_source_delete()
-    m.execute()
-    return delta.version_of(path)
+    with delta.conflicts(path):
+        m.execute()
+    return t.version()
 
 
-def _overwrite_items(cfg: Config, files: list[str], props) -> int:
+def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | None) -> int:
     from deltalake import write_deltalake
     from userformer.schemas import tables as S
 
     path = cfg.table_path("item_embeddings")
-    delta.ensure_table(path, S.ITEM_EMBEDDINGS)
-    write_deltalake(str(path), _reader(files, S.ITEM_EMBEDDINGS), mode="overwrite", commit_properties=props)
-    return delta.version_of(path)
+    t = _as_read(path, S.ITEM_EMBEDDINGS, read_v)
+    with delta.conflicts(path):
+        write_deltalake(t, _reader(files, S.ITEM_EMBEDDINGS), mode="overwrite",
+                        commit_properties=delta.strict_commit(meta))
+    return t.version()
 
 
 # -------------------------------------------------------------------- step
@@ -234,17 +251,16 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
     if not res.success:
         raise UserError(f"publish dt={day}: the output checks failed, nothing was published\n{C.summary(res)}", code=1)
 
-    from deltalake import CommitProperties
-
     users = sum(m["users"] for m in manifests)
     oid = outputs_id(manifests)
     inputs = common["inputs"]
     meta = {"step": "publish", "dt": str(day), "model_version": version, "shards": shards, "full": common["full"],
             "users": users, "outputs_id": oid,
             **{f"{t}_version": inputs[t]["version"] for t in ("user_sequences", "items", "vocab") if t in inputs}}
-    props = CommitProperties(custom_metadata={k: str(v) for k, v in meta.items()})
     done = {}  # table -> its last publish commit
+    read_v = {}  # table -> the version whose history decided what to commit (None: no table); commits land on it
     for t in I.OUTPUTS:
+        read_v[t] = delta.version_of(cfg.table_path(t))
         commits = I.publish_commits(cfg, t)
         done[t] = commits[-1] if commits else None
     report: dict[str, dict] = {}
@@ -264,9 +280,10 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
                              "reason": f"no user to refresh on {day}"}
         else:
             if table == "user_embeddings":
-                v = _merge_embeddings(cfg, user_files, common["full"], props)
+                v = _merge_embeddings(cfg, user_files, common["full"], meta, read_v[table])
             else:
-                v = _replace_preferences(cfg, user_files, _files(manifests, table), common["full"], props)
+                v = _replace_preferences(cfg, user_files, _files(manifests, table), common["full"], meta,
+                                         read_v[table])
             report[table] = {"committed": True, "version": v, "rows": sum(m["rows"][table] for m in manifests)}
     # 3: the items (the same catalogue under the same model: nothing new).
     items_m = next(m for m in manifests if m["shard"] == 0)
@@ -278,9 +295,8 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
         report["item_embeddings"] = {"committed": False, "version": h["version"],
                                      "reason": "the same model's vectors of the same catalogue are published"}
     else:
-        iprops = CommitProperties(custom_metadata={**props.custom_metadata,
-                                                   "items": str(items_m["rows"]["item_embeddings"])})
-        v = _overwrite_items(cfg, _files([items_m], "item_embeddings"), iprops)
+        v = _overwrite_items(cfg, _files([items_m], "item_embeddings"),
+                             {**meta, "items": items_m["rows"]["item_embeddings"]}, read_v["item_embeddings"])
         report["item_embeddings"] = {"committed": True, "version": v, "rows": items_m["rows"]["item_embeddings"]}
 
     record = {"dt": str(day), "model_version": version, "shards": shards, "full": common["full"], "users": users,

@@ -6,12 +6,14 @@ What on-call runs after data corruption (the `repair` DAG runs the same function
 D1, then the drops are processed again, in order, as the daily pipeline does (`pipeline.run_day`), so the result
 equals a run that never saw the bad data:
 
-1. every Delta table (schemas.tables.TABLES) is restored (one Delta RESTORE commit each) to the last version of
-   its *lineage* (jobs/storage/delta.py `lineage`: its commits minus those earlier restores undid) before the
-   first commit whose custom metadata names a drop >= D1 (``dt``, or ``upto`` of a rebuild). A table with no
-   commit of a drop before D1 (it was created on or after D1, e.g. user_embeddings by the first publish) is
-   **moved aside** to ``warehouse/_repair/<id>/<table>`` (kept for inspection): before D1 it did not exist, and
-   the re-run creates it as a clean run would. A table without commits of D1 or later is left alone;
+1. every Delta table (schemas.tables.TABLES) is restored (one Delta RESTORE commit each; delta-spark's for
+   the tables Spark writes, schemas.tables.SPARK_TABLES, as delta-rs's would drop their deletion vectors) to the
+   last version of its *lineage* (jobs/storage/delta.py `lineage`: its commits minus those earlier restores
+   undid) before the first commit whose custom metadata names a drop >= D1 (``dt``, or ``upto`` of a rebuild).
+   A table with no commit of a drop before D1 (it was created on or after D1, e.g. user_embeddings by the first
+   publish) is **moved aside** to ``warehouse/_repair/<id>/<table>`` (kept for inspection): before D1 it did
+   not exist, and the re-run creates it as a clean run would. A table without commits of D1 or later is left
+   alone;
 2. the model registry's PUBLISHED pointer goes back to the version that was published before D1 (from
    publish_log.jsonl: the last version trained as of a drop before D1, or the state a previous repair set), or
    is removed when there was none. No version is deleted; the change is a line in publish_log.jsonl;
@@ -343,11 +345,22 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
     for name, t in targets.items():
         path = cfg.table_path(name)
         if t["action"] == "restore":
-            delta.open_table(path).restore(
-                t["to_version"], commit_properties=CommitProperties(custom_metadata={
-                    **meta, "restored_version": str(t["to_version"])}))
+            rmeta = {**meta, "restored_version": str(t["to_version"])}
+            if name in S.SPARK_TABLES:
+                # Spark's tables through delta-spark: delta-rs's RESTORE would re-add the files without their
+                # deletion vectors (user_sequences), bringing deleted rows back.
+                from userformer.jobs.spark import spark_session
+
+                spark = spark_session(cfg)
+                with delta.spark_commit(spark, path, rmeta) as c:
+                    delta.spark_table(spark, path).restoreToVersion(t["to_version"])
+                version = c["version"]
+            else:
+                delta.open_table(path).restore(
+                    t["to_version"], commit_properties=CommitProperties(custom_metadata=rmeta))
+                version = delta.version_of(path)
             done[name] = {"action": "restore", "from_version": t["version"], "to_version": t["to_version"],
-                          "version": delta.version_of(path)}
+                          "version": version}
         elif t["action"] == "move_aside":
             aside.mkdir(parents=True, exist_ok=True)
             dest = aside / name

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
+import urllib.parse
 from pathlib import Path
 
 from userformer.jobs.common import UserError
@@ -93,6 +95,46 @@ def spark_session(cfg: Config):
     _SESSION = b.getOrCreate()
     _SESSION.sparkContext.setLogLevel("WARN")
     return _SESSION
+
+
+def register_tables(spark, cfg: Config, database: str = "userformer") -> list[str]:
+    """Register every existing warehouse table as the external table `<database>.<name>` of the session's catalog.
+
+    `CREATE TABLE ... USING DELTA LOCATION`: the catalog only points at the
+    table (dropping the entry deletes nothing). A name already registered at
+    another location (another USERFORMER_HOME in this session) is pointed at
+    this one. Returns the qualified names registered.
+    """
+    from userformer.jobs.storage import delta
+    from userformer.schemas.tables import TABLES
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
+        raise UserError(f"not a plain database name: {database!r}")
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    out = []
+    for name in TABLES:
+        path = cfg.table_path(name)
+        if not delta.exists(path):
+            continue
+        loc = delta.uri(path)
+        full = f"`{database}`.`{name}`"
+        if spark.catalog.tableExists(f"{database}.{name}"):
+            have = spark.sql(f"DESCRIBE DETAIL {full}").first()["location"]
+            if _same_location(have, loc):
+                out.append(f"{database}.{name}")
+                continue
+            spark.sql(f"DROP TABLE {full}")  # external: only the catalog entry goes
+        quoted = loc.replace("\\", "\\\\").replace("'", "\\'")
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {full} USING DELTA LOCATION '{quoted}'")
+        out.append(f"{database}.{name}")
+    return out
+
+
+def _same_location(a: str, b: str) -> bool:
+    def norm(x: str) -> str:
+        x = re.sub(r"^file:(//)?", "", x).rstrip("/")
+        return urllib.parse.unquote(x)
+    return norm(a) == norm(b)
 
 
 def stop_spark() -> None:

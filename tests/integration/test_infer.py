@@ -235,6 +235,41 @@ def test_a_crash_between_commits_is_completed_by_the_rerun(setup, monkeypatch):
         assert rows(cfg, t) == rows(clean, t), t  # equal to the clean run, updated_at included
 
 
+def test_a_concurrent_writer_fails_the_publish_and_the_rerun_completes_it(setup, monkeypatch):
+    """Each publish commit lands on the version publish read: a commit another writer made since makes it fail
+    (ConcurrentWrite), not merged over; the rerun reads afresh, skips what was published and completes."""
+    cfg, clean = setup("raced"), setup("clean")
+    for c in (cfg, clean):
+        run_day(c, D3)
+    I.infer(cfg, D4, log=quiet)
+    shutil.copytree(I.staging_root(cfg), I.staging_root(clean), dirs_exist_ok=True)
+    P.publish(clean, D4, log=quiet)
+    path = cfg.table_path("user_preference_scores")
+    victim = sorted(seq_users(cfg, D4))[0]  # refreshed on D4: the rerun writes its rows again
+    real = P._replace_preferences
+
+    def raced(*args, **kw):  # another writer commits after publish read the table
+        delta.open_table(path).delete(f"user_id = '{victim}'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(P, "_replace_preferences", raced)
+    v = versions(cfg)
+    with pytest.raises(delta.ConcurrentWrite, match="user_preference_scores"):
+        P.publish(cfg, D4, log=quiet)
+    after = versions(cfg)
+    assert after["user_embeddings"] == v["user_embeddings"] + 1  # committed before the race
+    assert after["user_preference_scores"] == v["user_preference_scores"] + 1  # the other writer's commit only
+    assert after["item_embeddings"] == v["item_embeddings"] and P.published_outputs(cfg)["dt"] == str(D3)
+    monkeypatch.undo()
+    r = P.publish(cfg, D4, log=quiet)
+    assert not r["commits"]["user_embeddings"]["committed"] and r["commits"]["user_preference_scores"]["committed"]
+    assert r["commits"]["user_preference_scores"]["version"] == after["user_preference_scores"] + 1
+    for t in ("user_preference_scores", "item_embeddings"):
+        assert rows(cfg, t) == rows(clean, t), t
+    drop = ("updated_at",)
+    assert rows(cfg, "user_embeddings", drop=drop) == rows(clean, "user_embeddings", drop=drop)
+
+
 def test_a_missing_shard_or_a_failed_check_publishes_nothing(setup):
     cfg = setup()
     v1 = R.published(cfg)["version"]

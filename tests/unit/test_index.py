@@ -375,6 +375,39 @@ def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
     assert not list((icfg.warehouse_root / "_staging" / "user_candidates").iterdir())
 
 
+def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
+    """A writer that commits to user_candidates while candidates runs makes its commit fail (ConcurrentWrite)
+    instead of being overwritten by rows copied from the older version; the rerun reads afresh and completes."""
+    import deltalake
+
+    write_items(icfg, 300)
+    write_users(icfg, 40)
+    ix.build_index(icfg, D1)
+    ix.candidates(icfg, D1)
+    path = icfg.table_path("user_candidates")
+    real = deltalake.write_deltalake
+
+    def racing(target, data, **kw):  # the other writer commits after candidates read the table
+        other = delta.read_arrow(path).filter(pc.field("user_id") == "u39").cast(S.USER_CANDIDATES)
+        delta.write_arrow(path, other.set_column(other.schema.get_field_index("index_version"), "index_version",
+                                                 pa.array(["other"], pa.string())),
+                          S.USER_CANDIDATES, mode="overwrite", predicate="user_id = 'u39'")
+        return real(target, data, **kw)
+
+    refresh_users(icfg, ["u1", "u2"], D2, seed=3)
+    monkeypatch.setattr(deltalake, "write_deltalake", racing)
+    v0 = delta.version_of(path)
+    with pytest.raises(delta.ConcurrentWrite, match="user_candidates"):
+        ix.candidates(icfg, D2)
+    assert delta.version_of(path) == v0 + 1  # only the other writer's commit
+    monkeypatch.undo()
+    out = ix.candidates(icfg, D2)
+    assert out["written"] == 2 and delta.version_of(path) == v0 + 2
+    t = delta.read_arrow(path)
+    assert t.num_rows == 40 and "other" in t["index_version"].to_pylist()  # the other writer's row survives
+    assert sorted(t.filter(pc.field("as_of") == pa.scalar(D2, pa.date32()))["user_id"].to_pylist()) == ["u1", "u2"]
+
+
 def test_candidates_refuse_embeddings_of_another_model(icfg):
     write_items(icfg, 300)
     write_users(icfg, 20, mv="v0002-20260106-finetune")
