@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from deltalake.exceptions import CommitFailedError, DeltaError
 
 
 class StorageError(RuntimeError):
@@ -326,24 +326,31 @@ def write_arrow(
     if is_local(path):
         Path(uri(path)).mkdir(parents=True, exist_ok=True)
     strict = read_version is not None
+    create = strict and read_version < 0
     if strict and read_version >= 0:
         target = DeltaTable(uri(path), version=read_version)
     else:
         target = uri(path)
-        if strict and exists(path):  # the step found no table, but one exists now
+        if create and exists(path):  # the step found no table, but one exists now
             raise ConcurrentWrite(path, "the table was created meanwhile")
     try:
         write_deltalake(
             target,
             data,
-            mode=mode,
+            # Creating: "error", so that a table created by another writer since the check above is
+            # refused rather than appended to or overwritten.
+            mode="error" if create else mode,
             partition_by=partition_by or None,
-            predicate=predicate,
+            predicate=None if create else predicate,
             commit_properties=_commit_props(metadata, strict),
         )
     except CommitFailedError as exc:
         raise ConcurrentWrite(path, f"read version {read_version}, now {version_of(path)}") from exc
-    return DeltaTable(uri(path)).version()
+    except DeltaError as exc:
+        if create and exists(path):
+            raise ConcurrentWrite(path, "the table was created meanwhile") from exc
+        raise
+    return read_version + 1 if strict else DeltaTable(uri(path)).version()
 
 
 def strict_commit(metadata: dict | None = None) -> CommitProperties:
@@ -420,8 +427,19 @@ def spark_write(df, path: str | Path, *, mode: str = "append", partition_by: lis
         w = w.option("replaceWhere", replace_where)
     for k, v in (properties or {}).items():
         w = w.option(k, str(v))
-    with conflicts(path):
-        w.save(uri(path))
+    # Delta skips a commit that adds and removes nothing (an empty day replacing an empty partition); the
+    # step's commit, with its metadata, must still be in the log (the lineage records which drops are in).
+    spark, key = df.sparkSession, "spark.databricks.delta.skipRecordingEmptyCommits"
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, "false")
+    try:
+        with conflicts(path):
+            w.save(uri(path))
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)
     return _version_tagged(path, tag)
 
 
