@@ -16,7 +16,8 @@ Helpers:
   (capped at 32x) for transient errors.
 - `no_retry_on_bad_data(fn)` / `step(...)`: a task body that raises `UserError` (bad input) or `GateFailed` (a
   data-quality gate) fails at once with `AirflowFailException` (no retries: rerunning cannot fix the data); any
-  other exception is transient and retried. `step(...)` = ``@task(...)`` + that translation; the function's
+  other exception is transient and retried (`ConcurrentWrite` too: another writer committed first, and the retry
+  reads the tables afresh). `step(...)` = ``@task(...)`` + that translation; the function's
   docstring becomes the task's doc (``doc_md``, shown in the UI's task details).
 - `drop_date(context)` / `drop_date_of(ds)`: the drop date D a run processes (see `drop_date`).
 - `run_context()`: inside a task, ``(cfg, D, params)`` of the running task.

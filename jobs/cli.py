@@ -14,6 +14,7 @@ import sys
 
 from userformer.jobs.common import UserError
 from userformer.jobs.config import ConfigError, load_config
+from userformer.jobs.storage.delta import ConcurrentWrite
 
 # Order is the order of `userformer --help`: the data's path through the pipeline.
 STEP_MODULES = [
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         return int(args.func(args, cfg) or 0)
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, ConcurrentWrite) as exc:  # ConcurrentWrite: exit 75, rerun it
         print(f"userformer {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "code", 2)
 

@@ -9,9 +9,12 @@ The step is a transaction over day D:
      cap single-user bursts; failing rows get a reason;
   3. assign stable ids to new items / categories / brands / event types /
      surfaces (append-only vocab) and update the item catalogue;
-  4. commit events_rejected[dt=D] and events[dt=D], each replacing that
-     partition in one Delta commit, so a rerun of D replaces D.
+  4. commit events_rejected[dt=D] and events[dt=D] through delta-spark, each
+     replacing that partition in one Delta commit, so a rerun of D replaces D.
 Everything that can fail on bad input happens before the first commit.
+Two ingests at once on one warehouse: each commit lands on the version the
+step read or fails with ConcurrentWrite (exit 75; rerunning is safe), so ids
+are never handed out twice and no drop is silently replaced.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from userformer.jobs import hooks
 from userformer.jobs.common import UserError, date_arg
 from userformer.jobs.config import Config
 from userformer.jobs.storage import delta
@@ -207,9 +211,18 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
 
 
 # ------------------------------------------------------------------ vocab
-def _load_vocab(cfg: Config) -> pa.Table:
-    path = cfg.table_path("vocab")
-    return delta.read_arrow(path) if delta.exists(path) else S.VOCAB.empty_table()
+def _load(cfg: Config, name: str, schema: pa.Schema) -> tuple[pa.Table, int]:
+    """A small table as of its current version, and that version (-1: no table yet).
+
+    vocab and items are rewritten from what was read here, so their commits must
+    land on exactly this version: a concurrent ingest that committed first makes
+    this one fail (ConcurrentWrite) instead of handing out the same ids again.
+    """
+    path = cfg.table_path(name)
+    v = delta.version_of(path)
+    if v is None:
+        return schema.empty_table(), -1
+    return delta.read_arrow(path, version=v), v
 
 
 def extend_vocab(vocab: pa.Table, kind: str, keys, day: dt.date) -> tuple[pa.Table, dict]:
@@ -268,12 +281,12 @@ def read_raw_items(cfg: Config, day: dt.date) -> pa.Table | None:
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def update_items(cfg: Config, day: dt.date, snapshot: pa.Table | None, event_item_ids: list[str], vocab: pa.Table):
-    """New items table and new vocab rows after drop D. Items seen only in events get unknown attributes."""
+def update_items(current: pa.Table, day: dt.date, snapshot: pa.Table | None, event_item_ids: list[str], vocab: pa.Table):
+    """New items table and new vocab rows after drop D (from the `current` items). Items seen only in events get
+    unknown attributes."""
     import pandas as pd
 
-    path = cfg.table_path("items")
-    cur = (delta.read_arrow(path) if delta.exists(path) else S.ITEMS.empty_table()).to_pandas()
+    cur = current.to_pandas()
     snap = (snapshot if snapshot is not None else S.RAW_ITEMS.empty_table()).to_pandas()
     attrs = ["category_l1", "category_l2", "category_l3", "brand", "title", "price"]
 
@@ -316,6 +329,8 @@ def update_items(cfg: Config, day: dt.date, snapshot: pa.Table | None, event_ite
 # ------------------------------------------------------------------- main
 def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     """Ingest the raw drop of `day` (see module doc). Returns counts."""
+    from pyspark.sql import functions as F
+
     from userformer.jobs.spark import spark_session
 
     files = inspect_raw_files(cfg.raw_events_dir(day))
@@ -325,20 +340,48 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     snapshot = read_raw_items(cfg, day)
 
     spark = spark_session(cfg)
-    events_path = cfg.table_path("events")
+    # The version of each table this step starts from (-1: none yet); its commits are checked against them.
+    read = {name: _version(cfg, name) for name in ("events", "events_rejected")}
+    lookback_days = [day - dt.timedelta(days=i) for i in range(1, cfg.ingest.dedupe_lookback_days + 1)]
     lookback = None
-    if delta.exists(events_path) and cfg.ingest.dedupe_lookback_days > 0:
-        days = [str(day - dt.timedelta(days=i)) for i in range(1, cfg.ingest.dedupe_lookback_days + 1)]
-        lookback = delta.read_spark(spark, events_path, S.EVENTS, partition_filters=[("dt", "in", days)]).select("event_id", "dt")
+    if read["events"] >= 0 and lookback_days:
+        lookback = (delta.spark_read(spark, cfg.table_path("events"), version=read["events"])
+                    .where(F.col("dt").isin(lookback_days)).select("event_id", "dt"))
 
     checked = _validate_rows(_read_raw(spark, files), cfg, day, lookback).localCheckpoint()
     try:
-        return _publish(cfg, spark, day, files, raw_rows, snapshot, checked)
+        return _publish(cfg, spark, day, files, raw_rows, snapshot, checked, read, lookback_days)
     finally:
         checked.unpersist()  # a long session (run-day over many days) must not keep every day's blocks
 
 
-def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, checked) -> dict:
+def _version(cfg: Config, name: str) -> int:
+    v = delta.version_of(cfg.table_path(name))
+    return -1 if v is None else v
+
+
+def _unchanged_since(path, read_version: int, days) -> None:
+    """Refuse to commit when, since this step read `path`, another step committed one of `days` to it.
+
+    Delta itself only sees conflicts on the partition a commit replaces. Ingest
+    also depends on the previous drops it deduplicates against: committing
+    after a concurrent commit of one of them would give a result no
+    one-at-a-time order of the two steps gives. Checked right before each
+    commit (a write still racing within those seconds is Delta's to refuse
+    when it touches the same partition).
+    """
+    now = delta.version_of(path)
+    if now is None or now <= read_version:
+        return
+    names = {str(d) for d in days}
+    for h in delta.history(path, now - read_version):
+        if int(h["version"]) > read_version and (h.get("dt") in names or h.get("operation") == "RESTORE"):
+            raise delta.ConcurrentWrite(path, f"version {h['version']} ({h.get('step') or h.get('operation')} "
+                                              f"dt={h.get('dt')}) was committed after this step read version {read_version}")
+
+
+def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, checked, read: dict,
+             lookback_days: list[dt.date]) -> dict:
     """Vocab, items, then events_rejected[D] and events[D], each in one commit."""
     from pyspark.sql import functions as F
 
@@ -347,9 +390,10 @@ def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, c
 
     # Small collects: the day's distinct keys, for the vocabularies.
     keys = accepted.select("event_type", "surface", "item_id").distinct().toArrow()
-    vocab = _load_vocab(cfg)
+    vocab, read["vocab"] = _load(cfg, "vocab", S.VOCAB)
+    current_items, read["items"] = _load(cfg, "items", S.ITEMS)
     event_items = sorted(set(keys["item_id"].drop_null().to_pylist()))
-    items, vocab_new, item_stats = update_items(cfg, day, snapshot, event_items, vocab)
+    items, vocab_new, item_stats = update_items(current_items, day, snapshot, event_items, vocab)
     rows_et, et_map = extend_vocab(vocab, "event_type", keys["event_type"].to_pylist(), day)
     rows_sf, sf_map = extend_vocab(vocab, "surface", keys["surface"].drop_null().to_pylist(), day)
     vocab_new = pa.concat_tables([vocab_new, rows_et, rows_sf])
@@ -372,23 +416,37 @@ def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, c
     events = events.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS])
     rejected = checked.where(F.col("reason").isNotNull()).withColumn("dt", F.lit(day))
     rejected = rejected.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS_REJECTED])
+    counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
 
-    # Stage both tables' files, then commit: nothing is visible until each commit.
+    # Every read is done and every check passed: from here on, commits. vocab first (it reserves the ids that
+    # items and events refer to); vocab and items land on the versions read above or fail as ConcurrentWrite,
+    # so two concurrent ingests never hand out one id twice.
+    hooks.pause("ingest.before_commit")
     meta = {"step": "ingest", "dt": str(day)}
-    filt = [("dt", "=", str(day))]
-    with delta.staging(rejected_path) as st_rej, delta.staging(events_path) as st_ev:
-        rejected.coalesce(1).write.mode("overwrite").partitionBy("dt").parquet(str(st_rej))
-        n_files = max(1, int(raw_rows // 2_000_000) + 1)
-        events.repartition(n_files).sortWithinPartitions("user_id", "ts").write.mode("overwrite").partitionBy("dt").parquet(str(st_ev))
-        counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
-        if len(vocab_new):
-            delta.write_arrow(cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta)
-        if item_stats["items_changed"] or item_stats["items_unknown_new"] or not delta.exists(cfg.table_path("items")):
-            delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta)
-        v_rej = delta.commit_staged(rejected_path, st_rej, S.EVENTS_REJECTED, partition_by=["dt"], mode="overwrite",
-                                    partition_filters=filt, metadata=meta)
-        v_ev = delta.commit_staged(events_path, st_ev, S.EVENTS, partition_by=["dt"], mode="overwrite",
-                                   partition_filters=filt, metadata=meta)
+    depends = {"events": [day, *lookback_days], "events_rejected": [day]}
+    for name, days in depends.items():
+        _unchanged_since(cfg.table_path(name), read[name], days)
+    write_items = bool(item_stats["items_changed"] or item_stats["items_unknown_new"] or read["items"] < 0)
+    # Both small tables first, so that a lost race on items is found before vocab commits anything.
+    for name, writes in (("vocab", len(vocab_new) > 0), ("items", write_items)):
+        if writes and _version(cfg, name) != read[name]:
+            raise delta.ConcurrentWrite(cfg.table_path(name), f"read version {read[name]}, now {_version(cfg, name)}")
+    if len(vocab_new):
+        delta.write_arrow(cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta,
+                          read_version=read["vocab"])
+    if write_items:
+        delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta,
+                          read_version=read["items"])
+
+    # events_rejected[D] and events[D]: each one commit replacing just partition D (a rerun of D replaces D).
+    part = {"mode": "overwrite", "partition_by": ["dt"], "replace_where": f"dt = '{day}'", "metadata": meta}
+    _unchanged_since(rejected_path, read["events_rejected"], depends["events_rejected"])
+    v_rej = delta.spark_write(rejected.coalesce(1), rejected_path, **part)
+    hooks.pause("ingest.before_events_commit")
+    _unchanged_since(events_path, read["events"], depends["events"])
+    n_files = max(1, int(raw_rows // 2_000_000) + 1)
+    # dt leads the sort so the writer's own ordering by partition column is already met and keeps user_id, ts.
+    v_ev = delta.spark_write(events.repartition(n_files).sortWithinPartitions("dt", "user_id", "ts"), events_path, **part)
     result = {
         "dt": str(day),
         "raw_files": len(files),

@@ -131,6 +131,10 @@ def test_quality_failures_are_not_retried_other_errors_are():
             raising(exc)()
     with pytest.raises(OSError):  # transient: Airflow retries it
         raising(OSError("disk hiccup"))()
+    from userformer.jobs.storage.delta import ConcurrentWrite
+
+    with pytest.raises(ConcurrentWrite):  # another writer won the commit: the retry reads afresh
+        raising(ConcurrentWrite("/w/vocab", "read version 3, now 4"))()
 
 
 def _server_params(bag, dag_id):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,10 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from userformer.jobs import ingest as ingest_mod
+from userformer.jobs import hooks
 from userformer.jobs.common import UserError
+from userformer.jobs.config import load_config
 from userformer.jobs.storage import delta
 from userformer.schemas import tables as S
 
+from . import procs
 from .rawdata import D1, D2, D3, events_table, three_days, ts, write_drop
 
 pytestmark = pytest.mark.spark
@@ -34,6 +38,31 @@ def sort(t: pa.Table, *keys) -> pa.Table:
     return t.sort_by([(k, "ascending") for k in keys])
 
 
+def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
+    """Names and types in order. Not nullability: Spark writes every column nullable (schemas.tables.to_spark)."""
+    return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
+
+
+def tables_of(cfg) -> dict:
+    """Every table ingest writes, in an order-free form that two warehouses can be compared in."""
+    return {
+        "events": sort(read(cfg, "events"), "dt", "event_id"),
+        "events_rejected": sort(read(cfg, "events_rejected"), "dt", "reason", "source_file", "ts_raw", "event_id"),
+        "vocab": sort(read(cfg, "vocab"), "kind", "idx"),
+        "items": sort(read(cfg, "items"), "item_idx"),
+    }
+
+
+def clean_ingest(tmp_path: Path, *days, raw=three_days) -> dict:
+    """The tables after an uninterrupted one-process ingest of `days` in order, in a warehouse of their own
+    (raw drops made by `raw(raw_root)`)."""
+    cfg = load_config(env={"USERFORMER_HOME": str(tmp_path / f"clean-{'-'.join(map(str, days))}")})
+    raw(cfg.raw_root)
+    for d in days:
+        ingest_mod.ingest(cfg, d)
+    return tables_of(cfg)
+
+
 @pytest.fixture
 def three(cfg, spark):
     three_days(cfg.raw_root)
@@ -49,7 +78,7 @@ def test_ingest_accepts_quarantines_and_dedupes(three):
     assert r2["accepted"] == 4 and r2["rejected"] == {"duplicate": 1}
 
     ev = read(cfg, "events")
-    assert ev.schema.equals(S.EVENTS, check_metadata=False)
+    assert same_columns(ev.schema, S.EVENTS)
     assert {"e1", "e2", "e3", "e4", "e8", "e9", "e10"} < set(ev["event_id"].to_pylist())
     assert len(set(ev["event_id"].to_pylist())) == ev.num_rows == 8
     # The late event of D2 is stored in drop D2 with its real time.
@@ -60,7 +89,7 @@ def test_ingest_accepts_quarantines_and_dedupes(three):
     assert len(hashed["event_id"][0].as_py()) == 40
 
     rej = read(cfg, "events_rejected")
-    assert rej.schema.equals(S.EVENTS_REJECTED, check_metadata=False)
+    assert same_columns(rej.schema, S.EVENTS_REJECTED)
     cross = rej.filter(pc.equal(rej["dt"], pa.scalar(D2))).to_pylist()[0]
     assert cross["reason"] == "duplicate" and "2026-01-01" in cross["detail"] and cross["event_id"] == "e1"
     assert all(r["source_file"] == "part-0.parquet" for r in rej.to_pylist())
@@ -189,8 +218,8 @@ def _assert_refused(cfg, day, match):
     with pytest.raises(UserError, match=match):
         ingest_mod.ingest(cfg, day)
     assert versions(cfg) == before, "a refused drop must leave every table as it was"
-    staging = cfg.warehouse_root / "_staging"
-    assert not staging.exists() or not any(p.is_file() for p in staging.rglob("*"))
+    for table in ("events", "events_rejected"):  # not even uncommitted files
+        assert not list(cfg.table_path(table).glob(f"dt={day}/*"))
 
 
 def test_missing_required_column_is_refused(three):
@@ -234,27 +263,93 @@ def test_missing_and_empty_partitions(three):
     assert delta.history(cfg.table_path("events"))[0]["dt"] == "2026-01-04"
 
 
-def test_failed_commit_leaves_tables_as_they_were(three, monkeypatch):
-    """A crash at the last commit (events) leaves events at its previous version; the rerun completes."""
+def test_killed_before_the_events_commit_leaves_events_as_they_were(three, spark, tmp_path):
+    """A real `userformer ingest` SIGKILLed (with its Spark) at its last commit: events stay at their previous
+    version and readable; the rerun completes the day, equal to an uninterrupted run."""
     cfg = three
     ingest_mod.ingest(cfg, D1)
     before = delta.version_of(cfg.table_path("events"))
-    real = delta.commit_staged
+    events_before = sort(read(cfg, "events"), "event_id")
+    pause = tmp_path / "pause"
+    step = procs.start(cfg.paths.home, tmp_path / "logs", "ingest", "--dt", str(D2),
+                       pause_at="ingest.before_events_commit", pause_dir=pause)
+    try:
+        procs.wait_paused(pause, "ingest.before_events_commit", [step])
+        step.kill()
+    finally:
+        procs.stop_all([step])
+    assert step.proc.returncode == -9
 
-    def boom(path, *a, **kw):
-        if str(path).endswith("/events"):
-            raise OSError("disk full (injected)")
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(delta, "commit_staged", boom)
-    with pytest.raises(OSError):
-        ingest_mod.ingest(cfg, D2)
     assert delta.version_of(cfg.table_path("events")) == before
-    assert not list((cfg.table_path("events")).glob("dt=2026-01-02/*"))
-    monkeypatch.setattr(delta, "commit_staged", real)
+    assert sort(read(cfg, "events"), "event_id").equals(events_before)
+    assert delta.spark_read(spark, cfg.table_path("events")).count() == events_before.num_rows
+    # What it committed before the kill (vocab, items, events_rejected[D2]) is what a rerun commits again.
+    assert delta.history(cfg.table_path("events_rejected"))[0]["dt"] == str(D2)
+
     ingest_mod.ingest(cfg, D2)
-    ev = read(cfg, "events")
-    assert ev.num_rows == 8 and len(set(ev["event_id"].to_pylist())) == 8
+    got, want = tables_of(cfg), clean_ingest(tmp_path, D1, D2)
+    for name in want:
+        assert got[name].equals(want[name]), name
+
+
+def test_a_lookback_drop_committed_meanwhile_refuses_the_commit(three, monkeypatch, tmp_path):
+    """D3 deduplicates against D2. When D2 is committed while D3 runs (after D3 read events), D3's commit is
+    refused as ConcurrentWrite, before any of its commits; the rerun gives the one-at-a-time result."""
+    def raw(root):
+        three_days(root)
+        # D3 redelivers an event of D2: its verdict depends on whether D2 is in events.
+        write_drop(root, D3, events_table([("e8", "u1", ts(D2, 1), "purchase", "i1")]), name="part-1.parquet")
+
+    cfg = three
+    raw(cfg.raw_root)
+    ingest_mod.ingest(cfg, D1)
+    real = hooks.pause
+    started, after_d2 = [], []
+
+    def d2_meanwhile(name):
+        if name == "ingest.before_commit" and not started:
+            started.append(True)
+            ingest_mod.ingest(cfg, D2)  # the other writer, between D3's reads and its commits
+            after_d2.append(versions(cfg))
+        real(name)
+
+    monkeypatch.setattr(hooks, "pause", d2_meanwhile)
+    with pytest.raises(delta.ConcurrentWrite, match="was committed after this step read"):
+        ingest_mod.ingest(cfg, D3)
+    assert after_d2 and versions(cfg) == after_d2[0], "the refused D3 committed nothing"
+    monkeypatch.setattr(hooks, "pause", real)
+
+    r = ingest_mod.ingest(cfg, D3)
+    assert r["rejected"] == {"duplicate": 1}
+    got, want = tables_of(cfg), clean_ingest(tmp_path, D1, D2, D3, raw=raw)
+    for name in want:
+        assert got[name].equals(want[name]), name
+
+
+def test_events_table_layout_and_rerun_touches_only_its_day(three):
+    """Spark creates events partitioned by dt, readable by delta-rs; files sorted by user_id, ts; a rerun of D2
+    replaces D2's files only."""
+    cfg = three
+    for d in (D1, D2, D3):
+        ingest_mod.ingest(cfg, d)
+    path = cfg.table_path("events")
+    t = delta.open_table(path)
+    assert t.metadata().partition_columns == ["dt"]
+    assert t.protocol().min_reader_version == 1 and not t.protocol().reader_features
+    first = delta.history(path)[-1]
+    assert (first["version"], first["step"], first["dt"]) == (0, "ingest", str(D1))
+    for f in delta.active_files(path):
+        rows = pq.read_table(str(path / f), columns=["user_id", "ts"]).to_pylist()
+        assert rows == sorted(rows, key=lambda r: (r["user_id"], r["ts"])), f
+
+    def files_by_day():
+        return {d: sorted(a["path"] for a in delta.add_actions(path) if str(a["partition.dt"]) == str(d)) for d in (D1, D2, D3)}
+
+    files = files_by_day()
+    ingest_mod.ingest(cfg, D2)
+    after = files_by_day()
+    assert after[D1] == files[D1] and after[D3] == files[D3]
+    assert set(after[D2]).isdisjoint(files[D2]) and after[D2]
 
 
 def test_tables_readable_by_other_engines(three):
