@@ -189,8 +189,20 @@ def test_drop_date_is_the_logical_date():
 
 def test_dag_files_only_wire():
     """Every task body calls into userformer.jobs; no Spark, torch or Delta code in the DAG files."""
-    for f in ("daily_refresh.py", "retrain.py", "common.py"):
+    for f in ("daily_refresh.py", "retrain.py", "repair.py", "maintenance.py", "common.py"):
         text = (DAGS / f).read_text()
         for heavy in ("pyspark", "import torch", "deltalake", "pyarrow"):
             assert heavy not in text, (f, heavy)
     assert (Path(DAGS) / "README.md").is_file()
+
+
+def test_maintenance_runs_weekly_one_at_a_time(bag):
+    """Compaction, purge and vacuum: one task calling `userformer maintain`'s function, weekly, never two at once."""
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    d = bag.dags["maintenance"]
+    d.validate()
+    assert d.max_active_runs == 1 and not d.catchup and "userformer" in d.tags and "###" in d.doc_md
+    assert [t.task_id for t in d.tasks] == ["maintain"]
+    assert d.tasks[0].retries == 3  # transient failures (a conflicting daily commit) are retried
+    assert coerce_to_core_timetable(d.timetable).summary == "0 3 * * 0"
