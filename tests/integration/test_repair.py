@@ -157,6 +157,11 @@ def test_undetected_corruption_restore_twice_gives_the_clean_tables(clean, tmp_p
     res = RP.repair(b, D2, D3, "restore")
     assert res["restored"]["model"]["action"] == "unpublish"
     assert_same_as_clean(clean, b)
+    # Spark's tables went back through delta-spark (delta-rs's restore would drop their deletion vectors).
+    for t in RP.S.SPARK_TABLES:
+        restores = [h for h in delta.history(b.table_path(t)) if h.get("operation") == "RESTORE"]
+        assert restores and all("Apache-Spark" in str(h.get("engineInfo")) for h in restores), t
+        assert all(h.get("repair_id") == res["id"] for h in restores), t
     # The corrupt run's models stay registered; publish_log says what happened.
     assert [e["version"] for e in R.publish_log(b)][2] is None
     # Idempotent: the same repair again ends with the same tables.
