@@ -88,7 +88,8 @@ class IngestConfig:
 class SequencesConfig:
     # Events kept per user (the most recent ones).
     max_len: int = field(default=256, metadata=_rng(1, 100_000))
-    # Target rows per Parquet file written for user_sequences.
+    # Target rows per Parquet file when user_sequences is written whole (rebuild, first day); a day's MERGE
+    # writes the active users' rows apart and `maintain` compacts.
     rows_per_file: int = field(default=200_000, metadata=_rng(1_000, None))
 
 

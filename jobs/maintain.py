@@ -1,15 +1,24 @@
-"""`userformer maintain`: keep the warehouse small without losing the history repairs need.
+"""`userformer maintain`: keep the warehouse small and fast without losing the history repairs need.
 
-Every daily step rewrites files (copy-on-write), so removed files pile up.
-Vacuum deletes files that no version younger than the retention window
-references, plus orphans of failed runs; a checkpoint keeps log reads fast; the
-staging folders of crashed runs are cleared. Time travel (and so `repair`)
-works back to the retention window and no further: size it to the longest
-repair you may need.
+The Spark-written tables (`events`, `events_rejected`, `user_sequences`) are
+kept up through delta-spark: OPTIMIZE compacts the small files every day adds
+(a `sequences` MERGE writes one small file of the active users' rows and
+deletion vectors for their old rows) and rewrites files with many deleted
+rows; REORG ... APPLY (PURGE) rewrites the files that still carry deletion
+vectors, so readers stop filtering deleted rows; VACUUM then deletes files
+(data and deletion vectors) that no version younger than the retention window
+references, plus orphans of failed runs. delta-spark checkpoints their logs
+itself. The other tables are written by delta-rs: delta-rs vacuums and
+checkpoints them. delta-rs never vacuums a table with deletion vectors (it
+does not know their files). The staging folders of crashed runs are cleared.
+
+Time travel (and so `repair`, reruns of a day) works back to the retention
+window and no further: size it to the longest repair you may need.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -17,21 +26,30 @@ import time
 
 from userformer.jobs.config import Config
 from userformer.jobs.storage import delta
-from userformer.schemas.tables import TABLES
+from userformer.schemas.tables import SPARK_TABLES, TABLES
 
 log = logging.getLogger(__name__)
 
 
 def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None = None) -> dict:
-    """Vacuum every table beyond the retention window, checkpoint its log, clear stale staging folders."""
+    """Compact and purge the Spark tables, vacuum every table beyond the retention window, clear stale staging."""
     days = cfg.storage.retention_days if retention_days is None else retention_days
+    hours = int(days * 24)
     out = {"retention_days": days, "dry_run": dry_run, "tables": {}}
+    spark = None
     for name in TABLES:
         path = cfg.table_path(name)
         if not delta.exists(path):
             continue
         t = delta.open_table(path)
-        files = t.vacuum(retention_hours=int(days * 24), dry_run=dry_run, enforce_retention_duration=False)
+        if name in SPARK_TABLES or delta.has_deletion_vectors(t):
+            if spark is None:
+                from userformer.jobs.spark import spark_session
+
+                spark = spark_session(cfg)
+            out["tables"][name] = _spark_maintain(spark, path, hours, dry_run)
+            continue
+        files = t.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False)
         if not dry_run:
             t.create_checkpoint()
             t.cleanup_metadata()  # log entries older than the table's logRetentionDuration
@@ -49,9 +67,62 @@ def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None
     return out
 
 
+def _spark_maintain(spark, path, hours: int, dry_run: bool) -> dict:
+    """OPTIMIZE, purge of deletion vectors, VACUUM of one table through delta-spark; what each did."""
+    target = f"delta.`{delta.uri(path)}`"
+    # Delta refuses a window under the table's deletedFileRetentionDuration (7 days) unless told to: the
+    # window is storage.retention_days, chosen by whoever runs maintain.
+    key = "spark.databricks.delta.retentionDurationCheck.enabled"
+    if dry_run:
+        with _conf(spark, key, "false"):
+            files = spark.sql(f"VACUUM {target} RETAIN {hours} HOURS DRY RUN").count()
+        return {"files_to_delete": files, "version": delta.version_of(path)}
+    res = {}
+    meta = {"step": "maintain"}
+    with delta.spark_commit(spark, path, {**meta, "action": "optimize"}) as c:
+        spark.sql(f"OPTIMIZE {target}").collect()
+    res["optimize"] = _metrics(path, c["version"])
+    c = {"version": None}
+    if any(f.keep is not None for f in delta.data_files(path)):  # REORG plans a Spark job even with none left
+        with delta.spark_commit(spark, path, {**meta, "action": "purge"}) as c:
+            spark.sql(f"REORG TABLE {target} APPLY (PURGE)").collect()
+    res["purge"] = _metrics(path, c["version"])
+    before = delta.version_of(path)
+    with _conf(spark, key, "false"), delta.conflicts(path):
+        spark.sql(f"VACUUM {target} RETAIN {hours} HOURS").collect()
+    ends = [h for h in delta.history(path, 10) if h["version"] > before and h.get("operation") == "VACUUM END"]
+    res["files_deleted"] = sum(int((h.get("operationMetrics") or {}).get("numDeletedFiles", 0)) for h in ends)
+    res["version"] = delta.version_of(path)
+    return res
+
+
+def _metrics(path, version: int | None) -> dict | None:
+    """A commit's counts from its operationMetrics (None: the operation had nothing to do and committed nothing)."""
+    if version is None:
+        return None
+    h = next(h for h in delta.history(path, 20) if h["version"] == version)
+    m = h.get("operationMetrics") or {}
+    return {"version": version, **{k: int(v) for k, v in m.items() if str(v).isdigit()}}
+
+
+@contextlib.contextmanager
+def _conf(spark, key: str, value: str):
+    """A Spark SQL setting for the duration of a block, then back to what it was."""
+    old = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if old is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, old)
+
+
 def register(sub) -> None:
-    p = sub.add_parser("maintain", help="vacuum old files beyond the retention window, checkpoint logs, clear stale staging")
-    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    p = sub.add_parser("maintain", help="compact and purge the Spark tables, vacuum old files beyond the retention "
+                                        "window, checkpoint logs, clear stale staging")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, change nothing")
     p.add_argument("--retention-days", type=float, help="override storage.retention_days for this run")
     p.set_defaults(func=run)
 
@@ -59,4 +130,3 @@ def register(sub) -> None:
 def run(args, cfg: Config) -> int:
     print(json.dumps(maintain(cfg, dry_run=args.dry_run, retention_days=args.retention_days), indent=2, default=str))
     return 0
-

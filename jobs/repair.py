@@ -505,7 +505,10 @@ def select_users(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> list[str]:
 
 
 def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id: str) -> dict:
-    """Rebuild the user_sequences rows of `users` from their events up to `upto`, in one commit (module doc)."""
+    """Rebuild the user_sequences rows of `users` from their events up to `upto`, in one commit (module doc).
+
+    One MERGE by user_id: a chosen user with events gets their rebuilt row (updated or inserted), one without
+    events loses their row; every other row is untouched (deletion vectors mark the replaced rows)."""
     import pyarrow as pa
     from pyspark.sql import functions as F
 
@@ -514,31 +517,39 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     spark = spark_session(cfg)
-    sel = spark.createDataFrame(pa.table({"user_id": pa.array(users, pa.string())}).to_pandas())
+    # Unique ids: a MERGE refuses two source rows for one target row.
+    sel = spark.createDataFrame(pa.table({"user_id": pa.array(list(dict.fromkeys(users)), pa.string())}).to_pandas())
     sel = F.broadcast(sel) if len(users) <= 1_000_000 else sel
-    events = delta.read_spark(spark, events_path, S.EVENTS).where(F.col("dt") <= F.lit(upto))
+    events = delta.spark_read(spark, events_path).where(F.col("dt") <= F.lit(upto))
     per_user = Q._per_user(events.join(sel, "user_id", "left_semi")).localCheckpoint()
     try:
         rebuilt = per_user.count()
-        cur = delta.read_spark(spark, seq_path, S.USER_SEQUENCES).withColumn("_file", F.col("_metadata.file_path"))
-        hit = cur.join(sel, "user_id", "left_semi")
-        had = set(r["user_id"] for r in hit.select("user_id").collect())
-        touched = [r["_file"] for r in hit.select("_file").distinct().collect()]
-        removed = sorted(had - set(r["user_id"] for r in per_user.select("user_id").collect()))
-        if not rebuilt and not touched:
+        # Chosen users with a row but no events (any more): the MERGE deletes their row.
+        had = delta.spark_read(spark, seq_path).select("user_id").join(sel, "user_id", "left_semi")
+        removed = sorted(r["user_id"] for r in had.join(per_user.select("user_id"), "user_id", "left_anti").collect())
+        if not rebuilt and not removed:
             return {"users": len(users), "rebuilt": 0, "removed": [], "committed": False,
                     "version": delta.version_of(seq_path), "reason": "none of the users has events or a row"}
-        keep = cur.where(F.col("_file").isin(touched)).drop("_file").join(sel, "user_id", "left_anti")
-        out = Q._finish(per_user, cfg.sequences.max_len).unionByName(keep.select(*S.USER_SEQUENCES.names))
-        rel = Q._relative(seq_path, touched)
-        n_old = sum(a["num_records"] for a in delta.add_actions(seq_path) if a["path"] in set(rel))
+        rows = Q._finish(per_user, cfg.sequences.max_len).withColumn("_rebuilt", F.lit(True))
+        src = sel.join(rows, "user_id", "left")
+        values = {c: F.col(f"s.{c}") for c in S.USER_SEQUENCES.names}
         meta = {"step": "sequences-rebuild", "upto": str(upto), "events_version": delta.version_of(events_path),
                 "repair_id": repair_id, "repair_mode": "recompute", "users": len(users)}
-        version = Q._write(out, cfg, n_old + rebuilt, remove_files=rel, meta=meta)
+        Q.ensure_deletion_vectors(spark, seq_path)
+        with delta.spark_commit(spark, seq_path, meta) as c:
+            (delta.spark_table(spark, seq_path).alias("t").merge(src.alias("s"), "t.user_id = s.user_id")
+             .whenMatchedDelete(condition="s._rebuilt IS NULL")
+             .whenMatchedUpdate(set=values)
+             .whenNotMatchedInsert(condition="s._rebuilt", values=values)
+             .execute())
     finally:
         per_user.unpersist()
+    if c["version"] is None:
+        raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
+    m = Q._write_metrics(seq_path, c["version"])
     res = {"users": len(users), "rebuilt": rebuilt, "removed": removed, "committed": True,
-           "files_rewritten": len(touched), "version": version}
+           "files_rewritten": m["files_rewritten"], "files_added": m["files_added"],
+           "rows_written": m["rows_written"], "version": c["version"]}
     log.info("repair %s: user_sequences %s", repair_id, {k: v for k, v in res.items() if k != "removed"})
     return res
 

@@ -1,9 +1,11 @@
 """Per-user sequences: events -> user_sequences, incrementally (one drop) or rebuilt (all drops).
 
-`update(cfg, D)` touches only the users with events in drop D: their stored
-last-max_len events and D's events (late ones included) are merged in time
-order and cut to the last max_len; lifetime counts add up. Only the files that
-hold those users are rewritten, in one Delta commit (copy-on-write).
+`update(cfg, D)` is one Delta MERGE by user_id of D's per-user events into
+user_sequences: a matched user's stored last-max_len events and D's events
+(late ones included) are merged in time order and cut to the last max_len,
+lifetime counts add up; a new user is inserted. The table carries deletion
+vectors, so the MERGE writes only the active users' new rows and marks their
+old rows deleted instead of rewriting the files that hold them.
 
 `rebuild(cfg)` computes the same table from `events` alone. The two agree
 exactly because both sort events by the same total order (the full event
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from userformer.jobs import hooks
 from userformer.jobs.common import UserError, date_arg
 from userformer.jobs.config import Config
 from userformer.jobs.storage import delta
@@ -27,6 +30,10 @@ log = logging.getLogger(__name__)
 # Field order is the sort order of a user's events (ts first; the rest breaks ties deterministically).
 _EVENT_FIELDS = ["ts", "item_idx", "event_type_idx", "category_l1_idx", "category_l2_idx",
                  "category_l3_idx", "brand_idx", "surface_idx", "duration_s"]
+
+# Written at creation (rebuild, first day) and set on older tables by `ensure_deletion_vectors`:
+# a MERGE then marks replaced rows instead of rewriting their files.
+PROPERTIES = {"delta.enableDeletionVectors": "true"}
 
 
 def _per_user(events):
@@ -53,46 +60,79 @@ def _per_user(events):
     return agg.withColumn("counts", counts).drop("_types")
 
 
+def _columns(events, n_events, counts, first_ts, last_ts, last_dt, max_len: int) -> dict:
+    """The user_sequences columns (but user_id) from per-user Column expressions: events is an array of
+    event structs in any order, counts a map event_type -> count.
+
+    One definition for the rebuild, the MERGE's update and its insert, so they agree by construction."""
+    from pyspark.sql import functions as F
+
+    # The newest max_len events, kept oldest first.
+    ordered = F.sort_array(events)
+    kept = F.slice(ordered, F.greatest(F.size(ordered) - max_len, F.lit(0)) + 1, max_len)
+    out = {name: kept.getField(name) for name in S.SEQUENCE_ARRAYS}
+    out.update({
+        "seq_len": F.size(kept).cast("int"),
+        "lifetime_events": n_events.cast("long"),
+        # Sorted entries: the same counts always give the same map, whatever the merge order.
+        "lifetime_counts": F.map_from_entries(F.array_sort(F.map_entries(counts))),
+        "first_event_ts": first_ts,
+        "last_event_ts": last_ts,
+        "updated_dt": last_dt,
+    })
+    return out
+
+
 def _finish(df, max_len: int):
     """From (user_id, events[], n_events, counts, first_ts, last_ts, last_dt) to the user_sequences schema."""
     from pyspark.sql import functions as F
 
-    # The newest max_len events, kept oldest first.
-    df = df.withColumn("events", F.expr(f"slice(sort_array(events), greatest(size(events) - {max_len}, 0) + 1, {max_len})"))
-    cols = [F.col("user_id")]
-    for name in S.SEQUENCE_ARRAYS:
-        cols.append(F.col(f"events.{name}").alias(name))
-    cols += [
-        F.size("events").cast("int").alias("seq_len"),
-        F.col("n_events").cast("long").alias("lifetime_events"),
-        # Sorted entries: the same counts always give the same map, whatever the merge order.
-        F.map_from_entries(F.array_sort(F.map_entries("counts"))).alias("lifetime_counts"),
-        F.col("first_ts").alias("first_event_ts"),
-        F.col("last_ts").alias("last_event_ts"),
-        F.col("last_dt").alias("updated_dt"),
-    ]
-    return df.select(*cols)
+    cols = _columns(F.col("events"), F.col("n_events"), F.col("counts"), F.col("first_ts"), F.col("last_ts"),
+                    F.col("last_dt"), max_len)
+    return df.select(F.col("user_id"), *[c.alias(k) for k, c in cols.items()])
 
 
-def _to_struct_events(seq):
-    """Stored arrays back to an array of event structs (the inverse of _finish)."""
+def _stored_events(prefix: str):
+    """A row's stored arrays back to an array of event structs (the inverse of _columns)."""
     from pyspark.sql import functions as F
 
-    return F.arrays_zip(*[F.col(f"{seq}.{c}").alias(c) for c in _EVENT_FIELDS])
+    return F.arrays_zip(*[F.col(f"{prefix}.{c}").alias(c) for c in _EVENT_FIELDS])
 
 
-def _write(df, cfg: Config, n_rows: int, *, remove_files=None, overwrite=False, meta=None) -> int:
+def _merged(max_len: int) -> dict:
+    """SET expressions of the MERGE for a user in both the table (t) and the day (s)."""
+    from pyspark.sql import functions as F
+
+    t, s = (lambda c: F.col(f"t.{c}")), (lambda c: F.col(f"s.{c}"))
+    counts = F.when(t("lifetime_counts").isNull(), s("counts")).otherwise(
+        F.map_zip_with(t("lifetime_counts"), s("counts"),
+                       lambda k, a, b: F.coalesce(a, F.lit(0)) + F.coalesce(b, F.lit(0))))
+    return _columns(F.concat(_stored_events("t"), s("events")), t("lifetime_events") + s("n_events"), counts,
+                    F.least(t("first_event_ts"), s("first_ts")), F.greatest(t("last_event_ts"), s("last_ts")),
+                    F.greatest(t("updated_dt"), s("last_dt")), max_len)
+
+
+def _inserted(max_len: int) -> dict:
+    """INSERT values of the MERGE for a user new on the day."""
+    from pyspark.sql import functions as F
+
+    s = lambda c: F.col(f"s.{c}")  # noqa: E731
+    return {"user_id": s("user_id"), **_columns(s("events"), s("n_events"), s("counts"), s("first_ts"),
+                                                 s("last_ts"), s("last_dt"), max_len)}
+
+
+def _write(df, cfg: Config, n_rows: int, meta: dict) -> int:
+    """Replace the whole table in one commit, `sequences.rows_per_file` rows per file, deletion vectors on."""
     path = cfg.table_path("user_sequences")
     n_files = max(1, -(-n_rows // cfg.sequences.rows_per_file))
-    with delta.staging(path) as staged:
-        df.repartition(n_files, "user_id").sortWithinPartitions("user_id").write.mode("overwrite").parquet(str(staged))
-        return delta.commit_staged(
-            path, staged, S.USER_SEQUENCES, mode="overwrite" if overwrite else "append",
-            remove_files=remove_files, metadata=meta,
-        )
+    out = df.repartition(n_files, "user_id").sortWithinPartitions("user_id")
+    if delta.exists(path):  # a write's table properties apply only when it creates the table
+        ensure_deletion_vectors(df.sparkSession, path)
+    return delta.spark_write(out, path, mode="overwrite", metadata=meta, properties=PROPERTIES)
 
 
-_NO_DATA_CHANGE = ("VACUUM", "OPTIMIZE", "CHECKPOINT")
+# Commits that change no rows: the state (and the drop it holds) is that of the commit before.
+NO_DATA_CHANGE = delta.NO_DATA_CHANGE
 
 
 def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:
@@ -101,19 +141,22 @@ def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:
     Read from the commit metadata. The second value is where a rerun of that
     same drop starts from, so a rerun replaces the drop's effect instead of
     merging its events twice (-1 when that drop created the table; None after a
-    rebuild, which has no single drop to undo). A restore done by hand (no
-    metadata) is followed to the version it restored.
+    rebuild, which has no single drop to undo). A restore without a drop in its
+    metadata (by hand, or a rerun's first commit) is followed to the version it
+    restored (Delta records it in operationParameters).
     """
     if not delta.exists(seq_path):
         return None, None
     hist = {h["version"]: h for h in delta.history(seq_path)}
     v = max(hist)
-    # Maintenance commits (vacuum, optimize) change no rows: look past them.
-    while v - 1 in hist and str(hist[v].get("operation", "")).startswith(_NO_DATA_CHANGE):
+    # Maintenance commits (vacuum, optimize, purge, properties) change no rows: look past them.
+    while v - 1 in hist and str(hist[v].get("operation", "")).startswith(NO_DATA_CHANGE):
         v -= 1
     h = hist[v]
     while h.get("operation") == "RESTORE" and not (h.get("dt") or h.get("upto")):
-        h = hist.get(int(h["operationParameters"]["version"]), {})
+        h = hist.get(int((h.get("operationParameters") or {})["version"]), {})
+        while h and str(h.get("operation", "")).startswith(NO_DATA_CHANGE) and h["version"] - 1 in hist:
+            h = hist[h["version"] - 1]
     applied = h.get("dt") or h.get("upto")
     if not applied:
         return None, None
@@ -127,6 +170,8 @@ def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:
 
 def update(cfg: Config, day: dt.date) -> dict:
     """Merge drop D's events into user_sequences for the users active on D (idempotent: a rerun of D replaces D)."""
+    from pyspark.sql import functions as F
+
     from userformer.jobs.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
@@ -150,7 +195,7 @@ def update(cfg: Config, day: dt.date) -> dict:
         )
     spark = spark_session(cfg)
     meta = {"step": "sequences", "dt": str(day), "events_version": delta.version_of(events_path)}
-    events = delta.read_spark(spark, events_path, S.EVENTS, partition_filters=[("dt", "=", str(day))])
+    events = delta.spark_read(spark, events_path).where(F.col("dt") == F.lit(day))
     new = _per_user(events).localCheckpoint()
     try:
         return _merge_day(cfg, spark, day, new, rerun, base, meta)
@@ -159,76 +204,80 @@ def update(cfg: Config, day: dt.date) -> dict:
 
 
 def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | None, meta: dict) -> dict:
-    from pyspark.sql import functions as F
-
     seq_path = cfg.table_path("user_sequences")
     n_active = new.count()
+    result = {"dt": str(day), "active_users": n_active, "new_users": 0, "rerun": rerun, "files_rewritten": 0,
+              "files_added": 0, "rows_written": 0}
     # The state D is applied to: the current table, or on a rerun the version before D.
-    base_exists = delta.exists(seq_path) and (not rerun or base >= 0)
-    if n_active == 0:
-        version = delta.version_of(seq_path)
-        if rerun and base_exists:
-            version = _restore(seq_path, base, meta)
-        log.info("sequences dt=%s: no active users%s", day, " (rerun: restored the state before the drop)" if rerun else "")
-        return {"dt": str(day), "active_users": 0, "new_users": 0, "files_rewritten": 0, "version": version}
-    if not base_exists:
-        version = _write(_finish(new, cfg.sequences.max_len), cfg, n_active, meta=meta, overwrite=rerun)
-        return {"dt": str(day), "active_users": n_active, "new_users": n_active, "files_rewritten": 0, "version": version}
-
-    cur = delta.read_spark(spark, seq_path, S.USER_SEQUENCES, version=base if rerun else None)
-    cur = cur.withColumn("_file", F.col("_metadata.file_path"))
-    if rerun:  # everything is rewritten from the base version
-        touched = None
-        old = cur.drop("_file")
+    if rerun and base >= 0:
+        _restore(spark, seq_path, base, day)
+    if (n_active and not delta.exists(seq_path)) or (rerun and base < 0):
+        # D creates the table, or a rerun of the day that created it replaces it (with no rows if D is empty now).
+        version = _write(_finish(new, cfg.sequences.max_len), cfg, n_active, meta)
+        result.update(_write_metrics(seq_path, version), new_users=n_active, version=version)
+    elif n_active:
+        ensure_deletion_vectors(spark, seq_path)
+        hooks.pause("sequences.before_merge")  # tests: a crash here, after a rerun's RESTORE
+        result.update(_merge(spark, seq_path, new, meta, cfg.sequences.max_len))
     else:
-        touched = [r["_file"] for r in cur.join(new.select("user_id"), "user_id", "left_semi").select("_file").distinct().collect()]
-        old = cur.where(F.col("_file").isin(touched)).drop("_file")
-    active = new.select("user_id")
-    old_active = old.join(active, "user_id", "left_semi")
-    keep = old.join(active, "user_id", "left_anti")
-
-    o = old_active.select(
-        "user_id",
-        F.struct(*[F.col(c) for c in S.SEQUENCE_ARRAYS]).alias("seq"),
-        F.col("lifetime_events").alias("o_n"), F.col("lifetime_counts").alias("o_counts"),
-        F.col("first_event_ts").alias("o_first"), F.col("last_event_ts").alias("o_last"),
-    )
-    m = new.join(o, "user_id", "left")
-    merged = m.select(
-        "user_id",
-        F.when(F.col("seq").isNull(), F.col("events")).otherwise(F.concat(_to_struct_events("seq"), F.col("events"))).alias("events"),
-        (F.col("n_events") + F.coalesce(F.col("o_n"), F.lit(0))).alias("n_events"),
-        F.when(F.col("o_counts").isNull(), F.col("counts"))
-        .otherwise(F.map_zip_with("o_counts", "counts", lambda k, a, b: F.coalesce(a, F.lit(0)) + F.coalesce(b, F.lit(0))))
-        .alias("counts"),
-        F.least("first_ts", "o_first").alias("first_ts"),
-        F.greatest("last_ts", "o_last").alias("last_ts"),
-        F.col("last_dt"),
-    )
-    out = _finish(merged, cfg.sequences.max_len).unionByName(keep.select(*S.USER_SEQUENCES.names))
-    # Row counts from the Delta log's file stats: no extra pass over the data.
-    before = delta.add_actions(seq_path, base if rerun else None)
-    rel = None if rerun else _relative(seq_path, touched)
-    n_old = sum(a["num_records"] for a in before if rerun or a["path"] in set(rel))
-    users_before = sum(a["num_records"] for a in before)
-    if rerun:
-        version = _write(out, cfg, n_old + n_active, overwrite=True, meta=meta)
-    else:
-        version = _write(out, cfg, n_old + n_active, remove_files=rel, meta=meta)
-    n_new_users = sum(a["num_records"] for a in delta.add_actions(seq_path)) - users_before
-    result = {"dt": str(day), "active_users": n_active, "new_users": n_new_users, "rerun": rerun,
-              "files_rewritten": len(before) if rerun else len(rel), "rows_written": n_old + n_new_users,
-              "version": version}
+        result["version"] = delta.version_of(seq_path)
     log.info("sequences dt=%s: %s", day, result)
     return result
 
 
-def _restore(seq_path, version: int, meta: dict) -> int:
-    from deltalake import CommitProperties
+def _merge(spark, seq_path, new, meta: dict, max_len: int) -> dict:
+    """The day's users into the table: one MERGE, one commit; its counts from the commit's operationMetrics."""
+    target = delta.spark_table(spark, seq_path).alias("t")
+    with delta.spark_commit(spark, seq_path, meta) as c:
+        (target.merge(new.alias("s"), "t.user_id = s.user_id")
+         .whenMatchedUpdate(set=_merged(max_len))
+         .whenNotMatchedInsert(values=_inserted(max_len))
+         .execute())
+    if c["version"] is None:
+        raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
+    m = _write_metrics(seq_path, c["version"])
+    return {"version": c["version"], "new_users": m.pop("rows_inserted"), **m}
 
-    t = delta.open_table(seq_path)
-    t.restore(version, commit_properties=CommitProperties(custom_metadata={k: str(v) for k, v in meta.items()}))
-    return delta.version_of(seq_path)
+
+def _write_metrics(seq_path, version: int) -> dict:
+    """Rows and files a commit wrote, from its operationMetrics (a MERGE's or a write's)."""
+    h = next(h for h in delta.history(seq_path, 50) if h["version"] == version)
+    m = {k: int(v) for k, v in (h.get("operationMetrics") or {}).items() if str(v).lstrip("-").isdigit()}
+    if h.get("operation") == "MERGE":
+        inserted, updated = m.get("numTargetRowsInserted", 0), m.get("numTargetRowsUpdated", 0)
+        return {"rows_inserted": inserted, "rows_updated": updated, "rows_deleted": m.get("numTargetRowsDeleted", 0),
+                "rows_written": inserted + updated, "files_added": m.get("numTargetFilesAdded", 0),
+                # With deletion vectors no file is rewritten: replaced rows are marked in the vectors.
+                "files_rewritten": m.get("numTargetFilesRemoved", 0),
+                "deletion_vectors_added": m.get("numTargetDeletionVectorsAdded", 0),
+                "bytes_added": m.get("numTargetBytesAdded", 0), "target_rows_copied": m.get("numTargetRowsCopied", 0),
+                "scan_ms": m.get("scanTimeMs"), "rewrite_ms": m.get("rewriteTimeMs")}
+    return {"rows_written": m.get("numOutputRows", 0), "files_added": m.get("numFiles", 0),
+            "bytes_added": m.get("numOutputBytes", 0)}
+
+
+def ensure_deletion_vectors(spark, seq_path) -> bool:
+    """Enable deletion vectors on a table that lacks them (tables written before user_sequences was MERGEd
+    are valid Delta tables without the feature): one ALTER commit. True when it changed the table."""
+    props = delta.open_table(seq_path).metadata().configuration or {}
+    if str(props.get("delta.enableDeletionVectors", "")).lower() == "true":
+        return False
+    log.warning("user_sequences at %s has no deletion vectors: enabling them (delta.enableDeletionVectors, "
+                "a protocol upgrade; readers need Delta reader version 3 with deletionVectors)", seq_path)
+    with delta.spark_commit(spark, seq_path, {"step": "sequences-migrate", "enable": "deletionVectors"}):
+        spark.sql(f"ALTER TABLE delta.`{delta.uri(seq_path)}` SET TBLPROPERTIES "
+                  + "(" + ", ".join(f"'{k}' = '{v}'" for k, v in PROPERTIES.items()) + ")")
+    return True
+
+
+def _restore(spark, seq_path, version: int, day: dt.date) -> int:
+    """Back to the state before D (a rerun), as one RESTORE commit. Its metadata names no drop, so until
+    the MERGE that follows commits, `applied_drop` reads the state it restored (the drop before D):
+    a crash between the two leaves a table that a rerun of D applies to normally."""
+    with delta.spark_commit(spark, seq_path, {"step": "sequences-rerun", "rerun_of": str(day),
+                                              "restored_version": version}) as c:
+        delta.spark_table(spark, seq_path).restoreToVersion(version)
+    return c["version"]
 
 
 def _drop_ingested(events_path, day) -> bool:
@@ -239,33 +288,17 @@ def _drop_ingested(events_path, day) -> bool:
     return any(h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.lineage(events_path))
 
 
-def _relative(table_path, uris: list[str]) -> list[str]:
-    """Spark's file URIs -> paths relative to the table root, as the Delta log holds them."""
-    import urllib.parse
-    from pathlib import Path
-
-    by_plain = {urllib.parse.unquote(r): r for r in delta.active_files(table_path)}
-    root = Path(table_path).resolve()
-    out = []
-    for u in uris:
-        rel = Path(urllib.parse.unquote(urllib.parse.urlparse(u).path)).resolve().relative_to(root).as_posix()
-        if rel not in by_plain:
-            raise RuntimeError(f"file {u} is not an active file of {table_path}")
-        out.append(by_plain[rel])
-    return out
-
-
 def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
     """Recompute user_sequences from all of `events` (up to drop `upto`) and replace the table in one commit."""
     from pyspark.sql import functions as F
 
     from userformer.jobs.spark import spark_session
 
-    events_path = cfg.table_path("events")
+    events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     if not delta.exists(events_path):
         raise UserError(f"no events table at {events_path}")
     spark = spark_session(cfg)
-    events = delta.read_spark(spark, events_path, S.EVENTS)
+    events = delta.spark_read(spark, events_path)
     if upto is not None:
         events = events.where(F.col("dt") <= F.lit(upto))
     per_user = _per_user(events).localCheckpoint()
@@ -276,10 +309,10 @@ def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
             raise UserError("events holds no rows to rebuild from")
         # `upto` records the last drop included, so a following `--dt` update knows where the state stands.
         meta = {"step": "sequences-rebuild", "upto": str(upto or last), "events_version": delta.version_of(events_path)}
-        version = _write(_finish(per_user, cfg.sequences.max_len), cfg, n, overwrite=True, meta=meta)
+        version = _write(_finish(per_user, cfg.sequences.max_len), cfg, n, meta)
     finally:
         per_user.unpersist()
-    return {"users": n, "version": version, "upto": meta["upto"]}
+    return {"users": n, "version": version, "upto": meta["upto"], **_write_metrics(seq_path, version)}
 
 
 # -------------------------------------------------------------------- CLI

@@ -251,7 +251,7 @@ class Snapshot:
                     if columns is not None:
                         tab = tab.select(columns)
                     if tab.num_rows:
-                        yield tab
+                        yield _conform(tab, schema)
 
     def to_table(self, columns: list[str] | None = None, filter=None) -> pa.Table:
         if self._ds is not None:
@@ -290,6 +290,14 @@ def _row_groups(f: DataFile, n: int, filter, schema: pa.Schema) -> list[int]:
         return [rg.id for rg in frag.subset(filter, schema=schema).row_groups]
     except Exception:  # pruning only saves reading: when it cannot be worked out, read everything
         return list(range(n))
+
+
+def _conform(tab: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A file's rows in the table's schema (from the log). Files of one table differ in nested field names and
+    nullability by writer (Spark's DataFrame writes, its OPTIMIZE, delta-rs), which must not change what a read
+    returns, nor make batches of two files impossible to concatenate."""
+    want = pa.schema([schema.field(n) for n in tab.column_names])
+    return tab if tab.schema.equals(want) else tab.cast(want)
 
 
 def _filter_fields(expr, schema: pa.Schema) -> list[str]:
@@ -464,11 +472,23 @@ def spark_commit(spark, path: str | Path, metadata: dict | None = None):
 
 
 # --------------------------------------------------------------- log
+# Operations (prefixes of commitInfo.operation) that change no rows: maintenance (compaction, purge of
+# deletion vectors, vacuum) and table properties. A version after one holds the rows of the version before.
+NO_DATA_CHANGE = ("VACUUM", "OPTIMIZE", "CHECKPOINT", "REORG", "SET TBLPROPERTIES", "UPGRADE PROTOCOL")
+
+
 def missing_files(table_path: str | Path, version: int) -> list[str]:
     """Files a (local) version references that are gone, e.g. vacuumed after its retention window."""
     if not is_local(table_path):
         return []  # object stores: left to the reader's error
-    return [f.path for f in data_files(table_path, version) if not Path(_plain(f.path)).exists()]
+    gone = [p for a in add_actions(table_path, version) if not Path(_plain(p := _abs(table_path, a["path"]))).exists()]
+    if gone:
+        return gone
+    try:  # the version's deletion vectors are files too (vacuumed with the data files they belong to)
+        data_files(table_path, version)
+    except Exception as exc:  # noqa: BLE001 - any failure to load them means the version cannot be read
+        return [f"deletion vectors of version {version}: {str(exc).splitlines()[0][:300]}"]
+    return []
 
 
 def active_files(table_path: str | Path, version: int | None = None) -> list[str]:

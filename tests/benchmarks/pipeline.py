@@ -360,7 +360,7 @@ def _du(path: Path) -> float:
 def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac: float, per_user: float,
                 driver_memory: str, shuffle_partitions: int) -> dict:
     """`days` drops processed in order; then on the last day: incremental update vs full rebuild."""
-    from userformer.jobs import ingest, sequences
+    from userformer.jobs import ingest, maintain, sequences
     from userformer.jobs.generate import generate
     from userformer.jobs.spark import stop_spark
     from userformer.jobs.storage import delta
@@ -386,7 +386,9 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
         per_day.append({"dt": str(d), "raw_events": ing["raw_rows"], "accepted": ing["accepted"],
                         "ingest_s": round(t_i, 3), "sequences_s": round(t_s, 3),
                         "active_users": seq["active_users"], "new_users": seq["new_users"],
-                        "files_rewritten": seq["files_rewritten"], "seq_version": seq["version"]})
+                        "files_rewritten": seq["files_rewritten"], "files_added": seq.get("files_added"),
+                        "bytes_added": seq.get("bytes_added"), "rows_written": seq.get("rows_written"),
+                        "seq_version": seq["version"]})
         log(f"  {d}: ingest {t_i:.1f}s ({ing['raw_rows']:,} raw)  sequences {t_s:.1f}s ({seq['active_users']:,} users)")
     stages.read()
     events_total_accepted = sum(p["accepted"] for p in per_day)
@@ -405,7 +407,7 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
     assert applied == last and base is not None and base >= 0, (applied, base)
     inc_samples, inc_runs, inc_version = [], [], None
     for i in range(repeats):
-        _restore_state(seq_path, base, prev)
+        _restore_state(cfg, seq_path, base, prev)
         a, _ = sequences.applied_drop(seq_path)
         if a != prev:
             raise RuntimeError(f"after restoring version {base}, applied_drop says {a}, expected {prev}")
@@ -419,6 +421,16 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
         inc_runs.append({"seconds": round(s, 3), "load_before": la, "mem_available_gib_before": mem,
                          "applied_before": str(a), "restored_version": base, "result": res, "spark": stages.read()})
         log(f"  sequences.update({last}) incremental #{i + 1}: {s:.1f}s  {res}")
+
+    # What the daily MERGEs left (one small file a day, deletion vectors), then `maintain` on it, once:
+    # compaction + purge (OPTIMIZE, REORG ... PURGE) and a vacuum that deletes nothing (30-day window).
+    files_before_maintain = len(delta.active_files(seq_path))
+    stages.read()
+    t_m, maint = timed(maintain.maintain, cfg)
+    maintain_run = {"seconds": round(t_m, 3), "user_sequences_files_before": files_before_maintain,
+                    "user_sequences_files_after": len(delta.active_files(seq_path)),
+                    "tables": maint["tables"], "spark": stages.read()}
+    log(f"  maintain: {t_m:.1f}s  user_sequences {maint['tables'].get('user_sequences')}")
 
     # The full-rebuild cost: rebuild(upto=D_last), K times.
     reb_samples, reb_runs, reb_version = [], [], None
@@ -441,6 +453,13 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
         diff = _first_difference(a, b)
         log(f"  tables differ: {diff}")
     inc, reb = summary(inc_samples), summary(reb_samples)
+    inc_mid = min(inc_runs, key=lambda r: abs(r["seconds"] - inc["median_s"]))["result"]
+    reb_mid = min(reb_runs, key=lambda r: abs(r["seconds"] - reb["median_s"]))["result"]
+    # Files, bytes and rows each path wrote, from the commits' operationMetrics (MERGE vs WRITE).
+    written = {name: {k: r.get(k) for k in ("rows_written", "files_added", "bytes_added", "files_rewritten",
+                                            "deletion_vectors_added", "target_rows_copied", "scan_ms", "rewrite_ms")
+                      if k in r}
+               for name, r in (("incremental", inc_mid), ("rebuild", reb_mid))}
     out = {
         "users": users, "items": items, "days": days, "active_frac": active_frac, "events_per_active_user": per_user,
         "generate": {"seconds": round(gen_s, 2), "events_total": gen["events_total"], "users_new": gen["users_new"]},
@@ -455,6 +474,8 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
                             "runs": ing_runs},
         "sequences_incremental": {**inc, "runs": inc_runs},
         "sequences_rebuild": {**reb, "runs": reb_runs},
+        "written": written,
+        "maintain": maintain_run,
         "ratio_incremental_to_rebuild": round(inc["median_s"] / reb["median_s"], 4),
         "speedup_rebuild_over_incremental": round(reb["median_s"] / inc["median_s"], 2),
         "tables_equal": bool(equal),
@@ -468,16 +489,17 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
     return out
 
 
-def _restore_state(seq_path: Path, version: int, applied: dt.date) -> None:
-    """user_sequences back to `version` (delta-rs restore, a new commit). The commit is tagged as the
-    state after drop `applied`, so `sequences.applied_drop` reports it (with no rerun base: step is
-    not "sequences")."""
-    from deltalake import CommitProperties
-
+def _restore_state(cfg, seq_path: Path, version: int, applied: dt.date) -> None:
+    """user_sequences back to `version` (Spark's RESTORE, a new commit: delta-rs must not restore a table with
+    deletion vectors). The commit is tagged as the state after drop `applied`, so `sequences.applied_drop`
+    reports it (with no rerun base: step is not "sequences")."""
+    from userformer.jobs.spark import spark_session
     from userformer.jobs.storage import delta
 
+    spark = spark_session(cfg)
     meta = {"step": "sequences-restore", "dt": str(applied), "restored_version": str(version), "by": "tests.benchmarks"}
-    delta.open_table(seq_path).restore(version, commit_properties=CommitProperties(custom_metadata=meta))
+    with delta.spark_commit(spark, seq_path, meta):
+        delta.spark_table(spark, seq_path).restoreToVersion(version)
 
 
 def _first_difference(a, b) -> dict:

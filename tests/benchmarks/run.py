@@ -166,6 +166,25 @@ def md_incremental(doc: dict) -> str:
                   f"(rebuild {r['speedup_rebuild_over_incremental']:.1f}x slower); "
                   f"**tables_equal = {str(r['tables_equal']).lower()}**"
                   + (f" — first difference: {r['tables_difference']}" if not r["tables_equal"] else ""), ""]
+    w = r.get("written")
+    if w:
+        lines += ["What each wrote (the median-nearest sample's commit, from its operationMetrics):", "",
+                  "| path | rows written | files added | MB added | files rewritten | deletion vectors added | "
+                  "rows copied | MERGE scan s | MERGE rewrite s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in ("incremental", "rebuild"):
+            x = w[name]
+            ms = lambda k: f"{x[k] / 1000:.1f}" if x.get(k) is not None else ""  # noqa: E731
+            lines.append(f"| {name} | {_n(x.get('rows_written'))} | {_n(x.get('files_added'))} | "
+                         f"{(x.get('bytes_added') or 0) / 2**20:.1f} | {_n(x.get('files_rewritten', 0))} | "
+                         f"{_n(x.get('deletion_vectors_added', 0))} | {_n(x.get('target_rows_copied', 0))} | "
+                         f"{ms('scan_ms')} | {ms('rewrite_ms')} |")
+        lines.append("")
+    mt = r.get("maintain")
+    if mt:
+        us = mt["tables"].get("user_sequences") or {}
+        lines += [f"`maintain` after the incremental samples: {mt['seconds']:.1f}s; user_sequences "
+                  f"{mt['user_sequences_files_before']} files → {mt['user_sequences_files_after']} "
+                  f"(OPTIMIZE {us.get('optimize')}, purge {us.get('purge')}, {us.get('files_deleted')} files vacuumed).", ""]
     inc = r["sequences_incremental"]["runs"]
     reb = r["sequences_rebuild"]["runs"]
     if inc and reb:
@@ -177,10 +196,12 @@ def md_incremental(doc: dict) -> str:
     for k, name in (("ingest_s", "ingest"), ("sequences_s", "sequences.update")):
         lines.append(f"| {name} | {ps[k]['total_s']:.1f} | {ps[k]['median_s']:.1f} | {ps[k]['min_s']:.1f} | {ps[k]['max_s']:.1f} |")
     lines += ["", "<details><summary>per day</summary>", "",
-              "| dt | raw events | ingest s | active users | sequences s | files rewritten |", "|---|---:|---:|---:|---:|---:|"]
+              "| dt | raw events | ingest s | active users | sequences s | rows written | files added | files rewritten |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in r["per_day"]:
         lines.append(f"| {p['dt']} | {_n(p['raw_events'])} | {p['ingest_s']:.1f} | {_n(p['active_users'])} | "
-                     f"{p['sequences_s']:.1f} | {p['files_rewritten']} |")
+                     f"{p['sequences_s']:.1f} | {_n(p.get('rows_written'))} | {_n(p.get('files_added'))} | "
+                     f"{p['files_rewritten']} |")
     lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 

@@ -142,6 +142,7 @@ def assert_contents(cfg):
 
 
 # ------------------------------------------------------------------ tests
+@pytest.mark.timeout(2400)  # three DAG runs and a repair run, each task its own process (and JVM)
 def test_daily_refresh_end_to_end_three_days(sequential, tmp_path):
     """`airflow dags test` for three consecutive dates: every task of the DAG, in date order."""
     cfg = new_home(tmp_path)

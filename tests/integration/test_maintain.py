@@ -1,4 +1,5 @@
-"""`userformer maintain`: vacuum beyond the retention window keeps the current tables intact."""
+"""`userformer maintain`: compaction, purge of deletion vectors and vacuum beyond the retention window keep the
+current tables intact."""
 
 from __future__ import annotations
 
@@ -21,20 +22,32 @@ def test_vacuum_deletes_only_unreferenced_files(cfg, spark):
     ingest.ingest(cfg, D3)  # a rerun: the replaced files of D3 are garbage now
     seq_path = cfg.table_path("user_sequences")
     before = {t: delta.read_arrow(cfg.table_path(t)) for t in ("events", "user_sequences")}
-    on_disk = len(list(seq_path.glob("*.parquet")))
-    assert on_disk > len(delta.active_files(seq_path))
+    # One file per day (the first write, then each day's MERGE), deletion vectors for the replaced rows.
+    assert len(delta.active_files(seq_path)) == 3 and list(seq_path.glob("deletion_vector_*.bin"))
 
-    # Within the default window nothing goes; a dry run with a zero window only lists.
-    assert maintain.maintain(cfg)["tables"]["user_sequences"]["files_deleted"] == 0
+    # Within the default window: the day files are compacted into one without deletion vectors; nothing goes.
+    res = maintain.maintain(cfg)["tables"]
+    assert res["user_sequences"]["files_deleted"] == 0
+    assert res["user_sequences"]["optimize"]["numRemovedFiles"] == 3
+    assert len(delta.active_files(seq_path)) == 1
+    assert all(f.keep is None for f in delta.data_files(seq_path))
+    assert delta.history(seq_path, 1)[0]["operation"].startswith("VACUUM")
+    on_disk = list(seq_path.glob("*.parquet")) + list(seq_path.glob("deletion_vector_*.bin"))
+    assert len(on_disk) > 1
+    # A dry run with a zero window only lists (old data files and deletion vectors).
     dry = maintain.maintain(cfg, dry_run=True, retention_days=0)
-    assert dry["tables"]["user_sequences"]["files_to_delete"] == on_disk - len(delta.active_files(seq_path))
-    assert len(list(seq_path.glob("*.parquet"))) == on_disk
+    assert dry["tables"]["user_sequences"]["files_to_delete"] == len(on_disk) - 1
+    assert len(list(seq_path.glob("*.parquet")) + list(seq_path.glob("deletion_vector_*.bin"))) == len(on_disk)
 
     res = maintain.maintain(cfg, retention_days=0)
     assert res["tables"]["events"]["files_deleted"] >= 1
-    assert len(list(seq_path.glob("*.parquet"))) == len(delta.active_files(seq_path))
+    assert res["tables"]["user_sequences"]["files_deleted"] == len(on_disk) - 1
+    assert res["tables"]["vocab"]["files_deleted"] == 0  # delta-rs tables: delta-rs vacuum, as before
+    assert len(list(seq_path.glob("*.parquet"))) == len(delta.active_files(seq_path)) == 1
+    assert not list(seq_path.glob("deletion_vector_*.bin"))
     for t, data in before.items():
-        assert delta.read_arrow(cfg.table_path(t)).equals(data), t
+        assert delta.read_arrow(cfg.table_path(t)).sort_by("event_id" if t == "events" else "user_id").equals(
+            data.sort_by("event_id" if t == "events" else "user_id")), t
     # A rerun of D3 needs the vacuumed state before D3: refused with the way out, which works.
     with pytest.raises(UserError, match="was vacuumed"):
         sequences.update(cfg, D3)

@@ -1,18 +1,22 @@
-"""user_sequences: incremental updates equal a rebuild from events; reruns replace; order is enforced."""
+"""user_sequences: incremental updates (one MERGE a day, deletion vectors) equal a rebuild from events; reruns
+replace; order is enforced; a killed update leaves a state the next run completes."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 
 import pyarrow as pa
 import pytest
 
-from userformer.jobs import ingest, sequences
+from userformer.jobs import ingest, maintain, sequences
 from userformer.jobs.common import UserError
 from userformer.jobs.config import load_config
 from userformer.jobs.storage import delta
 from userformer.schemas import tables as S
 
+from . import procs
 from .rawdata import D1, D2, D3, events_table, three_days, ts, write_drop
 
 pytestmark = pytest.mark.spark
@@ -24,6 +28,27 @@ def table(cfg) -> pa.Table:
 
 def rows(cfg) -> dict:
     return {r["user_id"]: r for r in table(cfg).to_pylist()}
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    """A type without its nested field names and nullability (Spark names a list's value "element")."""
+    if pa.types.is_list(t):
+        return pa.list_(_plain(t.value_type))
+    if pa.types.is_map(t):
+        return pa.map_(_plain(t.key_type), _plain(t.item_type))
+    return t
+
+
+def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
+    """Names and types in order. Not nullability: Spark writes every column nullable (schemas.tables.to_spark)."""
+    return [(f.name, _plain(f.type)) for f in a] == [(f.name, _plain(f.type)) for f in b]
+
+
+def equals_rebuild(cfg) -> bool:
+    """The table as it is equals `sequences --rebuild` of the same drops (which replaces it)."""
+    incremental = table(cfg)
+    sequences.rebuild(cfg)
+    return table(cfg).equals(incremental)
 
 
 @pytest.fixture
@@ -43,7 +68,7 @@ def test_incremental_days_merge_late_events_in_time_order(small):
         results.append(sequences.update(cfg, d))
     assert [(r["active_users"], r["new_users"]) for r in results] == [(3, 3), (3, 1), (2, 0)]
     t = table(cfg)
-    assert t.schema.equals(S.USER_SEQUENCES, check_metadata=False)
+    assert same_columns(t.schema, S.USER_SEQUENCES)
     r = rows(cfg)
     # u2: view i2 (D1 03:00), late view i3 (D1 23:00, delivered D2), late cart i3 (D2 22:00, delivered D3), view i2 (D3 02:00).
     # max_len 3 keeps the newest three, oldest first.
@@ -139,45 +164,178 @@ def test_empty_day_changes_nothing(small):
     assert r["active_users"] == 0 and delta.version_of(cfg.table_path("user_sequences")) == v
 
 
-def test_only_files_of_active_users_are_rewritten(home, monkeypatch, spark):
-    """Copy-on-write granularity: with small files, a day touching one user rewrites one file."""
+def test_a_day_writes_only_the_active_users_rows(home, monkeypatch, spark):
+    """One MERGE: the day's users' rows are written (updated or inserted), their old rows are marked in
+    deletion vectors, no file is rewritten and no other row is copied."""
     monkeypatch.setenv("USERFORMER__SEQUENCES__ROWS_PER_FILE", "1000")
     cfg = load_config()
+    seq_path = cfg.table_path("user_sequences")
     rows_d1 = [(f"a{i}", f"u{i:05d}", ts(D1, 1), "view", "i1") for i in range(3000)]
     write_drop(cfg.raw_root, D1, events_table(rows_d1))
-    write_drop(cfg.raw_root, D2, events_table([("b1", "u00007", ts(D2, 1), "view", "i1")]))
+    write_drop(cfg.raw_root, D2, events_table([("b1", "u00007", ts(D2, 1), "view", "i1"),
+                                               ("b2", "u02500", ts(D2, 2), "cart", "i1"),
+                                               ("b3", "new-user", ts(D2, 3), "view", "i1")]))
     for d in (D1, D2):
         ingest.ingest(cfg, d)
     sequences.update(cfg, D1)
-    files_before = set(delta.active_files(cfg.table_path("user_sequences")))
-    assert len(files_before) == 3
+    files_before = set(delta.active_files(seq_path))
+    assert len(files_before) == 3  # rows_per_file
+    assert delta.open_table(seq_path).metadata().configuration.get("delta.enableDeletionVectors") == "true"
+
     r = sequences.update(cfg, D2)
-    files_after = set(delta.active_files(cfg.table_path("user_sequences")))
-    assert r["files_rewritten"] == 1 and len(files_before & files_after) == 2
-    assert rows(cfg)["u00007"]["seq_len"] == 2 and len(table(cfg)) == 3000
+    assert (r["active_users"], r["new_users"], r["rows_updated"], r["rows_written"]) == (3, 1, 2, 3)
+    assert r["files_rewritten"] == 0 and r["target_rows_copied"] == 0
+    assert r["files_added"] == 1 and r["deletion_vectors_added"] >= 1
+    h = delta.history(seq_path, 1)[0]
+    assert h["operation"] == "MERGE" and (h["step"], h["dt"]) == ("sequences", str(D2))
+    m = h["operationMetrics"]
+    assert int(m["numTargetRowsUpdated"]) == 2 and int(m["numTargetRowsInserted"]) == 1
+    files_after = set(delta.active_files(seq_path))
+    assert files_before <= files_after and len(files_after - files_before) == 1
+    assert delta.has_deletion_vectors(delta.open_table(seq_path))
+    # Physically the old rows are still in their files; readers see one row per user.
+    assert sum(a["num_records"] for a in delta.add_actions(seq_path)) == 3003
+    assert delta.logical_rows(seq_path) == len(table(cfg)) == 3001
+    assert delta.spark_read(spark, seq_path).count() == 3001
+    assert rows(cfg)["u00007"]["seq_len"] == 2 and rows(cfg)["new-user"]["seq_len"] == 1
+    assert equals_rebuild(cfg)
 
 
-def test_failed_commit_leaves_sequences_as_they_were(small, monkeypatch):
+def test_incremental_equals_rebuild_after_maintain(small):
+    """maintain compacts the day files and purges the deletion vectors; days applied after it, and a rerun
+    of the last one, still equal a rebuild."""
+    cfg = small
+    seq_path = cfg.table_path("user_sequences")
+    for d in (D1, D2):
+        ingest.ingest(cfg, d)
+        sequences.update(cfg, d)
+    before = table(cfg)
+    assert len(delta.active_files(seq_path)) == 2 and delta.has_deletion_vectors(delta.open_table(seq_path))
+    res = maintain.maintain(cfg)["tables"]["user_sequences"]
+    assert res["optimize"]["numRemovedFiles"] == 2 and res["optimize"]["numAddedFiles"] == 1
+    assert len(delta.active_files(seq_path)) == 1
+    assert all(f.keep is None for f in delta.data_files(seq_path)), "no deletion vector left"
+    assert table(cfg).equals(before)
+    assert sequences.applied_drop(seq_path)[0] == D2  # maintenance commits hold no drop
+    ingest.ingest(cfg, D3)
+    sequences.update(cfg, D3)
+    assert sequences.update(cfg, D3)["rerun"] is True
+    assert equals_rebuild(cfg)
+
+
+def test_a_failed_merge_leaves_sequences_as_they_were(small, monkeypatch):
+    """The MERGE's Spark job fails while it writes (a task error in a SET expression): nothing is committed,
+    the files it wrote are invisible, and the day applies normally afterwards."""
+    from pyspark.sql import functions as F
+
     cfg = small
     for d in (D1, D2):
         ingest.ingest(cfg, d)
     sequences.update(cfg, D1)
     before, v = table(cfg), delta.version_of(cfg.table_path("user_sequences"))
-    real = delta.commit_staged
+    real = sequences._merged
 
-    def boom(*a, **kw):
-        raise OSError("object store unavailable (injected)")
+    def failing(max_len):
+        cols = real(max_len)
+        cols["seq_len"] = F.when(F.col("s.user_id").isNotNull(), F.raise_error(F.lit("disk full (injected)")))
+        return cols
 
-    monkeypatch.setattr(delta, "commit_staged", boom)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(sequences, "_merged", failing)
+    with pytest.raises(Exception, match="disk full"):
         sequences.update(cfg, D2)
     assert delta.version_of(cfg.table_path("user_sequences")) == v and table(cfg).equals(before)
-    assert not list((cfg.warehouse_root / "_staging").rglob("*.parquet")), "staged files must not linger"
-    monkeypatch.setattr(delta, "commit_staged", real)
+    monkeypatch.setattr(sequences, "_merged", real)
     assert sequences.update(cfg, D2)["rerun"] is False  # the failed attempt left no trace of D2
-    after = table(cfg)
-    sequences.rebuild(cfg)
-    assert table(cfg).equals(after)
+    assert equals_rebuild(cfg)
+
+
+def _kill_at_merge(cfg, tmp_path, day, *, then_s: float | None = None) -> None:
+    """Run `userformer sequences --dt day` in its own process, hold it before its MERGE and SIGKILL it (with its
+    Spark) there, or `then_s` seconds after letting the MERGE start."""
+    pause = tmp_path / "pause"
+    step = procs.start(cfg.paths.home, tmp_path / "logs", "sequences", "--dt", str(day),
+                       pause_at="sequences.before_merge", pause_dir=pause)
+    try:
+        procs.wait_paused(pause, "sequences.before_merge", [step])
+        if then_s is not None:
+            procs.release(pause, "sequences.before_merge")
+            time.sleep(then_s)
+        step.kill()
+    finally:
+        procs.stop_all([step])
+
+
+def test_a_rerun_killed_between_its_restore_and_its_merge(small, tmp_path):
+    """A rerun of D2 restores the state before D2, then MERGEs: SIGKILLed in between, the table is the state
+    before D2 and says so (applied drop D1), so running D2 applies it once."""
+    cfg = small
+    seq_path = cfg.table_path("user_sequences")
+    for d in (D1, D2):
+        ingest.ingest(cfg, d)
+        sequences.update(cfg, d)
+    after_d2 = table(cfg)
+    v_d1 = next(h["version"] for h in delta.history(seq_path) if h.get("dt") == str(D1))
+    before_d2 = delta.read_arrow(seq_path, version=v_d1).sort_by("user_id")
+
+    _kill_at_merge(cfg, tmp_path, D2)
+    assert delta.history(seq_path, 1)[0]["operation"] == "RESTORE"
+    assert table(cfg).equals(before_d2)
+    assert sequences.applied_drop(seq_path)[0] == D1
+    assert sequences.update(cfg, D2)["rerun"] is False
+    assert table(cfg).equals(after_d2)
+    assert equals_rebuild(cfg)
+
+
+def test_an_update_killed_during_its_merge(small, tmp_path):
+    """SIGKILLed while its MERGE runs (wherever it got to: scan, file writes, commit), the table is at its
+    version before the day or after it, never in between; running the day again gives the rebuild."""
+    cfg = small
+    seq_path = cfg.table_path("user_sequences")
+    for d in (D1, D2):
+        ingest.ingest(cfg, d)
+    sequences.update(cfg, D1)
+    before, v = table(cfg), delta.version_of(seq_path)
+
+    _kill_at_merge(cfg, tmp_path, D2, then_s=4.0)
+    now = delta.version_of(seq_path)
+    assert now in (v, v + 1)
+    if now == v:
+        assert table(cfg).equals(before) and sequences.applied_drop(seq_path)[0] == D1
+    else:
+        assert sequences.applied_drop(seq_path)[0] == D2
+    sequences.update(cfg, D2)
+    assert equals_rebuild(cfg)
+
+
+def test_a_table_without_deletion_vectors_is_migrated(small, caplog):
+    """A warehouse written before user_sequences was MERGEd (a plain delta-rs table, drop in its commit
+    metadata): the next day enables deletion vectors (one logged ALTER commit) and MERGEs."""
+    from deltalake import CommitProperties, write_deltalake
+
+    cfg = small
+    seq_path = cfg.table_path("user_sequences")
+    for d in (D1, D2):
+        ingest.ingest(cfg, d)
+    sequences.update(cfg, D1)
+    old = table(cfg)
+    import shutil
+
+    shutil.rmtree(seq_path)
+    write_deltalake(str(seq_path), old.cast(S.USER_SEQUENCES), mode="overwrite",
+                    commit_properties=CommitProperties(custom_metadata={"step": "sequences", "dt": str(D1)}))
+    assert not delta.has_deletion_vectors(delta.open_table(seq_path))
+    assert sequences.applied_drop(seq_path) == (D1, -1)
+
+    with caplog.at_level(logging.WARNING, logger="userformer.jobs.sequences"):
+        r = sequences.update(cfg, D2)
+    assert any("enabling them" in m for m in caplog.messages)
+    ops = [h["operation"] for h in delta.history(seq_path, 2)]
+    assert ops == ["MERGE", "SET TBLPROPERTIES"]
+    assert delta.open_table(seq_path).metadata().configuration["delta.enableDeletionVectors"] == "true"
+    assert r["files_rewritten"] == 0 and r["deletion_vectors_added"] >= 1
+    assert sequences.applied_drop(seq_path) == (D2, r["version"] - 1)
+    assert sequences.update(cfg, D2)["rerun"] is True  # the rerun starts from the migrated state
+    assert equals_rebuild(cfg)
 
 
 def test_every_table_is_readable_by_other_engines(small):
@@ -194,25 +352,29 @@ def test_every_table_is_readable_by_other_engines(small):
         path = str(cfg.table_path(name))
         n = delta.read_arrow(path).num_rows
         assert n > 0, name
-        assert len(DeltaTable(path).to_pandas()) == n, name
         assert pl.read_delta(path).height == n, name
+        if delta.has_deletion_vectors(delta.open_table(path)):
+            continue  # delta-rs's own pyarrow reader refuses deletion vectors: our reader or Polars
+        assert len(DeltaTable(path).to_pandas()) == n, name
         ds = DeltaTable(path).to_pyarrow_dataset()
         assert duckdb.sql("select count(*) from ds").fetchall()[0][0] == n, name
     seq = pl.read_delta(str(cfg.table_path("user_sequences")))
     assert seq.schema["ts"] == pl.List(pl.Datetime("us", "UTC"))
 
 
-def test_a_manual_restore_is_followed(small):
-    """On-call restores user_sequences by hand (plain delta-rs restore): the order check follows it."""
-    from deltalake import DeltaTable
-
+def test_a_manual_restore_is_followed(small, spark):
+    """On-call restores user_sequences by hand (Spark's RESTORE, no metadata; delta-rs must not restore a table
+    with deletion vectors): the order check follows it to the version in its operationParameters."""
     cfg = small
+    seq_path = cfg.table_path("user_sequences")
     versions = []
     for d in (D1, D2, D3):
         ingest.ingest(cfg, d)
         versions.append(sequences.update(cfg, d)["version"])
-    DeltaTable(str(cfg.table_path("user_sequences"))).restore(versions[0])
-    assert sequences.applied_drop(cfg.table_path("user_sequences"))[0] == D1
+    delta.spark_table(spark, seq_path).restoreToVersion(versions[0])
+    h = delta.history(seq_path, 1)[0]
+    assert h["operation"] == "RESTORE" and int(h["operationParameters"]["version"]) == versions[0]
+    assert sequences.applied_drop(seq_path)[0] == D1
     for d in (D2, D3):
         assert sequences.update(cfg, d)["rerun"] is False
     replayed = table(cfg)
