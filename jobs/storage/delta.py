@@ -57,8 +57,9 @@ class ConcurrentWrite(StorageError):
     def __init__(self, path, detail: str = ""):
         self.path = str(path)
         super().__init__(
-            f"another writer committed to {self.path} while this step ran, so its commit was refused and nothing "
-            f"of it was written{': ' + detail if detail else ''}. Rerun the step (it reads the table afresh); "
+            f"another writer committed to {self.path} while this step ran, so this commit was refused (the table "
+            f"is as the other writer left it){': ' + detail if detail else ''}. Rerun the step (it reads the tables "
+            "afresh and completes what an earlier commit of it began); "
             "run one writer per warehouse at a time")
 
 
