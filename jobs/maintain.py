@@ -73,8 +73,11 @@ def _spark_maintain(spark, path, hours: int, dry_run: bool) -> dict:
     # Delta refuses a window under the table's deletedFileRetentionDuration (7 days) unless told to: the
     # window is storage.retention_days, chosen by whoever runs maintain.
     key = "spark.databricks.delta.retentionDurationCheck.enabled"
+    # VACUUM lists the table's files in this many tasks (default 10 000: most of a small table's maintenance).
+    listing = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+    tasks = spark.conf.get("spark.sql.shuffle.partitions")
     if dry_run:
-        with _conf(spark, key, "false"):
+        with _conf(spark, key, "false"), _conf(spark, listing, tasks):
             files = spark.sql(f"VACUUM {target} RETAIN {hours} HOURS DRY RUN").count()
         return {"files_to_delete": files, "version": delta.version_of(path)}
     res = {}
@@ -88,7 +91,7 @@ def _spark_maintain(spark, path, hours: int, dry_run: bool) -> dict:
             spark.sql(f"REORG TABLE {target} APPLY (PURGE)").collect()
     res["purge"] = _metrics(path, c["version"])
     before = delta.version_of(path)
-    with _conf(spark, key, "false"), delta.conflicts(path):
+    with _conf(spark, key, "false"), _conf(spark, listing, tasks), delta.conflicts(path):
         spark.sql(f"VACUUM {target} RETAIN {hours} HOURS").collect()
     ends = [h for h in delta.history(path, 10) if h["version"] > before and h.get("operation") == "VACUUM END"]
     res["files_deleted"] = sum(int((h.get("operationMetrics") or {}).get("numDeletedFiles", 0)) for h in ends)

@@ -78,6 +78,9 @@ def spark_session(cfg: Config):
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
+        # Delta rebuilds a table's state from its log in this many tasks before every read, write and MERGE;
+        # its default (50) makes that the slowest stage of a small day on a few cores.
+        .config("spark.databricks.delta.snapshotPartitions", str(cfg.spark.shuffle_partitions))
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.sql.parquet.compression.codec", "snappy")
