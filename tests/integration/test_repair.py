@@ -186,7 +186,8 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
     from userformer.jobs.spark import spark_session
 
     spark = spark_session(b)
-    sdf = spark.createDataFrame(src.to_pandas(), schema=RP.S.to_spark(RP.S.USER_SEQUENCES))
+    sdf = spark.createDataFrame([{**r, "lifetime_counts": dict(r["lifetime_counts"])} for r in src.to_pylist()],
+                                schema=RP.S.to_spark(RP.S.USER_SEQUENCES))
     delta.spark_table(spark, b.table_path("user_sequences")).alias("t").merge(
         sdf.alias("s"), "t.user_id = s.user_id").whenMatchedUpdateAll().execute()
     with pytest.raises(AssertionError):
