@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from userformer.jobs.storage.files import Location, location
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
@@ -37,7 +39,8 @@ class PathsConfig:
     home: str = ""
     # Raw drops: raw/events/dt=YYYY-MM-DD/*.parquet and raw/items/dt=.../*.parquet.
     raw_root: str = ""
-    # Delta tables, one folder per table.
+    # Delta tables, one folder per table, and the files kept beside them (_staging, _published, _repair).
+    # A local folder, or an object-store URI (s3://bucket/prefix; see README "Object storage").
     warehouse_root: str = ""
     models_root: str = ""
     index_root: str = ""
@@ -342,8 +345,9 @@ class Config:
         return self._sub(self.paths.raw_root, "raw")
 
     @property
-    def warehouse_root(self) -> Path:
-        return self._sub(self.paths.warehouse_root, "warehouse")
+    def warehouse_root(self) -> Location:
+        """The tables and the files kept beside them: a local folder, or an object-store URI (s3://bucket/wh)."""
+        return location(self.paths.warehouse_root) if self.paths.warehouse_root else self.home / "warehouse"
 
     @property
     def models_root(self) -> Path:
@@ -357,7 +361,7 @@ class Config:
     def reports_root(self) -> Path:
         return self._sub(self.paths.reports_root, "reports")
 
-    def table_path(self, name: str) -> Path:
+    def table_path(self, name: str) -> Location:
         """Folder of the Delta table `name` (see schemas.tables)."""
         return self.warehouse_root / name
 

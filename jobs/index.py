@@ -658,11 +658,11 @@ def _staging(cfg: Config, step: str):
     (`maintain` clears those of runs that died)."""
     stamp = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
     d = cfg.warehouse_root / "_staging" / step / stamp
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     try:
         yield d
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        files.remove_tree(d)
 
 
 def events_dataset(cfg: Config):
@@ -786,7 +786,8 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
     with _staging(cfg, path.name) as stage:
         staged = stage / "candidates.parquet"
         refreshed: list[str] = []
-        with pq.ParquetWriter(staged, S.USER_CANDIDATES) as w:
+        fs, where = files.arrow(staged)
+        with pq.ParquetWriter(where, S.USER_CANDIDATES, filesystem=fs) as w:
             for b in batches():
                 refreshed += b.column("user_id").to_pylist()
                 w.write_batch(b)
@@ -813,7 +814,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
                     stats["dropped"] += len(live) - b.num_rows
                     if b.num_rows:
                         yield b
-            for b in pq.ParquetFile(staged).iter_batches(batch_size=65536):
+            for b in pq.ParquetFile(where, filesystem=fs).iter_batches(batch_size=65536):
                 yield conform(b)
 
         if read_v is None:

@@ -26,14 +26,18 @@ finished in float32 (re-normalised), so both pass the same output checks.
 **Staged output.** One folder per (D, model version, shard)::
 
     warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/
-        user_embeddings.parquet          schemas.tables.USER_EMBEDDINGS rows of the shard's users
-        user_preference_scores.parquet   USER_PREFERENCE_SCORES: one row per user and head, top-K labels
-        item_embeddings.parquet          ITEM_EMBEDDINGS (shard 0 only)
-        _SUCCESS.json                    rows, model version, input Delta versions, full/incremental, seconds
+        _SUCCESS.json                    rows, model version, input Delta versions, full/incremental, seconds,
+                                         and the run folder below that holds the files
+        run=<run id>/user_embeddings.parquet   schemas.tables.USER_EMBEDDINGS rows of the shard's users
+        run=<run id>/user_preference_scores.parquet   one row per user and head, top-K labels
+        run=<run id>/item_embeddings.parquet   schemas.tables.ITEM_EMBEDDINGS (shard 0 only)
 
-written into a temporary folder beside it and renamed into place when
-complete, so a folder with ``_SUCCESS.json`` is always whole; rerunning a shard
-replaces its folder. An empty day writes empty files and succeeds.
+Each run writes its files into a run folder of its own and ``_SUCCESS.json``
+last (one atomic write, also in an object store, where nothing can be
+renamed): a reader follows the manifest to a complete run, and a run killed
+before it leaves only an orphan folder. A rerun of the shard replaces the
+manifest, then deletes the runs it no longer names. An empty day writes empty
+files and succeeds.
 `userformer publish --dt D` (jobs/publish.py) checks and publishes them.
 `userformer maintain` deletes staged days older than 24 h.
 """
@@ -43,19 +47,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from userformer.jobs.common import UserError, date_arg
 from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
+from userformer.jobs.storage import delta, files
+from userformer.jobs.storage.files import Location
 
 # The published tables, in the order `publish` commits them (jobs/publish.py).
 OUTPUTS = ("user_embeddings", "user_preference_scores", "item_embeddings")
@@ -77,11 +79,11 @@ def shard_of(user_ids, shards: int) -> np.ndarray:
     return out
 
 
-def staging_root(cfg: Config) -> Path:
+def staging_root(cfg: Config) -> Location:
     return cfg.warehouse_root / "_staging" / "infer"
 
 
-def day_dir(cfg: Config, day: dt.date, version: str) -> Path:
+def day_dir(cfg: Config, day: dt.date, version: str) -> Location:
     return staging_root(cfg) / f"dt={day}" / f"model={version}"
 
 
@@ -89,30 +91,33 @@ def shard_name(shard: int, shards: int) -> str:
     return f"shard={shard}-of-{shards}"
 
 
-def shard_dir(cfg: Config, day: dt.date, version: str, shard: int, shards: int) -> Path:
+def shard_dir(cfg: Config, day: dt.date, version: str, shard: int, shards: int) -> Location:
     return day_dir(cfg, day, version) / shard_name(shard, shards)
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """The shard's manifest, or None when the shard is missing or was never completed."""
+def read_manifest(folder: Location) -> dict | None:
+    """The shard's manifest, with "path": the folder of its files; None when the shard is missing or was never
+    completed."""
     p = folder / MANIFEST
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
+        m = json.loads(p.read_text())
     except ValueError:
         return None
+    # Shards staged before run folders existed hold their files beside the manifest.
+    return {**m, "path": str(folder / m["files"] if m.get("files") else folder)}
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete `tmp` folder to `final`, replacing what was there (a reader sees old, none, or new)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _drop_other_runs(folder: Location, keep: str) -> None:
+    """Delete the run folders of `folder` other than `keep` (replaced runs, and runs killed before their
+    manifest), and the files of a shard staged before run folders existed."""
+    for p in folder.iterdir():
+        if p.name != keep and p.name != MANIFEST:
+            if p.name.startswith("run=") or p.name.startswith("."):
+                files.remove_tree(p)
+            elif p.name.endswith(".parquet"):
+                p.unlink()
 
 
 # ------------------------------------------------------------ publish state
@@ -336,17 +341,23 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
               **{t: {"path": str(cfg.table_path(t)), "version": v} for t, v in cat.versions.items()}}
 
     final = shard_dir(cfg, day, version, shard, shards)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.utime(final.parent.parent)  # `maintain` clears staged days by age: this one is in use
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    final.mkdir(parents=True, exist_ok=True)
+    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    tmp = final / f"run={run_id}"
+    tmp.mkdir(parents=True, exist_ok=True)
     rows = {"user_embeddings": 0, "user_preference_scores": 0, "item_embeddings": None}
+
+    def writer(name: str, schema):
+        fs, where = files.arrow(tmp / name)
+        return pq.ParquetWriter(where, schema, filesystem=fs)
+
     try:
-        ue_w = pq.ParquetWriter(tmp / "user_embeddings.parquet", S.USER_EMBEDDINGS)
-        ps_w = pq.ParquetWriter(tmp / "user_preference_scores.parquet", S.USER_PREFERENCE_SCORES)
+        ue_w = writer("user_embeddings.parquet", S.USER_EMBEDDINGS)
+        ps_w = writer("user_preference_scores.parquet", S.USER_PREFERENCE_SCORES)
         try:
             if selection is not None:
-                pq.write_table(pa.table({"user_id": pa.array(selection, pa.string())}), tmp / SELECTION)
+                with writer(SELECTION, pa.schema([("user_id", pa.string())])) as w:
+                    w.write_table(pa.table({"user_id": pa.array(selection, pa.string())}))
                 filt = pc.field("user_id").isin(pa.array(selection, pa.string()))
             else:
                 filt = None if full else pc.field("updated_dt") == pa.scalar(day, pa.date32())
@@ -378,11 +389,12 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
             it = pa.table({"item_id": items["item_id"], "item_idx": items["item_idx"], "embedding": _lists(vec, pa.float32()),
                            "has_metadata": items["has_metadata"], "model_version": pa.array([version] * n, pa.string()),
                            "as_of": pa.array([day] * n, pa.date32())}, schema=S.ITEM_EMBEDDINGS)
-            pq.write_table(it, tmp / "item_embeddings.parquet")
+            with writer("item_embeddings.parquet", S.ITEM_EMBEDDINGS) as w:
+                w.write_table(it)
             rows["item_embeddings"] = n
         manifest = {
             "dt": str(day), "model_version": version, "shard": shard, "shards": shards,
-            "run_id": f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+            "run_id": run_id, "files": tmp.name,
             "full": full, "reason": reason, "users": rows["user_embeddings"], "rows": rows,
             "selection": None if selection is None else {
                 "users": len(selection), "file": SELECTION,
@@ -394,12 +406,12 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
             "bf16": bool(ic.bf16 and device.type == "cuda"), "updated_at": updated_at.isoformat(),
             "created_at": R.now_iso(), "seconds": round(time.perf_counter() - t0, 3),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        _replace_dir(tmp, final)
+        files.write_json(final / MANIFEST, manifest)  # last: the shard now names this run
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files.remove_tree(tmp)
         raise
-    manifest["path"] = str(final)
+    _drop_other_runs(final, tmp.name)
+    manifest["path"] = str(tmp)
     log(f"infer dt={day} {shard_name(shard, shards)}: {rows['user_embeddings']} users ({reason}), "
         f"{rows['item_embeddings'] if rows['item_embeddings'] is not None else 'no'} items, model {version}, "
         f"{device}, {manifest['seconds']:.1f}s -> {final}")

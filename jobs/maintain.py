@@ -21,11 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 
 from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
+from userformer.jobs.storage import delta, files
 from userformer.schemas.tables import SPARK_TABLES, TABLES
 
 log = logging.getLogger(__name__)
@@ -49,19 +48,21 @@ def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None
                 spark = spark_session(cfg)
             out["tables"][name] = _spark_maintain(spark, path, hours, dry_run)
             continue
-        files = t.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False)
+        vacuumed = t.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False)
         if not dry_run:
             t.create_checkpoint()
             t.cleanup_metadata()  # log entries older than the table's logRetentionDuration
-        out["tables"][name] = {"files_deleted" if not dry_run else "files_to_delete": len(files), "version": t.version()}
+        out["tables"][name] = {"files_deleted" if not dry_run else "files_to_delete": len(vacuumed), "version": t.version()}
     # Staging folders of runs that died without their cleanup (a killed JVM, a lost machine).
     stale = []
     cutoff = time.time() - 24 * 3600
-    for d in (cfg.warehouse_root / "_staging").glob("*/*"):
-        if d.is_dir() and d.stat().st_mtime < cutoff:
+    staging = cfg.warehouse_root / "_staging"
+    for d in (staging.glob("*/*") if staging.is_dir() else []):
+        newest = files.newest_mtime(d) if d.is_dir() else None
+        if d.is_dir() and (newest is None or newest < cutoff):
             stale.append(str(d))
             if not dry_run:
-                shutil.rmtree(d, ignore_errors=True)
+                files.remove_tree(d)
     out["stale_staging"] = stale
     log.info("maintain: %s", out)
     return out
@@ -69,7 +70,7 @@ def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None
 
 def _spark_maintain(spark, path, hours: int, dry_run: bool) -> dict:
     """OPTIMIZE, purge of deletion vectors, VACUUM of one table through delta-spark; what each did."""
-    target = f"delta.`{delta.uri(path)}`"
+    target = f"delta.`{delta.spark_uri(path)}`"
     # Delta refuses a window under the table's deletedFileRetentionDuration (7 days) unless told to: the
     # window is storage.retention_days, chosen by whoever runs maintain.
     key = "spark.databricks.delta.retentionDurationCheck.enabled"
@@ -78,8 +79,8 @@ def _spark_maintain(spark, path, hours: int, dry_run: bool) -> dict:
     tasks = spark.conf.get("spark.sql.shuffle.partitions")
     if dry_run:
         with _conf(spark, key, "false"), _conf(spark, listing, tasks):
-            files = spark.sql(f"VACUUM {target} RETAIN {hours} HOURS DRY RUN").count()
-        return {"files_to_delete": files, "version": delta.version_of(path)}
+            n = spark.sql(f"VACUUM {target} RETAIN {hours} HOURS DRY RUN").count()
+        return {"files_to_delete": n, "version": delta.version_of(path)}
     res = {}
     meta = {"step": "maintain"}
     with delta.spark_commit(spark, path, {**meta, "action": "optimize"}) as c:

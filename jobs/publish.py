@@ -50,12 +50,11 @@ import hashlib
 import json
 import sys
 import time
-from pathlib import Path
-
 from userformer.jobs import infer as I
 from userformer.jobs.common import UserError, date_arg
 from userformer.jobs.config import Config
 from userformer.jobs.storage import delta
+from userformer.jobs.storage.files import Location, append_line, location, parquet_dataset, write_json
 
 KEY = "_replace_user"  # merge key of user_preference_scores' delete+insert
 
@@ -64,7 +63,7 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def marker_path(cfg: Config) -> Path:
+def marker_path(cfg: Config) -> Location:
     return cfg.warehouse_root / "_published" / "outputs.json"
 
 
@@ -76,11 +75,8 @@ def published_outputs(cfg: Config) -> dict | None:
 
 
 def _write_marker(cfg: Config, record: dict) -> None:
-    from userformer.models.registry import write_json
-
     write_json(marker_path(cfg), record)
-    with open(marker_path(cfg).with_name("log.jsonl"), "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    append_line(marker_path(cfg).with_name("log.jsonl"), json.dumps(record, default=str))
 
 
 # ------------------------------------------------------------- the shards
@@ -93,7 +89,7 @@ def staged_shards(cfg: Config, day: dt.date, version: str, shards: int) -> list[
         if m is None:
             missing.append(i)
         else:
-            out.append({**m, "path": str(d)})
+            out.append(m)
     if missing:
         have = sorted(p.name for p in I.day_dir(cfg, day, version).glob("shard=*")) \
             if I.day_dir(cfg, day, version).is_dir() else []
@@ -122,17 +118,16 @@ def outputs_id(manifests: list[dict]) -> str:
 
 
 def _files(manifests: list[dict], table: str) -> list[str]:
-    return [str(Path(m["path"]) / f"{table}.parquet") for m in manifests
-            if (Path(m["path"]) / f"{table}.parquet").is_file()]
+    return [str(location(m["path"]) / f"{table}.parquet") for m in manifests
+            if (location(m["path"]) / f"{table}.parquet").is_file()]
 
 
 # ----------------------------------------------------------------- commits
 def _reader(files: list[str], schema):
     """The staged rows of `files` as one stream (bounded memory)."""
     import pyarrow as pa
-    import pyarrow.dataset as pds
 
-    ds = pds.dataset(files, schema=schema, format="parquet")
+    ds = parquet_dataset(files, schema=schema)
     return pa.RecordBatchReader.from_batches(schema, ds.to_batches(batch_readahead=1, fragment_readahead=1))
 
 
@@ -165,7 +160,6 @@ def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], f
                          read_v: int | None) -> int:
     """Delete every row of the refreshed users and insert their new rows, in one merge commit."""
     import pyarrow as pa
-    import pyarrow.dataset as pds
     from userformer.schemas import tables as S
 
     path = cfg.table_path("user_preference_scores")
@@ -175,11 +169,11 @@ def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], f
 
     def batches():
         # One key row per refreshed user (user ids are unique over the shards: checked before publishing) ...
-        for b in pds.dataset(user_files, format="parquet").to_batches(columns=["user_id"], batch_readahead=1):
+        for b in parquet_dataset(user_files).to_batches(columns=["user_id"], batch_readahead=1):
             n = b.num_rows
             yield pa.record_batch([b.column(0), *[pa.nulls(n, f.type) for f in cols]], schema=schema)
         # ... and the new rows, without a key: they never match, so they are inserted.
-        for b in pds.dataset(files, schema=cols, format="parquet").to_batches(batch_readahead=1):
+        for b in parquet_dataset(files, schema=cols).to_batches(batch_readahead=1):
             yield pa.record_batch([pa.nulls(b.num_rows, pa.string()), *b.columns], schema=schema)
 
     m = t.merge(pa.RecordBatchReader.from_batches(schema, batches()), predicate=f"t.user_id = s.{KEY}",

@@ -58,7 +58,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -312,14 +311,14 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
             "rerun": [str(d) for d in days]}
 
 
-def _staged_days(cfg: Config) -> list[Path]:
+def _staged_days(cfg: Config) -> list[files.Location]:
     from userformer.jobs import infer as I
 
     root = I.staging_root(cfg)
     return sorted(root.glob("dt=*")) if root.is_dir() else []
 
 
-def _day_of(p: Path) -> dt.date | None:
+def _day_of(p: files.Location) -> dt.date | None:
     try:
         return dt.date.fromisoformat(p.name[3:])
     except ValueError:
@@ -362,9 +361,8 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
             done[name] = {"action": "restore", "from_version": t["version"], "to_version": t["to_version"],
                           "version": version}
         elif t["action"] == "move_aside":
-            aside.mkdir(parents=True, exist_ok=True)
             dest = aside / name
-            path.rename(dest)
+            files.move(path, dest)
             done[name] = {"action": "move_aside", "from_version": t["version"], "moved_to": str(dest)}
         else:
             done[name] = {"action": t["action"], "version": t.get("version")}
@@ -399,8 +397,7 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
         P._write_marker(cfg, rec)
     elif mk["action"] == "remove":
         mk.pop("_record", None)
-        aside.mkdir(parents=True, exist_ok=True)
-        P.marker_path(cfg).rename(aside / "outputs.json")
+        files.move(P.marker_path(cfg), aside / "outputs.json")
     else:
         mk.pop("_record", None)
 
@@ -415,7 +412,7 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
     staged = []
     for p in _staged_days(cfg):
         if (d := _day_of(p)) and d >= from_dt:
-            shutil.rmtree(p, ignore_errors=True)
+            files.remove_tree(p)
             staged.append(str(d))
     return {"tables": done, "model": model, "index": {k: v for k, v in idx.items() if k != "note"},
             "marker": mk, "ledgers_moved": moved, "ledgers_moved_to": str(runs_aside) if moved else None,
@@ -557,8 +554,6 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
 def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: list[str], repair_id: str) -> dict:
     """Re-infer exactly `users` with the published model (every shard), publish them as of `day`, delete the
     output rows of `removed` users. The output checks run first: when they fail nothing is published."""
-    from deltalake import CommitProperties
-
     from userformer.jobs import infer as I
     from userformer.jobs import publish as P
 
@@ -572,13 +567,16 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
         raise
     deleted = {}
     if removed:
-        props = CommitProperties(custom_metadata={"step": "repair", "repair_id": repair_id,
-                                                  "repair_mode": "recompute", "removed_users": str(len(removed))})
+        meta = {"step": "repair", "repair_id": repair_id, "repair_mode": "recompute", "removed_users": str(len(removed))}
         quoted = ", ".join("'" + u.replace("'", "''") + "'" for u in removed)
         for t in USER_OUTPUTS:
             path = cfg.table_path(t)
-            if delta.exists(path):
-                m = delta.open_table(path).delete(f"user_id IN ({quoted})", commit_properties=props)
+            # On the version this repair's publish left: a writer that committed since makes it fail, not vanish.
+            read_v = pub["tables"].get(t, delta.version_of(path))
+            if read_v is not None:
+                with delta.conflicts(path):
+                    m = delta.open_table(path, read_v).delete(f"user_id IN ({quoted})",
+                                                              commit_properties=delta.strict_commit(meta))
                 deleted[t] = m.get("num_deleted_rows")
     return {"inferred": sum(m["users"] for m in staged), "shards": shards,
             "published": {"dt": pub["dt"], "model_version": pub["model_version"], "users": pub["users"],

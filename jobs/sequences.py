@@ -265,7 +265,7 @@ def ensure_deletion_vectors(spark, seq_path) -> bool:
     log.warning("user_sequences at %s has no deletion vectors: enabling them (delta.enableDeletionVectors, "
                 "a protocol upgrade; readers need Delta reader version 3 with deletionVectors)", seq_path)
     with delta.spark_commit(spark, seq_path, {"step": "sequences-migrate", "enable": "deletionVectors"}):
-        spark.sql(f"ALTER TABLE delta.`{delta.uri(seq_path)}` SET TBLPROPERTIES "
+        spark.sql(f"ALTER TABLE delta.`{delta.spark_uri(seq_path)}` SET TBLPROPERTIES "
                   + "(" + ", ".join(f"'{k}' = '{v}'" for k, v in PROPERTIES.items()) + ")")
     return True
 

@@ -77,6 +77,8 @@ def spark_session(cfg: Config):
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
+        # The session catalog's own folder (register_tables' database) under the home, not in the cwd.
+        .config("spark.sql.warehouse.dir", str(cfg.home / "spark-warehouse"))
         .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
         # Delta rebuilds a table's state from its log in this many tasks before every read, write and MERGE;
         # its default (50) makes that the slowest stage of a small day on a few cores.
@@ -119,7 +121,7 @@ def register_tables(spark, cfg: Config, database: str = "userformer") -> list[st
         path = cfg.table_path(name)
         if not delta.exists(path):
             continue
-        loc = delta.uri(path)
+        loc = delta.spark_uri(path)
         full = f"`{database}`.`{name}`"
         if spark.catalog.tableExists(f"{database}.{name}"):
             have = spark.sql(f"DESCRIBE DETAIL {full}").first()["location"]

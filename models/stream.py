@@ -53,7 +53,6 @@ from userformer.schemas import tables as S
 # Row groups read at once while streaming (the mixing width of the chunk order).
 INTERLEAVE = 4
 COLUMNS = ["user_id", *S.SEQUENCE_ARRAYS, "updated_dt"]
-_NO_DATA_CHANGE = ("VACUUM", "OPTIMIZE", "CHECKPOINT")
 
 
 # ------------------------------------------------------------------- time
@@ -122,7 +121,7 @@ def sequences_version(cfg, day: dt.date | None) -> tuple[int, dt.date]:
         if d is not None and h.get("step") in ("sequences", "sequences-rebuild"):
             if d <= day:
                 chosen = h["version"]
-        elif chosen is not None and h["version"] == chosen + 1 and str(h.get("operation", "")).startswith(_NO_DATA_CHANGE):
+        elif chosen is not None and h["version"] == chosen + 1 and str(h.get("operation", "")).startswith(delta.NO_DATA_CHANGE):
             chosen = h["version"]
     if chosen is None:
         raise UserError(f"user_sequences has no version that includes drops up to {day} (its first drop is later)")

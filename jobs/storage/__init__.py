@@ -1,1 +1,1 @@
-"""Delta tables through delta-rs, and the bridge that lets Spark read and write them."""
+"""Storage: Delta tables (delta-rs and delta-spark) and the files kept beside them, local or in a bucket."""

@@ -69,6 +69,12 @@ def uri(path: str | Path) -> str:
     return s if "://" in s else str(Path(s).expanduser().resolve())
 
 
+def spark_uri(path: str | Path) -> str:
+    """A table location as Spark names it: Hadoop's S3A connector serves s3:// buckets as s3a://."""
+    s = uri(path)
+    return "s3a://" + s[len("s3://"):] if s.startswith("s3://") else s
+
+
 def is_local(path: str | Path) -> bool:
     s = str(path)
     return "://" not in s or s.startswith("file://")
@@ -400,14 +406,14 @@ def spark_read(spark, path: str | Path, version: int | None = None):
     r = spark.read.format("delta")
     if version is not None:
         r = r.option("versionAsOf", int(version))
-    return r.load(uri(path))
+    return r.load(spark_uri(path))
 
 
 def spark_table(spark, path: str | Path):
     """delta.tables.DeltaTable for MERGE, RESTORE, OPTIMIZE, VACUUM on a path."""
     from delta.tables import DeltaTable as SparkDeltaTable
 
-    return SparkDeltaTable.forPath(spark, uri(path))
+    return SparkDeltaTable.forPath(spark, spark_uri(path))
 
 
 def _tagged(metadata: dict | None) -> tuple[dict, str]:
@@ -443,7 +449,7 @@ def spark_write(df, path: str | Path, *, mode: str = "append", partition_by: lis
     spark.conf.set(key, "false")
     try:
         with conflicts(path):
-            w.save(uri(path))
+            w.save(spark_uri(path))
     finally:
         if before is None:
             spark.conf.unset(key)

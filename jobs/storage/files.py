@@ -1,8 +1,16 @@
-"""Files a reader must never see half-written: JSON pointers and manifests, checkpoints.
+"""Files a reader must never see half-written: JSON pointers and manifests, checkpoints; and the folders the
+pipeline keeps beside its tables, on local disk or in a bucket.
 
 Both registries (models/registry.py: PUBLISHED; jobs/index.py: CURRENT) swap a
 small JSON pointer to make a version current, and write manifests and weights
 next to it; they share these helpers.
+
+Locations: a local folder is a `pathlib.Path`; an object-store URI (s3://,
+gs://, abfss://) is a `upath.UPath`, which has the same API over fsspec. What
+a local rename gives (a file or folder appears whole or not at all), an object
+store gives per object: one PUT is atomic. So whatever must appear whole is
+written as its data objects first and one small object last that names them
+(a manifest, a pointer), and readers trust only what the last object names.
 """
 
 from __future__ import annotations
@@ -11,11 +19,102 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from upath import UPath
+
 from userformer.jobs.common import UserError
+
+# A folder or file the pipeline reads and writes: local, or in an object store.
+Location = Path | UPath
+
+
+def location(value: str | Path) -> Location:
+    """`value` as a Location: object-store URIs (s3a:// is Spark's name for s3://) as UPath, local paths
+    (file:// URIs included) as absolute Paths."""
+    if isinstance(value, UPath) and is_remote(value):
+        return value
+    s = str(value)
+    if s.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(s).path))
+    if "://" in s:
+        return UPath("s3://" + s[len("s3a://"):] if s.startswith("s3a://") else s)
+    return Path(s).expanduser().resolve()
+
+
+def is_remote(p) -> bool:
+    """True for a location in an object store (no rename, no append, no directory of its own)."""
+    return isinstance(p, UPath) and getattr(p, "protocol", "") not in ("", "file", "local")
+
+
+def arrow(p: Location):
+    """(filesystem, path) for pyarrow's readers and writers: (None, the path) locally; the location's own
+    fsspec filesystem (same credentials and endpoint) wrapped for pyarrow in a bucket."""
+    if not is_remote(p):
+        return None, str(p)
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(p.fs)), p.path
+
+
+def parquet_dataset(paths: list, **kwargs):
+    """A pyarrow dataset over Parquet files of one filesystem, given as local paths or URIs."""
+    import pyarrow.dataset as pds
+
+    locs = [location(p) for p in paths]
+    fs = arrow(locs[0])[0] if locs else None
+    return pds.dataset([arrow(p)[1] for p in locs], filesystem=fs, format="parquet", **kwargs)
+
+
+def remove_tree(p: Location) -> None:
+    """Delete a folder and everything under it; nothing when it does not exist."""
+    if is_remote(p):
+        if p.exists():
+            p.fs.rm(p.path, recursive=True)
+        return
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def move(src: Location, dest: Location) -> None:
+    """Move a file or folder. Locally one rename; in a bucket a copy then a delete (not atomic: callers
+    record what they moved and can be rerun)."""
+    if is_remote(src):
+        src.fs.mv(src.path, dest.path, recursive=True)
+        return
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dest)
+
+
+def newest_mtime(p: Location) -> float | None:
+    """The newest modification time (epoch seconds) of folder `p` or anything under it, None when there is none.
+    Object stores keep no folder times: the age of staged work is the age of its newest file."""
+    if is_remote(p):
+        times = []
+        for info in p.fs.find(p.path, detail=True).values():
+            m = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+            if m is not None:
+                times.append(m.timestamp() if hasattr(m, "timestamp") else float(m))
+        return max(times) if times else None
+    times = [os.stat(p).st_mtime] if os.path.isdir(p) else []  # local folders have times: an empty one counts
+    times += [os.stat(os.path.join(root, n)).st_mtime for root, dirs, names in os.walk(p) for n in dirs + names]
+    return max(times) if times else None
+
+
+def append_line(path: Location, line: str) -> None:
+    """Append one line to a log file. Object stores cannot append: there the object is rewritten (a log of one
+    writer at a time, which the pipeline's writers are)."""
+    line = line.rstrip("\n") + "\n"
+    if is_remote(path):
+        old = path.read_text() if path.exists() else ""
+        path.write_text(old + line)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line)
 
 
 def fsync_dir(d: Path) -> None:
@@ -32,9 +131,12 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def replace_atomically(path: Location, write: Callable[[Location], None]) -> None:
     """`write(tmp)` into a temporary file beside `path`, fsync it, rename it over `path`: a reader (or a crash)
-    sees the old file or the new one, never part of one."""
+    sees the old file or the new one, never part of one. In a bucket, `write(path)`: one PUT is atomic."""
+    if is_remote(path):
+        write(path)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -59,7 +161,7 @@ def jsonable(o):
     return str(o)
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Location, obj) -> None:
     """`obj` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, default=jsonable) + "\n"
     replace_atomically(path, lambda tmp: tmp.write_text(text))
@@ -68,7 +170,7 @@ def write_json(path: Path, obj) -> None:
 def read_pointer(path: Path, version: re.Pattern, what: str, fix: str) -> dict | None:
     """A JSON pointer {"version": ..., ...}, or None when there is none yet; a clear UserError naming the file
     and `fix` when it is unreadable or names no valid version."""
-    path = Path(path)
+    path = location(path) if isinstance(path, str) else path
     if not path.exists():
         return None
     try:

@@ -27,7 +27,6 @@ only a few numbers per row are kept) and then validated as GE expectations.
 from __future__ import annotations
 
 import datetime as _dt
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -84,10 +83,17 @@ def score_stats(scores, label_idx, labels) -> dict[str, np.ndarray]:
     return out
 
 
-def _batches(path: Path, columns: list[str]):
-    pf = pq.ParquetFile(path)
-    for b in pf.iter_batches(batch_size=65536, columns=columns):
-        yield pa.Table.from_batches([b])
+def _staged(folder: str, name: str):
+    """A staged file of a shard (local, or in the warehouse's bucket), opened for reading."""
+    from userformer.jobs.storage.files import location
+
+    return (location(folder) / name).open("rb")
+
+
+def _batches(folder: str, name: str, columns: list[str]):
+    with _staged(folder, name) as f:
+        for b in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
+            yield pa.Table.from_batches([b])
 
 
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
@@ -116,7 +122,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     manifests, missing = [], []
     for i in range(shards):
         m = I.read_manifest(I.shard_dir(cfg, dt, version, i, shards))
-        (missing.append(i) if m is None else manifests.append({**m, "path": I.shard_dir(cfg, dt, version, i, shards)}))
+        (missing.append(i) if m is None else manifests.append(m))
     if missing:
         raise MissingData(
             f"no staged output of model {version} for shard(s) {', '.join(I.shard_name(i, shards) for i in missing)} "
@@ -145,11 +151,12 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
                           ("item_embeddings", S.ITEM_EMBEDDINGS)):
         problems, bad = [], set()
         for m in manifests if table != "item_embeddings" else manifests[:1]:
-            f = Path(m["path"]) / f"{table}.parquet"
+            name = f"{table}.parquet"
             try:
-                actual = pq.read_schema(f)
+                with _staged(m["path"], name) as f:
+                    actual = pq.read_schema(f)
             except (OSError, pa.ArrowInvalid) as exc:
-                problems.append(f"shard {m['shard']}: {f.name} unreadable ({exc})")
+                problems.append(f"shard {m['shard']}: {name} unreadable ({exc})")
                 bad.add("*")
                 continue
             o, b = type_check(table, schema, actual)
@@ -166,7 +173,8 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     filt = None if first["full"] else pc.field("updated_dt") == pa.scalar(dt, pa.date32())
     selected = first.get("selection")
     if selected:  # a repair's explicit users (jobs/infer.py): those of them with a row
-        sel = pq.read_table(Path(first["path"]) / selected["file"], columns=["user_id"])["user_id"]
+        with _staged(first["path"], selected["file"]) as f:
+            sel = pq.read_table(f, columns=["user_id"])["user_id"]
         filt = pc.field("user_id").isin(sel.combine_chunks().cast(pa.string()))
     want_ids = delta.read_arrow(cfg.table_path("user_sequences"), inp["version"], filter=filt,
                                 columns=["user_id"])["user_id"].to_pylist()
@@ -182,7 +190,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     if readable["user_embeddings"]:
         for m in manifests:
             n = 0
-            for t in _batches(Path(m["path"]) / "user_embeddings.parquet", ["user_id", "embedding", "model_version", "as_of"]):
+            for t in _batches(m["path"], "user_embeddings.parquet", ["user_id", "embedding", "model_version", "as_of"]):
                 ids = t["user_id"].to_pylist()
                 users.append({"user_id": np.asarray(ids, object), "shard": np.full(len(ids), m["shard"]),
                               "in_shard": I.shard_of(ids, shards) == m["shard"],
@@ -194,7 +202,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
                                "manifest_rows": m["users"]})
     if readable["user_preference_scores"]:
         for m in manifests:
-            for t in _batches(Path(m["path"]) / "user_preference_scores.parquet",
+            for t in _batches(m["path"], "user_preference_scores.parquet",
                               ["user_id", "task", "label_idx", "labels", "scores", "model_version"]):
                 st = score_stats(t["scores"], t["label_idx"], t["labels"])
                 task = np.asarray(t["task"].to_pylist(), object)
@@ -260,7 +268,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     items_rows = 0
     if readable["item_embeddings"]:
         parts = []
-        for t in _batches(Path(first["path"]) / "item_embeddings.parquet", ["item_idx", "embedding", "model_version"]):
+        for t in _batches(first["path"], "item_embeddings.parquet", ["item_idx", "embedding", "model_version"]):
             parts.append({"item_idx": t["item_idx"].to_numpy(zero_copy_only=False),
                           "model_version": np.asarray(t["model_version"].to_pylist(), object),
                           **vector_stats(t["embedding"])})

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +38,13 @@ pytestmark = pytest.mark.spark
 
 D1, D3, D4, D5 = (START + dt.timedelta(days=i) for i in (0, 2, 3, 4))
 KEYS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"), "item_embeddings": ("item_idx",)}
+
+
+def staged(cfg, day, version, shard, shards) -> Path:
+    """The folder of a staged shard's files: the run its manifest names (one run folder, the others gone)."""
+    folder = I.shard_dir(cfg, day, version, shard, shards)
+    assert [p.name for p in folder.iterdir() if p.name.startswith("run=")] == [I.read_manifest(folder)["files"]]
+    return Path(I.read_manifest(folder)["path"])
 
 
 def env_of(root, home):
@@ -155,8 +163,7 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     (m5,), r5 = run_day(cfg, D5)
     assert m5["users"] == 0 and m5["rows"]["item_embeddings"] == 400 and not m5["full"]
     assert not any(c["committed"] for c in r5["commits"].values()) and versions(cfg) == v_d4
-    staged = I.shard_dir(cfg, D5, v1, 0, 1)
-    assert pq.read_table(staged / "user_embeddings.parquet").num_rows == 0
+    assert pq.read_table(staged(cfg, D5, v1, 0, 1) / "user_embeddings.parquet").num_rows == 0
     # An older drop than the last published one is refused.
     with pytest.raises(UserError, match="is published already"):
         P.publish(cfg, D3, log=quiet)
@@ -170,8 +177,8 @@ def test_shards_equal_one_shard_and_a_new_model_reembeds_everyone(setup, monkeyp
         run_day(a, day)
         ms, _ = run_day(b, day, shards=2)
         assert all(m["users"] > 0 for m in ms) and sum(m["users"] for m in ms) == len(seq_users(b, day, day == D4))
-        assert (I.shard_dir(b, day, ms[0]["model_version"], 0, 2) / "item_embeddings.parquet").is_file()
-        assert not (I.shard_dir(b, day, ms[0]["model_version"], 1, 2) / "item_embeddings.parquet").exists()
+        assert (staged(b, day, ms[0]["model_version"], 0, 2) / "item_embeddings.parquet").is_file()
+        assert not (staged(b, day, ms[0]["model_version"], 1, 2) / "item_embeddings.parquet").exists()
     drop = ("updated_at",)
     for t in I.OUTPUTS:
         assert rows(a, t, drop=drop) == rows(b, t, drop=drop), t
@@ -282,7 +289,7 @@ def test_a_missing_shard_or_a_failed_check_publishes_nothing(setup):
 
     # One NaN in a staged embedding: the check names the user, publish refuses with exit code 1.
     I.infer(cfg, D3, log=quiet)
-    f = I.shard_dir(cfg, D3, v1, 0, 1) / "user_embeddings.parquet"
+    f = staged(cfg, D3, v1, 0, 1) / "user_embeddings.parquet"
     t = pq.read_table(f)
     emb = t["embedding"].to_pylist()
     emb[5] = [float("nan")] * len(emb[5])
@@ -304,6 +311,7 @@ def test_a_missing_shard_or_a_failed_check_publishes_nothing(setup):
     cfg.infer.top1_mean_band = [0.0, 1.0]
     assert C.check(cfg, "outputs", D3).success
     # A staged shard whose row count is not the users to refresh (a lost row).
+    f = staged(cfg, D3, v1, 0, 1) / "user_embeddings.parquet"  # this rerun's own run folder
     t = pq.read_table(f)
     pq.write_table(t.slice(1), f)
     res = C.check(cfg, "outputs", D3)
@@ -350,7 +358,7 @@ def test_bad_checkpoints_are_clear_errors(setup, warehouse):  # noqa: F811
 
     # The CLI: a failed output check exits 1 with the summary.
     I.infer(cfg, D3, log=quiet)
-    f = I.shard_dir(cfg, D3, v1, 0, 1) / "item_embeddings.parquet"
+    f = staged(cfg, D3, v1, 0, 1) / "item_embeddings.parquet"
     pq.write_table(pq.read_table(f).slice(3), f)
     r = subprocess.run([EXE, "check", "outputs", "--dt", str(D3)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and "check outputs dt=2026-11-03: FAILED" in r.stdout and "on items" in r.stdout, r.stdout

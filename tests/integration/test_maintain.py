@@ -61,11 +61,13 @@ def test_stale_staging_folders_are_cleared(cfg):
 
     stale = cfg.warehouse_root / "_staging" / "events" / "20200101T000000-dead"
     fresh = cfg.warehouse_root / "_staging" / "events" / "20990101T000000-live"
-    for d in (stale, fresh):
+    in_use = cfg.warehouse_root / "_staging" / "infer" / "dt=2020-01-01"  # an old folder a run writes into now
+    for d in (stale, fresh, in_use / "model=m1"):
         d.mkdir(parents=True)
         (d / "part-0.parquet").write_bytes(b"x")
     old = time.time() - 3 * 24 * 3600
-    os.utime(stale, (old, old))
+    for p in (stale / "part-0.parquet", stale, in_use / "model=m1", in_use):
+        os.utime(p, (old, old))
     res = maintain.maintain(cfg)
-    assert res["stale_staging"] == [str(stale)]
-    assert not stale.exists() and fresh.exists()
+    assert res["stale_staging"] == [str(stale)]  # its age is its newest file's
+    assert not stale.exists() and fresh.exists() and in_use.exists()
