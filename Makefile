@@ -6,13 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 JARS := infra/jars/lib
+JARS_S3 := infra/jars/lib-s3
 JARS_PROFILE ?=
 export USERFORMER_HOME ?= $(CURDIR)/var
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: venv jars demo airflow test test-fast bench lock clean cluster-up cluster-down help
+.PHONY: venv jars jars-s3 demo airflow test test-fast bench lock clean cluster-up cluster-down help
 
 help:
 	@echo "make demo   - set up, generate 7 days of synthetic logs, run daily_refresh on them through Airflow"
@@ -21,6 +22,7 @@ help:
 	@echo "make bench  - run tests/benchmarks (not part of CI)"
 	@echo "make lock   - re-resolve requirements.lock from pyproject.toml"
 	@echo "make jars   - (re)install Delta's Spark JARs into infra/jars/lib (JARS_PROFILE=s3 adds the S3A connector)"
+	@echo "make jars-s3 - Delta's JARs with the S3A connector into infra/jars/lib-s3 (for a warehouse in S3)"
 
 venv: $(VENV)/.installed $(JARS)/.installed
 
@@ -33,6 +35,15 @@ $(JARS)/.installed: infra/jars/pom.xml infra/jars/jars.sha256 infra/jars/fetch.s
 jars:
 	bash infra/jars/fetch.sh $(JARS_PROFILE)
 	touch $(JARS)/.installed
+
+# The S3A connector's set (Delta's JARs + hadoop-aws + the AWS SDK bundle, about
+# 690 MB) in its own folder: Spark sessions that write to a bucket point
+# spark.jars_dir at it; the others keep the small default set.
+$(JARS_S3)/.installed: infra/jars/pom.xml infra/jars/jars-s3.sha256 infra/jars/fetch.sh
+	bash infra/jars/fetch.sh s3 $(JARS_S3)
+	touch $@
+
+jars-s3: $(JARS_S3)/.installed
 
 # torch first and alone, pinned exactly: any unpinned torch would pull a newer
 # build. Where pip's find-links hold a CPU wheel of 2.13.0 it takes that one;
@@ -53,7 +64,7 @@ demo: venv
 airflow: venv
 	$(BIN)/userformer airflow start $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
 
-test: venv
+test: venv $(JARS_S3)/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: venv
@@ -80,4 +91,4 @@ lock:
 	  /tmp/userformer-lock/bin/pip freeze --all | grep -vE '^(torch==|userformer|-e |pip==)'; } > requirements.lock
 
 clean:
-	rm -rf $(VENV) var build *.egg-info $(JARS)
+	rm -rf $(VENV) var build *.egg-info $(JARS) $(JARS_S3)

@@ -95,11 +95,31 @@ def spark_session(cfg: Config):
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
     )
-    for k, v in cfg.spark.extra.items():
+    for k, v in {**s3a_from_env(cfg), **cfg.spark.extra}.items():
         b = b.config(k, str(v))
     _SESSION = b.getOrCreate()
     _SESSION.sparkContext.setLogLevel("WARN")
     return _SESSION
+
+
+def s3a_from_env(cfg: Config) -> dict:
+    """S3A settings for a warehouse in S3, from the AWS environment that delta-rs and fsspec read, so the three
+    reach the same endpoint (credentials: S3A's default chain reads AWS_ACCESS_KEY_ID etc. itself).
+    `[spark] extra` overrides each."""
+    if not str(cfg.warehouse_root).startswith("s3://"):
+        return {}
+    # S3A buffers uploads in local files through Hadoop's checksummed LocalFileSystem, which fs.file.impl
+    # (RawLocalFileSystem, above) is not: buffer in memory instead.
+    out = {"spark.hadoop.fs.s3a.fast.upload.buffer": "bytebuffer"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:  # an S3-compatible store (MinIO, Ceph, moto): addressed by path, TLS as its URL says
+        out["spark.hadoop.fs.s3a.endpoint"] = endpoint
+        out["spark.hadoop.fs.s3a.path.style.access"] = "true"
+        out["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(endpoint.startswith("https://")).lower()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        out["spark.hadoop.fs.s3a.endpoint.region"] = region
+    return out
 
 
 def register_tables(spark, cfg: Config, database: str = "userformer") -> list[str]:

@@ -249,7 +249,7 @@ class DeltaSequences:
     def __init__(self, path: str | Path, version: int, chunk_users: int, *, t_max: float | None = None,
                  select: Callable[[pa.Table], np.ndarray] | None = None, min_len: int = 2,
                  interleave: int = INTERLEAVE, t_min: float | None = None):
-        self.path, self.version, self.chunk_users = Path(path), version, chunk_users
+        self.path, self.version, self.chunk_users = path, version, chunk_users
         self.t_max, self.select, self.min_len, self.interleave = t_max, select, min_len, interleave
         self.t_min = t_min
         self.real_time = True

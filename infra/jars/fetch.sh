@@ -2,6 +2,8 @@
 # Resolve the JARs Spark needs for Delta (pom.xml) into infra/jars/lib/ and
 # verify them against jars.sha256. Run by `make jars` (part of `make venv`);
 # `make jars JARS_PROFILE=s3` adds the S3A connector (profile s3 of pom.xml).
+# Usage: fetch.sh [PROFILE [OUT_DIR]] (OUT_DIR defaults to infra/jars/lib;
+# `make jars-s3` puts the S3A set in infra/jars/lib-s3 beside the default one).
 #
 # Maven: the `mvn` on PATH, else Apache Maven (pinned below, sha512 checked)
 # fetched once from Maven Central into infra/jars/.maven/, so a machine with
@@ -10,6 +12,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 profile="${1:-}"
+out="$(realpath -m "${2:-$here/lib}")"
 MAVEN_VERSION=3.9.11
 MAVEN_SHA512=bcfe4fe305c962ace56ac7b5fc7a08b87d5abd8b7e89027ab251069faebee516b0ded8961445d6d91ec1985dfe30f8153268843c89aa392733d1a3ec956c9978
 CENTRAL=https://repo1.maven.org/maven2
@@ -29,7 +32,7 @@ fi
 
 # Resolve into a fresh folder, verify, then swap it in: lib/ is either the old
 # complete set or the new complete set, never a mix.
-tmp="$here/.lib-$$"
+tmp="$(dirname "$out")/.lib-$$"
 rm -rf "$tmp"
 trap 'rm -rf "$tmp"' EXIT
 "$mvn_bin" -q -B -C -f "$here/pom.xml" ${profile:+-P "$profile"} \
@@ -47,8 +50,8 @@ if [ -n "$extra" ]; then
   echo "infra/jars: JARs not pinned in $(basename "$sums"): $extra" >&2
   exit 1
 fi
-cp "$sums" "$tmp/jars.sha256"   # what lib/ holds, read by the Spark session at start-up
-rm -rf "$here/lib"
-mv "$tmp" "$here/lib"
+cp "$sums" "$tmp/jars.sha256"   # what the folder holds, read by the Spark session at start-up
+rm -rf "$out"
+mv "$tmp" "$out"
 trap - EXIT
-echo "infra/jars/lib: $(ls "$here/lib"/*.jar | wc -l) JARs verified"
+echo "$out: $(ls "$out"/*.jar | wc -l) JARs verified"

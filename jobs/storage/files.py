@@ -83,7 +83,15 @@ def move(src: Location, dest: Location) -> None:
     """Move a file or folder. Locally one rename; in a bucket a copy then a delete (not atomic: callers
     record what they moved and can be rerun)."""
     if is_remote(src):
-        src.fs.mv(src.path, dest.path, recursive=True)
+        fs = src.fs
+        if src.is_file():
+            fs.copy(src.path, dest.path)
+        else:  # object by object: a folder's listing can name prefixes that are no objects to copy
+            base = src.path.rstrip("/")
+            objects = fs.find(base)
+            if objects:
+                fs.copy(objects, [dest.path.rstrip("/") + o[len(base):] for o in objects])
+        fs.rm(src.path, recursive=True)
         return
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     os.rename(src, dest)
