@@ -4,7 +4,7 @@ The DAG files only wire: every task calls one step of `userformer.jobs` (jobs/pi
 CLI. This module is the glue they share; `daily_refresh.py`, `retrain.py` and `repair.py` import it as
 ``from common import ...`` (Airflow puts the dags folder on ``sys.path``).
 
-Configuration reaches a task process through its environment, the same way as the CLI's (jobs/config.py
+Configuration reaches a task process through its environment, the same way as the CLI's (jobs/core/config.py
 `load_config`): ``USERFORMER_HOME``, ``USERFORMER_CONFIG`` and ``USERFORMER__SECTION__KEY``. The Airflow started by
 ``userformer airflow start`` / ``make airflow`` (jobs/orchestrator.py) passes the environment it was started with
 to the scheduler, hence to every task.
@@ -35,8 +35,8 @@ import logging
 from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from userformer.jobs.common import GateFailed, UserError
-from userformer.jobs.config import Config, load_config
+from userformer.jobs.core.errors import GateFailed, UserError
+from userformer.jobs.core.config import Config, load_config
 
 log = logging.getLogger("userformer.dags")
 

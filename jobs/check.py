@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
+from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta
 from userformer.schemas.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from userformer.jobs.common import UserError, date_arg, date_range
+from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs import pipeline
-from userformer.jobs.config import Config, load_config
+from userformer.jobs.core.config import Config, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "config" / "demo.toml"
 
@@ -121,7 +123,7 @@ def _metrics(m: dict, keys=("ndcg@10", "recall@10")) -> str:
 def print_summary(cfg: Config, days: list[dt.date]) -> None:
     """Rows per table, users refreshed per day, model versions, evaluation metrics, index recall, where things are."""
     from userformer.jobs import info
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     print("\nusers per day (refreshed = with new events; embedded = user embeddings written, everyone after a "
           "model change):")
@@ -139,7 +141,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
         print(f"  {str(day):<12}{seq.get('active_users', 0):>10}{seq.get('new_users', 0):>7}{embedded:>10}  "
               f"{str(gt.get('published') or '-'):<31}{(f'{rc:.3f}' if isinstance(rc, float) else '-'):>16}")
 
-    print("\nmodel versions (models/registry.py; the gate compares a candidate with the published model on "
+    print("\nmodel versions (jobs/core/registry.py; the gate compares a candidate with the published model on "
           "held-out users of its day):")
     ptr = R.published(cfg)
     for man in R.list_versions(cfg):
@@ -176,7 +178,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
 
 def _some_user(cfg: Config) -> str | None:
     """The published user with the longest history (for the example command)."""
-    from userformer.jobs.storage import delta
+    from userformer.jobs.core.storage import delta
 
     path = cfg.table_path("user_sequences")
     if not delta.exists(path) or not delta.exists(cfg.table_path("user_embeddings")):

@@ -30,8 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userformer.jobs.common import UserError, date_arg, date_range
-from userformer.jobs.config import Config
+from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core.dates import date_arg, date_range
+from userformer.jobs.core.config import Config
 from userformer.schemas.tables import RAW_EVENTS, RAW_ITEMS
 
 # ---------------------------------------------------------------- catalogue

@@ -72,9 +72,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta, files
+from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta, files
 from userformer.schemas import tables as S
 
 log = logging.getLogger(__name__)
@@ -366,7 +368,7 @@ def _model_version(cfg: Config, data: pa.Table) -> str:
                         "publish the item embeddings of one version first (`userformer publish --dt D`)")
     mv = next(iter(counts))
     try:
-        from userformer.models import registry
+        from userformer.jobs.core import registry
 
         pub = registry.published(cfg)
     except UserError:

@@ -6,7 +6,7 @@ and EVERY user when the published model version differs from the model
 version of the last publish of an earlier drop (read from the publish commits
 of the three output tables: if any of them was last published with another
 version, or never, everyone is re-embedded: user vectors of another version
-are not comparable with this version's item vectors, models/registry.py), or
+are not comparable with this version's item vectors, jobs/core/registry.py), or
 with ``--all-users``. A user is embedded at their newest event (the same
 vector whichever day computes it), from their newest ``model.max_len`` events.
 
@@ -54,10 +54,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta, files
-from userformer.jobs.storage.files import Location
+from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta, files
+from userformer.jobs.core.storage.files import Location
 
 # The published tables, in the order `publish` commits them (jobs/publish.py).
 OUTPUTS = ("user_embeddings", "user_preference_scores", "item_embeddings")
@@ -294,8 +296,8 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
-    from userformer.models import registry as R
-    from userformer.models import stream as ST
+    from userformer.jobs.core import registry as R
+    from userformer.jobs.core import stream as ST
     from userformer.models import train as T
     from userformer.models.data import from_sequences_table
     from userformer.schemas import tables as S

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 

@@ -29,10 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userformer.jobs import hooks
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
+from userformer.jobs.core import hooks
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def _read_raw(spark, files: list[RawFile]):
             c = F.col(field.name) if field.name in cols else F.lit(None)
             sel[field.name] = c.cast("string" if pa.types.is_string(field.type) else "double")
         ts = F.col("ts")
-        if ts_kind == "timestamp_ns":  # read as long nanoseconds (see jobs/spark.py)
+        if ts_kind == "timestamp_ns":  # read as long nanoseconds (see jobs/core/spark.py)
             sel["ts"] = F.timestamp_micros(F.floor(ts / 1000).cast("long"))
             sel["ts_raw"] = F.date_format(sel["ts"], "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX")
         elif ts_kind == "string":
@@ -331,7 +332,7 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     """Ingest the raw drop of `day` (see module doc). Returns counts."""
     from pyspark.sql import functions as F
 
-    from userformer.jobs.spark import spark_session
+    from userformer.jobs.core.spark import spark_session
 
     files = inspect_raw_files(cfg.raw_events_dir(day))
     raw_rows = sum(f.rows for f in files)

@@ -38,8 +38,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
+from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
 
 DEFAULT_PORT = 8080
 HOST = "127.0.0.1"

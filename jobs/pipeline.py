@@ -24,9 +24,9 @@ import logging
 import time
 from pathlib import Path
 
-from userformer.jobs.common import GateFailed, UserError
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta, files
+from userformer.jobs.core.errors import GateFailed, UserError
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta, files
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _step(name: str):
 
 
 def _published_model(cfg: Config) -> dict | None:
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     return R.published(cfg)
 

@@ -51,10 +51,11 @@ import json
 import sys
 import time
 from userformer.jobs import infer as I
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
-from userformer.jobs.storage.files import Location, append_line, location, parquet_dataset, write_json
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core.storage.files import Location, append_line, location, parquet_dataset, write_json
 
 KEY = "_replace_user"  # merge key of user_preference_scores' delete+insert
 
@@ -202,8 +203,8 @@ def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | No
 def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
     """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
     from userformer.jobs import check as C
-    from userformer.models import registry as R
-    from userformer.models import stream as ST
+    from userformer.jobs.core import registry as R
+    from userformer.jobs.core import stream as ST
 
     t0 = time.perf_counter()
     shards = shards or cfg.infer.shards

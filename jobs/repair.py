@@ -8,7 +8,7 @@ equals a run that never saw the bad data:
 
 1. every Delta table (schemas.tables.TABLES) is restored (one Delta RESTORE commit each; delta-spark's for
    the tables Spark writes, schemas.tables.SPARK_TABLES, as delta-rs's would drop their deletion vectors) to the
-   last version of its *lineage* (jobs/storage/delta.py `lineage`: its commits minus those earlier restores
+   last version of its *lineage* (jobs/core/storage/delta.py `lineage`: its commits minus those earlier restores
    undid) before the first commit whose custom metadata names a drop >= D1 (``dt``, or ``upto`` of a rebuild).
    A table with no commit of a drop before D1 (it was created on or after D1, e.g. user_embeddings by the first
    publish) is **moved aside** to ``warehouse/_repair/<id>/<table>`` (kept for inspection): before D1 it did
@@ -62,9 +62,11 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.common import GateFailed, UserError, date_arg, date_range
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta, files
+from userformer.jobs.core.errors import GateFailed, UserError
+
+from userformer.jobs.core.dates import date_arg, date_range
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta, files
 from userformer.schemas import tables as S
 
 log = logging.getLogger(__name__)
@@ -204,7 +206,7 @@ def table_target(cfg: Config, name: str, from_dt: dt.date) -> dict:
 
 def registry_target(cfg: Config, from_dt: dt.date) -> dict:
     """The PUBLISHED pointer before from_dt, replayed from publish_log.jsonl (module doc)."""
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     cur = R.published(cfg)
     target, warnings = None, []
@@ -333,7 +335,7 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
 
     from userformer.jobs import index as X
     from userformer.jobs import publish as P
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     extra = {"repair": {"id": repair_id, "mode": "restore", "from_dt": str(from_dt)}}
     meta = {"step": "repair", "repair_id": repair_id, "repair_mode": "restore", "repair_from_dt": str(from_dt)}
@@ -348,7 +350,7 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
             if name in S.SPARK_TABLES:
                 # Spark's tables through delta-spark: delta-rs's RESTORE would re-add the files without their
                 # deletion vectors (user_sequences), bringing deleted rows back.
-                from userformer.jobs.spark import spark_session
+                from userformer.jobs.core.spark import spark_session
 
                 spark = spark_session(cfg)
                 with delta.spark_commit(spark, path, rmeta) as c:
@@ -451,7 +453,7 @@ def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[st
     from userformer.jobs import infer as I
     from userformer.jobs import publish as P
     from userformer.jobs.sequences import applied_drop
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     _validate_range(from_dt, to_dt, "recompute")
     seq, events = cfg.table_path("user_sequences"), cfg.table_path("events")
@@ -510,7 +512,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     from pyspark.sql import functions as F
 
     from userformer.jobs import sequences as Q
-    from userformer.jobs.spark import spark_session
+    from userformer.jobs.core.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     spark = spark_session(cfg)

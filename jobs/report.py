@@ -35,9 +35,10 @@ import re
 from pathlib import Path
 
 from userformer.jobs import pipeline as P
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta, files
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta, files
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def result(ledger: dict, step: str) -> dict | None:
 
 
 def manifest(cfg: Config, version: str | None) -> dict | None:
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     if not version:
         return None
@@ -555,7 +556,7 @@ def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
 def section_where(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     """Table paths and versions (now, and as published on D), the model and index versions, the folders."""
     from userformer.jobs import index as X
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     pub = result(ledger, "publish") or {}
     on_day = pub.get("tables") or {}

@@ -28,15 +28,16 @@ import logging
 import time
 
 from userformer.jobs import pipeline
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
 
 log = logging.getLogger(__name__)
 
 
 def as_of(cfg: Config, day: dt.date | None) -> dt.date:
     """D: the given drop date, or the latest drop user_sequences includes."""
-    from userformer.models import stream as ST
+    from userformer.jobs.core import stream as ST
 
     if day is not None:
         return day
@@ -49,7 +50,7 @@ def as_of(cfg: Config, day: dt.date | None) -> dt.date:
 def train_window(cfg: Config, day: dt.date, window_days: int, *, epochs: int | None = None) -> dict:
     """Step 1: train from scratch on the last `window_days` days up to D; register the version."""
     from userformer.jobs import train as TR
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     if window_days < 2:
         raise UserError(f"--window-days must be >= 2, got {window_days}")
@@ -77,7 +78,7 @@ def better(new: dict, old: dict, metrics: list[str]) -> dict:
 def judge(cfg: Config, day: dt.date, version: str) -> dict:
     """Step 2: evaluate `version` and the published model on the same window; publish `version` iff better."""
     from userformer.jobs import train as TR
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     t0 = time.perf_counter()
     man = R.read_manifest(cfg, version)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from userformer.jobs import hooks
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config
-from userformer.jobs.storage import delta
+from userformer.jobs.core import hooks
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def update(cfg: Config, day: dt.date) -> dict:
     """Merge drop D's events into user_sequences for the users active on D (idempotent: a rerun of D replaces D)."""
     from pyspark.sql import functions as F
 
-    from userformer.jobs.spark import spark_session
+    from userformer.jobs.core.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     if not delta.exists(events_path):
@@ -292,7 +293,7 @@ def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
     """Recompute user_sequences from all of `events` (up to drop `upto`) and replace the table in one commit."""
     from pyspark.sql import functions as F
 
-    from userformer.jobs.spark import spark_session
+    from userformer.jobs.core.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     if not delta.exists(events_path):

@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from userformer.jobs import index as ix
-from userformer.jobs.common import UserError
-from userformer.jobs.config import Config, load_config
-from userformer.jobs.storage import delta
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import Config, load_config
+from userformer.jobs.core.storage import delta
 
 EMBEDDING_COLUMNS = ["user_id", "embedding", "model_version", "as_of"]
 

@@ -1,10 +1,10 @@
-"""The customer model over the warehouse: `userformer train`, `finetune --dt D`, `evaluate` (models/registry.py).
+"""The customer model over the warehouse: `userformer train`, `finetune --dt D`, `evaluate` (jobs/core/registry.py).
 
 **train** [--dt D]: the time protocol (PinnerFormer). T = end of drop D (default:
 the latest drop user_sequences includes), read as of D (Delta time travel for
 user_sequences; vocabulary and catalogue = ids first seen by D). Training uses
 the events before T - ``train.eval_horizon_days``, streamed from the table in
-chunks of ``train.stream_chunk_users`` users (models/stream.py; never the
+chunks of ``train.stream_chunk_users`` users (jobs/core/stream.py; never the
 whole table in memory). Validation = users with item events in the window
 [T - horizon, T), a stable-hash share ``train.valid_user_fraction`` of them
 (at most ``train.max_eval_users``, kept in memory), embedded at the window
@@ -54,8 +54,10 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.common import UserError, date_arg
-from userformer.jobs.config import Config, ModelConfig, TrainConfig
+from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.config import Config, ModelConfig, TrainConfig
 
 DAY_S = 86400.0
 
@@ -82,7 +84,7 @@ class Snapshot:
 
 
 def snapshot(cfg: Config, day: dt.date | None, versions: dict | None = None) -> Snapshot:
-    from userformer.models import stream as ST
+    from userformer.jobs.core import stream as ST
 
     if versions:
         seq_v, d = versions["user_sequences"], day
@@ -93,7 +95,7 @@ def snapshot(cfg: Config, day: dt.date | None, versions: dict | None = None) -> 
 
 
 def _bucket(table, salt: str):
-    from userformer.models.stream import user_buckets
+    from userformer.jobs.core.stream import user_buckets
 
     return user_buckets(table["user_id"].to_pylist(), salt)
 
@@ -139,8 +141,8 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
     left out of every sequence); the last ``train.eval_horizon_days`` of the window validate, as always.
     """
     import torch
-    from userformer.models import registry as R
-    from userformer.models import stream as ST
+    from userformer.jobs.core import registry as R
+    from userformer.jobs.core import stream as ST
     from userformer.models import train as T
 
     t0 = time.perf_counter()
@@ -271,8 +273,8 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    from userformer.models import registry as R
-    from userformer.models import stream as ST
+    from userformer.jobs.core import registry as R
+    from userformer.jobs.core import stream as ST
     from userformer.models import train as T
 
     t0 = time.perf_counter()
@@ -386,7 +388,7 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
 
 def _prior_candidate(cfg: Config, day: dt.date, parent: str, data: dict) -> dict | None:
     """A fine-tuned version of `parent` on drop `day` from the same Delta versions, if one is registered."""
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     for man in reversed(R.list_versions(cfg)):
         if (man.get("kind") == "finetune" and man.get("dt") == str(day) and man.get("parent") == parent
@@ -404,7 +406,7 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
     an older model is not comparable and is rejected. Idempotent: a judged candidate keeps its verdict (a promoted
     one is published again when the published model is back at its parent, as after a repair's restore).
     """
-    from userformer.models import registry as R
+    from userformer.jobs.core import registry as R
 
     man = R.read_manifest(cfg, version)
     ptr = R.published(cfg)
@@ -442,8 +444,8 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
 def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = None, out=print) -> dict:
     """Evaluate a registered model (default: the published one) on the window ending with drop `day` (module doc)."""
     import torch
-    from userformer.models import registry as R
-    from userformer.models import stream as ST
+    from userformer.jobs.core import registry as R
+    from userformer.jobs.core import stream as ST
     from userformer.models import train as T
 
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from the end (recency), which makes outputs independent of the padding length.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -291,3 +292,26 @@ def batches(n: int, batch_size: int, rng: np.random.Generator | None = None, len
 def item_counts(seqs: Sequences, n_items: int) -> np.ndarray:
     """Occurrences of every item id in the training events (for logQ and most-popular)."""
     return np.bincount(seqs.ints["item"], minlength=n_items + 1)[: n_items + 1].astype(np.float64)
+
+
+# --------------------------------------------------------------- training sources
+class MemorySource:
+    """In-memory Sequences as a training source: one chunk, the whole thing (no RNG drawn)."""
+
+    def __init__(self, seqs: Sequences, min_len: int = 2):
+        self.seqs, self.min_len, self.real_time = seqs, min_len, seqs.real_time
+
+    @property
+    def n_sequences(self) -> int:
+        return int((self.seqs.lengths >= self.min_len).sum())
+
+    def item_counts(self, n_items: int) -> np.ndarray:
+        return item_counts(self.seqs, n_items)
+
+    def chunks(self, rng: np.random.Generator | None = None) -> Iterator[Sequences]:
+        yield self.seqs
+
+
+def as_source(train):
+    """A training source from Sequences (in memory) or anything with `chunks(rng)` (e.g. DeltaSequences)."""
+    return train if hasattr(train, "chunks") else MemorySource(train)

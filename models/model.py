@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from userformer.jobs.config import ModelConfig
+from userformer.models.config import ModelConfig
 from userformer.models.data import ItemCatalog
 from userformer.models.encoder import UserEncoder
 from userformer.models.features import EventFeaturizer, TimeFeatures

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -19,14 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from userformer.jobs.config import ModelConfig, TrainConfig
-from userformer.jobs.storage import files
+from userformer.models.config import ModelConfig, TrainConfig
 from userformer.models import losses as LS
 from userformer.models.data import (
+    INT_FIELDS,
     ITEM_ATTRS,
     EvalSet,
     ItemCatalog,
     Sequences,
+    as_source,
     batches,
     item_counts,
     pad_batch,
@@ -209,13 +211,27 @@ def checkpoint(model: UserFormer, tcfg: TrainConfig, epoch: int, metrics: dict, 
             "metrics": metrics, **(extra or {})}
 
 
+def catalog_of(ck: dict, path: Path | str = "checkpoint"):
+    """The ItemCatalog a checkpoint was built for (attributes from its attrs buffer, sizes from vocab_sizes);
+    a ValueError naming `path` when the checkpoint does not fit together."""
+    sizes = {k: int(v) for k, v in ck["vocab_sizes"].items()}
+    if any(k not in sizes for k in INT_FIELDS):
+        raise ValueError(f"{path}: vocab_sizes lacks {[k for k in INT_FIELDS if k not in sizes]}")
+    attrs_t = ck["state_dict"].get("item_tower.attrs")
+    if attrs_t is None:
+        raise ValueError(f"{path}: weights lack item_tower.attrs")
+    if attrs_t.shape[0] != sizes["item"]:
+        raise ValueError(f"{path}: model/vocabulary size mismatch: the item tower has {attrs_t.shape[0]} item rows "
+                        f"but vocab_sizes says {sizes['item']}")
+    a = attrs_t.numpy()
+    return ItemCatalog({name: a[:, i].copy() for i, name in enumerate(ITEM_ATTRS)}, sizes)
+
+
 def load_checkpoint(path, catalog: ItemCatalog | None = None) -> tuple[UserFormer, dict]:
     """A checkpoint file -> (model, checkpoint). Without `catalog`, the one the model was trained with (its
-    attribute buffer and vocabulary sizes). Registry versions: models.registry.load (checks and clear errors)."""
+    attribute buffer and vocabulary sizes). Registry versions: jobs/core/registry.py: load (checks and clear errors)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if catalog is None:
-        from userformer.models.registry import catalog_of
-
         catalog = catalog_of(ck, path)
     model = UserFormer(ModelConfig(**ck["model_config"]), catalog)
     model.load_state_dict(ck["state_dict"])
@@ -223,8 +239,18 @@ def load_checkpoint(path, catalog: ItemCatalog | None = None) -> tuple[UserForme
 
 
 def save_atomic(obj, path: str | Path) -> None:
-    """torch.save through a temporary file + rename: a crash leaves the old file or the new one."""
-    files.replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
+    """torch.save through a temporary file + rename: a crash leaves the old file or the new one.
+    (The model package needs nothing but torch: the jobs side has the general helper, storage.files.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def rng_state(rng: np.random.Generator, gen: torch.Generator, sampler) -> dict:
@@ -255,15 +281,13 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, cata
     """Train; returns the best model (by validation recall@10 / NDCG@10) and a history dict.
 
     `train`: in-memory Sequences, or a chunked source (`chunks(rng)`, `item_counts(n)`, `n_sequences`,
-    `real_time`; models/stream.py: DeltaSequences streams the Delta table). `valid`: the early-stopping set, or
+    `real_time`; jobs/core/stream.py: DeltaSequences streams the Delta table). `valid`: the early-stopping set, or
     None: no validation, the last epoch's model is kept (fine-tuning for a fixed number of epochs).
     `model`: warm start from it (its config wins over `mcfg`) instead of a fresh model.
     `state_path`: after every epoch, the whole training state (weights, optimizer, every RNG, early-stopping
     state, history) is written there atomically; `resume` (that state, loaded) continues after its epoch and
     ends exactly as the uninterrupted run would. `extra` goes into every checkpoint (e.g. data versions).
     """
-    from userformer.models.stream import as_source
-
     torch.set_num_threads(tcfg.num_threads)
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)

@@ -212,7 +212,7 @@ TABLES: dict[str, tuple[pa.Schema, list[str], str]] = {
 # What ingest + sequences write (the rest are the model's published outputs).
 FOUNDATION_TABLES = ("events", "events_rejected", "vocab", "items", "user_sequences")
 # Written by Spark through delta-spark (user_sequences with deletion vectors): restore and rewrite them with
-# delta-spark and read them from Python through jobs/storage/delta.py; the others are delta-rs's.
+# delta-spark and read them from Python through jobs/core/storage/delta.py; the others are delta-rs's.
 SPARK_TABLES = ("events", "events_rejected", "user_sequences")
 OUTPUT_TABLES = tuple(t for t in TABLES if t not in FOUNDATION_TABLES)
 

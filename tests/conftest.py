@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from userformer.jobs.config import load_config
+from userformer.jobs.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -33,7 +33,7 @@ def cfg(home):
 @pytest.fixture(scope="session")
 def spark():
     """One real local[2] Spark session for the whole test run (starting one costs ~6 s)."""
-    from userformer.jobs.spark import spark_session, stop_spark
+    from userformer.jobs.core.spark import spark_session, stop_spark
 
     s = spark_session(load_config(env={"USERFORMER_HOME": "/tmp/userformer-unused"}))
     yield s

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from userformer.jobs.common import UserError
+from userformer.jobs.core.errors import UserError
 from userformer.schemas import tables as S
 
 log = logging.getLogger("userformer.jobs.loaders")

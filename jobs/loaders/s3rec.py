@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from userformer.jobs.common import UserError
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.loaders import _base as B
 
 BASE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userformer.jobs.common import UserError
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.loaders import _base as B
 
 COLUMNS = ["user_id", "session_id", "timestamp", "step", "action_type", "reference", "device"]

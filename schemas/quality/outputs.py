@@ -85,7 +85,7 @@ def score_stats(scores, label_idx, labels) -> dict[str, np.ndarray]:
 
 def _staged(folder: str, name: str):
     """A staged file of a shard (local, or in the warehouse's bucket), opened for reading."""
-    from userformer.jobs.storage.files import location
+    from userformer.jobs.core.storage.files import location
 
     return (location(folder) / name).open("rb")
 
@@ -107,9 +107,9 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     import pandas as pd
     from great_expectations import expectations as E
     from userformer.jobs import infer as I
-    from userformer.jobs.common import UserError
-    from userformer.jobs.storage import delta
-    from userformer.models import registry as R
+    from userformer.jobs.core.errors import UserError
+    from userformer.jobs.core.storage import delta
+    from userformer.jobs.core import registry as R
 
     shards = shards or cfg.infer.shards
     try:

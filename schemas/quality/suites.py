@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from userformer.schemas import tables as S
 
 if TYPE_CHECKING:
-    from userformer.jobs.config import Config
+    from userformer.jobs.core.config import Config
 
 
 class MissingData(Exception):

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
 
-    from userformer.jobs.config import load_config
+    from userformer.jobs.core.config import load_config
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

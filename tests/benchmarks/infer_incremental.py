@@ -59,9 +59,9 @@ def cut_drop(path: Path, share: float) -> tuple[int, int]:
 
 def setup(home: Path, users: int, items: int, share: float, device: str) -> tuple[object, dict]:
     from userformer.jobs import ingest, sequences, train
-    from userformer.jobs.config import load_config
+    from userformer.jobs.core.config import load_config
     from userformer.jobs.generate import generate
-    from userformer.jobs.spark import stop_spark
+    from userformer.jobs.core.spark import stop_spark
 
     cfg = load_config(env={"USERFORMER_HOME": str(home), "USERFORMER__INFER__DEVICE": device,
                            "USERFORMER__TRAIN__DEVICE": device})
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                 r = measure(cfg, day, full=kind == "full")
                 runs[kind].append(r)
                 log(f"  {kind} #{k + 1}: {r['users']:,} users, infer {r['infer_s']:.2f}s, publish {r['publish_s']:.2f}s")
-        from userformer.models import registry as R
+        from userformer.jobs.core import registry as R
 
         f, i = summarise(runs["full"]), summarise(runs["incremental"])
         doc.update(setup=info, runs=runs, full=f, incremental=i, repeats=a.repeats, device=a.device,

@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from tests.benchmarks.pipeline import git_info, load, log, machine_info, mem_available_gib, now
-from userformer.jobs.config import ModelConfig, TrainConfig
+from userformer.jobs.core.config import ModelConfig, TrainConfig
 from userformer.models import losses as LS
 from userformer.models.data import INT_FIELDS, ITEM_ATTRS, ItemCatalog, Sequences, batches, item_counts, pad_batch
 from userformer.models.item_tower import FIELD

@@ -119,7 +119,7 @@ def summary(samples: list[float]) -> dict:
 
 # ------------------------------------------------------------------ config
 def make_cfg(home: Path, *, driver_memory: str, shuffle_partitions: int):
-    from userformer.jobs.config import load_config
+    from userformer.jobs.core.config import load_config
 
     cfg = load_config(env={
         "USERFORMER_HOME": str(home),
@@ -233,7 +233,7 @@ class StageLog:
 
 def start_spark(cfg) -> float:
     """Start the (process-wide) Spark session and run a trivial job: not part of any timed step."""
-    from userformer.jobs.spark import spark_session
+    from userformer.jobs.core.spark import spark_session
 
     t0 = time.perf_counter()
     spark = spark_session(cfg)
@@ -264,7 +264,7 @@ def events_per_user(active_frac: float = 1.0, per_user: float = 20.0) -> float:
     activity draw makes it less than per_user x active_frac)."""
     import tempfile
 
-    from userformer.jobs.config import load_config
+    from userformer.jobs.core.config import load_config
     from userformer.jobs.generate import generate
 
     d = Path(tempfile.mkdtemp(prefix="userformer-bench-cal-", dir="/tmp"))
@@ -282,8 +282,8 @@ def throughput(home: Path, n_events: int, repeats: int, *, driver_memory: str, s
     """One drop of ~n_events: ingest (first + reruns), sequences first build, rebuild."""
     from userformer.jobs import ingest, sequences
     from userformer.jobs.generate import generate
-    from userformer.jobs.spark import stop_spark
-    from userformer.jobs.storage import delta
+    from userformer.jobs.core.spark import stop_spark
+    from userformer.jobs.core.storage import delta
 
     started = now()
     cfg = make_cfg(home, driver_memory=driver_memory, shuffle_partitions=shuffle_partitions)
@@ -362,8 +362,8 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
     """`days` drops processed in order; then on the last day: incremental update vs full rebuild."""
     from userformer.jobs import ingest, maintain, sequences
     from userformer.jobs.generate import generate
-    from userformer.jobs.spark import stop_spark
-    from userformer.jobs.storage import delta
+    from userformer.jobs.core.spark import stop_spark
+    from userformer.jobs.core.storage import delta
 
     started = now()
     cfg = make_cfg(home, driver_memory=driver_memory, shuffle_partitions=shuffle_partitions)
@@ -493,8 +493,8 @@ def _restore_state(cfg, seq_path: Path, version: int, applied: dt.date) -> None:
     """user_sequences back to `version` (Spark's RESTORE, a new commit: delta-rs must not restore a table with
     deletion vectors). The commit is tagged as the state after drop `applied`, so `sequences.applied_drop`
     reports it (with no rerun base: step is not "sequences")."""
-    from userformer.jobs.spark import spark_session
-    from userformer.jobs.storage import delta
+    from userformer.jobs.core.spark import spark_session
+    from userformer.jobs.core.storage import delta
 
     spark = spark_session(cfg)
     meta = {"step": "sequences-restore", "dt": str(applied), "restored_version": str(version), "by": "tests.benchmarks"}

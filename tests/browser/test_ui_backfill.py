@@ -56,7 +56,7 @@ def artifacts() -> Path:
 def pipeline_cfg(home, monkeypatch):
     """Two small generated days, the demo's short training; the environment Airflow's tasks inherit."""
     from userformer.jobs import generate
-    from userformer.jobs.config import load_config
+    from userformer.jobs.core.config import load_config
 
     monkeypatch.setenv("USERFORMER_CONFIG", str(DEMO_CONFIG))
     monkeypatch.setenv("USERFORMER__PIPELINE__BOOTSTRAP_EPOCHS", "1")
@@ -138,7 +138,7 @@ def test_backfill_from_the_ui_dialog_runs_both_days(chromium, artifacts, airflow
     from playwright.sync_api import expect, sync_playwright
 
     from userformer.jobs import pipeline
-    from userformer.jobs.storage import delta
+    from userformer.jobs.core.storage import delta
 
     af = airflow
     t0 = time.monotonic()

@@ -118,7 +118,7 @@ def test_quality_failures_are_not_retried_other_errors_are():
         sys.path.remove(str(DAGS))
     from airflow.sdk.exceptions import AirflowFailException
 
-    from userformer.jobs.common import GateFailed, UserError
+    from userformer.jobs.core.errors import GateFailed, UserError
 
     def raising(exc):
         @no_retry_on_bad_data
@@ -131,7 +131,7 @@ def test_quality_failures_are_not_retried_other_errors_are():
             raising(exc)()
     with pytest.raises(OSError):  # transient: Airflow retries it
         raising(OSError("disk hiccup"))()
-    from userformer.jobs.storage.delta import ConcurrentWrite
+    from userformer.jobs.core.storage.delta import ConcurrentWrite
 
     with pytest.raises(ConcurrentWrite):  # another writer won the commit: the retry reads afresh
         raising(ConcurrentWrite("/w/vocab", "read version 3, now 4"))()
@@ -181,7 +181,7 @@ def test_drop_date_is_the_logical_date():
     # A backfill run: interval [D, D+1); a manual run of D: Airflow infers the interval ending at D.
     assert drop_date({"logical_date": ld, "data_interval_start": ld}) == dt.date(2026, 11, 3)
     assert drop_date({"logical_date": ld, "data_interval_start": ld - dt.timedelta(days=1)}) == dt.date(2026, 11, 3)
-    from userformer.jobs.common import UserError
+    from userformer.jobs.core.errors import UserError
 
     with pytest.raises(UserError):
         drop_date({"logical_date": None, "data_interval_start": None})

@@ -1,4 +1,4 @@
-"""Steps as real processes (the `userformer` executable), held at named pause points (jobs/hooks.py).
+"""Steps as real processes (the `userformer` executable), held at named pause points (jobs/core/hooks.py).
 
 A crash test SIGKILLs a step held at a point; a concurrency test holds several steps at one point until all are
 there, then releases them together. Output goes to files (a full pipe would block a chatty Spark process).
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from userformer.jobs import hooks
+from userformer.jobs.core import hooks
 
 EXE = str(Path(sys.executable).parent / "userformer")
 # Each step process starts its own Spark: small, so that two of them and the test's own fit beside other work.

@@ -37,9 +37,9 @@ import pytest
 from tests.conftest import REPO
 from tests.integration import warehouses as W
 from userformer.jobs import generate, pipeline
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
-from userformer.models import registry as R
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import registry as R
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 

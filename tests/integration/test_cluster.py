@@ -24,8 +24,8 @@ N_KEYS = 37
 DRIVER = r"""
 import json, sys, time
 from pyspark.sql import functions as F
-from userformer.jobs.config import load_config
-from userformer.jobs.spark import spark_session, stop_spark
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.spark import spark_session, stop_spark
 
 out, want, rows, keys = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 spark = spark_session(load_config())
@@ -135,7 +135,7 @@ def test_cluster_runs_pipeline_session_like_local(tmp_path):
 
 def _tables(home) -> dict:
     """Every table of a home, sorted so that equal content compares equal."""
-    from userformer.jobs.storage import delta
+    from userformer.jobs.core.storage import delta
     from userformer.schemas.tables import FOUNDATION_TABLES
 
     keys = {"events": ["event_id"], "events_rejected": ["dt", "reason", "source_file", "event_id", "ts_raw"],

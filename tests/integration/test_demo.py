@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from userformer.jobs.storage import delta
+from userformer.jobs.core.storage import delta
 
 EXE = str(Path(sys.executable).parent / "userformer")
 

@@ -14,9 +14,9 @@ from tests.integration.test_infer import D3, D4, new_version, registry, run_day,
 from tests.integration.test_train import warehouse  # noqa: F401 (fixture)
 from userformer.jobs import index as ix
 from userformer.jobs import serve
-from userformer.jobs.common import UserError
-from userformer.jobs.storage import delta
-from userformer.models import registry as R
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import registry as R
 
 pytestmark = pytest.mark.spark
 

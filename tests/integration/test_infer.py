@@ -25,12 +25,12 @@ from userformer.jobs import check as C
 from userformer.jobs import infer as I
 from userformer.jobs import publish as P
 from userformer.jobs import train as J
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
 from userformer.jobs.maintain import maintain
-from userformer.jobs.storage import delta
-from userformer.models import registry as R
-from userformer.models import stream as ST
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import registry as R
+from userformer.jobs.core import stream as ST
 
 from tests.integration.test_train import EXE, START, TINY, quiet, warehouse  # noqa: F401 (warehouse: the fixture)
 

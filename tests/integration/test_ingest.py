@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from userformer.jobs import ingest as ingest_mod
-from userformer.jobs import hooks
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
+from userformer.jobs.core import hooks
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 from . import procs
@@ -199,7 +199,7 @@ def test_old_events_and_bad_durations_are_rejected(cfg, spark):
 
 def test_single_user_burst_is_capped(home, monkeypatch, spark):
     monkeypatch.setenv("USERFORMER__INGEST__MAX_EVENTS_PER_USER_PER_DAY", "50")
-    from userformer.jobs.config import load_config
+    from userformer.jobs.core.config import load_config
 
     cfg = load_config()
     rows = [(f"b{i}", "bot", ts(D1, 0) + dt.timedelta(seconds=i), "view", "i1") for i in range(500)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from userformer.jobs import ingest, maintain, sequences
-from userformer.jobs.common import UserError
-from userformer.jobs.storage import delta
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
 
 from .rawdata import D1, D2, D3, three_days
 

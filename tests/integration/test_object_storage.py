@@ -30,8 +30,8 @@ import pytest
 from userformer.jobs import generate, pipeline
 from userformer.jobs import infer as I
 from userformer.jobs import publish as P
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta, files
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta, files
 
 from tests.conftest import REPO
 from tests.integration import warehouses as W

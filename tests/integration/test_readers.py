@@ -23,9 +23,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 from userformer.jobs import generate, pipeline
-from userformer.jobs.config import load_config
-from userformer.jobs.spark import register_tables
-from userformer.jobs.storage import delta
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.spark import register_tables
+from userformer.jobs.core.storage import delta
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from userformer.jobs import generate, pipeline
 from userformer.jobs import repair as RP
-from userformer.jobs.common import GateFailed, UserError
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
-from userformer.models import registry as R
+from userformer.jobs.core.errors import GateFailed, UserError
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import registry as R
 
 from tests.integration import warehouses as W
 
@@ -183,7 +183,7 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
         r["seq_len"] -= 3
     src = pa.Table.from_pylist(rows, schema=RP.S.USER_SEQUENCES)
     # Through delta-spark: delta-rs cannot write a table with deletion vectors.
-    from userformer.jobs.spark import spark_session
+    from userformer.jobs.core.spark import spark_session
 
     spark = spark_session(b)
     sdf = spark.createDataFrame([{**r, "lifetime_counts": dict(r["lifetime_counts"])} for r in src.to_pylist()],

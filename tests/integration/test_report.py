@@ -19,9 +19,9 @@ from userformer.jobs import generate
 from userformer.jobs import pipeline as P
 from userformer.jobs import report as RP
 from userformer.jobs.cli import main
-from userformer.jobs.common import GateFailed
-from userformer.jobs.config import load_config
-from userformer.models import registry as R
+from userformer.jobs.core.errors import GateFailed
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core import registry as R
 from userformer.schemas.tables import RAW_EVENTS
 
 from tests.integration.test_train import TINY

@@ -10,9 +10,9 @@ import pytest
 from userformer.jobs import generate, pipeline
 from userformer.jobs import retrain as RT
 from userformer.jobs.cli import main
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
-from userformer.models import registry as R
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import registry as R
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 
 from userformer.jobs import ingest, maintain, sequences
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 from . import procs

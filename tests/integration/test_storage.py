@@ -1,4 +1,4 @@
-"""Python readers of tables with deletion vectors (jobs/storage/delta.py) against Spark's own read.
+"""Python readers of tables with deletion vectors (jobs/core/storage/delta.py) against Spark's own read.
 
 delta-spark's MERGE and DELETE mark replaced rows in deletion vectors instead
 of rewriting files: the Parquet files of such a version still hold the deleted
@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-from userformer.jobs.storage import delta
-from userformer.models import stream as ST
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import stream as ST
 from userformer.schemas import tables as S
 
 from tests.unit.test_stream import DAY, seq_rows

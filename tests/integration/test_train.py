@@ -19,11 +19,11 @@ import pytest
 import torch
 from userformer.jobs import generate, ingest, sequences
 from userformer.jobs import train as J
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
-from userformer.models import registry as R
-from userformer.models import stream as ST
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import registry as R
+from userformer.jobs.core import stream as ST
 from userformer.schemas.tables import RAW_EVENTS
 
 pytestmark = pytest.mark.spark

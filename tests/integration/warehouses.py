@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from userformer.jobs.storage import delta
+from userformer.jobs.core.storage import delta
 
 EXACT = {"events": ("event_id",), "events_rejected": None, "vocab": ("kind", "key"), "items": ("item_id",),
          "user_sequences": ("user_id",)}

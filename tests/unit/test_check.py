@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from userformer.jobs import check as C
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 D = dt.date(2024, 3, 10)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from userformer.jobs.config import Config, ConfigError, load_config
+from userformer.jobs.core.config import Config, ConfigError, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "infra" / "config" / "userformer.toml"
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from userformer.jobs import generate as G
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
 from userformer.schemas.tables import RAW_EVENTS, RAW_ITEMS
 
 START = dt.date(2026, 3, 1)

@@ -22,9 +22,9 @@ import pytest
 
 from userformer.jobs import index as ix
 from userformer.jobs import serve
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
-from userformer.jobs.storage import delta
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 EXE = str(Path(sys.executable).parent / "userformer")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from userformer.jobs import loaders as L
-from userformer.jobs.common import UserError
+from userformer.jobs.core.errors import UserError
 from userformer.schemas import tables as S
 
 UTC = dt.UTC

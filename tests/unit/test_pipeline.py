@@ -7,8 +7,8 @@ import datetime as dt
 import pytest
 
 from userformer.jobs import pipeline as P
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
 
 D = dt.date(2026, 11, 3)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from userformer.jobs.common import UserError
-from userformer.jobs.config import ModelConfig, TrainConfig, load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import ModelConfig, TrainConfig, load_config
 from userformer.jobs.train import gate
 from userformer.models import data as D
-from userformer.models import registry as R
+from userformer.jobs.core import registry as R
 from userformer.models.grow import grow
 from userformer.models.model import UserFormer
 from userformer.models.train import checkpoint, fit

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from userformer.jobs import pipeline as P
 from userformer.jobs import report as RP
-from userformer.jobs.common import UserError
+from userformer.jobs.core.errors import UserError
 
 DAY = dt.date(2026, 11, 1)
 

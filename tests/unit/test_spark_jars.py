@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from userformer.jobs.common import UserError
-from userformer.jobs.config import load_config
-from userformer.jobs.spark import DEFAULT_JARS_DIR, delta_jars
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.spark import DEFAULT_JARS_DIR, delta_jars
 
 EXE = str(Path(sys.executable).parent / "userformer")
 

@@ -7,8 +7,8 @@ import datetime as dt
 import numpy as np
 import pyarrow as pa
 import pytest
-from userformer.jobs.storage import delta
-from userformer.models import stream as ST
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core import stream as ST
 from userformer.schemas import tables as S
 
 DAY = dt.date(2026, 11, 3)

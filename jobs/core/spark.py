@@ -9,14 +9,14 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from userformer.jobs.common import UserError
-from userformer.jobs.config import Config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.config import Config
 
 _SESSION = None
 
 # infra/jars/lib/, filled by `make jars` (infra/jars/fetch.sh) and listed with
 # checksums in its jars.sha256.
-DEFAULT_JARS_DIR = Path(__file__).resolve().parents[1] / "infra" / "jars" / "lib"
+DEFAULT_JARS_DIR = Path(__file__).resolve().parents[2] / "infra" / "jars" / "lib"
 
 
 def delta_jars(cfg: Config) -> list[Path]:
@@ -130,7 +130,7 @@ def register_tables(spark, cfg: Config, database: str = "userformer") -> list[st
     another location (another USERFORMER_HOME in this session) is pointed at
     this one. Returns the qualified names registered.
     """
-    from userformer.jobs.storage import delta
+    from userformer.jobs.core.storage import delta
     from userformer.schemas.tables import TABLES
 
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):

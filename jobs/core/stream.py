@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from userformer.jobs.common import UserError
-from userformer.jobs.storage import delta
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
 from userformer.models.data import (
     INT_FIELDS,
     ITEM_ATTRS,
@@ -197,29 +197,6 @@ def warehouse_catalog(cfg, day: dt.date | None = None, versions: dict | None = N
         attrs[a] = arr
         sizes[a] = max(sizes[a], int(arr.max(initial=0)) + 1)
     return Catalog(ItemCatalog(attrs, sizes), {"items": iv, "vocab": vv}, day)
-
-
-# --------------------------------------------------------------- sources
-class MemorySource:
-    """In-memory Sequences as a training source: one chunk, the whole thing (no RNG drawn)."""
-
-    def __init__(self, seqs: Sequences, min_len: int = 2):
-        self.seqs, self.min_len, self.real_time = seqs, min_len, seqs.real_time
-
-    @property
-    def n_sequences(self) -> int:
-        return int((self.seqs.lengths >= self.min_len).sum())
-
-    def item_counts(self, n_items: int) -> np.ndarray:
-        return item_counts(self.seqs, n_items)
-
-    def chunks(self, rng: np.random.Generator | None = None) -> Iterator[Sequences]:
-        yield self.seqs
-
-
-def as_source(train):
-    """A training source from Sequences (in memory) or anything with `chunks(rng)` (e.g. DeltaSequences)."""
-    return train if hasattr(train, "chunks") else MemorySource(train)
 
 
 @dataclass

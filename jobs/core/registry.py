@@ -36,9 +36,9 @@ import re
 import zipfile
 from pathlib import Path
 
-from userformer.jobs.common import UserError
-from userformer.jobs.storage import files
-from userformer.jobs.storage.files import write_json  # noqa: F401  (callers use registry.write_json)
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import files
+from userformer.jobs.core.storage.files import write_json  # noqa: F401  (callers use registry.write_json)
 
 REEMBED_RULE = ("on promotion every user is re-embedded with the new model: user embeddings of an older "
                 "version are not comparable with this version's item vectors (see stale_embeddings)")
@@ -244,25 +244,18 @@ def read_checkpoint(path: Path, manifest: dict | None = None) -> dict:
 
 
 def catalog_of(ck: dict, path: Path | str = "checkpoint"):
-    """The ItemCatalog a checkpoint was built for (attributes from its attrs buffer, sizes from vocab_sizes)."""
-    from userformer.models.data import ITEM_ATTRS, INT_FIELDS, ItemCatalog
+    """The ItemCatalog a checkpoint was built for; a UserError naming the file when it does not fit."""
+    from userformer.models.train import catalog_of as rebuild
 
-    sizes = {k: int(v) for k, v in ck["vocab_sizes"].items()}
-    if any(k not in sizes for k in INT_FIELDS):
-        raise UserError(f"{path}: vocab_sizes lacks {[k for k in INT_FIELDS if k not in sizes]}")
-    attrs_t = ck["state_dict"].get("item_tower.attrs")
-    if attrs_t is None:
-        raise UserError(f"{path}: weights lack item_tower.attrs")
-    if attrs_t.shape[0] != sizes["item"]:
-        raise UserError(f"{path}: model/vocabulary size mismatch: the item tower has {attrs_t.shape[0]} item rows "
-                        f"but vocab_sizes says {sizes['item']}")
-    a = attrs_t.numpy()
-    return ItemCatalog({name: a[:, i].copy() for i, name in enumerate(ITEM_ATTRS)}, sizes)
+    try:
+        return rebuild(ck, path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def model_from_checkpoint(ck: dict, path: Path | str = "checkpoint"):
     """Rebuild the UserFormer of a checkpoint; any disagreement of config, sizes and weights is a UserError."""
-    from userformer.jobs.config import ModelConfig
+    from userformer.models.config import ModelConfig
     from userformer.models.model import UserFormer
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}

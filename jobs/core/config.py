@@ -21,16 +21,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from userformer.jobs.storage.files import Location, location
+from userformer.jobs.core.storage.files import Location, location
+from userformer.models.config import ModelConfig, TrainConfig
+from userformer.models.config import bounds as _rng
+from userformer.models.config import subset as _subset
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
-
-
-def _rng(lo=None, hi=None, choices=None):
-    """Field metadata: the allowed range (inclusive) or set of values."""
-    return {"lo": lo, "hi": hi, "choices": choices}
 
 
 @dataclass
@@ -108,107 +106,7 @@ class QualityConfig:
     examples: int = field(default=5, metadata=_rng(0, 100))
 
 
-# ----------------------------------------------------------------- model
-# Feature names the user tower can read per event (models/features.py).
-EVENT_FEATURES = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "event_type", "surface",
-                  "duration", "time_gap", "time_ref", "position"]
-# Item attributes the item tower can read (models/item_tower.py).
-ITEM_FEATURES = ["item_id", "category_l1", "category_l2", "category_l3", "brand"]
-# Preference heads (MCM task-aware readout) the model can have.
-HEAD_TASKS = ["category_l1", "category_l2", "category_l3", "brand", "event_type"]
-
-
-def _subset(allowed):
-    return {"lo": None, "hi": None, "choices": None, "subset": allowed}
-
-
-@dataclass
-class ModelConfig:
-    # Width of every embedding and of the transformer. Defaults = the tuned
-    # SASRec+SS setting on Amazon Beauty (eSASRec benchmark).
-    d_model: int = field(default=64, metadata=_rng(8, 4096))
-    n_layers: int = field(default=1, metadata=_rng(1, 48))
-    n_heads: int = field(default=1, metadata=_rng(1, 64))
-    # Hidden width of the feed-forward = ffn_mult x d_model (SASRec: 1).
-    ffn_mult: int = field(default=1, metadata=_rng(1, 16))
-    dropout: float = field(default=0.2, metadata=_rng(0.0, 0.9))
-    # Events the encoder reads (the newest); sequences are LEFT-padded to it.
-    max_len: int = field(default=50, metadata=_rng(2, 100_000))
-    # Per-event inputs; id-only SASRec = ["item_id", "position"].
-    event_features: list = field(default_factory=lambda: list(EVENT_FEATURES), metadata=_subset(EVENT_FEATURES))
-    # How feature vectors become one event vector: mean (MCM), id_plus_mean or concat (concatenate + project).
-    # id_plus_mean: the item id's vector + the mean of the other features (content does not dilute identity;
-    # an unseen item is its content), in events and in the item tower alike.
-    pooling: str = field(default="id_plus_mean", metadata=_rng(choices=["mean", "id_plus_mean", "concat"]))
-    # Item tower inputs; drop "item_id" for a purely content-based (inductive) tower.
-    item_features: list = field(default_factory=lambda: list(ITEM_FEATURES), metadata=_subset(ITEM_FEATURES))
-    # Item tower MLP after pooling (False: pooled embeddings only, as SASRec). Off by default: on Beauty
-    # the model without the item and output MLPs reached validation NDCG@10 0.065 against 0.061 (README).
-    item_mlp: bool = False
-    # Dropout on the pooled item vector while training (RecTools' SASRec drops item embeddings too);
-    # on Beauty 0.2 gave test NDCG@10 0.0536 against 0.0518 without (README).
-    item_dropout: float = field(default=0.2, metadata=_rng(0.0, 0.9))
-    # The user tower's item/category/brand embeddings are the item tower's (SASRec's shared in/out table).
-    tie_embeddings: bool = True
-    # Residual MLP after the transformer (PinnerFormer), before the L2 normalisation (off by default, as item_mlp).
-    output_mlp: bool = False
-    # Log-scale buckets of time gaps (seconds) and the periods (s) of their sin/cos features.
-    time_buckets: int = field(default=32, metadata=_rng(2, 256))
-    time_periods_s: list = field(default_factory=lambda: [3600.0, 86400.0, 604800.0])
-    # Preference heads (MCM task-aware attentional readout); [] = none.
-    heads: list = field(default_factory=lambda: ["category_l1", "brand", "event_type"], metadata=_subset(HEAD_TASKS))
-    # Score = cosine / temperature; learned from this start (PinnerFormer).
-    temperature: float = field(default=0.05, metadata=_rng(0.001, 10.0))
-    learn_temperature: bool = True
-
-
-@dataclass
-class TrainConfig:
-    # next_action: every position predicts the next item (SASRec); dense_all_action:
-    # sampled positions predict a positive within the next K days (PinnerFormer).
-    objective: str = field(default="next_action", metadata=_rng(choices=["next_action", "dense_all_action"]))
-    # dense_all_action: horizon in days, or in events when the data has no real times.
-    dense_horizon_days: float = field(default=14.0, metadata=_rng(0.01, 3650.0))
-    dense_horizon_events: int = field(default=10, metadata=_rng(1, 10_000))
-    # dense_all_action: positions sampled per sequence.
-    dense_positions: int = field(default=8, metadata=_rng(1, 10_000))
-    # sampled: softmax over the positive + negatives, logQ-corrected; full: over the whole catalogue.
-    loss: str = field(default="sampled", metadata=_rng(choices=["sampled", "full"]))
-    # Negatives per batch: uniformly random items and positives of other rows of the batch.
-    # 2048 shared by the batch: on Beauty within ~7% of 256 per positive per epoch (first 4 epochs) at less
-    # than half the time per epoch on these CPUs.
-    uniform_negatives: int = field(default=2048, metadata=_rng(0, 1_000_000))
-    inbatch_negatives: int = field(default=0, metadata=_rng(0, 1_000_000))
-    # Own negatives for every positive (SASRec+SS, gSASRec) instead of one set shared by the batch.
-    negatives_per_row: bool = False
-    # Weight of each preference head's loss (added to the retrieval loss).
-    head_weight: float = field(default=0.1, metadata=_rng(0.0, 100.0))
-    lr: float = field(default=0.001, metadata=_rng(1e-6, 1.0))
-    weight_decay: float = field(default=0.0, metadata=_rng(0.0, 10.0))
-    batch_size: int = field(default=128, metadata=_rng(1, 1_000_000))
-    epochs: int = field(default=200, metadata=_rng(1, 100_000))
-    # Early stopping: evaluations without a better validation NDCG@10.
-    patience: int = field(default=50, metadata=_rng(1, 100_000))
-    eval_every: int = field(default=1, metadata=_rng(1, 100_000))
-    grad_clip: float = field(default=1.0, metadata=_rng(0.0, 1e6))
-    seed: int = field(default=42, metadata=_rng(0, 2**31 - 1))
-    # auto = cuda when available, else cpu. The same code runs on both.
-    device: str = field(default="auto", metadata=_rng(choices=["auto", "cpu", "cuda"]))
-    # bf16 autocast on CUDA; cpu_bf16 also on CPU (fast on AVX512-BF16, less exact).
-    bf16: bool = True
-    cpu_bf16: bool = False
-    # CPU threads for torch (the machines here have 2 cores).
-    num_threads: int = field(default=2, metadata=_rng(1, 1024))
-    # --- training from the warehouse (`userformer train` / `evaluate`, models/stream.py) ---
-    # Users read from user_sequences per chunk (memory bound); chunk order and rows are shuffled per epoch.
-    stream_chunk_users: int = field(default=4096, metadata=_rng(1, 10_000_000))
-    # Time protocol: training uses events before T - this (T = end of the drop date); the window
-    # [T - this, T) gives the validation (early stopping) and `evaluate` positives.
-    eval_horizon_days: float = field(default=1.0, metadata=_rng(0.01, 365.0))
-    # Users of the window kept for validation / evaluation (a stable hash sample beyond this).
-    max_eval_users: int = field(default=5000, metadata=_rng(1, 10_000_000))
-    # Share of the window's users (stable hash of user_id) used for early stopping; `evaluate` reports on the rest.
-    valid_user_fraction: float = field(default=0.5, metadata=_rng(0.05, 0.95))
+# [model] and [train]: models/config.py (ModelConfig, TrainConfig).
 
 
 @dataclass

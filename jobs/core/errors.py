@@ -1,0 +1,18 @@
+"""The errors a user sees: one clear message and an exit code (the CLI and the Airflow tasks map them)."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a failed gate: the CLI prints it as one clear message and exits with `code`."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class GateFailed(UserError):
+    """A data-quality gate failed: nothing downstream runs or is published. Exit code 1; never retried."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code=1)
