@@ -1,12 +1,12 @@
 """What every DAG of this folder shares: configuration, retry policy, the drop date, failures that must not retry.
 
-The DAG files only wire: every task calls one step of `userformer.jobs` (jobs/pipeline.py) that also runs from the
+The DAG files only wire: every task calls one step of `userformer.jobs` (jobs/flows/pipeline.py) that also runs from the
 CLI. This module is the glue they share; `daily_refresh.py`, `retrain.py` and `repair.py` import it as
 ``from common import ...`` (Airflow puts the dags folder on ``sys.path``).
 
 Configuration reaches a task process through its environment, the same way as the CLI's (jobs/core/config.py
 `load_config`): ``USERFORMER_HOME``, ``USERFORMER_CONFIG`` and ``USERFORMER__SECTION__KEY``. The Airflow started by
-``userformer airflow start`` / ``make airflow`` (jobs/orchestrator.py) passes the environment it was started with
+``userformer airflow start`` / ``make airflow`` (jobs/tools/orchestrator.py) passes the environment it was started with
 to the scheduler, hence to every task.
 
 Helpers:

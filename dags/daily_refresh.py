@@ -2,7 +2,7 @@
 
 One run per logical date; the run for D processes **drop D** (the raw folder ``raw/events/dt=D``), never "the
 latest data": ``@daily`` as a data-interval timetable, so the run for D starts at 00:00 UTC of D+1 and its logical
-date (``{{ ds }}``) is D (dags/common.py `drop_date`). Each task calls one step of `jobs/pipeline.py`, the same
+date (``{{ ds }}``) is D (dags/common.py `drop_date`). Each task calls one step of `jobs/flows/pipeline.py`, the same
 function `userformer run-day --dt D` calls, so a day runs identically without Airflow.
 
 wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences -> fine-tune -> gate
@@ -40,8 +40,7 @@ def wait_for_raw() -> bool:
 
     Reschedule mode (no worker slot is held between pokes, every ``pipeline.sensor_poke_s``); fails after
     ``pipeline.sensor_timeout_s``."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     ready = pipeline.raw_ready(cfg, day)
     log.info("raw drop %s at %s: %s", day, cfg.raw_events_dir(day), "ready" if ready else "not ready yet")
@@ -52,8 +51,7 @@ def wait_for_raw() -> bool:
 def ingest() -> dict:
     """Raw drop D -> ``events[dt=D]`` + ``events_rejected[dt=D]``, ``items``, ``vocab`` (Spark; one commit per
     table). Depends on its previous run: vocabulary ids are handed out in date order."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.ingest(cfg, day))
 
@@ -62,8 +60,7 @@ def ingest() -> dict:
 def check_events(ingested: dict) -> dict:
     """Data-quality gate of ``events[dt=D]`` (Great Expectations; HTML report under ``reports/checks/events``).
     Fails without retry when an expectation fails."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.check(cfg, "events", day))
 
@@ -72,8 +69,7 @@ def check_events(ingested: dict) -> dict:
 def sequences(checked: dict) -> dict:
     """``events[dt=D]`` -> ``user_sequences``: the rows of the users active on D (one commit). Depends on its
     previous run: the table carries every earlier day."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.sequences(cfg, day))
 
@@ -81,8 +77,7 @@ def sequences(checked: dict) -> dict:
 @step(retries=QUALITY_TASK_RETRIES)
 def check_user_sequences(updated: dict) -> dict:
     """Data-quality gate of the ``user_sequences`` rows refreshed on D. Fails without retry."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.check(cfg, "user_sequences", day))
 
@@ -91,8 +86,7 @@ def check_user_sequences(updated: dict) -> dict:
 def finetune(checked: dict) -> dict:
     """Fine-tune the published model on D's users (+ replay) into a candidate; with nothing published, train the
     first model. Skipped with the param ``skip_finetune``. Depends on its previous run (the model carries)."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, params = run_context()
     res = pipeline.finetune(cfg, day, skip=bool(params.get("skip_finetune")))
     return plain({k: res.get(k) for k in ("action", "candidate", "version", "status", "reason", "skipped")})
@@ -102,8 +96,7 @@ def finetune(checked: dict) -> dict:
 def gate(tuned: dict) -> dict:
     """Promote the day's candidate iff it holds up against the published model on held-out users of D
     (``finetune.gate_metrics``, ``finetune.max_quality_drop``). A rejected candidate is not an error."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     res = pipeline.gate(cfg, day, tuned.get("candidate"))
     return plain({k: res.get(k) for k in ("version", "status", "promoted", "published", "reason", "skipped")})
@@ -113,8 +106,7 @@ def gate(tuned: dict) -> dict:
 def infer(shard: int, gated: dict) -> dict:
     """Embeddings + preference scores of one shard of D's changed users (every user after a model change, or
     with the param ``full_reembed``), staged for publishing. Runs in the ``gpu`` pool (``pipeline.gpu_pool``)."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, params = run_context()
     res = pipeline.infer(cfg, day, shard, len(SHARDS), full=bool(params.get("full_reembed")))
     return plain({k: res.get(k) for k in ("shard", "shards", "users", "model_version", "reason", "skipped")})
@@ -124,8 +116,7 @@ def infer(shard: int, gated: dict) -> dict:
 def check_outputs(inferred: list) -> dict:
     """Output checks of D's staged inference: every shard staged, unit norms, sane preference scores. Fails
     without retry; nothing is published then."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.check_outputs(cfg, day, len(SHARDS)))
 
@@ -134,8 +125,7 @@ def check_outputs(inferred: list) -> dict:
 def publish(checked: dict) -> dict:
     """One Delta commit per output table: ``user_embeddings``, ``user_preference_scores``, ``item_embeddings``
     (checks again first; a rerun completes a crashed publish)."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.publish(cfg, day, len(SHARDS)))
 
@@ -143,8 +133,7 @@ def publish(checked: dict) -> dict:
 @step
 def index(published: dict) -> dict:
     """FAISS index of ``item_embeddings``, switched to (``index/CURRENT``) only if its recall check passes."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.index(cfg, day))
 
@@ -153,8 +142,7 @@ def index(published: dict) -> dict:
 def check_index(built: dict) -> dict:
     """What downstream readers get: the CURRENT index is of the published item vectors, complete, recall@10
     above ``index.min_recall_at_10``. Fails without retry."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.check_index(cfg, day))
 
@@ -162,8 +150,7 @@ def check_index(built: dict) -> dict:
 @step
 def candidates(checked: dict) -> dict:
     """``user_candidates``: top-N items from the current index for every user refreshed on D."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     cfg, day, _ = run_context()
     return plain(pipeline.candidates(cfg, day))
 
@@ -171,14 +158,15 @@ def candidates(checked: dict) -> dict:
 @step
 def report(done: dict) -> dict:
     """The day's HTML report (metrics over days, users refreshed, checks); its file:// URL is in this log."""
-    from userformer.jobs import pipeline
+    from userformer.jobs.core import ledger
+    from userformer.jobs.flows import pipeline
 
     cfg, day, _ = run_context()
     res = plain(pipeline.report(cfg, day))
     path = res.get("html") or res.get("path")
     if path:
         log.info("report of %s: file://%s", day, path)
-    log.info("ledger of %s: file://%s", day, pipeline.ledger_dir(cfg, day))
+    log.info("ledger of %s: file://%s", day, ledger.ledger_dir(cfg, day))
     return res
 
 

@@ -1,7 +1,7 @@
 """### maintenance: compact, purge and vacuum the warehouse once a week
 
 Weekly (Sunday 03:00 UTC, no catchup, one run at a time); also triggerable by hand. One task runs
-`userformer maintain` (`jobs/maintain.py`):
+`userformer maintain` (`jobs/tools/maintain.py`):
 
 * the Spark-written tables (`events`, `events_rejected`, `user_sequences`) through delta-spark: OPTIMIZE compacts
   the small file each day's `user_sequences` MERGE adds, REORG ... APPLY (PURGE) rewrites the files that still
@@ -29,8 +29,7 @@ CFG = config()
 @step
 def maintain() -> dict:
     """Compact and purge the Spark tables, vacuum every table beyond ``storage.retention_days``, clear old staging."""
-    from userformer.jobs import maintain as M
-
+    from userformer.jobs.tools import maintain as M
     return plain(M.maintain(config()))
 
 

@@ -2,7 +2,7 @@
 
 Manual only (no schedule). Trigger it with the params below after fixing the raw data (restore) or re-ingesting
 the bad partitions (recompute); **pause `daily_refresh` first** and unpause it when this run succeeded. Each task
-calls one function of `jobs/repair.py`, the same ones `userformer repair --from FROM --to TO --mode MODE` runs,
+calls one function of `jobs/flows/repair.py`, the same ones `userformer repair --from FROM --to TO --mode MODE` runs,
 so a repair runs identically without Airflow.
 
 plan -> state -> outputs -> index -> report
@@ -41,9 +41,8 @@ def _params() -> dict:
 
 @step(retries=0)
 def plan() -> dict:
-    """Validate the params and plan the repair (jobs/repair.py `start`); the plan goes to the log and the report."""
-    from userformer.jobs import repair as RP
-
+    """Validate the params and plan the repair (jobs/flows/repair.py `start`); the plan goes to the log and the report."""
+    from userformer.jobs.flows import repair as RP
     p = _params()
     users = RP.parse_users(p.get("users")) if p.get("users") else None
     summary = RP.start(CFG, dt.date.fromisoformat(p["from_dt"]), dt.date.fromisoformat(p["to_dt"]), p["mode"],
@@ -55,8 +54,7 @@ def plan() -> dict:
 @step
 def state(summary: dict) -> dict:
     """restore: tables, model, index, marker back to before FROM; recompute: the users' sequences rebuilt."""
-    from userformer.jobs import repair as RP
-
+    from userformer.jobs.flows import repair as RP
     if summary["dry_run"]:
         return {}
     return plain(RP.stage_state(CFG, summary))
@@ -65,8 +63,7 @@ def state(summary: dict) -> dict:
 @step
 def outputs(summary: dict, st: dict) -> dict:
     """restore: re-run FROM..TO in order; recompute: re-infer and publish the users."""
-    from userformer.jobs import repair as RP
-
+    from userformer.jobs.flows import repair as RP
     if summary["dry_run"]:
         return {}
     return plain(RP.stage_outputs(CFG, summary, st))
@@ -75,8 +72,7 @@ def outputs(summary: dict, st: dict) -> dict:
 @step
 def index(summary: dict, out: dict) -> dict:
     """recompute: index and candidates (restore: each re-run day built them)."""
-    from userformer.jobs import repair as RP
-
+    from userformer.jobs.flows import repair as RP
     if summary["dry_run"]:
         return {}
     return plain(RP.stage_index(CFG, summary))
@@ -85,8 +81,7 @@ def index(summary: dict, out: dict) -> dict:
 @step(retries=0)
 def report(summary: dict, st: dict, out: dict, idx: dict) -> dict:
     """The summary of the repair, kept in reports_root/repairs/<id>.json."""
-    from userformer.jobs import repair as RP
-
+    from userformer.jobs.flows import repair as RP
     if summary["dry_run"]:
         return summary
     res = RP.finish(CFG, summary, st, out, idx)

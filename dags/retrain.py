@@ -1,6 +1,6 @@
 """### retrain: a model from scratch on a recent window, promoted only if better
 
-Manual (no schedule). Each task calls one step of `jobs/retrain.py` / `jobs/pipeline.py`; the CLI runs the same
+Manual (no schedule). Each task calls one step of `jobs/flows/retrain.py` / `jobs/flows/pipeline.py`; the CLI runs the same
 steps in one process: `userformer retrain --dt D --window-days N`.
 
 train (from scratch on the last ``window_days`` days up to drop D) -> judge (the new version and the published one
@@ -37,8 +37,7 @@ def train() -> dict:
     drop); register it (the first model of an empty registry is published at once)."""
     from airflow.sdk import get_current_context
 
-    from userformer.jobs import retrain as RT
-
+    from userformer.jobs.flows import retrain as RT
     params = get_current_context()["params"]
     cfg = config()
     day = RT.as_of(cfg, dt.date.fromisoformat(params["dt"]) if params.get("dt") else None)
@@ -50,8 +49,7 @@ def train() -> dict:
 def judge(trained: dict) -> dict:
     """Evaluate the new version and the published one on the same held-out window ending with D; publish the new
     one only if it is better on every ``finetune.gate_metrics`` (at least as good, and better on one)."""
-    from userformer.jobs import retrain as RT
-
+    from userformer.jobs.flows import retrain as RT
     res = RT.judge(config(), _day(trained), trained["version"])
     return plain({"dt": trained["dt"], **{k: res.get(k) for k in ("version", "promoted", "published", "reason",
                                                                     "metrics")}})
@@ -68,8 +66,7 @@ def promoted(judged: dict) -> bool:
 @step
 def infer(shard: int, judged: dict) -> dict:
     """Embeddings + preference scores of EVERY user (one shard) with the newly published model. Pool ``gpu``."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     res = pipeline.infer(config(), _day(judged), shard, len(SHARDS), full=True)
     return plain({"dt": judged["dt"], **{k: res.get(k) for k in ("shard", "shards", "users", "model_version")}})
 
@@ -77,40 +74,35 @@ def infer(shard: int, judged: dict) -> dict:
 @step(retries=QUALITY_TASK_RETRIES)
 def check_outputs(judged: dict) -> dict:
     """Output checks of the staged re-embedding (every shard, norms, scores). Fails without retry."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     return plain({"dt": judged["dt"], **pipeline.check_outputs(config(), _day(judged), len(SHARDS))})
 
 
 @step
 def publish(checked: dict) -> dict:
     """One Delta commit per output table, as the daily refresh does."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     return plain({"dt": checked["dt"], **pipeline.publish(config(), _day(checked), len(SHARDS))})
 
 
 @step
 def index(published: dict) -> dict:
     """Rebuild the FAISS index of the new item vectors; switched to only if its recall check passes."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     return plain({"dt": published["dt"], **pipeline.index(config(), _day(published))})
 
 
 @step(retries=QUALITY_TASK_RETRIES)
 def check_index(built: dict) -> dict:
     """The CURRENT index is of the published item vectors, complete, recall@10 above the threshold."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     return plain({"dt": built["dt"], **pipeline.check_index(config(), _day(built))})
 
 
 @step
 def candidates(checked: dict) -> dict:
     """``user_candidates`` of every re-embedded user from the new index."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     return plain({"dt": checked["dt"], **pipeline.candidates(config(), _day(checked))})
 
 

@@ -137,7 +137,7 @@ class FinetuneConfig:
 
 @dataclass
 class InferConfig:
-    # `userformer infer --dt D` / `publish --dt D` (jobs/infer.py, jobs/publish.py).
+    # `userformer infer --dt D` / `publish --dt D` (jobs/steps/infer.py, jobs/steps/publish.py).
     # Users per forward pass.
     batch_size: int = field(default=512, metadata=_rng(1, 1_000_000))
     # Users read from user_sequences per chunk (bounds memory; one Parquet row group per chunk is written).
@@ -161,7 +161,7 @@ INDEX_KINDS = ["auto", "flat", "hnsw", "ivf"]
 
 @dataclass
 class IndexConfig:
-    # `userformer index --dt D` (jobs/index.py): FAISS index of item_embeddings, chosen by catalogue size.
+    # `userformer index --dt D` (jobs/steps/index.py): FAISS index of item_embeddings, chosen by catalogue size.
     # auto: exact IndexFlatIP up to flat_max_items, HNSW up to hnsw_max_items, IVF above; or force one kind.
     # Measured here (tests/benchmarks/results/index-speed.md, d=64): at 100K HNSW (defaults below) reaches
     # recall@10 ~0.98 at 3x exact's batch q/s; at 1M it builds 24x slower than IVF and falls below 0.9 at
@@ -196,7 +196,7 @@ class IndexConfig:
 
 @dataclass
 class PipelineConfig:
-    # The daily pipeline (jobs/pipeline.py: `userformer run-day`, the Airflow DAGs in dags/).
+    # The daily pipeline (jobs/flows/pipeline.py: `userformer run-day`, the Airflow DAGs in dags/).
     # A raw drop is ready when its folder holds this marker (written by the producer last); "" = any Parquet file.
     ready_marker: str = "_SUCCESS"
     # When nothing is published yet, the day's step trains a first model from scratch (as `userformer train

@@ -11,7 +11,7 @@ Layout under ``cfg.models_root``::
     PUBLISHED                          {"version", "published_at", "reason", "previous"}: the model the pipeline
                                        serves; replaced atomically (temp file + os.replace)
     publish_log.jsonl                  every publish, in order (who was published when and why)
-    runs/<run_id>/                     training runs (jobs/train.py): run.json, last.pt (resumable), best.pt
+    runs/<run_id>/                     training runs (jobs/steps/train.py): run.json, last.pt (resumable), best.pt
 
 Version ids ``v<NNNN>-<YYYYMMDD>-<kind>`` (e.g. ``v0003-20261104-finetune``)
 sort in creation order; NNNN is one more than any id allocated before, taken

@@ -82,11 +82,42 @@ def user_buckets(user_ids, salt: str) -> np.ndarray:
 
 
 # ------------------------------------------------------- warehouse state
+def last_drop(seq_path) -> tuple[dt.date | None, int | None]:
+    """(last drop applied to user_sequences, version holding the state just before it).
+
+    Read from the commit metadata. The second value is where a rerun of that
+    same drop starts from, so a rerun replaces the drop's effect instead of
+    merging its events twice (-1 when that drop created the table; None after a
+    rebuild, which has no single drop to undo). A restore without a drop in its
+    metadata (by hand, or a rerun's first commit) is followed to the version it
+    restored (Delta records it in operationParameters).
+    """
+    if not delta.exists(seq_path):
+        return None, None
+    hist = {h["version"]: h for h in delta.history(seq_path)}
+    v = max(hist)
+    # Maintenance commits (vacuum, optimize, purge, properties) change no rows: look past them.
+    while v - 1 in hist and str(hist[v].get("operation", "")).startswith(delta.NO_DATA_CHANGE):
+        v -= 1
+    h = hist[v]
+    while h.get("operation") == "RESTORE" and not (h.get("dt") or h.get("upto")):
+        h = hist.get(int((h.get("operationParameters") or {})["version"]), {})
+        while h and str(h.get("operation", "")).startswith(delta.NO_DATA_CHANGE) and h["version"] - 1 in hist:
+            h = hist[h["version"] - 1]
+    applied = h.get("dt") or h.get("upto")
+    if not applied:
+        return None, None
+    if h.get("step") != "sequences":
+        return dt.date.fromisoformat(applied), None
+    base = h["version"] - 1
+    while base in hist and hist[base].get("step") == "sequences" and hist[base].get("dt") == applied:
+        base -= 1
+    return dt.date.fromisoformat(applied), base
+
+
 def applied_drop(cfg) -> dt.date | None:
     """The last drop user_sequences includes (from its commit metadata)."""
-    from userformer.jobs.sequences import applied_drop as _applied
-
-    return _applied(cfg.table_path("user_sequences"))[0]
+    return last_drop(cfg.table_path("user_sequences"))[0]
 
 
 def _commit_day(h: dict) -> dt.date | None:

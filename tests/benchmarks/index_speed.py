@@ -9,7 +9,7 @@ so the ratios are of one machine state; the load average is recorded before ever
 Data: clustered unit vectors, d=64: 1,000 centres on the unit sphere with Zipf(0.8) cluster sizes; an item is
 its centre + N(0, spread^2/d) per dimension, normalised (spread 0.9: cosine to the centre ~0.74). Queries
 stand for users: a random mix of two centres (popularity-weighted) + the same noise, normalised. Each index
-is built by jobs/index.py's own build_faiss with build_params of the default [index] config (what
+is built by jobs/steps/index.py's own build_faiss with build_params of the default [index] config (what
 `userformer index` builds), plus a sweep of the search parameter (HNSW efSearch, IVF nprobe).
 
 Measured per size: exact IndexFlatIP (build = add; search = the reference), HNSW, and IVF at the sizes in
@@ -120,8 +120,7 @@ def searches(index, queries: np.ndarray, k: int, repeats: int, n_single: int) ->
 
 # ------------------------------------------------------------------ bench
 def bench_size(n: int, args, cfg) -> dict:
-    from userformer.jobs import index as ix
-
+    from userformer.jobs.steps import index as ix
     log(f"n={n:,}: data")
     t0 = time.perf_counter()
     items, queries = make_data(n, args.queries, args.seed)

@@ -58,9 +58,9 @@ def cut_drop(path: Path, share: float) -> tuple[int, int]:
 
 
 def setup(home: Path, users: int, items: int, share: float, device: str) -> tuple[object, dict]:
-    from userformer.jobs import ingest, sequences, train
+    from userformer.jobs.steps import ingest, sequences, train
     from userformer.jobs.core.config import load_config
-    from userformer.jobs.generate import generate
+    from userformer.jobs.tools.generate import generate
     from userformer.jobs.core.spark import stop_spark
 
     cfg = load_config(env={"USERFORMER_HOME": str(home), "USERFORMER__INFER__DEVICE": device,
@@ -87,8 +87,7 @@ def setup(home: Path, users: int, items: int, share: float, device: str) -> tupl
 
 
 def measure(cfg, day: dt.date, full: bool) -> dict:
-    from userformer.jobs import infer, publish
-
+    from userformer.jobs.steps import infer, publish
     quiet = lambda *_: None  # noqa: E731
     t0 = time.perf_counter()
     m = infer.infer(cfg, day, all_users=full, log=quiet)

@@ -53,7 +53,7 @@ SEED = 7
 # ------------------------------------------------------------------ configs
 # Vocabulary sizes (max id + 1) of the synthetic catalogues. `beauty`: the item/category/brand counts of
 # the S3-Rec Amazon Beauty file as the s3rec loader reads it (12,101 items, 438 brands); event types and
-# surfaces as the raw contract has them. `production`: 100K items shaped like jobs/generate.py's world
+# surfaces as the raw contract has them. `production`: 100K items shaped like jobs/tools/generate.py's world
 # (8 lines x 6 categories x 5 subcategories, one brand per 20 items).
 CATALOGS = {
     "beauty": {"item": 12_102, "category_l1": 7, "category_l2": 37, "category_l3": 174, "brand": 438,

@@ -265,7 +265,7 @@ def events_per_user(active_frac: float = 1.0, per_user: float = 20.0) -> float:
     import tempfile
 
     from userformer.jobs.core.config import load_config
-    from userformer.jobs.generate import generate
+    from userformer.jobs.tools.generate import generate
 
     d = Path(tempfile.mkdtemp(prefix="userformer-bench-cal-", dir="/tmp"))
     try:
@@ -280,8 +280,8 @@ def events_per_user(active_frac: float = 1.0, per_user: float = 20.0) -> float:
 def throughput(home: Path, n_events: int, repeats: int, *, driver_memory: str, shuffle_partitions: int,
                step_budget_s: float | None = None) -> dict:
     """One drop of ~n_events: ingest (first + reruns), sequences first build, rebuild."""
-    from userformer.jobs import ingest, sequences
-    from userformer.jobs.generate import generate
+    from userformer.jobs.steps import ingest, sequences
+    from userformer.jobs.tools.generate import generate
     from userformer.jobs.core.spark import stop_spark
     from userformer.jobs.core.storage import delta
 
@@ -360,9 +360,11 @@ def _du(path: Path) -> float:
 def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac: float, per_user: float,
                 driver_memory: str, shuffle_partitions: int) -> dict:
     """`days` drops processed in order; then on the last day: incremental update vs full rebuild."""
-    from userformer.jobs import ingest, maintain, sequences
-    from userformer.jobs.generate import generate
+    from userformer.jobs.core import stream
     from userformer.jobs.core.spark import stop_spark
+    from userformer.jobs.steps import ingest, sequences
+    from userformer.jobs.tools import maintain
+    from userformer.jobs.tools.generate import generate
     from userformer.jobs.core.storage import delta
 
     started = now()
@@ -403,12 +405,12 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
         log(f"  ingest {last} rerun #{i + 1}: {s:.1f}s")
 
     # The incremental cost: update(D_last) applied to the state after D_prev, K times.
-    applied, base = sequences.applied_drop(seq_path)
+    applied, base = stream.last_drop(seq_path)
     assert applied == last and base is not None and base >= 0, (applied, base)
     inc_samples, inc_runs, inc_version = [], [], None
     for i in range(repeats):
         _restore_state(cfg, seq_path, base, prev)
-        a, _ = sequences.applied_drop(seq_path)
+        a, _ = stream.last_drop(seq_path)
         if a != prev:
             raise RuntimeError(f"after restoring version {base}, applied_drop says {a}, expected {prev}")
         stages.read()
@@ -491,7 +493,7 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
 
 def _restore_state(cfg, seq_path: Path, version: int, applied: dt.date) -> None:
     """user_sequences back to `version` (Spark's RESTORE, a new commit: delta-rs must not restore a table with
-    deletion vectors). The commit is tagged as the state after drop `applied`, so `sequences.applied_drop`
+    deletion vectors). The commit is tagged as the state after drop `applied`, so `stream.last_drop`
     reports it (with no rerun base: step is not "sequences")."""
     from userformer.jobs.core.spark import spark_session
     from userformer.jobs.core.storage import delta

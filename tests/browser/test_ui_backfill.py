@@ -55,7 +55,7 @@ def artifacts() -> Path:
 @pytest.fixture
 def pipeline_cfg(home, monkeypatch):
     """Two small generated days, the demo's short training; the environment Airflow's tasks inherit."""
-    from userformer.jobs import generate
+    from userformer.jobs.tools import generate
     from userformer.jobs.core.config import load_config
 
     monkeypatch.setenv("USERFORMER_CONFIG", str(DEMO_CONFIG))
@@ -68,8 +68,7 @@ def pipeline_cfg(home, monkeypatch):
 
 @pytest.fixture
 def airflow(pipeline_cfg):
-    from userformer.jobs import orchestrator as O
-
+    from userformer.jobs.tools import orchestrator as O
     af = O.start(pipeline_cfg, O.free_port(), scheduled_runs=False)
     try:
         yield af
@@ -137,7 +136,7 @@ def start_backfill_in_ui(page, af, shot) -> None:
 def test_backfill_from_the_ui_dialog_runs_both_days(chromium, artifacts, airflow, pipeline_cfg, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from userformer.jobs import pipeline
+    from userformer.jobs.core import ledger
     from userformer.jobs.core.storage import delta
 
     af = airflow
@@ -171,11 +170,11 @@ def test_backfill_from_the_ui_dialog_runs_both_days(chromium, artifacts, airflow
                 (str(D1), "backfill", "success"), (str(D2), "backfill", "success")]
 
             for day in (D1, D2):
-                ledger = pipeline.read_ledger(pipeline_cfg, day)
+                entries = ledger.read_ledger(pipeline_cfg, day)
                 missing = {"ingest", "check_events", "sequences", "publish", "index", "candidates", "report"} \
-                    - ledger.keys()
+                    - entries.keys()
                 assert not missing, f"{day}: no ledger entry for {sorted(missing)}"
-                assert ledger["ingest"]["result"]["accepted"] > 0
+                assert entries["ingest"]["result"]["accepted"] > 0
             events = delta.read_arrow(pipeline_cfg.table_path("events"))
             assert sorted({str(d) for d in events["dt"].to_pylist()}) == [str(D1), str(D2)]
 

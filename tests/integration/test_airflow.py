@@ -10,7 +10,7 @@ for the module (what `userformer run-day` does). Then:
 - **repair**: then, in home B, ``airflow dags test repair`` with conf from_dt = day 2, to_dt = day 3, mode =
   restore: the tables must equal A's again (model versions compared without their allocation number); a bad
   mode is refused before any task runs.
-- **backfill**: home C starts Airflow standalone on 127.0.0.1 (jobs/orchestrator.py; started and stopped by PID
+- **backfill**: home C starts Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py; started and stopped by PID
   here), creates one backfill over the three dates through ``POST /api/v2/backfills``, waits until every run
   succeeded, stops Airflow, and its tables must equal A's.
 
@@ -36,7 +36,9 @@ import pytest
 
 from tests.conftest import REPO
 from tests.integration import warehouses as W
-from userformer.jobs import generate, pipeline
+from userformer.jobs.tools import generate
+from userformer.jobs.core import ledger
+from userformer.jobs.flows import pipeline
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core import registry as R
@@ -93,8 +95,7 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
     `repaired`: B was restored and re-ran days; their models were trained again into new version numbers, so
     model versions are compared without the number and the registry only through what is published."""
     W.assert_same_tables(a, b, renumbered=repaired)
-    from userformer.jobs import index as X
-
+    from userformer.jobs.steps import index as X
     if repaired:
         assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
         assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
@@ -111,13 +112,12 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
 
 def assert_contents(cfg):
     """What three days of daily_refresh leave behind, read from the tables and the ledgers."""
-    from userformer.jobs import index as X
-
+    from userformer.jobs.steps import index as X
     events = delta.read_arrow(cfg.table_path("events"))
     per_day = {str(d): n for d, n in zip(*np.unique(np.array(events["dt"].cast(pa.string())), return_counts=True))}
     for d in DAYS:
-        led = pipeline.read_ledger(cfg, d)
-        missing = [s for s in pipeline.STEPS if s != "infer" and s not in led]
+        led = ledger.read_ledger(cfg, d)
+        missing = [s for s in ledger.STEPS if s != "infer" and s not in led]
         assert not missing, f"{d}: steps missing from the ledger: {missing}"
         assert per_day[str(d)] == led["ingest"]["result"]["accepted"] > 0
         for c in ("check_events", "check_user_sequences"):
@@ -136,7 +136,7 @@ def assert_contents(cfg):
     assert item_emb.num_rows == items.num_rows
     cur = X.current(cfg)
     assert cur is not None and cur["model_version"] == ptr["version"]
-    last = pipeline.read_ledger(cfg, DAYS[-1])
+    last = ledger.read_ledger(cfg, DAYS[-1])
     assert last["check_index"]["result"]["recall_at_10"] >= cfg.index.min_recall_at_10
     assert last["check_outputs"]["result"]["success"] is True
 
@@ -179,8 +179,7 @@ def test_daily_refresh_end_to_end_three_days(sequential, tmp_path):
 def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tmp_path):
     """Standalone on 127.0.0.1, a backfill over three dates via POST /api/v2/backfills, the last date backfilled
     again, stopped by PID."""
-    from userformer.jobs import orchestrator as O
-
+    from userformer.jobs.tools import orchestrator as O
     cfg = new_home(tmp_path)
     saved = {k: os.environ.get(k) for k in env_of(cfg.home) if k.startswith("USERFORMER")}
     os.environ.update({k: v for k, v in env_of(cfg.home).items() if k.startswith("USERFORMER")})

@@ -11,8 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from userformer.jobs import ingest as ingest_mod
-
+from userformer.jobs.steps import ingest as ingest_mod
 from . import procs
 from .rawdata import D1, D2, three_days
 from .test_ingest import clean_ingest, read, tables_of

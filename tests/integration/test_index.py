@@ -12,8 +12,8 @@ import pytest
 
 from tests.integration.test_infer import D3, D4, new_version, registry, run_day, setup  # noqa: F401 (fixtures)
 from tests.integration.test_train import warehouse  # noqa: F401 (fixture)
-from userformer.jobs import index as ix
-from userformer.jobs import serve
+from userformer.jobs.steps import index as ix
+from userformer.jobs.tools import serve
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core import registry as R

@@ -21,13 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from userformer.jobs import check as C
-from userformer.jobs import infer as I
-from userformer.jobs import publish as P
-from userformer.jobs import train as J
+from userformer.jobs.steps import check as C
+from userformer.jobs.steps import infer as I
+from userformer.jobs.steps import publish as P
+from userformer.jobs.steps import train as J
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
-from userformer.jobs.maintain import maintain
+from userformer.jobs.tools.maintain import maintain
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core import registry as R
 from userformer.jobs.core import stream as ST

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from userformer.jobs import ingest as ingest_mod
+from userformer.jobs.steps import ingest as ingest_mod
 from userformer.jobs.core import hooks
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config

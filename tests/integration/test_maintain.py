@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from userformer.jobs import ingest, maintain, sequences
+from userformer.jobs.steps import ingest, sequences
+
+from userformer.jobs.tools import maintain
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from userformer.jobs import generate, pipeline
-from userformer.jobs import infer as I
-from userformer.jobs import publish as P
+from userformer.jobs.tools import generate
+from userformer.jobs.flows import pipeline
+from userformer.jobs.steps import infer as I
+from userformer.jobs.steps import publish as P
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta, files
 

@@ -22,7 +22,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
-from userformer.jobs import generate, pipeline
+from userformer.jobs.tools import generate
+from userformer.jobs.flows import pipeline
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.spark import register_tables
 from userformer.jobs.core.storage import delta

@@ -1,4 +1,4 @@
-"""`userformer repair` (jobs/repair.py) on real pipeline runs: corrupt a day, detect it, repair, compare with a clean run.
+"""`userformer repair` (jobs/flows/repair.py) on real pipeline runs: corrupt a day, detect it, repair, compare with a clean run.
 
 Home A runs 3 generated days (300 users, 400 items) cleanly with `pipeline.run_day`, once for the module. Each
 test builds home B from the same raw files, damages it, repairs it and compares every table with home A's:
@@ -19,8 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from userformer.jobs import generate, pipeline
-from userformer.jobs import repair as RP
+from userformer.jobs.tools import generate
+from userformer.jobs.core import ledger
+from userformer.jobs.flows import pipeline
+from userformer.jobs.flows import repair as RP
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
@@ -84,11 +86,9 @@ def assert_same_as_clean(a, b):
     assert_same_tables(a, b)
     assert effective_publish_history(b) == effective_publish_history(a)
     assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
-    from userformer.jobs import index as X
-
+    from userformer.jobs.steps import index as X
     assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
-    from userformer.jobs import publish as P
-
+    from userformer.jobs.steps import publish as P
     ma, mb = P.published_outputs(a), P.published_outputs(b)
     assert (mb["dt"], W.model_id(mb["model_version"])) == (ma["dt"], W.model_id(ma["model_version"]))
     assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == \
@@ -108,12 +108,12 @@ def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(c
     with pytest.raises(GateFailed, match="events check failed"):
         pipeline.run_day(b, D2)
     # Nothing downstream of the failed check was written: no sequences of D2, no model, no output table.
-    from userformer.jobs.sequences import applied_drop
+    from userformer.jobs.core.stream import last_drop
 
-    assert applied_drop(b.table_path("user_sequences"))[0] == D1
+    assert last_drop(b.table_path("user_sequences"))[0] == D1
     assert R.published(b) is None
     assert not any(delta.exists(b.table_path(t)) for t in ("user_embeddings", "item_embeddings", "user_candidates"))
-    assert set(pipeline.read_ledger(b, D2)) == {"ingest", "check_events"}
+    assert set(ledger.read_ledger(b, D2)) == {"ingest", "check_events"}
 
     pq.write_table(good, raw_file(b, D2))  # the producer re-delivers the clean drop
     plan = RP.repair(b, D2, D3, "restore", dry_run=True)["plan"]
@@ -195,8 +195,7 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
     outputs = {t: delta.version_of(b.table_path(t)) for t in RP.USER_OUTPUTS + ("item_embeddings",)}
 
     # A failure after the sequences commit (inference dies): the published tables are as they were.
-    from userformer.jobs import infer as I
-
+    from userformer.jobs.steps import infer as I
     def boom(*a, **k):
         raise RuntimeError("worker lost")
 
@@ -221,7 +220,7 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
 
 
 def test_restore_beyond_the_retention_window_is_refused(clean, tmp_path):
-    from userformer.jobs.maintain import maintain
+    from userformer.jobs.tools.maintain import maintain
 
     b = fresh(clean, tmp_path, copy_all=True)
     maintain(b, retention_days=0)  # every file no current version references is gone

@@ -1,4 +1,4 @@
-"""The daily report (jobs/report.py) on a real 4-day warehouse built by the pipeline itself.
+"""The daily report (jobs/steps/report.py) on a real 4-day warehouse built by the pipeline itself.
 
 generate -> pipeline.run_day for D1 (no model yet: the model steps are skipped), D2 (the first model is
 trained and published), D3 (fine-tune + gate), then D4, an empty drop that the events check stops. The
@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-from userformer.jobs import generate
-from userformer.jobs import pipeline as P
-from userformer.jobs import report as RP
+from userformer.jobs.tools import generate
+from userformer.jobs.core import ledger
+from userformer.jobs.flows import pipeline as P
+from userformer.jobs.steps import report as RP
 from userformer.jobs.cli import main
 from userformer.jobs.core.errors import GateFailed
 from userformer.jobs.core.config import load_config
@@ -68,7 +69,7 @@ def test_every_day_of_the_run_has_its_report(built):
     for day, res in results.items():
         assert res["report"]["html"] == str(RP.report_path(cfg, day))
         assert RP.report_path(cfg, day).is_file()
-        assert P.read_ledger(cfg, day)["report"]["result"]["html"] == res["report"]["html"]
+        assert ledger.read_ledger(cfg, day)["report"]["result"]["html"] == res["report"]["html"]
     links = re.findall(r'href="(dt=[^"]+)"', (RP.daily_root(cfg) / "index.html").read_text())
     assert [x for x in links if x != f"dt={D4}/index.html"] == [f"dt={d}/index.html" for d in (D3, D2, D1)]
     page = RP.report_path(cfg, D3).read_text()

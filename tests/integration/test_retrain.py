@@ -1,4 +1,4 @@
-"""`userformer retrain` (jobs/retrain.py, the `retrain` DAG's steps) on three generated days run by `pipeline.run_day`."""
+"""`userformer retrain` (jobs/flows/retrain.py, the `retrain` DAG's steps) on three generated days run by `pipeline.run_day`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from userformer.jobs import generate, pipeline
-from userformer.jobs import retrain as RT
+from userformer.jobs.tools import generate
+
+from userformer.jobs.core import ledger
+
+from userformer.jobs.flows import pipeline
+from userformer.jobs.flows import retrain as RT
 from userformer.jobs.cli import main
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
@@ -63,10 +67,9 @@ def test_retrain_trains_on_the_window_judges_and_after_a_promotion_reembeds_ever
     assert R.published(cfg)["version"] == new
     emb = delta.read_arrow(cfg.table_path("user_embeddings"))
     assert emb.num_rows == users and set(emb["model_version"].cast(pa.string()).to_pylist()) == {new}
-    from userformer.jobs import index as X
-
+    from userformer.jobs.steps import index as X
     assert X.current(cfg)["model_version"] == new
-    led = pipeline.read_ledger(cfg, DAYS[-1])
+    led = ledger.read_ledger(cfg, DAYS[-1])
     assert {"retrain_train", "retrain_judge", "check_outputs", "publish", "index", "check_index"} <= set(led)
     # Judging the same version again keeps its verdict (a retried task changes nothing).
     again = RT.judge(cfg, DAYS[-1], new)

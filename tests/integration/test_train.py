@@ -17,8 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from userformer.jobs import generate, ingest, sequences
-from userformer.jobs import train as J
+from userformer.jobs.tools import generate
+from userformer.jobs.steps import ingest, sequences
+from userformer.jobs.steps import train as J
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta

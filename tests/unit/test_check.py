@@ -1,4 +1,4 @@
-"""The data-quality gates (jobs/check.py, schemas/quality/suites.py) on small Delta tables written directly, no Spark."""
+"""The data-quality gates (jobs/steps/check.py, jobs/steps/quality/suites.py) on small Delta tables written directly, no Spark."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from userformer.jobs import check as C
+from userformer.jobs.steps import check as C
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
@@ -407,7 +407,7 @@ def test_expectation_ge_cannot_evaluate_fails_with_its_error():
     import pandas as pd
     from great_expectations import expectations as E
 
-    from userformer.schemas.quality.suites import Batch, Plan
+    from userformer.jobs.steps.quality.suites import Batch, Plan
 
     plan = Plan("t", D, [Batch("rows", pd.DataFrame({"a": [1, 2]}), [
         E.ExpectColumnValuesToNotBeNull(column="a"),

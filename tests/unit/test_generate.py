@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from userformer.jobs import generate as G
+from userformer.jobs.tools import generate as G
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
 from userformer.schemas.tables import RAW_EVENTS, RAW_ITEMS

@@ -1,4 +1,4 @@
-"""The item index (jobs/index.py), user_candidates and the downstream API/CLI (jobs/serve.py).
+"""The item index (jobs/steps/index.py), user_candidates and the downstream API/CLI (jobs/tools/serve.py).
 
 The published tables are written here directly with delta.write_arrow (synthetic clustered unit vectors),
 so these tests do not depend on `infer` / `publish`. Small catalogues, d=16: fast.
@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from userformer.jobs import index as ix
-from userformer.jobs import serve
+from userformer.jobs.steps import index as ix
+from userformer.jobs.tools import serve
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta

@@ -7,9 +7,9 @@ import datetime as dt
 import numpy as np
 import pyarrow as pa
 import torch
-from userformer.jobs import infer as I
+from userformer.jobs.steps import infer as I
 from userformer.models.data import pad_batch
-from userformer.schemas.quality.outputs import score_stats, vector_stats
+from userformer.jobs.steps.quality.outputs import score_stats, vector_stats
 
 from tests.unit.test_model import model_of, tiny_cfg, tiny_data
 

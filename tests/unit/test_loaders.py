@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from userformer.jobs import loaders as L
+from userformer.jobs.tools import loaders as L
 from userformer.jobs.core.errors import UserError
 from userformer.schemas import tables as S
 
@@ -278,7 +278,7 @@ def test_s3rec_item_attributes(load):
 
 
 def test_s3rec_attribute_split_rules():
-    from userformer.jobs.loaders import s3rec
+    from userformer.jobs.tools.loaders import s3rec
 
     tops = {1, 4}
     assert s3rec.split_attributes([9, 4, 5, 6], tops) == (9, [4, 5, 6])
@@ -290,7 +290,7 @@ def test_s3rec_attribute_split_rules():
 
 
 def test_items_table_keeps_the_last_row_of_an_item():
-    from userformer.jobs.loaders import _base as B
+    from userformer.jobs.tools.loaders import _base as B
 
     t = B.items_table({"item_id": pa.array(["a", "b", "a", None]), "brand": pa.array(["x1", "y", "x2", "z"])})
     assert t.schema.equals(S.RAW_ITEMS, check_metadata=True)
@@ -379,7 +379,6 @@ def test_run_missing_input_and_stray_items(cfg, tmp_path, shared_data):
 def _cli_ready() -> str | None:
     """Why the real CLI cannot start yet (a step module of cli.py not written yet), or None."""
     from userformer.jobs import cli
-
     missing = [m for m in cli.STEP_MODULES if importlib.util.find_spec(m) is None]
     return f"cli.py imports step modules that do not exist yet: {missing}" if missing else None
 

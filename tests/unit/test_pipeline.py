@@ -1,4 +1,4 @@
-"""jobs/pipeline.py without Spark: when a raw drop counts as ready, the day ledger, refusals of run_day."""
+"""jobs/flows/pipeline.py without Spark: when a raw drop counts as ready, the day ledger, refusals of run_day."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import datetime as dt
 
 import pytest
 
-from userformer.jobs import pipeline as P
+from userformer.jobs.core import ledger
+from userformer.jobs.flows import pipeline as P
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
 
@@ -36,14 +37,14 @@ def test_without_a_marker_any_parquet_file_makes_it_ready(home, monkeypatch):
 def test_run_day_refuses_a_drop_that_is_not_ready_and_writes_nothing(cfg):
     with pytest.raises(UserError, match="raw drop 2026-11-03 is not ready.*_SUCCESS"):
         P.run_day(cfg, D)
-    assert P.read_ledger(cfg, D) == {} and not cfg.warehouse_root.exists()
+    assert ledger.read_ledger(cfg, D) == {} and not cfg.warehouse_root.exists()
 
 
 def test_the_ledger_keeps_the_latest_result_of_each_step(cfg):
-    P.record(cfg, D, "ingest", {"accepted": 1}, 0.5)
-    P.record(cfg, D, "ingest", {"accepted": 2}, 0.7)  # a rerun replaces
-    P.record(cfg, D, "infer-0-of-2", {"users": 3}, 0.1)
-    led = P.read_ledger(cfg, D)
+    ledger.record(cfg, D, "ingest", {"accepted": 1}, 0.5)
+    ledger.record(cfg, D, "ingest", {"accepted": 2}, 0.7)  # a rerun replaces
+    ledger.record(cfg, D, "infer-0-of-2", {"users": 3}, 0.1)
+    led = ledger.read_ledger(cfg, D)
     assert set(led) == {"ingest", "infer-0-of-2"}
     assert led["ingest"]["result"] == {"accepted": 2} and led["ingest"]["seconds"] == 0.7
-    assert led["ingest"]["dt"] == str(D) and P.read_ledger(cfg, D + dt.timedelta(days=1)) == {}
+    assert led["ingest"]["dt"] == str(D) and ledger.read_ledger(cfg, D + dt.timedelta(days=1)) == {}

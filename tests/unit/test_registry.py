@@ -11,7 +11,7 @@ import pytest
 import torch
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import ModelConfig, TrainConfig, load_config
-from userformer.jobs.train import gate
+from userformer.jobs.steps.train import gate
 from userformer.models import data as D
 from userformer.jobs.core import registry as R
 from userformer.models.grow import grow

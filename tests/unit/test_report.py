@@ -1,12 +1,12 @@
-"""jobs/report.py without a warehouse: a day with no ledger, and a failure while rendering."""
+"""jobs/steps/report.py without a warehouse: a day with no ledger, and a failure while rendering."""
 
 from __future__ import annotations
 
 import datetime as dt
 
 import pytest
-from userformer.jobs import pipeline as P
-from userformer.jobs import report as RP
+from userformer.jobs.core import ledger
+from userformer.jobs.steps import report as RP
 from userformer.jobs.core.errors import UserError
 
 DAY = dt.date(2026, 11, 1)
@@ -19,8 +19,8 @@ def test_a_day_without_a_ledger_is_a_clear_error(cfg):
 
 
 def test_a_failed_report_leaves_the_previous_one_whole(cfg, monkeypatch):
-    P.record(cfg, DAY, "ingest", {"dt": str(DAY), "raw_rows": 10, "accepted": 10}, 1.5)
-    P.record(cfg, DAY, "finetune", {"skipped": "no published model yet", "candidate": None}, 0.1)
+    ledger.record(cfg, DAY, "ingest", {"dt": str(DAY), "raw_rows": 10, "accepted": 10}, 1.5)
+    ledger.record(cfg, DAY, "finetune", {"skipped": "no published model yet", "candidate": None}, 0.1)
     out = RP.report(cfg, DAY)
     page = RP.report_path(cfg, DAY)
     before = page.read_text()
@@ -33,7 +33,7 @@ def test_a_failed_report_leaves_the_previous_one_whole(cfg, monkeypatch):
         raise RuntimeError("plotting failed")
 
     monkeypatch.setattr(RP, "svg", broken)
-    P.record(cfg, DAY, "sequences", {"dt": str(DAY), "active_users": 7, "new_users": 7}, 2.0)
+    ledger.record(cfg, DAY, "sequences", {"dt": str(DAY), "active_users": 7, "new_users": 7}, 2.0)
     with pytest.raises(RuntimeError, match="plotting failed"):
         RP.report(cfg, DAY)
     assert page.read_text() == before

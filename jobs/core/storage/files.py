@@ -1,7 +1,7 @@
 """Files a reader must never see half-written: JSON pointers and manifests, checkpoints; and the folders the
 pipeline keeps beside its tables, on local disk or in a bucket.
 
-Both registries (jobs/core/registry.py: PUBLISHED; jobs/index.py: CURRENT) swap a
+Both registries (jobs/core/registry.py: PUBLISHED; jobs/steps/index.py: CURRENT) swap a
 small JSON pointer to make a version current, and write manifests and weights
 next to it; they share these helpers.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.loaders import _base as B
+from userformer.jobs.tools.loaders import _base as B
 
 COLUMNS = ["event_time", "event_type", "product_id", "category_id", "category_code", "brand", "price", "user_id",
            "user_session"]

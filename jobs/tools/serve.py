@@ -1,6 +1,6 @@
 """Downstream access to the published outputs: a small Python API and `recommend` / `similar-items` / `embeddings`.
 
-    from userformer.jobs.serve import Recommender
+    from userformer.jobs.tools.serve import Recommender
 
     r = Recommender()                                   # load_config(): $USERFORMER_HOME, --config, ...
     r.recommend("u42", k=10, exclude_purchased=True)    # [Hit(rank, item_id, item_idx, score), ...]
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs import index as ix
+from userformer.jobs.steps import index as ix
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.storage import delta

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.loaders import _base as B
+from userformer.jobs.tools.loaders import _base as B
 
 COLUMNS = ["user_id", "session_id", "timestamp", "step", "action_type", "reference", "device"]
 EVENT_TYPES = {

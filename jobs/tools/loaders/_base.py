@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 from userformer.jobs.core.errors import UserError
 from userformer.schemas import tables as S
 
-log = logging.getLogger("userformer.jobs.loaders")
+log = logging.getLogger("userformer.jobs.tools.loaders")
 
 # Seconds since the epoch that still print as ISO dates (years 1..9999). Anything
 # inside passes through, so that ingest can quarantine an absurd time with a

@@ -3,7 +3,7 @@
 What the manual ``retrain`` DAG runs (dags/retrain.py), step by step, and the CLI runs in one process:
 
 1. **train** (`train_window`): a new model from scratch on the events of the last N days up to the end of drop D
-   (`jobs/train.py` ``train(window_days=N)``: older events are left out of every training sequence; the last
+   (`jobs/steps/train.py` ``train(window_days=N)``: older events are left out of every training sequence; the last
    ``train.eval_horizon_days`` of the window validate and stop early). Registered, not published, unless nothing
    is published yet (then it is the first model and published, as ``userformer train`` does).
 2. **judge** (`judge`): the new version and the published one are evaluated on the same held-out users and window
@@ -16,7 +16,7 @@ What the manual ``retrain`` DAG runs (dags/retrain.py), step by step, and the CL
    checked and published, the index rebuilt and checked, the candidates refreshed, all as of D. Without one
    nothing else changes.
 
-Every step's result is kept in the ledger of D (`pipeline.record`): ``retrain_train``, ``retrain_judge`` and the
+Every step's result is kept in the ledger of D (`ledger.record`): ``retrain_train``, ``retrain_judge`` and the
 pipeline steps' own entries.
 """
 
@@ -27,7 +27,8 @@ import json
 import logging
 import time
 
-from userformer.jobs import pipeline
+from userformer.jobs.core import ledger
+from userformer.jobs.flows import pipeline
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
@@ -49,7 +50,7 @@ def as_of(cfg: Config, day: dt.date | None) -> dt.date:
 
 def train_window(cfg: Config, day: dt.date, window_days: int, *, epochs: int | None = None) -> dict:
     """Step 1: train from scratch on the last `window_days` days up to D; register the version."""
-    from userformer.jobs import train as TR
+    from userformer.jobs.steps import train as TR
     from userformer.jobs.core import registry as R
 
     if window_days < 2:
@@ -61,7 +62,7 @@ def train_window(cfg: Config, day: dt.date, window_days: int, *, epochs: int | N
            "first_model": before is None, "window_days": window_days, "epochs": res["epochs"],
            "best_epoch": res["best_epoch"], "train_sequences": res["train_sequences"], "valid": res["valid"],
            "seconds": res["seconds"]}
-    return pipeline.record(cfg, day, "retrain_train", out, time.perf_counter() - t0)
+    return ledger.record(cfg, day, "retrain_train", out, time.perf_counter() - t0)
 
 
 def better(new: dict, old: dict, metrics: list[str]) -> dict:
@@ -77,7 +78,7 @@ def better(new: dict, old: dict, metrics: list[str]) -> dict:
 
 def judge(cfg: Config, day: dt.date, version: str) -> dict:
     """Step 2: evaluate `version` and the published model on the same window; publish `version` iff better."""
-    from userformer.jobs import train as TR
+    from userformer.jobs.steps import train as TR
     from userformer.jobs.core import registry as R
 
     t0 = time.perf_counter()
@@ -88,11 +89,11 @@ def judge(cfg: Config, day: dt.date, version: str) -> dict:
     if ptr["version"] == version:
         res = {"version": version, "promoted": True, "published": version,
                "reason": "it is the published model (the first model of the registry, or already promoted)"}
-        return pipeline.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
+        return ledger.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
     if man["status"] in ("promoted", "rejected"):
         res = {"version": version, "promoted": False, "published": ptr["version"],
                "reason": f"already judged: {man['status']}", "gate": man.get("gate")}
-        return pipeline.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
+        return ledger.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
     quiet = log.info
     new = TR.evaluate(cfg, version=version, day=day, out=quiet)
     old = TR.evaluate(cfg, version=ptr["version"], day=day, out=quiet)
@@ -109,7 +110,7 @@ def judge(cfg: Config, day: dt.date, version: str) -> dict:
            "reason": decision["reason"], "gate": decision,
            "metrics": {"new": {m: new["models"][version].get(m) for m in metrics},
                        "published": {m: old["models"][decision["against"]].get(m) for m in metrics}}}
-    return pipeline.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
+    return ledger.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
 
 
 def refresh_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
@@ -144,7 +145,7 @@ def register(sub) -> None:
                        description="Train a new model from scratch on the last --window-days days up to drop D, "
                                    "evaluate it and the published model on the same window, promote it only if "
                                    "better; after a promotion re-embed every user, publish, rebuild the index, "
-                                   "refresh candidates. What the `retrain` DAG runs. See jobs/retrain.py.")
+                                   "refresh candidates. What the `retrain` DAG runs. See jobs/flows/retrain.py.")
     p.add_argument("--dt", type=date_arg, help="as-of drop date (default: the latest in user_sequences)")
     p.add_argument("--window-days", type=int, default=7, help="days of events to train on, ending with D (default 7)")
     p.add_argument("--epochs", type=int, help="max epochs (default: train.epochs)")

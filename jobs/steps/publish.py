@@ -2,9 +2,9 @@
 
 **Refuses** (a clear error, exit non-zero, no table touched) unless every
 shard 0..n-1 of (D, the PUBLISHED model version) has its ``_SUCCESS.json``
-(jobs/infer.py), the shards agree on their inputs, those inputs are still
+(jobs/steps/infer.py), the shards agree on their inputs, those inputs are still
 what the warehouse holds for D, and the output checks pass
-(``userformer check outputs --dt D``: schemas/quality/outputs.py). A drop
+(``userformer check outputs --dt D``: jobs/steps/quality/outputs.py). A drop
 older than the last published one is refused too: it would turn refreshed
 rows back in time.
 
@@ -50,7 +50,7 @@ import hashlib
 import json
 import sys
 import time
-from userformer.jobs import infer as I
+from userformer.jobs.steps import infer as I
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
@@ -202,7 +202,7 @@ def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | No
 # -------------------------------------------------------------------- step
 def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
     """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
-    from userformer.jobs import check as C
+    from userformer.jobs.steps import check as C
     from userformer.jobs.core import registry as R
     from userformer.jobs.core import stream as ST
 
@@ -235,7 +235,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
                         f"--dt {day}` for every shard")
     need_full = I.full_reason(cfg, day, version)
     if need_full and common.get("selection") and all(p and p.get("model_version") == version for p in last.values()):
-        # A repair's selected users (jobs/repair.py): the published rows are all of this model already (its
+        # A repair's selected users (jobs/flows/repair.py): the published rows are all of this model already (its
         # full re-embed was published), so replacing just these users keeps one model version per snapshot.
         need_full = None
     if need_full and not common["full"]:
@@ -311,7 +311,7 @@ def register(sub) -> None:
                                        "(merge), user_preference_scores, item_embeddings (one commit each)",
                        description="Publish the staged output of `userformer infer --dt D` (every shard of the "
                                    "published model) after the output checks pass; refuses and writes nothing "
-                                   "otherwise. See jobs/publish.py.")
+                                   "otherwise. See jobs/steps/publish.py.")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--shards", type=int, help="number of shards to expect (default: infer.shards)")
     p.set_defaults(func=run)

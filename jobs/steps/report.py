@@ -2,7 +2,7 @@
 
 One self-contained page, ``reports_root/daily/dt=D/index.html`` (plots inline
 as SVG, no script, nothing fetched), made from what the day left behind: the
-ledger of its steps (jobs/pipeline.py), the check reports, the model registry's
+ledger of its steps (jobs/core/ledger.py), the check reports, the model registry's
 manifests and the published Delta tables (time travel to the versions the
 day's publish committed). Sections:
 
@@ -34,7 +34,7 @@ import math
 import re
 from pathlib import Path
 
-from userformer.jobs import pipeline as P
+from userformer.jobs.core.ledger import STEPS, ledger_dir, read_ledger
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
@@ -197,7 +197,7 @@ def step_status(res: dict) -> tuple[str, str]:
 def section_steps(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     """The day's steps in pipeline order, then every check report of the day."""
     names = []
-    for s in P.STEPS:
+    for s in STEPS:
         if s == "infer":
             names += sorted(k for k in ledger if k.startswith("infer-")) or ["infer"]
         else:
@@ -271,7 +271,7 @@ def day_row(cfg: Config, day: dt.date, ledger: dict) -> dict:
 
 def section_metrics(cfg: Config, day: dt.date) -> tuple[str, dict]:
     """Users and model quality over every day with a ledger up to D: two plots and the numbers."""
-    rows = [day_row(cfg, d, P.read_ledger(cfg, d)) for d in ledger_days(cfg, day)]
+    rows = [day_row(cfg, d, read_ledger(cfg, d)) for d in ledger_days(cfg, day)]
     x = list(range(len(rows)))  # positions, labelled MM-DD below (the year adds nothing on the axis)
     labels = [r["dt"][5:] for r in rows]
 
@@ -418,8 +418,7 @@ def _at_version(cfg: Config, table_name: str, version: int):
 # ----------------------------------------------------------- 5: drift
 def previous_publish(cfg: Config, table_name: str, day: dt.date) -> dict | None:
     """The last publish commit of `table_name` for a drop before `day` (Delta history, commit metadata dt)."""
-    from userformer.jobs import infer as I
-
+    from userformer.jobs.steps import infer as I
     commits = [h for h in I.publish_commits(cfg, table_name) if h.get("dt") and h["dt"] < str(day)]
     return commits[-1] if commits else None
 
@@ -555,7 +554,7 @@ def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
 # ------------------------------------------------------ 6: where things are
 def section_where(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     """Table paths and versions (now, and as published on D), the model and index versions, the folders."""
-    from userformer.jobs import index as X
+    from userformer.jobs.steps import index as X
     from userformer.jobs.core import registry as R
 
     pub = result(ledger, "publish") or {}
@@ -572,7 +571,7 @@ def section_where(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
               ["model published now", ptr["version"] if ptr else "none"],
               ["index built on this day", idx.get("version") or idx.get("skipped") or "none"],
               ["index CURRENT now", cur["version"] if cur else "none"],
-              ["ledger", Raw(f"<code>{esc(P.ledger_dir(cfg, day))}</code>")],
+              ["ledger", Raw(f"<code>{esc(ledger_dir(cfg, day))}</code>")],
               ["check reports", Raw(f"<code>{esc(cfg.reports_root / 'checks')}</code>")],
               ["model registry", Raw(f"<code>{esc(cfg.models_root)}</code>")],
               ["index", Raw(f"<code>{esc(cfg.index_root)}</code>")]]
@@ -621,7 +620,7 @@ def render_index(cfg: Config) -> str:
     days = sorted((m.group(1) for p in root.iterdir() if (m := _DAY_DIR.match(p.name)) and (p / "index.html").is_file()),
                   reverse=True) if root.is_dir() else []
     for d in days:
-        led = P.read_ledger(cfg, dt.date.fromisoformat(d))
+        led = read_ledger(cfg, dt.date.fromisoformat(d))
         pub = result(led, "publish") or {}
         failed = [s for s, e in led.items() if step_status(e["result"])[0] == "failed"]
         rows.append([Raw(f'<a href="dt={esc(d)}/index.html">{esc(d)}</a>'),
@@ -634,9 +633,9 @@ def render_index(cfg: Config) -> str:
 
 def report(cfg: Config, day: dt.date) -> dict:
     """Write the daily report of drop `day` (module doc) and the list of days; returns the path and a summary."""
-    ledger = P.read_ledger(cfg, day)
+    ledger = read_ledger(cfg, day)
     if not ledger:
-        raise UserError(f"no ledger for drop {day} under {P.ledger_dir(cfg, day)}: run the day first "
+        raise UserError(f"no ledger for drop {day} under {ledger_dir(cfg, day)}: run the day first "
                         f"(`userformer run-day --dt {day}`)")
     page, sections, facts = render(cfg, day, ledger)
     path = report_path(cfg, day)
@@ -659,7 +658,7 @@ def register(sub) -> None:
                                       "scores, embedding drift",
                        description="Write reports/daily/dt=D/index.html (self-contained, plots as SVG) from the "
                                    "day's ledger, the registry and the published tables, and reports/daily/"
-                                   "index.html listing every day. See jobs/report.py.")
+                                   "index.html listing every day. See jobs/steps/report.py.")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.set_defaults(func=run)
 

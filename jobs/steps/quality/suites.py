@@ -1,6 +1,6 @@
 """Expectation suites per table, built from the Arrow schemas (schemas.tables) and the config.
 
-A suite builder reads what it needs through a `Source` (jobs/check.py hands it
+A suite builder reads what it needs through a `Source` (jobs/steps/check.py hands it
 the Delta warehouse), turns what Great Expectations cannot express directly
 (array properties, row counts, ratios) into plain pandas columns, and returns a
 `Plan`: pandas frames with the GE expectations to evaluate on each, plus the
@@ -354,8 +354,8 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
 
 # ------------------------------------------------------------ model outputs
 def outputs(cfg: Config, dt: _dt.date, src: Source, shards: int | None = None) -> Plan:
-    """The staged inference outputs of drop D, before publishing (schemas/quality/outputs.py)."""
-    from userformer.schemas.quality.outputs import outputs as build
+    """The staged inference outputs of drop D, before publishing (jobs/steps/quality/outputs.py)."""
+    from userformer.jobs.steps.quality.outputs import outputs as build
 
     return build(cfg, dt, src, shards=shards)
 

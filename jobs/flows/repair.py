@@ -240,8 +240,7 @@ def registry_target(cfg: Config, from_dt: dt.date) -> dict:
 
 def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
     """The index CURRENT for the restored model: the newest accepted index of it built before from_dt."""
-    from userformer.jobs import index as X
-
+    from userformer.jobs.steps import index as X
     ptr = X.current(cfg)
     cur = ptr["version"] if ptr else None
     if model is None:
@@ -264,8 +263,7 @@ def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
 
 def marker_target(cfg: Config, from_dt: dt.date) -> dict:
     """The publish marker before from_dt: the last record of _published/log.jsonl of a drop before it."""
-    from userformer.jobs import publish as P
-
+    from userformer.jobs.steps import publish as P
     cur = P.published_outputs(cfg)
     logf = P.marker_path(cfg).with_name("log.jsonl")
     target = None
@@ -295,8 +293,7 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
             f"--to {to_dt} is before {latest}, the latest drop the warehouse processed: restoring to before "
             f"{from_dt} and re-running only up to {to_dt} would leave drops {to_dt + dt.timedelta(days=1)}.."
             f"{latest} out of the tables while the daily run carries on after them. Pass --to {latest} (or later)")
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     days = date_range(from_dt, (to_dt - from_dt).days + 1)
     not_ready = [str(d) for d in days if not pipeline.raw_ready(cfg, d)]
     if not_ready:
@@ -314,8 +311,7 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
 
 
 def _staged_days(cfg: Config) -> list[files.Location]:
-    from userformer.jobs import infer as I
-
+    from userformer.jobs.steps import infer as I
     root = I.staging_root(cfg)
     return sorted(root.glob("dt=*")) if root.is_dir() else []
 
@@ -333,8 +329,8 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
     failure part way does exactly what is left."""
     from deltalake import CommitProperties
 
-    from userformer.jobs import index as X
-    from userformer.jobs import publish as P
+    from userformer.jobs.steps import index as X
+    from userformer.jobs.steps import publish as P
     from userformer.jobs.core import registry as R
 
     extra = {"repair": {"id": repair_id, "mode": "restore", "from_dt": str(from_dt)}}
@@ -423,8 +419,7 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
 
 def rerun_days(cfg: Config, days: list[dt.date]) -> list[dict]:
     """Run the drops again, in order, as the daily pipeline does. Stops at the first failure (raised)."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     out = []
     for d in days:
         t0 = time.perf_counter()
@@ -450,16 +445,16 @@ def _published_of(p: dict) -> dict | None:
 # --------------------------------------------------------------- recompute
 def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[str] | None) -> dict:
     """What recompute will do, validated (the affected users are counted by `select_users`)."""
-    from userformer.jobs import infer as I
-    from userformer.jobs import publish as P
-    from userformer.jobs.sequences import applied_drop
+    from userformer.jobs.steps import infer as I
+    from userformer.jobs.steps import publish as P
+    from userformer.jobs.core.stream import last_drop
     from userformer.jobs.core import registry as R
 
     _validate_range(from_dt, to_dt, "recompute")
     seq, events = cfg.table_path("user_sequences"), cfg.table_path("events")
     if not delta.exists(seq) or not delta.exists(events):
         raise UserError(f"recompute needs the events and user_sequences tables under {cfg.warehouse_root}")
-    latest, _ = applied_drop(seq)
+    latest, _ = last_drop(seq)
     if latest is None:  # the last commit has no drop (an edit by hand): the last drop of its lineage
         latest = max((d for h in delta.lineage(seq) if (d := _commit_day(h))), default=None)
     if latest is None:
@@ -511,7 +506,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     import pyarrow as pa
     from pyspark.sql import functions as F
 
-    from userformer.jobs import sequences as Q
+    from userformer.jobs.steps import sequences as Q
     from userformer.jobs.core.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
@@ -556,9 +551,8 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
 def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: list[str], repair_id: str) -> dict:
     """Re-infer exactly `users` with the published model (every shard), publish them as of `day`, delete the
     output rows of `removed` users. The output checks run first: when they fail nothing is published."""
-    from userformer.jobs import infer as I
-    from userformer.jobs import publish as P
-
+    from userformer.jobs.steps import infer as I
+    from userformer.jobs.steps import publish as P
     shards = cfg.infer.shards
     staged = [I.infer(cfg, day, shard=i, shards=shards, users=users, log=log.info) for i in range(shards)]
     try:
@@ -587,8 +581,7 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
 
 def reindex(cfg: Config, day: dt.date) -> dict:
     """The index (a new version only if item_embeddings changed) and the candidates of the users as of `day`."""
-    from userformer.jobs import pipeline
-
+    from userformer.jobs.flows import pipeline
     idx = pipeline.index.__wrapped__(cfg, day)
     chk = pipeline.check_index.__wrapped__(cfg, day)
     cand = pipeline.candidates.__wrapped__(cfg, day)
@@ -730,7 +723,7 @@ def repair(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list
 def register(sub) -> None:
     p = sub.add_parser("repair", help="after data corruption: restore the tables to before a drop and re-run the "
                                       "drops, or recompute the affected users from clean events",
-                       description="Repair drops FROM..TO (jobs/repair.py). restore: every table, the published "
+                       description="Repair drops FROM..TO (jobs/flows/repair.py). restore: every table, the published "
                                    "model, the index and the publish marker back to their state before FROM, "
                                    "then the drops re-run in order; recompute: user_sequences of the affected "
                                    "users rebuilt from the events, re-inferred, republished, index rebuilt.")

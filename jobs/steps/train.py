@@ -524,7 +524,7 @@ def register(sub) -> None:
                                      "register it; --publish makes it the served version",
                        description="Train on user_sequences as of a drop date (time protocol: the last "
                                    "train.eval_horizon_days validate), register the best model; the first model "
-                                   "and --publish publish it. See jobs/train.py.")
+                                   "and --publish publish it. See jobs/steps/train.py.")
     p.add_argument("--dt", type=date_arg, help="as of this drop date (default: the latest in user_sequences)")
     p.add_argument("--epochs", type=int, help="max epochs (default: train.epochs); with --resume of an unfinished run: its new maximum")
     p.add_argument("--publish", action="store_true", help="publish the new version (the first one always is)")
@@ -536,7 +536,7 @@ def register(sub) -> None:
                                         "if it passes the quality gate on held-out users",
                        description="Fine-tune the published version on drop D (grows embeddings for new ids), gate "
                                    "it against the published model on held-out users of D, promote or reject. "
-                                   "Exit 0 either way. See jobs/train.py.")
+                                   "Exit 0 either way. See jobs/steps/train.py.")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--epochs", type=int, help="epochs (default: finetune.epochs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -545,7 +545,7 @@ def register(sub) -> None:
                                         "most-popular in the same run; JSON report + table",
                        description="Evaluate a version (default: the published one) on the train.eval_horizon_days "
                                    "ending with drop D: recall/HR/NDCG@10, coverage@10, entropy@50, head accuracy, "
-                                   "most-popular. See jobs/train.py.")
+                                   "most-popular. See jobs/steps/train.py.")
     p.add_argument("--version", help="model version (default: the published one)")
     p.add_argument("--dt", type=date_arg, help="last drop date of the window (default: the latest)")
     p.set_defaults(func=run)

@@ -56,7 +56,7 @@ class AirflowError(UserError):
 def dags_folder() -> Path:
     """The project's DAGs: $USERFORMER_DAGS_FOLDER, else dags/ beside jobs/ in this checkout."""
     env = os.environ.get("USERFORMER_DAGS_FOLDER")
-    d = Path(env) if env else Path(__file__).resolve().parents[1] / "dags"
+    d = Path(env) if env else Path(__file__).resolve().parents[2] / "dags"
     if not (d / "daily_refresh.py").is_file():
         raise AirflowError(f"no DAGs folder with daily_refresh.py at {d} (set USERFORMER_DAGS_FOLDER)")
     return d
@@ -333,7 +333,7 @@ def start(cfg: Config, port: int | None = None, *, parallelism: int = 2, schedul
     out = open(log_path, "ab")
     out.write(f"\n---- userformer airflow start {dt.datetime.now(dt.UTC).isoformat()} port {port}\n".encode())
     out.flush()
-    proc = subprocess.Popen([sys.executable, "-m", "userformer.jobs.orchestrator"], env=env, stdout=out,
+    proc = subprocess.Popen([sys.executable, "-m", "userformer.jobs.tools.orchestrator"], env=env, stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                             cwd=str(home))
     out.close()
@@ -407,7 +407,7 @@ def register(sub) -> None:
     p = sub.add_parser("airflow", help="the project's Airflow: start it (what `make airflow` runs), or backfill "
                                        "daily_refresh through it",
                        description="Standalone Airflow 3 on 127.0.0.1 with the project's DAGs; AIRFLOW_HOME is "
-                                   "$USERFORMER_HOME/airflow. See jobs/orchestrator.py.")
+                                   "$USERFORMER_HOME/airflow. See jobs/tools/orchestrator.py.")
     s = p.add_subparsers(dest="airflow_command", metavar="SUBCOMMAND", required=True)
     a = s.add_parser("start", help="run Airflow in the foreground: prints the URL and the login; Ctrl-C stops it")
     a.add_argument("--port", type=int, help=f"API/UI port on {HOST} (default {DEFAULT_PORT}, or a free one)")

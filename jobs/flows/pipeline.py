@@ -13,47 +13,21 @@ A step with nothing to do (no model yet, an empty day) returns
 
 Every step's result is kept in the day's ledger,
 ``reports_root/runs/dt=D/<step>.json`` (the latest run of each step), which
-the daily report (jobs/report.py) and the demo's summary read.
+the daily report (jobs/steps/report.py) and the demo's summary read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
-from pathlib import Path
 
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.config import Config
-from userformer.jobs.core.storage import delta, files
+from userformer.jobs.core.ledger import record
+from userformer.jobs.core.storage import delta
 
 log = logging.getLogger(__name__)
-
-# The steps of a day, in order (ledger names; infer is "infer-<shard>-of-<shards>").
-STEPS = ["ingest", "check_events", "sequences", "check_user_sequences", "finetune", "gate", "infer", "check_outputs",
-         "publish", "index", "check_index", "candidates", "report"]
-
-
-# ------------------------------------------------------------------ ledger
-def ledger_dir(cfg: Config, day: dt.date) -> Path:
-    return cfg.reports_root / "runs" / f"dt={day}"
-
-
-def record(cfg: Config, day: dt.date, step: str, result: dict, seconds: float) -> dict:
-    """Keep a step's result in the day's ledger (atomically; a rerun replaces it) and return it."""
-    out = {"step": step, "dt": str(day), "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-           "seconds": round(seconds, 2), "result": result}
-    files.write_json(ledger_dir(cfg, day) / f"{step}.json", out)
-    return result
-
-
-def read_ledger(cfg: Config, day: dt.date) -> dict[str, dict]:
-    """Step name -> its ledger entry for drop `day` (missing steps absent)."""
-    d = ledger_dir(cfg, day)
-    if not d.is_dir():
-        return {}
-    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
 
 
 def _step(name: str):
@@ -91,8 +65,7 @@ def raw_ready(cfg: Config, day: dt.date) -> bool:
 @_step("ingest")
 def ingest(cfg: Config, day: dt.date) -> dict:
     """Raw drop D -> events[dt=D] + events_rejected[dt=D], items, vocab (Spark; one commit per table)."""
-    from userformer.jobs import ingest as I
-
+    from userformer.jobs.steps import ingest as I
     marker = cfg.pipeline.ready_marker
     # A drop the producer marked complete may be empty (a quiet day); without a marker an empty folder is an error.
     return I.ingest(cfg, day, allow_empty=bool(marker) and (cfg.raw_events_dir(day) / marker).is_file())
@@ -100,8 +73,7 @@ def ingest(cfg: Config, day: dt.date) -> dict:
 
 def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) -> dict:
     """The data-quality gate of `table` for D (Great Expectations); raises GateFailed when it fails."""
-    from userformer.jobs import check as C
-
+    from userformer.jobs.steps import check as C
     t0 = time.perf_counter()
     res = C.check(cfg, table, day, options)
     failed = [r.expectation for r in res.results if not r.success]
@@ -117,8 +89,7 @@ def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) ->
 @_step("sequences")
 def sequences(cfg: Config, day: dt.date) -> dict:
     """events[dt=D] -> user_sequences: the rows of the users active on D (one MERGE)."""
-    from userformer.jobs import sequences as Q
-
+    from userformer.jobs.steps import sequences as Q
     return Q.update(cfg, day)
 
 
@@ -129,8 +100,7 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
     Nothing published yet: train from scratch as of D (at most pipeline.bootstrap_epochs epochs) and publish it;
     while the warehouse has no events before the validation window this is skipped (the model steps wait).
     """
-    from userformer.jobs import train as TR
-
+    from userformer.jobs.steps import train as TR
     if skip:
         return {"skipped": "fine-tuning skipped by the run's parameters (skip_finetune)", "candidate": None}
     if _published_model(cfg) is None:
@@ -150,8 +120,7 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
 @_step("gate")
 def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
     """Promote the day's candidate iff it is not worse than the published model on held-out users of D."""
-    from userformer.jobs import train as TR
-
+    from userformer.jobs.steps import train as TR
     if not candidate:
         ptr = _published_model(cfg)
         return {"skipped": "no candidate to judge", "published": ptr["version"] if ptr else None}
@@ -161,8 +130,7 @@ def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
 @_step("infer")
 def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int | None = None, *, full: bool = False) -> dict:
     """Embeddings and preference scores of D's changed users (everyone after a model change), one shard."""
-    from userformer.jobs import infer as N
-
+    from userformer.jobs.steps import infer as N
     shards = shards or cfg.infer.shards
     if _published_model(cfg) is None:
         return {"skipped": "no published model yet", "shard": shard, "shards": shards}
@@ -182,9 +150,8 @@ def check_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 
 @_step("publish")
 def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
-    """Output checks, then one Delta commit per output table (jobs/publish.py); a failed check publishes nothing."""
-    from userformer.jobs import publish as P
-
+    """Output checks, then one Delta commit per output table (jobs/steps/publish.py); a failed check publishes nothing."""
+    from userformer.jobs.steps import publish as P
     if _published_model(cfg) is None:
         return {"skipped": "no published model yet"}
     try:
@@ -197,9 +164,8 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 
 @_step("index")
 def index(cfg: Config, day: dt.date) -> dict:
-    """FAISS index of item_embeddings; made current only if its recall check passes (jobs/index.py)."""
-    from userformer.jobs import index as X
-
+    """FAISS index of item_embeddings; made current only if its recall check passes (jobs/steps/index.py)."""
+    from userformer.jobs.steps import index as X
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no item_embeddings published yet"}
     res = X.build_index(cfg, day)
@@ -218,8 +184,7 @@ def index(cfg: Config, day: dt.date) -> dict:
 def check_index(cfg: Config, day: dt.date) -> dict:
     """What downstream readers get: the CURRENT index is complete, of the published item vectors, recall above
     the threshold."""
-    from userformer.jobs import index as X
-
+    from userformer.jobs.steps import index as X
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no index yet"}
     ptr = X.current(cfg)
@@ -247,8 +212,7 @@ def check_index(cfg: Config, day: dt.date) -> dict:
 @_step("candidates")
 def candidates(cfg: Config, day: dt.date) -> dict:
     """user_candidates: top-N items from the current index for every user refreshed on D."""
-    from userformer.jobs import index as X
-
+    from userformer.jobs.steps import index as X
     if not delta.exists(cfg.table_path("user_embeddings")) or X.current(cfg) is None:
         return {"skipped": "no user_embeddings or index yet"}
     return X.candidates(cfg, day)
@@ -256,9 +220,8 @@ def candidates(cfg: Config, day: dt.date) -> dict:
 
 @_step("report")
 def report(cfg: Config, day: dt.date) -> dict:
-    """The day's HTML report (jobs/report.py): metrics over days, loss, users refreshed, scores, drift, checks."""
-    from userformer.jobs import report as RP
-
+    """The day's HTML report (jobs/steps/report.py): metrics over days, loss, users refreshed, scores, drift, checks."""
+    from userformer.jobs.steps import report as RP
     return RP.report(cfg, day)
 
 

@@ -13,7 +13,7 @@ import datetime as dt
 
 import pyarrow.compute as pc
 
-from userformer.jobs.loaders import _base as B
+from userformer.jobs.tools.loaders import _base as B
 
 COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
 EVENT_TYPES = {"pv": "view", "cart": "cart", "fav": "favourite", "buy": "purchase"}

@@ -38,7 +38,7 @@ renamed): a reader follows the manifest to a complete run, and a run killed
 before it leaves only an orphan folder. A rerun of the shard replaces the
 manifest, then deletes the runs it no longer names. An empty day writes empty
 files and succeeds.
-`userformer publish --dt D` (jobs/publish.py) checks and publishes them.
+`userformer publish --dt D` (jobs/steps/publish.py) checks and publishes them.
 `userformer maintain` deletes staged days older than 24 h.
 """
 
@@ -61,7 +61,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.core.storage.files import Location
 
-# The published tables, in the order `publish` commits them (jobs/publish.py).
+# The published tables, in the order `publish` commits them (jobs/steps/publish.py).
 OUTPUTS = ("user_embeddings", "user_preference_scores", "item_embeddings")
 MANIFEST = "_SUCCESS.json"
 SELECTION = "selection.parquet"  # the users an explicit selection (repair) asked for, in every shard's folder
@@ -428,7 +428,7 @@ def register(sub) -> None:
                                    "preference scores of the users with updated_dt = D (all users when the "
                                    "published version differs from the last publish, or --all-users), item "
                                    "embeddings of the catalogue (shard 0). Output: "
-                                   "warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/. See jobs/infer.py.")
+                                   "warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/. See jobs/steps/infer.py.")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--shard", type=int, default=0, help="this shard's number, 0..n-1 (default 0)")
     p.add_argument("--shards", type=int, help="number of shards (default: infer.shards)")

@@ -1,6 +1,6 @@
 """`userformer check TABLE --dt D`: the data-quality gate of one drop date, with Great Expectations.
 
-The suites (what good data means) live in schemas/quality/suites.py; this step
+The suites (what good data means) live in jobs/steps/quality/suites.py; this step
 reads the Delta tables for them, lets GE evaluate the expectations on pandas,
 writes ``reports/checks/<table>/dt=D.html`` and ``.json``, and exits 1 when any
 expectation fails so that the pipeline stops before bad data spreads.
@@ -25,7 +25,7 @@ from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.storage import delta
-from userformer.schemas.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
+from userformer.jobs.steps.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`userformer benchmark quality`: full model vs id-only SASRec vs most-popular, same data, split and harness.
 
-    python -m userformer.jobs.benchmark --format s3rec \\
+    python -m userformer.jobs.tools.benchmark --format s3rec \\
         --sequences ../shared/data/s3rec_beauty/Beauty.txt \\
         --attributes ../shared/data/s3rec_beauty/Beauty_item2attributes.json --out results.json
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from userformer.jobs.core.config import Config, ModelConfig, load_config
-from userformer.jobs.loaders import LOADERS
+from userformer.jobs.tools.loaders import LOADERS
 from userformer.models import data as D
 from userformer.models.item_tower import FIELD
 from userformer.models.train import (
@@ -197,7 +197,7 @@ def _mean_tree(dicts: list[dict]) -> dict:
 
 
 def add_quality_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of `benchmark quality` (also `python -m userformer.jobs.benchmark`)."""
+    """The options of `benchmark quality` (also `python -m userformer.jobs.tools.benchmark`)."""
     ap.add_argument("--format", required=True, choices=sorted(LOADERS))
     ap.add_argument("--sequences", required=True, type=Path, help="the dataset's event file")
     ap.add_argument("--attributes", type=Path, help="item attribute file (default: the loader's sibling file)")

@@ -1,4 +1,4 @@
-"""The output checks: the staged inference of drop D (jobs/infer.py), before `userformer publish` commits it.
+"""The output checks: the staged inference of drop D (jobs/steps/infer.py), before `userformer publish` commits it.
 
 ``userformer check outputs --dt D [--shards n]`` runs them (same HTML/JSON
 report and exit code as the table checks); `publish` runs them first and
@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userformer.schemas import tables as S
-from userformer.schemas.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
+from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
 
 SUM_TOLERANCE = 1e-4  # float32 rounding of probabilities that sum to 1
 
@@ -106,7 +106,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop date `dt` for the published model (module doc)."""
     import pandas as pd
     from great_expectations import expectations as E
-    from userformer.jobs import infer as I
+    from userformer.jobs.steps import infer as I
     from userformer.jobs.core.errors import UserError
     from userformer.jobs.core.storage import delta
     from userformer.jobs.core import registry as R
@@ -172,7 +172,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     inp = first["inputs"]["user_sequences"]
     filt = None if first["full"] else pc.field("updated_dt") == pa.scalar(dt, pa.date32())
     selected = first.get("selection")
-    if selected:  # a repair's explicit users (jobs/infer.py): those of them with a row
+    if selected:  # a repair's explicit users (jobs/steps/infer.py): those of them with a row
         with _staged(first["path"], selected["file"]) as f:
             sel = pq.read_table(f, columns=["user_id"])["user_id"]
         filt = pc.field("user_id").isin(sel.combine_chunks().cast(pa.string()))

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.loaders import movielens, rees46, s3rec, taobao, trivago
+from userformer.jobs.tools.loaders import movielens, rees46, s3rec, taobao, trivago
 from userformer.schemas import tables as S
 
 LOADERS = {

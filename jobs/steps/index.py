@@ -435,7 +435,7 @@ def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _check(cfg: Config, dt: datetime.date, *, recall: float, n_queries: int, query_source: str, rows: int,
            index, d: int, user_d: int | None, vectors: np.ndarray, data: pa.Table, facts: dict):
-    from userformer.jobs.check import CheckResult, ExpectationResult
+    from userformer.jobs.steps.check import CheckResult, ExpectationResult
 
     ic = cfg.index
     R = []
@@ -479,7 +479,7 @@ def _check(cfg: Config, dt: datetime.date, *, recall: float, n_queries: int, que
 
 
 def _write_report(cfg: Config, res) -> None:
-    from userformer.jobs.check import render_html
+    from userformer.jobs.steps.check import render_html
 
     out = cfg.reports_root / "checks" / "index"
     out.mkdir(parents=True, exist_ok=True)
@@ -851,7 +851,7 @@ def register(sub) -> None:
         description="Build a FAISS index of item_embeddings (kind by catalogue size: exact, HNSW, IVF), measure "
                     "recall@10 against exact search, check it, and switch index_root/CURRENT to it atomically "
                     "(a failed check switches nothing and exits 1). A rerun with unchanged inputs does nothing "
-                    "(--force builds anyway). See jobs/index.py.")
+                    "(--force builds anyway). See jobs/steps/index.py.")
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD (names the version, the report)")
     p.add_argument("--force", action="store_true", help="build a new version even if CURRENT has the same inputs")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -869,7 +869,7 @@ def register(sub) -> None:
 
 
 def run_index(args, cfg: Config) -> int:
-    from userformer.jobs.check import summary
+    from userformer.jobs.steps.check import summary
 
     res = build_index(cfg, args.dt, force=args.force)
     m = res.manifest

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.loaders import _base as B
+from userformer.jobs.tools.loaders import _base as B
 
 BASE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
 _HOUR_US = 3_600_000_000

@@ -1,7 +1,7 @@
 """`userformer demo`: generate a week of synthetic logs and run `daily_refresh` over it through Airflow.
 
 This is what `make demo` runs: a fresh demo home (it only ever wipes one an earlier demo made), 7 days of
-synthetic raw drops, then Airflow standalone on 127.0.0.1 (jobs/orchestrator.py) and one backfill of the
+synthetic raw drops, then Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py) and one backfill of the
 `daily_refresh` DAG over those dates (``POST /api/v2/backfills``; the runs go in date order), and a summary: rows
 per table, users refreshed per day, model versions, evaluation metrics, index recall, where everything is and a
 query to try. ``--no-airflow`` runs the same steps in this process instead (`pipeline.run_day`, as
@@ -19,13 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+from userformer.jobs.core import ledger
 from userformer.jobs.core.errors import UserError
 
 from userformer.jobs.core.dates import date_arg, date_range
-from userformer.jobs import pipeline
+from userformer.jobs.flows import pipeline
 from userformer.jobs.core.config import Config, load_config
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "config" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "config" / "demo.toml"
 
 
 def register(sub) -> None:
@@ -66,7 +67,7 @@ def _fresh_demo_home(cfg: Config) -> None:
     """The demo starts from nothing each time; it only ever wipes a home that an earlier demo made."""
     import shutil
 
-    from userformer.jobs.orchestrator import airflow_home
+    from userformer.jobs.tools.orchestrator import airflow_home
 
     marker = cfg.home / DEMO_MARKER
     dirs = [cfg.raw_root, cfg.warehouse_root, cfg.reports_root, cfg.models_root, cfg.index_root]
@@ -94,7 +95,7 @@ def demo_config(args, cfg: Config) -> Config:
 
 def day_line(cfg: Config, day: dt.date, seconds: float | None = None) -> str:
     """One line per finished day, from its ledger."""
-    led = pipeline.read_ledger(cfg, day)
+    led = ledger.read_ledger(cfg, day)
 
     def res(step):
         return (led.get(step) or {}).get("result") or {}
@@ -122,7 +123,7 @@ def _metrics(m: dict, keys=("ndcg@10", "recall@10")) -> str:
 
 def print_summary(cfg: Config, days: list[dt.date]) -> None:
     """Rows per table, users refreshed per day, model versions, evaluation metrics, index recall, where things are."""
-    from userformer.jobs import info
+    from userformer.jobs.tools import info
     from userformer.jobs.core import registry as R
 
     print("\nusers per day (refreshed = with new events; embedded = user embeddings written, everyone after a "
@@ -130,7 +131,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     print(f"  {'dt':<12}{'refreshed':>10}{'new':>7}{'embedded':>10}  {'model published after the day':<31}"
           f"{'index recall@10':>16}")
     for day in days:
-        led = pipeline.read_ledger(cfg, day)
+        led = ledger.read_ledger(cfg, day)
 
         def res(step):
             return (led.get(step) or {}).get("result") or {}
@@ -158,7 +159,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     print()
     info.print_tables(cfg)
     last = days[-1]
-    rep = (pipeline.read_ledger(cfg, last).get("report") or {}).get("result") or {}
+    rep = (ledger.read_ledger(cfg, last).get("report") or {}).get("result") or {}
     print(f"\nwhere things are (USERFORMER_HOME={cfg.home}):")
     print(f"  Delta tables        {cfg.warehouse_root}/<table>")
     print(f"  item index          {cfg.index_root} (CURRENT points at the live version)")
@@ -197,8 +198,7 @@ def _run_in_process(cfg: Config, days: list[dt.date]) -> None:
 
 
 def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
-    from userformer.jobs import orchestrator as O
-
+    from userformer.jobs.tools import orchestrator as O
     t0 = time.perf_counter()
     af = O.start(cfg, args.port or O.free_port(), scheduled_runs=False)
     print(f"Airflow {af.url} (login {af.username} / {af.password}; pid {af.pid}) ready in "
@@ -238,8 +238,7 @@ def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
 
 
 def run(args, cfg: Config) -> int:
-    from userformer.jobs import generate
-
+    from userformer.jobs.tools import generate
     if not args.verbose:  # the per-day lines below are the demo's output; step logs only with -v
         logging.getLogger("userformer").setLevel(logging.WARNING)
     cfg = demo_config(args, cfg)

@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 
 from userformer.jobs.core import hooks
+from userformer.jobs.core import stream as ST
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
@@ -132,43 +133,6 @@ def _write(df, cfg: Config, n_rows: int, meta: dict) -> int:
     return delta.spark_write(out, path, mode="overwrite", metadata=meta, properties=PROPERTIES)
 
 
-# Commits that change no rows: the state (and the drop it holds) is that of the commit before.
-NO_DATA_CHANGE = delta.NO_DATA_CHANGE
-
-
-def applied_drop(seq_path) -> tuple[dt.date | None, int | None]:
-    """(last drop applied to user_sequences, version holding the state just before it).
-
-    Read from the commit metadata. The second value is where a rerun of that
-    same drop starts from, so a rerun replaces the drop's effect instead of
-    merging its events twice (-1 when that drop created the table; None after a
-    rebuild, which has no single drop to undo). A restore without a drop in its
-    metadata (by hand, or a rerun's first commit) is followed to the version it
-    restored (Delta records it in operationParameters).
-    """
-    if not delta.exists(seq_path):
-        return None, None
-    hist = {h["version"]: h for h in delta.history(seq_path)}
-    v = max(hist)
-    # Maintenance commits (vacuum, optimize, purge, properties) change no rows: look past them.
-    while v - 1 in hist and str(hist[v].get("operation", "")).startswith(NO_DATA_CHANGE):
-        v -= 1
-    h = hist[v]
-    while h.get("operation") == "RESTORE" and not (h.get("dt") or h.get("upto")):
-        h = hist.get(int((h.get("operationParameters") or {})["version"]), {})
-        while h and str(h.get("operation", "")).startswith(NO_DATA_CHANGE) and h["version"] - 1 in hist:
-            h = hist[h["version"] - 1]
-    applied = h.get("dt") or h.get("upto")
-    if not applied:
-        return None, None
-    if h.get("step") != "sequences":
-        return dt.date.fromisoformat(applied), None
-    base = h["version"] - 1
-    while base in hist and hist[base].get("step") == "sequences" and hist[base].get("dt") == applied:
-        base -= 1
-    return dt.date.fromisoformat(applied), base
-
-
 def update(cfg: Config, day: dt.date) -> dict:
     """Merge drop D's events into user_sequences for the users active on D (idempotent: a rerun of D replaces D)."""
     from pyspark.sql import functions as F
@@ -180,7 +144,7 @@ def update(cfg: Config, day: dt.date) -> dict:
         raise UserError(f"no events table at {events_path}: run `userformer ingest --dt {day}` first")
     if not _drop_ingested(events_path, day):
         raise UserError(f"events has no partition dt={day}: run `userformer ingest --dt {day}` first")
-    applied, base = applied_drop(seq_path)
+    applied, base = ST.last_drop(seq_path)
     rerun = applied == day
     if rerun and base is None:
         raise UserError(f"user_sequences was rebuilt up to {day}; to redo {day}, rebuild again (`userformer sequences --rebuild`)")
@@ -273,7 +237,7 @@ def ensure_deletion_vectors(spark, seq_path) -> bool:
 
 def _restore(spark, seq_path, version: int, day: dt.date) -> int:
     """Back to the state before D (a rerun), as one RESTORE commit. Its metadata names no drop, so until
-    the MERGE that follows commits, `applied_drop` reads the state it restored (the drop before D):
+    the MERGE that follows commits, `stream.last_drop` reads the state it restored (the drop before D):
     a crash between the two leaves a table that a rerun of D applies to normally."""
     with delta.spark_commit(spark, seq_path, {"step": "sequences-rerun", "rerun_of": str(day),
                                               "restored_version": version}) as c:

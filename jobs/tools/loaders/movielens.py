@@ -11,7 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.loaders import _base as B
+from userformer.jobs.tools.loaders import _base as B
 
 _TITLE = ("movie_title", "title")
 _YEAR = ("release_year", "year")

@@ -1,1 +1,0 @@
-"""Data-quality suites: what good data means for each table (suites.py); `userformer check` runs them."""
