@@ -1,5 +1,6 @@
-"""The pipeline's steps as plain functions, each also a `userformer` subcommand.
+"""The pipeline around the model, in layers (imports point down): cli -> flows -> tools -> steps -> core.
 
-One module per step: generate, ingest, sequences, check; loaders/ for real
-public formats; storage/ for Delta tables (delta-rs) and the Spark bridge.
+core/: configuration, errors, storage, the Spark session, registry, ledger; steps/: one module per step;
+flows/: steps in order (the day, retrain, repair, demo); tools/: generator, loaders, serving, maintenance,
+the Airflow launcher, the quality benchmark.
 """
