@@ -64,7 +64,11 @@ demo: venv
 airflow: venv
 	$(BIN)/userformer airflow start $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
 
+# Lint, format and the layers first (seconds), then the suite.
 test: venv $(JARS_S3)/.installed
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/lint-imports
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: venv

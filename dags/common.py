@@ -35,8 +35,8 @@ import logging
 from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.config import Config, load_config
+from userformer.jobs.core.errors import GateFailed, UserError
 
 log = logging.getLogger("userformer.dags")
 
@@ -88,6 +88,7 @@ def step(fn=None, **task_kwargs):
 
     Any keyword goes to ``@task`` (task_id, retries, pool, depends_on_past, ...). The docstring is the task's doc.
     """
+
     def wrap(f):
         return task(**task_kwargs)(no_retry_on_bad_data(f))
 
@@ -114,8 +115,11 @@ def drop_date(context) -> dt.date:
     ld = context.get("logical_date") or context.get("data_interval_start")
     if ld is None:
         return drop_date_of(None)
-    return dt.date(ld.year, ld.month, ld.day) if ld.tzinfo is None else \
-        dt.datetime.fromtimestamp(ld.timestamp(), dt.UTC).date()
+    return (
+        dt.date(ld.year, ld.month, ld.day)
+        if ld.tzinfo is None
+        else dt.datetime.fromtimestamp(ld.timestamp(), dt.UTC).date()
+    )
 
 
 def run_context() -> tuple[Config, dt.date, dict]:

@@ -24,7 +24,6 @@ import datetime as dt
 import logging
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
-
 from common import QUALITY_TASK_RETRIES, TAG, config, default_args, no_retry_on_bad_data, plain, run_context, step
 
 log = logging.getLogger("userformer.dags.daily_refresh")
@@ -32,8 +31,9 @@ CFG = config()
 SHARDS = list(range(CFG.infer.shards))
 
 
-@task.sensor(mode="reschedule", poke_interval=CFG.pipeline.sensor_poke_s, timeout=CFG.pipeline.sensor_timeout_s,
-             retries=0)
+@task.sensor(
+    mode="reschedule", poke_interval=CFG.pipeline.sensor_poke_s, timeout=CFG.pipeline.sensor_timeout_s, retries=0
+)
 @no_retry_on_bad_data
 def wait_for_raw() -> bool:
     """Wait for drop D: its folder ``raw/events/dt=D`` holds the producer's ready marker (``pipeline.ready_marker``).
@@ -41,6 +41,7 @@ def wait_for_raw() -> bool:
     Reschedule mode (no worker slot is held between pokes, every ``pipeline.sensor_poke_s``); fails after
     ``pipeline.sensor_timeout_s``."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     ready = pipeline.raw_ready(cfg, day)
     log.info("raw drop %s at %s: %s", day, cfg.raw_events_dir(day), "ready" if ready else "not ready yet")
@@ -52,6 +53,7 @@ def ingest() -> dict:
     """Raw drop D -> ``events[dt=D]`` + ``events_rejected[dt=D]``, ``items``, ``vocab`` (Spark; one commit per
     table). Depends on its previous run: vocabulary ids are handed out in date order."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.ingest(cfg, day))
 
@@ -61,6 +63,7 @@ def check_events(ingested: dict) -> dict:
     """Data-quality gate of ``events[dt=D]`` (Great Expectations; HTML report under ``reports/checks/events``).
     Fails without retry when an expectation fails."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.check(cfg, "events", day))
 
@@ -70,6 +73,7 @@ def sequences(checked: dict) -> dict:
     """``events[dt=D]`` -> ``user_sequences``: the rows of the users active on D (one commit). Depends on its
     previous run: the table carries every earlier day."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.sequences(cfg, day))
 
@@ -78,6 +82,7 @@ def sequences(checked: dict) -> dict:
 def check_user_sequences(updated: dict) -> dict:
     """Data-quality gate of the ``user_sequences`` rows refreshed on D. Fails without retry."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.check(cfg, "user_sequences", day))
 
@@ -87,6 +92,7 @@ def finetune(checked: dict) -> dict:
     """Fine-tune the published model on D's users (+ replay) into a candidate; with nothing published, train the
     first model. Skipped with the param ``skip_finetune``. Depends on its previous run (the model carries)."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, params = run_context()
     res = pipeline.finetune(cfg, day, skip=bool(params.get("skip_finetune")))
     return plain({k: res.get(k) for k in ("action", "candidate", "version", "status", "reason", "skipped")})
@@ -97,6 +103,7 @@ def gate(tuned: dict) -> dict:
     """Promote the day's candidate iff it holds up against the published model on held-out users of D
     (``finetune.gate_metrics``, ``finetune.max_quality_drop``). A rejected candidate is not an error."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     res = pipeline.gate(cfg, day, tuned.get("candidate"))
     return plain({k: res.get(k) for k in ("version", "status", "promoted", "published", "reason", "skipped")})
@@ -107,6 +114,7 @@ def infer(shard: int, gated: dict) -> dict:
     """Embeddings + preference scores of one shard of D's changed users (every user after a model change, or
     with the param ``full_reembed``), staged for publishing. Runs in the ``gpu`` pool (``pipeline.gpu_pool``)."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, params = run_context()
     res = pipeline.infer(cfg, day, shard, len(SHARDS), full=bool(params.get("full_reembed")))
     return plain({k: res.get(k) for k in ("shard", "shards", "users", "model_version", "reason", "skipped")})
@@ -117,6 +125,7 @@ def check_outputs(inferred: list) -> dict:
     """Output checks of D's staged inference: every shard staged, unit norms, sane preference scores. Fails
     without retry; nothing is published then."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.check_outputs(cfg, day, len(SHARDS)))
 
@@ -126,6 +135,7 @@ def publish(checked: dict) -> dict:
     """One Delta commit per output table: ``user_embeddings``, ``user_preference_scores``, ``item_embeddings``
     (checks again first; a rerun completes a crashed publish)."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.publish(cfg, day, len(SHARDS)))
 
@@ -134,6 +144,7 @@ def publish(checked: dict) -> dict:
 def index(published: dict) -> dict:
     """FAISS index of ``item_embeddings``, switched to (``index/CURRENT``) only if its recall check passes."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.index(cfg, day))
 
@@ -143,6 +154,7 @@ def check_index(built: dict) -> dict:
     """What downstream readers get: the CURRENT index is of the published item vectors, complete, recall@10
     above ``index.min_recall_at_10``. Fails without retry."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.check_index(cfg, day))
 
@@ -151,6 +163,7 @@ def check_index(built: dict) -> dict:
 def candidates(checked: dict) -> dict:
     """``user_candidates``: top-N items from the current index for every user refreshed on D."""
     from userformer.jobs.flows import pipeline
+
     cfg, day, _ = run_context()
     return plain(pipeline.candidates(cfg, day))
 
@@ -178,10 +191,18 @@ def report(done: dict) -> dict:
     max_active_runs=1,
     default_args=default_args(CFG),
     params={
-        "skip_finetune": Param(False, type="boolean", title="Skip fine-tuning",
-                               description="keep the published model: no fine-tuning, no gate"),
-        "full_reembed": Param(False, type="boolean", title="Full re-embed",
-                              description="re-embed every user, not only those with new events on D"),
+        "skip_finetune": Param(
+            False,
+            type="boolean",
+            title="Skip fine-tuning",
+            description="keep the published model: no fine-tuning, no gate",
+        ),
+        "full_reembed": Param(
+            False,
+            type="boolean",
+            title="Full re-embed",
+            description="re-embed every user, not only those with new events on D",
+        ),
     },
     tags=[TAG],
     doc_md=__doc__,
@@ -190,7 +211,11 @@ def daily_refresh():
     ing = ingest()
     wait_for_raw() >> ing
     seq = check_user_sequences(sequences(check_events(ing)))
-    shards = infer.override(pool=CFG.pipeline.gpu_pool, doc_md=infer.function.__doc__).partial(gated=gate(finetune(seq))).expand(shard=SHARDS)
+    shards = (
+        infer.override(pool=CFG.pipeline.gpu_pool, doc_md=infer.function.__doc__)
+        .partial(gated=gate(finetune(seq)))
+        .expand(shard=SHARDS)
+    )
     report(candidates(check_index(index(publish(check_outputs(shards))))))
 
 

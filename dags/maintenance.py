@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import dag
-
 from common import TAG, config, default_args, plain, step
 
 CFG = config()
@@ -30,6 +29,7 @@ CFG = config()
 def maintain() -> dict:
     """Compact and purge the Spark tables, vacuum every table beyond ``storage.retention_days``, clear old staging."""
     from userformer.jobs.tools import maintain as M
+
     return plain(M.maintain(config()))
 
 

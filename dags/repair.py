@@ -28,7 +28,6 @@ import datetime as dt
 import logging
 
 from airflow.sdk import Param, dag, get_current_context
-
 from common import TAG, config, default_args, plain, step
 
 log = logging.getLogger("userformer.dags.repair")
@@ -41,12 +40,20 @@ def _params() -> dict:
 
 @step(retries=0)
 def plan() -> dict:
-    """Validate the params and plan the repair (jobs/flows/repair.py `start`); the plan goes to the log and the report."""
+    """Validate the params and plan the repair (jobs/flows/repair.py `start`); the plan goes to the log and the
+    report."""
     from userformer.jobs.flows import repair as RP
+
     p = _params()
     users = RP.parse_users(p.get("users")) if p.get("users") else None
-    summary = RP.start(CFG, dt.date.fromisoformat(p["from_dt"]), dt.date.fromisoformat(p["to_dt"]), p["mode"],
-                       users=users, dry_run=bool(p.get("dry_run")))
+    summary = RP.start(
+        CFG,
+        dt.date.fromisoformat(p["from_dt"]),
+        dt.date.fromisoformat(p["to_dt"]),
+        p["mode"],
+        users=users,
+        dry_run=bool(p.get("dry_run")),
+    )
     log.info("repair plan: %s", summary["plan"])
     return plain(summary)
 
@@ -55,6 +62,7 @@ def plan() -> dict:
 def state(summary: dict) -> dict:
     """restore: tables, model, index, marker back to before FROM; recompute: the users' sequences rebuilt."""
     from userformer.jobs.flows import repair as RP
+
     if summary["dry_run"]:
         return {}
     return plain(RP.stage_state(CFG, summary))
@@ -64,6 +72,7 @@ def state(summary: dict) -> dict:
 def outputs(summary: dict, st: dict) -> dict:
     """restore: re-run FROM..TO in order; recompute: re-infer and publish the users."""
     from userformer.jobs.flows import repair as RP
+
     if summary["dry_run"]:
         return {}
     return plain(RP.stage_outputs(CFG, summary, st))
@@ -73,6 +82,7 @@ def outputs(summary: dict, st: dict) -> dict:
 def index(summary: dict, out: dict) -> dict:
     """recompute: index and candidates (restore: each re-run day built them)."""
     from userformer.jobs.flows import repair as RP
+
     if summary["dry_run"]:
         return {}
     return plain(RP.stage_index(CFG, summary))
@@ -82,6 +92,7 @@ def index(summary: dict, out: dict) -> dict:
 def report(summary: dict, st: dict, out: dict, idx: dict) -> dict:
     """The summary of the repair, kept in reports_root/repairs/<id>.json."""
     from userformer.jobs.flows import repair as RP
+
     if summary["dry_run"]:
         return summary
     res = RP.finish(CFG, summary, st, out, idx)
@@ -97,16 +108,33 @@ def report(summary: dict, st: dict, out: dict, idx: dict) -> dict:
     max_active_runs=1,
     default_args=default_args(CFG),
     params={
-        "from_dt": Param(type="string", format="date", title="From (first bad drop)",
-                         description="YYYY-MM-DD: the first drop to repair"),
-        "to_dt": Param(type="string", format="date", title="To (last drop)",
-                       description="YYYY-MM-DD: the last drop to repair; restore needs at least the latest "
-                                   "processed drop"),
-        "mode": Param("restore", type="string", enum=["restore", "recompute"], title="Mode",
-                      description="restore: tables back to before FROM, then re-run FROM..TO; recompute: rebuild "
-                                  "the affected users' sequences from the (clean) events, re-infer, republish"),
-        "users": Param(None, type=["null", "array"], items={"type": "string"}, title="Users (recompute)",
-                       description="recompute only: these user ids (default: every user with events in FROM..TO)"),
+        "from_dt": Param(
+            type="string",
+            format="date",
+            title="From (first bad drop)",
+            description="YYYY-MM-DD: the first drop to repair",
+        ),
+        "to_dt": Param(
+            type="string",
+            format="date",
+            title="To (last drop)",
+            description="YYYY-MM-DD: the last drop to repair; restore needs at least the latest processed drop",
+        ),
+        "mode": Param(
+            "restore",
+            type="string",
+            enum=["restore", "recompute"],
+            title="Mode",
+            description="restore: tables back to before FROM, then re-run FROM..TO; recompute: rebuild "
+            "the affected users' sequences from the (clean) events, re-infer, republish",
+        ),
+        "users": Param(
+            None,
+            type=["null", "array"],
+            items={"type": "string"},
+            title="Users (recompute)",
+            description="recompute only: these user ids (default: every user with events in FROM..TO)",
+        ),
         "dry_run": Param(False, type="boolean", title="Dry run", description="plan only; change nothing"),
     },
     tags=[TAG, "repair"],

@@ -1,6 +1,7 @@
 """### retrain: a model from scratch on a recent window, promoted only if better
 
-Manual (no schedule). Each task calls one step of `jobs/flows/retrain.py` / `jobs/flows/pipeline.py`; the CLI runs the same
+Manual (no schedule). Each task calls one step of `jobs/flows/retrain.py` / `jobs/flows/pipeline.py`; the CLI runs
+the same
 steps in one process: `userformer retrain --dt D --window-days N`.
 
 train (from scratch on the last ``window_days`` days up to drop D) -> judge (the new version and the published one
@@ -19,7 +20,6 @@ import datetime as dt
 import logging
 
 from airflow.sdk import Param, dag, task
-
 from common import QUALITY_TASK_RETRIES, TAG, config, default_args, plain, step
 
 log = logging.getLogger("userformer.dags.retrain")
@@ -38,6 +38,7 @@ def train() -> dict:
     from airflow.sdk import get_current_context
 
     from userformer.jobs.flows import retrain as RT
+
     params = get_current_context()["params"]
     cfg = config()
     day = RT.as_of(cfg, dt.date.fromisoformat(params["dt"]) if params.get("dt") else None)
@@ -50,9 +51,11 @@ def judge(trained: dict) -> dict:
     """Evaluate the new version and the published one on the same held-out window ending with D; publish the new
     one only if it is better on every ``finetune.gate_metrics`` (at least as good, and better on one)."""
     from userformer.jobs.flows import retrain as RT
+
     res = RT.judge(config(), _day(trained), trained["version"])
-    return plain({"dt": trained["dt"], **{k: res.get(k) for k in ("version", "promoted", "published", "reason",
-                                                                    "metrics")}})
+    return plain(
+        {"dt": trained["dt"], **{k: res.get(k) for k in ("version", "promoted", "published", "reason", "metrics")}}
+    )
 
 
 @task.short_circuit
@@ -67,6 +70,7 @@ def promoted(judged: dict) -> bool:
 def infer(shard: int, judged: dict) -> dict:
     """Embeddings + preference scores of EVERY user (one shard) with the newly published model. Pool ``gpu``."""
     from userformer.jobs.flows import pipeline
+
     res = pipeline.infer(config(), _day(judged), shard, len(SHARDS), full=True)
     return plain({"dt": judged["dt"], **{k: res.get(k) for k in ("shard", "shards", "users", "model_version")}})
 
@@ -75,6 +79,7 @@ def infer(shard: int, judged: dict) -> dict:
 def check_outputs(judged: dict) -> dict:
     """Output checks of the staged re-embedding (every shard, norms, scores). Fails without retry."""
     from userformer.jobs.flows import pipeline
+
     return plain({"dt": judged["dt"], **pipeline.check_outputs(config(), _day(judged), len(SHARDS))})
 
 
@@ -82,6 +87,7 @@ def check_outputs(judged: dict) -> dict:
 def publish(checked: dict) -> dict:
     """One Delta commit per output table, as the daily refresh does."""
     from userformer.jobs.flows import pipeline
+
     return plain({"dt": checked["dt"], **pipeline.publish(config(), _day(checked), len(SHARDS))})
 
 
@@ -89,6 +95,7 @@ def publish(checked: dict) -> dict:
 def index(published: dict) -> dict:
     """Rebuild the FAISS index of the new item vectors; switched to only if its recall check passes."""
     from userformer.jobs.flows import pipeline
+
     return plain({"dt": published["dt"], **pipeline.index(config(), _day(published))})
 
 
@@ -96,6 +103,7 @@ def index(published: dict) -> dict:
 def check_index(built: dict) -> dict:
     """The CURRENT index is of the published item vectors, complete, recall@10 above the threshold."""
     from userformer.jobs.flows import pipeline
+
     return plain({"dt": built["dt"], **pipeline.check_index(config(), _day(built))})
 
 
@@ -103,6 +111,7 @@ def check_index(built: dict) -> dict:
 def candidates(checked: dict) -> dict:
     """``user_candidates`` of every re-embedded user from the new index."""
     from userformer.jobs.flows import pipeline
+
     return plain({"dt": checked["dt"], **pipeline.candidates(config(), _day(checked))})
 
 
@@ -114,12 +123,29 @@ def candidates(checked: dict) -> dict:
     max_active_runs=1,
     default_args=default_args(CFG),
     params={
-        "dt": Param(None, type=["null", "string"], format="date", title="As-of drop date",
-                    description="YYYY-MM-DD; empty = the latest drop user_sequences includes"),
-        "window_days": Param(7, type="integer", minimum=2, maximum=365, title="Training window (days)",
-                             description="train on the events of this many days ending with the as-of date"),
-        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=100_000, title="Max epochs",
-                        description="empty = train.epochs"),
+        "dt": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="As-of drop date",
+            description="YYYY-MM-DD; empty = the latest drop user_sequences includes",
+        ),
+        "window_days": Param(
+            7,
+            type="integer",
+            minimum=2,
+            maximum=365,
+            title="Training window (days)",
+            description="train on the events of this many days ending with the as-of date",
+        ),
+        "epochs": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=100_000,
+            title="Max epochs",
+            description="empty = train.epochs",
+        ),
     },
     tags=[TAG],
     doc_md=__doc__,
@@ -127,7 +153,11 @@ def candidates(checked: dict) -> dict:
 def retrain():
     judged = judge(train())
     go = promoted(judged)
-    shards = infer.override(pool=CFG.pipeline.gpu_pool, doc_md=infer.function.__doc__).partial(judged=judged).expand(shard=SHARDS)
+    shards = (
+        infer.override(pool=CFG.pipeline.gpu_pool, doc_md=infer.function.__doc__)
+        .partial(judged=judged)
+        .expand(shard=SHARDS)
+    )
     go >> shards
     checked = check_outputs(judged)
     shards >> checked

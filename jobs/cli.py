@@ -12,8 +12,8 @@ import importlib
 import logging
 import sys
 
-from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import ConfigError, load_config
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage.delta import ConcurrentWrite
 
 # Order is the order of `userformer --help`: the data's path through the pipeline.

@@ -13,8 +13,19 @@ def bounds(lo=None, hi=None, choices=None):
 
 
 # Feature names the user tower can read per event (models/features.py).
-EVENT_FEATURES = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "event_type", "surface",
-                  "duration", "time_gap", "time_ref", "position"]
+EVENT_FEATURES = [
+    "item_id",
+    "category_l1",
+    "category_l2",
+    "category_l3",
+    "brand",
+    "event_type",
+    "surface",
+    "duration",
+    "time_gap",
+    "time_ref",
+    "position",
+]
 # Item attributes the item tower can read (models/item_tower.py).
 ITEM_FEATURES = ["item_id", "category_l1", "category_l2", "category_l3", "brand"]
 # Preference heads (MCM task-aware readout) the model can have.

@@ -23,9 +23,15 @@ import torch
 # Integer feature arrays of a sequence (vocabulary ids, 0 = none/unknown) and
 # their names in the user_sequences table.
 INT_FIELDS = ("item", "category_l1", "category_l2", "category_l3", "brand", "event_type", "surface")
-_TABLE_COL = {"item": "item_idx", "category_l1": "category_l1_idx", "category_l2": "category_l2_idx",
-              "category_l3": "category_l3_idx", "brand": "brand_idx", "event_type": "event_type_idx",
-              "surface": "surface_idx"}
+_TABLE_COL = {
+    "item": "item_idx",
+    "category_l1": "category_l1_idx",
+    "category_l2": "category_l2_idx",
+    "category_l3": "category_l3_idx",
+    "brand": "brand_idx",
+    "event_type": "event_type_idx",
+    "surface": "surface_idx",
+}
 ITEM_ATTRS = ("category_l1", "category_l2", "category_l3", "brand")
 
 
@@ -66,16 +72,27 @@ class Sequences:
         user_of = np.repeat(np.arange(len(self)), self.lengths)
         counts = np.bincount(user_of[keep], minlength=len(self))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return replace(self, offsets=offsets, ints={k: v[keep] for k, v in self.ints.items()},
-                       ts=self.ts[keep], duration=self.duration[keep])
+        return replace(
+            self,
+            offsets=offsets,
+            ints={k: v[keep] for k, v in self.ints.items()},
+            ts=self.ts[keep],
+            duration=self.duration[keep],
+        )
 
     def take_users(self, rows: np.ndarray) -> Sequences:
         rows = np.asarray(rows, dtype=np.int64)
         starts, ends = self.offsets[rows], self.offsets[rows + 1]
         idx = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(rows) else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-        return replace(self, user_ids=self.user_ids[rows], offsets=offsets,
-                       ints={k: v[idx] for k, v in self.ints.items()}, ts=self.ts[idx], duration=self.duration[idx])
+        return replace(
+            self,
+            user_ids=self.user_ids[rows],
+            offsets=offsets,
+            ints={k: v[idx] for k, v in self.ints.items()},
+            ts=self.ts[idx],
+            duration=self.duration[idx],
+        )
 
     def position_in_user(self) -> np.ndarray:
         """(N,) index of every event within its user's sequence."""
@@ -90,16 +107,25 @@ def _ts_seconds(a) -> np.ndarray:
 
 def from_sequences_table(table: pa.Table, real_time: bool = True) -> Sequences:
     """From rows in the user_sequences schema (parallel list columns)."""
+
     def flat(name):
         col = table[name].combine_chunks()
         return pc.list_flatten(col)
 
     lengths = pc.list_value_length(table["item_idx"].combine_chunks()).to_numpy(zero_copy_only=False)
     offsets = np.concatenate([[0], np.cumsum(np.nan_to_num(lengths))]).astype(np.int64)
-    ints = {k: pc.fill_null(flat(col), 0).to_numpy(zero_copy_only=False).astype(np.int64) for k, col in _TABLE_COL.items()}
+    ints = {
+        k: pc.fill_null(flat(col), 0).to_numpy(zero_copy_only=False).astype(np.int64) for k, col in _TABLE_COL.items()
+    }
     dur = flat("duration_s").to_numpy(zero_copy_only=False).astype(np.float32)
-    return Sequences(np.asarray(table["user_id"].to_pylist(), dtype=object), offsets, ints,
-                     _ts_seconds(flat("ts")), dur, real_time=real_time)
+    return Sequences(
+        np.asarray(table["user_id"].to_pylist(), dtype=object),
+        offsets,
+        ints,
+        _ts_seconds(flat("ts")),
+        dur,
+        real_time=real_time,
+    )
 
 
 def catalog_from_items_table(items: pa.Table, sizes: dict[str, int] | None = None) -> ItemCatalog:
@@ -131,10 +157,14 @@ def _encode(values: pa.Array) -> tuple[np.ndarray, list]:
 def from_raw(events: pa.Table, items: pa.Table, real_time: bool = True) -> tuple[Sequences, ItemCatalog]:
     """From a loader's raw tables (RAW_EVENTS, RAW_ITEMS): builds in-memory vocabularies like ingest does
     (ids from 1 in order of first appearance, 0 = unknown) and orders every user's events by time."""
-    item_ids = pa.concat_arrays([pc.cast(events["item_id"].combine_chunks(), pa.string()),
-                                 pc.cast(items["item_id"].combine_chunks(), pa.string())])
+    item_ids = pa.concat_arrays(
+        [
+            pc.cast(events["item_id"].combine_chunks(), pa.string()),
+            pc.cast(items["item_id"].combine_chunks(), pa.string()),
+        ]
+    )
     codes, item_vocab = _encode(item_ids)
-    ev_item, it_item = codes[: len(events)], codes[len(events):]
+    ev_item, it_item = codes[: len(events)], codes[len(events) :]
     n_items = len(item_vocab) + 1
     attrs, sizes = {}, {"item": n_items}
     for a in ITEM_ATTRS:
@@ -156,10 +186,20 @@ def from_raw(events: pa.Table, items: pa.Table, real_time: bool = True) -> tuple
     user_codes = user_codes[order]
     counts = np.bincount(user_codes, minlength=len(user_vocab) + 1)[1:]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    dur = events["duration_s"].to_numpy(zero_copy_only=False).astype(np.float32) if "duration_s" in events.column_names \
+    dur = (
+        events["duration_s"].to_numpy(zero_copy_only=False).astype(np.float32)
+        if "duration_s" in events.column_names
         else np.full(len(events), np.nan, np.float32)
-    seqs = Sequences(np.asarray(user_vocab, dtype=object), offsets, {k: v[order] for k, v in ints.items()},
-                     ts[order], dur[order], real_time=real_time, extra={"item_vocab": item_vocab})
+    )
+    seqs = Sequences(
+        np.asarray(user_vocab, dtype=object),
+        offsets,
+        {k: v[order] for k, v in ints.items()},
+        ts[order],
+        dur[order],
+        real_time=real_time,
+        extra={"item_vocab": item_vocab},
+    )
     return seqs, ItemCatalog(attrs, sizes)
 
 
@@ -193,8 +233,9 @@ def leave_one_out(seqs: Sequences, min_len: int = 3) -> tuple[Sequences, EvalSet
     ev_pos = ev.position_in_user()
     ev_rev = np.repeat(ev.lengths, ev.lengths) - 1 - ev_pos
     et = seqs.ints["event_type"]
-    valid = EvalSet(ev.take_events(ev_rev >= 2), seqs.ints["item"][last[users] - 1],
-                    target_event_type=et[last[users] - 1])
+    valid = EvalSet(
+        ev.take_events(ev_rev >= 2), seqs.ints["item"][last[users] - 1], target_event_type=et[last[users] - 1]
+    )
     test = EvalSet(ev.take_events(ev_rev >= 1), seqs.ints["item"][last[users]], target_event_type=et[last[users]])
     return train, valid, test
 
@@ -214,11 +255,14 @@ def time_split(seqs: Sequences, t_split: float, horizon_s: float) -> tuple[Seque
     sets = [np.unique(its[a:b]) for a, b in zip(lo, hi)]
     first = its[lo] if len(users) else np.zeros(0, np.int64)  # the first positive in time
     hist = train.take_users(users)
-    return train, EvalSet(hist, first, sets, ets[lo] if len(users) else np.zeros(0, np.int64),
-                          np.full(len(users), float(t_split)))
+    return train, EvalSet(
+        hist, first, sets, ets[lo] if len(users) else np.zeros(0, np.int64), np.full(len(users), float(t_split))
+    )
 
 
-def time_protocol(seqs: Sequences, valid_at: float, test_at: float, horizon_s: float) -> tuple[Sequences, EvalSet, EvalSet]:
+def time_protocol(
+    seqs: Sequences, valid_at: float, test_at: float, horizon_s: float
+) -> tuple[Sequences, EvalSet, EvalSet]:
     """Time-based train / validation / test (PinnerFormer): train on events before `valid_at`; validation
     (early stopping only) = positives in [valid_at, test_at), embedded from history before `valid_at`; test =
     positives in [test_at, test_at + horizon_s), embedded from ALL history before `test_at` (events the model
@@ -231,8 +275,9 @@ def time_protocol(seqs: Sequences, valid_at: float, test_at: float, horizon_s: f
 
 
 # ----------------------------------------------------------------- batches
-def pad_batch(seqs: Sequences, rows: np.ndarray, max_len: int, ref_ts: np.ndarray | None = None,
-              keep: int = 0, trim: bool = True) -> dict[str, torch.Tensor]:
+def pad_batch(
+    seqs: Sequences, rows: np.ndarray, max_len: int, ref_ts: np.ndarray | None = None, keep: int = 0, trim: bool = True
+) -> dict[str, torch.Tensor]:
     """The newest `max_len` events of users `rows`, LEFT-padded into (B, max_len) tensors.
 
     `keep`: when > 0, the newest `keep` events are dropped first (kept out of the input).
@@ -269,23 +314,24 @@ def pad_batch(seqs: Sequences, rows: np.ndarray, max_len: int, ref_ts: np.ndarra
     return out
 
 
-def batches(n: int, batch_size: int, rng: np.random.Generator | None = None, lengths: np.ndarray | None = None,
-            bucket: int = 32):
+def batches(
+    n: int, batch_size: int, rng: np.random.Generator | None = None, lengths: np.ndarray | None = None, bucket: int = 32
+):
     """Row index arrays of size `batch_size` (shuffled when `rng` is given). With `lengths`, rows are sorted
     by length within windows of `bucket` batches, so a batch pads to similar lengths (trimmed batches are
     then far narrower), and the batch order is shuffled again."""
     order = rng.permutation(n) if rng is not None else np.arange(n)
     if lengths is None:
         for i in range(0, n, batch_size):
-            yield order[i:i + batch_size]
+            yield order[i : i + batch_size]
         return
     win = batch_size * bucket
     out = []
     for i in range(0, n, win):
-        w = order[i:i + win]
+        w = order[i : i + win]
         w = w[np.argsort(lengths[w], kind="stable")]
-        out.extend(w[j:j + batch_size] for j in range(0, len(w), batch_size))
-    for k in (rng.permutation(len(out)) if rng is not None else range(len(out))):
+        out.extend(w[j : j + batch_size] for j in range(0, len(w), batch_size))
+    for k in rng.permutation(len(out)) if rng is not None else range(len(out)):
         yield out[k]
 
 

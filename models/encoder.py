@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from userformer.models.features import EventFeaturizer, TimeFeatures
 from userformer.models.item_tower import ResidualMLP
 
@@ -38,15 +39,23 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, L, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
         x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, L, d)))
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
 class UserEncoder(nn.Module):
-    def __init__(self, featurizer: EventFeaturizer, d: int, layers: int, heads: int, ffn_mult: int, dropout: float,
-                 output_mlp: bool = True, time_ref: TimeFeatures | None = None):
+    def __init__(
+        self,
+        featurizer: EventFeaturizer,
+        d: int,
+        layers: int,
+        heads: int,
+        ffn_mult: int,
+        dropout: float,
+        output_mlp: bool = True,
+        time_ref: TimeFeatures | None = None,
+    ):
         super().__init__()
         self.features = featurizer
         self.in_drop = nn.Dropout(dropout)

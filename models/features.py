@@ -23,6 +23,7 @@ import math
 
 import torch
 from torch import nn
+
 from userformer.models.item_tower import FIELD, embedding, pool
 
 CATEGORICAL = ("item_id", "category_l1", "category_l2", "category_l3", "brand", "event_type", "surface")
@@ -47,9 +48,17 @@ class TimeFeatures(nn.Module):
 
 
 class EventFeaturizer(nn.Module):
-    def __init__(self, features: list[str], d: int, sizes: dict[str, int], max_len: int, pooling: str = "mean",
-                 time_buckets: int = 32, time_periods_s: list[float] | None = None,
-                 shared: nn.ModuleDict | None = None):
+    def __init__(
+        self,
+        features: list[str],
+        d: int,
+        sizes: dict[str, int],
+        max_len: int,
+        pooling: str = "mean",
+        time_buckets: int = 32,
+        time_periods_s: list[float] | None = None,
+        shared: nn.ModuleDict | None = None,
+    ):
         super().__init__()
         self.features = list(features)
         self.pooling = pooling

@@ -25,13 +25,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
 from userformer.models.data import ITEM_ATTRS, ItemCatalog
 from userformer.models.item_tower import FIELD
 
 
 def _grown(emb: nn.Embedding, n: int) -> nn.Embedding:
-    new = nn.Embedding(n, emb.embedding_dim, padding_idx=emb.padding_idx,
-                       device=emb.weight.device, dtype=emb.weight.dtype)
+    new = nn.Embedding(
+        n, emb.embedding_dim, padding_idx=emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype
+    )
     with torch.no_grad():
         new.weight.zero_()
         new.weight[: emb.num_embeddings] = emb.weight
@@ -48,8 +50,10 @@ def grow(model, catalog: ItemCatalog) -> dict:
     new_sizes = dict(old_sizes)
     for k, n in catalog.sizes.items():
         if k in old_sizes and n < old_sizes[k]:
-            raise ValueError(f"catalogue has {n} {k} ids but the model {old_sizes[k]}: the vocabulary only grows, so "
-                             "the catalogue is older than the model (use a later drop date) or from another warehouse")
+            raise ValueError(
+                f"catalogue has {n} {k} ids but the model {old_sizes[k]}: the vocabulary only grows, so "
+                "the catalogue is older than the model (use a later drop date) or from another warehouse"
+            )
         new_sizes[k] = max(n, old_sizes.get(k, 1))
     grown = {k: [old_sizes.get(k, 1), n] for k, n in new_sizes.items() if n != old_sizes.get(k, 1)}
     tower = model.item_tower
@@ -82,8 +86,9 @@ def grow(model, catalog: ItemCatalog) -> dict:
             bias = getattr(r, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == old_n:
                 prior = bias.detach()[1:].min() if old_n > 1 else bias.new_zeros(())
-                r.bias = nn.Parameter(torch.cat([bias.detach(), prior.expand(want - old_n)]),
-                                      requires_grad=bias.requires_grad)
+                r.bias = nn.Parameter(
+                    torch.cat([bias.detach(), prior.expand(want - old_n)]), requires_grad=bias.requires_grad
+                )
     tower.attrs = attrs.to(old_attrs.device)
     tower.n_items = n_items - 1
 

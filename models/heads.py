@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+
 from userformer.models.item_tower import FIELD
 
 

@@ -14,11 +14,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from userformer.models.data import ITEM_ATTRS, ItemCatalog
 
 # Config feature name -> sequence/catalog field name.
-FIELD = {"item_id": "item", "category_l1": "category_l1", "category_l2": "category_l2",
-         "category_l3": "category_l3", "brand": "brand", "event_type": "event_type", "surface": "surface"}
+FIELD = {
+    "item_id": "item",
+    "category_l1": "category_l1",
+    "category_l2": "category_l2",
+    "category_l3": "category_l3",
+    "brand": "brand",
+    "event_type": "event_type",
+    "surface": "surface",
+}
 
 
 def embedding(n: int, d: int) -> nn.Embedding:
@@ -51,8 +59,15 @@ class ResidualMLP(nn.Module):
 
 
 class ItemTower(nn.Module):
-    def __init__(self, features: list[str], d: int, catalog: ItemCatalog, mlp: bool = True, id_plus_mean: bool = False,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        features: list[str],
+        d: int,
+        catalog: ItemCatalog,
+        mlp: bool = True,
+        id_plus_mean: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.id_plus_mean = id_plus_mean
         self.drop = nn.Dropout(dropout)

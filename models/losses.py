@@ -55,8 +55,15 @@ def item_vectors(tower, ids: torch.Tensor) -> torch.Tensor:
     return tower(uniq)[inv]
 
 
-def sampled_softmax(user: torch.Tensor, pos_vec: torch.Tensor, pos_ids: torch.Tensor, neg_vec: torch.Tensor,
-                    neg_ids: torch.Tensor, log_q: torch.Tensor | None, temperature: torch.Tensor) -> torch.Tensor:
+def sampled_softmax(
+    user: torch.Tensor,
+    pos_vec: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_vec: torch.Tensor,
+    neg_ids: torch.Tensor,
+    log_q: torch.Tensor | None,
+    temperature: torch.Tensor,
+) -> torch.Tensor:
     """Mean CE of the positive among [positive, negatives]. user/pos_vec (N, d); negatives shared, neg_vec
     (M, d) / neg_ids (M,), or per row, (N, M, d) / (N, M); log_q (n_items + 1,) or None (no correction)."""
     user = user / temperature  # (N, d), not the (N, M) logits: the cheap side of the product
@@ -74,8 +81,9 @@ def sampled_softmax(user: torch.Tensor, pos_vec: torch.Tensor, pos_ids: torch.Te
     return F.cross_entropy(logits.float(), torch.zeros(len(user), dtype=torch.long, device=user.device))
 
 
-def full_softmax(user: torch.Tensor, all_items: torch.Tensor, pos_ids: torch.Tensor,
-                 temperature: torch.Tensor) -> torch.Tensor:
+def full_softmax(
+    user: torch.Tensor, all_items: torch.Tensor, pos_ids: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
     """Mean CE over the whole catalogue (row 0 = padding excluded): exact, for small catalogues."""
     logits = user @ all_items.T / temperature
     logits[:, 0] = float("-inf")
@@ -92,8 +100,9 @@ def next_action_targets(batch: dict[str, torch.Tensor]) -> tuple[dict, torch.Ten
     return inp, tgt, ok, batch["ts"][:, 1:]
 
 
-def dense_all_action_targets(batch: dict[str, torch.Tensor], n_pos: int, horizon: float, by_time: bool,
-                             gen: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+def dense_all_action_targets(
+    batch: dict[str, torch.Tensor], n_pos: int, horizon: float, by_time: bool, gen: torch.Generator
+) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PinnerFormer: from `n_pos` random positions per sequence, one random positive among the events in
     the next `horizon` seconds (by_time) or the next `horizon` events. Returns the input batch of L, the
     chosen positions (B, P), their targets (B, P) and a validity mask (B, P)."""

@@ -61,14 +61,21 @@ class RankingAccumulator:
         self.ranks, self.recalls, self.entropies = [], [], []
         self.seen = np.zeros(n_items + 1, bool)
 
-    def add(self, scores: torch.Tensor, targets: torch.Tensor, target_sets: list | None = None,
-            exclude: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def add(
+        self,
+        scores: torch.Tensor,
+        targets: torch.Tensor,
+        target_sets: list | None = None,
+        exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         """`scores` (U, n_items + 1) is modified in place (column 0 set to -inf). `exclude`: (rows, items)
         pairs that may not be recommended (a user's history, when the protocol excludes it)."""
         scores = scores.float()
         scores[:, 0] = float("-inf")  # padding is not an item
         if exclude is not None:
-            scores[torch.as_tensor(exclude[0], dtype=torch.long), torch.as_tensor(exclude[1], dtype=torch.long)] = float("-inf")
+            scores[torch.as_tensor(exclude[0], dtype=torch.long), torch.as_tensor(exclude[1], dtype=torch.long)] = (
+                float("-inf")
+            )
         kk = min(max(self.k, self.k_div), self.n_items)
         top_t = scores.topk(kk, dim=1).indices
         # Rank within the top kk (= kk when the target is further down): all that @k metrics need, and
@@ -98,8 +105,15 @@ class RankingAccumulator:
         return out
 
 
-def evaluate_scores(scores: torch.Tensor, targets, n_items: int, item_category: np.ndarray | None = None,
-                    target_sets: list | None = None, k: int = 10, k_div: int = 50) -> dict:
+def evaluate_scores(
+    scores: torch.Tensor,
+    targets,
+    n_items: int,
+    item_category: np.ndarray | None = None,
+    target_sets: list | None = None,
+    k: int = 10,
+    k_div: int = 50,
+) -> dict:
     """Metrics of one (U, n_items + 1) score matrix (column 0 = padding)."""
     acc = RankingAccumulator(n_items, item_category, k, k_div)
     acc.add(scores, torch.as_tensor(np.asarray(targets), dtype=torch.long), target_sets)
@@ -129,7 +143,10 @@ class HeadAccuracy:
         out = {}
         for task in self.hits1:
             lab = np.concatenate(self.labels[task])
-            out[task] = {"users": int(len(lab)), "acc@1": float(np.concatenate(self.hits1[task]).mean()),
-                         "acc@5": float(np.concatenate(self.hits5[task]).mean()),
-                         "majority@1": float(np.bincount(lab).max() / len(lab))}
+            out[task] = {
+                "users": int(len(lab)),
+                "acc@1": float(np.concatenate(self.hits1[task]).mean()),
+                "acc@5": float(np.concatenate(self.hits5[task]).mean()),
+                "majority@1": float(np.bincount(lab).max() / len(lab)),
+            }
         return out

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from userformer.models.config import ModelConfig
 from userformer.models.data import ItemCatalog
 from userformer.models.encoder import UserEncoder
@@ -21,15 +22,32 @@ class UserFormer(nn.Module):
         d = cfg.d_model
         self.cfg = cfg
         self.sizes = dict(catalog.sizes)
-        self.item_tower = ItemTower(cfg.item_features, d, catalog, mlp=cfg.item_mlp,
-                                    id_plus_mean=cfg.pooling == "id_plus_mean", dropout=cfg.item_dropout)
-        feats = EventFeaturizer(cfg.event_features, d, catalog.sizes, cfg.max_len, cfg.pooling, cfg.time_buckets,
-                                cfg.time_periods_s, shared=self.item_tower.embs if cfg.tie_embeddings else None)
+        self.item_tower = ItemTower(
+            cfg.item_features,
+            d,
+            catalog,
+            mlp=cfg.item_mlp,
+            id_plus_mean=cfg.pooling == "id_plus_mean",
+            dropout=cfg.item_dropout,
+        )
+        feats = EventFeaturizer(
+            cfg.event_features,
+            d,
+            catalog.sizes,
+            cfg.max_len,
+            cfg.pooling,
+            cfg.time_buckets,
+            cfg.time_periods_s,
+            shared=self.item_tower.embs if cfg.tie_embeddings else None,
+        )
         time_ref = TimeFeatures(d, cfg.time_buckets, cfg.time_periods_s) if "time_ref" in cfg.event_features else None
-        self.encoder = UserEncoder(feats, d, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.output_mlp, time_ref)
+        self.encoder = UserEncoder(
+            feats, d, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.output_mlp, time_ref
+        )
         self.heads = PreferenceHeads(cfg.heads, d, catalog.sizes)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature)),
-                                            requires_grad=cfg.learn_temperature)
+        self.log_temperature = nn.Parameter(
+            torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature
+        )
         # The embedding of a user without events (a new sign-up): trained on every user's first event.
         self.cold = nn.Parameter(torch.randn(d) / math.sqrt(d))
 

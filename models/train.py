@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from userformer.models.config import ModelConfig, TrainConfig
+
 from userformer.models import losses as LS
+from userformer.models.config import ModelConfig, TrainConfig
 from userformer.models.data import (
     INT_FIELDS,
     ITEM_ATTRS,
@@ -61,8 +62,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------- loss
-def batch_loss(model: UserFormer, batch: dict, tcfg: TrainConfig, sampler: LS.NegativeSampler | None,
-               gen: torch.Generator, real_time: bool) -> tuple[torch.Tensor, dict]:
+def batch_loss(
+    model: UserFormer,
+    batch: dict,
+    tcfg: TrainConfig,
+    sampler: LS.NegativeSampler | None,
+    gen: torch.Generator,
+    real_time: bool,
+) -> tuple[torch.Tensor, dict]:
     """Loss of one batch padded to max_len + 1 (the extra column supplies the last target)."""
     inp, tgt, ok, query_ts = LS.next_action_targets(batch)
     h = model.encoder.hidden(inp)
@@ -92,8 +99,9 @@ def batch_loss(model: UserFormer, batch: dict, tcfg: TrainConfig, sampler: LS.Ne
         neg = sampler.sample(pos).to(u.device)
         vecs = LS.item_vectors(model.item_tower, torch.cat([pos, neg.reshape(-1)]))
         log_q = sampler.log_q.to(u.device) if sampler.log_q is not None else None
-        retrieval = LS.sampled_softmax(u, vecs[: len(pos)], pos, vecs[len(pos):].reshape(*neg.shape, -1), neg,
-                                       log_q, tau)
+        retrieval = LS.sampled_softmax(
+            u, vecs[: len(pos)], pos, vecs[len(pos) :].reshape(*neg.shape, -1), neg, log_q, tau
+        )
     heads = {}
     if model.heads.tasks:
         # MCM random prefix: one cut per sequence; the heads read events <= t and predict event t+1.
@@ -118,13 +126,20 @@ def batch_loss(model: UserFormer, batch: dict, tcfg: TrainConfig, sampler: LS.Ne
 
 # ------------------------------------------------------------- evaluation
 @torch.no_grad()
-def embed_users(model: UserFormer, seqs: Sequences, max_len: int, device: torch.device, tcfg: TrainConfig,
-                batch_size: int = 1024, ref_ts: np.ndarray | None = None) -> torch.Tensor:
+def embed_users(
+    model: UserFormer,
+    seqs: Sequences,
+    max_len: int,
+    device: torch.device,
+    tcfg: TrainConfig,
+    batch_size: int = 1024,
+    ref_ts: np.ndarray | None = None,
+) -> torch.Tensor:
     model.eval()
     out = torch.zeros(len(seqs), model.cfg.d_model, device=device)
     order = np.argsort(seqs.lengths, kind="stable")  # similar lengths per batch: trimmed batches stay narrow
     for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
+        rows = order[i : i + batch_size]
         b = to_device(pad_batch(seqs, rows, max_len, None if ref_ts is None else ref_ts[rows]), device)
         with autocast(device, tcfg):
             out[torch.from_numpy(rows).to(device)] = model.user_embedding(b).float()
@@ -132,9 +147,17 @@ def embed_users(model: UserFormer, seqs: Sequences, max_len: int, device: torch.
 
 
 @torch.no_grad()
-def evaluate(model: UserFormer, ev: EvalSet, catalog: ItemCatalog, device: torch.device, tcfg: TrainConfig,
-             ref_ts: np.ndarray | None = None, category: str = "category_l2", chunk: int = 2048,
-             heads: bool = True) -> dict:
+def evaluate(
+    model: UserFormer,
+    ev: EvalSet,
+    catalog: ItemCatalog,
+    device: torch.device,
+    tcfg: TrainConfig,
+    ref_ts: np.ndarray | None = None,
+    category: str = "category_l2",
+    chunk: int = 2048,
+    heads: bool = True,
+) -> dict:
     """Full-catalogue metrics of `ev` (see metrics.py for the protocol); with `heads`, also the accuracy of
     every preference head (under "heads")."""
     model.eval()
@@ -144,8 +167,8 @@ def evaluate(model: UserFormer, ev: EvalSet, catalog: ItemCatalog, device: torch
     acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     for i in range(0, len(users), chunk):
-        sets = ev.target_sets[i:i + chunk] if ev.target_sets is not None else None
-        acc.add((users[i:i + chunk] @ items.T).cpu(), targets[i:i + chunk], sets, history_pairs(ev, i, chunk))
+        sets = ev.target_sets[i : i + chunk] if ev.target_sets is not None else None
+        acc.add((users[i : i + chunk] @ items.T).cpu(), targets[i : i + chunk], sets, history_pairs(ev, i, chunk))
     out = acc.result()
     if heads and model.heads.tasks:
         out["heads"] = evaluate_heads(model, ev, device, tcfg, ref_ts)
@@ -153,8 +176,14 @@ def evaluate(model: UserFormer, ev: EvalSet, catalog: ItemCatalog, device: torch
 
 
 @torch.no_grad()
-def evaluate_heads(model: UserFormer, ev: EvalSet, device: torch.device, tcfg: TrainConfig,
-                   ref_ts: np.ndarray | None = None, batch_size: int = 1024) -> dict:
+def evaluate_heads(
+    model: UserFormer,
+    ev: EvalSet,
+    device: torch.device,
+    tcfg: TrainConfig,
+    ref_ts: np.ndarray | None = None,
+    batch_size: int = 1024,
+) -> dict:
     """Accuracy of every preference head on the label of each user's target (metrics.HeadAccuracy)."""
     model.eval()
     acc = HeadAccuracy()
@@ -162,7 +191,7 @@ def evaluate_heads(model: UserFormer, ev: EvalSet, device: torch.device, tcfg: T
     targets = torch.as_tensor(ev.targets, dtype=torch.long, device=device).clamp(0, attrs.shape[0] - 1)
     order = np.argsort(ev.history.lengths, kind="stable")
     for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
+        rows = order[i : i + batch_size]
         b = to_device(pad_batch(ev.history, rows, model.cfg.max_len, None if ref_ts is None else ref_ts[rows]), device)
         with autocast(device, tcfg):
             scores = model.heads(model.encoder.hidden(b), b["mask"])
@@ -178,16 +207,17 @@ def evaluate_heads(model: UserFormer, ev: EvalSet, device: torch.device, tcfg: T
     return acc.result()
 
 
-def evaluate_popular(train: Sequences, ev: EvalSet, catalog: ItemCatalog, category: str = "category_l2",
-                     chunk: int = 2048) -> dict:
+def evaluate_popular(
+    train: Sequences, ev: EvalSet, catalog: ItemCatalog, category: str = "category_l2", chunk: int = 2048
+) -> dict:
     """Most-popular baseline in the same harness: every user gets the training counts as scores."""
     counts = torch.from_numpy(item_counts(train, catalog.n_items)).float()
     acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     for i in range(0, len(targets), chunk):
-        n = len(targets[i:i + chunk])
-        sets = ev.target_sets[i:i + chunk] if ev.target_sets is not None else None
-        acc.add(counts[None, :].repeat(n, 1), targets[i:i + chunk], sets, history_pairs(ev, i, chunk))
+        n = len(targets[i : i + chunk])
+        sets = ev.target_sets[i : i + chunk] if ev.target_sets is not None else None
+        acc.add(counts[None, :].repeat(n, 1), targets[i : i + chunk], sets, history_pairs(ev, i, chunk))
     return acc.result()
 
 
@@ -206,9 +236,15 @@ def history_pairs(ev: EvalSet, start: int, chunk: int) -> tuple[np.ndarray, np.n
 # ---------------------------------------------------------------- training
 def checkpoint(model: UserFormer, tcfg: TrainConfig, epoch: int, metrics: dict, extra: dict | None = None) -> dict:
     """What a checkpoint holds: weights, both configs, vocabulary sizes, metrics (+ e.g. Delta versions)."""
-    return {"state_dict": copy.deepcopy(model.state_dict()), "model_config": dataclasses.asdict(model.cfg),
-            "train_config": dataclasses.asdict(tcfg), "vocab_sizes": dict(model.sizes), "epoch": epoch,
-            "metrics": metrics, **(extra or {})}
+    return {
+        "state_dict": copy.deepcopy(model.state_dict()),
+        "model_config": dataclasses.asdict(model.cfg),
+        "train_config": dataclasses.asdict(tcfg),
+        "vocab_sizes": dict(model.sizes),
+        "epoch": epoch,
+        "metrics": metrics,
+        **(extra or {}),
+    }
 
 
 def catalog_of(ck: dict, path: Path | str = "checkpoint"):
@@ -221,8 +257,10 @@ def catalog_of(ck: dict, path: Path | str = "checkpoint"):
     if attrs_t is None:
         raise ValueError(f"{path}: weights lack item_tower.attrs")
     if attrs_t.shape[0] != sizes["item"]:
-        raise ValueError(f"{path}: model/vocabulary size mismatch: the item tower has {attrs_t.shape[0]} item rows "
-                        f"but vocab_sizes says {sizes['item']}")
+        raise ValueError(
+            f"{path}: model/vocabulary size mismatch: the item tower has {attrs_t.shape[0]} item rows "
+            f"but vocab_sizes says {sizes['item']}"
+        )
     a = attrs_t.numpy()
     return ItemCatalog({name: a[:, i].copy() for i, name in enumerate(ITEM_ATTRS)}, sizes)
 
@@ -255,11 +293,14 @@ def save_atomic(obj, path: str | Path) -> None:
 
 def rng_state(rng: np.random.Generator, gen: torch.Generator, sampler) -> dict:
     """Every random stream training draws from (batch order, negatives, head cuts, dropout)."""
-    return {"numpy": rng.bit_generator.state, "gen": gen.get_state(),
-            "sampler": sampler.gen.get_state() if sampler is not None else None,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate()}
+    return {
+        "numpy": rng.bit_generator.state,
+        "gen": gen.get_state(),
+        "sampler": sampler.gen.get_state() if sampler is not None else None,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state: dict, rng: np.random.Generator, gen: torch.Generator, sampler) -> None:
@@ -274,10 +315,21 @@ def set_rng_state(state: dict, rng: np.random.Generator, gen: torch.Generator, s
     random.setstate((v, tuple(internal), g))
 
 
-def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, catalog: ItemCatalog,
-        ckpt_path: str | Path | None = None, progress: bool = True, log=print, *, model: UserFormer | None = None,
-        state_path: str | Path | None = None, resume: dict | None = None,
-        extra: dict | None = None) -> tuple[UserFormer, dict]:
+def fit(
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    train,
+    valid: EvalSet | None,
+    catalog: ItemCatalog,
+    ckpt_path: str | Path | None = None,
+    progress: bool = True,
+    log=print,
+    *,
+    model: UserFormer | None = None,
+    state_path: str | Path | None = None,
+    resume: dict | None = None,
+    extra: dict | None = None,
+) -> tuple[UserFormer, dict]:
     """Train; returns the best model (by validation recall@10 / NDCG@10) and a history dict.
 
     `train`: in-memory Sequences, or a chunked source (`chunks(rng)`, `item_counts(n)`, `n_sequences`,
@@ -294,11 +346,13 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, cata
     source = as_source(train)
     model = (model if model is not None else UserFormer(mcfg, catalog)).to(device)
     max_len = model.cfg.max_len
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
-                            weight_decay=tcfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=tcfg.lr, weight_decay=tcfg.weight_decay
+    )
     counts = source.item_counts(catalog.n_items)
-    sampler = LS.NegativeSampler(counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed,
-                                 per_row=tcfg.negatives_per_row)
+    sampler = LS.NegativeSampler(
+        counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed, per_row=tcfg.negatives_per_row
+    )
     gen = torch.Generator().manual_seed(tcfg.seed + 1)
     rng = np.random.default_rng(tcfg.seed)
     best, best_ck, bad, history, t_train, done, stopped = -1.0, None, 0, [], 0.0, 0, False
@@ -333,8 +387,13 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, cata
         bar.close()
         dt = time.perf_counter() - t0
         t_train += dt
-        rec = {"epoch": epoch, "loss": tot / max(n_b, 1), "epoch_seconds": dt, "seq_per_s": n_seq / max(dt, 1e-9),
-               "temperature": float(model.temperature.detach())}
+        rec = {
+            "epoch": epoch,
+            "loss": tot / max(n_b, 1),
+            "epoch_seconds": dt,
+            "seq_per_s": n_seq / max(dt, 1e-9),
+            "temperature": float(model.temperature.detach()),
+        }
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"loss is {rec['loss']} at epoch {epoch}: {rec}")
         if valid is None:
@@ -346,8 +405,13 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, cata
             key = "recall@10" if "recall@10" in m else "ndcg@10"
             if m[key] > best:
                 best, bad = m[key], 0
-                best_ck = checkpoint(model, tcfg, epoch, {"valid": m, "train_seconds": t_train},
-                                     {"history": [*history, rec], **(extra or {})})
+                best_ck = checkpoint(
+                    model,
+                    tcfg,
+                    epoch,
+                    {"valid": m, "train_seconds": t_train},
+                    {"history": [*history, rec], **(extra or {})},
+                )
                 if ckpt_path:
                     save_atomic(best_ck, ckpt_path)
             else:
@@ -355,11 +419,23 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, cata
         history.append(rec)
         stopped = bad >= tcfg.patience
         if state_path:
-            save_atomic({"epoch": epoch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": rng_state(rng, gen, sampler), "best": best, "best_checkpoint": best_ck, "bad": bad,
-                         "history": history, "train_seconds": t_train, "stopped": stopped,
-                         "model_config": dataclasses.asdict(model.cfg), "train_config": dataclasses.asdict(tcfg)},
-                        state_path)
+            save_atomic(
+                {
+                    "epoch": epoch,
+                    "state_dict": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": rng_state(rng, gen, sampler),
+                    "best": best,
+                    "best_checkpoint": best_ck,
+                    "bad": bad,
+                    "history": history,
+                    "train_seconds": t_train,
+                    "stopped": stopped,
+                    "model_config": dataclasses.asdict(model.cfg),
+                    "train_config": dataclasses.asdict(tcfg),
+                },
+                state_path,
+            )
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
     if valid is None:
         last = history[-1]["epoch"] if history else 0
@@ -368,6 +444,11 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train, valid: EvalSet | None, cata
             save_atomic(best_ck, ckpt_path)
     if best_ck is not None:
         model.load_state_dict(best_ck["state_dict"])
-    return model, {"history": history, "best_epoch": best_ck["epoch"] if best_ck else None,
-                   "best_valid": best, "epochs": len(history), "train_seconds": t_train,
-                   "stopped_early": stopped}
+    return model, {
+        "history": history,
+        "best_epoch": best_ck["epoch"] if best_ck else None,
+        "best_valid": best,
+        "epochs": len(history),
+        "train_seconds": t_train,
+        "stopped_early": stopped,
+    }

@@ -26,8 +26,15 @@ RAW_EVENTS = pa.schema(
     [
         col("event_id", pa.string(), "Producer's id of the event; derived from its content when absent."),
         col("user_id", pa.string(), "Customer id. Required.", nullable=False),
-        col("ts", TS, "When the event happened (UTC). Required; may precede the drop date (late event).", nullable=False),
-        col("event_type", pa.string(), "view, click, cart, purchase, favourite, ... or a non-item action: search, signup. Required.", nullable=False),
+        col(
+            "ts", TS, "When the event happened (UTC). Required; may precede the drop date (late event).", nullable=False
+        ),
+        col(
+            "event_type",
+            pa.string(),
+            "view, click, cart, purchase, favourite, ... or a non-item action: search, signup. Required.",
+            nullable=False,
+        ),
         col("item_id", pa.string(), "Item acted on; null for non-item actions."),
         col("surface", pa.string(), "Where it happened (home, search, pdp, app, ...)."),
         col("duration_s", pa.float64(), "Dwell time in seconds."),
@@ -66,7 +73,12 @@ _ID_COLS = [
 EVENTS = pa.schema(
     [
         col("dt", pa.date32(), "Drop (arrival) date; the partition column.", nullable=False),
-        col("event_id", pa.string(), "Unique event id: the producer's, or sha1 of user_id|ts|event_type|item_id.", nullable=False),
+        col(
+            "event_id",
+            pa.string(),
+            "Unique event id: the producer's, or sha1 of user_id|ts|event_type|item_id.",
+            nullable=False,
+        ),
         col("user_id", pa.string(), "Customer id.", nullable=False),
         col("ts", TS, "Event time, UTC.", nullable=False),
         col("event_type", pa.string(), "Event type (one of ingest.event_types).", nullable=False),
@@ -84,7 +96,13 @@ EVENTS = pa.schema(
 EVENTS_REJECTED = pa.schema(
     [
         col("dt", pa.date32(), "Drop date; the partition column.", nullable=False),
-        col("reason", pa.string(), "Why: null_user_id, null_ts, unparseable_ts, future_ts, ts_too_old, unknown_event_type, null_event_type, missing_item_id, bad_duration, user_burst, duplicate.", nullable=False),
+        col(
+            "reason",
+            pa.string(),
+            "Why: null_user_id, null_ts, unparseable_ts, future_ts, ts_too_old, unknown_event_type, null_event_type, "
+            "missing_item_id, bad_duration, user_burst, duplicate.",
+            nullable=False,
+        ),
         col("detail", pa.string(), "Human-readable detail of the reason."),
         col("source_file", pa.string(), "Raw file the row came from."),
         col("event_id", pa.string(), "event_id as delivered."),
@@ -97,7 +115,12 @@ EVENTS_REJECTED = pa.schema(
 
 VOCAB = pa.schema(
     [
-        col("kind", pa.string(), "item, category_l1, category_l2, category_l3, brand, event_type or surface.", nullable=False),
+        col(
+            "kind",
+            pa.string(),
+            "item, category_l1, category_l2, category_l3, brand, event_type or surface.",
+            nullable=False,
+        ),
         col("key", pa.string(), "The string value (category paths joined by ' > ').", nullable=False),
         col("idx", pa.int64(), "Its id: stable, append-only, from 1 per kind.", nullable=False),
         col("first_dt", pa.date32(), "Drop date on which it was first seen.", nullable=False),
@@ -140,7 +163,12 @@ USER_SEQUENCES = pa.schema(
         col("user_id", pa.string(), "Customer id; one row per user.", nullable=False),
         *_SEQ_ARRAYS,
         col("seq_len", pa.int32(), "Length of every array (<= sequences.max_len).", nullable=False),
-        col("lifetime_events", pa.int64(), "All accepted events of the user ever, not only the kept ones.", nullable=False),
+        col(
+            "lifetime_events",
+            pa.int64(),
+            "All accepted events of the user ever, not only the kept ones.",
+            nullable=False,
+        ),
         col("lifetime_counts", pa.map_(pa.string(), pa.int64()), "Lifetime events per event type."),
         col("first_event_ts", TS, "Earliest event time ever seen.", nullable=False),
         col("last_event_ts", TS, "Latest event time.", nullable=False),
@@ -154,21 +182,45 @@ _VEC = pa.list_(pa.float32())
 USER_EMBEDDINGS = pa.schema(
     [
         col("user_id", pa.string(), "Customer id; one current row per user.", nullable=False),
-        col("embedding", _VEC, "Unit-norm user vector (model.d_model floats); score an item by the dot product "
-            "with its item_embeddings row.", nullable=False),
+        col(
+            "embedding",
+            _VEC,
+            "Unit-norm user vector (model.d_model floats); score an item by the dot product "
+            "with its item_embeddings row.",
+            nullable=False,
+        ),
         col("model_version", pa.string(), "Registry version of the model that computed it.", nullable=False),
         col("as_of", pa.date32(), "Drop date D whose sequences it was computed from.", nullable=False),
-        col("updated_at", TS, "When the inference run that wrote this row computed it (republishing the same "
-            "staged output keeps it).", nullable=False),
+        col(
+            "updated_at",
+            TS,
+            "When the inference run that wrote this row computed it (republishing the same staged output keeps it).",
+            nullable=False,
+        ),
     ]
 )
 USER_PREFERENCE_SCORES = pa.schema(
     [
         col("user_id", pa.string(), "Customer id.", nullable=False),
-        col("task", pa.string(), "Preference head: category_l1, category_l2, category_l3, brand or event_type.", nullable=False),
+        col(
+            "task",
+            pa.string(),
+            "Preference head: category_l1, category_l2, category_l3, brand or event_type.",
+            nullable=False,
+        ),
         col("label_idx", pa.list_(pa.int64()), "Vocabulary ids of the top-K labels, best first.", nullable=False),
-        col("labels", pa.list_(pa.string()), "The labels themselves (vocab keys), parallel to label_idx.", nullable=False),
-        col("scores", pa.list_(pa.float32()), "Preference probability of each label (softmax over all the task's labels).", nullable=False),
+        col(
+            "labels",
+            pa.list_(pa.string()),
+            "The labels themselves (vocab keys), parallel to label_idx.",
+            nullable=False,
+        ),
+        col(
+            "scores",
+            pa.list_(pa.float32()),
+            "Preference probability of each label (softmax over all the task's labels).",
+            nullable=False,
+        ),
         col("model_version", pa.string(), "Registry version of the model that computed it.", nullable=False),
         col("as_of", pa.date32(), "Drop date D whose sequences it was computed from.", nullable=False),
     ]
@@ -178,7 +230,12 @@ ITEM_EMBEDDINGS = pa.schema(
         col("item_id", pa.string(), "Item id; one row per item of the catalogue.", nullable=False),
         col("item_idx", pa.int64(), "Vocabulary id of item_id.", nullable=False),
         col("embedding", _VEC, "Unit-norm item vector from the item tower (id + content).", nullable=False),
-        col("has_metadata", pa.bool_(), "False for items seen only in events (vector from the id alone).", nullable=False),
+        col(
+            "has_metadata",
+            pa.bool_(),
+            "False for items seen only in events (vector from the id alone).",
+            nullable=False,
+        ),
         col("model_version", pa.string(), "Registry version of the model that computed it.", nullable=False),
         col("as_of", pa.date32(), "Drop date D of the catalogue it was computed from.", nullable=False),
     ]
@@ -188,7 +245,12 @@ USER_CANDIDATES = pa.schema(
         col("user_id", pa.string(), "Customer id (users refreshed on as_of).", nullable=False),
         col("item_idx", pa.list_(pa.int64()), "Top-N candidate item ids from the index, best first.", nullable=False),
         col("item_id", pa.list_(pa.string()), "The same items' ids.", nullable=False),
-        col("scores", pa.list_(pa.float32()), "Similarity of each candidate (dot product of unit vectors).", nullable=False),
+        col(
+            "scores",
+            pa.list_(pa.float32()),
+            "Similarity of each candidate (dot product of unit vectors).",
+            nullable=False,
+        ),
         col("model_version", pa.string(), "Model version of the embeddings and index used.", nullable=False),
         col("index_version", pa.string(), "Item index version the candidates came from.", nullable=False),
         col("as_of", pa.date32(), "Drop date D.", nullable=False),
@@ -198,14 +260,34 @@ USER_CANDIDATES = pa.schema(
 # Table name -> (schema, partition columns, one-line description).
 TABLES: dict[str, tuple[pa.Schema, list[str], str]] = {
     "events": (EVENTS, ["dt"], "Accepted, deduplicated events with their ids; partition dt = drop date."),
-    "events_rejected": (EVENTS_REJECTED, ["dt"], "Quarantine: raw rows that broke the contract or were duplicates, with the reason."),
+    "events_rejected": (
+        EVENTS_REJECTED,
+        ["dt"],
+        "Quarantine: raw rows that broke the contract or were duplicates, with the reason.",
+    ),
     "vocab": (VOCAB, [], "Append-only string -> integer id maps for items, categories, brands, event types, surfaces."),
     "items": (ITEMS, [], "Current item catalogue, one row per item id ever seen."),
-    "user_sequences": (USER_SEQUENCES, [], "Per user, the most recent max_len events as parallel arrays, plus lifetime counts."),
-    "user_embeddings": (USER_EMBEDDINGS, [], "Published: one current embedding per user (rows of users without new events stay untouched)."),
-    "user_preference_scores": (USER_PREFERENCE_SCORES, [], "Published: per user and preference task, the top-K labels with their probabilities."),
+    "user_sequences": (
+        USER_SEQUENCES,
+        [],
+        "Per user, the most recent max_len events as parallel arrays, plus lifetime counts.",
+    ),
+    "user_embeddings": (
+        USER_EMBEDDINGS,
+        [],
+        "Published: one current embedding per user (rows of users without new events stay untouched).",
+    ),
+    "user_preference_scores": (
+        USER_PREFERENCE_SCORES,
+        [],
+        "Published: per user and preference task, the top-K labels with their probabilities.",
+    ),
     "item_embeddings": (ITEM_EMBEDDINGS, [], "Published: every catalogue item's vector of the current model version."),
-    "user_candidates": (USER_CANDIDATES, [], "Published: top-N candidate items per refreshed user, from the item index."),
+    "user_candidates": (
+        USER_CANDIDATES,
+        [],
+        "Published: top-N candidate items per refreshed user, from the item index.",
+    ),
 }
 
 

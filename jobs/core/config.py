@@ -344,8 +344,10 @@ def _validate(cfg: Config) -> None:
     if len(band) != 2 or not all(isinstance(b, (int, float)) for b in band) or not (0 <= band[0] <= band[1] <= 1):
         raise ConfigError(f"infer.top1_mean_band={band!r}: must be [lo, hi] with 0 <= lo <= hi <= 1")
     if cfg.index.hnsw_max_items < cfg.index.flat_max_items:
-        raise ConfigError(f"index.hnsw_max_items={cfg.index.hnsw_max_items} must be >= "
-                          f"index.flat_max_items={cfg.index.flat_max_items}")
+        raise ConfigError(
+            f"index.hnsw_max_items={cfg.index.hnsw_max_items} must be >= "
+            f"index.flat_max_items={cfg.index.flat_max_items}"
+        )
     overlap = set(cfg.ingest.item_event_types) & set(cfg.ingest.non_item_event_types)
     if overlap:
         raise ConfigError(f"ingest: event types both item and non-item: {sorted(overlap)}")
@@ -372,7 +374,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict | None = None) 
     for key, value in sorted(env.items()):
         if not key.startswith(ENV_PREFIX):
             continue
-        parts = key[len(ENV_PREFIX):].lower().split("__")
+        parts = key[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) != 2 or not hasattr(cfg, parts[0]):
             raise ConfigError(f"{key}: expected USERFORMER__SECTION__KEY with a known section")
         _apply(getattr(cfg, parts[0]), {parts[1]: value}, parts[0])

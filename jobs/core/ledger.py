@@ -11,8 +11,21 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.storage import files
 
 # The steps of a day, in order (ledger names; infer is "infer-<shard>-of-<shards>").
-STEPS = ["ingest", "check_events", "sequences", "check_user_sequences", "finetune", "gate", "infer", "check_outputs",
-         "publish", "index", "check_index", "candidates", "report"]
+STEPS = [
+    "ingest",
+    "check_events",
+    "sequences",
+    "check_user_sequences",
+    "finetune",
+    "gate",
+    "infer",
+    "check_outputs",
+    "publish",
+    "index",
+    "check_index",
+    "candidates",
+    "report",
+]
 
 
 def ledger_dir(cfg: Config, day: dt.date) -> Path:
@@ -21,8 +34,13 @@ def ledger_dir(cfg: Config, day: dt.date) -> Path:
 
 def record(cfg: Config, day: dt.date, step: str, result: dict, seconds: float) -> dict:
     """Keep a step's result in the day's ledger (atomically; a rerun replaces it) and return it."""
-    out = {"step": step, "dt": str(day), "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-           "seconds": round(seconds, 2), "result": result}
+    out = {
+        "step": step,
+        "dt": str(day),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 2),
+        "result": result,
+    }
     files.write_json(ledger_dir(cfg, day) / f"{step}.json", out)
     return result
 

@@ -40,8 +40,10 @@ from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import files
 from userformer.jobs.core.storage.files import write_json  # noqa: F401  (callers use registry.write_json)
 
-REEMBED_RULE = ("on promotion every user is re-embedded with the new model: user embeddings of an older "
-                "version are not comparable with this version's item vectors (see stale_embeddings)")
+REEMBED_RULE = (
+    "on promotion every user is re-embedded with the new model: user embeddings of an older "
+    "version are not comparable with this version's item vectors (see stale_embeddings)"
+)
 REQUIRED_KEYS = ("state_dict", "model_config", "train_config", "vocab_sizes")
 _VERSION = re.compile(r"^v(\d{4,})-(\d{8})-([a-z][a-z0-9_]*)$")
 
@@ -119,22 +121,34 @@ def allocate(cfg, day: dt.date | None, kind: str) -> tuple[str, Path]:
         return version, d
 
 
-def register(cfg, checkpoint: dict, *, kind: str, day: dt.date | None, status: str = "registered",
-             manifest: dict | None = None) -> str:
+def register(
+    cfg, checkpoint: dict, *, kind: str, day: dt.date | None, status: str = "registered", manifest: dict | None = None
+) -> str:
     """Store a checkpoint as a new version (model.pt, then manifest.json). Returns the version id."""
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint lacks {missing}")
     version, d = allocate(cfg, day, kind)
-    ck = {**{k: (v if k == "state_dict" else plain(v)) for k, v in checkpoint.items()},
-          "version": version, "kind": kind, "status": status, "dt": str(day) if day else None}
+    ck = {
+        **{k: (v if k == "state_dict" else plain(v)) for k, v in checkpoint.items()},
+        "version": version,
+        "kind": kind,
+        "status": status,
+        "dt": str(day) if day else None,
+    }
     ck["state_dict"] = {k: v.detach().cpu() for k, v in checkpoint["state_dict"].items()}
     save_torch(d / "model.pt", ck)
-    man = {"version": version, "kind": kind, "status": status, "dt": ck["dt"], "created_at": now_iso(),
-           **{k: v for k, v in ck.items() if k not in ("state_dict", "version", "kind", "status", "dt")},
-           **plain(manifest or {}),
-           "reembedding_rule": REEMBED_RULE,
-           "files": {"model.pt": {"bytes": (d / "model.pt").stat().st_size, "sha256": sha256(d / "model.pt")}}}
+    man = {
+        "version": version,
+        "kind": kind,
+        "status": status,
+        "dt": ck["dt"],
+        "created_at": now_iso(),
+        **{k: v for k, v in ck.items() if k not in ("state_dict", "version", "kind", "status", "dt")},
+        **plain(manifest or {}),
+        "reembedding_rule": REEMBED_RULE,
+        "files": {"model.pt": {"bytes": (d / "model.pt").stat().st_size, "sha256": sha256(d / "model.pt")}},
+    }
     write_json(d / "manifest.json", man)
     return version
 
@@ -167,15 +181,22 @@ def list_versions(cfg) -> list[dict]:
     root = versions_root(cfg)
     if not root.is_dir():
         return []
-    return [read_manifest(cfg, p.name) for p in sorted(root.iterdir())
-            if _VERSION.match(p.name) and (p / "manifest.json").is_file()]
+    return [
+        read_manifest(cfg, p.name)
+        for p in sorted(root.iterdir())
+        if _VERSION.match(p.name) and (p / "manifest.json").is_file()
+    ]
 
 
 # -------------------------------------------------------------- publishing
 def published(cfg) -> dict | None:
     """The PUBLISHED pointer ({"version", "published_at", "reason", ...}), or None when nothing is published."""
-    return files.read_pointer(pointer_path(cfg), _VERSION, "published pointer",
-                              f"publish a version again (versions under {versions_root(cfg)})")
+    return files.read_pointer(
+        pointer_path(cfg),
+        _VERSION,
+        "published pointer",
+        f"publish a version again (versions under {versions_root(cfg)})",
+    )
 
 
 def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
@@ -184,8 +205,13 @@ def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
     man = read_manifest(cfg, version)
     read_checkpoint(version_dir(cfg, version) / "model.pt", man)  # never point at something unloadable
     prev = published(cfg)
-    ptr = {"version": version, "published_at": now_iso(), "reason": reason,
-           "previous": prev["version"] if prev else None, **(extra or {})}
+    ptr = {
+        "version": version,
+        "published_at": now_iso(),
+        "reason": reason,
+        "previous": prev["version"] if prev else None,
+        **(extra or {}),
+    }
     write_json(pointer_path(cfg), ptr)
     _log_publish(cfg, ptr)
     return ptr
@@ -198,8 +224,7 @@ def unpublish(cfg, reason: str, extra: dict | None = None) -> dict | None:
     prev = published(cfg)
     if prev is None:
         return None
-    entry = {"version": None, "published_at": now_iso(), "reason": reason, "previous": prev["version"],
-             **(extra or {})}
+    entry = {"version": None, "published_at": now_iso(), "reason": reason, "previous": prev["version"], **(extra or {})}
     pointer_path(cfg).unlink()
     files.fsync_dir(pointer_path(cfg).parent)
     _log_publish(cfg, entry)
@@ -233,8 +258,10 @@ def read_checkpoint(path: Path, manifest: dict | None = None) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: unreadable model checkpoint (truncated or corrupt?): "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(
+            f"{path}: unreadable model checkpoint (truncated or corrupt?): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     if not isinstance(ck, dict):
         raise UserError(f"{path}: not a model checkpoint (a {type(ck).__name__}, expected a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in ck]
@@ -261,8 +288,10 @@ def model_from_checkpoint(ck: dict, path: Path | str = "checkpoint"):
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(ck["model_config"]) - known)
     if unknown:
-        raise UserError(f"{path}: model_config has settings this code does not know: {unknown} "
-                        "(written by another version of userformer)")
+        raise UserError(
+            f"{path}: model_config has settings this code does not know: {unknown} "
+            "(written by another version of userformer)"
+        )
     catalog = catalog_of(ck, path)
     try:
         model = UserFormer(ModelConfig(**ck["model_config"]), catalog)
@@ -272,8 +301,10 @@ def model_from_checkpoint(ck: dict, path: Path | str = "checkpoint"):
         detail = "; ".join(lines[:4])
         if "size mismatch" in str(exc):
             raise UserError(f"{path}: model/vocabulary size mismatch: {detail}") from None
-        raise UserError(f"{path}: its weights do not fit this version of the model code (retrain, or run the "
-                        f"userformer that wrote it): {detail}") from None
+        raise UserError(
+            f"{path}: its weights do not fit this version of the model code (retrain, or run the "
+            f"userformer that wrote it): {detail}"
+        ) from None
     return model
 
 

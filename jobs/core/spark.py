@@ -9,8 +9,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.errors import UserError
 
 _SESSION = None
 
@@ -159,6 +159,7 @@ def _same_location(a: str, b: str) -> bool:
     def norm(x: str) -> str:
         x = re.sub(r"^file:(//)?", "", x).rstrip("/")
         return urllib.parse.unquote(x)
+
     return norm(a) == norm(b)
 
 

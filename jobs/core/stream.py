@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.models.data import (
@@ -135,30 +136,40 @@ def sequences_version(cfg, day: dt.date | None) -> tuple[int, dt.date]:
         raise UserError(f"no user_sequences table at {path}: run `userformer sequences --dt D` first")
     latest = applied_drop(cfg)
     if latest is None:
-        raise UserError(f"user_sequences at {path} has no drop in its commit metadata (restored by hand?); "
-                        "rebuild it with `userformer sequences --rebuild`")
+        raise UserError(
+            f"user_sequences at {path} has no drop in its commit metadata (restored by hand?); "
+            "rebuild it with `userformer sequences --rebuild`"
+        )
     current = delta.version_of(path)
     if day is None or day == latest:
         return current, latest
-    if day > latest and all(drop_state(cfg, latest + dt.timedelta(days=i)) == "empty"
-                            for i in range(1, (day - latest).days + 1)):
+    if day > latest and all(
+        drop_state(cfg, latest + dt.timedelta(days=i)) == "empty" for i in range(1, (day - latest).days + 1)
+    ):
         return current, day  # only drops without events since: the table as it is, as of `day`
     if day > latest:
-        raise UserError(f"user_sequences includes drops up to {latest} only, not {day}: "
-                        f"run `userformer sequences --dt {day}` first")
+        raise UserError(
+            f"user_sequences includes drops up to {latest} only, not {day}: run `userformer sequences --dt {day}` first"
+        )
     chosen = None
     for h in delta.lineage(path):  # oldest first; commits a repair's RESTORE undid are not in it
         d = _commit_day(h)
         if d is not None and h.get("step") in ("sequences", "sequences-rebuild"):
             if d <= day:
                 chosen = h["version"]
-        elif chosen is not None and h["version"] == chosen + 1 and str(h.get("operation", "")).startswith(delta.NO_DATA_CHANGE):
+        elif (
+            chosen is not None
+            and h["version"] == chosen + 1
+            and str(h.get("operation", "")).startswith(delta.NO_DATA_CHANGE)
+        ):
             chosen = h["version"]
     if chosen is None:
         raise UserError(f"user_sequences has no version that includes drops up to {day} (its first drop is later)")
     if delta.missing_files(path, chosen):
-        raise UserError(f"user_sequences as of {day} (version {chosen}) was vacuumed (storage.retention_days); "
-                        f"use a later --dt, or rebuild with `userformer sequences --rebuild --upto {day}` in a copy")
+        raise UserError(
+            f"user_sequences as of {day} (version {chosen}) was vacuumed (storage.retention_days); "
+            f"use a later --dt, or rebuild with `userformer sequences --rebuild --upto {day}` in a copy"
+        )
     return chosen, day
 
 
@@ -169,9 +180,12 @@ def drop_state(cfg, day: dt.date) -> str:
     events = cfg.table_path("events")
     # Rows readers see (deleted ones excluded), not the files' record counts.
     has_events = delta.exists(events) and any(
-        str(k) == str(day) and n > 0 for k, n in delta.partition_rows(events, "dt").items())
-    ingested = has_events or (delta.exists(events) and any(
-        h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.lineage(events)))
+        str(k) == str(day) and n > 0 for k, n in delta.partition_rows(events, "dt").items()
+    )
+    ingested = has_events or (
+        delta.exists(events)
+        and any(h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.lineage(events))
+    )
     if latest is not None and day <= latest and (has_events or day == latest):
         return "applied"
     if has_events:
@@ -219,8 +233,10 @@ def warehouse_catalog(cfg, day: dt.date | None = None, versions: dict | None = N
     n = sizes["item"]
     idx = items["item_idx"].to_numpy().astype(np.int64)
     if len(idx) and idx.max() >= n:
-        raise UserError(f"items at {ipath} has item ids up to {idx.max()} but vocab at {vpath} only up to {n - 1}: "
-                        "the tables are inconsistent (rerun `userformer ingest`)")
+        raise UserError(
+            f"items at {ipath} has item ids up to {idx.max()} but vocab at {vpath} only up to {n - 1}: "
+            "the tables are inconsistent (rerun `userformer ingest`)"
+        )
     attrs = {}
     for a in ITEM_ATTRS:
         arr = np.zeros(n, np.int64)
@@ -254,9 +270,18 @@ class DeltaSequences:
     full chunks to visitors (e.g. `WindowUsers`) in the same pass.
     """
 
-    def __init__(self, path: str | Path, version: int, chunk_users: int, *, t_max: float | None = None,
-                 select: Callable[[pa.Table], np.ndarray] | None = None, min_len: int = 2,
-                 interleave: int = INTERLEAVE, t_min: float | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        version: int,
+        chunk_users: int,
+        *,
+        t_max: float | None = None,
+        select: Callable[[pa.Table], np.ndarray] | None = None,
+        min_len: int = 2,
+        interleave: int = INTERLEAVE,
+        t_min: float | None = None,
+    ):
         self.path, self.version, self.chunk_users = path, version, chunk_users
         self.t_max, self.select, self.min_len, self.interleave = t_max, select, min_len, interleave
         self.t_min = t_min
@@ -267,14 +292,18 @@ class DeltaSequences:
         try:
             files = delta.data_files(path, version)
         except Exception as exc:  # the version's log or deletion vectors are gone; the message says which
-            raise UserError(f"cannot read user_sequences version {version} ({str(exc).splitlines()[0][:300]}): "
-                            "vacuumed after storage.retention_days? read a later version") from None
+            raise UserError(
+                f"cannot read user_sequences version {version} ({str(exc).splitlines()[0][:300]}): "
+                "vacuumed after storage.retention_days? read a later version"
+            ) from None
         for f in files:
             try:
                 md = pq.ParquetFile(f.path).metadata
             except FileNotFoundError:
-                raise UserError(f"user_sequences version {version} lacks its file {f.path} (vacuumed after "
-                                "storage.retention_days?): read a later version") from None
+                raise UserError(
+                    f"user_sequences version {version} lacks its file {f.path} (vacuumed after "
+                    "storage.retention_days?): read a later version"
+                ) from None
             start = 0
             for rg in range(md.num_row_groups):
                 n = md.row_group(rg).num_rows
@@ -366,31 +395,46 @@ class DeltaSequences:
 def concat_sequences(parts: list[Sequences]) -> Sequences:
     parts = [p for p in parts if p is not None]
     if not parts:
-        return Sequences(np.zeros(0, object), np.zeros(1, np.int64), {k: np.zeros(0, np.int64) for k in INT_FIELDS},
-                         np.zeros(0), np.zeros(0, np.float32))
+        return Sequences(
+            np.zeros(0, object),
+            np.zeros(1, np.int64),
+            {k: np.zeros(0, np.int64) for k in INT_FIELDS},
+            np.zeros(0),
+            np.zeros(0, np.float32),
+        )
     offs, base = [np.zeros(1, np.int64)], 0
     for p in parts:
         offs.append(p.offsets[1:] + base)
         base += int(p.offsets[-1])
-    return replace(parts[0], user_ids=np.concatenate([p.user_ids for p in parts]), offsets=np.concatenate(offs),
-                   ints={k: np.concatenate([p.ints[k] for p in parts]) for k in parts[0].ints},
-                   ts=np.concatenate([p.ts for p in parts]), duration=np.concatenate([p.duration for p in parts]))
+    return replace(
+        parts[0],
+        user_ids=np.concatenate([p.user_ids for p in parts]),
+        offsets=np.concatenate(offs),
+        ints={k: np.concatenate([p.ints[k] for p in parts]) for k in parts[0].ints},
+        ts=np.concatenate([p.ts for p in parts]),
+        duration=np.concatenate([p.duration for p in parts]),
+    )
 
 
 def take_eval(ev: EvalSet, rows: np.ndarray) -> EvalSet:
     rows = np.asarray(rows, np.int64)
-    return EvalSet(ev.history.take_users(rows), ev.targets[rows],
-                   None if ev.target_sets is None else [ev.target_sets[i] for i in rows],
-                   None if ev.target_event_type is None else ev.target_event_type[rows],
-                   None if ev.ref_ts is None else ev.ref_ts[rows])
+    return EvalSet(
+        ev.history.take_users(rows),
+        ev.targets[rows],
+        None if ev.target_sets is None else [ev.target_sets[i] for i in rows],
+        None if ev.target_event_type is None else ev.target_event_type[rows],
+        None if ev.ref_ts is None else ev.ref_ts[rows],
+    )
 
 
 def concat_eval(parts: list[EvalSet]) -> EvalSet:
-    return EvalSet(concat_sequences([p.history for p in parts]),
-                   np.concatenate([p.targets for p in parts]) if parts else np.zeros(0, np.int64),
-                   [s for p in parts for s in p.target_sets],
-                   np.concatenate([p.target_event_type for p in parts]) if parts else np.zeros(0, np.int64),
-                   np.concatenate([p.ref_ts for p in parts]) if parts else np.zeros(0))
+    return EvalSet(
+        concat_sequences([p.history for p in parts]),
+        np.concatenate([p.targets for p in parts]) if parts else np.zeros(0, np.int64),
+        [s for p in parts for s in p.target_sets],
+        np.concatenate([p.target_event_type for p in parts]) if parts else np.zeros(0, np.int64),
+        np.concatenate([p.ref_ts for p in parts]) if parts else np.zeros(0),
+    )
 
 
 @dataclass
@@ -441,8 +485,9 @@ class WindowUsers:
 
 
 # ------------------------------------------------------------ baselines
-def evaluate_counts(counts: np.ndarray, ev: EvalSet, catalog: ItemCatalog, category: str = "category_l2",
-                    chunk: int = 2048) -> dict:
+def evaluate_counts(
+    counts: np.ndarray, ev: EvalSet, catalog: ItemCatalog, category: str = "category_l2", chunk: int = 2048
+) -> dict:
     """Most-popular in the same harness as train.evaluate: every user gets `counts` (per item id) as scores."""
     c = np.zeros(catalog.n_items + 1)
     n = min(len(counts), len(c))
@@ -451,18 +496,24 @@ def evaluate_counts(counts: np.ndarray, ev: EvalSet, catalog: ItemCatalog, categ
     acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     for i in range(0, len(targets), chunk):
-        m = len(targets[i:i + chunk])
-        acc.add(scores[None, :].repeat(m, 1), targets[i:i + chunk], ev.target_sets[i:i + chunk])
+        m = len(targets[i : i + chunk])
+        acc.add(scores[None, :].repeat(m, 1), targets[i : i + chunk], ev.target_sets[i : i + chunk])
     return acc.result()
 
 
 @torch.no_grad()
-def evaluate_embeddings(users: torch.Tensor, items: torch.Tensor, ev: EvalSet, catalog: ItemCatalog,
-                        category: str = "category_l2", chunk: int = 2048) -> dict:
+def evaluate_embeddings(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ev: EvalSet,
+    catalog: ItemCatalog,
+    category: str = "category_l2",
+    chunk: int = 2048,
+) -> dict:
     """Full-catalogue metrics of given user embeddings against given item vectors (e.g. stale users x new items)."""
     acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     items = items.float()
     for i in range(0, len(users), chunk):
-        acc.add((users[i:i + chunk].float() @ items.T).cpu(), targets[i:i + chunk], ev.target_sets[i:i + chunk])
+        acc.add((users[i : i + chunk].float() @ items.T).cpu(), targets[i : i + chunk], ev.target_sets[i : i + chunk])
     return acc.result()

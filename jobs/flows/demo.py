@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 from userformer.jobs.core import ledger
-from userformer.jobs.core.errors import UserError
-
-from userformer.jobs.core.dates import date_arg, date_range
-from userformer.jobs.flows import pipeline
 from userformer.jobs.core.config import Config, load_config
+from userformer.jobs.core.dates import date_arg, date_range
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.flows import pipeline
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "config" / "demo.toml"
 
@@ -36,13 +35,19 @@ def register(sub) -> None:
     p.add_argument("--items", type=int, default=3000, help="items (default 3000)")
     p.add_argument("--start", type=date_arg, default=dt.date(2026, 11, 1), help="first day (default 2026-11-01)")
     p.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
-    p.add_argument("--no-airflow", action="store_true",
-                   help="run the days in this process (`run-day`) instead of through Airflow")
+    p.add_argument(
+        "--no-airflow", action="store_true", help="run the days in this process (`run-day`) instead of through Airflow"
+    )
     p.add_argument("--port", type=int, help="Airflow's API/UI port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--keep-airflow", action="store_true",
-                   help="leave Airflow running after the summary (Ctrl-C stops it), to look at the runs in the UI")
+    p.add_argument(
+        "--keep-airflow",
+        action="store_true",
+        help="leave Airflow running after the summary (Ctrl-C stops it), to look at the runs in the UI",
+    )
     p.set_defaults(func=run)
-    p = sub.add_parser("run-day", help="run the whole pipeline for one drop date (or a range, in order), without Airflow")
+    p = sub.add_parser(
+        "run-day", help="run the whole pipeline for one drop date (or a range, in order), without Airflow"
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--to", type=date_arg, help="last drop date of a range run day by day in order (default: --dt only)")
     p.add_argument("--skip-finetune", action="store_true", help="keep the published model (no fine-tuning, no gate)")
@@ -72,8 +77,10 @@ def _fresh_demo_home(cfg: Config) -> None:
     marker = cfg.home / DEMO_MARKER
     dirs = [cfg.raw_root, cfg.warehouse_root, cfg.reports_root, cfg.models_root, cfg.index_root]
     if any(d.exists() and any(d.iterdir()) for d in dirs) and not marker.exists():
-        raise UserError(f"{cfg.home} already holds pipeline data that no demo made; "
-                        "point USERFORMER_HOME at an empty folder for the demo")
+        raise UserError(
+            f"{cfg.home} already holds pipeline data that no demo made; "
+            "point USERFORMER_HOME at an empty folder for the demo"
+        )
     for d in dirs + [airflow_home(cfg)]:
         shutil.rmtree(d, ignore_errors=True)
     cfg.home.mkdir(parents=True, exist_ok=True)
@@ -111,10 +118,12 @@ def day_line(cfg: Config, day: dt.date, seconds: float | None = None) -> str:
     else:
         model = "no model yet" if not gt.get("published") else f"kept {gt.get('published')}"
     took = f"  {seconds:.0f}s" if seconds is not None else ""
-    return (f"{day}: raw {ing.get('raw_rows', 0):>7}  accepted {ing.get('accepted', 0):>7}  "
-            f"rejected {sum((ing.get('rejected') or {}).values()):>5}  users refreshed {seq.get('active_users', 0):>6} "
-            f"(new {seq.get('new_users', 0)})  embedded {embedded:>6}  checks {'ok' if ok else 'FAILED'}  "
-            f"model: {model}{took}")
+    return (
+        f"{day}: raw {ing.get('raw_rows', 0):>7}  accepted {ing.get('accepted', 0):>7}  "
+        f"rejected {sum((ing.get('rejected') or {}).values()):>5}  users refreshed {seq.get('active_users', 0):>6} "
+        f"(new {seq.get('new_users', 0)})  embedded {embedded:>6}  checks {'ok' if ok else 'FAILED'}  "
+        f"model: {model}{took}"
+    )
 
 
 def _metrics(m: dict, keys=("ndcg@10", "recall@10")) -> str:
@@ -123,36 +132,44 @@ def _metrics(m: dict, keys=("ndcg@10", "recall@10")) -> str:
 
 def print_summary(cfg: Config, days: list[dt.date]) -> None:
     """Rows per table, users refreshed per day, model versions, evaluation metrics, index recall, where things are."""
-    from userformer.jobs.tools import info
     from userformer.jobs.core import registry as R
+    from userformer.jobs.tools import info
 
-    print("\nusers per day (refreshed = with new events; embedded = user embeddings written, everyone after a "
-          "model change):")
-    print(f"  {'dt':<12}{'refreshed':>10}{'new':>7}{'embedded':>10}  {'model published after the day':<31}"
-          f"{'index recall@10':>16}")
+    print(
+        "\nusers per day (refreshed = with new events; embedded = user embeddings written, everyone after a "
+        "model change):"
+    )
+    print(
+        f"  {'dt':<12}{'refreshed':>10}{'new':>7}{'embedded':>10}  {'model published after the day':<31}"
+        f"{'index recall@10':>16}"
+    )
     for day in days:
         led = ledger.read_ledger(cfg, day)
 
-        def res(step):
+        def res(step, led=led):
             return (led.get(step) or {}).get("result") or {}
 
         seq, gt, ci = res("sequences"), res("gate"), res("check_index")
         embedded = sum(res(k).get("users") or 0 for k in led if k.startswith("infer-"))
         rc = ci.get("recall_at_10")
-        print(f"  {str(day):<12}{seq.get('active_users', 0):>10}{seq.get('new_users', 0):>7}{embedded:>10}  "
-              f"{str(gt.get('published') or '-'):<31}{(f'{rc:.3f}' if isinstance(rc, float) else '-'):>16}")
+        print(
+            f"  {str(day):<12}{seq.get('active_users', 0):>10}{seq.get('new_users', 0):>7}{embedded:>10}  "
+            f"{str(gt.get('published') or '-'):<31}{(f'{rc:.3f}' if isinstance(rc, float) else '-'):>16}"
+        )
 
-    print("\nmodel versions (jobs/core/registry.py; the gate compares a candidate with the published model on "
-          "held-out users of its day):")
+    print(
+        "\nmodel versions (jobs/core/registry.py; the gate compares a candidate with the published model on "
+        "held-out users of its day):"
+    )
     ptr = R.published(cfg)
     for man in R.list_versions(cfg):
         m = man.get("metrics") or {}
         if man.get("kind") == "finetune":
             g = m.get("gate") or {}
-            what = (f"candidate {_metrics(g.get('candidate') or {})} vs published "
-                    f"{_metrics(g.get('published') or {})}")
+            what = f"candidate {_metrics(g.get('candidate') or {})} vs published {_metrics(g.get('published') or {})}"
         else:
-            what = f"validation {_metrics(m.get('valid') or {})}; most popular {_metrics(m.get('valid_most_popular') or {})}"
+            popular = _metrics(m.get("valid_most_popular") or {})
+            what = f"validation {_metrics(m.get('valid') or {})}; most popular {popular}"
         star = " (published)" if ptr and ptr["version"] == man["version"] else ""
         print(f"  {man['version']:<26}{man.get('status', ''):<10} {what}{star}")
 
@@ -169,8 +186,10 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     if rep.get("html"):
         print(f"  daily report        file://{rep['html']}")
     print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
-    print(f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
-          ".sort('lifetime_events', descending=True).select('user_id', 'seq_len', 'lifetime_events').head())\"")
+    print(
+        f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
+        ".sort('lifetime_events', descending=True).select('user_id', 'seq_len', 'lifetime_events').head())\""
+    )
     user = _some_user(cfg)
     if user:
         print("a user's recommendations from the index:")
@@ -199,12 +218,17 @@ def _run_in_process(cfg: Config, days: list[dt.date]) -> None:
 
 def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
     from userformer.jobs.tools import orchestrator as O
+
     t0 = time.perf_counter()
     af = O.start(cfg, args.port or O.free_port(), scheduled_runs=False)
-    print(f"Airflow {af.url} (login {af.username} / {af.password}; pid {af.pid}) ready in "
-          f"{time.perf_counter() - t0:.0f}s; backfill of daily_refresh {days[0]} .. {days[-1]}", flush=True)
+    print(
+        f"Airflow {af.url} (login {af.username} / {af.password}; pid {af.pid}) ready in "
+        f"{time.perf_counter() - t0:.0f}s; backfill of daily_refresh {days[0]} .. {days[-1]}",
+        flush=True,
+    )
     started: dict[str, float] = {}
     try:
+
         def progress(run):
             day = dt.date.fromisoformat(run["logical_date"][:10])
             if run["state"] == "running":
@@ -214,8 +238,11 @@ def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
                 print(day_line(cfg, day, took), flush=True)
             elif run["state"] == "failed":
                 bad = af.failed_tasks("daily_refresh", run["dag_run_id"])
-                print(f"{day}: run {run['dag_run_id']} FAILED at "
-                      + ", ".join(f"{t['task_id']} ({t['state']})" for t in bad), flush=True)
+                print(
+                    f"{day}: run {run['dag_run_id']} FAILED at "
+                    + ", ".join(f"{t['task_id']} ({t['state']})" for t in bad),
+                    flush=True,
+                )
                 for t in bad:
                     for p in af.task_log_path("daily_refresh", run["dag_run_id"], t["task_id"]):
                         print(f"  log: {p}", flush=True)
@@ -225,8 +252,10 @@ def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
         if failed:
             raise UserError(f"daily_refresh failed for {', '.join(failed)}: see the logs above or {af.url}", code=1)
         if args.keep_airflow:
-            print(f"\nAirflow keeps running at {af.url} (login {af.username} / {af.password}); Ctrl-C stops it.",
-                  flush=True)
+            print(
+                f"\nAirflow keeps running at {af.url} (login {af.username} / {af.password}); Ctrl-C stops it.",
+                flush=True,
+            )
             print_summary(cfg, days)
             try:
                 while af.alive():
@@ -239,6 +268,7 @@ def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
 
 def run(args, cfg: Config) -> int:
     from userformer.jobs.tools import generate
+
     if not args.verbose:  # the per-day lines below are the demo's output; step logs only with -v
         logging.getLogger("userformer").setLevel(logging.WARNING)
     cfg = demo_config(args, cfg)
@@ -246,9 +276,12 @@ def run(args, cfg: Config) -> int:
     print(f"USERFORMER_HOME={cfg.home}  config {os.environ.get('USERFORMER_CONFIG', '(defaults)')}")
     t0 = time.perf_counter()
     s = generate.generate(cfg, users=args.users, items=args.items, days=args.days, start=args.start, seed=args.seed)
-    print(f"generated {s['days']} days of raw logs under {cfg.raw_root}: {s['events_total']} rows "
-          f"({s['late']} late, {s['duplicates']} duplicates, {s['malformed']} malformed), "
-          f"{s['users']} users, {s['items']} items", flush=True)
+    print(
+        f"generated {s['days']} days of raw logs under {cfg.raw_root}: {s['events_total']} rows "
+        f"({s['late']} late, {s['duplicates']} duplicates, {s['malformed']} malformed), "
+        f"{s['users']} users, {s['items']} items",
+        flush=True,
+    )
     days = date_range(args.start, args.days)
     if args.no_airflow:
         _run_in_process(cfg, days)

@@ -22,8 +22,8 @@ import datetime as dt
 import logging
 import time
 
-from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.ledger import record
 from userformer.jobs.core.storage import delta
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 def _step(name: str):
     """Time a step and keep its result in the ledger (also when it is skipped; failures are not recorded)."""
+
     def wrap(fn):
         def run(cfg: Config, day: dt.date, *args, **kwargs):
             t0 = time.perf_counter()
@@ -40,8 +41,10 @@ def _step(name: str):
             if name == "infer":
                 step = f"infer-{res.get('shard', 0)}-of-{res.get('shards', 1)}"
             return record(cfg, day, step, res, time.perf_counter() - t0)
+
         run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn
         return run
+
     return wrap
 
 
@@ -66,6 +69,7 @@ def raw_ready(cfg: Config, day: dt.date) -> bool:
 def ingest(cfg: Config, day: dt.date) -> dict:
     """Raw drop D -> events[dt=D] + events_rejected[dt=D], items, vocab (Spark; one commit per table)."""
     from userformer.jobs.steps import ingest as I
+
     marker = cfg.pipeline.ready_marker
     # A drop the producer marked complete may be empty (a quiet day); without a marker an empty folder is an error.
     return I.ingest(cfg, day, allow_empty=bool(marker) and (cfg.raw_events_dir(day) / marker).is_file())
@@ -74,15 +78,23 @@ def ingest(cfg: Config, day: dt.date) -> dict:
 def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) -> dict:
     """The data-quality gate of `table` for D (Great Expectations); raises GateFailed when it fails."""
     from userformer.jobs.steps import check as C
+
     t0 = time.perf_counter()
     res = C.check(cfg, table, day, options)
     failed = [r.expectation for r in res.results if not r.success]
-    out = {"table": table, "success": res.success, "expectations": len(res.results), "failed": failed,
-           "html": str(res.html_path), "json": str(res.json_path)}
+    out = {
+        "table": table,
+        "success": res.success,
+        "expectations": len(res.results),
+        "failed": failed,
+        "html": str(res.html_path),
+        "json": str(res.json_path),
+    }
     record(cfg, day, f"check_{table}", out, time.perf_counter() - t0)
     if not res.success:
-        raise GateFailed(f"{table} check failed for {day}: {', '.join(failed)} (report: {res.html_path})\n"
-                         f"{C.summary(res)}")
+        raise GateFailed(
+            f"{table} check failed for {day}: {', '.join(failed)} (report: {res.html_path})\n{C.summary(res)}"
+        )
     return out
 
 
@@ -90,6 +102,7 @@ def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) ->
 def sequences(cfg: Config, day: dt.date) -> dict:
     """events[dt=D] -> user_sequences: the rows of the users active on D (one MERGE)."""
     from userformer.jobs.steps import sequences as Q
+
     return Q.update(cfg, day)
 
 
@@ -101,15 +114,14 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
     while the warehouse has no events before the validation window this is skipped (the model steps wait).
     """
     from userformer.jobs.steps import train as TR
+
     if skip:
         return {"skipped": "fine-tuning skipped by the run's parameters (skip_finetune)", "candidate": None}
     if _published_model(cfg) is None:
         try:
-            res = TR.train(cfg, day=day, epochs=cfg.pipeline.bootstrap_epochs or None, progress=False,
-                           log=log.info)
+            res = TR.train(cfg, day=day, epochs=cfg.pipeline.bootstrap_epochs or None, progress=False, log=log.info)
         except TR.NotEnoughHistory as exc:
-            return {"skipped": f"no published model yet and too little history to train one: {exc}",
-                    "candidate": None}
+            return {"skipped": f"no published model yet and too little history to train one: {exc}", "candidate": None}
         return {"action": "bootstrap", "candidate": None, **res}
     res = TR.finetune(cfg, day, promote=False, progress=False, log=log.info)
     # A rerun after a repair's restore finds the day's candidate promoted before: the gate publishes it again.
@@ -121,6 +133,7 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
 def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
     """Promote the day's candidate iff it is not worse than the published model on held-out users of D."""
     from userformer.jobs.steps import train as TR
+
     if not candidate:
         ptr = _published_model(cfg)
         return {"skipped": "no candidate to judge", "published": ptr["version"] if ptr else None}
@@ -131,6 +144,7 @@ def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
 def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int | None = None, *, full: bool = False) -> dict:
     """Embeddings and preference scores of D's changed users (everyone after a model change), one shard."""
     from userformer.jobs.steps import infer as N
+
     shards = shards or cfg.infer.shards
     if _published_model(cfg) is None:
         return {"skipped": "no published model yet", "shard": shard, "shards": shards}
@@ -150,8 +164,10 @@ def check_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 
 @_step("publish")
 def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
-    """Output checks, then one Delta commit per output table (jobs/steps/publish.py); a failed check publishes nothing."""
+    """Output checks, then one Delta commit per output table (jobs/steps/publish.py); a failed check publishes
+    nothing."""
     from userformer.jobs.steps import publish as P
+
     if _published_model(cfg) is None:
         return {"skipped": "no published model yet"}
     try:
@@ -166,17 +182,28 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 def index(cfg: Config, day: dt.date) -> dict:
     """FAISS index of item_embeddings; made current only if its recall check passes (jobs/steps/index.py)."""
     from userformer.jobs.steps import index as X
+
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no item_embeddings published yet"}
     res = X.build_index(cfg, day)
     m = res.manifest
-    out = {"status": res.status, "version": res.version, "previous": res.previous, "kind": m.get("kind"),
-           "items": m.get("items"), "model_version": m.get("model_version"), "recall_at_10": m.get("recall_at_10"),
-           "build_seconds": m.get("build_seconds"), "removed": res.removed}
+    out = {
+        "status": res.status,
+        "version": res.version,
+        "previous": res.previous,
+        "kind": m.get("kind"),
+        "items": m.get("items"),
+        "model_version": m.get("model_version"),
+        "recall_at_10": m.get("recall_at_10"),
+        "build_seconds": m.get("build_seconds"),
+        "removed": res.removed,
+    }
     if res.status == "rejected":
         record(cfg, day, "index", out, 0.0)
-        raise GateFailed(f"index {res.version} failed its check (recall@10 {m.get('recall_at_10')} < "
-                         f"{cfg.index.min_recall_at_10} or bad vectors): CURRENT stays {res.previous}")
+        raise GateFailed(
+            f"index {res.version} failed its check (recall@10 {m.get('recall_at_10')} < "
+            f"{cfg.index.min_recall_at_10} or bad vectors): CURRENT stays {res.previous}"
+        )
     return out
 
 
@@ -185,6 +212,7 @@ def check_index(cfg: Config, day: dt.date) -> dict:
     """What downstream readers get: the CURRENT index is complete, of the published item vectors, recall above
     the threshold."""
     from userformer.jobs.steps import index as X
+
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no index yet"}
     ptr = X.current(cfg)
@@ -201,8 +229,13 @@ def check_index(cfg: Config, day: dt.date) -> dict:
     rc = man.get("recall_at_10")
     if rc is not None and rc < cfg.index.min_recall_at_10:
         problems.append(f"recall@10 {rc} < {cfg.index.min_recall_at_10}")
-    out = {"version": ptr["version"], "model_version": man["model_version"], "items": man.get("items"),
-           "recall_at_10": rc, "problems": problems}
+    out = {
+        "version": ptr["version"],
+        "model_version": man["model_version"],
+        "items": man.get("items"),
+        "recall_at_10": rc,
+        "problems": problems,
+    }
     if problems:
         record(cfg, day, "check_index", out, 0.0)
         raise GateFailed(f"index check failed for {day}: " + "; ".join(problems))
@@ -213,6 +246,7 @@ def check_index(cfg: Config, day: dt.date) -> dict:
 def candidates(cfg: Config, day: dt.date) -> dict:
     """user_candidates: top-N items from the current index for every user refreshed on D."""
     from userformer.jobs.steps import index as X
+
     if not delta.exists(cfg.table_path("user_embeddings")) or X.current(cfg) is None:
         return {"skipped": "no user_embeddings or index yet"}
     return X.candidates(cfg, day)
@@ -222,19 +256,23 @@ def candidates(cfg: Config, day: dt.date) -> dict:
 def report(cfg: Config, day: dt.date) -> dict:
     """The day's HTML report (jobs/steps/report.py): metrics over days, loss, users refreshed, scores, drift, checks."""
     from userformer.jobs.steps import report as RP
+
     return RP.report(cfg, day)
 
 
 # --------------------------------------------------------------------- day
-def run_day(cfg: Config, day: dt.date, *, skip_finetune: bool = False, full_reembed: bool = False,
-            shards: int | None = None) -> dict:
+def run_day(
+    cfg: Config, day: dt.date, *, skip_finetune: bool = False, full_reembed: bool = False, shards: int | None = None
+) -> dict:
     """Every step of drop `day`, in order, in this process (`userformer run-day`). Stops at the first failure."""
     t0 = time.perf_counter()
     shards = shards or cfg.infer.shards
     if not raw_ready(cfg, day):
         marker = cfg.pipeline.ready_marker
-        raise UserError(f"raw drop {day} is not ready: {cfg.raw_events_dir(day)}"
-                        + (f" has no {marker} marker" if marker else " has no Parquet file"))
+        raise UserError(
+            f"raw drop {day} is not ready: {cfg.raw_events_dir(day)}"
+            + (f" has no {marker} marker" if marker else " has no Parquet file")
+        )
     out = {"dt": str(day), "ingest": ingest(cfg, day)}
     out["check_events"] = check(cfg, "events", day)
     out["sequences"] = sequences(cfg, day)

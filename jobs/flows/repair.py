@@ -62,10 +62,9 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core.errors import GateFailed, UserError
-
-from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg, date_range
+from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.storage import delta, files
 from userformer.schemas import tables as S
 
@@ -176,32 +175,47 @@ def table_target(cfg: Config, name: str, from_dt: dt.date) -> dict:
     out = {"table": name, "version": cur, "undone": [_brief(h) for h in undone]}
     earlier = [h for h in undone if (d := _commit_day(h)) and d < from_dt]
     if earlier:
-        out["warning"] = (f"{len(earlier)} commit(s) of drops before {from_dt} made after the first commit of "
-                          f"{from_dt} or later are undone too (versions {[h['version'] for h in earlier]}); the "
-                          "re-run redoes only drops from " + str(from_dt))
+        out["warning"] = (
+            f"{len(earlier)} commit(s) of drops before {from_dt} made after the first commit of "
+            f"{from_dt} or later are undone too (versions {[h['version'] for h in earlier]}); the "
+            "re-run redoes only drops from " + str(from_dt)
+        )
     if not any(_commit_day(h) for h in before):
         if lin[0]["version"] != 0:
             raise UserError(
                 f"cannot restore {name} to before {from_dt}: its log starts at version {lin[0]['version']} (older "
                 f"entries were cleaned up by `userformer maintain`, storage.retention_days="
-                f"{cfg.storage.retention_days}): {from_dt} is beyond the retention window; use --mode recompute")
-        return {**out, "action": "move_aside", "first_dt": str(_commit_day(undone[0]) or from_dt),
-                "note": f"created by drop {_commit_day(undone[0])}: it did not exist before {from_dt}"}
+                f"{cfg.storage.retention_days}): {from_dt} is beyond the retention window; use --mode recompute"
+            )
+        return {
+            **out,
+            "action": "move_aside",
+            "first_dt": str(_commit_day(undone[0]) or from_dt),
+            "note": f"created by drop {_commit_day(undone[0])}: it did not exist before {from_dt}",
+        }
     target = before[-1]["version"]
     try:
         missing = delta.missing_files(path, target)
     except Exception as exc:  # the log entries of that version are gone
-        raise UserError(f"cannot restore {name} to version {target} (before {from_dt}): {exc}; {from_dt} is beyond "
-                        f"the retention window (storage.retention_days={cfg.storage.retention_days}); use --mode "
-                        "recompute") from None
+        raise UserError(
+            f"cannot restore {name} to version {target} (before {from_dt}): {exc}; {from_dt} is beyond "
+            f"the retention window (storage.retention_days={cfg.storage.retention_days}); use --mode "
+            "recompute"
+        ) from None
     if missing:
         raise UserError(
             f"cannot restore {name} to version {target} (its state before {from_dt}): {len(missing)} of its files "
             f"were vacuumed (e.g. {missing[0]}); {from_dt} is beyond the retention window (storage.retention_days="
-            f"{cfg.storage.retention_days}, `userformer maintain`). Use --mode recompute")
+            f"{cfg.storage.retention_days}, `userformer maintain`). Use --mode recompute"
+        )
     last_good = max(d for h in before if (d := _commit_day(h)))
-    return {**out, "action": "restore", "to_version": target, "to_dt": str(last_good),
-            "to_committed_at": _ts(before[-1])}
+    return {
+        **out,
+        "action": "restore",
+        "to_version": target,
+        "to_dt": str(last_good),
+        "to_committed_at": _ts(before[-1]),
+    }
 
 
 def registry_target(cfg: Config, from_dt: dt.date) -> dict:
@@ -233,14 +247,19 @@ def registry_target(cfg: Config, from_dt: dt.date) -> dict:
     for man in R.list_versions(cfg):
         if man.get("dt") and dt.date.fromisoformat(man["dt"]) >= from_dt:
             withdrawn.append({"version": man["version"], "status": man.get("status")})
-    return {"current": current, "target": target, "action": "unchanged" if current == target else
-            ("unpublish" if target is None else "publish"), "versions_of_repaired_drops": withdrawn,
-            "warnings": warnings}
+    return {
+        "current": current,
+        "target": target,
+        "action": "unchanged" if current == target else ("unpublish" if target is None else "publish"),
+        "versions_of_repaired_drops": withdrawn,
+        "warnings": warnings,
+    }
 
 
 def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
     """The index CURRENT for the restored model: the newest accepted index of it built before from_dt."""
     from userformer.jobs.steps import index as X
+
     ptr = X.current(cfg)
     cur = ptr["version"] if ptr else None
     if model is None:
@@ -251,19 +270,28 @@ def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
             m = X.read_manifest(cfg, v)
         except UserError:
             continue
-        if (m.get("status") == "current" and m.get("model_version") == model and m.get("as_of")
-                and dt.date.fromisoformat(m["as_of"]) < from_dt
-                and (X.version_dir(cfg, v) / X.INDEX_FILE).is_file()):
+        if (
+            m.get("status") == "current"
+            and m.get("model_version") == model
+            and m.get("as_of")
+            and dt.date.fromisoformat(m["as_of"]) < from_dt
+            and (X.version_dir(cfg, v) / X.INDEX_FILE).is_file()
+        ):
             best = v
     if best is None:
-        return {"current": cur, "target": None, "action": "rebuild",
-                "note": f"no kept index of {model} built before {from_dt}: rebuilt from the restored item_embeddings"}
+        return {
+            "current": cur,
+            "target": None,
+            "action": "rebuild",
+            "note": f"no kept index of {model} built before {from_dt}: rebuilt from the restored item_embeddings",
+        }
     return {"current": cur, "target": best, "action": "unchanged" if best == cur else "switch"}
 
 
 def marker_target(cfg: Config, from_dt: dt.date) -> dict:
     """The publish marker before from_dt: the last record of _published/log.jsonl of a drop before it."""
     from userformer.jobs.steps import publish as P
+
     cur = P.published_outputs(cfg)
     logf = P.marker_path(cfg).with_name("log.jsonl")
     target = None
@@ -277,8 +305,12 @@ def marker_target(cfg: Config, from_dt: dt.date) -> dict:
     cur_dt = cur.get("dt") if cur else None
     if cur_dt is None or dt.date.fromisoformat(cur_dt) < from_dt:
         return {"current_dt": cur_dt, "action": "unchanged"}
-    return {"current_dt": cur_dt, "target_dt": target["dt"] if target else None,
-            "action": "rewrite" if target else "remove", "_record": target}
+    return {
+        "current_dt": cur_dt,
+        "target_dt": target["dt"] if target else None,
+        "action": "rewrite" if target else "remove",
+        "_record": target,
+    }
 
 
 def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
@@ -286,32 +318,47 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
     _validate_range(from_dt, to_dt, "restore")
     latest = latest_processed(cfg)
     if latest is None or latest < from_dt:
-        raise UserError(f"nothing was processed on or after {from_dt} (latest drop: {latest}): there is nothing to "
-                        f"restore; run the days with `userformer run-day --dt {from_dt} --to {to_dt}`")
+        raise UserError(
+            f"nothing was processed on or after {from_dt} (latest drop: {latest}): there is nothing to "
+            f"restore; run the days with `userformer run-day --dt {from_dt} --to {to_dt}`"
+        )
     if to_dt < latest:
         raise UserError(
             f"--to {to_dt} is before {latest}, the latest drop the warehouse processed: restoring to before "
             f"{from_dt} and re-running only up to {to_dt} would leave drops {to_dt + dt.timedelta(days=1)}.."
-            f"{latest} out of the tables while the daily run carries on after them. Pass --to {latest} (or later)")
+            f"{latest} out of the tables while the daily run carries on after them. Pass --to {latest} (or later)"
+        )
     from userformer.jobs.flows import pipeline
+
     days = date_range(from_dt, (to_dt - from_dt).days + 1)
     not_ready = [str(d) for d in days if not pipeline.raw_ready(cfg, d)]
     if not_ready:
-        raise UserError(f"raw drop(s) {', '.join(not_ready)} are not ready ({cfg.raw_events_dir(not_ready[0])}"
-                        + (f" has no {cfg.pipeline.ready_marker} marker" if cfg.pipeline.ready_marker else "")
-                        + "): fix the raw data first; nothing was changed")
+        raise UserError(
+            f"raw drop(s) {', '.join(not_ready)} are not ready ({cfg.raw_events_dir(not_ready[0])}"
+            + (f" has no {cfg.pipeline.ready_marker} marker" if cfg.pipeline.ready_marker else "")
+            + "): fix the raw data first; nothing was changed"
+        )
     tables = {name: table_target(cfg, name, from_dt) for name in S.TABLES}
     reg = registry_target(cfg, from_dt)
     idx = index_target(cfg, from_dt, reg["target"])
-    return {"mode": "restore", "from_dt": str(from_dt), "to_dt": str(to_dt), "latest_processed": str(latest),
-            "tables": tables, "model": reg, "index": idx, "marker": marker_target(cfg, from_dt),
-            "ledgers": [str(d) for d in ledger_days(cfg) if d >= from_dt],
-            "staged_infer": [p.name for p in _staged_days(cfg) if _day_of(p) and _day_of(p) >= from_dt],
-            "rerun": [str(d) for d in days]}
+    return {
+        "mode": "restore",
+        "from_dt": str(from_dt),
+        "to_dt": str(to_dt),
+        "latest_processed": str(latest),
+        "tables": tables,
+        "model": reg,
+        "index": idx,
+        "marker": marker_target(cfg, from_dt),
+        "ledgers": [str(d) for d in ledger_days(cfg) if d >= from_dt],
+        "staged_infer": [p.name for p in _staged_days(cfg) if _day_of(p) and _day_of(p) >= from_dt],
+        "rerun": [str(d) for d in days],
+    }
 
 
 def _staged_days(cfg: Config) -> list[files.Location]:
     from userformer.jobs.steps import infer as I
+
     root = I.staging_root(cfg)
     return sorted(root.glob("dt=*")) if root.is_dir() else []
 
@@ -329,9 +376,9 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
     failure part way does exactly what is left."""
     from deltalake import CommitProperties
 
+    from userformer.jobs.core import registry as R
     from userformer.jobs.steps import index as X
     from userformer.jobs.steps import publish as P
-    from userformer.jobs.core import registry as R
 
     extra = {"repair": {"id": repair_id, "mode": "restore", "from_dt": str(from_dt)}}
     meta = {"step": "repair", "repair_id": repair_id, "repair_mode": "restore", "repair_from_dt": str(from_dt)}
@@ -354,10 +401,15 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
                 version = c["version"]
             else:
                 delta.open_table(path).restore(
-                    t["to_version"], commit_properties=CommitProperties(custom_metadata=rmeta))
+                    t["to_version"], commit_properties=CommitProperties(custom_metadata=rmeta)
+                )
                 version = delta.version_of(path)
-            done[name] = {"action": "restore", "from_version": t["version"], "to_version": t["to_version"],
-                          "version": version}
+            done[name] = {
+                "action": "restore",
+                "from_version": t["version"],
+                "to_version": t["to_version"],
+                "version": version,
+            }
         elif t["action"] == "move_aside":
             dest = aside / name
             files.move(path, dest)
@@ -412,22 +464,36 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
         if (d := _day_of(p)) and d >= from_dt:
             files.remove_tree(p)
             staged.append(str(d))
-    return {"tables": done, "model": model, "index": {k: v for k, v in idx.items() if k != "note"},
-            "marker": mk, "ledgers_moved": moved, "ledgers_moved_to": str(runs_aside) if moved else None,
-            "staged_infer_deleted": staged}
+    return {
+        "tables": done,
+        "model": model,
+        "index": {k: v for k, v in idx.items() if k != "note"},
+        "marker": mk,
+        "ledgers_moved": moved,
+        "ledgers_moved_to": str(runs_aside) if moved else None,
+        "staged_infer_deleted": staged,
+    }
 
 
 def rerun_days(cfg: Config, days: list[dt.date]) -> list[dict]:
     """Run the drops again, in order, as the daily pipeline does. Stops at the first failure (raised)."""
     from userformer.jobs.flows import pipeline
+
     out = []
     for d in days:
         t0 = time.perf_counter()
         r = pipeline.run_day(cfg, d)
-        out.append({"dt": str(d), "seconds": round(time.perf_counter() - t0, 1),
-                    "accepted": r["ingest"].get("accepted"), "users_refreshed": r["sequences"].get("active_users"),
-                    "model": _model_of(r), "published": _published_of(r.get("publish") or {}),
-                    "index": (r.get("index") or {}).get("version")})
+        out.append(
+            {
+                "dt": str(d),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "accepted": r["ingest"].get("accepted"),
+                "users_refreshed": r["sequences"].get("active_users"),
+                "model": _model_of(r),
+                "published": _published_of(r.get("publish") or {}),
+                "index": (r.get("index") or {}).get("version"),
+            }
+        )
     return out
 
 
@@ -445,10 +511,10 @@ def _published_of(p: dict) -> dict | None:
 # --------------------------------------------------------------- recompute
 def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[str] | None) -> dict:
     """What recompute will do, validated (the affected users are counted by `select_users`)."""
+    from userformer.jobs.core import registry as R
+    from userformer.jobs.core.stream import last_drop
     from userformer.jobs.steps import infer as I
     from userformer.jobs.steps import publish as P
-    from userformer.jobs.core.stream import last_drop
-    from userformer.jobs.core import registry as R
 
     _validate_range(from_dt, to_dt, "recompute")
     seq, events = cfg.table_path("user_sequences"), cfg.table_path("events")
@@ -458,28 +524,42 @@ def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[st
     if latest is None:  # the last commit has no drop (an edit by hand): the last drop of its lineage
         latest = max((d for h in delta.lineage(seq) if (d := _commit_day(h))), default=None)
     if latest is None:
-        raise UserError("user_sequences names no drop in its commit metadata: rebuild it (`userformer sequences "
-                        "--rebuild`) or restore it (--mode restore)")
+        raise UserError(
+            "user_sequences names no drop in its commit metadata: rebuild it (`userformer sequences "
+            "--rebuild`) or restore it (--mode restore)"
+        )
     if from_dt > latest or to_dt > latest:
-        raise UserError(f"user_sequences includes drops up to {latest}: recompute repairs processed drops only "
-                        f"(--from/--to <= {latest}); run the later days with `userformer run-day`")
+        raise UserError(
+            f"user_sequences includes drops up to {latest}: recompute repairs processed drops only "
+            f"(--from/--to <= {latest}); run the later days with `userformer run-day`"
+        )
     ptr = R.published(cfg)
     outputs = None
     if ptr is not None and delta.exists(cfg.table_path("user_embeddings")):
         marker = P.published_outputs(cfg)
         last = I.last_publish(cfg)
         if not marker or marker.get("dt") != str(latest):
-            raise UserError(f"the outputs are published up to {marker and marker.get('dt')}, user_sequences up to "
-                            f"{latest}: finish drop {latest} first (`userformer run-day --dt {latest}`), then repair")
+            raise UserError(
+                f"the outputs are published up to {marker and marker.get('dt')}, user_sequences up to "
+                f"{latest}: finish drop {latest} first (`userformer run-day --dt {latest}`), then repair"
+            )
         stale = [t for t, p in last.items() if not p or p.get("model_version") != ptr["version"]]
         if stale:
-            raise UserError(f"the published model is {ptr['version']} but {', '.join(stale)} were last published "
-                            f"with another model: finish drop {latest} first (`userformer run-day --dt {latest}`)")
+            raise UserError(
+                f"the published model is {ptr['version']} but {', '.join(stale)} were last published "
+                f"with another model: finish drop {latest} first (`userformer run-day --dt {latest}`)"
+            )
         outputs = {"model": ptr["version"], "as_of": str(latest), "shards": cfg.infer.shards}
-    return {"mode": "recompute", "from_dt": str(from_dt), "to_dt": str(to_dt), "upto": str(latest),
-            "users_given": len(users) if users is not None else None,
-            "user_sequences_version": delta.version_of(seq), "events_version": delta.version_of(events),
-            "outputs": outputs or {"skipped": "no published model or outputs yet: only user_sequences is rebuilt"}}
+    return {
+        "mode": "recompute",
+        "from_dt": str(from_dt),
+        "to_dt": str(to_dt),
+        "upto": str(latest),
+        "users_given": len(users) if users is not None else None,
+        "user_sequences_version": delta.version_of(seq),
+        "events_version": delta.version_of(events),
+        "outputs": outputs or {"skipped": "no published model or outputs yet: only user_sequences is rebuilt"},
+    }
 
 
 def select_users(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> list[str]:
@@ -489,12 +569,19 @@ def select_users(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> list[str]:
     import pyarrow.compute as pc
 
     lo, hi = pa.scalar(from_dt, pa.date32()), pa.scalar(to_dt, pa.date32())
-    ev = delta.read_arrow(cfg.table_path("events"), columns=["user_id"],
-                          filter=(pc.field("dt") >= lo) & (pc.field("dt") <= hi))
-    sq = delta.read_arrow(cfg.table_path("user_sequences"), columns=["user_id"],
-                          filter=(pc.field("updated_dt") >= lo) & (pc.field("updated_dt") <= hi))
-    ids = pc.unique(pa.concat_arrays([ev["user_id"].combine_chunks().cast(pa.string()),
-                                      sq["user_id"].combine_chunks().cast(pa.string())]))
+    ev = delta.read_arrow(
+        cfg.table_path("events"), columns=["user_id"], filter=(pc.field("dt") >= lo) & (pc.field("dt") <= hi)
+    )
+    sq = delta.read_arrow(
+        cfg.table_path("user_sequences"),
+        columns=["user_id"],
+        filter=(pc.field("updated_dt") >= lo) & (pc.field("updated_dt") <= hi),
+    )
+    ids = pc.unique(
+        pa.concat_arrays(
+            [ev["user_id"].combine_chunks().cast(pa.string()), sq["user_id"].combine_chunks().cast(pa.string())]
+        )
+    )
     return sorted(ids.to_pylist())
 
 
@@ -506,8 +593,8 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     import pyarrow as pa
     from pyspark.sql import functions as F
 
-    from userformer.jobs.steps import sequences as Q
     from userformer.jobs.core.spark import spark_session
+    from userformer.jobs.steps import sequences as Q
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     spark = spark_session(cfg)
@@ -522,28 +609,51 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
         had = delta.spark_read(spark, seq_path).select("user_id").join(sel, "user_id", "left_semi")
         removed = sorted(r["user_id"] for r in had.join(per_user.select("user_id"), "user_id", "left_anti").collect())
         if not rebuilt and not removed:
-            return {"users": len(users), "rebuilt": 0, "removed": [], "committed": False,
-                    "version": delta.version_of(seq_path), "reason": "none of the users has events or a row"}
+            return {
+                "users": len(users),
+                "rebuilt": 0,
+                "removed": [],
+                "committed": False,
+                "version": delta.version_of(seq_path),
+                "reason": "none of the users has events or a row",
+            }
         rows = Q._finish(per_user, cfg.sequences.max_len).withColumn("_rebuilt", F.lit(True))
         src = sel.join(rows, "user_id", "left")
         values = {c: F.col(f"s.{c}") for c in S.USER_SEQUENCES.names}
-        meta = {"step": "sequences-rebuild", "upto": str(upto), "events_version": delta.version_of(events_path),
-                "repair_id": repair_id, "repair_mode": "recompute", "users": len(users)}
+        meta = {
+            "step": "sequences-rebuild",
+            "upto": str(upto),
+            "events_version": delta.version_of(events_path),
+            "repair_id": repair_id,
+            "repair_mode": "recompute",
+            "users": len(users),
+        }
         Q.ensure_deletion_vectors(spark, seq_path)
         with delta.spark_commit(spark, seq_path, meta) as c:
-            (delta.spark_table(spark, seq_path).alias("t").merge(src.alias("s"), "t.user_id = s.user_id")
-             .whenMatchedDelete(condition="s._rebuilt IS NULL")
-             .whenMatchedUpdate(set=values)
-             .whenNotMatchedInsert(condition="s._rebuilt", values=values)
-             .execute())
+            (
+                delta.spark_table(spark, seq_path)
+                .alias("t")
+                .merge(src.alias("s"), "t.user_id = s.user_id")
+                .whenMatchedDelete(condition="s._rebuilt IS NULL")
+                .whenMatchedUpdate(set=values)
+                .whenNotMatchedInsert(condition="s._rebuilt", values=values)
+                .execute()
+            )
     finally:
         per_user.unpersist()
     if c["version"] is None:
         raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
     m = Q._write_metrics(seq_path, c["version"])
-    res = {"users": len(users), "rebuilt": rebuilt, "removed": removed, "committed": True,
-           "files_rewritten": m["files_rewritten"], "files_added": m["files_added"],
-           "rows_written": m["rows_written"], "version": c["version"]}
+    res = {
+        "users": len(users),
+        "rebuilt": rebuilt,
+        "removed": removed,
+        "committed": True,
+        "files_rewritten": m["files_rewritten"],
+        "files_added": m["files_added"],
+        "rows_written": m["rows_written"],
+        "version": c["version"],
+    }
     log.info("repair %s: user_sequences %s", repair_id, {k: v for k, v in res.items() if k != "removed"})
     return res
 
@@ -553,6 +663,7 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
     output rows of `removed` users. The output checks run first: when they fail nothing is published."""
     from userformer.jobs.steps import infer as I
     from userformer.jobs.steps import publish as P
+
     shards = cfg.infer.shards
     staged = [I.infer(cfg, day, shard=i, shards=shards, users=users, log=log.info) for i in range(shards)]
     try:
@@ -563,7 +674,12 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
         raise
     deleted = {}
     if removed:
-        meta = {"step": "repair", "repair_id": repair_id, "repair_mode": "recompute", "removed_users": str(len(removed))}
+        meta = {
+            "step": "repair",
+            "repair_id": repair_id,
+            "repair_mode": "recompute",
+            "removed_users": str(len(removed)),
+        }
         quoted = ", ".join("'" + u.replace("'", "''") + "'" for u in removed)
         for t in USER_OUTPUTS:
             path = cfg.table_path(t)
@@ -571,23 +687,35 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
             read_v = pub["tables"].get(t, delta.version_of(path))
             if read_v is not None:
                 with delta.conflicts(path):
-                    m = delta.open_table(path, read_v).delete(f"user_id IN ({quoted})",
-                                                              commit_properties=delta.strict_commit(meta))
+                    m = delta.open_table(path, read_v).delete(
+                        f"user_id IN ({quoted})", commit_properties=delta.strict_commit(meta)
+                    )
                 deleted[t] = m.get("num_deleted_rows")
-    return {"inferred": sum(m["users"] for m in staged), "shards": shards,
-            "published": {"dt": pub["dt"], "model_version": pub["model_version"], "users": pub["users"],
-                          "tables": pub["tables"]}, "deleted_rows": deleted}
+    return {
+        "inferred": sum(m["users"] for m in staged),
+        "shards": shards,
+        "published": {
+            "dt": pub["dt"],
+            "model_version": pub["model_version"],
+            "users": pub["users"],
+            "tables": pub["tables"],
+        },
+        "deleted_rows": deleted,
+    }
 
 
 def reindex(cfg: Config, day: dt.date) -> dict:
     """The index (a new version only if item_embeddings changed) and the candidates of the users as of `day`."""
     from userformer.jobs.flows import pipeline
+
     idx = pipeline.index.__wrapped__(cfg, day)
     chk = pipeline.check_index.__wrapped__(cfg, day)
     cand = pipeline.candidates.__wrapped__(cfg, day)
-    return {"index": {k: idx.get(k) for k in ("status", "version", "skipped")},
-            "check_index": {k: chk.get(k) for k in ("version", "problems", "skipped")},
-            "candidates": {k: cand.get(k) for k in ("users", "written", "table_version", "skipped")}}
+    return {
+        "index": {k: idx.get(k) for k in ("status", "version", "skipped")},
+        "check_index": {k: chk.get(k) for k in ("version", "problems", "skipped")},
+        "candidates": {k: cand.get(k) for k in ("users", "written", "table_version", "skipped")},
+    }
 
 
 # -------------------------------------------------------------------- run
@@ -602,8 +730,9 @@ def plan(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[s
     _validate_range(from_dt, to_dt, mode)
     if mode == "restore":
         if users is not None:
-            raise UserError("--users applies to --mode recompute only: restore puts every table back to before "
-                            f"{from_dt}")
+            raise UserError(
+                f"--users applies to --mode recompute only: restore puts every table back to before {from_dt}"
+            )
         p = plan_restore(cfg, from_dt, to_dt)
         p["marker"].pop("_record", None)
         return p
@@ -613,15 +742,28 @@ def plan(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[s
 # The stages of a repair: `repair()` runs them in order; the `repair` DAG runs each as a task. Each takes the
 # summary `start` made (JSON-plain, what goes to XCom), returns its part of the result, and can be retried: it
 # re-derives what is left to do from the warehouse.
-def start(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[str] | None = None,
-          dry_run: bool = False, repair_id: str | None = None) -> dict:
+def start(
+    cfg: Config,
+    from_dt: dt.date,
+    to_dt: dt.date,
+    mode: str,
+    users: list[str] | None = None,
+    dry_run: bool = False,
+    repair_id: str | None = None,
+) -> dict:
     """Validate and plan; unless `dry_run`, fix the user selection (recompute) in the repair's folder and write
     the report (status running). Returns the summary the other stages take."""
     rid = repair_id or new_id()
     users = sorted(set(users)) if users is not None else None
-    summary = {"id": rid, "mode": mode, "from_dt": str(from_dt), "to_dt": str(to_dt), "dry_run": dry_run,
-               "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-               "plan": plan(cfg, from_dt, to_dt, mode, users)}
+    summary = {
+        "id": rid,
+        "mode": mode,
+        "from_dt": str(from_dt),
+        "to_dt": str(to_dt),
+        "dry_run": dry_run,
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "plan": plan(cfg, from_dt, to_dt, mode, users),
+    }
     if mode == "recompute":
         if users is None:
             users = select_users(cfg, from_dt, to_dt)
@@ -689,8 +831,11 @@ def finish(cfg: Config, summary: dict, *parts: dict, error: BaseException | None
     for p in parts:
         out.update(p or {})
     if error is not None:
-        out.update(status="failed", error=f"{type(error).__name__}: {error}",
-                   hint="fix the cause and run the same repair again (it is idempotent)")
+        out.update(
+            status="failed",
+            error=f"{type(error).__name__}: {error}",
+            hint="fix the cause and run the same repair again (it is idempotent)",
+        )
     else:
         out["status"] = "done"
     out["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -700,8 +845,15 @@ def finish(cfg: Config, summary: dict, *parts: dict, error: BaseException | None
     return out
 
 
-def repair(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[str] | None = None,
-           dry_run: bool = False, repair_id: str | None = None) -> dict:
+def repair(
+    cfg: Config,
+    from_dt: dt.date,
+    to_dt: dt.date,
+    mode: str,
+    users: list[str] | None = None,
+    dry_run: bool = False,
+    repair_id: str | None = None,
+) -> dict:
     """Repair drops from_dt..to_dt (module doc). Returns the JSON summary (also kept in reports_root/repairs/)."""
     t0 = time.perf_counter()
     summary = start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id)
@@ -721,21 +873,31 @@ def repair(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("repair", help="after data corruption: restore the tables to before a drop and re-run the "
-                                      "drops, or recompute the affected users from clean events",
-                       description="Repair drops FROM..TO (jobs/flows/repair.py). restore: every table, the published "
-                                   "model, the index and the publish marker back to their state before FROM, "
-                                   "then the drops re-run in order; recompute: user_sequences of the affected "
-                                   "users rebuilt from the events, re-inferred, republished, index rebuilt.")
+    p = sub.add_parser(
+        "repair",
+        help="after data corruption: restore the tables to before a drop and re-run the "
+        "drops, or recompute the affected users from clean events",
+        description="Repair drops FROM..TO (jobs/flows/repair.py). restore: every table, the published "
+        "model, the index and the publish marker back to their state before FROM, "
+        "then the drops re-run in order; recompute: user_sequences of the affected "
+        "users rebuilt from the events, re-inferred, republished, index rebuilt.",
+    )
     p.add_argument("--from", dest="from_dt", type=date_arg, required=True, help="first bad drop YYYY-MM-DD")
-    p.add_argument("--to", dest="to_dt", type=date_arg, required=True,
-                   help="last drop to repair (restore: at least the latest drop processed)")
+    p.add_argument(
+        "--to",
+        dest="to_dt",
+        type=date_arg,
+        required=True,
+        help="last drop to repair (restore: at least the latest drop processed)",
+    )
     p.add_argument("--mode", choices=MODES, required=True)
-    p.add_argument("--users", help="recompute only: comma-separated user ids (default: every user with events "
-                                   "in FROM..TO)")
+    p.add_argument(
+        "--users", help="recompute only: comma-separated user ids (default: every user with events in FROM..TO)"
+    )
     p.add_argument("--users-file", help="recompute only: a file of user ids, one a line (or Parquet with user_id)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (versions each table goes back to); "
-                                                          "change nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan (versions each table goes back to); change nothing"
+    )
     p.set_defaults(func=run)
 
 

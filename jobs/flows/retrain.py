@@ -28,10 +28,10 @@ import logging
 import time
 
 from userformer.jobs.core import ledger
-from userformer.jobs.flows import pipeline
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.flows import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -50,36 +50,46 @@ def as_of(cfg: Config, day: dt.date | None) -> dt.date:
 
 def train_window(cfg: Config, day: dt.date, window_days: int, *, epochs: int | None = None) -> dict:
     """Step 1: train from scratch on the last `window_days` days up to D; register the version."""
-    from userformer.jobs.steps import train as TR
     from userformer.jobs.core import registry as R
+    from userformer.jobs.steps import train as TR
 
     if window_days < 2:
         raise UserError(f"--window-days must be >= 2, got {window_days}")
     t0 = time.perf_counter()
     before = R.published(cfg)
     res = TR.train(cfg, day=day, epochs=epochs, window_days=window_days, progress=False, log=log.info)
-    out = {"version": res["version"], "published_before": before["version"] if before else None,
-           "first_model": before is None, "window_days": window_days, "epochs": res["epochs"],
-           "best_epoch": res["best_epoch"], "train_sequences": res["train_sequences"], "valid": res["valid"],
-           "seconds": res["seconds"]}
+    out = {
+        "version": res["version"],
+        "published_before": before["version"] if before else None,
+        "first_model": before is None,
+        "window_days": window_days,
+        "epochs": res["epochs"],
+        "best_epoch": res["best_epoch"],
+        "train_sequences": res["train_sequences"],
+        "valid": res["valid"],
+        "seconds": res["seconds"],
+    }
     return ledger.record(cfg, day, "retrain_train", out, time.perf_counter() - t0)
 
 
 def better(new: dict, old: dict, metrics: list[str]) -> dict:
     """The promotion rule of a retrain: >= on every metric and > on at least one."""
     checks = {m: {"new": float(new.get(m, 0.0)), "published": float(old.get(m, 0.0))} for m in metrics}
-    ok = all(c["new"] >= c["published"] for c in checks.values()) and \
-        any(c["new"] > c["published"] for c in checks.values())
+    ok = all(c["new"] >= c["published"] for c in checks.values()) and any(
+        c["new"] > c["published"] for c in checks.values()
+    )
     words = ", ".join(f"{m} {c['new']:.4f} vs {c['published']:.4f}" for m, c in checks.items())
-    return {"promote": ok, "checks": checks,
-            "reason": ("better than the published model: " if ok else "not better than the published model: ")
-            + words}
+    return {
+        "promote": ok,
+        "checks": checks,
+        "reason": ("better than the published model: " if ok else "not better than the published model: ") + words,
+    }
 
 
 def judge(cfg: Config, day: dt.date, version: str) -> dict:
     """Step 2: evaluate `version` and the published model on the same window; publish `version` iff better."""
-    from userformer.jobs.steps import train as TR
     from userformer.jobs.core import registry as R
+    from userformer.jobs.steps import train as TR
 
     t0 = time.perf_counter()
     man = R.read_manifest(cfg, version)
@@ -87,29 +97,50 @@ def judge(cfg: Config, day: dt.date, version: str) -> dict:
     if ptr is None:
         raise UserError(f"nothing is published under {cfg.models_root}: nothing to judge {version} against")
     if ptr["version"] == version:
-        res = {"version": version, "promoted": True, "published": version,
-               "reason": "it is the published model (the first model of the registry, or already promoted)"}
+        res = {
+            "version": version,
+            "promoted": True,
+            "published": version,
+            "reason": "it is the published model (the first model of the registry, or already promoted)",
+        }
         return ledger.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
     if man["status"] in ("promoted", "rejected"):
-        res = {"version": version, "promoted": False, "published": ptr["version"],
-               "reason": f"already judged: {man['status']}", "gate": man.get("gate")}
+        res = {
+            "version": version,
+            "promoted": False,
+            "published": ptr["version"],
+            "reason": f"already judged: {man['status']}",
+            "gate": man.get("gate"),
+        }
         return ledger.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
     quiet = log.info
     new = TR.evaluate(cfg, version=version, day=day, out=quiet)
     old = TR.evaluate(cfg, version=ptr["version"], day=day, out=quiet)
     metrics = list(cfg.finetune.gate_metrics)
     decision = better(new["models"][version], old["models"][ptr["version"]], metrics)
-    decision.update(users=new["users"], window=new["protocol"]["window"], against=ptr["version"],
-                    published_overlaps_window=old["protocol"]["window_overlaps_training"],
-                    reports={"new": new["path"], "published": old["path"]})
+    decision.update(
+        users=new["users"],
+        window=new["protocol"]["window"],
+        against=ptr["version"],
+        published_overlaps_window=old["protocol"]["window_overlaps_training"],
+        reports={"new": new["path"], "published": old["path"]},
+    )
     R.set_status(cfg, version, "promoted" if decision["promote"] else "rejected", decision)
     if decision["promote"]:
-        ptr = R.publish(cfg, version, f"retrain dt={day} ({man.get('protocol', {}).get('window_days')} days): "
-                                      f"{decision['reason']}")
-    res = {"version": version, "promoted": decision["promote"], "published": ptr["version"],
-           "reason": decision["reason"], "gate": decision,
-           "metrics": {"new": {m: new["models"][version].get(m) for m in metrics},
-                       "published": {m: old["models"][decision["against"]].get(m) for m in metrics}}}
+        ptr = R.publish(
+            cfg, version, f"retrain dt={day} ({man.get('protocol', {}).get('window_days')} days): {decision['reason']}"
+        )
+    res = {
+        "version": version,
+        "promoted": decision["promote"],
+        "published": ptr["version"],
+        "reason": decision["reason"],
+        "gate": decision,
+        "metrics": {
+            "new": {m: new["models"][version].get(m) for m in metrics},
+            "published": {m: old["models"][decision["against"]].get(m) for m in metrics},
+        },
+    }
     return ledger.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
 
 
@@ -125,8 +156,9 @@ def refresh_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dic
     return out
 
 
-def retrain(cfg: Config, day: dt.date | None, window_days: int, *, epochs: int | None = None,
-            shards: int | None = None) -> dict:
+def retrain(
+    cfg: Config, day: dt.date | None, window_days: int, *, epochs: int | None = None, shards: int | None = None
+) -> dict:
     """The whole retrain (module doc) in this process: what `userformer retrain` runs."""
     t0 = time.perf_counter()
     day = as_of(cfg, day)
@@ -140,12 +172,15 @@ def retrain(cfg: Config, day: dt.date | None, window_days: int, *, epochs: int |
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("retrain", help="train from scratch on a recent window, promote only if better than the "
-                                       "published model, then re-embed everyone and rebuild the index",
-                       description="Train a new model from scratch on the last --window-days days up to drop D, "
-                                   "evaluate it and the published model on the same window, promote it only if "
-                                   "better; after a promotion re-embed every user, publish, rebuild the index, "
-                                   "refresh candidates. What the `retrain` DAG runs. See jobs/flows/retrain.py.")
+    p = sub.add_parser(
+        "retrain",
+        help="train from scratch on a recent window, promote only if better than the "
+        "published model, then re-embed everyone and rebuild the index",
+        description="Train a new model from scratch on the last --window-days days up to drop D, "
+        "evaluate it and the published model on the same window, promote it only if "
+        "better; after a promotion re-embed every user, publish, rebuild the index, "
+        "refresh candidates. What the `retrain` DAG runs. See jobs/flows/retrain.py.",
+    )
     p.add_argument("--dt", type=date_arg, help="as-of drop date (default: the latest in user_sequences)")
     p.add_argument("--window-days", type=int, default=7, help="days of events to train on, ending with D (default 7)")
     p.add_argument("--epochs", type=int, help="max epochs (default: train.epochs)")

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from userformer.jobs.core.errors import UserError
-
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.steps.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
 
@@ -105,8 +104,11 @@ class DeltaSource:
     def drops(self, table: str) -> set[datetime.date]:
         """The drop dates whose ingest commit the table's current version holds (an empty drop has no partition)."""
         self._table(table)
-        return {datetime.date.fromisoformat(c["dt"]) for c in delta.lineage(self.cfg.table_path(table))
-                if c.get("step") == "ingest" and c.get("dt")}
+        return {
+            datetime.date.fromisoformat(c["dt"])
+            for c in delta.lineage(self.cfg.table_path(table))
+            if c.get("step") == "ingest" and c.get("dt")
+        }
 
     def partition_rows(self, table: str) -> dict[datetime.date, int]:
         """Rows a reader sees per dt, from the log (per-file counts minus deleted rows), without reading data."""
@@ -130,11 +132,14 @@ def _gx():
     )
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-        analytics_enabled=False,
-        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
-    ))
+    ctx = gx.get_context(
+        mode="ephemeral",
+        project_config=DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            analytics_enabled=False,
+            progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        ),
+    )
     return ctx, ctx.data_sources.add_pandas("userformer")
 
 
@@ -167,12 +172,20 @@ def _validate(table: str, batch: Batch, examples: int) -> list[ExpectationResult
         kwargs = {k: v for k, v in cfg_.kwargs.items() if k != "batch_id"}
         if isinstance(kwargs.get("row_condition"), dict):
             kwargs["row_condition"] = _condition_text(kwargs["row_condition"])
-        out.append(ExpectationResult(
-            expectation=cfg_.type, kwargs=kwargs, success=bool(r.success),
-            unexpected_count=got.get("unexpected_count"), element_count=got.get("element_count"),
-            unexpected_percent=got.get("unexpected_percent"), examples=_jsonable(values[:examples]),
-            description=cfg_.description or "", note=_exception_text(r.exception_info), scope=batch.name,
-        ))
+        out.append(
+            ExpectationResult(
+                expectation=cfg_.type,
+                kwargs=kwargs,
+                success=bool(r.success),
+                unexpected_count=got.get("unexpected_count"),
+                element_count=got.get("element_count"),
+                unexpected_percent=got.get("unexpected_percent"),
+                examples=_jsonable(values[:examples]),
+                description=cfg_.description or "",
+                note=_exception_text(r.exception_info),
+                scope=batch.name,
+            )
+        )
     return out
 
 
@@ -196,9 +209,17 @@ def _outcome(o: Outcome, examples: int) -> ExpectationResult:
     if o.unexpected_count is not None and o.element_count:
         pct = 100.0 * o.unexpected_count / o.element_count
     return ExpectationResult(
-        expectation=o.expectation, kwargs=o.kwargs, success=o.success, unexpected_count=o.unexpected_count,
-        element_count=o.element_count, unexpected_percent=pct, examples=_jsonable(o.examples[:examples]),
-        description=o.description, note=o.note, skipped=o.skipped, scope=o.scope,
+        expectation=o.expectation,
+        kwargs=o.kwargs,
+        success=o.success,
+        unexpected_count=o.unexpected_count,
+        element_count=o.element_count,
+        unexpected_percent=pct,
+        examples=_jsonable(o.examples[:examples]),
+        description=o.description,
+        note=o.note,
+        skipped=o.skipped,
+        scope=o.scope,
     )
 
 
@@ -285,7 +306,12 @@ def summary(res: CheckResult) -> str:
         lines = [head + f"FAILED: {res.error}"]
     elif res.success:
         skipped = sum(r.skipped for r in res.results)
-        lines = [head + f"passed ({len(res.results)} expectations" + (f", {skipped} skipped" if skipped else "") + f", {res.seconds:.1f}s)"]
+        lines = [
+            head
+            + f"passed ({len(res.results)} expectations"
+            + (f", {skipped} skipped" if skipped else "")
+            + f", {res.seconds:.1f}s)"
+        ]
     else:
         lines = [head + f"FAILED ({len(res.failed)} of {len(res.results)} expectations, {res.seconds:.1f}s)"]
         for r in res.failed:
@@ -328,20 +354,26 @@ def render_html(res: CheckResult) -> str:
         cls = "skipped" if r.skipped else ("" if r.success else "failed")
         notes = " ".join(x for x in (r.description, r.note) if x)
         rows.append(
-            f'<tr class="{cls}"><td>{status}</td><td><code>{e(r.expectation)}</code><div class="desc">{e(notes)}</div></td>'
-            f"<td>{e(r.scope)}</td><td>{e(r.column or '')}</td><td><code>{e(_params(r))}</code></td><td>{e(_counts(r))}</td>"
+            f'<tr class="{cls}"><td>{status}</td>'
+            f'<td><code>{e(r.expectation)}</code><div class="desc">{e(notes)}</div></td>'
+            f"<td>{e(r.scope)}</td><td>{e(r.column or '')}</td>"
+            f"<td><code>{e(_params(r))}</code></td><td>{e(_counts(r))}</td>"
             f"<td><code>{e(', '.join(_fmt(x) for x in r.examples))}</code></td></tr>"
         )
-    facts = "".join(f"<tr><th>{e(str(k))}</th><td><code>{e(json.dumps(_jsonable(v)))}</code></td></tr>" for k, v in res.facts.items())
+    facts = "".join(
+        f"<tr><th>{e(str(k))}</th><td><code>{e(json.dumps(_jsonable(v)))}</code></td></tr>"
+        for k, v in res.facts.items()
+    )
+    banner = e(res.error) if res.error else f"{len(res.failed)} of {len(res.results)} expectations failed"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>check {e(res.table)} dt={res.dt}: {state}</title>
 <style>{_CSS}</style></head><body>
 <h1>Data-quality check: {e(res.table)}, dt={res.dt}</h1>
-<div class="banner {'pass' if res.success else 'fail'}">{state}: {e(res.error) if res.error else f'{len(res.failed)} of {len(res.results)} expectations failed'}</div>
+<div class="banner {"pass" if res.success else "fail"}">{state}: {banner}</div>
 <p>Checked {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC in {res.seconds:.2f}s.</p>
-{f'<table><caption>Facts</caption>{facts}</table>' if facts else ''}
+{f"<table><caption>Facts</caption>{facts}</table>" if facts else ""}
 <table><tr><th>status</th><th>expectation</th><th>on</th><th>column</th><th>parameters</th><th>unexpected</th><th>examples</th></tr>
-{''.join(rows)}
+{"".join(rows)}
 </table></body></html>
 """
 
@@ -349,14 +381,19 @@ def render_html(res: CheckResult) -> str:
 # ---------------------------------------------------------------------- CLI
 def register(sub) -> None:
     p = sub.add_parser(
-        "check", help="data-quality gate of one drop date (Great Expectations); exit 1 when it fails",
+        "check",
+        help="data-quality gate of one drop date (Great Expectations); exit 1 when it fails",
         description="Validate a table for drop date D, write reports/checks/TABLE/dt=D.html and .json, "
-                    "and exit 1 when any expectation fails.",
+        "and exit 1 when any expectation fails.",
     )
-    p.add_argument("table", metavar="TABLE", choices=sorted(SUITES),
-                   help=f"table to check: {', '.join(sorted(SUITES))} (events: partition dt=D; "
-                        "user_sequences: the rows refreshed on D; outputs: the staged `userformer infer` "
-                        "output of D, before `publish`)")
+    p.add_argument(
+        "table",
+        metavar="TABLE",
+        choices=sorted(SUITES),
+        help=f"table to check: {', '.join(sorted(SUITES))} (events: partition dt=D; "
+        "user_sequences: the rows refreshed on D; outputs: the staged `userformer infer` "
+        "output of D, before `publish`)",
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date to check, YYYY-MM-DD")
     p.add_argument("--shards", type=int, help="outputs only: shards to expect (default: infer.shards)")
     p.set_defaults(func=run)

@@ -72,10 +72,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.core.errors import UserError
-
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
 from userformer.schemas import tables as S
 
@@ -93,8 +92,11 @@ class NoIndex(UserError):
     """No current index: the API and `candidates` cannot run (exit 2, naming the command that builds one)."""
 
     def __init__(self, cfg: Config, detail: str = ""):
-        super().__init__(f"no item index is current under {cfg.index_root}{detail}: "
-                         "run `userformer index --dt D` first (after `userformer publish --dt D`)", code=2)
+        super().__init__(
+            f"no item index is current under {cfg.index_root}{detail}: "
+            "run `userformer index --dt D` first (after `userformer publish --dt D`)",
+            code=2,
+        )
 
 
 # ------------------------------------------------------------------ layout
@@ -118,8 +120,9 @@ def _now() -> str:
 
 def current(cfg: Config) -> dict | None:
     """The CURRENT pointer, or None when no index was ever made current."""
-    return files.read_pointer(current_path(cfg), _VERSION, "index pointer",
-                              "rebuild with `userformer index --dt D --force`")
+    return files.read_pointer(
+        current_path(cfg), _VERSION, "index pointer", "rebuild with `userformer index --dt D --force`"
+    )
 
 
 def read_manifest(cfg: Config, version: str) -> dict:
@@ -167,8 +170,12 @@ def build_params(cfg: Config, kind: str, n: int, d: int) -> dict:
     if kind == "flat":
         return {"metric": "inner_product"}
     if kind == "hnsw":
-        return {"metric": "inner_product", "M": ic.hnsw_m, "efConstruction": ic.hnsw_ef_construction,
-                "efSearch": ic.hnsw_ef_search}
+        return {
+            "metric": "inner_product",
+            "M": ic.hnsw_m,
+            "efConstruction": ic.hnsw_ef_construction,
+            "efSearch": ic.hnsw_ef_search,
+        }
     nlist = ic.ivf_nlist or max(1, int(round(math.sqrt(n))))
     nlist = max(1, min(nlist, n))
     train = min(n, max(ic.ivf_train_size, 39 * nlist))
@@ -200,7 +207,11 @@ def build_faiss(vectors: np.ndarray, ids: np.ndarray, kind: str, params: dict, s
         else:
             index = faiss.IndexIVFFlat(quantizer, d, params["nlist"], ip)
         rng = np.random.default_rng(seed)
-        sample = vectors if params["train_size"] >= n else vectors[np.sort(rng.choice(n, params["train_size"], replace=False))]
+        sample = (
+            vectors
+            if params["train_size"] >= n
+            else vectors[np.sort(rng.choice(n, params["train_size"], replace=False))]
+        )
         index.cp.seed = seed
         index.train(np.ascontiguousarray(sample))
         index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(item_idx) for similar_items
@@ -328,8 +339,9 @@ def open_version(cfg: Config, version: str) -> ItemIndex:
     except (RuntimeError, OSError, pa.ArrowInvalid) as exc:
         raise UserError(f"index version {version} at {d} cannot be read: {exc}") from None
     set_search_params(index, man["kind"], man["params"])
-    return ItemIndex(version, d, man, index, items["item_idx"].to_numpy(),
-                     np.asarray(items["item_id"].to_pylist(), dtype=object))
+    return ItemIndex(
+        version, d, man, index, items["item_idx"].to_numpy(), np.asarray(items["item_id"].to_pylist(), dtype=object)
+    )
 
 
 def open_current(cfg: Config) -> ItemIndex:
@@ -364,8 +376,10 @@ def _model_version(cfg: Config, data: pa.Table) -> str:
     counts = {r["values"]: r["counts"] for r in pc.value_counts(data["model_version"]).to_pylist()}
     if len(counts) != 1:
         shown = ", ".join(f"{v} ({n} rows)" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        raise UserError(f"item_embeddings mixes model versions: {shown}; an index is of one version: "
-                        "publish the item embeddings of one version first (`userformer publish --dt D`)")
+        raise UserError(
+            f"item_embeddings mixes model versions: {shown}; an index is of one version: "
+            "publish the item embeddings of one version first (`userformer publish --dt D`)"
+        )
     mv = next(iter(counts))
     try:
         from userformer.jobs.core import registry
@@ -376,8 +390,10 @@ def _model_version(cfg: Config, data: pa.Table) -> str:
     except Exception:  # pragma: no cover - registry unreadable for another reason: the table decides
         pub = None
     if pub and pub["version"] != mv:
-        raise UserError(f"item_embeddings holds model version {mv} but the published model is {pub['version']}: "
-                        "run `userformer infer --dt D` and `userformer publish --dt D` first")
+        raise UserError(
+            f"item_embeddings holds model version {mv} but the published model is {pub['version']}: "
+            "run `userformer infer --dt D` and `userformer publish --dt D` first"
+        )
     return mv
 
 
@@ -433,47 +449,95 @@ def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     return ~finite, finite & (np.abs(norms - 1.0) > tol)
 
 
-def _check(cfg: Config, dt: datetime.date, *, recall: float, n_queries: int, query_source: str, rows: int,
-           index, d: int, user_d: int | None, vectors: np.ndarray, data: pa.Table, facts: dict):
+def _check(
+    cfg: Config,
+    dt: datetime.date,
+    *,
+    recall: float,
+    n_queries: int,
+    query_source: str,
+    rows: int,
+    index,
+    d: int,
+    user_d: int | None,
+    vectors: np.ndarray,
+    data: pa.Table,
+    facts: dict,
+):
     from userformer.jobs.steps.check import CheckResult, ExpectationResult
 
     ic = cfg.index
     R = []
-    R.append(ExpectationResult(
-        "expect_index_recall_at_10_to_be_at_least", {"min_value": ic.min_recall_at_10, "queries": n_queries,
-                                                     "query_source": query_source},
-        success=bool(recall >= ic.min_recall_at_10), examples=[round(recall, 4)], scope="metrics",
-        description="recall@10 of the index against exact inner-product search >= index.min_recall_at_10"))
-    R.append(ExpectationResult(
-        "expect_index_vector_count_to_equal", {"value": rows}, success=int(index.ntotal) == rows,
-        examples=[int(index.ntotal)], scope="metrics",
-        description="one vector per item_embeddings row"))
+    R.append(
+        ExpectationResult(
+            "expect_index_recall_at_10_to_be_at_least",
+            {"min_value": ic.min_recall_at_10, "queries": n_queries, "query_source": query_source},
+            success=bool(recall >= ic.min_recall_at_10),
+            examples=[round(recall, 4)],
+            scope="metrics",
+            description="recall@10 of the index against exact inner-product search >= index.min_recall_at_10",
+        )
+    )
+    R.append(
+        ExpectationResult(
+            "expect_index_vector_count_to_equal",
+            {"value": rows},
+            success=int(index.ntotal) == rows,
+            examples=[int(index.ntotal)],
+            scope="metrics",
+            description="one vector per item_embeddings row",
+        )
+    )
     dims_ok = index.d == d and (user_d is None or user_d == d)
-    R.append(ExpectationResult(
-        "expect_index_dimension_to_equal", {"value": d, "user_embeddings": user_d}, success=bool(dims_ok),
-        examples=[int(index.d)], scope="metrics",
-        description="index dimension == item embedding length (== user embedding length when there are users)"))
+    R.append(
+        ExpectationResult(
+            "expect_index_dimension_to_equal",
+            {"value": d, "user_embeddings": user_d},
+            success=bool(dims_ok),
+            examples=[int(index.d)],
+            scope="metrics",
+            description="index dimension == item embedding length (== user embedding length when there are users)",
+        )
+    )
     nonfinite, offnorm = _norm_bad(vectors, cfg.infer.norm_tolerance)
     ids = data["item_id"].to_numpy(zero_copy_only=False)
     for name, mask, desc in (
         ("expect_item_vectors_to_be_finite", nonfinite, "no NaN or inf in an item vector (examples: item_id)"),
-        ("expect_item_vectors_to_be_unit_norm", offnorm,
-         f"|norm - 1| <= infer.norm_tolerance ({cfg.infer.norm_tolerance:g}) (examples: item_id)"),
+        (
+            "expect_item_vectors_to_be_unit_norm",
+            offnorm,
+            f"|norm - 1| <= infer.norm_tolerance ({cfg.infer.norm_tolerance:g}) (examples: item_id)",
+        ),
     ):
-        R.append(ExpectationResult(name, {"column": "embedding"}, success=not mask.any(),
-                                   unexpected_count=int(mask.sum()), element_count=rows,
-                                   unexpected_percent=100.0 * mask.sum() / rows if rows else None,
-                                   examples=[str(x) for x in ids[mask][: cfg.quality.examples]], scope="rows",
-                                   description=desc))
+        R.append(
+            ExpectationResult(
+                name,
+                {"column": "embedding"},
+                success=not mask.any(),
+                unexpected_count=int(mask.sum()),
+                element_count=rows,
+                unexpected_percent=100.0 * mask.sum() / rows if rows else None,
+                examples=[str(x) for x in ids[mask][: cfg.quality.examples]],
+                scope="rows",
+                description=desc,
+            )
+        )
     idx = data["item_idx"].to_numpy()
     uniq, counts = np.unique(idx, return_counts=True)
     dup = uniq[counts > 1]
-    R.append(ExpectationResult(
-        "expect_column_values_to_be_unique", {"column": "item_idx"}, success=not len(dup),
-        unexpected_count=int(counts[counts > 1].sum()), element_count=rows,
-        unexpected_percent=100.0 * counts[counts > 1].sum() / rows if rows else None,
-        examples=[int(x) for x in dup[: cfg.quality.examples]], scope="rows",
-        description="one vector per item id (FAISS ids = item_idx)"))
+    R.append(
+        ExpectationResult(
+            "expect_column_values_to_be_unique",
+            {"column": "item_idx"},
+            success=not len(dup),
+            unexpected_count=int(counts[counts > 1].sum()),
+            element_count=rows,
+            unexpected_percent=100.0 * counts[counts > 1].sum() / rows if rows else None,
+            examples=[int(x) for x in dup[: cfg.quality.examples]],
+            scope="rows",
+            description="one vector per item id (FAISS ids = item_idx)",
+        )
+    )
     res = CheckResult("index", dt, success=all(r.success for r in R), results=R, facts=facts)
     return res
 
@@ -512,8 +576,14 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
     n, d = vectors.shape
     kind = choose_kind(cfg, n)
     params = build_params(cfg, kind, n, d)
-    inputs = {"model_version": model_version, "item_embeddings_version": table_version, "kind": kind,
-              "params": params, "items": n, "dimension": d}
+    inputs = {
+        "model_version": model_version,
+        "item_embeddings_version": table_version,
+        "kind": kind,
+        "params": params,
+        "items": n,
+        "dimension": d,
+    }
 
     ptr = current(cfg)
     if ptr and not force:
@@ -548,21 +618,45 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
             _, found = index.search(queries, min(RECALL_K, n))
             recall = recall_at_k(truth, found)
         recall_s = time.perf_counter() - tr
-        res = _check(cfg, dt, recall=recall, n_queries=len(queries), query_source=query_source, rows=n,
-                     index=index, d=d, user_d=user_d, vectors=vectors, data=data,
-                     facts={"version": version, "model_version": model_version, "items": n, "dimension": d,
-                            "kind": kind, "params": params, "item_embeddings_version": table_version})
+        res = _check(
+            cfg,
+            dt,
+            recall=recall,
+            n_queries=len(queries),
+            query_source=query_source,
+            rows=n,
+            index=index,
+            d=d,
+            user_d=user_d,
+            vectors=vectors,
+            data=data,
+            facts={
+                "version": version,
+                "model_version": model_version,
+                "items": n,
+                "dimension": d,
+                "kind": kind,
+                "params": params,
+                "item_embeddings_version": table_version,
+            },
+        )
         manifest = {
-            "version": version, "as_of": str(dt), "status": "current" if res.success else "rejected",
+            "version": version,
+            "as_of": str(dt),
+            "status": "current" if res.success else "rejected",
             **inputs,
             "index_class": _class_name(index),
             "item_embeddings_as_of": [str(pc.min(as_of).as_py()), str(pc.max(as_of).as_py())],
             "build_seconds": round(build_s, 3),
             "recall_at_10": None if math.isnan(recall) else round(recall, 5),
-            "recall_sample": len(queries), "recall_query_source": query_source,
+            "recall_sample": len(queries),
+            "recall_query_source": query_source,
             "recall_seconds": round(recall_s, 3),
             "user_embeddings_version": users_version,
-            "files": {INDEX_FILE: (building / INDEX_FILE).stat().st_size, ITEMS_FILE: (building / ITEMS_FILE).stat().st_size},
+            "files": {
+                INDEX_FILE: (building / INDEX_FILE).stat().st_size,
+                ITEMS_FILE: (building / ITEMS_FILE).stat().st_size,
+            },
             "faiss_version": faiss.__version__,
             "built_at": _now(),
             "check": {"success": res.success, "failed": [r.expectation for r in res.results if not r.success]},
@@ -591,7 +685,11 @@ def _class_name(index) -> str:
     faiss = _faiss()
     outer = type(faiss.downcast_index(index)).__name__
     inner = getattr(index, "index", None)
-    return f"{outer}({type(faiss.downcast_index(inner)).__name__})" if inner is not None and outer.startswith("IndexIDMap") else outer
+    return (
+        f"{outer}({type(faiss.downcast_index(inner)).__name__})"
+        if inner is not None and outer.startswith("IndexIDMap")
+        else outer
+    )
 
 
 def switch(cfg: Config, version: str, manifest: dict | None = None, extra: dict | None = None) -> dict:
@@ -601,8 +699,14 @@ def switch(cfg: Config, version: str, manifest: dict | None = None, extra: dict 
     if manifest.get("status") != "current":
         raise UserError(f"index version {version} was {manifest.get('status')}: it cannot be made current")
     prev = current(cfg)
-    ptr = {"version": version, "model_version": manifest["model_version"], "as_of": manifest["as_of"],
-           "switched_at": _now(), "previous": prev["version"] if prev else None, **(extra or {})}
+    ptr = {
+        "version": version,
+        "model_version": manifest["model_version"],
+        "as_of": manifest["as_of"],
+        "switched_at": _now(),
+        "previous": prev["version"] if prev else None,
+        **(extra or {}),
+    }
     files.write_json(current_path(cfg), ptr)
     with open(cfg.index_root / "switch_log.jsonl", "a") as f:
         f.write(json.dumps(ptr) + "\n")
@@ -635,7 +739,7 @@ def retain(cfg: Config) -> list[str]:
         except (OSError, ValueError):
             status = None
         (accepted if status == "current" else other).append((v, status))
-    keep = {v for v, _ in accepted[-cfg.index.versions_kept:]}
+    keep = {v for v, _ in accepted[-cfg.index.versions_kept :]}
     if cur:
         keep.add(cur)
     cur_n = _number(cur) if cur else None
@@ -676,8 +780,9 @@ def events_dataset(cfg: Config):
     return delta.Snapshot(path) if delta.exists(path) else None
 
 
-def purchased_items(cfg: Config, users: list[str] | None, upto: datetime.date | None = None,
-                    events=None) -> dict[str, set[int]]:
+def purchased_items(
+    cfg: Config, users: list[str] | None, upto: datetime.date | None = None, events=None
+) -> dict[str, set[int]]:
     """item_idx of the purchases (events, event_type purchase, dt <= upto) of `users` (None: every user).
 
     `events`: from events_dataset() (opened once, outside delta-rs' own threads)."""
@@ -725,26 +830,43 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
     ue_version = ue.version()
     ds = ue.to_pyarrow_dataset()
     flt = pc.field("as_of") == pa.scalar(dt, pa.date32())
-    versions = {r["values"]: r["counts"] for r in
-                pc.value_counts(ds.to_table(columns=["model_version"], filter=flt)["model_version"]).to_pylist()}
+    versions = {
+        r["values"]: r["counts"]
+        for r in pc.value_counts(ds.to_table(columns=["model_version"], filter=flt)["model_version"]).to_pylist()
+    }
     n_users = sum(versions.values())
-    out = {"dt": str(dt), "users": n_users, "index_version": idx.version, "model_version": idx.model_version,
-           "user_embeddings_version": ue_version, "exclude_purchased": exclude, "n": cfg.index.candidates_n}
+    out = {
+        "dt": str(dt),
+        "users": n_users,
+        "index_version": idx.version,
+        "model_version": idx.model_version,
+        "user_embeddings_version": ue_version,
+        "exclude_purchased": exclude,
+        "n": cfg.index.candidates_n,
+    }
     if not n_users:
         log.info("no user_embeddings row with as_of = %s: no candidates to write", dt)
-        return {**out, "table_version": delta.version_of(cfg.table_path("user_candidates")), "written": 0,
-                "seconds": round(time.perf_counter() - t0, 3)}
+        return {
+            **out,
+            "table_version": delta.version_of(cfg.table_path("user_candidates")),
+            "written": 0,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
     other = {v: c for v, c in versions.items() if v != idx.model_version}
     if other:
         shown = ", ".join(f"{v} ({c} users)" for v, c in other.items())
-        raise UserError(f"user embeddings of {dt} are of model {shown} but the current index {idx.version} is of "
-                        f"model {idx.model_version}: run `userformer index --dt {dt}` first")
+        raise UserError(
+            f"user embeddings of {dt} are of model {shown} but the current index {idx.version} is of "
+            f"model {idx.model_version}: run `userformer index --dt {dt}` first"
+        )
     n = cfg.index.candidates_n
     stats = {"excluded": 0, "rows": 0, "kept": 0, "dropped": 0}
     events = events_dataset(cfg) if exclude else None
 
     def batches():
-        for b in ds.to_batches(columns=["user_id", "embedding"], filter=flt, batch_size=cfg.index.candidates_batch_users):
+        for b in ds.to_batches(
+            columns=["user_id", "embedding"], filter=flt, batch_size=cfg.index.candidates_batch_users
+        ):
             if not b.num_rows:
                 continue
             users = b.column("user_id").to_pylist()
@@ -769,16 +891,22 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
                 "index_version": pa.array([idx.version] * len(users), pa.string()),
                 "as_of": pa.array([dt] * len(users), pa.date32()),
             }
-            yield pa.RecordBatch.from_arrays([cols[f.name].cast(f.type) for f in S.USER_CANDIDATES],
-                                             schema=S.USER_CANDIDATES)
+            yield pa.RecordBatch.from_arrays(
+                [cols[f.name].cast(f.type) for f in S.USER_CANDIDATES], schema=S.USER_CANDIDATES
+            )
 
-    meta = {"step": "candidates", "dt": str(dt), "index_version": idx.version, "model_version": idx.model_version,
-            "user_embeddings_version": ue_version, "exclude_purchased": exclude}
+    meta = {
+        "step": "candidates",
+        "dt": str(dt),
+        "index_version": idx.version,
+        "model_version": idx.model_version,
+        "user_embeddings_version": ue_version,
+        "exclude_purchased": exclude,
+    }
     path = cfg.table_path("user_candidates")
+    import pyarrow.parquet as pq
     from deltalake import write_deltalake
     from deltalake.exceptions import DeltaError
-
-    import pyarrow.parquet as pq
 
     # Searched batch by batch into a staged Parquet file (bounded memory; an error surfaces here, before any
     # commit). Then ONE commit that rewrites the table: the other users' rows as they are, then the new rows,
@@ -807,8 +935,9 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
 
         def rows():
             if old is not None:
-                for b in old.to_batches(filter=~str_in("user_id", refreshed), batch_size=65536,
-                                        batch_readahead=1, fragment_readahead=1):
+                for b in old.to_batches(
+                    filter=~str_in("user_id", refreshed), batch_size=65536, batch_readahead=1, fragment_readahead=1
+                ):
                     b = conform(b)
                     live = pc.is_in(b.column("user_id"), value_set=published_users)
                     b = b.filter(live)
@@ -830,40 +959,59 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
         try:
             with delta.conflicts(path):
                 # Creating: "error", so that a table another writer created since is refused, not overwritten.
-                write_deltalake(target, pa.RecordBatchReader.from_batches(schema, rows()),
-                                mode="overwrite" if read_v is not None else "error",
-                                commit_properties=delta.strict_commit(meta))
+                write_deltalake(
+                    target,
+                    pa.RecordBatchReader.from_batches(schema, rows()),
+                    mode="overwrite" if read_v is not None else "error",
+                    commit_properties=delta.strict_commit(meta),
+                )
         except DeltaError as exc:
             if read_v is None and delta.exists(path):
                 raise created from exc
             raise
-    out.update(written=stats["rows"], kept=stats["kept"], dropped=stats["dropped"],
-               excluded_purchases=stats["excluded"], table_version=delta.version_of(path),
-               seconds=round(time.perf_counter() - t0, 3))
-    log.info("user_candidates: %d users of %s from index %s (v%s)", stats["rows"], dt, idx.version, out["table_version"])
+    out.update(
+        written=stats["rows"],
+        kept=stats["kept"],
+        dropped=stats["dropped"],
+        excluded_purchases=stats["excluded"],
+        table_version=delta.version_of(path),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    log.info(
+        "user_candidates: %d users of %s from index %s (v%s)", stats["rows"], dt, idx.version, out["table_version"]
+    )
     return out
 
 
 # --------------------------------------------------------------------- CLI
 def register(sub) -> None:
     p = sub.add_parser(
-        "index", help="build the FAISS item index from item_embeddings, check its recall, make it current",
+        "index",
+        help="build the FAISS item index from item_embeddings, check its recall, make it current",
         description="Build a FAISS index of item_embeddings (kind by catalogue size: exact, HNSW, IVF), measure "
-                    "recall@10 against exact search, check it, and switch index_root/CURRENT to it atomically "
-                    "(a failed check switches nothing and exits 1). A rerun with unchanged inputs does nothing "
-                    "(--force builds anyway). See jobs/steps/index.py.")
+        "recall@10 against exact search, check it, and switch index_root/CURRENT to it atomically "
+        "(a failed check switches nothing and exits 1). A rerun with unchanged inputs does nothing "
+        "(--force builds anyway). See jobs/steps/index.py.",
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD (names the version, the report)")
     p.add_argument("--force", action="store_true", help="build a new version even if CURRENT has the same inputs")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run_index)
     p = sub.add_parser(
-        "candidates", help="user_candidates: top-N items of the current index for the users refreshed on D",
+        "candidates",
+        help="user_candidates: top-N items of the current index for the users refreshed on D",
         description="Search the current item index for every user whose user_embeddings row is as of D and "
-                    "replace those users' user_candidates rows in one commit (other users untouched).")
+        "replace those users' user_candidates rows in one commit (other users untouched).",
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--exclude-purchased", dest="exclude", action="store_true", default=None,
-                   help="leave out items the user purchased (default: index.candidates_exclude_purchased)")
+    g.add_argument(
+        "--exclude-purchased",
+        dest="exclude",
+        action="store_true",
+        default=None,
+        help="leave out items the user purchased (default: index.candidates_exclude_purchased)",
+    )
     g.add_argument("--include-purchased", dest="exclude", action="store_false", help="keep purchased items")
     p.set_defaults(func=run_candidates)
 
@@ -877,22 +1025,33 @@ def run_index(args, cfg: Config) -> int:
         print(json.dumps({"status": res.status, **m}, indent=2, default=str))
     if res.status == "unchanged":
         if not args.json:
-            print(f"index {res.version} is current and was built from the same inputs (model {m['model_version']}, "
-                  f"item_embeddings v{m['item_embeddings_version']}): nothing to do (--force builds a new version)")
+            print(
+                f"index {res.version} is current and was built from the same inputs (model {m['model_version']}, "
+                f"item_embeddings v{m['item_embeddings_version']}): nothing to do (--force builds a new version)"
+            )
         return 0
     if not args.json:
-        print(f"index {res.version}: {describe(m['kind'], m['params'])}, {m['items']:,} items x {m['dimension']}, "
-              f"model {m['model_version']}, built in {m['build_seconds']:.1f}s")
+        print(
+            f"index {res.version}: {describe(m['kind'], m['params'])}, {m['items']:,} items x {m['dimension']}, "
+            f"model {m['model_version']}, built in {m['build_seconds']:.1f}s"
+        )
         rc = m["recall_at_10"]
-        print(f"recall@10 {'n/a' if rc is None else f'{rc:.4f}'} on {m['recall_sample']} queries from "
-              f"{m['recall_query_source']} (threshold {cfg.index.min_recall_at_10})")
+        print(
+            f"recall@10 {'n/a' if rc is None else f'{rc:.4f}'} on {m['recall_sample']} queries from "
+            f"{m['recall_query_source']} (threshold {cfg.index.min_recall_at_10})"
+        )
         print(summary(res.check))
         if res.status == "current":
-            print(f"CURRENT -> {res.version}" + (f" (previous {res.previous})" if res.previous else "")
-                  + (f"; removed {', '.join(res.removed)}" if res.removed else ""))
+            print(
+                f"CURRENT -> {res.version}"
+                + (f" (previous {res.previous})" if res.previous else "")
+                + (f"; removed {', '.join(res.removed)}" if res.removed else "")
+            )
         else:
-            print(f"CURRENT unchanged: {res.previous or 'none'} (rejected version kept for inspection: "
-                  f"{versions_root(cfg) / res.version})")
+            print(
+                f"CURRENT unchanged: {res.previous or 'none'} (rejected version kept for inspection: "
+                f"{versions_root(cfg) / res.version})"
+            )
     return 0 if res.status == "current" else 1
 
 
@@ -901,8 +1060,10 @@ def run_candidates(args, cfg: Config) -> int:
     if not out["users"]:
         print(f"candidates dt={args.dt}: no user_embeddings row is as of {args.dt}; nothing written")
         return 0
-    print(f"candidates dt={args.dt}: {out['written']:,} users x top {out['n']} from index {out['index_version']} "
-          f"(model {out['model_version']}"
-          + (f", {out['excluded_purchases']:,} purchased items left out" if out["exclude_purchased"] else "")
-          + f") -> user_candidates v{out['table_version']} in {out['seconds']:.1f}s")
+    print(
+        f"candidates dt={args.dt}: {out['written']:,} users x top {out['n']} from index {out['index_version']} "
+        f"(model {out['model_version']}"
+        + (f", {out['excluded_purchases']:,} purchased items left out" if out["exclude_purchased"] else "")
+        + f") -> user_candidates v{out['table_version']} in {out['seconds']:.1f}s"
+    )
     return 0

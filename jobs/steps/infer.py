@@ -54,10 +54,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from userformer.jobs.core.errors import UserError
-
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.core.storage.files import Location
 
@@ -152,8 +151,11 @@ def last_publish(cfg: Config, before: dt.date | None = None) -> dict[str, dict |
 
             versions = pc.unique(delta.read_arrow(path, columns=["model_version"])["model_version"]).to_pylist()
             if versions:
-                out[table] = {"dt": None, "model_version": versions[0] if len(versions) == 1 else "<mixed>",
-                              "version": delta.version_of(path)}
+                out[table] = {
+                    "dt": None,
+                    "model_version": versions[0] if len(versions) == 1 else "<mixed>",
+                    "version": delta.version_of(path),
+                }
     return out
 
 
@@ -168,8 +170,10 @@ def full_reason(cfg: Config, day: dt.date, version: str) -> str | None:
     other = {t: p for t, p in prev.items() if p["model_version"] != version}
     if other:
         t, p = next(iter(other.items()))
-        return (f"published model {version} differs from {p['model_version']} of the last publish "
-                f"({t}, dt={p['dt']}): every user is re-embedded")
+        return (
+            f"published model {version} differs from {p['model_version']} of the last publish "
+            f"({t}, dt={p['dt']}): every user is re-embedded"
+        )
     return None
 
 
@@ -187,6 +191,7 @@ def embed_sequences(model, seqs, device, *, batch_size: int, top_k: int, bf16: b
     top k = min(top_k, labels - 1): label 0 "unknown" is never predicted)."""
     import torch
     import torch.nn.functional as F
+
     from userformer.models.data import pad_batch
     from userformer.models.train import to_device
 
@@ -199,7 +204,7 @@ def embed_sequences(model, seqs, device, *, batch_size: int, top_k: int, bf16: b
     order = np.argsort(seqs.lengths, kind="stable")  # similar lengths per batch: trimmed batches stay narrow
     with torch.no_grad():
         for i in range(0, n, batch_size):
-            rows = order[i:i + batch_size]
+            rows = order[i : i + batch_size]
             b = to_device(pad_batch(seqs, rows, model.cfg.max_len), device)
             with _autocast(device, bf16):
                 h = model.encoder.hidden(b)
@@ -223,21 +228,26 @@ def item_vectors(model, item_idx: np.ndarray, device, bf16: bool = True) -> np.n
     out = np.zeros((len(item_idx), model.cfg.d_model), np.float32)
     with torch.no_grad():
         for i in range(0, len(item_idx), ITEM_CHUNK):
-            ids = torch.from_numpy(np.array(item_idx[i:i + ITEM_CHUNK], np.int64)).to(device)
+            ids = torch.from_numpy(np.array(item_idx[i : i + ITEM_CHUNK], np.int64)).to(device)
             with _autocast(device, bf16):
                 v = model.item_tower(ids)
-            out[i:i + ITEM_CHUNK] = F.normalize(v.float(), dim=-1).cpu().numpy()
+            out[i : i + ITEM_CHUNK] = F.normalize(v.float(), dim=-1).cpu().numpy()
     return out
 
 
 def label_keys(cfg: Config, vocab_version: int, tasks) -> dict[str, np.ndarray]:
     """Per head task, vocabulary id -> key (object array; None where the vocabulary has no such id)."""
     import pyarrow.compute as pc
+
     from userformer.models.item_tower import FIELD
 
     kinds = {t: FIELD[t] for t in tasks}
-    vocab = delta.read_arrow(cfg.table_path("vocab"), vocab_version, columns=["kind", "key", "idx"],
-                             filter=pc.field("kind").isin(sorted(set(kinds.values()))))
+    vocab = delta.read_arrow(
+        cfg.table_path("vocab"),
+        vocab_version,
+        columns=["kind", "key", "idx"],
+        filter=pc.field("kind").isin(sorted(set(kinds.values()))),
+    )
     out = {}
     for task, kind in kinds.items():
         v = vocab.filter(pc.equal(vocab["kind"], kind))
@@ -253,39 +263,64 @@ def _lists(values: np.ndarray, typ):
     import pyarrow as pa
 
     n, k = values.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
-                                    pa.array(values.reshape(-1), typ))
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), pa.array(values.reshape(-1), typ)
+    )
 
 
 def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_at: dt.datetime):
     """The staged rows of one chunk: (user_embeddings, user_preference_scores) as Arrow tables."""
     import pyarrow as pa
+
     from userformer.schemas import tables as S
 
     n = len(user_ids)
-    ue = pa.table({"user_id": pa.array(list(user_ids), pa.string()), "embedding": _lists(emb, pa.float32()),
-                   "model_version": pa.array([version] * n, pa.string()),
-                   "as_of": pa.array([day] * n, pa.date32()),
-                   "updated_at": pa.array([updated_at] * n, S.TS)}, schema=S.USER_EMBEDDINGS)
+    ue = pa.table(
+        {
+            "user_id": pa.array(list(user_ids), pa.string()),
+            "embedding": _lists(emb, pa.float32()),
+            "model_version": pa.array([version] * n, pa.string()),
+            "as_of": pa.array([day] * n, pa.date32()),
+            "updated_at": pa.array([updated_at] * n, S.TS),
+        },
+        schema=S.USER_EMBEDDINGS,
+    )
     parts = []
     for task, (idx, p) in prefs.items():
         names = keys[task]
         lab = np.where(idx < len(names), names[np.minimum(idx, len(names) - 1)], None)
         k = idx.shape[1]
-        parts.append(pa.table({
-            "user_id": pa.array(list(user_ids), pa.string()), "task": pa.array([task] * n, pa.string()),
-            "label_idx": _lists(idx, pa.int64()),
-            "labels": pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
-                                               pa.array(lab.reshape(-1).tolist(), pa.string())),
-            "scores": _lists(p, pa.float32()), "model_version": pa.array([version] * n, pa.string()),
-            "as_of": pa.array([day] * n, pa.date32())}, schema=S.USER_PREFERENCE_SCORES))
+        parts.append(
+            pa.table(
+                {
+                    "user_id": pa.array(list(user_ids), pa.string()),
+                    "task": pa.array([task] * n, pa.string()),
+                    "label_idx": _lists(idx, pa.int64()),
+                    "labels": pa.ListArray.from_arrays(
+                        pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                        pa.array(lab.reshape(-1).tolist(), pa.string()),
+                    ),
+                    "scores": _lists(p, pa.float32()),
+                    "model_version": pa.array([version] * n, pa.string()),
+                    "as_of": pa.array([day] * n, pa.date32()),
+                },
+                schema=S.USER_PREFERENCE_SCORES,
+            )
+        )
     ps = pa.concat_tables(parts) if parts else S.USER_PREFERENCE_SCORES.empty_table()
     return ue, ps
 
 
 # ------------------------------------------------------------------- step
-def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users: bool = False, log=_stderr,
-          users: list[str] | None = None) -> dict:
+def infer(
+    cfg: Config,
+    day: dt.date,
+    shard: int = 0,
+    shards: int = 1,
+    all_users: bool = False,
+    log=_stderr,
+    users: list[str] | None = None,
+) -> dict:
     """Embed the users of drop `day` (module doc) for one shard and stage the result. Returns the manifest.
 
     `users`: embed exactly these users (those of them with a user_sequences row, in this shard) instead of D's
@@ -296,6 +331,7 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
+
     from userformer.jobs.core import registry as R
     from userformer.jobs.core import stream as ST
     from userformer.models import train as T
@@ -339,8 +375,10 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
     keys = label_keys(cfg, cat.versions["vocab"], tasks)
     updated_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
     seq_path = cfg.table_path("user_sequences")
-    inputs = {"user_sequences": {"path": str(seq_path), "version": seq_v},
-              **{t: {"path": str(cfg.table_path(t)), "version": v} for t, v in cat.versions.items()}}
+    inputs = {
+        "user_sequences": {"path": str(seq_path), "version": seq_v},
+        **{t: {"path": str(cfg.table_path(t)), "version": v} for t, v in cat.versions.items()},
+    }
 
     final = shard_dir(cfg, day, version, shard, shards)
     final.mkdir(parents=True, exist_ok=True)
@@ -370,8 +408,9 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
                 if not t.num_rows:
                     continue
                 seqs = from_sequences_table(t)
-                emb, prefs = embed_sequences(model, seqs, device, batch_size=ic.batch_size, top_k=ic.top_k_labels,
-                                             bf16=ic.bf16)
+                emb, prefs = embed_sequences(
+                    model, seqs, device, batch_size=ic.batch_size, top_k=ic.top_k_labels, bf16=ic.bf16
+                )
                 ue, ps = user_tables(seqs.user_ids, emb, prefs, keys, version, day, updated_at)
                 ue_w.write_table(ue)
                 ps_w.write_table(ps)
@@ -381,32 +420,61 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
             ue_w.close()
             ps_w.close()
         if shard == 0:
-            items = delta.read_arrow(cfg.table_path("items"), cat.versions["items"],
-                                     columns=["item_id", "item_idx", "has_metadata", "first_dt"],
-                                     filter=pc.field("first_dt") <= pa.scalar(day, pa.date32()))
+            items = delta.read_arrow(
+                cfg.table_path("items"),
+                cat.versions["items"],
+                columns=["item_id", "item_idx", "has_metadata", "first_dt"],
+                filter=pc.field("first_dt") <= pa.scalar(day, pa.date32()),
+            )
             items = items.sort_by("item_idx")
             idx = items["item_idx"].to_numpy()
             vec = item_vectors(model, idx, device, ic.bf16)
             n = items.num_rows
-            it = pa.table({"item_id": items["item_id"], "item_idx": items["item_idx"], "embedding": _lists(vec, pa.float32()),
-                           "has_metadata": items["has_metadata"], "model_version": pa.array([version] * n, pa.string()),
-                           "as_of": pa.array([day] * n, pa.date32())}, schema=S.ITEM_EMBEDDINGS)
+            it = pa.table(
+                {
+                    "item_id": items["item_id"],
+                    "item_idx": items["item_idx"],
+                    "embedding": _lists(vec, pa.float32()),
+                    "has_metadata": items["has_metadata"],
+                    "model_version": pa.array([version] * n, pa.string()),
+                    "as_of": pa.array([day] * n, pa.date32()),
+                },
+                schema=S.ITEM_EMBEDDINGS,
+            )
             with writer("item_embeddings.parquet", S.ITEM_EMBEDDINGS) as w:
                 w.write_table(it)
             rows["item_embeddings"] = n
         manifest = {
-            "dt": str(day), "model_version": version, "shard": shard, "shards": shards,
-            "run_id": run_id, "files": tmp.name,
-            "full": full, "reason": reason, "users": rows["user_embeddings"], "rows": rows,
-            "selection": None if selection is None else {
-                "users": len(selection), "file": SELECTION,
-                "sha256": hashlib.sha256("\n".join(selection).encode()).hexdigest()},
-            "tasks": tasks, "top_k_labels": ic.top_k_labels, "d_model": model.cfg.d_model,
-            "labels_per_task": {t: min(ic.top_k_labels, r.labels.num_embeddings - 1)
-                                for t, r in model.heads.readouts.items()},
-            "inputs": inputs, "grown_since_model": grown, "device": str(device),
-            "bf16": bool(ic.bf16 and device.type == "cuda"), "updated_at": updated_at.isoformat(),
-            "created_at": R.now_iso(), "seconds": round(time.perf_counter() - t0, 3),
+            "dt": str(day),
+            "model_version": version,
+            "shard": shard,
+            "shards": shards,
+            "run_id": run_id,
+            "files": tmp.name,
+            "full": full,
+            "reason": reason,
+            "users": rows["user_embeddings"],
+            "rows": rows,
+            "selection": None
+            if selection is None
+            else {
+                "users": len(selection),
+                "file": SELECTION,
+                "sha256": hashlib.sha256("\n".join(selection).encode()).hexdigest(),
+            },
+            "tasks": tasks,
+            "top_k_labels": ic.top_k_labels,
+            "d_model": model.cfg.d_model,
+            "labels_per_task": {
+                t: min(ic.top_k_labels, r.labels.num_embeddings - 1) for t, r in model.heads.readouts.items()
+            },
+            "inputs": inputs,
+            "grown_since_model": grown,
+            "device": str(device),
+            "bf16": bool(ic.bf16 and device.type == "cuda"),
+            "updated_at": updated_at.isoformat(),
+            "created_at": R.now_iso(),
+            "seconds": round(time.perf_counter() - t0, 3),
         }
         files.write_json(final / MANIFEST, manifest)  # last: the shard now names this run
     except BaseException:
@@ -414,21 +482,26 @@ def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int = 1, all_users:
         raise
     _drop_other_runs(final, tmp.name)
     manifest["path"] = str(tmp)
-    log(f"infer dt={day} {shard_name(shard, shards)}: {rows['user_embeddings']} users ({reason}), "
+    log(
+        f"infer dt={day} {shard_name(shard, shards)}: {rows['user_embeddings']} users ({reason}), "
         f"{rows['item_embeddings'] if rows['item_embeddings'] is not None else 'no'} items, model {version}, "
-        f"{device}, {manifest['seconds']:.1f}s -> {final}")
+        f"{device}, {manifest['seconds']:.1f}s -> {final}"
+    )
     return manifest
 
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("infer", help="embed the users whose sequences changed on drop D (every user after a model "
-                                     "change) with the published model; stage the shard's output for `publish`",
-                       description="Batch inference of the published model for drop D: user embeddings and "
-                                   "preference scores of the users with updated_dt = D (all users when the "
-                                   "published version differs from the last publish, or --all-users), item "
-                                   "embeddings of the catalogue (shard 0). Output: "
-                                   "warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/. See jobs/steps/infer.py.")
+    p = sub.add_parser(
+        "infer",
+        help="embed the users whose sequences changed on drop D (every user after a model "
+        "change) with the published model; stage the shard's output for `publish`",
+        description="Batch inference of the published model for drop D: user embeddings and "
+        "preference scores of the users with updated_dt = D (all users when the "
+        "published version differs from the last publish, or --all-users), item "
+        "embeddings of the catalogue (shard 0). Output: "
+        "warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/. See jobs/steps/infer.py.",
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--shard", type=int, default=0, help="this shard's number, 0..n-1 (default 0)")
     p.add_argument("--shards", type=int, help="number of shards (default: infer.shards)")

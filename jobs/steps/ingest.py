@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userformer.jobs.core import hooks
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
@@ -100,7 +100,9 @@ def inspect_raw_files(raw_dir: Path) -> list[RawFile]:
                 raise UserError(f"{p}: column {field.name} has type {got}; expected string")
             elif pa.types.is_floating(field.type) and name not in _NUMBER_OK:
                 raise UserError(f"{p}: column {field.name} has type {got}; expected a number")
-        out.append(RawFile(p, rows, ts_kind, tuple((c, str(schema.field(c).type)) for c in S.RAW_EVENTS.names if c in names)))
+        out.append(
+            RawFile(p, rows, ts_kind, tuple((c, str(schema.field(c).type)) for c in S.RAW_EVENTS.names if c in names))
+        )
     return out
 
 
@@ -165,12 +167,31 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
         ("null_ts", F.col("ts_raw").isNull(), F.lit("ts is null")),
         ("unparseable_ts", F.col("ts").isNull(), F.concat(F.lit("cannot parse ts "), F.col("ts_raw"))),
         ("null_event_type", F.col("event_type").isNull() | (F.col("event_type") == ""), F.lit("event_type is null")),
-        ("unknown_event_type", ~F.col("event_type").isin(known), F.concat(F.lit("unknown event_type "), F.col("event_type"))),
-        ("future_ts", F.col("ts") > F.lit(latest), F.concat(F.lit(f"ts after {latest.isoformat()}: "), F.col("ts_raw"))),
-        ("ts_too_old", F.col("ts") < F.lit(earliest), F.concat(F.lit(f"ts more than {ic.max_late_days} days before the drop: "), F.col("ts_raw"))),
-        ("missing_item_id", F.col("event_type").isin(item_types) & F.col("item_id").isNull(), F.lit("item event without item_id")),
-        ("bad_duration", (F.col("duration_s") < 0) | (F.col("duration_s") > ic.max_duration_s) | F.isnan("duration_s"),
-         F.concat(F.lit("duration_s out of [0, %g]: " % ic.max_duration_s), F.col("duration_s").cast("string"))),
+        (
+            "unknown_event_type",
+            ~F.col("event_type").isin(known),
+            F.concat(F.lit("unknown event_type "), F.col("event_type")),
+        ),
+        (
+            "future_ts",
+            F.col("ts") > F.lit(latest),
+            F.concat(F.lit(f"ts after {latest.isoformat()}: "), F.col("ts_raw")),
+        ),
+        (
+            "ts_too_old",
+            F.col("ts") < F.lit(earliest),
+            F.concat(F.lit(f"ts more than {ic.max_late_days} days before the drop: "), F.col("ts_raw")),
+        ),
+        (
+            "missing_item_id",
+            F.col("event_type").isin(item_types) & F.col("item_id").isNull(),
+            F.lit("item event without item_id"),
+        ),
+        (
+            "bad_duration",
+            (F.col("duration_s") < 0) | (F.col("duration_s") > ic.max_duration_s) | F.isnan("duration_s"),
+            F.concat(F.lit("duration_s out of [0, %g]: " % ic.max_duration_s), F.col("duration_s").cast("string")),
+        ),
     ]
     reason, detail = F.lit(None).cast("string"), F.lit(None).cast("string")
     for name, cond, msg in reversed(rules):
@@ -181,7 +202,9 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
     df = df.withColumn("item_id", F.when(F.col("event_type").isin(item_types), F.col("item_id")))
 
     # Content hash when the producer gave no id: the same event delivered twice hashes the same.
-    content_id = F.sha1(F.concat_ws("|", "user_id", F.col("ts").cast("string"), "event_type", F.coalesce("item_id", F.lit(""))))
+    content_id = F.sha1(
+        F.concat_ws("|", "user_id", F.col("ts").cast("string"), "event_type", F.coalesce("item_id", F.lit("")))
+    )
     df = df.withColumn("event_id", F.coalesce(F.nullif(F.trim("event_id"), F.lit("")), content_id))
 
     # Duplicates within the drop: keep the first by (ts, file); later copies are quarantined.
@@ -194,10 +217,17 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
     df = df.withColumn("detail", F.when(dup, F.lit("duplicate event_id within the drop")).otherwise(F.col("detail")))
     df = df.withColumn("reason", F.when(dup, F.lit("duplicate")).otherwise(F.col("reason"))).drop("_rank")
     if lookback_ids is not None:
-        seen = lookback_ids.select(F.col("event_id").alias("_seen_id"), F.col("dt").alias("_seen_dt")).dropDuplicates(["_seen_id"])
+        seen = lookback_ids.select(F.col("event_id").alias("_seen_id"), F.col("dt").alias("_seen_dt")).dropDuplicates(
+            ["_seen_id"]
+        )
         df = df.join(seen, df.event_id == seen._seen_id, "left")
         prior = F.col("reason").isNull() & F.col("_seen_id").isNotNull()
-        df = df.withColumn("detail", F.when(prior, F.concat(F.lit("already delivered in drop dt="), F.col("_seen_dt").cast("string"))).otherwise(F.col("detail")))
+        df = df.withColumn(
+            "detail",
+            F.when(prior, F.concat(F.lit("already delivered in drop dt="), F.col("_seen_dt").cast("string"))).otherwise(
+                F.col("detail")
+            ),
+        )
         df = df.withColumn("reason", F.when(prior, F.lit("duplicate")).otherwise(F.col("reason")))
         df = df.drop("_seen_id", "_seen_dt")
 
@@ -235,7 +265,12 @@ def extend_vocab(vocab: pa.Table, kind: str, keys, day: dt.date) -> tuple[pa.Tab
     for i, k in enumerate(new):
         mapping[k] = start + i
     rows = pa.table(
-        {"kind": [kind] * len(new), "key": new, "idx": list(range(start, start + len(new))), "first_dt": [day] * len(new)},
+        {
+            "kind": [kind] * len(new),
+            "key": new,
+            "idx": list(range(start, start + len(new))),
+            "first_dt": [day] * len(new),
+        },
         schema=S.VOCAB,
     )
     return rows, mapping
@@ -243,7 +278,9 @@ def extend_vocab(vocab: pa.Table, kind: str, keys, day: dt.date) -> tuple[pa.Tab
 
 def _category_keys(snap):
     """Vocab keys of the category levels: a level's key is its path, so 'shoes' under two lines stays two ids."""
-    l1, l2, l3 = (snap[c].where(snap[c].notna() & (snap[c] != "")) for c in ("category_l1", "category_l2", "category_l3"))
+    l1, l2, l3 = (
+        snap[c].where(snap[c].notna() & (snap[c] != "")) for c in ("category_l1", "category_l2", "category_l3")
+    )
     k1 = l1
     k2 = (l1 + " > " + l2).where(l1.notna() & l2.notna())
     k3 = (l1 + " > " + l2 + " > " + l3).where(l1.notna() & l2.notna() & l3.notna())
@@ -282,7 +319,9 @@ def read_raw_items(cfg: Config, day: dt.date) -> pa.Table | None:
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def update_items(current: pa.Table, day: dt.date, snapshot: pa.Table | None, event_item_ids: list[str], vocab: pa.Table):
+def update_items(
+    current: pa.Table, day: dt.date, snapshot: pa.Table | None, event_item_ids: list[str], vocab: pa.Table
+):
     """New items table and new vocab rows after drop D (from the `current` items). Items seen only in events get
     unknown attributes."""
     import pandas as pd
@@ -316,8 +355,15 @@ def update_items(current: pa.Table, day: dt.date, snapshot: pa.Table | None, eve
     upd = snap[~same].copy()
     upd["first_dt"] = old.loc[upd["item_id"], "first_dt"].fillna(day).to_numpy() if len(upd) else []
     upd["updated_dt"] = day
-    new_unknown = pd.DataFrame({"item_id": unknown, "item_idx": [item_map[i] for i in unknown], "has_metadata": False,
-                                "first_dt": day, "updated_dt": day})
+    new_unknown = pd.DataFrame(
+        {
+            "item_id": unknown,
+            "item_idx": [item_map[i] for i in unknown],
+            "has_metadata": False,
+            "first_dt": day,
+            "updated_dt": day,
+        }
+    )
     for c in ("category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx"):
         new_unknown[c] = 0
     parts = [cur[~cur["item_id"].isin(upd["item_id"])], upd, new_unknown]
@@ -337,7 +383,10 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     files = inspect_raw_files(cfg.raw_events_dir(day))
     raw_rows = sum(f.rows for f in files)
     if raw_rows == 0 and not allow_empty:
-        raise UserError(f"raw partition dt={day} has {len(files)} file(s) but no rows (pass --allow-empty if an empty day is expected)")
+        raise UserError(
+            f"raw partition dt={day} has {len(files)} file(s) but no rows "
+            "(pass --allow-empty if an empty day is expected)"
+        )
     snapshot = read_raw_items(cfg, day)
 
     spark = spark_session(cfg)
@@ -346,8 +395,11 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     lookback_days = [day - dt.timedelta(days=i) for i in range(1, cfg.ingest.dedupe_lookback_days + 1)]
     lookback = None
     if read["events"] >= 0 and lookback_days:
-        lookback = (delta.spark_read(spark, cfg.table_path("events"), version=read["events"])
-                    .where(F.col("dt").isin(lookback_days)).select("event_id", "dt"))
+        lookback = (
+            delta.spark_read(spark, cfg.table_path("events"), version=read["events"])
+            .where(F.col("dt").isin(lookback_days))
+            .select("event_id", "dt")
+        )
 
     checked = _validate_rows(_read_raw(spark, files), cfg, day, lookback).localCheckpoint()
     try:
@@ -377,12 +429,16 @@ def _unchanged_since(path, read_version: int, days) -> None:
     names = {str(d) for d in days}
     for h in delta.history(path, now - read_version):
         if int(h["version"]) > read_version and (h.get("dt") in names or h.get("operation") == "RESTORE"):
-            raise delta.ConcurrentWrite(path, f"version {h['version']} ({h.get('step') or h.get('operation')} "
-                                              f"dt={h.get('dt')}) was committed after this step read version {read_version}")
+            raise delta.ConcurrentWrite(
+                path,
+                f"version {h['version']} ({h.get('step') or h.get('operation')} "
+                f"dt={h.get('dt')}) was committed after this step read version {read_version}",
+            )
 
 
-def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, checked, read: dict,
-             lookback_days: list[dt.date]) -> dict:
+def _publish(
+    cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, checked, read: dict, lookback_days: list[dt.date]
+) -> dict:
     """Vocab, items, then events_rejected[D] and events[D], each in one commit."""
     from pyspark.sql import functions as F
 
@@ -405,14 +461,20 @@ def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, c
         [("event_type", k, int(v)) for k, v in et_map.items()] + [("surface", k, int(v)) for k, v in sf_map.items()],
         "kind string, key string, idx long",
     )
-    et = small.where("kind = 'event_type'").select(F.col("key").alias("event_type"), F.col("idx").cast("int").alias("event_type_idx"))
-    sf = small.where("kind = 'surface'").select(F.col("key").alias("surface"), F.col("idx").cast("int").alias("surface_idx"))
+    et = small.where("kind = 'event_type'").select(
+        F.col("key").alias("event_type"), F.col("idx").cast("int").alias("event_type_idx")
+    )
+    sf = small.where("kind = 'surface'").select(
+        F.col("key").alias("surface"), F.col("idx").cast("int").alias("surface_idx")
+    )
     events = (
         accepted.join(F.broadcast(et), "event_type", "left")
         .join(F.broadcast(sf), "surface", "left")
         .join(item_ids, "item_id", "left")
         .withColumn("dt", F.lit(day))
-        .fillna(0, subset=["item_idx", "category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx", "surface_idx"])
+        .fillna(
+            0, subset=["item_idx", "category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx", "surface_idx"]
+        )
     )
     events = events.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS])
     rejected = checked.where(F.col("reason").isNotNull()).withColumn("dt", F.lit(day))
@@ -433,11 +495,13 @@ def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, c
         if writes and _version(cfg, name) != read[name]:
             raise delta.ConcurrentWrite(cfg.table_path(name), f"read version {read[name]}, now {_version(cfg, name)}")
     if len(vocab_new):
-        delta.write_arrow(cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta,
-                          read_version=read["vocab"])
+        delta.write_arrow(
+            cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta, read_version=read["vocab"]
+        )
     if write_items:
-        delta.write_arrow(cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta,
-                          read_version=read["items"])
+        delta.write_arrow(
+            cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta, read_version=read["items"]
+        )
 
     # events_rejected[D] and events[D]: each one commit replacing just partition D (a rerun of D replaces D).
     part = {"mode": "overwrite", "partition_by": ["dt"], "replace_where": f"dt = '{day}'", "metadata": meta}
@@ -447,7 +511,9 @@ def _publish(cfg: Config, spark, day: dt.date, files, raw_rows: int, snapshot, c
     _unchanged_since(events_path, read["events"], depends["events"])
     n_files = max(1, int(raw_rows // 2_000_000) + 1)
     # dt leads the sort so the writer's own ordering by partition column is already met and keeps user_id, ts.
-    v_ev = delta.spark_write(events.repartition(n_files).sortWithinPartitions("dt", "user_id", "ts"), events_path, **part)
+    v_ev = delta.spark_write(
+        events.repartition(n_files).sortWithinPartitions("dt", "user_id", "ts"), events_path, **part
+    )
     result = {
         "dt": str(day),
         "raw_files": len(files),
@@ -469,10 +535,15 @@ def _spark_type(f: pa.Field):
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("ingest", help="raw drop dt=D -> events, events_rejected, vocab, items (Spark, Delta)",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "ingest",
+        help="raw drop dt=D -> events, events_rejected, vocab, items (Spark, Delta)",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop (arrival) date YYYY-MM-DD; reads raw/events/dt=D")
-    p.add_argument("--allow-empty", action="store_true", help="accept a drop with files but zero rows (commits an empty day)")
+    p.add_argument(
+        "--allow-empty", action="store_true", help="accept a drop with files but zero rows (commits an empty day)"
+    )
     p.set_defaults(func=run)
 
 

@@ -50,12 +50,13 @@ import hashlib
 import json
 import sys
 import time
-from userformer.jobs.steps import infer as I
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.dates import date_arg
+
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core.storage.files import Location, append_line, location, parquet_dataset, write_json
+from userformer.jobs.steps import infer as I
 
 KEY = "_replace_user"  # merge key of user_preference_scores' delete+insert
 
@@ -92,12 +93,17 @@ def staged_shards(cfg: Config, day: dt.date, version: str, shards: int) -> list[
         else:
             out.append(m)
     if missing:
-        have = sorted(p.name for p in I.day_dir(cfg, day, version).glob("shard=*")) \
-            if I.day_dir(cfg, day, version).is_dir() else []
+        have = (
+            sorted(p.name for p in I.day_dir(cfg, day, version).glob("shard=*"))
+            if I.day_dir(cfg, day, version).is_dir()
+            else []
+        )
         cmds = "; ".join(f"userformer infer --dt {day} --shard {i} --shards {shards}" for i in missing[:3])
-        raise UserError(f"publish dt={day}: {len(missing)} of {shards} shards of model {version} have no staged "
-                        f"output (missing: {', '.join(I.shard_name(i, shards) for i in missing)}; staged: "
-                        f"{', '.join(have) or 'none'}); run {cmds}{' ...' if len(missing) > 3 else ''}")
+        raise UserError(
+            f"publish dt={day}: {len(missing)} of {shards} shards of model {version} have no staged "
+            f"output (missing: {', '.join(I.shard_name(i, shards) for i in missing)}; staged: "
+            f"{', '.join(have) or 'none'}); run {cmds}{' ...' if len(missing) > 3 else ''}"
+        )
     return out
 
 
@@ -108,9 +114,11 @@ def consistent(manifests: list[dict]) -> dict:
     for m in manifests[1:]:
         diff = [k for k in keys if m.get(k) != first[k]]
         if diff:
-            raise UserError(f"publish dt={first['dt']}: shard {m['shard']} of {m['shards']} differs from shard "
-                            f"{manifests[0]['shard']} in {', '.join(diff)} (inferred from different inputs); rerun "
-                            f"`userformer infer` for every shard")
+            raise UserError(
+                f"publish dt={first['dt']}: shard {m['shard']} of {m['shards']} differs from shard "
+                f"{manifests[0]['shard']} in {', '.join(diff)} (inferred from different inputs); rerun "
+                f"`userformer infer` for every shard"
+            )
     return first
 
 
@@ -119,8 +127,11 @@ def outputs_id(manifests: list[dict]) -> str:
 
 
 def _files(manifests: list[dict], table: str) -> list[str]:
-    return [str(location(m["path"]) / f"{table}.parquet") for m in manifests
-            if (location(m["path"]) / f"{table}.parquet").is_file()]
+    return [
+        str(location(m["path"]) / f"{table}.parquet")
+        for m in manifests
+        if (location(m["path"]) / f"{table}.parquet").is_file()
+    ]
 
 
 # ----------------------------------------------------------------- commits
@@ -147,8 +158,13 @@ def _merge_embeddings(cfg: Config, files: list[str], full: bool, meta: dict, rea
 
     path = cfg.table_path("user_embeddings")
     t = _as_read(path, S.USER_EMBEDDINGS, read_v)
-    m = t.merge(_reader(files, S.USER_EMBEDDINGS), predicate="t.user_id = s.user_id",
-                source_alias="s", target_alias="t", commit_properties=delta.strict_commit(meta))
+    m = t.merge(
+        _reader(files, S.USER_EMBEDDINGS),
+        predicate="t.user_id = s.user_id",
+        source_alias="s",
+        target_alias="t",
+        commit_properties=delta.strict_commit(meta),
+    )
     m = m.when_matched_update_all().when_not_matched_insert_all()
     if full:
         m = m.when_not_matched_by_source_delete()
@@ -157,10 +173,12 @@ def _merge_embeddings(cfg: Config, files: list[str], full: bool, meta: dict, rea
     return t.version()
 
 
-def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], full: bool, meta: dict,
-                         read_v: int | None) -> int:
+def _replace_preferences(
+    cfg: Config, user_files: list[str], files: list[str], full: bool, meta: dict, read_v: int | None
+) -> int:
     """Delete every row of the refreshed users and insert their new rows, in one merge commit."""
     import pyarrow as pa
+
     from userformer.schemas import tables as S
 
     path = cfg.table_path("user_preference_scores")
@@ -177,8 +195,13 @@ def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], f
         for b in parquet_dataset(files, schema=cols).to_batches(batch_readahead=1):
             yield pa.record_batch([pa.nulls(b.num_rows, pa.string()), *b.columns], schema=schema)
 
-    m = t.merge(pa.RecordBatchReader.from_batches(schema, batches()), predicate=f"t.user_id = s.{KEY}",
-                source_alias="s", target_alias="t", commit_properties=delta.strict_commit(meta))
+    m = t.merge(
+        pa.RecordBatchReader.from_batches(schema, batches()),
+        predicate=f"t.user_id = s.{KEY}",
+        source_alias="s",
+        target_alias="t",
+        commit_properties=delta.strict_commit(meta),
+    )
     m = m.when_matched_delete().when_not_matched_insert({c: f"s.{c}" for c in cols.names}, predicate=f"s.{KEY} IS NULL")
     if full:
         m = m.when_not_matched_by_source_delete()
@@ -189,22 +212,24 @@ def _replace_preferences(cfg: Config, user_files: list[str], files: list[str], f
 
 def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | None) -> int:
     from deltalake import write_deltalake
+
     from userformer.schemas import tables as S
 
     path = cfg.table_path("item_embeddings")
     t = _as_read(path, S.ITEM_EMBEDDINGS, read_v)
     with delta.conflicts(path):
-        write_deltalake(t, _reader(files, S.ITEM_EMBEDDINGS), mode="overwrite",
-                        commit_properties=delta.strict_commit(meta))
+        write_deltalake(
+            t, _reader(files, S.ITEM_EMBEDDINGS), mode="overwrite", commit_properties=delta.strict_commit(meta)
+        )
     return t.version()
 
 
 # -------------------------------------------------------------------- step
 def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
     """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
-    from userformer.jobs.steps import check as C
     from userformer.jobs.core import registry as R
     from userformer.jobs.core import stream as ST
+    from userformer.jobs.steps import check as C
 
     t0 = time.perf_counter()
     shards = shards or cfg.infer.shards
@@ -221,26 +246,32 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
     if marker and marker.get("dt"):
         days.append(dt.date.fromisoformat(marker["dt"]))
     if days and day < max(days):
-        raise UserError(f"publish dt={day}: drop {max(days)} is published already; publishing an older drop would "
-                        f"turn the rows refreshed since back in time (publish drops in order; rerun {max(days)} "
-                        "to redo the latest)")
+        raise UserError(
+            f"publish dt={day}: drop {max(days)} is published already; publishing an older drop would "
+            f"turn the rows refreshed since back in time (publish drops in order; rerun {max(days)} "
+            "to redo the latest)"
+        )
 
     manifests = staged_shards(cfg, day, version, shards)
     common = consistent(manifests)
     seq_v, _ = ST.sequences_version(cfg, day)
     staged_v = common["inputs"]["user_sequences"]["version"]
     if staged_v != seq_v:
-        raise UserError(f"publish dt={day}: the shards were inferred from user_sequences version {staged_v}, but the "
-                        f"warehouse now holds version {seq_v} for {day} (sequences rerun?); rerun `userformer infer "
-                        f"--dt {day}` for every shard")
+        raise UserError(
+            f"publish dt={day}: the shards were inferred from user_sequences version {staged_v}, but the "
+            f"warehouse now holds version {seq_v} for {day} (sequences rerun?); rerun `userformer infer "
+            f"--dt {day}` for every shard"
+        )
     need_full = I.full_reason(cfg, day, version)
     if need_full and common.get("selection") and all(p and p.get("model_version") == version for p in last.values()):
         # A repair's selected users (jobs/flows/repair.py): the published rows are all of this model already (its
         # full re-embed was published), so replacing just these users keeps one model version per snapshot.
         need_full = None
     if need_full and not common["full"]:
-        raise UserError(f"publish dt={day}: the shards hold only the day's users but {need_full}; rerun "
-                        f"`userformer infer --dt {day}` for every shard")
+        raise UserError(
+            f"publish dt={day}: the shards hold only the day's users but {need_full}; rerun "
+            f"`userformer infer --dt {day}` for every shard"
+        )
 
     res = C.check(cfg, "outputs", day, {"shards": shards})
     if not res.success:
@@ -249,9 +280,16 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
     users = sum(m["users"] for m in manifests)
     oid = outputs_id(manifests)
     inputs = common["inputs"]
-    meta = {"step": "publish", "dt": str(day), "model_version": version, "shards": shards, "full": common["full"],
-            "users": users, "outputs_id": oid,
-            **{f"{t}_version": inputs[t]["version"] for t in ("user_sequences", "items", "vocab") if t in inputs}}
+    meta = {
+        "step": "publish",
+        "dt": str(day),
+        "model_version": version,
+        "shards": shards,
+        "full": common["full"],
+        "users": users,
+        "outputs_id": oid,
+        **{f"{t}_version": inputs[t]["version"] for t in ("user_sequences", "items", "vocab") if t in inputs},
+    }
     done = {}  # table -> its last publish commit
     read_v = {}  # table -> the version whose history decided what to commit (None: no table); commits land on it
     for t in I.OUTPUTS:
@@ -268,50 +306,83 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
     user_files = _files(manifests, "user_embeddings")
     for table in ("user_embeddings", "user_preference_scores"):
         if already(table):
-            report[table] = {"committed": False, "version": done[table]["version"],
-                             "reason": "this staged output is published already"}
+            report[table] = {
+                "committed": False,
+                "version": done[table]["version"],
+                "reason": "this staged output is published already",
+            }
         elif users == 0:
-            report[table] = {"committed": False, "version": delta.version_of(cfg.table_path(table)),
-                             "reason": f"no user to refresh on {day}"}
+            report[table] = {
+                "committed": False,
+                "version": delta.version_of(cfg.table_path(table)),
+                "reason": f"no user to refresh on {day}",
+            }
         else:
             if table == "user_embeddings":
                 v = _merge_embeddings(cfg, user_files, common["full"], meta, read_v[table])
             else:
-                v = _replace_preferences(cfg, user_files, _files(manifests, table), common["full"], meta,
-                                         read_v[table])
+                v = _replace_preferences(cfg, user_files, _files(manifests, table), common["full"], meta, read_v[table])
             report[table] = {"committed": True, "version": v, "rows": sum(m["rows"][table] for m in manifests)}
     # 3: the items (the same catalogue under the same model: nothing new).
     items_m = next(m for m in manifests if m["shard"] == 0)
     h = done["item_embeddings"]
-    same = (h is not None and h.get("model_version") == version
-            and all(h.get(f"{t}_version") == str(inputs[t]["version"]) for t in ("items", "vocab"))
-            and h.get("items") == str(items_m["rows"]["item_embeddings"]))
+    same = (
+        h is not None
+        and h.get("model_version") == version
+        and all(h.get(f"{t}_version") == str(inputs[t]["version"]) for t in ("items", "vocab"))
+        and h.get("items") == str(items_m["rows"]["item_embeddings"])
+    )
     if already("item_embeddings") or same:
-        report["item_embeddings"] = {"committed": False, "version": h["version"],
-                                     "reason": "the same model's vectors of the same catalogue are published"}
+        report["item_embeddings"] = {
+            "committed": False,
+            "version": h["version"],
+            "reason": "the same model's vectors of the same catalogue are published",
+        }
     else:
-        v = _overwrite_items(cfg, _files([items_m], "item_embeddings"),
-                             {**meta, "items": items_m["rows"]["item_embeddings"]}, read_v["item_embeddings"])
+        v = _overwrite_items(
+            cfg,
+            _files([items_m], "item_embeddings"),
+            {**meta, "items": items_m["rows"]["item_embeddings"]},
+            read_v["item_embeddings"],
+        )
         report["item_embeddings"] = {"committed": True, "version": v, "rows": items_m["rows"]["item_embeddings"]}
 
-    record = {"dt": str(day), "model_version": version, "shards": shards, "full": common["full"], "users": users,
-              "outputs_id": oid, "tables": {t: r["version"] for t, r in report.items()},
-              "inputs": {t: v["version"] for t, v in inputs.items()}, "published_at": R.now_iso()}
+    record = {
+        "dt": str(day),
+        "model_version": version,
+        "shards": shards,
+        "full": common["full"],
+        "users": users,
+        "outputs_id": oid,
+        "tables": {t: r["version"] for t, r in report.items()},
+        "inputs": {t: v["version"] for t, v in inputs.items()},
+        "published_at": R.now_iso(),
+    }
     _write_marker(cfg, record)
-    out = {**record, "reason": common.get("reason") or manifests[0].get("reason"), "commits": report,
-           "check": str(res.json_path), "seconds": round(time.perf_counter() - t0, 3)}
-    log(f"publish dt={day}: model {version}, {users} users ({'full' if common['full'] else 'incremental'}), "
-        + ", ".join(f"{t} {'v' + str(r['version']) if r['committed'] else 'unchanged'}" for t, r in report.items()))
+    out = {
+        **record,
+        "reason": common.get("reason") or manifests[0].get("reason"),
+        "commits": report,
+        "check": str(res.json_path),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    log(
+        f"publish dt={day}: model {version}, {users} users ({'full' if common['full'] else 'incremental'}), "
+        + ", ".join(f"{t} {'v' + str(r['version']) if r['committed'] else 'unchanged'}" for t, r in report.items())
+    )
     return out
 
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("publish", help="check the staged inference of drop D and publish it: user_embeddings "
-                                       "(merge), user_preference_scores, item_embeddings (one commit each)",
-                       description="Publish the staged output of `userformer infer --dt D` (every shard of the "
-                                   "published model) after the output checks pass; refuses and writes nothing "
-                                   "otherwise. See jobs/steps/publish.py.")
+    p = sub.add_parser(
+        "publish",
+        help="check the staged inference of drop D and publish it: user_embeddings "
+        "(merge), user_preference_scores, item_embeddings (one commit each)",
+        description="Publish the staged output of `userformer infer --dt D` (every shard of the "
+        "published model) after the output checks pass; refuses and writes nothing "
+        "otherwise. See jobs/steps/publish.py.",
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--shards", type=int, help="number of shards to expect (default: infer.shards)")
     p.set_defaults(func=run)

@@ -33,12 +33,16 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from userformer.jobs.core.ledger import STEPS, ledger_dir, read_ledger
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.ledger import STEPS, ledger_dir, read_ledger
 from userformer.jobs.core.storage import delta, files
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +129,14 @@ def svg(fig) -> str:
     FigureCanvasAgg(fig)
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(buf, format="svg", bbox_inches="tight",
-                    metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+        fig.savefig(
+            buf,
+            format="svg",
+            bbox_inches="tight",
+            metadata={"Creator": None, "Date": None, "Format": None, "Type": None},
+        )
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def figure(width: float, height: float, ncols: int = 1):
@@ -144,8 +152,11 @@ def figure(width: float, height: float, ncols: int = 1):
 def ledger_days(cfg: Config, upto: dt.date) -> list[dt.date]:
     """Every drop date <= `upto` with a ledger, oldest first."""
     root = cfg.reports_root / "runs"
-    days = [dt.date.fromisoformat(m.group(1)) for p in root.iterdir() if (m := _DAY_DIR.match(p.name))] \
-        if root.is_dir() else []
+    days = (
+        [dt.date.fromisoformat(m.group(1)) for p in root.iterdir() if (m := _DAY_DIR.match(p.name))]
+        if root.is_dir()
+        else []
+    )
     return sorted(d for d in days if d <= upto)
 
 
@@ -170,8 +181,9 @@ def publish_of(ledger: dict, day: dt.date) -> dict:
     """The day's publish result; NotAvailable (why) when it did not run or was skipped."""
     pub = result(ledger, "publish")
     if pub is None:
-        raise NotAvailable(f"the publish step has no ledger entry for {day} (the day stopped before it, or it "
-                           "has not run yet)")
+        raise NotAvailable(
+            f"the publish step has no ledger entry for {day} (the day stopped before it, or it has not run yet)"
+        )
     if "skipped" in pub:
         raise NotAvailable(f"publish was skipped on {day}: {pub['skipped']}")
     return pub
@@ -224,16 +236,32 @@ def section_steps(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
         except ValueError:
             checks.append([p.parent.name, Raw('<span class="failed">unreadable</span>'), "", "", str(p)])
             continue
-        failed = [f"{r['expectation']}" + (f" ({r['column']})" if r.get("column") else "")
-                  for r in c.get("results", []) if not r.get("success")]
+        failed = [
+            f"{r['expectation']}" + (f" ({r['column']})" if r.get("column") else "")
+            for r in c.get("results", [])
+            if not r.get("success")
+        ]
         html_file = p.with_suffix(".html")
-        link = Raw(f'<a href="{esc(_rel(html_file, report_path(cfg, day)))}">{esc(html_file.name)}</a>') \
-            if html_file.is_file() else ""
+        link = (
+            Raw(f'<a href="{esc(_rel(html_file, report_path(cfg, day)))}">{esc(html_file.name)}</a>')
+            if html_file.is_file()
+            else ""
+        )
         status = "ok" if c.get("success") else "failed"
-        checks.append([c.get("table", p.parent.name), Raw(f'<span class="{status}">{status}</span>'),
-                       len(c.get("results", [])), "; ".join(failed) or (c.get("error") or ""), link])
-    body += "<h3>Checks</h3>" + (table(["table", "result", "expectations", "failed", "report"], checks)
-                                 if checks else na(f"no check report for {day} under {cfg.reports_root / 'checks'}"))
+        checks.append(
+            [
+                c.get("table", p.parent.name),
+                Raw(f'<span class="{status}">{status}</span>'),
+                len(c.get("results", [])),
+                "; ".join(failed) or (c.get("error") or ""),
+                link,
+            ]
+        )
+    body += "<h3>Checks</h3>" + (
+        table(["table", "result", "expectations", "failed", "report"], checks)
+        if checks
+        else na(f"no check report for {day} under {cfg.reports_root / 'checks'}")
+    )
     return body, {"steps": counts, "checks": len(checks)}
 
 
@@ -251,10 +279,16 @@ def day_row(cfg: Config, day: dt.date, ledger: dict) -> dict:
     ft = result(ledger, "finetune") or {}
     gate = result(ledger, "gate") or {}
     idx = result(ledger, "index") or {}
-    row = {"dt": str(day), "active_users": seq.get("active_users"), "new_users": seq.get("new_users"),
-           "refreshed": None if "skipped" in pub else pub.get("users"), "model": pub.get("model_version"),
-           "action": ft.get("action") or ("skipped" if "skipped" in ft else None),
-           "verdict": gate.get("status"), "index_recall@10": idx.get("recall_at_10")}
+    row = {
+        "dt": str(day),
+        "active_users": seq.get("active_users"),
+        "new_users": seq.get("new_users"),
+        "refreshed": None if "skipped" in pub else pub.get("users"),
+        "model": pub.get("model_version"),
+        "action": ft.get("action") or ("skipped" if "skipped" in ft else None),
+        "verdict": gate.get("status"),
+        "index_recall@10": idx.get("recall_at_10"),
+    }
     if ft.get("action") == "bootstrap":
         for m in GATE_METRICS:
             row[f"train_valid_{m}"] = (ft.get("valid") or {}).get(m)
@@ -288,8 +322,12 @@ def section_metrics(cfg: Config, day: dt.date) -> tuple[str, dict]:
     plots = [svg(fig)]
 
     fig, axes = figure(10, 2.8, 3)
-    styles = (("candidate", "candidate (gate)", "o-"), ("published", "published (gate)", "s-"),
-              ("train_valid", "new model (validation)", "D"), ("most_popular", "most popular", "x--"))
+    styles = (
+        ("candidate", "candidate (gate)", "o-"),
+        ("published", "published (gate)", "s-"),
+        ("train_valid", "new model (validation)", "D"),
+        ("most_popular", "most popular", "x--"),
+    )
     for ax, m in zip(axes[:2], ("ndcg@10", "recall@10")):
         for key, label, style in styles:
             ax.plot(x, series(f"{key}_{m}"), style, label=label)
@@ -303,18 +341,50 @@ def section_metrics(cfg: Config, day: dt.date) -> tuple[str, dict]:
     axes[2].set_xticks(x, labels)
     plots.append(svg(fig))
 
-    header = ["dt", "active users", "new users", "users refreshed", "model published", "model step", "gate",
-              "candidate ndcg@10", "published ndcg@10", "candidate recall@10", "published recall@10",
-              "new model valid recall@10", "most popular recall@10", "index recall@10"]
-    body_rows = [[r["dt"], r["active_users"], r["new_users"], r["refreshed"], r["model"], r["action"], r["verdict"],
-                  r.get("candidate_ndcg@10"), r.get("published_ndcg@10"), r.get("candidate_recall@10"),
-                  r.get("published_recall@10"), r.get("train_valid_recall@10"), r.get("most_popular_recall@10"),
-                  r["index_recall@10"]] for r in rows]
-    note = ('<p class="note">Gate metrics: the candidate fine-tuned on the day and the published model on the same '
-            "held-out users of the day. A new model (bootstrap) is measured on its validation window instead.</p>")
+    header = [
+        "dt",
+        "active users",
+        "new users",
+        "users refreshed",
+        "model published",
+        "model step",
+        "gate",
+        "candidate ndcg@10",
+        "published ndcg@10",
+        "candidate recall@10",
+        "published recall@10",
+        "new model valid recall@10",
+        "most popular recall@10",
+        "index recall@10",
+    ]
+    body_rows = [
+        [
+            r["dt"],
+            r["active_users"],
+            r["new_users"],
+            r["refreshed"],
+            r["model"],
+            r["action"],
+            r["verdict"],
+            r.get("candidate_ndcg@10"),
+            r.get("published_ndcg@10"),
+            r.get("candidate_recall@10"),
+            r.get("published_recall@10"),
+            r.get("train_valid_recall@10"),
+            r.get("most_popular_recall@10"),
+            r["index_recall@10"],
+        ]
+        for r in rows
+    ]
+    note = (
+        '<p class="note">Gate metrics: the candidate fine-tuned on the day and the published model on the same '
+        "held-out users of the day. A new model (bootstrap) is measured on its validation window instead.</p>"
+    )
     return "".join(plots) + note + table(header, body_rows), {
-        "days": len(rows), "plots": len(plots),
-        "users_refreshed": {r["dt"]: r["refreshed"] for r in rows}}
+        "days": len(rows),
+        "plots": len(plots),
+        "users_refreshed": {r["dt"]: r["refreshed"] for r in rows},
+    }
 
 
 # --------------------------------------------------------- 3: training loss
@@ -343,19 +413,27 @@ def section_loss(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     has_valid = any("valid_recall@10" in h for h in hist)
     if has_valid:
         ax2 = ax.twinx()
-        ax2.plot(epochs, [h.get("valid_recall@10", float("nan")) for h in hist], "s--", color="C1",
-                 label="validation recall@10")
+        ax2.plot(
+            epochs,
+            [h.get("valid_recall@10", float("nan")) for h in hist],
+            "s--",
+            color="C1",
+            label="validation recall@10",
+        )
         ax2.set_ylabel("validation recall@10")
         fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     ax.set_title(f"{version} ({man.get('kind')})", fontsize=10)
     note = "" if ft.get("trained", True) else " (a rerun: the day's candidate trained earlier)"
     if ft.get("action") == "bootstrap" and ft.get("published") is True:
         note = ", published as the first model"
-    intro = (f"<p>Model <code>{esc(version)}</code>, {esc(man.get('kind'))} on {esc(man.get('dt'))}, parent "
-             f"<code>{esc(man.get('parent') or 'none')}</code>, status <b>{esc(man.get('status'))}</b>{esc(note)}."
-             "</p>")
-    rows = [[h["epoch"], h["loss"], h.get("valid_ndcg@10"), h.get("valid_recall@10"), h.get("epoch_seconds")]
-            for h in hist]
+    intro = (
+        f"<p>Model <code>{esc(version)}</code>, {esc(man.get('kind'))} on {esc(man.get('dt'))}, parent "
+        f"<code>{esc(man.get('parent') or 'none')}</code>, status <b>{esc(man.get('status'))}</b>{esc(note)}."
+        "</p>"
+    )
+    rows = [
+        [h["epoch"], h["loss"], h.get("valid_ndcg@10"), h.get("valid_recall@10"), h.get("epoch_seconds")] for h in hist
+    ]
     body = intro + svg(fig) + table(["epoch", "loss", "valid ndcg@10", "valid recall@10", "seconds"], rows, {4: 2})
     return body, {"version": version, "epochs": len(hist), "final_loss": hist[-1]["loss"], "plots": 1}
 
@@ -373,8 +451,9 @@ def section_scores(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
         raise NotAvailable(f"no user was refreshed on {day}: nothing new to score")
     t = "user_preference_scores"
     version = pub["tables"][t]
-    data = _at_version(cfg, t, version).to_table(columns=["task", "labels", "scores"],
-                                                filter=pds.field("as_of") == pa.scalar(day, pa.date32()))
+    data = _at_version(cfg, t, version).to_table(
+        columns=["task", "labels", "scores"], filter=pds.field("as_of") == pa.scalar(day, pa.date32())
+    )
     if not data.num_rows:
         raise NotAvailable(f"{t} version {version} holds no row as of {day}")
     tasks = sorted(set(data["task"].cast(pa.string()).to_pylist()))
@@ -390,14 +469,26 @@ def section_scores(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
         ax.set_xlabel("top-1 score", fontsize=8)
         common = max(set(labels), key=labels.count)
         p10, p50, p90 = np.percentile(top1, [10, 50, 90])
-        rows.append([task, len(top1), float(top1.mean()), float(p10), float(p50), float(p90), common,
-                     labels.count(common) / len(labels)])
+        rows.append(
+            [
+                task,
+                len(top1),
+                float(top1.mean()),
+                float(p10),
+                float(p50),
+                float(p90),
+                common,
+                labels.count(common) / len(labels),
+            ]
+        )
         facts[task] = {"users": len(top1), "mean": float(top1.mean())}
     axes[0].set_ylabel("users")
-    body = (f"<p>{pub['users']:,} users refreshed on {esc(day)}, model <code>{esc(pub['model_version'])}</code>; "
-            f"{esc(t)} version {version}.</p>" + svg(fig)
-            + table(["task", "users", "mean top-1", "p10", "median", "p90", "most common top-1 label", "its share"],
-                    rows))
+    body = (
+        f"<p>{pub['users']:,} users refreshed on {esc(day)}, model <code>{esc(pub['model_version'])}</code>; "
+        f"{esc(t)} version {version}.</p>"
+        + svg(fig)
+        + table(["task", "users", "mean top-1", "p10", "median", "p90", "most common top-1 label", "its share"], rows)
+    )
     return body, {"tasks": facts, "plots": 1}
 
 
@@ -419,6 +510,7 @@ def _at_version(cfg: Config, table_name: str, version: int):
 def previous_publish(cfg: Config, table_name: str, day: dt.date) -> dict | None:
     """The last publish commit of `table_name` for a drop before `day` (Delta history, commit metadata dt)."""
     from userformer.jobs.steps import infer as I
+
     commits = [h for h in I.publish_commits(cfg, table_name) if h.get("dt") and h["dt"] < str(day)]
     return commits[-1] if commits else None
 
@@ -489,21 +581,42 @@ def drift(cfg: Config, day: dt.date, pub: dict, table_name: str) -> dict:
     if not new_keys or not old_keys:
         raise NotAvailable(f"no {key} of {table_name} version {now_v} is in version {prev['version']}")
     if old.shape[1] != new.shape[1]:
-        raise NotAvailable(f"the vectors changed size ({old.shape[1]} -> {new.shape[1]}): a different model, "
-                           "not comparable")
+        raise NotAvailable(
+            f"the vectors changed size ({old.shape[1]} -> {new.shape[1]}): a different model, not comparable"
+        )
     keys, cos = cosines(old_keys, old, new_keys, new)
     if not len(cos):
         raise NotAvailable(f"no {key} is in both version {prev['version']} and {now_v} of {table_name}")
     p = np.percentile(cos, [5, 25, 50, 75, 95])
     order = np.argsort(cos, kind="stable")
-    return {"table": table_name, "key": key, "rows": len(cos), "new_rows": len(new_keys),
-            "from": {"version": prev["version"], "dt": prev.get("dt"), "model_version": prev.get("model_version"),
-                     "models": sorted(old_models)},
-            "to": {"version": now_v, "dt": str(day), "model_version": pub.get("model_version"),
-                   "models": sorted(new_models)},
-            "model_changed": old_models != new_models, "mean": float(cos.mean()), "min": float(cos.min()),
-            "p5": float(p[0]), "p25": float(p[1]), "p50": float(p[2]), "p75": float(p[3]), "p95": float(p[4]),
-            "lowest": [(keys[i], float(cos[i])) for i in order[:5]], "cosines": cos}
+    return {
+        "table": table_name,
+        "key": key,
+        "rows": len(cos),
+        "new_rows": len(new_keys),
+        "from": {
+            "version": prev["version"],
+            "dt": prev.get("dt"),
+            "model_version": prev.get("model_version"),
+            "models": sorted(old_models),
+        },
+        "to": {
+            "version": now_v,
+            "dt": str(day),
+            "model_version": pub.get("model_version"),
+            "models": sorted(new_models),
+        },
+        "model_changed": old_models != new_models,
+        "mean": float(cos.mean()),
+        "min": float(cos.min()),
+        "p5": float(p[0]),
+        "p25": float(p[1]),
+        "p50": float(p[2]),
+        "p75": float(p[3]),
+        "p95": float(p[4]),
+        "lowest": [(keys[i], float(cos[i])) for i in order[:5]],
+        "cosines": cos,
+    }
 
 
 def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
@@ -530,20 +643,29 @@ def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     for r in results:
         frm, to = r["from"], r["to"]
         if r["model_changed"]:
-            change = (f'<p class="note">The model changed ({esc(", ".join(frm["models"]))} &rarr; '
-                      f'{esc(", ".join(to["models"]))}): drift is expected, the vectors come from a different '
-                      "model and are not comparable across versions.</p>")
+            change = (
+                f'<p class="note">The model changed ({esc(", ".join(frm["models"]))} &rarr; '
+                f"{esc(', '.join(to['models']))}): drift is expected, the vectors come from a different "
+                "model and are not comparable across versions.</p>"
+            )
         else:
             change = f'<p class="note">Same model ({esc(", ".join(to["models"]))}) before and after.</p>'
-        who = ("users refreshed on this day that were published before" if r["key"] == "user_id"
-               else "items in both catalogues")
+        who = (
+            "users refreshed on this day that were published before"
+            if r["key"] == "user_id"
+            else "items in both catalogues"
+        )
         parts.append(
             f"<h3>{esc(r['table'])}</h3><p>Version {frm['version']} (publish of {esc(frm['dt'])}) vs version "
-            f"{to['version']} (publish of {esc(to['dt'])}): {r['rows']:,} {who} (of {r['new_rows']:,}).</p>" + change
-            + table(["rows", "mean", "min", "p5", "p25", "median", "p75", "p95"],
-                    [[r["rows"], r["mean"], r["min"], r["p5"], r["p25"], r["p50"], r["p75"], r["p95"]]])
+            f"{to['version']} (publish of {esc(to['dt'])}): {r['rows']:,} {who} (of {r['new_rows']:,}).</p>"
+            + change
+            + table(
+                ["rows", "mean", "min", "p5", "p25", "median", "p75", "p95"],
+                [[r["rows"], r["mean"], r["min"], r["p5"], r["p25"], r["p50"], r["p75"], r["p95"]]],
+            )
             + f"<p>Moved most ({esc(r['key'])}, cosine):</p>"
-            + table([r["key"], "cosine"], [[k, c] for k, c in r["lowest"]]))
+            + table([r["key"], "cosine"], [[k, c] for k, c in r["lowest"]])
+        )
         facts[r["table"]] = {k: r[k] for k in ("rows", "mean", "p50", "model_changed")}
     if not results:
         raise NotAvailable("; ".join(v["not_available"] for v in facts.values()))
@@ -554,8 +676,8 @@ def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
 # ------------------------------------------------------ 6: where things are
 def section_where(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     """Table paths and versions (now, and as published on D), the model and index versions, the folders."""
-    from userformer.jobs.steps import index as X
     from userformer.jobs.core import registry as R
+    from userformer.jobs.steps import index as X
 
     pub = result(ledger, "publish") or {}
     on_day = pub.get("tables") or {}
@@ -567,17 +689,23 @@ def section_where(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     ptr = R.published(cfg)
     cur = X.current(cfg)
     idx = result(ledger, "index") or {}
-    things = [["model of this day's publish", pub.get("model_version") or "none"],
-              ["model published now", ptr["version"] if ptr else "none"],
-              ["index built on this day", idx.get("version") or idx.get("skipped") or "none"],
-              ["index CURRENT now", cur["version"] if cur else "none"],
-              ["ledger", Raw(f"<code>{esc(ledger_dir(cfg, day))}</code>")],
-              ["check reports", Raw(f"<code>{esc(cfg.reports_root / 'checks')}</code>")],
-              ["model registry", Raw(f"<code>{esc(cfg.models_root)}</code>")],
-              ["index", Raw(f"<code>{esc(cfg.index_root)}</code>")]]
+    things = [
+        ["model of this day's publish", pub.get("model_version") or "none"],
+        ["model published now", ptr["version"] if ptr else "none"],
+        ["index built on this day", idx.get("version") or idx.get("skipped") or "none"],
+        ["index CURRENT now", cur["version"] if cur else "none"],
+        ["ledger", Raw(f"<code>{esc(ledger_dir(cfg, day))}</code>")],
+        ["check reports", Raw(f"<code>{esc(cfg.reports_root / 'checks')}</code>")],
+        ["model registry", Raw(f"<code>{esc(cfg.models_root)}</code>")],
+        ["index", Raw(f"<code>{esc(cfg.index_root)}</code>")],
+    ]
     body += table(["what", "where / which"], things)
-    return body, {"model_version": pub.get("model_version"), "published_now": ptr["version"] if ptr else None,
-                  "index_version": idx.get("version"), "index_current": cur["version"] if cur else None}
+    return body, {
+        "model_version": pub.get("model_version"),
+        "published_now": ptr["version"] if ptr else None,
+        "index_version": idx.get("version"),
+        "index_current": cur["version"] if cur else None,
+    }
 
 
 # ---------------------------------------------------------------- the page
@@ -605,11 +733,13 @@ def render(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, list[dict], di
         parts.append(f'<section id="{sid}"><h2>{i}. {esc(title)}</h2>\n{body}\n</section>')
     nav = " &middot; ".join(f'<a href="#{s["id"]}">{esc(s["title"])}</a>' for s in sections)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>userformer daily report dt={esc(day)}</title><style>{CSS}</style></head><body>\n"
-            f"<h1>userformer daily report: drop {esc(day)}</h1>\n"
-            f'<p class="note">Generated {esc(now)} from {esc(cfg.home)}. '
-            f'<a href="../index.html">All days</a></p>\n<nav>{nav}</nav>\n' + "\n".join(parts) + "\n</body></html>\n")
+    page = (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>userformer daily report dt={esc(day)}</title><style>{CSS}</style></head><body>\n"
+        f"<h1>userformer daily report: drop {esc(day)}</h1>\n"
+        f'<p class="note">Generated {esc(now)} from {esc(cfg.home)}. '
+        f'<a href="../index.html">All days</a></p>\n<nav>{nav}</nav>\n' + "\n".join(parts) + "\n</body></html>\n"
+    )
     return page, sections, facts
 
 
@@ -617,26 +747,42 @@ def render_index(cfg: Config) -> str:
     """The list of every day's report, newest first, with the day's users refreshed and model."""
     rows = []
     root = daily_root(cfg)
-    days = sorted((m.group(1) for p in root.iterdir() if (m := _DAY_DIR.match(p.name)) and (p / "index.html").is_file()),
-                  reverse=True) if root.is_dir() else []
+    days = (
+        sorted(
+            (m.group(1) for p in root.iterdir() if (m := _DAY_DIR.match(p.name)) and (p / "index.html").is_file()),
+            reverse=True,
+        )
+        if root.is_dir()
+        else []
+    )
     for d in days:
         led = read_ledger(cfg, dt.date.fromisoformat(d))
         pub = result(led, "publish") or {}
         failed = [s for s, e in led.items() if step_status(e["result"])[0] == "failed"]
-        rows.append([Raw(f'<a href="dt={esc(d)}/index.html">{esc(d)}</a>'),
-                     pub.get("users") if "skipped" not in pub else None,
-                     pub.get("model_version") or pub.get("skipped") or "", ", ".join(failed)])
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>userformer daily reports</title>'
-            f"<style>{CSS}</style></head><body>\n<h1>userformer daily reports</h1>\n"
-            + table(["drop", "users refreshed", "model", "failed steps"], rows) + "\n</body></html>\n")
+        rows.append(
+            [
+                Raw(f'<a href="dt={esc(d)}/index.html">{esc(d)}</a>'),
+                pub.get("users") if "skipped" not in pub else None,
+                pub.get("model_version") or pub.get("skipped") or "",
+                ", ".join(failed),
+            ]
+        )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>userformer daily reports</title>'
+        f"<style>{CSS}</style></head><body>\n<h1>userformer daily reports</h1>\n"
+        + table(["drop", "users refreshed", "model", "failed steps"], rows)
+        + "\n</body></html>\n"
+    )
 
 
 def report(cfg: Config, day: dt.date) -> dict:
     """Write the daily report of drop `day` (module doc) and the list of days; returns the path and a summary."""
     ledger = read_ledger(cfg, day)
     if not ledger:
-        raise UserError(f"no ledger for drop {day} under {ledger_dir(cfg, day)}: run the day first "
-                        f"(`userformer run-day --dt {day}`)")
+        raise UserError(
+            f"no ledger for drop {day} under {ledger_dir(cfg, day)}: run the day first "
+            f"(`userformer run-day --dt {day}`)"
+        )
     page, sections, facts = render(cfg, day, ledger)
     path = report_path(cfg, day)
     files.replace_atomically(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
@@ -645,20 +791,28 @@ def report(cfg: Config, day: dt.date) -> dict:
     files.replace_atomically(index, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     log.info("report dt=%s: %s", day, path)
     metrics = facts.get("metrics", {})
-    return {"html": str(path), "index": str(index), "sections": sections,
-            "plots": page.count("<svg"), "users_refreshed": metrics.get("users_refreshed", {}).get(str(day)),
-            "model_version": facts.get("where", {}).get("model_version"),
-            "drift_mean": {t: f.get("mean") for t, f in facts.get("drift", {}).items() if isinstance(f, dict)
-                           and "mean" in f}}
+    return {
+        "html": str(path),
+        "index": str(index),
+        "sections": sections,
+        "plots": page.count("<svg"),
+        "users_refreshed": metrics.get("users_refreshed", {}).get(str(day)),
+        "model_version": facts.get("where", {}).get("model_version"),
+        "drift_mean": {
+            t: f.get("mean") for t, f in facts.get("drift", {}).items() if isinstance(f, dict) and "mean" in f
+        },
+    }
 
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("report", help="the daily HTML report of drop D: steps, checks, metrics over days, loss, "
-                                      "scores, embedding drift",
-                       description="Write reports/daily/dt=D/index.html (self-contained, plots as SVG) from the "
-                                   "day's ledger, the registry and the published tables, and reports/daily/"
-                                   "index.html listing every day. See jobs/steps/report.py.")
+    p = sub.add_parser(
+        "report",
+        help="the daily HTML report of drop D: steps, checks, metrics over days, loss, scores, embedding drift",
+        description="Write reports/daily/dt=D/index.html (self-contained, plots as SVG) from the "
+        "day's ledger, the registry and the published tables, and reports/daily/"
+        "index.html listing every day. See jobs/steps/report.py.",
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.set_defaults(func=run)
 

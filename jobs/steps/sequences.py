@@ -21,17 +21,26 @@ import logging
 
 from userformer.jobs.core import hooks
 from userformer.jobs.core import stream as ST
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 log = logging.getLogger(__name__)
 
 # Field order is the sort order of a user's events (ts first; the rest breaks ties deterministically).
-_EVENT_FIELDS = ["ts", "item_idx", "event_type_idx", "category_l1_idx", "category_l2_idx",
-                 "category_l3_idx", "brand_idx", "surface_idx", "duration_s"]
+_EVENT_FIELDS = [
+    "ts",
+    "item_idx",
+    "event_type_idx",
+    "category_l1_idx",
+    "category_l2_idx",
+    "category_l3_idx",
+    "brand_idx",
+    "surface_idx",
+    "duration_s",
+]
 
 # Written at creation (rebuild, first day) and set on older tables by `ensure_deletion_vectors`:
 # a MERGE then marks replaced rows instead of rewriting their files.
@@ -55,10 +64,12 @@ def _per_user(events):
         F.max("ts").alias("last_ts"),
         F.max("dt").alias("last_dt"),
     )
-    counts = F.map_from_entries(F.transform(
-        F.array_distinct("_types"),
-        lambda t: F.struct(t.alias("k"), F.size(F.filter("_types", lambda x: x == t)).cast("long").alias("v")),
-    ))
+    counts = F.map_from_entries(
+        F.transform(
+            F.array_distinct("_types"),
+            lambda t: F.struct(t.alias("k"), F.size(F.filter("_types", lambda x: x == t)).cast("long").alias("v")),
+        )
+    )
     return agg.withColumn("counts", counts).drop("_types")
 
 
@@ -73,15 +84,17 @@ def _columns(events, n_events, counts, first_ts, last_ts, last_dt, max_len: int)
     ordered = F.sort_array(events)
     kept = F.slice(ordered, F.greatest(F.size(ordered) - max_len, F.lit(0)) + 1, max_len)
     out = {name: kept.getField(name) for name in S.SEQUENCE_ARRAYS}
-    out.update({
-        "seq_len": F.size(kept).cast("int"),
-        "lifetime_events": n_events.cast("long"),
-        # Sorted entries: the same counts always give the same map, whatever the merge order.
-        "lifetime_counts": F.map_from_entries(F.array_sort(F.map_entries(counts))),
-        "first_event_ts": first_ts,
-        "last_event_ts": last_ts,
-        "updated_dt": last_dt,
-    })
+    out.update(
+        {
+            "seq_len": F.size(kept).cast("int"),
+            "lifetime_events": n_events.cast("long"),
+            # Sorted entries: the same counts always give the same map, whatever the merge order.
+            "lifetime_counts": F.map_from_entries(F.array_sort(F.map_entries(counts))),
+            "first_event_ts": first_ts,
+            "last_event_ts": last_ts,
+            "updated_dt": last_dt,
+        }
+    )
     return out
 
 
@@ -89,8 +102,15 @@ def _finish(df, max_len: int):
     """From (user_id, events[], n_events, counts, first_ts, last_ts, last_dt) to the user_sequences schema."""
     from pyspark.sql import functions as F
 
-    cols = _columns(F.col("events"), F.col("n_events"), F.col("counts"), F.col("first_ts"), F.col("last_ts"),
-                    F.col("last_dt"), max_len)
+    cols = _columns(
+        F.col("events"),
+        F.col("n_events"),
+        F.col("counts"),
+        F.col("first_ts"),
+        F.col("last_ts"),
+        F.col("last_dt"),
+        max_len,
+    )
     return df.select(F.col("user_id"), *[c.alias(k) for k, c in cols.items()])
 
 
@@ -107,11 +127,19 @@ def _merged(max_len: int) -> dict:
 
     t, s = (lambda c: F.col(f"t.{c}")), (lambda c: F.col(f"s.{c}"))
     counts = F.when(t("lifetime_counts").isNull(), s("counts")).otherwise(
-        F.map_zip_with(t("lifetime_counts"), s("counts"),
-                       lambda k, a, b: F.coalesce(a, F.lit(0)) + F.coalesce(b, F.lit(0))))
-    return _columns(F.concat(_stored_events("t"), s("events")), t("lifetime_events") + s("n_events"), counts,
-                    F.least(t("first_event_ts"), s("first_ts")), F.greatest(t("last_event_ts"), s("last_ts")),
-                    F.greatest(t("updated_dt"), s("last_dt")), max_len)
+        F.map_zip_with(
+            t("lifetime_counts"), s("counts"), lambda k, a, b: F.coalesce(a, F.lit(0)) + F.coalesce(b, F.lit(0))
+        )
+    )
+    return _columns(
+        F.concat(_stored_events("t"), s("events")),
+        t("lifetime_events") + s("n_events"),
+        counts,
+        F.least(t("first_event_ts"), s("first_ts")),
+        F.greatest(t("last_event_ts"), s("last_ts")),
+        F.greatest(t("updated_dt"), s("last_dt")),
+        max_len,
+    )
 
 
 def _inserted(max_len: int) -> dict:
@@ -119,8 +147,10 @@ def _inserted(max_len: int) -> dict:
     from pyspark.sql import functions as F
 
     s = lambda c: F.col(f"s.{c}")  # noqa: E731
-    return {"user_id": s("user_id"), **_columns(s("events"), s("n_events"), s("counts"), s("first_ts"),
-                                                 s("last_ts"), s("last_dt"), max_len)}
+    return {
+        "user_id": s("user_id"),
+        **_columns(s("events"), s("n_events"), s("counts"), s("first_ts"), s("last_ts"), s("last_dt"), max_len),
+    }
 
 
 def _write(df, cfg: Config, n_rows: int, meta: dict) -> int:
@@ -147,7 +177,9 @@ def update(cfg: Config, day: dt.date) -> dict:
     applied, base = ST.last_drop(seq_path)
     rerun = applied == day
     if rerun and base is None:
-        raise UserError(f"user_sequences was rebuilt up to {day}; to redo {day}, rebuild again (`userformer sequences --rebuild`)")
+        raise UserError(
+            f"user_sequences was rebuilt up to {day}; to redo {day}, rebuild again (`userformer sequences --rebuild`)"
+        )
     if applied is not None and day < applied:
         raise UserError(
             f"user_sequences already includes drops up to {applied}; updating {day} now would apply it out of order. "
@@ -171,8 +203,15 @@ def update(cfg: Config, day: dt.date) -> dict:
 def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | None, meta: dict) -> dict:
     seq_path = cfg.table_path("user_sequences")
     n_active = new.count()
-    result = {"dt": str(day), "active_users": n_active, "new_users": 0, "rerun": rerun, "files_rewritten": 0,
-              "files_added": 0, "rows_written": 0}
+    result = {
+        "dt": str(day),
+        "active_users": n_active,
+        "new_users": 0,
+        "rerun": rerun,
+        "files_rewritten": 0,
+        "files_added": 0,
+        "rows_written": 0,
+    }
     # The state D is applied to: the current table, or on a rerun the version before D.
     if rerun and base >= 0:
         _restore(spark, seq_path, base, day)
@@ -194,10 +233,12 @@ def _merge(spark, seq_path, new, meta: dict, max_len: int) -> dict:
     """The day's users into the table: one MERGE, one commit; its counts from the commit's operationMetrics."""
     target = delta.spark_table(spark, seq_path).alias("t")
     with delta.spark_commit(spark, seq_path, meta) as c:
-        (target.merge(new.alias("s"), "t.user_id = s.user_id")
-         .whenMatchedUpdate(set=_merged(max_len))
-         .whenNotMatchedInsert(values=_inserted(max_len))
-         .execute())
+        (
+            target.merge(new.alias("s"), "t.user_id = s.user_id")
+            .whenMatchedUpdate(set=_merged(max_len))
+            .whenNotMatchedInsert(values=_inserted(max_len))
+            .execute()
+        )
     if c["version"] is None:
         raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
     m = _write_metrics(seq_path, c["version"])
@@ -210,15 +251,25 @@ def _write_metrics(seq_path, version: int) -> dict:
     m = {k: int(v) for k, v in (h.get("operationMetrics") or {}).items() if str(v).lstrip("-").isdigit()}
     if h.get("operation") == "MERGE":
         inserted, updated = m.get("numTargetRowsInserted", 0), m.get("numTargetRowsUpdated", 0)
-        return {"rows_inserted": inserted, "rows_updated": updated, "rows_deleted": m.get("numTargetRowsDeleted", 0),
-                "rows_written": inserted + updated, "files_added": m.get("numTargetFilesAdded", 0),
-                # With deletion vectors no file is rewritten: replaced rows are marked in the vectors.
-                "files_rewritten": m.get("numTargetFilesRemoved", 0),
-                "deletion_vectors_added": m.get("numTargetDeletionVectorsAdded", 0),
-                "bytes_added": m.get("numTargetBytesAdded", 0), "target_rows_copied": m.get("numTargetRowsCopied", 0),
-                "scan_ms": m.get("scanTimeMs"), "rewrite_ms": m.get("rewriteTimeMs")}
-    return {"rows_written": m.get("numOutputRows", 0), "files_added": m.get("numFiles", 0),
-            "bytes_added": m.get("numOutputBytes", 0)}
+        return {
+            "rows_inserted": inserted,
+            "rows_updated": updated,
+            "rows_deleted": m.get("numTargetRowsDeleted", 0),
+            "rows_written": inserted + updated,
+            "files_added": m.get("numTargetFilesAdded", 0),
+            # With deletion vectors no file is rewritten: replaced rows are marked in the vectors.
+            "files_rewritten": m.get("numTargetFilesRemoved", 0),
+            "deletion_vectors_added": m.get("numTargetDeletionVectorsAdded", 0),
+            "bytes_added": m.get("numTargetBytesAdded", 0),
+            "target_rows_copied": m.get("numTargetRowsCopied", 0),
+            "scan_ms": m.get("scanTimeMs"),
+            "rewrite_ms": m.get("rewriteTimeMs"),
+        }
+    return {
+        "rows_written": m.get("numOutputRows", 0),
+        "files_added": m.get("numFiles", 0),
+        "bytes_added": m.get("numOutputBytes", 0),
+    }
 
 
 def ensure_deletion_vectors(spark, seq_path) -> bool:
@@ -227,11 +278,18 @@ def ensure_deletion_vectors(spark, seq_path) -> bool:
     props = delta.open_table(seq_path).metadata().configuration or {}
     if str(props.get("delta.enableDeletionVectors", "")).lower() == "true":
         return False
-    log.warning("user_sequences at %s has no deletion vectors: enabling them (delta.enableDeletionVectors, "
-                "a protocol upgrade; readers need Delta reader version 3 with deletionVectors)", seq_path)
+    log.warning(
+        "user_sequences at %s has no deletion vectors: enabling them (delta.enableDeletionVectors, "
+        "a protocol upgrade; readers need Delta reader version 3 with deletionVectors)",
+        seq_path,
+    )
     with delta.spark_commit(spark, seq_path, {"step": "sequences-migrate", "enable": "deletionVectors"}):
-        spark.sql(f"ALTER TABLE delta.`{delta.spark_uri(seq_path)}` SET TBLPROPERTIES "
-                  + "(" + ", ".join(f"'{k}' = '{v}'" for k, v in PROPERTIES.items()) + ")")
+        spark.sql(
+            f"ALTER TABLE delta.`{delta.spark_uri(seq_path)}` SET TBLPROPERTIES "
+            + "("
+            + ", ".join(f"'{k}' = '{v}'" for k, v in PROPERTIES.items())
+            + ")"
+        )
     return True
 
 
@@ -239,8 +297,9 @@ def _restore(spark, seq_path, version: int, day: dt.date) -> int:
     """Back to the state before D (a rerun), as one RESTORE commit. Its metadata names no drop, so until
     the MERGE that follows commits, `stream.last_drop` reads the state it restored (the drop before D):
     a crash between the two leaves a table that a rerun of D applies to normally."""
-    with delta.spark_commit(spark, seq_path, {"step": "sequences-rerun", "rerun_of": str(day),
-                                              "restored_version": version}) as c:
+    with delta.spark_commit(
+        spark, seq_path, {"step": "sequences-rerun", "rerun_of": str(day), "restored_version": version}
+    ) as c:
         delta.spark_table(spark, seq_path).restoreToVersion(version)
     return c["version"]
 
@@ -282,8 +341,11 @@ def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("sequences", help="events -> user_sequences (incremental for one drop, or --rebuild)",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "sequences",
+        help="events -> user_sequences (incremental for one drop, or --rebuild)",
+        description=__doc__.split("\n\n")[0],
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--dt", type=date_arg, help="drop date YYYY-MM-DD: update only the users with events in it")
     g.add_argument("--rebuild", action="store_true", help="recompute the whole table from events")

@@ -54,16 +54,17 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core.errors import UserError
-
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config, ModelConfig, TrainConfig
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 
 DAY_S = 86400.0
 
 
 class NotEnoughHistory(UserError):
     """The warehouse has no training sequence before the validation window yet (a pipeline's first days)."""
+
+
 VALID_SALT = "valid"  # which window users validate (the rest are evaluate's)
 SAMPLE_SALT = "eval-sample"  # which of them are kept beyond max_eval_users
 
@@ -79,8 +80,10 @@ class Snapshot:
     catalog: object  # models.data.ItemCatalog
 
     def record(self, cfg: Config) -> dict:
-        return {"dt": str(self.day), **{name: {"path": str(cfg.table_path(name)), "version": v}
-                                         for name, v in self.versions.items()}}
+        return {
+            "dt": str(self.day),
+            **{name: {"path": str(cfg.table_path(name)), "version": v} for name, v in self.versions.items()},
+        }
 
 
 def snapshot(cfg: Config, day: dt.date | None, versions: dict | None = None) -> Snapshot:
@@ -120,8 +123,15 @@ def _summary_metrics(m: dict) -> dict:
 def _find_run(cfg: Config, ref: str) -> Path:
     runs = cfg.models_root / "runs"
     if ref == "latest":
-        todo = [p for p in sorted(runs.iterdir()) if (p / "run.json").is_file()
-                and json.loads((p / "run.json").read_text()).get("status") != "finished"] if runs.is_dir() else []
+        todo = (
+            [
+                p
+                for p in sorted(runs.iterdir())
+                if (p / "run.json").is_file() and json.loads((p / "run.json").read_text()).get("status") != "finished"
+            ]
+            if runs.is_dir()
+            else []
+        )
         if not todo:
             raise UserError(f"no unfinished training run under {runs} to resume")
         return todo[-1]
@@ -132,15 +142,25 @@ def _find_run(cfg: Config, ref: str) -> Path:
     return d
 
 
-def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None, publish: bool = False,
-          resume: str | None = None, max_users: int | None = None, progress: bool = True, log=_stderr,
-          window_days: float | None = None) -> dict:
+def train(
+    cfg: Config,
+    *,
+    day: dt.date | None = None,
+    epochs: int | None = None,
+    publish: bool = False,
+    resume: str | None = None,
+    max_users: int | None = None,
+    progress: bool = True,
+    log=_stderr,
+    window_days: float | None = None,
+) -> dict:
     """Train a model on the warehouse (module doc), register it, publish it when asked or when it is the first.
 
     `window_days`: train only on the events of the last `window_days` days up to the end of D (older events are
     left out of every sequence); the last ``train.eval_horizon_days`` of the window validate, as always.
     """
     import torch
+
     from userformer.jobs.core import registry as R
     from userformer.jobs.core import stream as ST
     from userformer.models import train as T
@@ -155,8 +175,11 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
             return run["summary"]
         mcfg = _dataclass(ModelConfig, run["model_config"], f"{run_dir}/run.json model_config")
         tcfg = _dataclass(TrainConfig, run["train_config"], f"{run_dir}/run.json train_config")
-        snap = snapshot(cfg, dt.date.fromisoformat(run["data"]["dt"]),
-                        {k: run["data"][k]["version"] for k in ("user_sequences", "items", "vocab")})
+        snap = snapshot(
+            cfg,
+            dt.date.fromisoformat(run["data"]["dt"]),
+            {k: run["data"][k]["version"] for k in ("user_sequences", "items", "vocab")},
+        )
         publish, max_users = publish or run["publish"], run["max_users"]
         window_days = run.get("window_days")
         if (run_dir / "last.pt").is_file():
@@ -168,9 +191,16 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
         run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         run_dir = cfg.models_root / "runs" / run_id
         run_dir.mkdir(parents=True)
-        run = {"run_id": run_id, "status": "running", "created_at": R.now_iso(), "data": snap.record(cfg),
-               "publish": publish, "max_users": max_users, "window_days": window_days,
-               "model_config": dataclasses.asdict(mcfg)}
+        run = {
+            "run_id": run_id,
+            "status": "running",
+            "created_at": R.now_iso(),
+            "data": snap.record(cfg),
+            "publish": publish,
+            "max_users": max_users,
+            "window_days": window_days,
+            "model_config": dataclasses.asdict(mcfg),
+        }
     if epochs:
         tcfg.epochs = epochs
     run["train_config"] = dataclasses.asdict(tcfg)
@@ -183,58 +213,106 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
     t_min = None
     if window_days is not None:
         if window_days * DAY_S <= horizon:
-            raise UserError(f"a training window of {window_days} days leaves nothing to train on before the "
-                            f"validation window (train.eval_horizon_days={tcfg.eval_horizon_days})")
+            raise UserError(
+                f"a training window of {window_days} days leaves nothing to train on before the "
+                f"validation window (train.eval_horizon_days={tcfg.eval_horizon_days})"
+            )
         t_min = T_ref - window_days * DAY_S
-    source = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split,
-                               t_min=t_min)
+    source = ST.DeltaSequences(
+        snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split, t_min=t_min
+    )
     if max_users:
         frac = max_users / max(source.n_rows, 1)
         source.select = lambda t: _bucket(t, "max-users") < frac
-    valid = ST.WindowUsers(split, T_ref, tcfg.max_eval_users, salt=SAMPLE_SALT,
-                           keep=lambda t: _bucket(t, VALID_SALT) < tcfg.valid_user_fraction)
+    valid = ST.WindowUsers(
+        split,
+        T_ref,
+        tcfg.max_eval_users,
+        salt=SAMPLE_SALT,
+        keep=lambda t: _bucket(t, VALID_SALT) < tcfg.valid_user_fraction,
+    )
     source.summarise(cat.n_items, (valid,))
     if not source.n_sequences:
-        raise NotEnoughHistory(f"no user has 2+ events before {ST.iso(split)}"
-                               + (f" (from {ST.iso(t_min)})" if t_min is not None else "")
-                               + f" in user_sequences as of {snap.day} "
-                        f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first")
+        raise NotEnoughHistory(
+            f"no user has 2+ events before {ST.iso(split)}"
+            + (f" (from {ST.iso(t_min)})" if t_min is not None else "")
+            + f" in user_sequences as of {snap.day} "
+            f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first"
+        )
     valid_ev = valid.result()
     if not len(valid_ev.targets):
-        log(f"warning: no validation users with item events in [{ST.iso(split)}, {ST.iso(T_ref)}): "
-            "no early stopping, the last epoch is kept")
-    log(f"train as of {snap.day}: {source.n_sequences} sequences of {source.n_users} users before {ST.iso(split)}, "
+        log(
+            f"warning: no validation users with item events in [{ST.iso(split)}, {ST.iso(T_ref)}): "
+            "no early stopping, the last epoch is kept"
+        )
+    log(
+        f"train as of {snap.day}: {source.n_sequences} sequences of {source.n_users} users before {ST.iso(split)}, "
         f"{len(valid_ev.targets)} validation users (of {valid.total} in the window), {cat.n_items} items; "
-        f"run {run['run_id']}")
-    protocol = {"reference_time": ST.iso(T_ref), "split_time": ST.iso(split), "trained_until": ST.iso(split),
-                "trained_until_ts": split, "eval_horizon_days": tcfg.eval_horizon_days,
-                "valid_user_fraction": tcfg.valid_user_fraction,
-                "trained_from": ST.iso(t_min) if t_min is not None else None, "window_days": window_days}
+        f"run {run['run_id']}"
+    )
+    protocol = {
+        "reference_time": ST.iso(T_ref),
+        "split_time": ST.iso(split),
+        "trained_until": ST.iso(split),
+        "trained_until_ts": split,
+        "eval_horizon_days": tcfg.eval_horizon_days,
+        "valid_user_fraction": tcfg.valid_user_fraction,
+        "trained_from": ST.iso(t_min) if t_min is not None else None,
+        "window_days": window_days,
+    }
     extra = {"data": snap.record(cfg), "protocol": protocol, "run_id": run["run_id"], "parent": None}
-    model, hist = T.fit(mcfg, tcfg, source, valid_ev if len(valid_ev.targets) else None, cat,
-                        ckpt_path=run_dir / "best.pt", progress=progress, log=log, state_path=run_dir / "last.pt",
-                        resume=state, extra=extra)
+    model, hist = T.fit(
+        mcfg,
+        tcfg,
+        source,
+        valid_ev if len(valid_ev.targets) else None,
+        cat,
+        ckpt_path=run_dir / "best.pt",
+        progress=progress,
+        log=log,
+        state_path=run_dir / "last.pt",
+        resume=state,
+        extra=extra,
+    )
 
     device = T.pick_device(tcfg.device)
-    metrics = {"best_epoch": hist["best_epoch"], "epochs": hist["epochs"], "stopped_early": hist["stopped_early"],
-               "train_seconds": hist["train_seconds"], "train_sequences": source.n_sequences,
-               "valid_users": len(valid_ev.targets)}
+    metrics = {
+        "best_epoch": hist["best_epoch"],
+        "epochs": hist["epochs"],
+        "stopped_early": hist["stopped_early"],
+        "train_seconds": hist["train_seconds"],
+        "train_sequences": source.n_sequences,
+        "valid_users": len(valid_ev.targets),
+    }
     if len(valid_ev.targets):
         metrics["valid"] = T.evaluate(model, valid_ev, cat, device, tcfg)
         metrics["valid_most_popular"] = ST.evaluate_counts(source.item_counts(cat.n_items), valid_ev, cat)
-    ck = T.checkpoint(model, tcfg, hist["best_epoch"] or hist["epochs"], metrics,
-                      {**extra, "history": hist["history"], "parameters": model.n_parameters()})
+    ck = T.checkpoint(
+        model,
+        tcfg,
+        hist["best_epoch"] or hist["epochs"],
+        metrics,
+        {**extra, "history": hist["history"], "parameters": model.n_parameters()},
+    )
     version = R.register(cfg, ck, kind="train", day=snap.day)
     ptr = R.published(cfg)
     published = publish or ptr is None
     if published:
         R.publish(cfg, version, "userformer train --publish" if publish else "first model of this registry")
-    summary = {"version": version, "published": published, "run_id": run["run_id"], "dt": str(snap.day),
-               "data": snap.record(cfg), "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
-               "train_sequences": source.n_sequences, "valid_users": len(valid_ev.targets),
-               "valid": _summary_metrics(metrics.get("valid", {})),
-               "valid_most_popular": _summary_metrics(metrics.get("valid_most_popular", {})),
-               "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {
+        "version": version,
+        "published": published,
+        "run_id": run["run_id"],
+        "dt": str(snap.day),
+        "data": snap.record(cfg),
+        "epochs": hist["epochs"],
+        "best_epoch": hist["best_epoch"],
+        "train_sequences": source.n_sequences,
+        "valid_users": len(valid_ev.targets),
+        "valid": _summary_metrics(metrics.get("valid", {})),
+        "valid_most_popular": _summary_metrics(metrics.get("valid_most_popular", {})),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     run.update(status="finished", finished_at=R.now_iso(), summary=summary)
     R.write_json(run_dir / "run.json", run)
     for f in ("last.pt", "best.pt"):  # the registry holds the result; the resumable state is no longer needed
@@ -243,8 +321,9 @@ def train(cfg: Config, *, day: dt.date | None = None, epochs: int | None = None,
 
 
 # --------------------------------------------------------------- finetune
-def gate(candidate: dict, published: dict, metrics: list[str], max_quality_drop: float, users: int,
-         min_users: int) -> dict:
+def gate(
+    candidate: dict, published: dict, metrics: list[str], max_quality_drop: float, users: int, min_users: int
+) -> dict:
     """The promotion rule: enough held-out users, and candidate >= published x (1 - max_quality_drop) on each metric."""
     checks = {}
     for m in metrics:
@@ -256,15 +335,25 @@ def gate(candidate: dict, published: dict, metrics: list[str], max_quality_drop:
         reason = f"only {users} held-out users with positives (finetune.min_holdout_users={min_users}): not judged"
     elif failed:
         reason = "below the published model: " + ", ".join(
-            f"{m} {checks[m]['candidate']:.4f} < {checks[m]['threshold']:.4f}" for m in failed)
+            f"{m} {checks[m]['candidate']:.4f} < {checks[m]['threshold']:.4f}" for m in failed
+        )
     else:
-        reason = "passed: " + ", ".join(f"{m} {ch['candidate']:.4f} >= {ch['threshold']:.4f}" for m, ch in checks.items())
-    return {"promote": users >= min_users and not failed, "reason": reason, "checks": checks, "users": users,
-            "min_users": min_users, "max_quality_drop": max_quality_drop}
+        reason = "passed: " + ", ".join(
+            f"{m} {ch['candidate']:.4f} >= {ch['threshold']:.4f}" for m, ch in checks.items()
+        )
+    return {
+        "promote": users >= min_users and not failed,
+        "reason": reason,
+        "checks": checks,
+        "users": users,
+        "min_users": min_users,
+        "max_quality_drop": max_quality_drop,
+    }
 
 
-def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: bool = True, progress: bool = True,
-             log=_stderr) -> dict:
+def finetune(
+    cfg: Config, day: dt.date, *, epochs: int | None = None, promote: bool = True, progress: bool = True, log=_stderr
+) -> dict:
     """Fine-tune the published model on drop `day`, gate it, promote or reject it (module doc).
 
     With ``promote=False`` the candidate is registered with status "candidate" and its gate measurements, and
@@ -273,6 +362,7 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
     """
     import pyarrow as pa
     import pyarrow.compute as pc
+
     from userformer.jobs.core import registry as R
     from userformer.jobs.core import stream as ST
     from userformer.models import train as T
@@ -281,8 +371,10 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
     ft = cfg.finetune
     ptr = R.published(cfg)
     if ptr is None:
-        raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first "
-                        "(finetune warm-starts from the published version)")
+        raise UserError(
+            f"no published model under {cfg.models_root}: run `userformer train` first "
+            "(finetune warm-starts from the published version)"
+        )
     state = ST.drop_state(cfg, day)
     base = {"dt": str(day), "published": ptr["version"], "trained": False, "promoted": False}
     if state == "ingested":
@@ -296,15 +388,26 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
     start, end = ST.day_start(day), ST.day_end(day)
     until = (pub_ck.get("protocol") or {}).get("trained_until_ts")
     if until is not None and until >= end:
-        return {**base, "reason": f"the published version {ptr['version']} was already trained on events up to "
-                                  f"{ST.iso(until)}: nothing new in drop {day}"}
+        return {
+            **base,
+            "reason": f"the published version {ptr['version']} was already trained on events up to "
+            f"{ST.iso(until)}: nothing new in drop {day}",
+        }
     snap = snapshot(cfg, day)
     prior = _prior_candidate(cfg, day, ptr["version"], snap.record(cfg))
     if prior is not None:
-        log(f"finetune {day}: candidate {prior['version']} of {ptr['version']} on the same data exists "
-            f"({prior['status']}): not training another")
-        res = {**base, "trained": False, "version": prior["version"], "status": prior["status"],
-               "parent": ptr["version"], "reason": f"rerun: candidate {prior['version']} ({prior['status']}) exists"}
+        log(
+            f"finetune {day}: candidate {prior['version']} of {ptr['version']} on the same data exists "
+            f"({prior['status']}): not training another"
+        )
+        res = {
+            **base,
+            "trained": False,
+            "version": prior["version"],
+            "status": prior["status"],
+            "parent": ptr["version"],
+            "reason": f"rerun: candidate {prior['version']} ({prior['status']}) exists",
+        }
         if promote and prior["status"] in ("candidate", "promoted"):
             res.update(promote_candidate(cfg, day, prior["version"]))
         return res
@@ -314,9 +417,16 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
 
     tc = _dataclass(TrainConfig, pub_ck["train_config"], f"{pub_path} train_config")
     # The model's objective and loss, this machine's device settings, the fine-tuning schedule.
-    tcfg = dataclasses.replace(tc, epochs=epochs or ft.epochs, lr=ft.lr, device=cfg.train.device,
-                               bf16=cfg.train.bf16, cpu_bf16=cfg.train.cpu_bf16, num_threads=cfg.train.num_threads,
-                               stream_chunk_users=cfg.train.stream_chunk_users)
+    tcfg = dataclasses.replace(
+        tc,
+        epochs=epochs or ft.epochs,
+        lr=ft.lr,
+        device=cfg.train.device,
+        bf16=cfg.train.bf16,
+        cpu_bf16=cfg.train.cpu_bf16,
+        num_threads=cfg.train.num_threads,
+        stream_chunk_users=cfg.train.stream_chunk_users,
+    )
     on_day = pa.scalar(day, pa.date32())
 
     def active(t):
@@ -336,17 +446,26 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
         counts["active_users"] += int(a.sum())
         counts["holdout_users"] += int((a & held(t)).sum())
 
-    gate_users = ST.WindowUsers(start, end, cfg.train.max_eval_users, salt=SAMPLE_SALT, keep=lambda t: active(t) & held(t))
+    gate_users = ST.WindowUsers(
+        start, end, cfg.train.max_eval_users, salt=SAMPLE_SALT, keep=lambda t: active(t) & held(t)
+    )
     census = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users)
     census.summarise(cat.n_items, (count, gate_users))
     if counts["active_users"] == 0:
         return {**base, "reason": f"no user was active on {day}: nothing to fine-tune, nothing promoted"}
-    source = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=end,
-                               select=train_rows).summarise(cat.n_items)
+    source = ST.DeltaSequences(
+        snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=end, select=train_rows
+    ).summarise(cat.n_items)
     gate_ev = gate_users.result()
-    info = {**counts, "gate_users": len(gate_ev.targets), "train_sequences": source.n_sequences,
-            "replay_fraction": ft.replay_fraction, "holdout_fraction": ft.holdout_fraction,
-            "epochs": tcfg.epochs, "lr": tcfg.lr}
+    info = {
+        **counts,
+        "gate_users": len(gate_ev.targets),
+        "train_sequences": source.n_sequences,
+        "replay_fraction": ft.replay_fraction,
+        "holdout_fraction": ft.holdout_fraction,
+        "epochs": tcfg.epochs,
+        "lr": tcfg.lr,
+    }
     log(f"finetune {ptr['version']} on {day}: {info}")
     if not source.n_sequences:
         return {**base, **info, "reason": f"no training sequences on {day} once the held-out users are out"}
@@ -355,35 +474,68 @@ def finetune(cfg: Config, day: dt.date, *, epochs: int | None = None, promote: b
     grown.to(device)
     pub_m = T.evaluate(grown, gate_ev, cat, device, tcfg)
     stale_users = T.embed_users(grown, gate_ev.history, grown.cfg.max_len, device, tcfg, ref_ts=gate_ev.ref_ts)
-    protocol = {"reference_time": ST.iso(end), "trained_until": ST.iso(end), "trained_until_ts": end,
-                "gate_window": [ST.iso(start), ST.iso(end)], "parent_trained_until": until}
+    protocol = {
+        "reference_time": ST.iso(end),
+        "trained_until": ST.iso(end),
+        "trained_until_ts": end,
+        "gate_window": [ST.iso(start), ST.iso(end)],
+        "parent_trained_until": until,
+    }
     extra = {"data": snap.record(cfg), "protocol": protocol, "parent": ptr["version"], "finetune": info}
-    candidate, hist = T.fit(grown.cfg, tcfg, source, None, cat, progress=progress, log=log,
-                            model=copy.deepcopy(grown), extra=extra)
+    candidate, hist = T.fit(
+        grown.cfg, tcfg, source, None, cat, progress=progress, log=log, model=copy.deepcopy(grown), extra=extra
+    )
     cand_m = T.evaluate(candidate, gate_ev, cat, device, tcfg)
     stale_m = ST.evaluate_embeddings(stale_users, candidate.item_tower.all_items(), gate_ev, cat)
     pop_m = ST.evaluate_counts(source.item_counts(cat.n_items), gate_ev, cat)
     decision = gate(cand_m, pub_m, ft.gate_metrics, ft.max_quality_drop, len(gate_ev.targets), ft.min_holdout_users)
-    stale = {"users": len(gate_ev.targets),
-             "stale_user_embeddings": _summary_metrics(stale_m),
-             "fresh_user_embeddings": _summary_metrics(cand_m),
-             "fresh_minus_stale": {k: cand_m.get(k, 0.0) - stale_m.get(k, 0.0) for k in ("recall@10", "ndcg@10", "hr@10")},
-             "what": "held-out users of the day: the published model's user embeddings (history before the day) "
-                     "against the candidate's item vectors, vs the candidate's own fresh embeddings of them",
-             "rule": R.REEMBED_RULE}
-    metrics = {"gate": {"candidate": cand_m, "published": pub_m, "most_popular": pop_m},
-               "train_seconds": hist["train_seconds"], "epochs": hist["epochs"]}
-    ck = T.checkpoint(candidate, tcfg, hist["epochs"], metrics,
-                      {**extra, "history": hist["history"], "gate": decision, "stale_embeddings": stale,
-                       "grown": grow_report, "parameters": candidate.n_parameters()})
+    stale = {
+        "users": len(gate_ev.targets),
+        "stale_user_embeddings": _summary_metrics(stale_m),
+        "fresh_user_embeddings": _summary_metrics(cand_m),
+        "fresh_minus_stale": {k: cand_m.get(k, 0.0) - stale_m.get(k, 0.0) for k in ("recall@10", "ndcg@10", "hr@10")},
+        "what": "held-out users of the day: the published model's user embeddings (history before the day) "
+        "against the candidate's item vectors, vs the candidate's own fresh embeddings of them",
+        "rule": R.REEMBED_RULE,
+    }
+    metrics = {
+        "gate": {"candidate": cand_m, "published": pub_m, "most_popular": pop_m},
+        "train_seconds": hist["train_seconds"],
+        "epochs": hist["epochs"],
+    }
+    ck = T.checkpoint(
+        candidate,
+        tcfg,
+        hist["epochs"],
+        metrics,
+        {
+            **extra,
+            "history": hist["history"],
+            "gate": decision,
+            "stale_embeddings": stale,
+            "grown": grow_report,
+            "parameters": candidate.n_parameters(),
+        },
+    )
     status = ("promoted" if decision["promote"] else "rejected") if promote else "candidate"
     version = R.register(cfg, ck, kind="finetune", day=day, status=status)
     if promote and decision["promote"]:
         R.publish(cfg, version, f"finetune dt={day} over {ptr['version']}: gate {decision['reason']}")
-    return {**base, "trained": True, "promoted": promote and decision["promote"], "version": version,
-            "status": status, "published": version if promote and decision["promote"] else ptr["version"],
-            "parent": ptr["version"], "reason": decision["reason"], "gate": decision, "stale_embeddings": stale,
-            **info, "most_popular": _summary_metrics(pop_m), "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        **base,
+        "trained": True,
+        "promoted": promote and decision["promote"],
+        "version": version,
+        "status": status,
+        "published": version if promote and decision["promote"] else ptr["version"],
+        "parent": ptr["version"],
+        "reason": decision["reason"],
+        "gate": decision,
+        "stale_embeddings": stale,
+        **info,
+        "most_popular": _summary_metrics(pop_m),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _prior_candidate(cfg: Config, day: dt.date, parent: str, data: dict) -> dict | None:
@@ -391,8 +543,12 @@ def _prior_candidate(cfg: Config, day: dt.date, parent: str, data: dict) -> dict
     from userformer.jobs.core import registry as R
 
     for man in reversed(R.list_versions(cfg)):
-        if (man.get("kind") == "finetune" and man.get("dt") == str(day) and man.get("parent") == parent
-                and man.get("data") == data):
+        if (
+            man.get("kind") == "finetune"
+            and man.get("dt") == str(day)
+            and man.get("parent") == parent
+            and man.get("data") == data
+        ):
             return man
     return None
 
@@ -411,39 +567,71 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
     man = R.read_manifest(cfg, version)
     ptr = R.published(cfg)
     if man.get("kind") != "finetune" or man.get("dt") != str(day):
-        raise UserError(f"{version} is not a fine-tuned candidate of drop {day} (kind {man.get('kind')}, "
-                        f"dt {man.get('dt')})")
+        raise UserError(
+            f"{version} is not a fine-tuned candidate of drop {day} (kind {man.get('kind')}, dt {man.get('dt')})"
+        )
     if man["status"] == "promoted" and ptr is not None and ptr["version"] == man.get("parent"):
         # The published model went back to this candidate's parent (a repair restored it): the same candidate
         # of the same data passed this gate before, so it is published again rather than retrained.
-        ptr = R.publish(cfg, version, f"finetune dt={day} over {man['parent']}: promoted before, published again "
-                                      "after the published model went back to its parent")
-        return {"version": version, "status": "promoted", "promoted": True, "published": ptr["version"],
-                "reason": "promoted before on the same data: published again", "gate": man.get("gate")}
+        ptr = R.publish(
+            cfg,
+            version,
+            f"finetune dt={day} over {man['parent']}: promoted before, published again "
+            "after the published model went back to its parent",
+        )
+        return {
+            "version": version,
+            "status": "promoted",
+            "promoted": True,
+            "published": ptr["version"],
+            "reason": "promoted before on the same data: published again",
+            "gate": man.get("gate"),
+        }
     if man["status"] != "candidate":
-        return {"version": version, "status": man["status"], "promoted": False,
-                "published": ptr["version"] if ptr else None, "reason": f"already judged: {man['status']}",
-                "gate": man.get("gate")}
+        return {
+            "version": version,
+            "status": man["status"],
+            "promoted": False,
+            "published": ptr["version"] if ptr else None,
+            "reason": f"already judged: {man['status']}",
+            "gate": man.get("gate"),
+        }
     ft = cfg.finetune
     g = man["metrics"]["gate"]
     if ptr is None or ptr["version"] != man.get("parent"):
-        decision = {"promote": False, "reason": f"the published model is {ptr and ptr['version']}, not the "
-                                                f"candidate's parent {man.get('parent')}: not comparable"}
+        decision = {
+            "promote": False,
+            "reason": f"the published model is {ptr and ptr['version']}, not the "
+            f"candidate's parent {man.get('parent')}: not comparable",
+        }
     else:
-        decision = gate(g["candidate"], g["published"], ft.gate_metrics, ft.max_quality_drop,
-                        int(man["finetune"]["gate_users"]), ft.min_holdout_users)
+        decision = gate(
+            g["candidate"],
+            g["published"],
+            ft.gate_metrics,
+            ft.max_quality_drop,
+            int(man["finetune"]["gate_users"]),
+            ft.min_holdout_users,
+        )
     status = "promoted" if decision["promote"] else "rejected"
     R.set_status(cfg, version, status, decision)
     if decision["promote"]:
         ptr = R.publish(cfg, version, f"finetune dt={day} over {man['parent']}: gate {decision['reason']}")
-    return {"version": version, "status": status, "promoted": decision["promote"],
-            "published": ptr["version"] if ptr else None, "reason": decision["reason"], "gate": decision}
+    return {
+        "version": version,
+        "status": status,
+        "promoted": decision["promote"],
+        "published": ptr["version"] if ptr else None,
+        "reason": decision["reason"],
+        "gate": decision,
+    }
 
 
 # --------------------------------------------------------------- evaluate
 def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = None, out=print) -> dict:
     """Evaluate a registered model (default: the published one) on the window ending with drop `day` (module doc)."""
     import torch
+
     from userformer.jobs.core import registry as R
     from userformer.jobs.core import stream as ST
     from userformer.models import train as T
@@ -462,30 +650,47 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
     torch.set_num_threads(tcfg.num_threads)
     end = ST.day_end(snap.day)
     start = end - tcfg.eval_horizon_days * DAY_S
-    window = ST.WindowUsers(start, end, tcfg.max_eval_users, salt=SAMPLE_SALT,
-                            keep=lambda t: _bucket(t, VALID_SALT) >= tcfg.valid_user_fraction)
-    history = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=start,
-                                min_len=1).summarise(cat.n_items, (window,))
+    window = ST.WindowUsers(
+        start,
+        end,
+        tcfg.max_eval_users,
+        salt=SAMPLE_SALT,
+        keep=lambda t: _bucket(t, VALID_SALT) >= tcfg.valid_user_fraction,
+    )
+    history = ST.DeltaSequences(
+        snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=start, min_len=1
+    ).summarise(cat.n_items, (window,))
     ev = window.result()
     if not len(ev.targets):
-        raise UserError(f"no users with item events in [{ST.iso(start)}, {ST.iso(end)}) as of {snap.day} "
-                        f"(train.eval_horizon_days={tcfg.eval_horizon_days}): nothing to evaluate")
+        raise UserError(
+            f"no users with item events in [{ST.iso(start)}, {ST.iso(end)}) as of {snap.day} "
+            f"(train.eval_horizon_days={tcfg.eval_horizon_days}): nothing to evaluate"
+        )
     device = T.pick_device(tcfg.device)
     model.to(device)
     m = T.evaluate(model, ev, cat, device, tcfg)
     pop = ST.evaluate_counts(history.item_counts(cat.n_items), ev, cat)
     until = (ck.get("protocol") or {}).get("trained_until_ts")
     report = {
-        "version": version, "kind": ck.get("kind"), "dt": str(snap.day), "created_at": R.now_iso(),
-        "protocol": {"window": [ST.iso(start), ST.iso(end)], "embedded_at": ST.iso(start),
-                     "horizon_days": tcfg.eval_horizon_days, "ranking": "full catalogue",
-                     "users": f"users with item events in the window, the {1 - tcfg.valid_user_fraction:.0%} "
-                              "hash share validation never sees; cold users (no history) included",
-                     "model_trained_until": ST.iso(until) if until is not None else None,
-                     "window_overlaps_training": bool(until is not None and until > start + 1e-6)},
-        "users": len(ev.targets), "window_users": window.total,
+        "version": version,
+        "kind": ck.get("kind"),
+        "dt": str(snap.day),
+        "created_at": R.now_iso(),
+        "protocol": {
+            "window": [ST.iso(start), ST.iso(end)],
+            "embedded_at": ST.iso(start),
+            "horizon_days": tcfg.eval_horizon_days,
+            "ranking": "full catalogue",
+            "users": f"users with item events in the window, the {1 - tcfg.valid_user_fraction:.0%} "
+            "hash share validation never sees; cold users (no history) included",
+            "model_trained_until": ST.iso(until) if until is not None else None,
+            "window_overlaps_training": bool(until is not None and until > start + 1e-6),
+        },
+        "users": len(ev.targets),
+        "window_users": window.total,
         "cold_users": int((ev.history.lengths == 0).sum()),
-        "items": cat.n_items, "grown_since_model": grow_report,
+        "items": cat.n_items,
+        "grown_since_model": grow_report,
         "data": snap.record(cfg),
         "models": {version: m, "most_popular": pop},
         "seconds": round(time.perf_counter() - t0, 1),
@@ -500,8 +705,10 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
 def format_report(report: dict) -> str:
     cols = ["users", "hr@10", "recall@10", "ndcg@10", "coverage@10", "entropy@50"]
     p = report["protocol"]
-    lines = [f"evaluate {report['version']} as of {report['dt']}: window {p['window'][0]} .. {p['window'][1]}, "
-             f"{report['users']} users ({report['cold_users']} cold), {report['items']} items (full catalogue)"]
+    lines = [
+        f"evaluate {report['version']} as of {report['dt']}: window {p['window'][0]} .. {p['window'][1]}, "
+        f"{report['users']} users ({report['cold_users']} cold), {report['items']} items (full catalogue)"
+    ]
     if p["window_overlaps_training"]:
         lines.append(f"WARNING: the model was trained on events up to {p['model_trained_until']}, inside the window")
     lines += ["", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -512,40 +719,55 @@ def format_report(report: dict) -> str:
     if heads:
         lines += ["", "| head | users | acc@1 | acc@5 | majority@1 |", "|---|---|---|---|---|"]
         for task, h in heads.items():
-            lines.append(f"| {task} | {h.get('users', '')} | {h.get('acc@1', 0):.4f} | {h.get('acc@5', 0):.4f} | "
-                         f"{h.get('majority@1', 0):.4f} |")
+            lines.append(
+                f"| {task} | {h.get('users', '')} | {h.get('acc@1', 0):.4f} | {h.get('acc@5', 0):.4f} | "
+                f"{h.get('majority@1', 0):.4f} |"
+            )
     lines += ["", f"report: {report.get('path', '')}"]
     return "\n".join(lines)
 
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train the customer model on the warehouse (streams user_sequences), "
-                                     "register it; --publish makes it the served version",
-                       description="Train on user_sequences as of a drop date (time protocol: the last "
-                                   "train.eval_horizon_days validate), register the best model; the first model "
-                                   "and --publish publish it. See jobs/steps/train.py.")
+    p = sub.add_parser(
+        "train",
+        help="train the customer model on the warehouse (streams user_sequences), "
+        "register it; --publish makes it the served version",
+        description="Train on user_sequences as of a drop date (time protocol: the last "
+        "train.eval_horizon_days validate), register the best model; the first model "
+        "and --publish publish it. See jobs/steps/train.py.",
+    )
     p.add_argument("--dt", type=date_arg, help="as of this drop date (default: the latest in user_sequences)")
-    p.add_argument("--epochs", type=int, help="max epochs (default: train.epochs); with --resume of an unfinished run: its new maximum")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="max epochs (default: train.epochs); with --resume of an unfinished run: its new maximum",
+    )
     p.add_argument("--publish", action="store_true", help="publish the new version (the first one always is)")
     p.add_argument("--resume", metavar="RUN_ID|latest", help="continue an interrupted run from its last epoch")
     p.add_argument("--max-users", type=int, metavar="N", help="train on about N users (a stable hash sample)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-    p = sub.add_parser("finetune", help="warm-start the published model on drop D's active users; promote it only "
-                                        "if it passes the quality gate on held-out users",
-                       description="Fine-tune the published version on drop D (grows embeddings for new ids), gate "
-                                   "it against the published model on held-out users of D, promote or reject. "
-                                   "Exit 0 either way. See jobs/steps/train.py.")
+    p = sub.add_parser(
+        "finetune",
+        help="warm-start the published model on drop D's active users; promote it only "
+        "if it passes the quality gate on held-out users",
+        description="Fine-tune the published version on drop D (grows embeddings for new ids), gate "
+        "it against the published model on held-out users of D, promote or reject. "
+        "Exit 0 either way. See jobs/steps/train.py.",
+    )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date YYYY-MM-DD")
     p.add_argument("--epochs", type=int, help="epochs (default: finetune.epochs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-    p = sub.add_parser("evaluate", help="time-based evaluation of a model version on the warehouse, with "
-                                        "most-popular in the same run; JSON report + table",
-                       description="Evaluate a version (default: the published one) on the train.eval_horizon_days "
-                                   "ending with drop D: recall/HR/NDCG@10, coverage@10, entropy@50, head accuracy, "
-                                   "most-popular. See jobs/steps/train.py.")
+    p = sub.add_parser(
+        "evaluate",
+        help="time-based evaluation of a model version on the warehouse, with "
+        "most-popular in the same run; JSON report + table",
+        description="Evaluate a version (default: the published one) on the train.eval_horizon_days "
+        "ending with drop D: recall/HR/NDCG@10, coverage@10, entropy@50, head accuracy, "
+        "most-popular. See jobs/steps/train.py.",
+    )
     p.add_argument("--version", help="model version (default: the published one)")
     p.add_argument("--dt", type=date_arg, help="last drop date of the window (default: the latest)")
     p.set_defaults(func=run)
@@ -559,8 +781,15 @@ def run(args, cfg: Config) -> int:
             raise UserError(f"--max-users must be >= 1, got {args.max_users}")
         if args.resume and args.dt:
             raise UserError("--resume continues a run on its own data; --dt cannot change it")
-        res = train(cfg, day=args.dt, epochs=args.epochs, publish=args.publish, resume=args.resume,
-                    max_users=args.max_users, progress=not args.no_progress)
+        res = train(
+            cfg,
+            day=args.dt,
+            epochs=args.epochs,
+            publish=args.publish,
+            resume=args.resume,
+            max_users=args.max_users,
+            progress=not args.no_progress,
+        )
     elif args.command == "finetune":
         if args.epochs is not None and args.epochs < 1:
             raise UserError(f"--epochs must be >= 1, got {args.epochs}")

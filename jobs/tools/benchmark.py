@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from userformer.jobs.core.config import Config, ModelConfig, load_config
 from userformer.jobs.tools.loaders import LOADERS
 from userformer.models import data as D
@@ -57,8 +58,13 @@ def informative(m: ModelConfig, seqs: D.Sequences, catalog: D.ItemCatalog) -> Mo
         v = seqs.ints[field] if field in seqs.ints else catalog.attrs[field]
         return len(np.unique(v[v > 0])) > 1
 
-    keep_event = {"item_id": True, "position": True, "duration": bool(np.isfinite(seqs.duration).any()),
-                  "time_gap": seqs.real_time, "time_ref": seqs.real_time}
+    keep_event = {
+        "item_id": True,
+        "position": True,
+        "duration": bool(np.isfinite(seqs.duration).any()),
+        "time_gap": seqs.real_time,
+        "time_ref": seqs.real_time,
+    }
     m.event_features = [f for f in m.event_features if keep_event.get(f, f in FIELD and varies(FIELD[f]))]
     m.item_features = [f for f in m.item_features if f == "item_id" or varies(FIELD[f])]
     m.heads = [h for h in m.heads if varies(FIELD[h])]
@@ -78,24 +84,43 @@ def variant(name: str, base: ModelConfig, seqs: D.Sequences, catalog: D.ItemCata
 def split(seqs: D.Sequences, order_only: bool, args) -> tuple[D.Sequences, D.EvalSet, D.EvalSet, str]:
     """The benchmark protocol: leave-one-out for order-only files, a global time split otherwise."""
     excl = args.history == "exclude"
-    ranking = ("full-catalogue ranking, " + ("the user's history items excluded (as S3-Rec's code and the "
-               "eSASRec benchmark do)" if excl else "history items not excluded") +
-               f"; also under '{OTHER[args.history]}': the test metrics with history items "
-               + ("kept" if excl else "excluded"))
+    ranking = (
+        "full-catalogue ranking, "
+        + (
+            "the user's history items excluded (as S3-Rec's code and the eSASRec benchmark do)"
+            if excl
+            else "history items not excluded"
+        )
+        + f"; also under '{OTHER[args.history]}': the test metrics with history items "
+        + ("kept" if excl else "excluded")
+    )
     if order_only:
         train, valid, test = D.leave_one_out(seqs)
         valid.exclude_history = test.exclude_history = excl
-        return train, valid, test, ("leave-one-out (last item test, second-to-last validation for early stopping "
-                                    f"only); {ranking}; TEST metrics")
+        return (
+            train,
+            valid,
+            test,
+            (
+                "leave-one-out (last item test, second-to-last validation for early stopping "
+                f"only); {ranking}; TEST metrics"
+            ),
+        )
     t_valid, t_test = np.quantile(seqs.ts, [args.valid_quantile, args.test_quantile])
     train, valid, test = D.time_protocol(seqs, float(t_valid), float(t_test), args.horizon_days * 86400.0)
     valid.exclude_history = test.exclude_history = excl
-    return train, valid, test, (
-        f"time split: train on events before the {args.valid_quantile:.2f} quantile of event times "
-        f"({_iso(t_valid)}); validation (early stopping only) = items of [{_iso(t_valid)}, {_iso(t_test)}); "
-        f"test = users with items in [{_iso(t_test)}, +{args.horizon_days:g} days), embedded at {_iso(t_test)} "
-        "from all their history before it (users without history kept); every item of the window is a positive; "
-        f"{ranking}; TEST metrics (hr@10 on the first positive, recall@10 over all)")
+    return (
+        train,
+        valid,
+        test,
+        (
+            f"time split: train on events before the {args.valid_quantile:.2f} quantile of event times "
+            f"({_iso(t_valid)}); validation (early stopping only) = items of [{_iso(t_valid)}, {_iso(t_test)}); "
+            f"test = users with items in [{_iso(t_test)}, +{args.horizon_days:g} days), embedded at {_iso(t_test)} "
+            "from all their history before it (users without history kept); every item of the window is a positive; "
+            f"{ranking}; TEST metrics (hr@10 on the first positive, recall@10 over all)"
+        ),
+    )
 
 
 def test_metrics(model, test: D.EvalSet, catalog: D.ItemCatalog, device, tcfg, history: str) -> dict:
@@ -115,8 +140,9 @@ def _iso(t: float) -> str:
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parent, check=True
+    ).stdout.strip()
 
 
 def git_commit() -> str:
@@ -135,7 +161,12 @@ def markdown(models: dict) -> str:
     heads = sorted({t for m in models.values() for t in (m.get("heads") or {})})
     alt = next((k for k in OTHER.values() if any(k in m for m in models.values())), None)
     alt_cols = [c for c in ("hr@10", "ndcg@10") if alt]
-    head = cols + [f"{c} ({alt.replace('_', ' ')})" for c in alt_cols] + [f"{t} acc@1" for t in heads] + ["epochs", "train s"]
+    head = (
+        cols
+        + [f"{c} ({alt.replace('_', ' ')})" for c in alt_cols]
+        + [f"{t} acc@1" for t in heads]
+        + ["epochs", "train s"]
+    )
     lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, m in models.items():
         sd = m.get("std", {})
@@ -157,20 +188,44 @@ def train_and_test(name, m: ModelConfig, tcfg, ck, train, valid, test, catalog, 
         model.to(device)
         res = test_metrics(model, test, catalog, device, tcfg, args.history)
         print(f"{name} seed {tcfg.seed} TEST (checkpoint {ck}): {json.dumps(res)}", file=sys.stderr, flush=True)
-        return {**res, "seed": meta["train_config"]["seed"], "epochs": meta["epoch"], "best_epoch": meta["epoch"],
-                "best_valid": meta["metrics"]["valid"], "train_seconds": meta["metrics"]["train_seconds"],
-                "seconds_per_epoch": meta["metrics"]["train_seconds"] / max(meta["epoch"], 1),
-                "parameters": model.n_parameters(), "checkpoint": str(ck), "train_config": meta["train_config"],
-                "history": meta.get("history"), "checkpoint_model_config": meta["model_config"]}
+        return {
+            **res,
+            "seed": meta["train_config"]["seed"],
+            "epochs": meta["epoch"],
+            "best_epoch": meta["epoch"],
+            "best_valid": meta["metrics"]["valid"],
+            "train_seconds": meta["metrics"]["train_seconds"],
+            "seconds_per_epoch": meta["metrics"]["train_seconds"] / max(meta["epoch"], 1),
+            "parameters": model.n_parameters(),
+            "checkpoint": str(ck),
+            "train_config": meta["train_config"],
+            "history": meta.get("history"),
+            "checkpoint_model_config": meta["model_config"],
+        }
     print(f"--- {name} seed {tcfg.seed}: {m.event_features} -> {m.item_features}, heads {m.heads}", file=sys.stderr)
-    model, hist = fit(m, tcfg, train, valid, catalog, ckpt_path=ck, progress=not args.no_progress,
-                      log=lambda s: print(s, file=sys.stderr, flush=True))
+    model, hist = fit(
+        m,
+        tcfg,
+        train,
+        valid,
+        catalog,
+        ckpt_path=ck,
+        progress=not args.no_progress,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     res = test_metrics(model, test, catalog, device, tcfg, args.history)
     print(f"{name} seed {tcfg.seed} TEST: {json.dumps(res)}", file=sys.stderr, flush=True)
-    return {**res, "seed": tcfg.seed, "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
-            "best_valid": hist["best_valid"], "train_seconds": hist["train_seconds"],
-            "seconds_per_epoch": hist["train_seconds"] / max(hist["epochs"], 1),
-            "parameters": model.n_parameters(), "history": hist["history"]}
+    return {
+        **res,
+        "seed": tcfg.seed,
+        "epochs": hist["epochs"],
+        "best_epoch": hist["best_epoch"],
+        "best_valid": hist["best_valid"],
+        "train_seconds": hist["train_seconds"],
+        "seconds_per_epoch": hist["train_seconds"] / max(hist["epochs"], 1),
+        "parameters": model.n_parameters(),
+        "history": hist["history"],
+    }
 
 
 def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
@@ -192,8 +247,10 @@ def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
 
 
 def _mean_tree(dicts: list[dict]) -> dict:
-    return {k: (_mean_tree([d[k] for d in dicts]) if isinstance(v, dict) else float(np.mean([d[k] for d in dicts])))
-            for k, v in dicts[0].items()}
+    return {
+        k: (_mean_tree([d[k] for d in dicts]) if isinstance(v, dict) else float(np.mean([d[k] for d in dicts])))
+        for k, v in dicts[0].items()
+    }
 
 
 def add_quality_arguments(ap: argparse.ArgumentParser) -> None:
@@ -205,31 +262,61 @@ def add_quality_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="all", choices=["full", "id_only", "popular", "all"])
     ap.add_argument("--epochs", type=int, help="max epochs (default: train.epochs of the config)")
     ap.add_argument("--patience", type=int, help="early-stopping patience (default: train.patience)")
-    ap.add_argument("--valid-quantile", type=float, default=0.8,
-                    help="time split: validation starts at this quantile of event times (default 0.8)")
-    ap.add_argument("--test-quantile", type=float, default=0.9,
-                    help="time split: test starts at this quantile of event times (default 0.9)")
-    ap.add_argument("--horizon-days", type=float, default=28.0,
-                    help="time split: positives are the items of the next N days after the test time (default 28)")
-    ap.add_argument("--history", choices=["exclude", "keep"], default="exclude",
-                    help="exclude the user's history items from the ranking (default; the protocol of the published "
-                         "Beauty numbers) or keep them; the test metrics of the other choice are reported too")
-    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], metavar="S1,S2,...",
-                    help="train every model once per seed and report the mean (std and each run beside it); "
-                         "default: train.seed")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a model/train setting, e.g. --set model.d_model=128 (repeatable)")
+    ap.add_argument(
+        "--valid-quantile",
+        type=float,
+        default=0.8,
+        help="time split: validation starts at this quantile of event times (default 0.8)",
+    )
+    ap.add_argument(
+        "--test-quantile",
+        type=float,
+        default=0.9,
+        help="time split: test starts at this quantile of event times (default 0.9)",
+    )
+    ap.add_argument(
+        "--horizon-days",
+        type=float,
+        default=28.0,
+        help="time split: positives are the items of the next N days after the test time (default 28)",
+    )
+    ap.add_argument(
+        "--history",
+        choices=["exclude", "keep"],
+        default="exclude",
+        help="exclude the user's history items from the ranking (default; the protocol of the published "
+        "Beauty numbers) or keep them; the test metrics of the other choice are reported too",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        metavar="S1,S2,...",
+        help="train every model once per seed and report the mean (std and each run beside it); default: train.seed",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a model/train setting, e.g. --set model.d_model=128 (repeatable)",
+    )
     ap.add_argument("--checkpoint-dir", type=Path, help="keep the best checkpoint of each model here")
-    ap.add_argument("--reuse-checkpoints", action="store_true",
-                    help="evaluate <checkpoint-dir>/<model>.pt where it exists instead of training that model")
+    ap.add_argument(
+        "--reuse-checkpoints",
+        action="store_true",
+        help="evaluate <checkpoint-dir>/<model>.pt where it exists instead of training that model",
+    )
     ap.add_argument("--no-progress", action="store_true")
 
 
 def register(sub) -> None:
     p = sub.add_parser("benchmark", help="reproducible benchmarks: `benchmark quality` (full vs id-only vs popular)")
     kinds = p.add_subparsers(dest="benchmark", metavar="KIND", required=True)
-    q = kinds.add_parser("quality", help="train + evaluate full, id-only and most-popular on a dataset file; "
-                                         "write JSON (metrics, config, commit) and print a table")
+    q = kinds.add_parser(
+        "quality",
+        help="train + evaluate full, id-only and most-popular on a dataset file; "
+        "write JSON (metrics, config, commit) and print a table",
+    )
     add_quality_arguments(q)
     q.set_defaults(func=run_cli)
 
@@ -253,9 +340,12 @@ def run(args, config_path=None) -> int:
     order_only = args.format in ORDER_ONLY
     seqs, catalog = D.from_raw(events, items, real_time=not order_only)
     train, valid, test, protocol = split(seqs, order_only, args)
-    print(f"{args.format}: {len(seqs):,} users, {catalog.n_items:,} items, {len(events):,} events; "
-          f"validation users {len(valid.targets):,}, test users {len(test.targets):,}; "
-          f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"{args.format}: {len(seqs):,} users, {catalog.n_items:,} items, {len(events):,} events; "
+        f"validation users {len(valid.targets):,}, test users {len(test.targets):,}; "
+        f"loaded in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
 
     names = ["full", "id_only", "popular"] if args.model == "all" else [args.model]
     seeds = args.seeds or [tcfg.seed]
@@ -264,16 +354,23 @@ def run(args, config_path=None) -> int:
     for name in names:
         if name == "popular":  # deterministic: one evaluation
             other = dataclasses.replace(test, exclude_history=not test.exclude_history)
-            results[name] = {**evaluate_popular(train, test, catalog), OTHER[args.history]: _ranking(
-                evaluate_popular(train, other, catalog)), "epochs": 0, "train_seconds": 0.0}
+            results[name] = {
+                **evaluate_popular(train, test, catalog),
+                OTHER[args.history]: _ranking(evaluate_popular(train, other, catalog)),
+                "epochs": 0,
+                "train_seconds": 0.0,
+            }
             continue
         m = variant(name, mcfg, seqs, catalog)
         configs[name] = dataclasses.asdict(m)
         runs = []
         for seed in seeds:
             t = dataclasses.replace(tcfg, seed=seed)
-            ck = args.checkpoint_dir / (f"{name}.pt" if len(seeds) == 1 else f"{name}-seed{seed}.pt") \
-                if args.checkpoint_dir else None
+            ck = (
+                args.checkpoint_dir / (f"{name}.pt" if len(seeds) == 1 else f"{name}-seed{seed}.pt")
+                if args.checkpoint_dir
+                else None
+            )
             runs.append(train_and_test(name, m, t, ck, train, valid, test, catalog, device, args))
             if "checkpoint_model_config" in runs[-1]:
                 configs[name] = runs[-1].pop("checkpoint_model_config")
@@ -283,10 +380,19 @@ def run(args, config_path=None) -> int:
         "protocol": protocol,
         "commit": git_commit(),
         "command": " ".join(sys.argv),
-        "config": {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "variants": configs,
-                   "seeds": seeds},
-        "data": {"users": len(seqs), "items": catalog.n_items, "events": len(events),
-                 "valid_users": len(valid.targets), "test_users": len(test.targets)},
+        "config": {
+            "model": dataclasses.asdict(mcfg),
+            "train": dataclasses.asdict(tcfg),
+            "variants": configs,
+            "seeds": seeds,
+        },
+        "data": {
+            "users": len(seqs),
+            "items": catalog.n_items,
+            "events": len(events),
+            "valid_users": len(valid.targets),
+            "test_users": len(test.targets),
+        },
         "models": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

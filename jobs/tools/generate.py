@@ -30,10 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userformer.jobs.core.errors import UserError
-
-from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg, date_range
+from userformer.jobs.core.errors import UserError
 from userformer.schemas.tables import RAW_EVENTS, RAW_ITEMS
 
 # ---------------------------------------------------------------- catalogue
@@ -105,8 +104,16 @@ TREE: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 # Median price per line; categories vary around it.
-LINE_PRICE = {"beauty": 20.0, "fashion": 45.0, "electronics": 180.0, "home": 60.0,
-              "sports": 50.0, "toys": 25.0, "grocery": 6.0, "books": 14.0}
+LINE_PRICE = {
+    "beauty": 20.0,
+    "fashion": 45.0,
+    "electronics": 180.0,
+    "home": 60.0,
+    "sports": 50.0,
+    "toys": 25.0,
+    "grocery": 6.0,
+    "books": 14.0,
+}
 
 L1_NAMES = list(TREE)
 L2_NAMES = [c for line in TREE.values() for c in line]
@@ -166,7 +173,9 @@ def _round_price(p: np.ndarray) -> np.ndarray:
 
 def _ids(prefix: str, n: int) -> pa.Array:
     width = max(7, len(str(max(n - 1, 0))))
-    return pc.binary_join_element_wise(prefix, pc.utf8_lpad(pc.cast(pa.array(np.arange(n)), pa.string()), width, padding="0"), "")
+    return pc.binary_join_element_wise(
+        prefix, pc.utf8_lpad(pc.cast(pa.array(np.arange(n)), pa.string()), width, padding="0"), ""
+    )
 
 
 def _dirichlet_rows(rng, alpha: np.ndarray, n: int) -> np.ndarray:
@@ -199,11 +208,40 @@ class _World:
 
 
 def _brand_names(rng, n: int) -> pa.Array:
-    a = pa.array(["lu", "ve", "ka", "zo", "mi", "ar", "no", "tri", "bel", "sa", "fe", "ori", "pa", "qui", "ro", "ta", "ex", "ul", "vi", "da"])
+    a = pa.array(
+        [
+            "lu",
+            "ve",
+            "ka",
+            "zo",
+            "mi",
+            "ar",
+            "no",
+            "tri",
+            "bel",
+            "sa",
+            "fe",
+            "ori",
+            "pa",
+            "qui",
+            "ro",
+            "ta",
+            "ex",
+            "ul",
+            "vi",
+            "da",
+        ]
+    )
     b = pa.array(["ra", "ni", "lo", "me", "xa", "te", "vo", "li", "ce", "mo", "ssa", "dri"])
     c = pa.array(["", "x", "n", "ra", "lia", "ro", "ly", "ix", "on", "a", "is", "era"])
-    names = pc.utf8_capitalize(pc.binary_join_element_wise(
-        pc.take(a, rng.integers(0, len(a), n)), pc.take(b, rng.integers(0, len(b), n)), pc.take(c, rng.integers(0, len(c), n)), ""))
+    names = pc.utf8_capitalize(
+        pc.binary_join_element_wise(
+            pc.take(a, rng.integers(0, len(a), n)),
+            pc.take(b, rng.integers(0, len(b), n)),
+            pc.take(c, rng.integers(0, len(c), n)),
+            "",
+        )
+    )
     # Brand names must be distinct: repeats get their number appended.
     arr = np.asarray(names.to_numpy(zero_copy_only=False), dtype=object)
     _, first = np.unique(arr, return_index=True)
@@ -211,7 +249,9 @@ def _brand_names(rng, n: int) -> pa.Array:
     rep[first] = False
     if rep.any():
         suffix = pc.cast(pa.array(np.flatnonzero(rep)), pa.string())
-        arr[rep] = np.asarray(pc.binary_join_element_wise(pa.array(arr[rep], pa.string()), suffix, " ").to_numpy(zero_copy_only=False))
+        arr[rep] = np.asarray(
+            pc.binary_join_element_wise(pa.array(arr[rep], pa.string()), suffix, " ").to_numpy(zero_copy_only=False)
+        )
     return pa.array(arr, pa.string())
 
 
@@ -244,11 +284,29 @@ def _build_world(rng, users: int, items: int, days: int) -> _World:
     brand = np.where(stray, rng.integers(0, n_brands, items), pair_brand[pick])
     brand_names = _brand_names(rng, n_brands)
 
-    adjectives = pa.array(["classic", "essential", "premium", "everyday", "pro", "eco", "deluxe",
-                           "mini", "ultra", "signature", "soft", "bold"])
+    adjectives = pa.array(
+        [
+            "classic",
+            "essential",
+            "premium",
+            "everyday",
+            "pro",
+            "eco",
+            "deluxe",
+            "mini",
+            "ultra",
+            "signature",
+            "soft",
+            "bold",
+        ]
+    )
     titles = pc.binary_join_element_wise(
-        pc.take(brand_names, brand), pc.take(adjectives, rng.integers(0, len(adjectives), items)),
-        pc.take(pa.array(L3_NAMES), leaf), pc.cast(pa.array(rng.integers(100, 1000, items)), pa.string()), " ")
+        pc.take(brand_names, brand),
+        pc.take(adjectives, rng.integers(0, len(adjectives), items)),
+        pc.take(pa.array(L3_NAMES), leaf),
+        pc.cast(pa.array(rng.integers(100, 1000, items)), pa.string()),
+        " ",
+    )
 
     l2_order = np.argsort(l2, kind="stable")
     l2_sorted = l2[l2_order]
@@ -259,25 +317,40 @@ def _build_world(rng, users: int, items: int, days: int) -> _World:
     arrive = np.concatenate([np.full(users - n_new, -1), np.sort(rng.integers(0, days, n_new))])
     alpha = INTEREST_CONC * cat_w
     return _World(
-        item_ids=_ids("i", items), item_leaf=leaf, item_l2=l2, item_launch=launch, item_pop=pop, price=price,
-        item_brand=brand, brand_names=brand_names, titles=titles, l2_order=l2_order,
-        l2_lo=np.searchsorted(l2_sorted, cats, "left"), l2_hi=np.searchsorted(l2_sorted, cats, "right"),
-        user_ids=_ids("u", users), user_arrive=arrive, user_prop=rng.gamma(2.0, 0.5, users),
-        user_mix=_dirichlet_rows(rng, alpha, users), alpha=alpha,
+        item_ids=_ids("i", items),
+        item_leaf=leaf,
+        item_l2=l2,
+        item_launch=launch,
+        item_pop=pop,
+        price=price,
+        item_brand=brand,
+        brand_names=brand_names,
+        titles=titles,
+        l2_order=l2_order,
+        l2_lo=np.searchsorted(l2_sorted, cats, "left"),
+        l2_hi=np.searchsorted(l2_sorted, cats, "right"),
+        user_ids=_ids("u", users),
+        user_arrive=arrive,
+        user_prop=rng.gamma(2.0, 0.5, users),
+        user_mix=_dirichlet_rows(rng, alpha, users),
+        alpha=alpha,
     )
 
 
 def _items_table(w: _World, idx: np.ndarray) -> pa.Table:
     leaf = w.item_leaf[idx]
-    return pa.table({
-        "item_id": pc.take(w.item_ids, idx),
-        "category_l1": pc.take(pa.array(L1_NAMES), leaf // (N2 * N3)),
-        "category_l2": pc.take(pa.array(L2_NAMES), leaf // N3),
-        "category_l3": pc.take(pa.array(L3_NAMES), leaf),
-        "brand": pc.take(w.brand_names, w.item_brand[idx]),
-        "title": pc.take(w.titles, idx),
-        "price": pa.array(w.price[idx], pa.float64()),
-    }, schema=RAW_ITEMS)
+    return pa.table(
+        {
+            "item_id": pc.take(w.item_ids, idx),
+            "category_l1": pc.take(pa.array(L1_NAMES), leaf // (N2 * N3)),
+            "category_l2": pc.take(pa.array(L2_NAMES), leaf // N3),
+            "category_l3": pc.take(pa.array(L3_NAMES), leaf),
+            "brand": pc.take(w.brand_names, w.item_brand[idx]),
+            "title": pc.take(w.titles, idx),
+            "price": pa.array(w.price[idx], pa.float64()),
+        },
+        schema=RAW_ITEMS,
+    )
 
 
 class _ItemSampler:
@@ -311,9 +384,9 @@ def _pick_rows(rng, mix: np.ndarray, rows: np.ndarray, chunk: int = 100_000) -> 
     """One category per row of `rows`, drawn from that user's interest mixture."""
     out = np.empty(len(rows), np.int64)
     for lo in range(0, len(rows), chunk):
-        cdf = np.cumsum(mix[rows[lo:lo + chunk]], axis=1)
+        cdf = np.cumsum(mix[rows[lo : lo + chunk]], axis=1)
         u = rng.random(len(cdf)) * cdf[:, -1]
-        out[lo:lo + chunk] = (cdf < u[:, None]).sum(axis=1)
+        out[lo : lo + chunk] = (cdf < u[:, None]).sum(axis=1)
     return np.minimum(out, mix.shape[1] - 1)
 
 
@@ -356,7 +429,9 @@ def _day_events(rng, w: _World, d: int, day_us: int, active_frac: float, events_
     after_search = np.zeros(P, bool)
     after_search[1:] = search[:-1]
     after_search &= st_pos > 0
-    dwell = np.where(search, np.clip(rng.lognormal(np.log(6), 0.5, P), 1, 120), np.clip(rng.lognormal(np.log(15), 1.0, P), 0.5, 1800))
+    dwell = np.where(
+        search, np.clip(rng.lognormal(np.log(6), 0.5, P), 1, 120), np.clip(rng.lognormal(np.log(15), 1.0, P), 0.5, 1800)
+    )
     t = dwell + rng.lognormal(np.log(4), 0.8, P)
     excl = np.cumsum(t) - t
     prefix = np.where(s_signup | s_login, rng.lognormal(np.log(3), 0.5, S), 0.0)
@@ -369,9 +444,15 @@ def _day_events(rng, w: _World, d: int, day_us: int, active_frac: float, events_
     V = len(vi)
     v_sess, v_off, v_dwell = st_sess[vi], st_off[vi], dwell[vi]
     v_global = ~after_search[vi] & (rng.random(V) < P_GLOBAL)
-    v_surface = np.where(after_search[vi], S_SEARCH,
-                         np.where(v_global, np.where(rng.random(V) < 0.5, S_HOME, S_RECS),
-                                  rng.choice([S_PDP, S_RECS, S_HOME], V, p=[0.6, 0.25, 0.15])))
+    v_surface = np.where(
+        after_search[vi],
+        S_SEARCH,
+        np.where(
+            v_global,
+            np.where(rng.random(V) < 0.5, S_HOME, S_RECS),
+            rng.choice([S_PDP, S_RECS, S_HOME], V, p=[0.6, 0.25, 0.15]),
+        ),
+    )
     sampler = _ItemSampler(w, d)
     v_item = np.empty(V, np.int64)
     v_item[v_global] = sampler.global_(rng, int(v_global.sum()))
@@ -388,7 +469,9 @@ def _day_events(rng, w: _World, d: int, day_us: int, active_frac: float, events_
     si = np.flatnonzero(search)
     sc = s_cat[st_sess[si]]
     r = rng.random(len(si))
-    query = np.where(r < 0.6, N_L1 + N_L2 + sc * N3 + rng.integers(0, N3, len(si)), np.where(r < 0.9, N_L1 + sc, sc // N2))
+    query = np.where(
+        r < 0.6, N_L1 + N_L2 + sc * N3 + rng.integers(0, N3, len(si)), np.where(r < 0.9, N_L1 + sc, sc // N2)
+    )
 
     pi = np.flatnonzero(s_signup | s_login)
     nan = np.nan
@@ -426,9 +509,18 @@ def _day_events(rng, w: _World, d: int, day_us: int, active_frac: float, events_
 
     o = np.argsort(ts, kind="stable")
     N = len(o)
-    return {"g": np.full(N, d, np.int32), "n": np.arange(N, dtype=np.int64), "user": s_user[sess][o], "ts": ts[o],
-            "etype": etype[o].astype(np.int16), "item": item[o].astype(np.int64), "surface": surface[o].astype(np.int16),
-            "dur": dur[o].astype(np.float64), "value": value[o].astype(np.float64), "query": qry[o].astype(np.int32)}
+    return {
+        "g": np.full(N, d, np.int32),
+        "n": np.arange(N, dtype=np.int64),
+        "user": s_user[sess][o],
+        "ts": ts[o],
+        "etype": etype[o].astype(np.int16),
+        "item": item[o].astype(np.int64),
+        "surface": surface[o].astype(np.int16),
+        "dur": dur[o].astype(np.float64),
+        "value": value[o].astype(np.float64),
+        "query": qry[o].astype(np.int32),
+    }
 
 
 def _malformed(rng, rows: dict, count: int, day_us: int, bad_types: list[int]) -> dict:
@@ -457,17 +549,22 @@ def _events_table(rows: dict, w: _World, prefixes: pa.Array, type_names: pa.Arra
     def num(x):
         return pa.array(x, pa.float64(), mask=np.isnan(x))
 
-    return pa.table({
-        "event_id": pc.binary_join_element_wise(pc.take(prefixes, rows["g"]), pc.cast(pa.array(rows["n"]), pa.string()), ""),
-        "user_id": opt(w.user_ids, rows["user"]),
-        "ts": pa.array(rows["ts"], RAW_EVENTS.field("ts").type),
-        "event_type": pc.take(type_names, rows["etype"]),
-        "item_id": opt(w.item_ids, rows["item"]),
-        "surface": opt(pa.array(SURFACES), rows["surface"]),
-        "duration_s": num(rows["dur"]),
-        "value": num(rows["value"]),
-        "query": opt(QUERY_NAMES, rows["query"]),
-    }, schema=RAW_EVENTS)
+    return pa.table(
+        {
+            "event_id": pc.binary_join_element_wise(
+                pc.take(prefixes, rows["g"]), pc.cast(pa.array(rows["n"]), pa.string()), ""
+            ),
+            "user_id": opt(w.user_ids, rows["user"]),
+            "ts": pa.array(rows["ts"], RAW_EVENTS.field("ts").type),
+            "event_type": pc.take(type_names, rows["etype"]),
+            "item_id": opt(w.item_ids, rows["item"]),
+            "surface": opt(pa.array(SURFACES), rows["surface"]),
+            "duration_s": num(rows["dur"]),
+            "value": num(rows["value"]),
+            "query": opt(QUERY_NAMES, rows["query"]),
+        },
+        schema=RAW_EVENTS,
+    )
 
 
 READY_MARKER = "_SUCCESS"  # pipeline.ready_marker's default
@@ -498,20 +595,42 @@ def _check_args(cfg: Config, users, items, days, seed, rates: dict, active_frac,
     if not events_per_user > 0:
         raise UserError(f"--events-per-user must be positive, got {events_per_user!r}")
     ic = cfg.ingest
-    missing = [t for t in ITEM_TYPES if t not in ic.item_event_types] + \
-              [t for t in EVENT_TYPES[5:] if t not in ic.non_item_event_types]
+    missing = [t for t in ITEM_TYPES if t not in ic.item_event_types] + [
+        t for t in EVENT_TYPES[5:] if t not in ic.non_item_event_types
+    ]
     if missing:
-        raise UserError(f"the generator emits event types the config does not know as such: {missing} "
-                        "(see ingest.item_event_types / ingest.non_item_event_types)")
+        raise UserError(
+            f"the generator emits event types the config does not know as such: {missing} "
+            "(see ingest.item_event_types / ingest.non_item_event_types)"
+        )
 
 
-def generate(cfg: Config, *, users: int, items: int, days: int, start: dt.date, seed: int, out: Path | None = None,
-             malformed_rate: float = 0.001, late_rate: float = 0.01, duplicate_rate: float = 0.005,
-             active_frac: float = 0.3, events_per_active_user: float = 20.0) -> dict:
+def generate(
+    cfg: Config,
+    *,
+    users: int,
+    items: int,
+    days: int,
+    start: dt.date,
+    seed: int,
+    out: Path | None = None,
+    malformed_rate: float = 0.001,
+    late_rate: float = 0.01,
+    duplicate_rate: float = 0.005,
+    active_frac: float = 0.3,
+    events_per_active_user: float = 20.0,
+) -> dict:
     """Write `days` raw drops (events + items) from `start` under `out` (default cfg.raw_root); return counts."""
-    _check_args(cfg, users, items, days, seed,
-                {"malformed-rate": malformed_rate, "late-rate": late_rate, "duplicate-rate": duplicate_rate},
-                active_frac, events_per_active_user)
+    _check_args(
+        cfg,
+        users,
+        items,
+        days,
+        seed,
+        {"malformed-rate": malformed_rate, "late-rate": late_rate, "duplicate-rate": duplicate_rate},
+        active_frac,
+        events_per_active_user,
+    )
     out = Path(out) if out is not None else cfg.raw_root
     dates = date_range(start, days)
     last = days - 1
@@ -525,10 +644,23 @@ def generate(cfg: Config, *, users: int, items: int, days: int, start: dt.date, 
     seeds = np.random.SeedSequence(seed).spawn(days + 1)
     w = _build_world(np.random.Generator(np.random.PCG64(seeds[0])), users, items, days)
 
-    summary = {"out": str(out), "start": str(start), "days": days, "seed": seed, "users": users, "items": items,
-               "events_total": 0, "generated": 0, "late": 0, "duplicates": 0, "malformed": 0,
-               "users_new": int((w.user_arrive >= 0).sum()), "items_launched_later": int((w.item_launch > 0).sum()),
-               "events_per_day": {}, "items_per_day": {}}
+    summary = {
+        "out": str(out),
+        "start": str(start),
+        "days": days,
+        "seed": seed,
+        "users": users,
+        "items": items,
+        "events_total": 0,
+        "generated": 0,
+        "late": 0,
+        "duplicates": 0,
+        "malformed": 0,
+        "users_new": int((w.user_arrive >= 0).sum()),
+        "items_launched_later": int((w.item_launch > 0).sum()),
+        "events_per_day": {},
+        "items_per_day": {},
+    }
     pending: dict[int, list[dict]] = {}
     for d, day in enumerate(dates):
         rng = np.random.Generator(np.random.PCG64(seeds[d + 1]))
@@ -584,32 +716,79 @@ def generate(cfg: Config, *, users: int, items: int, days: int, start: dt.date, 
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="write synthetic raw logs (events + item catalogue), one drop per day",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--users", type=int, required=True, metavar="N", help="users by the end of the window (30%% sign up during it)")
-    p.add_argument("--items", type=int, required=True, metavar="N", help="items by the end of the window (15%% launch after day 1)")
+    p = sub.add_parser(
+        "generate",
+        help="write synthetic raw logs (events + item catalogue), one drop per day",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--users", type=int, required=True, metavar="N", help="users by the end of the window (30%% sign up during it)"
+    )
+    p.add_argument(
+        "--items", type=int, required=True, metavar="N", help="items by the end of the window (15%% launch after day 1)"
+    )
     p.add_argument("--days", type=int, required=True, metavar="N", help="number of daily drops")
     p.add_argument("--start", type=date_arg, required=True, metavar="YYYY-MM-DD", help="first drop date YYYY-MM-DD")
-    p.add_argument("--seed", type=int, required=True, metavar="N", help="random seed; the same arguments give identical files")
+    p.add_argument(
+        "--seed", type=int, required=True, metavar="N", help="random seed; the same arguments give identical files"
+    )
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output root (default: the config's raw_root)")
-    p.add_argument("--malformed-rate", type=float, metavar="R", default=0.001, help="share of broken rows per drop (default 0.001)")
-    p.add_argument("--late-rate", type=float, metavar="R", default=0.01, help="share of events delivered 1-5 days late (default 0.01)")
-    p.add_argument("--duplicate-rate", type=float, metavar="R", default=0.005, help="share of events delivered twice (default 0.005)")
-    p.add_argument("--active-frac", type=float, metavar="F", default=0.3, help="share of existing users active per day (default 0.3)")
-    p.add_argument("--events-per-user", type=float, metavar="F", default=20.0, help="mean events per active user and day (default 20)")
+    p.add_argument(
+        "--malformed-rate", type=float, metavar="R", default=0.001, help="share of broken rows per drop (default 0.001)"
+    )
+    p.add_argument(
+        "--late-rate",
+        type=float,
+        metavar="R",
+        default=0.01,
+        help="share of events delivered 1-5 days late (default 0.01)",
+    )
+    p.add_argument(
+        "--duplicate-rate",
+        type=float,
+        metavar="R",
+        default=0.005,
+        help="share of events delivered twice (default 0.005)",
+    )
+    p.add_argument(
+        "--active-frac",
+        type=float,
+        metavar="F",
+        default=0.3,
+        help="share of existing users active per day (default 0.3)",
+    )
+    p.add_argument(
+        "--events-per-user",
+        type=float,
+        metavar="F",
+        default=20.0,
+        help="mean events per active user and day (default 20)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args, cfg: Config) -> int:
     t0 = time.perf_counter()
-    s = generate(cfg, users=args.users, items=args.items, days=args.days, start=args.start, seed=args.seed,
-                 out=args.out, malformed_rate=args.malformed_rate, late_rate=args.late_rate,
-                 duplicate_rate=args.duplicate_rate, active_frac=args.active_frac,
-                 events_per_active_user=args.events_per_user)
-    print(f"wrote {s['events_total']} raw events in {s['days']} drops under {s['out']} "
-          f"({time.perf_counter() - t0:.1f}s): late {s['late']}, duplicates {s['duplicates']}, "
-          f"malformed {s['malformed']}; {s['users']} users ({s['users_new']} new), "
-          f"{s['items']} items ({s['items_launched_later']} launched later)")
+    s = generate(
+        cfg,
+        users=args.users,
+        items=args.items,
+        days=args.days,
+        start=args.start,
+        seed=args.seed,
+        out=args.out,
+        malformed_rate=args.malformed_rate,
+        late_rate=args.late_rate,
+        duplicate_rate=args.duplicate_rate,
+        active_frac=args.active_frac,
+        events_per_active_user=args.events_per_user,
+    )
+    print(
+        f"wrote {s['events_total']} raw events in {s['days']} drops under {s['out']} "
+        f"({time.perf_counter() - t0:.1f}s): late {s['late']}, duplicates {s['duplicates']}, "
+        f"malformed {s['malformed']}; {s['users']} users ({s['users_new']} new), "
+        f"{s['items']} items ({s['items_launched_later']} launched later)"
+    )
     for day, n in s["events_per_day"].items():
         print(f"  dt={day}: {n:>9} events  {s['items_per_day'][day]:>7} item rows")
     return 0

@@ -52,12 +52,15 @@ def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None
         if not dry_run:
             t.create_checkpoint()
             t.cleanup_metadata()  # log entries older than the table's logRetentionDuration
-        out["tables"][name] = {"files_deleted" if not dry_run else "files_to_delete": len(vacuumed), "version": t.version()}
+        out["tables"][name] = {
+            "files_deleted" if not dry_run else "files_to_delete": len(vacuumed),
+            "version": t.version(),
+        }
     # Staging folders of runs that died without their cleanup (a killed JVM, a lost machine).
     stale = []
     cutoff = time.time() - 24 * 3600
     staging = cfg.warehouse_root / "_staging"
-    for d in (staging.glob("*/*") if staging.is_dir() else []):
+    for d in staging.glob("*/*") if staging.is_dir() else []:
         newest = files.newest_mtime(d) if d.is_dir() else None
         if d.is_dir() and (newest is None or newest < cutoff):
             stale.append(str(d))
@@ -124,8 +127,11 @@ def _conf(spark, key: str, value: str):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("maintain", help="compact and purge the Spark tables, vacuum old files beyond the retention "
-                                        "window, checkpoint logs, clear stale staging")
+    p = sub.add_parser(
+        "maintain",
+        help="compact and purge the Spark tables, vacuum old files beyond the retention "
+        "window, checkpoint logs, clear stale staging",
+    )
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted, change nothing")
     p.add_argument("--retention-days", type=float, help="override storage.retention_days for this run")
     p.set_defaults(func=run)

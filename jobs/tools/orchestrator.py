@@ -38,10 +38,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from userformer.jobs.core.errors import UserError
-
-from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.dates import date_arg
+from userformer.jobs.core.errors import UserError
 
 DEFAULT_PORT = 8080
 HOST = "127.0.0.1"
@@ -80,37 +79,40 @@ def free_port(preferred: int | None = None) -> int:
         return s.getsockname()[1]
 
 
-def environment(cfg: Config, port: int, *, parallelism: int = 2, scheduled_runs: bool = True,
-                base: dict | None = None) -> dict:
+def environment(
+    cfg: Config, port: int, *, parallelism: int = 2, scheduled_runs: bool = True, base: dict | None = None
+) -> dict:
     """The environment standalone (and so every task) runs with."""
     env = dict(os.environ if base is None else base)
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     env["USERFORMER_HOME"] = str(cfg.home)
     url = f"http://{HOST}:{port}"
-    env.update({
-        "AIRFLOW_HOME": str(airflow_home(cfg)),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": str(parallelism),
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__API__HOST": HOST,
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": url,
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-        # The demo and tests create their runs explicitly (backfills); `make airflow` schedules as usual.
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": str(bool(scheduled_runs)),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": env.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
-        "SPARK_LOCAL_IP": env.get("SPARK_LOCAL_IP", HOST),
-        "PYSPARK_PYTHON": env.get("PYSPARK_PYTHON", sys.executable),
-        "NO_COLOR": "1",
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(airflow_home(cfg)),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__API__HOST": HOST,
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            # The demo and tests create their runs explicitly (backfills); `make airflow` schedules as usual.
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": str(bool(scheduled_runs)),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": env.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
+            "SPARK_LOCAL_IP": env.get("SPARK_LOCAL_IP", HOST),
+            "PYSPARK_PYTHON": env.get("PYSPARK_PYTHON", sys.executable),
+            "NO_COLOR": "1",
+        }
+    )
     return env
 
 
@@ -172,13 +174,22 @@ class Airflow:
     # ----------------------------------------------------------------- REST
     def token(self, refresh: bool = False) -> str:
         if self._token is None or refresh:
-            res = self._request("POST", "/auth/token", {"username": self.username, "password": self.password},
-                                auth=False)
+            res = self._request(
+                "POST", "/auth/token", {"username": self.username, "password": self.password}, auth=False
+            )
             self._token = res["access_token"]
         return self._token
 
-    def _request(self, method: str, path: str, body: dict | None = None, *, auth: bool = True,
-                 query: dict | None = None, ok: tuple = ()) -> dict:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        *,
+        auth: bool = True,
+        query: dict | None = None,
+        ok: tuple = (),
+    ) -> dict:
         url = self.url + path + (("?" + urllib.parse.urlencode(query, doseq=True)) if query else "")
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -219,16 +230,31 @@ class Airflow:
     def unpause(self, dag_id: str) -> dict:
         return self.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
-    def backfill(self, dag_id: str, start: dt.date, end: dt.date, *, reprocess: str = "failed",
-                 conf: dict | None = None, max_active_runs: int = 1, wait_running_s: float = 0.0) -> dict:
+    def backfill(
+        self,
+        dag_id: str,
+        start: dt.date,
+        end: dt.date,
+        *,
+        reprocess: str = "failed",
+        conf: dict | None = None,
+        max_active_runs: int = 1,
+        wait_running_s: float = 0.0,
+    ) -> dict:
         """``POST /api/v2/backfills``: one run per logical date start..end (inclusive), in date order.
 
         `reprocess`: what happens to dates that have a finished run: "failed" reruns failed ones, "completed"
         reruns every finished one, "none" leaves them (not allowed for DAGs with depends_on_past). Airflow runs
         one backfill per DAG at a time and marks a finished one complete a few seconds after its last run:
         `wait_running_s` retries that long while the previous backfill is still running (HTTP 409)."""
-        body = {"dag_id": dag_id, "from_date": _midnight(start), "to_date": _midnight(end),
-                "reprocess_behavior": reprocess, "max_active_runs": max_active_runs, "run_backwards": False}
+        body = {
+            "dag_id": dag_id,
+            "from_date": _midnight(start),
+            "to_date": _midnight(end),
+            "reprocess_behavior": reprocess,
+            "max_active_runs": max_active_runs,
+            "run_backwards": False,
+        }
         if conf is not None:
             body["dag_run_conf"] = conf
         deadline = time.monotonic() + wait_running_s
@@ -254,9 +280,17 @@ class Airflow:
         path = f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
         return self.api("GET", path, query=q).get("task_instances", [])
 
-    def wait_runs(self, dag_id: str, *, run_ids: list[str] | None = None, start: dt.date | None = None,
-                  end: dt.date | None = None, timeout: float = 1800.0, poll: float = 3.0,
-                  progress=None) -> list[dict]:
+    def wait_runs(
+        self,
+        dag_id: str,
+        *,
+        run_ids: list[str] | None = None,
+        start: dt.date | None = None,
+        end: dt.date | None = None,
+        timeout: float = 1800.0,
+        poll: float = 3.0,
+        progress=None,
+    ) -> list[dict]:
         """Wait until the runs (these run ids, or one per logical date start..end) have all finished.
 
         Returns them (dicts of the REST API: ``dag_run_id``, ``logical_date``, ``state``, ...), in date order.
@@ -265,8 +299,9 @@ class Airflow:
         if run_ids is None and (start is None or end is None):
             raise ValueError("wait_runs: pass run_ids, or start and end")
         want = len(run_ids) if run_ids is not None else (end - start).days + 1
-        query = {} if run_ids is not None else {"logical_date_gte": _midnight(start),
-                                                "logical_date_lte": _midnight(end)}
+        query = (
+            {} if run_ids is not None else {"logical_date_gte": _midnight(start), "logical_date_lte": _midnight(end)}
+        )
         deadline = time.monotonic() + timeout
         seen: dict[str, str] = {}
         while True:
@@ -315,8 +350,16 @@ def _read_password(home: Path, user: str = "admin") -> str | None:
         return None
 
 
-def start(cfg: Config, port: int | None = None, *, parallelism: int = 2, scheduled_runs: bool = True,
-          timeout: float = 240.0, dags: tuple[str, ...] = ("daily_refresh",), log=None) -> Airflow:
+def start(
+    cfg: Config,
+    port: int | None = None,
+    *,
+    parallelism: int = 2,
+    scheduled_runs: bool = True,
+    timeout: float = 240.0,
+    dags: tuple[str, ...] = ("daily_refresh",),
+    log=None,
+) -> Airflow:
     """Start standalone Airflow in the background and return once it is usable (module doc).
 
     `scheduled_runs=False` keeps the scheduler from creating runs on its own (``[scheduler] use_job_schedule``):
@@ -333,9 +376,15 @@ def start(cfg: Config, port: int | None = None, *, parallelism: int = 2, schedul
     out = open(log_path, "ab")
     out.write(f"\n---- userformer airflow start {dt.datetime.now(dt.UTC).isoformat()} port {port}\n".encode())
     out.flush()
-    proc = subprocess.Popen([sys.executable, "-m", "userformer.jobs.tools.orchestrator"], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            cwd=str(home))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "userformer.jobs.tools.orchestrator"],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=str(home),
+    )
     out.close()
     af = Airflow(url=f"http://{HOST}:{port}", home=home, proc=proc, log_path=log_path, username="admin")
     say(f"airflow standalone pid {proc.pid} starting on {af.url} (log {log_path})")
@@ -352,8 +401,9 @@ def _wait_ready(af: Airflow, cfg: Config, timeout: float, dags: tuple[str, ...],
 
     def left() -> bool:
         if not af.alive():
-            raise AirflowError(f"airflow standalone exited with {af.proc.returncode}; see {af.log_path}:\n"
-                               + _tail(af.log_path))
+            raise AirflowError(
+                f"airflow standalone exited with {af.proc.returncode}; see {af.log_path}:\n" + _tail(af.log_path)
+            )
         if time.monotonic() > deadline:
             raise AirflowError(f"Airflow not ready after {timeout:.0f}s; see {af.log_path}:\n" + _tail(af.log_path))
         return True
@@ -371,15 +421,22 @@ def _wait_ready(af: Airflow, cfg: Config, timeout: float, dags: tuple[str, ...],
         if af.password:
             break
         time.sleep(0.5)
-    af.ensure_pool(cfg.pipeline.gpu_pool, cfg.pipeline.gpu_pool_slots,
-                   "inference shards of userformer (size it to the GPU workers)")
+    af.ensure_pool(
+        cfg.pipeline.gpu_pool,
+        cfg.pipeline.gpu_pool_slots,
+        "inference shards of userformer (size it to the GPU workers)",
+    )
     folder = str(dags_folder())
     while left():
-        errors = [e for e in af.import_errors() if folder in str(e.get("filename", "")) or
-                  not str(e.get("filename", "")).startswith("/")]
+        errors = [
+            e
+            for e in af.import_errors()
+            if folder in str(e.get("filename", "")) or not str(e.get("filename", "")).startswith("/")
+        ]
         if errors:
-            raise AirflowError("the DAGs do not import:\n" + "\n".join(f"{e.get('filename')}: {e.get('stack_trace')}"
-                                                                      for e in errors))
+            raise AirflowError(
+                "the DAGs do not import:\n" + "\n".join(f"{e.get('filename')}: {e.get('stack_trace')}" for e in errors)
+            )
         if all(af.dag(d) is not None for d in dags):
             break
         time.sleep(1.0)
@@ -393,8 +450,17 @@ def _tail(path: Path, n: int = 40) -> str:
         return ""
 
 
-def run_backfill(af: Airflow, dag_id: str, start: dt.date, end: dt.date, *, reprocess: str = "failed",
-                 conf: dict | None = None, timeout: float = 3600.0, progress=None) -> dict[str, str]:
+def run_backfill(
+    af: Airflow,
+    dag_id: str,
+    start: dt.date,
+    end: dt.date,
+    *,
+    reprocess: str = "failed",
+    conf: dict | None = None,
+    timeout: float = 3600.0,
+    progress=None,
+) -> dict[str, str]:
     """Unpause `dag_id`, backfill start..end, wait; returns {logical date: state} of its runs."""
     af.unpause(dag_id)
     af.backfill(dag_id, start, end, reprocess=reprocess, conf=conf)
@@ -404,23 +470,30 @@ def run_backfill(af: Airflow, dag_id: str, start: dt.date, end: dt.date, *, repr
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    p = sub.add_parser("airflow", help="the project's Airflow: start it (what `make airflow` runs), or backfill "
-                                       "daily_refresh through it",
-                       description="Standalone Airflow 3 on 127.0.0.1 with the project's DAGs; AIRFLOW_HOME is "
-                                   "$USERFORMER_HOME/airflow. See jobs/tools/orchestrator.py.")
+    p = sub.add_parser(
+        "airflow",
+        help="the project's Airflow: start it (what `make airflow` runs), or backfill daily_refresh through it",
+        description="Standalone Airflow 3 on 127.0.0.1 with the project's DAGs; AIRFLOW_HOME is "
+        "$USERFORMER_HOME/airflow. See jobs/tools/orchestrator.py.",
+    )
     s = p.add_subparsers(dest="airflow_command", metavar="SUBCOMMAND", required=True)
     a = s.add_parser("start", help="run Airflow in the foreground: prints the URL and the login; Ctrl-C stops it")
     a.add_argument("--port", type=int, help=f"API/UI port on {HOST} (default {DEFAULT_PORT}, or a free one)")
     a.add_argument("--parallelism", type=int, default=2, help="task slots (default 2)")
-    a.add_argument("--no-schedule", action="store_true", help="create no scheduled runs (backfills and "
-                                                                "triggered runs only)")
+    a.add_argument(
+        "--no-schedule", action="store_true", help="create no scheduled runs (backfills and triggered runs only)"
+    )
     a.set_defaults(func=run)
     b = s.add_parser("backfill", help="start Airflow, backfill daily_refresh over --from..--to, wait, stop")
     b.add_argument("--from", dest="start", type=date_arg, required=True, help="first drop date")
     b.add_argument("--to", dest="end", type=date_arg, required=True, help="last drop date")
     b.add_argument("--dag", default="daily_refresh", help="DAG id (default daily_refresh)")
-    b.add_argument("--reprocess", choices=["failed", "completed", "none"], default="failed",
-                   help="dates that already have a finished run: rerun failed ones (default) or all")
+    b.add_argument(
+        "--reprocess",
+        choices=["failed", "completed", "none"],
+        default="failed",
+        help="dates that already have a finished run: rerun failed ones (default) or all",
+    )
     b.add_argument("--port", type=int, help="API port (default: a free one)")
     b.set_defaults(func=run)
 
@@ -432,9 +505,12 @@ def _print(line: str) -> None:
 def run(args, cfg: Config) -> int:
     if args.airflow_command == "start":
         af = start(cfg, args.port, parallelism=args.parallelism, scheduled_runs=not args.no_schedule, log=_print)
-        print(f"\nAirflow is up: {af.url}\n  login: {af.username} / {af.password}  "
-              f"(also in {af.home / PASSWORDS_FILE})\n  DAGs: {dags_folder()}\n  log: {af.log_path}\n"
-              "Ctrl-C stops it.", flush=True)
+        print(
+            f"\nAirflow is up: {af.url}\n  login: {af.username} / {af.password}  "
+            f"(also in {af.home / PASSWORDS_FILE})\n  DAGs: {dags_folder()}\n  log: {af.log_path}\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
         try:
             while af.alive():
                 time.sleep(1.0)
@@ -448,8 +524,14 @@ def run(args, cfg: Config) -> int:
         raise UserError(f"--to {args.end} is before --from {args.start}")
     af = start(cfg, args.port or free_port(), scheduled_runs=False, log=_print, dags=(args.dag,))
     try:
-        states = run_backfill(af, args.dag, args.start, args.end, reprocess=args.reprocess,
-                              progress=lambda r: _print(f"{r['logical_date'][:10]} {r['dag_run_id']}: {r['state']}"))
+        states = run_backfill(
+            af,
+            args.dag,
+            args.start,
+            args.end,
+            reprocess=args.reprocess,
+            progress=lambda r: _print(f"{r['logical_date'][:10]} {r['dag_run_id']}: {r['state']}"),
+        )
     finally:
         af.stop()
     print(json.dumps(states, indent=2))

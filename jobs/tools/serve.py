@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.steps import index as ix
-from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import Config, load_config
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import index as ix
 
 EMBEDDING_COLUMNS = ["user_id", "embedding", "model_version", "as_of"]
 
@@ -92,8 +92,10 @@ class Recommender:
         return str(v) if v is not None else "never: the table is empty"
 
     def _unknown_user(self, user_id: str) -> UnknownId:
-        return UnknownId(f"user {user_id} has no published embedding (as of {self.as_of()}, "
-                         f"user_embeddings v{self._user_table().version()})")
+        return UnknownId(
+            f"user {user_id} has no published embedding (as of {self.as_of()}, "
+            f"user_embeddings v{self._user_table().version()})"
+        )
 
     def embeddings(self, user_ids, missing: str = "error") -> pa.Table:
         """Rows of user_embeddings for `user_ids`, in that order (duplicates once).
@@ -133,9 +135,11 @@ class Recommender:
         vec, row = self.user_vector(user_id)
         idx = self.index
         if row["model_version"] != idx.model_version:
-            raise UserError(f"user {user_id}'s embedding is of model {row['model_version']} but the current index "
-                            f"{idx.version} is of model {idx.model_version}: run `userformer index --dt D` "
-                            "after publishing, so both are of one version")
+            raise UserError(
+                f"user {user_id}'s embedding is of model {row['model_version']} but the current index "
+                f"{idx.version} is of model {idx.model_version}: run `userformer index --dt D` "
+                "after publishing, so both are of one version"
+            )
         exclude = [self.purchased(user_id)] if exclude_purchased else None
         labels, scores = ix.topn(idx, vec[None, :], _k(k), exclude)[0]
         return self._hits(labels, scores), row
@@ -145,8 +149,10 @@ class Recommender:
         idx = self.index
         item_idx = idx.idx_of_item(str(item_id))
         if item_idx is None:
-            raise UnknownId(f"item {item_id} is not in the current item index ({idx.version}, "
-                            f"{idx.ntotal:,} items of model {idx.model_version})")
+            raise UnknownId(
+                f"item {item_id} is not in the current item index ({idx.version}, "
+                f"{idx.ntotal:,} items of model {idx.model_version})"
+            )
         labels, scores = ix.topn(idx, idx.vector(item_idx)[None, :], _k(k), [{item_idx}])[0]
         return self._hits(labels, scores)
 
@@ -185,8 +191,12 @@ def write_embeddings(t: pa.Table, fmt: str, out) -> None:
     users, mvs, dts = t["user_id"].to_pylist(), t["model_version"].to_pylist(), t["as_of"].to_pylist()
     if fmt == "jsonl":
         for u, v, m, d in zip(users, vecs, mvs, dts):
-            out.write((f'{{"user_id": {json.dumps(u)}, "embedding": {_embedding_text(v)}, '
-                       f'"model_version": {json.dumps(m)}, "as_of": "{d}"}}\n').encode())
+            out.write(
+                (
+                    f'{{"user_id": {json.dumps(u)}, "embedding": {_embedding_text(v)}, '
+                    f'"model_version": {json.dumps(m)}, "as_of": "{d}"}}\n'
+                ).encode()
+            )
         return
     if fmt == "csv":
         import csv
@@ -203,30 +213,42 @@ def write_embeddings(t: pa.Table, fmt: str, out) -> None:
 
 # ------------------------------------------------------------------------ CLI
 def register(sub) -> None:
-    p = sub.add_parser("recommend", help="top-k items of the current index for a user (published embedding)",
-                       description="The k items with the highest dot product with the user's published embedding, "
-                                   "searched in the current item index. Exit 3: unknown user; 2: no index/table.")
+    p = sub.add_parser(
+        "recommend",
+        help="top-k items of the current index for a user (published embedding)",
+        description="The k items with the highest dot product with the user's published embedding, "
+        "searched in the current item index. Exit 3: unknown user; 2: no index/table.",
+    )
     p.add_argument("--user", required=True, help="user_id")
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     p.add_argument("--exclude-purchased", action="store_true", help="leave out items the user purchased (events)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_recommend)
-    p = sub.add_parser("similar-items", help="nearest items of an item in the current index",
-                       description="The k items nearest to an item (dot product of item vectors) in the current "
-                                   "item index, the item itself left out. Exit 3: unknown item; 2: no index.")
+    p = sub.add_parser(
+        "similar-items",
+        help="nearest items of an item in the current index",
+        description="The k items nearest to an item (dot product of item vectors) in the current "
+        "item index, the item itself left out. Exit 3: unknown item; 2: no index.",
+    )
     p.add_argument("--item", required=True, help="item_id")
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_similar)
-    p = sub.add_parser("embeddings", help="published user embeddings of some users, to Parquet/CSV/JSON lines",
-                       description="Rows of user_embeddings (user_id, embedding, model_version, as_of) for the "
-                                   "given users, in their order. CSV holds the vector as a JSON array text. "
-                                   "Exit 3 when a user has no published embedding (unless --skip-missing).")
+    p = sub.add_parser(
+        "embeddings",
+        help="published user embeddings of some users, to Parquet/CSV/JSON lines",
+        description="Rows of user_embeddings (user_id, embedding, model_version, as_of) for the "
+        "given users, in their order. CSV holds the vector as a JSON array text. "
+        "Exit 3 when a user has no published embedding (unless --skip-missing).",
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--users", help="comma-separated user ids")
     g.add_argument("--users-file", help="file with one user id per line ('-' = stdin; blank lines and # ignored)")
-    p.add_argument("--format", choices=["parquet", "csv", "jsonl"],
-                   help="output format (default: from the --out suffix, else jsonl)")
+    p.add_argument(
+        "--format",
+        choices=["parquet", "csv", "jsonl"],
+        help="output format (default: from the --out suffix, else jsonl)",
+    )
     p.add_argument("--out", default="-", help="output file, or - for stdout (default)")
     p.add_argument("--skip-missing", action="store_true", help="leave out unknown users instead of failing")
     p.set_defaults(func=run_embeddings)
@@ -246,21 +268,34 @@ def _print_hits(title: str, hits: list[Hit], meta: dict, as_json: bool) -> None:
 def run_recommend(args, cfg: Config) -> int:
     r = Recommender(cfg)
     hits, row = r._recommend(args.user, args.k, args.exclude_purchased)
-    meta = {"user_id": args.user, "model_version": r.index.model_version, "index_version": r.index.version,
-            "embedding_as_of": str(row["as_of"]), "k": args.k, "exclude_purchased": args.exclude_purchased}
-    _print_hits(f"user {args.user}: top {args.k} of index {r.index.version} (model {r.index.model_version}, "
-                f"embedding as of {row['as_of']}" + (", purchases left out" if args.exclude_purchased else "") + ")",
-                hits, meta, args.json)
+    meta = {
+        "user_id": args.user,
+        "model_version": r.index.model_version,
+        "index_version": r.index.version,
+        "embedding_as_of": str(row["as_of"]),
+        "k": args.k,
+        "exclude_purchased": args.exclude_purchased,
+    }
+    _print_hits(
+        f"user {args.user}: top {args.k} of index {r.index.version} (model {r.index.model_version}, "
+        f"embedding as of {row['as_of']}" + (", purchases left out" if args.exclude_purchased else "") + ")",
+        hits,
+        meta,
+        args.json,
+    )
     return 0
 
 
 def run_similar(args, cfg: Config) -> int:
     r = Recommender(cfg)
     hits = r.similar_items(args.item, k=args.k)
-    meta = {"item_id": args.item, "model_version": r.index.model_version, "index_version": r.index.version,
-            "k": args.k}
-    _print_hits(f"item {args.item}: {args.k} nearest items in index {r.index.version} (model {r.index.model_version})",
-                hits, meta, args.json)
+    meta = {"item_id": args.item, "model_version": r.index.model_version, "index_version": r.index.version, "k": args.k}
+    _print_hits(
+        f"item {args.item}: {args.k} nearest items in index {r.index.version} (model {r.index.model_version})",
+        hits,
+        meta,
+        args.json,
+    )
     return 0
 
 
@@ -283,7 +318,9 @@ def run_embeddings(args, cfg: Config) -> int:
     fmt = args.format
     if fmt is None:
         suffix = Path(args.out).suffix.lower().lstrip(".") if args.out != "-" else ""
-        fmt = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "jsonl": "jsonl", "json": "jsonl"}.get(suffix, "jsonl")
+        fmt = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "jsonl": "jsonl", "json": "jsonl"}.get(
+            suffix, "jsonl"
+        )
     t = Recommender(cfg).embeddings(ids, missing="skip" if args.skip_missing else "error")
     if args.out == "-":
         write_embeddings(t, fmt, sys.stdout.buffer)

@@ -57,7 +57,7 @@ def make_data(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray
     items = np.empty((n, D), np.float32)
     for s in range(0, n, 250_000):  # in chunks: bounded temporaries
         m = min(250_000, n - s)
-        items[s:s + m] = unit(centres[rng.choice(CLUSTERS, m, p=w)] + noise * rng.standard_normal((m, D), np.float32))
+        items[s : s + m] = unit(centres[rng.choice(CLUSTERS, m, p=w)] + noise * rng.standard_normal((m, D), np.float32))
     a, b = rng.choice(CLUSTERS, n_queries, p=w), rng.choice(CLUSTERS, n_queries, p=w)
     mix = rng.random(n_queries, np.float32)[:, None]
     queries = unit(mix * centres[a] + (1 - mix) * centres[b] + noise * rng.standard_normal((n_queries, D), np.float32))
@@ -111,29 +111,45 @@ def searches(index, queries: np.ndarray, k: int, repeats: int, n_single: int) ->
         faiss.omp_set_num_threads(threads)
     med = statistics.median(secs)
     return labels, {
-        "batch": {**summary(secs), "load_before": loads}, "queries": len(queries),
+        "batch": {**summary(secs), "load_before": loads},
+        "queries": len(queries),
         "qps": round(len(queries) / med, 1),
-        "single_query_ms": {"median": round(1000 * statistics.median(single), 3),
-                            "p90": round(1000 * float(np.percentile(single, 90)), 3), "calls": len(single)},
+        "single_query_ms": {
+            "median": round(1000 * statistics.median(single), 3),
+            "p90": round(1000 * float(np.percentile(single, 90)), 3),
+            "calls": len(single),
+        },
     }
 
 
 # ------------------------------------------------------------------ bench
 def bench_size(n: int, args, cfg) -> dict:
     from userformer.jobs.steps import index as ix
+
     log(f"n={n:,}: data")
     t0 = time.perf_counter()
     items, queries = make_data(n, args.queries, args.seed)
     ids = np.arange(1, n + 1, dtype=np.int64)
-    out = {"items": n, "dimension": D, "data_s": round(time.perf_counter() - t0, 2),
-           "default_kind": ix.choose_kind(cfg, n), "load_at_start": load(), "mem_available_gib": mem_available_gib()}
+    out = {
+        "items": n,
+        "dimension": D,
+        "data_s": round(time.perf_counter() - t0, 2),
+        "default_kind": ix.choose_kind(cfg, n),
+        "load_at_start": load(),
+        "mem_available_gib": mem_available_gib(),
+    }
     k = 10
 
     log(f"n={n:,}: exact")
     flat, b = builds(lambda: ix.build_faiss(items, ids, "flat", ix.build_params(cfg, "flat", n, D)), args.repeats, 60)
     truth, s = searches(flat, queries, k, args.repeats, args.single)
-    out["exact"] = {"index_class": ix._class_name(flat), "params": ix.build_params(cfg, "flat", n, D),
-                    "build": b, "recall_at_10": ix.recall_at_k(truth, truth), **s}
+    out["exact"] = {
+        "index_class": ix._class_name(flat),
+        "params": ix.build_params(cfg, "flat", n, D),
+        "build": b,
+        "recall_at_10": ix.recall_at_k(truth, truth),
+        **s,
+    }
     del flat
 
     log(f"n={n:,}: hnsw build")
@@ -169,42 +185,62 @@ def markdown(res: dict) -> str:
     p = res["params"]
     g = res["git"]
     lines = [
-        "# Item index speed (exact vs HNSW vs IVF)", "",
-        f"`{res['command']}`", "",
+        "# Item index speed (exact vs HNSW vs IVF)",
+        "",
+        f"`{res['command']}`",
+        "",
         f"Commit `{(g['commit'] or '?')[:7]}`{' (dirty)' if g['dirty'] else ''}, {res['started']} .. {res['finished']} "
         f"({res['total_s']:.0f} s). Machine: {res['machine']['cpu_count']} cores ({res['machine']['cpu_model']}), "
         f"{res['machine']['memory_total_gib']} GiB, faiss {res['machine']['faiss']}, {res['faiss_threads']} threads; "
         f"load average {res['load_at_start']} at start, {res['load_at_end']} at end (shared machine: absolute "
-        "numbers are pessimistic; compare within this run).", "",
+        "numbers are pessimistic; compare within this run).",
+        "",
         f"Data: d={D}, {CLUSTERS} clusters (Zipf {ZIPF} sizes), spread {SPREAD}; {p['queries']} user-like queries "
         f"(mixes of two centres); recall@10 against exact IndexFlatIP; q/s = queries / median seconds of one batch "
         f"search of all of them ({p['repeats']} repeats); single = median latency of {p['single']} one-query calls "
         "(one FAISS thread). "
-        "Build: median of the samples (count in brackets). Rows marked * are the default [index] parameters.", "",
+        "Build: median of the samples (count in brackets). Rows marked * are the default [index] parameters.",
+        "",
         "| items | index | parameters | build s | recall@10 | batch q/s | single ms |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in res["results"]:
         n = f"{r['items']:,}"
         e = r["exact"]
-        lines.append(f"| {n} | exact{' *' if r['default_kind'] == 'flat' else ''} | IndexFlatIP | "
-                     f"{e['build']['median_s']:.2f} ({len(e['build']['samples_s'])}) | 1.000 | {e['qps']:,.0f} | "
-                     f"{e['single_query_ms']['median']:.2f} |")
+        lines.append(
+            f"| {n} | exact{' *' if r['default_kind'] == 'flat' else ''} | IndexFlatIP | "
+            f"{e['build']['median_s']:.2f} ({len(e['build']['samples_s'])}) | 1.000 | {e['qps']:,.0f} | "
+            f"{e['single_query_ms']['median']:.2f} |"
+        )
         for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")):
             if kind not in r:
                 continue
             x = r[kind]
             b = x["build"]
-            fixed = (f"M={x['params']['M']} efC={x['params']['efConstruction']}" if kind == "hnsw"
-                     else f"nlist={x['params']['nlist']} train={x['params']['train_size']:,}")
+            fixed = (
+                f"M={x['params']['M']} efC={x['params']['efConstruction']}"
+                if kind == "hnsw"
+                else f"nlist={x['params']['nlist']} train={x['params']['train_size']:,}"
+            )
             default = x["params"][key]
             for i, s in enumerate(x["sweep"]):
-                star = " *" if s[key] == default and r["default_kind"] == kind else (" (default)" if s[key] == default else "")
+                star = (
+                    " *"
+                    if s[key] == default and r["default_kind"] == kind
+                    else (" (default)" if s[key] == default else "")
+                )
                 build = f"{b['median_s']:.1f} ({len(b['samples_s'])})" if i == 0 else "″"
-                lines.append(f"| {n} | {kind}{star} | {fixed} {key}={s[key]} | {build} | {s['recall_at_10']:.3f} | "
-                             f"{s['qps']:,.0f} | {s['single_query_ms']['median']:.3f} |")
-    lines += ["", "Default kind by size (`[index]` flat_max_items / hnsw_max_items): " +
-              ", ".join(f"{r['items']:,} -> {r['default_kind']}" for r in res["results"]) + ".", ""]
+                lines.append(
+                    f"| {n} | {kind}{star} | {fixed} {key}={s[key]} | {build} | {s['recall_at_10']:.3f} | "
+                    f"{s['qps']:,.0f} | {s['single_query_ms']['median']:.3f} |"
+                )
+    lines += [
+        "",
+        "Default kind by size (`[index]` flat_max_items / hnsw_max_items): "
+        + ", ".join(f"{r['items']:,} -> {r['default_kind']}" for r in res["results"])
+        + ".",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -216,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=1000, help="queries for recall and batch q/s")
     ap.add_argument("--single", type=int, default=100, help="one-query calls timed for latency")
     ap.add_argument("--repeats", type=int, default=3, help="samples of each search (and build, budget allowing)")
-    ap.add_argument("--build-budget-s", type=float, default=60.0,
-                    help="after a build's first sample, take more only as fit in this many seconds")
+    ap.add_argument(
+        "--build-budget-s",
+        type=float,
+        default=60.0,
+        help="after a build's first sample, take more only as fit in this many seconds",
+    )
     ap.add_argument("--ef-search", type=ints, default=[16, 32, 64, 128, 256], help="HNSW efSearch sweep")
     ap.add_argument("--nprobe", type=ints, default=[8, 16, 32, 64, 128], help="IVF nprobe sweep")
     ap.add_argument("--threads", type=int, default=0, help="FAISS threads (0: FAISS's default)")
@@ -236,10 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "command": " ".join(["python -m tests.benchmarks.index_speed", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {**machine_info(), "faiss": faiss.__version__}, "faiss_threads": faiss.omp_get_max_threads(),
-        "git": git_info(), "started": now(), "load_at_start": load(), "mem_available_gib_at_start": mem_available_gib(),
+        "machine": {**machine_info(), "faiss": faiss.__version__},
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "git": git_info(),
+        "started": now(),
+        "load_at_start": load(),
+        "mem_available_gib_at_start": mem_available_gib(),
         "data": {"dimension": D, "clusters": CLUSTERS, "zipf": ZIPF, "spread": SPREAD, "seed": args.seed},
-        "index_config": cfg.to_dict()["index"], "results": [],
+        "index_config": cfg.to_dict()["index"],
+        "results": [],
     }
     for n in args.sizes:
         res["results"].append(bench_size(n, args, cfg))

@@ -41,8 +41,9 @@ SEED = 23
 
 
 def _in_share(user_ids: list[str], share: float) -> list[bool]:
-    return [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "big") / 2**64 < share
-            for u in user_ids]
+    return [
+        int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "big") / 2**64 < share for u in user_ids
+    ]
 
 
 def cut_drop(path: Path, share: float) -> tuple[int, int]:
@@ -58,20 +59,24 @@ def cut_drop(path: Path, share: float) -> tuple[int, int]:
 
 
 def setup(home: Path, users: int, items: int, share: float, device: str) -> tuple[object, dict]:
-    from userformer.jobs.steps import ingest, sequences, train
     from userformer.jobs.core.config import load_config
-    from userformer.jobs.tools.generate import generate
     from userformer.jobs.core.spark import stop_spark
+    from userformer.jobs.steps import ingest, sequences, train
+    from userformer.jobs.tools.generate import generate
 
-    cfg = load_config(env={"USERFORMER_HOME": str(home), "USERFORMER__INFER__DEVICE": device,
-                           "USERFORMER__TRAIN__DEVICE": device})
+    cfg = load_config(
+        env={"USERFORMER_HOME": str(home), "USERFORMER__INFER__DEVICE": device, "USERFORMER__TRAIN__DEVICE": device}
+    )
     d1, d2, d3 = (START + dt.timedelta(days=i) for i in range(3))
     t0 = time.perf_counter()
-    gen = generate(cfg, users=users, items=items, days=3, start=START, seed=SEED, active_frac=0.9,
-                   events_per_active_user=6.0)
+    gen = generate(
+        cfg, users=users, items=items, days=3, start=START, seed=SEED, active_frac=0.9, events_per_active_user=6.0
+    )
     before, after = cut_drop(cfg.raw_events_dir(d3) / "part-00000.parquet", share)
-    log(f"generated {gen['events_total']:,} raw events; day 3 cut to {after:,} of {before:,} rows "
-        f"({share:.0%} of users) in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"generated {gen['events_total']:,} raw events; day 3 cut to {after:,} of {before:,} rows "
+        f"({share:.0%} of users) in {time.perf_counter() - t0:.1f}s"
+    )
     seq = {}
     for d in (d1, d2, d3):
         ingest.ingest(cfg, d)
@@ -82,12 +87,16 @@ def setup(home: Path, users: int, items: int, share: float, device: str) -> tupl
     tr = train.train(cfg, day=d2, epochs=1, max_users=5000, publish=True, progress=False, log=log)
     log(f"trained {tr['version']} (1 epoch, ~5000 users) in {time.perf_counter() - t0:.1f}s")
     measure(cfg, d2, full=True)  # the model's first publish: every user as of day 2
-    return cfg, {"generate": {"events": gen["events_total"], "day3_rows_before_cut": before,
-                              "day3_rows": after}, "sequences": seq, "model": tr["version"]}
+    return cfg, {
+        "generate": {"events": gen["events_total"], "day3_rows_before_cut": before, "day3_rows": after},
+        "sequences": seq,
+        "model": tr["version"],
+    }
 
 
 def measure(cfg, day: dt.date, full: bool) -> dict:
     from userformer.jobs.steps import infer, publish
+
     quiet = lambda *_: None  # noqa: E731
     t0 = time.perf_counter()
     m = infer.infer(cfg, day, all_users=full, log=quiet)
@@ -96,41 +105,60 @@ def measure(cfg, day: dt.date, full: bool) -> dict:
     t2 = time.perf_counter()
     if m["full"] != full:
         raise RuntimeError(f"expected a {'full' if full else 'incremental'} inference, got {m['reason']}")
-    return {"users": m["users"], "items": m["rows"]["item_embeddings"], "infer_s": round(t1 - t0, 3),
-            "publish_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3), "load_before": load(),
-            "commits": {t: r.get("committed") for t, r in p["commits"].items()}}
+    return {
+        "users": m["users"],
+        "items": m["rows"]["item_embeddings"],
+        "infer_s": round(t1 - t0, 3),
+        "publish_s": round(t2 - t1, 3),
+        "total_s": round(t2 - t0, 3),
+        "load_before": load(),
+        "commits": {t: r.get("committed") for t, r in p["commits"].items()},
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in ("infer_s", "publish_s", "total_s")} | {
-        "users": runs[0]["users"], "samples_total_s": [r["total_s"] for r in runs]}
+        "users": runs[0]["users"],
+        "samples_total_s": [r["total_s"] for r in runs],
+    }
 
 
 def markdown(doc: dict) -> str:
     m, g = doc["machine"], doc["git"]
     f, i, r = doc["full"], doc["incremental"], doc["ratio"]
     lines = [
-        "## inference: incremental day vs full re-embed", "",
+        "## inference: incremental day vs full re-embed",
+        "",
         f"{m['cpu_count']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB; commit {str(g['commit'])[:10]}"
         f"{' (dirty)' if g['dirty'] else ''}; {doc['started']} .. {doc['finished']}; load avg at start "
-        f"{doc['load_at_start']}; device {doc['device']}", "",
+        f"{doc['load_at_start']}; device {doc['device']}",
+        "",
         f"{doc['users_in_table']:,} users in user_sequences, {i['users']:,} active on the day "
         f"({doc['active_share_measured']:.1%}), {doc['items']:,} items; model {doc['setup']['model']} "
-        f"(d={doc['d_model']}); {doc['repeats']} samples each, alternating.", "",
+        f"(d={doc['d_model']}); {doc['repeats']} samples each, alternating.",
+        "",
         "| run | users | infer s (median) | publish s (median) | total s (median) | samples total s | users/s (infer) |",
-        "|---|---:|---:|---:|---:|---|---:|"]
-    for name, s in (("full re-embed (`infer --all-users` + `publish`)", f),
-                    ("incremental (`infer` + `publish`)", i)):
-        lines.append(f"| {name} | {s['users']:,} | {s['infer_s']:.2f} | {s['publish_s']:.2f} | {s['total_s']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in s['samples_total_s'])} | {s['users'] / s['infer_s']:,.0f} |")
-    lines += ["", f"**ratio incremental / full: total {r['total_s']:.3f}, infer {r['infer_s']:.3f}, publish "
-                  f"{r['publish_s']:.3f}** (users {r['users']:.3f}). Both embed every catalogue item (shard 0) and "
-                  "read the model and catalogue once, which does not shrink with the day.", ""]
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, s in (("full re-embed (`infer --all-users` + `publish`)", f), ("incremental (`infer` + `publish`)", i)):
+        lines.append(
+            f"| {name} | {s['users']:,} | {s['infer_s']:.2f} | {s['publish_s']:.2f} | {s['total_s']:.2f} | "
+            f"{', '.join(f'{x:.2f}' for x in s['samples_total_s'])} | {s['users'] / s['infer_s']:,.0f} |"
+        )
+    lines += [
+        "",
+        f"**ratio incremental / full: total {r['total_s']:.3f}, infer {r['infer_s']:.3f}, publish "
+        f"{r['publish_s']:.3f}** (users {r['users']:.3f}). Both embed every catalogue item (shard 0) and "
+        "read the model and catalogue once, which does not shrink with the day.",
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.infer_incremental", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks.infer_incremental", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--items", type=int, default=20_000)
     p.add_argument("--active-share", type=float, default=0.05)
@@ -139,9 +167,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep-home", action="store_true", help="keep the temporary USERFORMER_HOME")
     a = p.parse_args(argv)
-    doc = {"benchmark": "infer-incremental", "params": vars(a) | {"out": str(a.out)}, "machine": machine_info(),
-           "git": git_info(), "started": now(), "load_at_start": load(),
-           "mem_available_gib_at_start": mem_available_gib(), "command": " ".join(sys.argv)}
+    doc = {
+        "benchmark": "infer-incremental",
+        "params": vars(a) | {"out": str(a.out)},
+        "machine": machine_info(),
+        "git": git_info(),
+        "started": now(),
+        "load_at_start": load(),
+        "mem_available_gib_at_start": mem_available_gib(),
+        "command": " ".join(sys.argv),
+    }
     home = Path(tempfile.mkdtemp(prefix="userformer-bench-infer-", dir="/tmp"))
     try:
         cfg, info = setup(home / "home", a.users, a.items, a.active_share, a.device)
@@ -151,16 +186,26 @@ def main(argv=None) -> int:
             for kind in ("incremental", "full"):
                 r = measure(cfg, day, full=kind == "full")
                 runs[kind].append(r)
-                log(f"  {kind} #{k + 1}: {r['users']:,} users, infer {r['infer_s']:.2f}s, publish {r['publish_s']:.2f}s")
+                log(
+                    f"  {kind} #{k + 1}: {r['users']:,} users, infer {r['infer_s']:.2f}s, publish {r['publish_s']:.2f}s"
+                )
         from userformer.jobs.core import registry as R
 
         f, i = summarise(runs["full"]), summarise(runs["incremental"])
-        doc.update(setup=info, runs=runs, full=f, incremental=i, repeats=a.repeats, device=a.device,
-                   users_in_table=f["users"], items=runs["full"][0]["items"],
-                   active_share_measured=i["users"] / f["users"],
-                   d_model=R.read_manifest(cfg, info["model"])["model_config"]["d_model"],
-                   ratio={k: i[k] / f[k] for k in ("infer_s", "publish_s", "total_s")} | {"users": i["users"] / f["users"]},
-                   finished=now())
+        doc.update(
+            setup=info,
+            runs=runs,
+            full=f,
+            incremental=i,
+            repeats=a.repeats,
+            device=a.device,
+            users_in_table=f["users"],
+            items=runs["full"][0]["items"],
+            active_share_measured=i["users"] / f["users"],
+            d_model=R.read_manifest(cfg, info["model"])["model_config"]["d_model"],
+            ratio={k: i[k] / f[k] for k in ("infer_s", "publish_s", "total_s")} | {"users": i["users"] / f["users"]},
+            finished=now(),
+        )
     finally:
         if not a.keep_home:
             shutil.rmtree(home, ignore_errors=True)

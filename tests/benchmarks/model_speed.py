@@ -56,17 +56,38 @@ SEED = 7
 # surfaces as the raw contract has them. `production`: 100K items shaped like jobs/tools/generate.py's world
 # (8 lines x 6 categories x 5 subcategories, one brand per 20 items).
 CATALOGS = {
-    "beauty": {"item": 12_102, "category_l1": 7, "category_l2": 37, "category_l3": 174, "brand": 438,
-               "event_type": 12, "surface": 8},
-    "production": {"item": 100_001, "category_l1": 9, "category_l2": 49, "category_l3": 241, "brand": 5_001,
-                   "event_type": 12, "surface": 8},
+    "beauty": {
+        "item": 12_102,
+        "category_l1": 7,
+        "category_l2": 37,
+        "category_l3": 174,
+        "brand": 438,
+        "event_type": 12,
+        "surface": 8,
+    },
+    "production": {
+        "item": 100_001,
+        "category_l1": 9,
+        "category_l2": 49,
+        "category_l3": 241,
+        "brand": 5_001,
+        "event_type": 12,
+        "surface": 8,
+    },
 }
 
 
 def model_configs() -> dict[str, tuple[ModelConfig, str]]:
     """name -> (ModelConfig, catalogue name)."""
-    prod = dataclasses.replace(ModelConfig(), d_model=128, n_layers=2, n_heads=4, ffn_mult=4, max_len=256,
-                               heads=["category_l1", "brand", "event_type"])
+    prod = dataclasses.replace(
+        ModelConfig(),
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        ffn_mult=4,
+        max_len=256,
+        heads=["category_l1", "brand", "event_type"],
+    )
     return {"default": (ModelConfig(), "beauty"), "production": (prod, "production")}
 
 
@@ -128,8 +149,18 @@ def _periods(cfg: ModelConfig) -> int:
     return len(cfg.time_periods_s) or 1  # TimeFeatures falls back to one period (a day)
 
 
-def forward_flops(cfg: ModelConfig, sizes: dict[str, int], B: int, L: int, n_query: int, *, heads: bool,
-                  n_items: float = 0, n_neg: int = 0, n_scored: int | None = None) -> dict[str, int]:
+def forward_flops(
+    cfg: ModelConfig,
+    sizes: dict[str, int],
+    B: int,
+    L: int,
+    n_query: int,
+    *,
+    heads: bool,
+    n_items: float = 0,
+    n_neg: int = 0,
+    n_scored: int | None = None,
+) -> dict[str, int]:
     """Matmul FLOPs (2 per multiply-add) of one forward pass of the model, by part.
 
     B x L: the padded batch the encoder runs on (padding positions cost like real ones);
@@ -155,8 +186,20 @@ def forward_flops(cfg: ModelConfig, sizes: dict[str, int], B: int, L: int, n_que
     # EventFeaturizer: duration Linear(2, d), time-gap TimeFeatures' periodic Linear(2P, d), concat projection.
     out["featurizer_data"] = T * (2 * 2 * d * ("duration" in f) + 2 * 2 * P * d * ("time_gap" in f))
     if cfg.pooling == "concat":
-        n_parts = sum(x in f for x in ("item_id", "category_l1", "category_l2", "category_l3", "brand",
-                                        "event_type", "surface", "duration", "time_gap"))
+        n_parts = sum(
+            x in f
+            for x in (
+                "item_id",
+                "category_l1",
+                "category_l2",
+                "category_l3",
+                "brand",
+                "event_type",
+                "surface",
+                "duration",
+                "time_gap",
+            )
+        )
         out["featurizer_concat"] = T * 2 * n_parts * d * d
     nl = cfg.n_layers
     out["attn_qkv_out"] = nl * T * 2 * d * 4 * d  # qkv Linear(d, 3d) + out Linear(d, d)
@@ -204,10 +247,17 @@ def train_batch_flops(cfg: ModelConfig, sizes: dict, batch: dict, tcfg: TrainCon
     m = tcfg.uniform_negatives + tcfg.inbatch_negatives
     draws = tcfg.uniform_negatives * (n_scored if tcfg.negatives_per_row else 1)
     rows = expected_distinct(sizes["item"] - 1, n_pos, draws)
-    fwd = forward_flops(cfg, sizes, B, L1 - 1, n_query, heads=bool(cfg.heads), n_items=rows, n_neg=m,
-                        n_scored=n_scored)
-    return {"B": B, "L": L1 - 1, "n_query": n_query, "n_scored": n_scored, "item_tower_rows": round(rows),
-            "real_events": int(batch["mask"][:, :-1].sum()), "forward_parts": fwd, **step_flops(fwd)}
+    fwd = forward_flops(cfg, sizes, B, L1 - 1, n_query, heads=bool(cfg.heads), n_items=rows, n_neg=m, n_scored=n_scored)
+    return {
+        "B": B,
+        "L": L1 - 1,
+        "n_query": n_query,
+        "n_scored": n_scored,
+        "item_tower_rows": round(rows),
+        "real_events": int(batch["mask"][:, :-1].sum()),
+        "forward_parts": fwd,
+        **step_flops(fwd),
+    }
 
 
 def infer_batch_flops(cfg: ModelConfig, sizes: dict, B: int, L: int) -> int:
@@ -221,8 +271,10 @@ def items_flops(cfg: ModelConfig, n_rows: int) -> int:
 # FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU flash kernel that
 # scaled_dot_product_attention uses without dropout (inference); the same formulas apply.
 _CPU_SDPA = {}
-for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", sdpa_flop),
-                   ("_scaled_dot_product_flash_attention_for_cpu_backward", sdpa_backward_flop)):
+for _name, _fn in (
+    ("_scaled_dot_product_flash_attention_for_cpu", sdpa_flop),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", sdpa_backward_flop),
+):
     _op = getattr(torch.ops.aten, _name, None)
     if _op is not None:
         _CPU_SDPA[_op] = getattr(_fn, "__wrapped__", _fn)  # FlopCounterMode wraps custom formulas itself
@@ -256,13 +308,23 @@ def med(xs):
 
 
 def stats(values: list[float]) -> dict:
-    return {"median": round(med(values), 3), "min": round(min(values), 3), "max": round(max(values), 3),
-            "samples": [round(v, 3) for v in values]}
+    return {
+        "median": round(med(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "samples": [round(v, 3) for v in values],
+    }
 
 
 def tcfg_for(precision: str, device: torch.device, threads: int, batch_size: int) -> TrainConfig:
-    return dataclasses.replace(TrainConfig(), bf16=precision == "bf16", cpu_bf16=precision == "bf16",
-                               device=device.type, num_threads=threads, batch_size=batch_size)
+    return dataclasses.replace(
+        TrainConfig(),
+        bf16=precision == "bf16",
+        cpu_bf16=precision == "bf16",
+        device=device.type,
+        num_threads=threads,
+        batch_size=batch_size,
+    )
 
 
 def repeat_for(fn, iters: int, end: float, clock: Clock) -> int:
@@ -281,8 +343,9 @@ def repeat_for(fn, iters: int, end: float, clock: Clock) -> int:
 
 
 # ----------------------------------------------------------------- matmul
-def bench_matmul(device: torch.device, shapes: list[tuple[str, int, int, int]], dtypes: list[str], repeats: int,
-                 sample_s: float) -> list[dict]:
+def bench_matmul(
+    device: torch.device, shapes: list[tuple[str, int, int, int]], dtypes: list[str], repeats: int, sample_s: float
+) -> list[dict]:
     clock = Clock(device)
     out = []
     for label, m, k, n in shapes:
@@ -305,11 +368,30 @@ def bench_matmul(device: torch.device, shapes: list[tuple[str, int, int, int]], 
                 s = clock() - t0
                 u1, s1 = cpu_times()
                 rates.append(2.0 * m * k * n * done / s / 1e9)
-                runs.append({"seconds": round(s, 4), "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3),
-                             "iters": done, "load_before": la})
-            out.append({"shape": label, "m": m, "k": k, "n": n, "dtype": name, "gflops": stats(rates),
-                        "cpu_utilisation": _util(runs), "runs": runs})
-            log(f"  matmul {label} {m}x{k}x{n} {name}: {med(rates):.0f} GFLOP/s (samples {', '.join(f'{r:.0f}' for r in rates)})")
+                runs.append(
+                    {
+                        "seconds": round(s, 4),
+                        "cpu_user_s": round(u1 - u0, 3),
+                        "cpu_sys_s": round(s1 - s0, 3),
+                        "iters": done,
+                        "load_before": la,
+                    }
+                )
+            out.append(
+                {
+                    "shape": label,
+                    "m": m,
+                    "k": k,
+                    "n": n,
+                    "dtype": name,
+                    "gflops": stats(rates),
+                    "cpu_utilisation": _util(runs),
+                    "runs": runs,
+                }
+            )
+            log(
+                f"  matmul {label} {m}x{k}x{n} {name}: {med(rates):.0f} GFLOP/s (samples {', '.join(f'{r:.0f}' for r in rates)})"
+            )
             del a, b
     return out
 
@@ -338,8 +420,9 @@ def train_step(model, opt, batch, tcfg, sampler, gen, device, times: dict | None
 def make_model(cfg: ModelConfig, catalog: ItemCatalog, device: torch.device, tcfg: TrainConfig):
     seed_everything(SEED)
     model = UserFormer(cfg, catalog).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
-                            weight_decay=tcfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=tcfg.lr, weight_decay=tcfg.weight_decay
+    )
     return model, opt
 
 
@@ -378,8 +461,13 @@ def bench_train(cfg, catalog, seqs, device, precision, args, counter: bool, prof
     model, opt = make_model(cfg, catalog, device, tcfg)
     model.train()
     # As train.fit builds it.
-    sampler = LS.NegativeSampler(item_counts(seqs, catalog.n_items), tcfg.uniform_negatives, tcfg.inbatch_negatives,
-                                 seed=tcfg.seed, per_row=tcfg.negatives_per_row)
+    sampler = LS.NegativeSampler(
+        item_counts(seqs, catalog.n_items),
+        tcfg.uniform_negatives,
+        tcfg.inbatch_negatives,
+        seed=tcfg.seed,
+        per_row=tcfg.negatives_per_row,
+    )
     gen = torch.Generator().manual_seed(tcfg.seed + 1)
     rng = np.random.default_rng(SEED)
     clock = Clock(device)
@@ -420,36 +508,67 @@ def bench_train(cfg, catalog, seqs, device, precision, args, counter: bool, prof
         u1, s1 = cpu_times()
         seq_s.append(n_seq / s)
         gflops.append(flops / s / 1e9)
-        runs.append({"seconds": round(s, 4), "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3),
-                     "load_before": la, "phases_s": {k_: round(v, 4) for k_, v in times.items()} if times else None})
+        runs.append(
+            {
+                "seconds": round(s, 4),
+                "cpu_user_s": round(u1 - u0, 3),
+                "cpu_sys_s": round(s1 - s0, 3),
+                "load_before": la,
+                "phases_s": {k_: round(v, 4) for k_, v in times.items()} if times else None,
+            }
+        )
         if len(runs) == 1:
             k = n_samples(args.repeats, s, args.budget_s)
-    res = {"precision": precision, "steps_per_sample": steps, "sequences_per_sample": n_seq,
-           "samples": len(runs), "reduced": len(runs) < args.repeats,
-           "calibration_step_s": round(one, 4), "pad_batch_ms_per_batch": round(pad_ms, 2),
-           "batch_widths": [info[i]["L"] + 1 for i in idx],
-           "padding_share": round(1 - sum(info[i]["real_events"] for i in idx) / sum(info[i]["B"] * info[i]["L"] for i in idx), 4),
-           "negatives": {"uniform": tcfg.uniform_negatives, "inbatch": tcfg.inbatch_negatives,
-                         "per_row": tcfg.negatives_per_row},
-           "item_tower_rows_per_step": round(statistics.mean(info[i]["item_tower_rows"] for i in idx)),
-           "flops_per_sample_formula": flops, "flops_per_sequence_formula": round(flops / n_seq),
-           "forward_parts_per_sequence": {p_: round(sum(info[i]["forward_parts"].get(p_, 0) for i in idx) / n_seq)
-                                          for p_ in PARTS if any(p_ in info[i]["forward_parts"] for i in idx)},
-           "sequences_per_s": stats(seq_s), "gflops_formula": stats(gflops), "cpu_utilisation": _util(runs), "runs": runs}
+    res = {
+        "precision": precision,
+        "steps_per_sample": steps,
+        "sequences_per_sample": n_seq,
+        "samples": len(runs),
+        "reduced": len(runs) < args.repeats,
+        "calibration_step_s": round(one, 4),
+        "pad_batch_ms_per_batch": round(pad_ms, 2),
+        "batch_widths": [info[i]["L"] + 1 for i in idx],
+        "padding_share": round(
+            1 - sum(info[i]["real_events"] for i in idx) / sum(info[i]["B"] * info[i]["L"] for i in idx), 4
+        ),
+        "negatives": {
+            "uniform": tcfg.uniform_negatives,
+            "inbatch": tcfg.inbatch_negatives,
+            "per_row": tcfg.negatives_per_row,
+        },
+        "item_tower_rows_per_step": round(statistics.mean(info[i]["item_tower_rows"] for i in idx)),
+        "flops_per_sample_formula": flops,
+        "flops_per_sequence_formula": round(flops / n_seq),
+        "forward_parts_per_sequence": {
+            p_: round(sum(info[i]["forward_parts"].get(p_, 0) for i in idx) / n_seq)
+            for p_ in PARTS
+            if any(p_ in info[i]["forward_parts"] for i in idx)
+        },
+        "sequences_per_s": stats(seq_s),
+        "gflops_formula": stats(gflops),
+        "cpu_utilisation": _util(runs),
+        "runs": runs,
+    }
     if counter:
         # On a slice of the median batch (same width; the count is linear in the rows): a check of the
         # formula, cheap enough for the production shape.
         b = slice_batch(on_dev[mid], min(args.check_rows, on_dev[mid]["mask"].shape[0]))
         f = train_batch_flops(cfg, catalog.sizes, {k_: v.cpu() for k_, v in b.items()}, tcfg)
         fc_total, per_op = counted(lambda: train_step(model, opt, b, tcfg, sampler, gen, device))
-        res["flop_check"] = {"batch": {k_: f[k_] for k_ in ("B", "L", "n_query", "n_scored", "item_tower_rows")},
-                             "formula": f["total"], "formula_forward": f["forward"], "formula_parts_forward": f["forward_parts"],
-                             "flop_counter": fc_total, "ratio_counter_to_formula": round(fc_total / f["total"], 4),
-                             "flop_counter_per_op": per_op}
+        res["flop_check"] = {
+            "batch": {k_: f[k_] for k_ in ("B", "L", "n_query", "n_scored", "item_tower_rows")},
+            "formula": f["total"],
+            "formula_forward": f["forward"],
+            "formula_parts_forward": f["forward_parts"],
+            "flop_counter": fc_total,
+            "ratio_counter_to_formula": round(fc_total / f["total"], 4),
+            "flop_counter_per_op": per_op,
+        }
     if profile:
         # One sample's worth of steps (the same batches), so that one stalled call does not dominate.
-        res["profile"] = profile_fn(lambda: [train_step(model, opt, on_dev[i], tcfg, sampler, gen, device) for i in idx],
-                                    device)
+        res["profile"] = profile_fn(
+            lambda: [train_step(model, opt, on_dev[i], tcfg, sampler, gen, device) for i in idx], device
+        )
         res["profile"]["steps"] = len(idx)
     res["peak"] = peak_memory(device)
     del model, opt, on_dev
@@ -466,7 +585,7 @@ def _util(runs: list[dict]) -> float | None:
 def infer_chunks(seqs: Sequences, batch_size: int) -> list[np.ndarray]:
     """The batches embed_users forms over `seqs` (rows sorted by length, `batch_size` at a time), full ones only."""
     order = np.argsort(seqs.lengths, kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
 def bench_infer(cfg, catalog, seqs, device, precision, args, counter: bool, profile: bool) -> dict:
@@ -479,7 +598,9 @@ def bench_infer(cfg, catalog, seqs, device, precision, args, counter: bool, prof
     bs = args.infer_batch_size
     chunks = infer_chunks(seqs, bs)
     mid = seqs.take_users(chunks[len(chunks) // 2])
-    embed_users(model, mid.take_users(np.arange(min(64, len(mid)))), cfg.max_len, device, tcfg, batch_size=bs)  # warm-up
+    embed_users(
+        model, mid.take_users(np.arange(min(64, len(mid)))), cfg.max_len, device, tcfg, batch_size=bs
+    )  # warm-up
     t0 = clock()
     embed_users(model, mid, cfg.max_len, device, tcfg, batch_size=bs)
     one = clock() - t0
@@ -492,7 +613,7 @@ def bench_infer(cfg, catalog, seqs, device, precision, args, counter: bool, prof
     order = np.argsort(sub.lengths, kind="stable")
     flops, tokens, real = 0, 0, 0
     for i in range(0, n, bs):
-        lens = np.minimum(sub.lengths[order[i:i + bs]], cfg.max_len)
+        lens = np.minimum(sub.lengths[order[i : i + bs]], cfg.max_len)
         B, L = len(lens), max(int(lens.max()), 1)
         flops += infer_batch_flops(cfg, catalog.sizes, B, L)
         tokens += B * L
@@ -507,27 +628,45 @@ def bench_infer(cfg, catalog, seqs, device, precision, args, counter: bool, prof
         u1, s1 = cpu_times()
         users_s.append(n / s)
         gflops.append(flops / s / 1e9)
-        runs.append({"seconds": round(s, 4), "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3),
-                     "load_before": la})
+        runs.append(
+            {"seconds": round(s, 4), "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3), "load_before": la}
+        )
         if len(runs) == 1:
             reps = n_samples(args.repeats, s, args.budget_s)
-    res = {"precision": precision, "population_users": len(seqs), "users_per_sample": n, "batch_size": bs,
-           "batches_per_sample": k, "batch_widths": [int(min(seqs.lengths[chunks[i]].max(), cfg.max_len)) for i in pick],
-           "calibration_batch_s": round(one, 4), "padding_share": round(1 - real / tokens, 4),
-           "flops_per_sample_formula": flops, "flops_per_user_formula": round(flops / n),
-           "samples": len(runs), "reduced": len(runs) < args.repeats,
-           "users_per_s": stats(users_s), "gflops_formula": stats(gflops), "cpu_utilisation": _util(runs), "runs": runs}
+    res = {
+        "precision": precision,
+        "population_users": len(seqs),
+        "users_per_sample": n,
+        "batch_size": bs,
+        "batches_per_sample": k,
+        "batch_widths": [int(min(seqs.lengths[chunks[i]].max(), cfg.max_len)) for i in pick],
+        "calibration_batch_s": round(one, 4),
+        "padding_share": round(1 - real / tokens, 4),
+        "flops_per_sample_formula": flops,
+        "flops_per_user_formula": round(flops / n),
+        "samples": len(runs),
+        "reduced": len(runs) < args.repeats,
+        "users_per_s": stats(users_s),
+        "gflops_formula": stats(gflops),
+        "cpu_utilisation": _util(runs),
+        "runs": runs,
+    }
     # Check on part of the median batch (same width); profile on as much of it as takes ~2 s.
     med_rows = chunks[pick[len(pick) // 2]]
-    first = to_device(pad_batch(seqs, med_rows[:args.check_rows * 4], cfg.max_len), device)
-    prof_rows = med_rows[:max(args.check_rows * 4, int(len(med_rows) * min(1.0, 2.0 / max(one, 1e-6))))]
+    first = to_device(pad_batch(seqs, med_rows[: args.check_rows * 4], cfg.max_len), device)
+    prof_rows = med_rows[: max(args.check_rows * 4, int(len(med_rows) * min(1.0, 2.0 / max(one, 1e-6))))]
     if counter:
         with torch.no_grad():
             fc_total, per_op = counted(lambda: _embed(model, first, device, tcfg))
         B, L = first["mask"].shape
         f = infer_batch_flops(cfg, catalog.sizes, B, L)
-        res["flop_check"] = {"batch": {"B": B, "L": L}, "formula": f, "flop_counter": fc_total,
-                             "ratio_counter_to_formula": round(fc_total / f, 4), "flop_counter_per_op": per_op}
+        res["flop_check"] = {
+            "batch": {"B": B, "L": L},
+            "formula": f,
+            "flop_counter": fc_total,
+            "ratio_counter_to_formula": round(fc_total / f, 4),
+            "flop_counter_per_op": per_op,
+        }
     if profile:
         pb = to_device(pad_batch(seqs, prof_rows, cfg.max_len), device)
         with torch.no_grad():
@@ -553,15 +692,31 @@ def bench_infer(cfg, catalog, seqs, device, precision, args, counter: bool, prof
             u1, s1 = cpu_times()
             items_s.append(rows * done / s)
             gfl_i.append(fi * done / s / 1e9)
-            runs_i.append({"seconds": round(s, 4), "cpu_user_s": round(u1 - u0, 3), "cpu_sys_s": round(s1 - s0, 3),
-                           "iters": done, "load_before": la})
-        res["items"] = {"rows": rows, "iters_calibrated": iters, "flops_per_call_formula": fi,
-                        "items_per_s": stats(items_s), "gflops_formula": stats(gfl_i), "runs": runs_i}
+            runs_i.append(
+                {
+                    "seconds": round(s, 4),
+                    "cpu_user_s": round(u1 - u0, 3),
+                    "cpu_sys_s": round(s1 - s0, 3),
+                    "iters": done,
+                    "load_before": la,
+                }
+            )
+        res["items"] = {
+            "rows": rows,
+            "iters_calibrated": iters,
+            "flops_per_call_formula": fi,
+            "items_per_s": stats(items_s),
+            "gflops_formula": stats(gfl_i),
+            "runs": runs_i,
+        }
         if counter:
             with autocast(device, tcfg):
                 fc_i, _ = counted(lambda: model.item_tower.all_items())
-            res["items"]["flop_check"] = {"formula": fi, "flop_counter": fc_i,
-                                          "ratio_counter_to_formula": round(fc_i / fi, 4) if fi else None}
+            res["items"]["flop_check"] = {
+                "formula": fi,
+                "flop_counter": fc_i,
+                "ratio_counter_to_formula": round(fc_i / fi, 4) if fi else None,
+            }
     res["peak"] = peak_memory(device)
     del model
     return res
@@ -579,8 +734,29 @@ CATEGORIES = [
     ("embedding / gather / index", ("embedding", "index", "gather", "scatter", "take", "masked_select", "nonzero")),
     ("optimizer", ("_foreach", "adamw", "lerp", "addcdiv", "addcmul")),
     ("softmax / norm", ("softmax", "layer_norm", "native_layer_norm", "norm", "logsumexp", "cross_entropy", "nll")),
-    ("copy / cast / mask", ("copy_", "to", "_to_copy", "clone", "contiguous", "masked_fill", "where", "cat", "stack",
-                            "fill_", "zero_", "empty", "ones", "zeros", "nan_to_num", "tril", "eye", "arange")),
+    (
+        "copy / cast / mask",
+        (
+            "copy_",
+            "to",
+            "_to_copy",
+            "clone",
+            "contiguous",
+            "masked_fill",
+            "where",
+            "cat",
+            "stack",
+            "fill_",
+            "zero_",
+            "empty",
+            "ones",
+            "zeros",
+            "nan_to_num",
+            "tril",
+            "eye",
+            "arange",
+        ),
+    ),
 ]
 
 
@@ -614,10 +790,21 @@ def profile_fn(fn, device: torch.device, top: int = 12, warm: bool = False) -> d
         c = _category(e.key)
         by[c] = by.get(c, 0.0) + getattr(e, key)
     tops = sorted(ops, key=lambda e: -getattr(e, key))[:top]
-    return {"wall_s_profiled": round(wall, 4), "ops_self_s": round(total / 1e6, 4), "time_key": key,
-            "by_kind": {k: round(v / total, 4) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
-            "top_ops": [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 2), "share": round(getattr(e, key) / total, 4),
-                         "calls": e.count} for e in tops]}
+    return {
+        "wall_s_profiled": round(wall, 4),
+        "ops_self_s": round(total / 1e6, 4),
+        "time_key": key,
+        "by_kind": {k: round(v / total, 4) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
+        "top_ops": [
+            {
+                "op": e.key,
+                "self_ms": round(getattr(e, key) / 1e3, 2),
+                "share": round(getattr(e, key) / total, 4),
+                "calls": e.count,
+            }
+            for e in tops
+        ],
+    }
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -629,15 +816,26 @@ def peak_memory(device: torch.device) -> dict:
 
 # --------------------------------------------------------------- context
 def torch_info(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "num_threads": torch.get_num_threads(),
-            "num_interop_threads": torch.get_num_interop_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkldnn": torch.backends.mkldnn.is_available(),
-            "cpu_flags": _cpu_flags(), "device": str(device), "cuda_available": torch.cuda.is_available()}
+    info = {
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "cpu_flags": _cpu_flags(),
+        "device": str(device),
+        "cuda_available": torch.cuda.is_available(),
+    }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update({"cuda_device": p.name, "cuda_memory_gib": round(p.total_memory / 2**30, 1),
-                     "cuda_version": torch.version.cuda,
-                     "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32})
+        info.update(
+            {
+                "cuda_device": p.name,
+                "cuda_memory_gib": round(p.total_memory / 2**30, 1),
+                "cuda_version": torch.version.cuda,
+                "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            }
+        )
     return info
 
 
@@ -645,7 +843,9 @@ def _cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "amx", "avx2", "fma")))
+                return sorted(
+                    f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "amx", "avx2", "fma"))
+                )
     except OSError:
         pass
     return []
@@ -653,9 +853,17 @@ def _cpu_flags() -> list[str]:
 
 def lengths_summary(lengths: np.ndarray, max_len: int) -> dict:
     p = np.percentile(lengths, [10, 50, 90, 99])
-    return {"users": int(len(lengths)), "events": int(lengths.sum()), "mean": round(float(lengths.mean()), 1),
-            "p10": float(p[0]), "p50": float(p[1]), "p90": float(p[2]), "p99": float(p[3]), "max": int(lengths.max()),
-            "share_over_max_len": round(float((lengths > max_len).mean()), 4)}
+    return {
+        "users": int(len(lengths)),
+        "events": int(lengths.sum()),
+        "mean": round(float(lengths.mean()), 1),
+        "p10": float(p[0]),
+        "p50": float(p[1]),
+        "p90": float(p[2]),
+        "p99": float(p[3]),
+        "max": int(lengths.max()),
+        "share_over_max_len": round(float((lengths > max_len).mean()), 4),
+    }
 
 
 # ---------------------------------------------------------------- markdown
@@ -670,30 +878,47 @@ def _pct(x):
 def markdown(doc: dict) -> str:
     m, g, t = doc["machine"], doc["git"], doc["torch"]
     dev = t.get("cuda_device") or f"{m['cpu_count']} CPUs ({m['cpu_model']})"
-    lines = ["## model speed", "",
-             f"{dev}; torch {t['torch']}, {t['num_threads']} threads, {t['cpu_capability']}; "
-             f"commit {str(g['commit'])[:10]}{' (dirty)' if g['dirty'] else ''}; {doc['started']} .. {doc['finished']}; "
-             f"load avg at start {doc['load_at_start']}, at end {doc['load_at_end']}; "
-             f"{doc['params']['repeats']} samples per row (medians shown)", ""]
+    lines = [
+        "## model speed",
+        "",
+        f"{dev}; torch {t['torch']}, {t['num_threads']} threads, {t['cpu_capability']}; "
+        f"commit {str(g['commit'])[:10]}{' (dirty)' if g['dirty'] else ''}; {doc['started']} .. {doc['finished']}; "
+        f"load avg at start {doc['load_at_start']}, at end {doc['load_at_end']}; "
+        f"{doc['params']['repeats']} samples per row (medians shown)",
+        "",
+    ]
     peak = doc["peak_gflops"]
-    lines += ["### matmul", "", "| shape | m x k x n | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "### matmul",
+        "",
+        "| shape | m x k x n | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |",
+        "|---|---|---:|---:|---:|",
+    ]
     by = {}
     for r in doc["matmul"]:
         by.setdefault((r["shape"], r["m"], r["k"], r["n"]), {})[r["dtype"]] = r["gflops"]["median"]
     for (shape, mm, k, n), v in by.items():
         ratio = v["bf16"] / v["fp32"] if "bf16" in v and "fp32" in v else None
         lines.append(f"| {shape} | {mm} x {k} x {n} | {_f(v.get('fp32'))} | {_f(v.get('bf16'))} | {_f(ratio, 1)} |")
-    lines += ["", f"Peak used for the fractions below: matmul {doc['params']['peak_shape']}^3 "
-                  + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items()), ""]
+    lines += [
+        "",
+        f"Peak used for the fractions below: matmul {doc['params']['peak_shape']}^3 "
+        + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items()),
+        "",
+    ]
 
-    lines += ["### training (one optimizer step: batch_loss forward + backward + clip + AdamW)", "",
-              f"batch {doc['params']['batch_size']}, next_action, sampled softmax with "
-              f"{doc['params']['negatives']} negatives, heads as configured. FLOPs per sequence from the formula "
-              f"(`step_flops`); FlopCounterMode check (first precision) on a {doc['params']['check_rows']}-row slice "
-              f"of the median batch: counter / formula. CPU util = CPU s / wall s (2 = both cores); sys share = "
-              f"kernel part of the CPU time.", "",
-              "| config | mix | precision | seq/s | samples seq/s | GFLOP/seq | GFLOP/s | of matmul peak | padding | FlopCounter/formula | fwd / bwd / opt share | CPU util | sys share |",
-              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines += [
+        "### training (one optimizer step: batch_loss forward + backward + clip + AdamW)",
+        "",
+        f"batch {doc['params']['batch_size']}, next_action, sampled softmax with "
+        f"{doc['params']['negatives']} negatives, heads as configured. FLOPs per sequence from the formula "
+        f"(`step_flops`); FlopCounterMode check (first precision) on a {doc['params']['check_rows']}-row slice "
+        f"of the median batch: counter / formula. CPU util = CPU s / wall s (2 = both cores); sys share = "
+        f"kernel part of the CPU time.",
+        "",
+        "| config | mix | precision | seq/s | samples seq/s | GFLOP/seq | GFLOP/s | of matmul peak | padding | FlopCounter/formula | fwd / bwd / opt share | CPU util | sys share |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for r in doc["results"]:
         for tr in r["train"]:
             ph = [x["phases_s"] for x in tr["runs"] if x.get("phases_s")]
@@ -703,64 +928,114 @@ def markdown(doc: dict) -> str:
                 s = sum(tot.values())
                 share = " / ".join(f"{100 * tot[k] / s:.0f}%" for k in ("forward", "backward", "clip_optimizer"))
             fc = tr.get("flop_check", {}).get("ratio_counter_to_formula")
-            lines.append(f"| {r['config']} | {r['mix']} | {tr['precision']} | {_f(tr['sequences_per_s']['median'])} | "
-                         f"{', '.join(f'{x:.0f}' for x in tr['sequences_per_s']['samples'])} | "
-                         f"{tr['flops_per_sequence_formula'] / 1e9:.3f} | {_f(tr['gflops_formula']['median'], 1)} | "
-                         f"{_pct(tr['gflops_formula']['median'] / peak[tr['precision']])} | {_pct(tr['padding_share'])} | "
-                         f"{'' if fc is None else f'{fc:.3f}'} | {share} | {_f(tr['cpu_utilisation'], 2)} | {_pct(_sys(tr['runs']))} |")
-    lines += ["", "### inference (embed_users: users/s; item_tower.all_items: items/s)", "",
-              "| config | mix | precision | users/s | samples users/s | MFLOP/user | GFLOP/s | of matmul peak | padding | FlopCounter/formula | CPU util | items/s | item GFLOP/s |",
-              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {r['config']} | {r['mix']} | {tr['precision']} | {_f(tr['sequences_per_s']['median'])} | "
+                f"{', '.join(f'{x:.0f}' for x in tr['sequences_per_s']['samples'])} | "
+                f"{tr['flops_per_sequence_formula'] / 1e9:.3f} | {_f(tr['gflops_formula']['median'], 1)} | "
+                f"{_pct(tr['gflops_formula']['median'] / peak[tr['precision']])} | {_pct(tr['padding_share'])} | "
+                f"{'' if fc is None else f'{fc:.3f}'} | {share} | {_f(tr['cpu_utilisation'], 2)} | {_pct(_sys(tr['runs']))} |"
+            )
+    lines += [
+        "",
+        "### inference (embed_users: users/s; item_tower.all_items: items/s)",
+        "",
+        "| config | mix | precision | users/s | samples users/s | MFLOP/user | GFLOP/s | of matmul peak | padding | FlopCounter/formula | CPU util | items/s | item GFLOP/s |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in doc["results"]:
         for inf in r["infer"]:
             fc = inf.get("flop_check", {}).get("ratio_counter_to_formula")
             it = inf["items"]
-            lines.append(f"| {r['config']} | {r['mix']} | {inf['precision']} | {_f(inf['users_per_s']['median'])} | "
-                         f"{', '.join(f'{x:.0f}' for x in inf['users_per_s']['samples'])} | "
-                         f"{inf['flops_per_user_formula'] / 1e6:.1f} | {_f(inf['gflops_formula']['median'], 1)} | "
-                         f"{_pct(inf['gflops_formula']['median'] / peak[inf['precision']])} | {_pct(inf['padding_share'])} | "
-                         f"{'' if fc is None else f'{fc:.3f}'} | {_f(inf['cpu_utilisation'], 2)} | "
-                         f"{_f(it['items_per_s']['median'])} | {_f(it['gflops_formula']['median'], 1)} |")
+            lines.append(
+                f"| {r['config']} | {r['mix']} | {inf['precision']} | {_f(inf['users_per_s']['median'])} | "
+                f"{', '.join(f'{x:.0f}' for x in inf['users_per_s']['samples'])} | "
+                f"{inf['flops_per_user_formula'] / 1e6:.1f} | {_f(inf['gflops_formula']['median'], 1)} | "
+                f"{_pct(inf['gflops_formula']['median'] / peak[inf['precision']])} | {_pct(inf['padding_share'])} | "
+                f"{'' if fc is None else f'{fc:.3f}'} | {_f(inf['cpu_utilisation'], 2)} | "
+                f"{_f(it['items_per_s']['median'])} | {_f(it['gflops_formula']['median'], 1)} |"
+            )
     probes = [(r, r["thread_probe"]) for r in doc["results"] if r.get("thread_probe")]
     if probes or doc.get("matmul_1_thread"):
         nt = doc["params"]["threads"]
-        lines += ["", f"### 1 thread vs {nt} threads (same run; the machine is shared, see load)", "",
-                  f"| what | 1 thread | {nt} threads | {nt} threads / 1 thread |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"### 1 thread vs {nt} threads (same run; the machine is shared, see load)",
+            "",
+            f"| what | 1 thread | {nt} threads | {nt} threads / 1 thread |",
+            "|---|---:|---:|---:|",
+        ]
         for r1 in doc.get("matmul_1_thread", []):
-            rn = next((x for x in doc["matmul"] if x["shape"] == "square" and x["m"] == r1["m"] and x["dtype"] == r1["dtype"]), None)
+            rn = next(
+                (
+                    x
+                    for x in doc["matmul"]
+                    if x["shape"] == "square" and x["m"] == r1["m"] and x["dtype"] == r1["dtype"]
+                ),
+                None,
+            )
             if rn:
-                lines.append(f"| matmul {r1['m']}^3 {r1['dtype']} GFLOP/s | {_f(r1['gflops']['median'])} | "
-                             f"{_f(rn['gflops']['median'])} | {rn['gflops']['median'] / r1['gflops']['median']:.2f} |")
+                lines.append(
+                    f"| matmul {r1['m']}^3 {r1['dtype']} GFLOP/s | {_f(r1['gflops']['median'])} | "
+                    f"{_f(rn['gflops']['median'])} | {rn['gflops']['median'] / r1['gflops']['median']:.2f} |"
+                )
         for r, pr in probes:
             tn = next(x for x in r["train"] if x["precision"] == pr["precision"])
             inn = next(x for x in r["infer"] if x["precision"] == pr["precision"])
-            for label, one, many, key in (("training seq/s", pr["train"], tn, "sequences_per_s"),
-                                          ("embed_users users/s", pr["infer"], inn, "users_per_s")):
-                lines.append(f"| {r['config']} / {r['mix']} / {pr['precision']} {label} | {_f(one[key]['median'])} | "
-                             f"{_f(many[key]['median'])} | {many[key]['median'] / one[key]['median']:.2f} |")
+            for label, one, many, key in (
+                ("training seq/s", pr["train"], tn, "sequences_per_s"),
+                ("embed_users users/s", pr["infer"], inn, "users_per_s"),
+            ):
+                lines.append(
+                    f"| {r['config']} / {r['mix']} / {pr['precision']} {label} | {_f(one[key]['median'])} | "
+                    f"{_f(many[key]['median'])} | {many[key]['median'] / one[key]['median']:.2f} |"
+                )
             i1, i2 = pr["infer"]["items"]["items_per_s"]["median"], inn["items"]["items_per_s"]["median"]
-            lines.append(f"| {r['config']} / {pr['precision']} all_items items/s | {_f(i1)} | {_f(i2)} | {i2 / i1:.2f} |")
-    lines += ["", "### FLOPs per sequence by part (training forward, formula)", "",
-              "| config | mix | " + " | ".join(PARTS) + " |", "|---|---|" + "---:|" * len(PARTS)]
+            lines.append(
+                f"| {r['config']} / {pr['precision']} all_items items/s | {_f(i1)} | {_f(i2)} | {i2 / i1:.2f} |"
+            )
+    lines += [
+        "",
+        "### FLOPs per sequence by part (training forward, formula)",
+        "",
+        "| config | mix | " + " | ".join(PARTS) + " |",
+        "|---|---|" + "---:|" * len(PARTS),
+    ]
     for r in doc["results"]:
         if r["train"]:
             p = r["train"][0]["forward_parts_per_sequence"]
             tot = sum(p.values())
-            lines.append(f"| {r['config']} | {r['mix']} | " + " | ".join(
-                f"{p.get(k, 0) / 1e6:.1f}M ({100 * p.get(k, 0) / tot:.0f}%)" if p.get(k) else "-" for k in PARTS) + " |")
+            lines.append(
+                f"| {r['config']} | {r['mix']} | "
+                + " | ".join(
+                    f"{p.get(k, 0) / 1e6:.1f}M ({100 * p.get(k, 0) / tot:.0f}%)" if p.get(k) else "-" for k in PARTS
+                )
+                + " |"
+            )
     prof = [(r, x, kind) for r in doc["results"] for kind in ("train", "infer") for x in r[kind] if x.get("profile")]
     if prof:
-        lines += ["", "### where the time goes (torch.profiler: one sample's training steps / one embedding batch; "
-                      "self time of aten ops by kind)", "",
-                  "| config | mix | what | precision | by kind | top ops |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### where the time goes (torch.profiler: one sample's training steps / one embedding batch; "
+            "self time of aten ops by kind)",
+            "",
+            "| config | mix | what | precision | by kind | top ops |",
+            "|---|---|---|---|---|---|",
+        ]
         for r, x, kind in prof:
             pr = x["profile"]
             kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(pr["by_kind"].items())[:5])
             tops = ", ".join(f"{o['op'].replace('aten::', '')} {100 * o['share']:.0f}%" for o in pr["top_ops"][:5])
-            lines.append(f"| {r['config']} | {r['mix']} | {'train step' if kind == 'train' else 'embed batch'} | "
-                         f"{x['precision']} | {kinds} | {tops} |")
-    lines += ["", "Configs: " + "; ".join(f"`{k}` {v}" for k, v in doc["configs"].items()),
-              "", "Mixes: " + "; ".join(f"`{k}` {v}" for k, v in MIXES.items()), ""]
+            lines.append(
+                f"| {r['config']} | {r['mix']} | {'train step' if kind == 'train' else 'embed batch'} | "
+                f"{x['precision']} | {kinds} | {tops} |"
+            )
+    lines += [
+        "",
+        "Configs: " + "; ".join(f"`{k}` {v}" for k, v in doc["configs"].items()),
+        "",
+        "Mixes: " + "; ".join(f"`{k}` {v}" for k, v in MIXES.items()),
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -771,14 +1046,25 @@ def _sys(runs: list[dict]) -> float | None:
     return k / (u + k) if u + k else None
 
 
-PARTS = ["featurizer_data", "attn_qkv_out", "attn_scores", "ffn", "output_data", "output_mlp", "item_tower",
-         "retrieval_logits", "heads"]
+PARTS = [
+    "featurizer_data",
+    "attn_qkv_out",
+    "attn_scores",
+    "ffn",
+    "output_data",
+    "output_mlp",
+    "item_tower",
+    "retrieval_logits",
+    "heads",
+]
 
 
 def _cfg_line(cfg: ModelConfig, catalog: str) -> str:
-    return (f"d={cfg.d_model}, {cfg.n_layers} layer(s), {cfg.n_heads} head(s), FFN {cfg.ffn_mult}d, max_len {cfg.max_len}, "
-            f"{len(cfg.event_features)} event features, heads {cfg.heads}, catalogue `{catalog}` "
-            f"({', '.join(f'{k} {v - 1:,}' for k, v in CATALOGS[catalog].items())})")
+    return (
+        f"d={cfg.d_model}, {cfg.n_layers} layer(s), {cfg.n_heads} head(s), FFN {cfg.ffn_mult}d, max_len {cfg.max_len}, "
+        f"{len(cfg.event_features)} event features, heads {cfg.heads}, catalogue `{catalog}` "
+        f"({', '.join(f'{k} {v - 1:,}' for k, v in CATALOGS[catalog].items())})"
+    )
 
 
 # -------------------------------------------------------------------- main
@@ -790,20 +1076,41 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="default,production", help="comma list of: " + ", ".join(model_configs()))
     p.add_argument("--mixes", default="full,skewed", help="comma list of: " + ", ".join(MIXES))
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
-    p.add_argument("--threads", type=int, default=TrainConfig().num_threads, help="torch threads (default train.num_threads)")
-    p.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="training batch (default train.batch_size)")
-    p.add_argument("--infer-batch-size", type=int, default=1024, help="embed_users batch size (default 1024, as evaluate)")
+    p.add_argument(
+        "--threads", type=int, default=TrainConfig().num_threads, help="torch threads (default train.num_threads)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=TrainConfig().batch_size, help="training batch (default train.batch_size)"
+    )
+    p.add_argument(
+        "--infer-batch-size", type=int, default=1024, help="embed_users batch size (default 1024, as evaluate)"
+    )
     p.add_argument("--sample-s", type=float, default=1.0, help="aim of one sample's duration in seconds (default 1.0)")
     p.add_argument("--users", type=int, default=4096, help="synthetic users per mix (default 4096 = 32 batches of 128)")
-    p.add_argument("--infer-users", type=int, default=16384,
-                   help="inference population of the skewed mix (default 16384 = 16 batches of 1024)")
-    p.add_argument("--budget-s", type=float, default=30.0,
-                   help="after a measurement's first sample, take only as many as fit in S seconds, at least 3 "
-                        "(recorded as reduced); 0 = always --repeats (default 30)")
-    p.add_argument("--check-rows", type=int, default=16,
-                   help="rows of the batch the FlopCounterMode check runs on (inference: 4x; default 16)")
-    p.add_argument("--no-thread-probe", action="store_true",
-                   help="skip the 1-thread comparison (matmul 2048 and the first config's first mix, CPU only)")
+    p.add_argument(
+        "--infer-users",
+        type=int,
+        default=16384,
+        help="inference population of the skewed mix (default 16384 = 16 batches of 1024)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=30.0,
+        help="after a measurement's first sample, take only as many as fit in S seconds, at least 3 "
+        "(recorded as reduced); 0 = always --repeats (default 30)",
+    )
+    p.add_argument(
+        "--check-rows",
+        type=int,
+        default=16,
+        help="rows of the batch the FlopCounterMode check runs on (inference: 4x; default 16)",
+    )
+    p.add_argument(
+        "--no-thread-probe",
+        action="store_true",
+        help="skip the 1-thread comparison (matmul 2048 and the first config's first mix, CPU only)",
+    )
     p.add_argument("--no-flop-check", action="store_true", help="skip the FlopCounterMode check")
     p.add_argument("--no-profile", action="store_true", help="skip torch.profiler")
     a = p.parse_args(argv)
@@ -812,8 +1119,9 @@ def main(argv=None) -> int:
     a.budget_s = a.budget_s or None
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
+    device = torch.device(
+        "cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device
+    )
     torch.set_num_threads(a.threads)
     cfgs = model_configs()
     names = [c.strip() for c in a.configs.split(",") if c.strip()]
@@ -828,17 +1136,44 @@ def main(argv=None) -> int:
         if m not in MIXES:
             p.error(f"--mixes: unknown {m!r}")
     t_start = time.perf_counter()
-    doc = {"benchmark": "model-speed", "command": " ".join([Path(sys.executable).name, "-m", "tests.benchmarks.model_speed", *(argv if argv is not None else sys.argv[1:])]),
-           "params": {"device": str(device), "repeats": a.repeats, "configs": names, "mixes": mixes, "precisions": precs,
-                      "threads": a.threads, "batch_size": a.batch_size, "infer_batch_size": a.infer_batch_size,
-                      "sample_s": a.sample_s, "budget_s": a.budget_s, "check_rows": a.check_rows, "users": a.users, "infer_users": a.infer_users, "negatives": TrainConfig().uniform_negatives + TrainConfig().inbatch_negatives,
-                      "peak_shape": "2048"},
-           "machine": machine_info(), "torch": torch_info(device), "git": git_info(), "started": now(),
-           "load_at_start": load(), "mem_available_gib_at_start": mem_available_gib(),
-           "configs": {n: _cfg_line(*cfgs[n]) for n in names},
-           "model_config": {n: dataclasses.asdict(cfgs[n][0]) for n in names},
-           "catalogs": {n: CATALOGS[cfgs[n][1]] for n in names},
-           "train_config": dataclasses.asdict(tcfg_for("fp32", device, a.threads, a.batch_size))}
+    doc = {
+        "benchmark": "model-speed",
+        "command": " ".join(
+            [
+                Path(sys.executable).name,
+                "-m",
+                "tests.benchmarks.model_speed",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
+        "params": {
+            "device": str(device),
+            "repeats": a.repeats,
+            "configs": names,
+            "mixes": mixes,
+            "precisions": precs,
+            "threads": a.threads,
+            "batch_size": a.batch_size,
+            "infer_batch_size": a.infer_batch_size,
+            "sample_s": a.sample_s,
+            "budget_s": a.budget_s,
+            "check_rows": a.check_rows,
+            "users": a.users,
+            "infer_users": a.infer_users,
+            "negatives": TrainConfig().uniform_negatives + TrainConfig().inbatch_negatives,
+            "peak_shape": "2048",
+        },
+        "machine": machine_info(),
+        "torch": torch_info(device),
+        "git": git_info(),
+        "started": now(),
+        "load_at_start": load(),
+        "mem_available_gib_at_start": mem_available_gib(),
+        "configs": {n: _cfg_line(*cfgs[n]) for n in names},
+        "model_config": {n: dataclasses.asdict(cfgs[n][0]) for n in names},
+        "catalogs": {n: CATALOGS[cfgs[n][1]] for n in names},
+        "train_config": dataclasses.asdict(tcfg_for("fp32", device, a.threads, a.batch_size)),
+    }
     log(f"model speed on {device}, {a.threads} threads, torch {torch.__version__}; load {load()}")
 
     # 1. matmul ceiling: square, then the model's own projection shapes (tokens of a full batch x d -> 3d / f d).
@@ -850,7 +1185,9 @@ def main(argv=None) -> int:
         shapes.append((f"{n} ffn-in", T, c.d_model, c.ffn_mult * c.d_model))
     shapes = list(dict.fromkeys(shapes))
     doc["matmul"] = bench_matmul(device, shapes, precs, a.repeats, a.sample_s)
-    doc["peak_gflops"] = {r["dtype"]: r["gflops"]["median"] for r in doc["matmul"] if r["shape"] == "square" and r["m"] == 2048}
+    doc["peak_gflops"] = {
+        r["dtype"]: r["gflops"]["median"] for r in doc["matmul"] if r["shape"] == "square" and r["m"] == 2048
+    }
     probe = device.type == "cpu" and a.threads != 1 and not a.no_thread_probe
     if probe:
         # How much the second thread buys on a shared machine: the same at 1 thread (see README).
@@ -871,27 +1208,63 @@ def main(argv=None) -> int:
             # Inference reads a larger population for the skewed mix, so that its length-sorted batches of
             # infer_batch_size are as narrow as on a real user base (full: every batch is max_len wide anyway).
             n_inf = a.users if mix == "full" else max(a.users, a.infer_users)
-            inf_seqs = seqs if n_inf == a.users else synth_sequences(catalog, mix_lengths(mix, n_inf, cfg.max_len, rng), rng)
-            entry = {"config": n, "mix": mix, "lengths": lengths_summary(lengths, cfg.max_len),
-                     "lengths_inference": lengths_summary(inf_seqs.lengths, cfg.max_len), "train": [], "infer": []}
+            inf_seqs = (
+                seqs if n_inf == a.users else synth_sequences(catalog, mix_lengths(mix, n_inf, cfg.max_len, rng), rng)
+            )
+            entry = {
+                "config": n,
+                "mix": mix,
+                "lengths": lengths_summary(lengths, cfg.max_len),
+                "lengths_inference": lengths_summary(inf_seqs.lengths, cfg.max_len),
+                "train": [],
+                "infer": [],
+            }
             seed_everything(SEED)
             entry["n_parameters"] = UserFormer(cfg, catalog).n_parameters()
             for prec in precs:
                 first = prec == precs[0]
                 log(f"{n} / {mix} / {prec}: training (load {load()})")
-                tr = bench_train(cfg, catalog, seqs, device, prec, a, counter=first and not a.no_flop_check,
-                                 profile=mix == "full" and not a.no_profile)
+                tr = bench_train(
+                    cfg,
+                    catalog,
+                    seqs,
+                    device,
+                    prec,
+                    a,
+                    counter=first and not a.no_flop_check,
+                    profile=mix == "full" and not a.no_profile,
+                )
                 entry["train"].append(tr)
-                log(f"  train: {tr['sequences_per_s']['median']:,.0f} seq/s, {tr['gflops_formula']['median']:.1f} GFLOP/s "
+                log(
+                    f"  train: {tr['sequences_per_s']['median']:,.0f} seq/s, {tr['gflops_formula']['median']:.1f} GFLOP/s "
                     f"({tr['steps_per_sample']} steps/sample; samples {tr['sequences_per_s']['samples']})"
-                    + (f"; FlopCounter/formula {tr['flop_check']['ratio_counter_to_formula']}" if "flop_check" in tr else ""))
+                    + (
+                        f"; FlopCounter/formula {tr['flop_check']['ratio_counter_to_formula']}"
+                        if "flop_check" in tr
+                        else ""
+                    )
+                )
                 log(f"{n} / {mix} / {prec}: inference (load {load()})")
-                inf = bench_infer(cfg, catalog, inf_seqs, device, prec, a, counter=first and not a.no_flop_check,
-                                  profile=mix == "full" and not a.no_profile)
+                inf = bench_infer(
+                    cfg,
+                    catalog,
+                    inf_seqs,
+                    device,
+                    prec,
+                    a,
+                    counter=first and not a.no_flop_check,
+                    profile=mix == "full" and not a.no_profile,
+                )
                 entry["infer"].append(inf)
-                log(f"  embed_users: {inf['users_per_s']['median']:,.0f} users/s, {inf['gflops_formula']['median']:.1f} GFLOP/s"
-                    + (f"; FlopCounter/formula {inf['flop_check']['ratio_counter_to_formula']}" if "flop_check" in inf else "")
-                    + f"; all_items {inf['items']['items_per_s']['median']:,.0f} items/s")
+                log(
+                    f"  embed_users: {inf['users_per_s']['median']:,.0f} users/s, {inf['gflops_formula']['median']:.1f} GFLOP/s"
+                    + (
+                        f"; FlopCounter/formula {inf['flop_check']['ratio_counter_to_formula']}"
+                        if "flop_check" in inf
+                        else ""
+                    )
+                    + f"; all_items {inf['items']['items_per_s']['median']:,.0f} items/s"
+                )
             if probe and n == names[0] and mix == mixes[0]:
                 p1 = argparse.Namespace(**{**vars(a), "threads": 1, "repeats": 3})
                 torch.set_num_threads(1)
@@ -900,8 +1273,10 @@ def main(argv=None) -> int:
                 in1 = bench_infer(cfg, catalog, inf_seqs, device, precs[0], p1, counter=False, profile=False)
                 torch.set_num_threads(a.threads)
                 entry["thread_probe"] = {"threads": 1, "precision": precs[0], "train": tr1, "infer": in1}
-                log(f"  1 thread: train {tr1['sequences_per_s']['median']:,.0f} seq/s, embed_users "
-                    f"{in1['users_per_s']['median']:,.0f} users/s")
+                log(
+                    f"  1 thread: train {tr1['sequences_per_s']['median']:,.0f} seq/s, embed_users "
+                    f"{in1['users_per_s']['median']:,.0f} users/s"
+                )
             doc["results"].append(entry)
             del seqs, inf_seqs
     doc["finished"] = now()

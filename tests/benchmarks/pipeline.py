@@ -121,11 +121,13 @@ def summary(samples: list[float]) -> dict:
 def make_cfg(home: Path, *, driver_memory: str, shuffle_partitions: int):
     from userformer.jobs.core.config import load_config
 
-    cfg = load_config(env={
-        "USERFORMER_HOME": str(home),
-        "USERFORMER__SPARK__DRIVER_MEMORY": driver_memory,
-        "USERFORMER__SPARK__SHUFFLE_PARTITIONS": str(shuffle_partitions),
-    })
+    cfg = load_config(
+        env={
+            "USERFORMER_HOME": str(home),
+            "USERFORMER__SPARK__DRIVER_MEMORY": driver_memory,
+            "USERFORMER__SPARK__SHUFFLE_PARTITIONS": str(shuffle_partitions),
+        }
+    )
     (home / "spark-events").mkdir(parents=True, exist_ok=True)
     (home / "spark-local").mkdir(parents=True, exist_ok=True)
     cfg.spark.extra = {
@@ -171,8 +173,16 @@ class StageLog:
     def _label(self, si: dict) -> str:
         job = self.stage_job.get(si["Stage ID"], {})
         props = job.get("Properties") or {}
-        site = self.sql.get(str(props.get("spark.sql.execution.id"))) or props.get("callSite.short") or si.get("Stage Name", "")
-        site = site.replace(str(REPO) + "/", "").replace(" at NativeMethodAccessorImpl.java:0", "").replace(" at <unknown>:0", "")
+        site = (
+            self.sql.get(str(props.get("spark.sql.execution.id")))
+            or props.get("callSite.short")
+            or si.get("Stage Name", "")
+        )
+        site = (
+            site.replace(str(REPO) + "/", "")
+            .replace(" at NativeMethodAccessorImpl.java:0", "")
+            .replace(" at <unknown>:0", "")
+        )
         if "withThreadLocalCaptured" in site:  # AQE's query stages carry no useful call site
             site = ""
         ops = []
@@ -182,7 +192,11 @@ class StageLog:
             except ValueError:
                 name = None
             name = (name or "").split(" (")[0].strip()
-            if name and name not in ops and name not in ("WholeStageCodegen", "mapPartitionsInternal", "map", "mapPartitions"):
+            if (
+                name
+                and name not in ops
+                and name not in ("WholeStageCodegen", "mapPartitionsInternal", "map", "mapPartitions")
+            ):
                 ops.append(name)
         return f"{site} [{' > '.join(ops)}]".strip() if ops else site
 
@@ -218,10 +232,15 @@ class StageLog:
                 for acc in si.get("Accumulables", []):
                     if acc.get("Name") == "internal.metrics.executorRunTime":
                         run_ms = int(acc.get("Value") or 0)
-                stages.append({
-                    "stage": si["Stage ID"], "name": self._label(si), "tasks": si.get("Number of Tasks"),
-                    "wall_s": round((done - sub) / 1000, 2), "task_time_s": round(run_ms / 1000, 2),
-                })
+                stages.append(
+                    {
+                        "stage": si["Stage ID"],
+                        "name": self._label(si),
+                        "tasks": si.get("Number of Tasks"),
+                        "wall_s": round((done - sub) / 1000, 2),
+                        "task_time_s": round(run_ms / 1000, 2),
+                    }
+                )
         slow = sorted(stages, key=lambda s: -s["wall_s"])[:top]
         return {
             "n_stages": len(stages),
@@ -270,20 +289,35 @@ def events_per_user(active_frac: float = 1.0, per_user: float = 20.0) -> float:
     d = Path(tempfile.mkdtemp(prefix="userformer-bench-cal-", dir="/tmp"))
     try:
         cfg = load_config(env={"USERFORMER_HOME": str(d)})
-        s = generate(cfg, users=20_000, items=5_000, days=1, start=START, seed=SEED,
-                     active_frac=active_frac, events_per_active_user=per_user)
+        s = generate(
+            cfg,
+            users=20_000,
+            items=5_000,
+            days=1,
+            start=START,
+            seed=SEED,
+            active_frac=active_frac,
+            events_per_active_user=per_user,
+        )
         return s["events_total"] / 20_000
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def throughput(home: Path, n_events: int, repeats: int, *, driver_memory: str, shuffle_partitions: int,
-               step_budget_s: float | None = None) -> dict:
+def throughput(
+    home: Path,
+    n_events: int,
+    repeats: int,
+    *,
+    driver_memory: str,
+    shuffle_partitions: int,
+    step_budget_s: float | None = None,
+) -> dict:
     """One drop of ~n_events: ingest (first + reruns), sequences first build, rebuild."""
-    from userformer.jobs.steps import ingest, sequences
-    from userformer.jobs.tools.generate import generate
     from userformer.jobs.core.spark import stop_spark
     from userformer.jobs.core.storage import delta
+    from userformer.jobs.steps import ingest, sequences
+    from userformer.jobs.tools.generate import generate
 
     started = now()
     cfg = make_cfg(home, driver_memory=driver_memory, shuffle_partitions=shuffle_partitions)
@@ -292,17 +326,36 @@ def throughput(home: Path, n_events: int, repeats: int, *, driver_memory: str, s
     items = max(10_000, n_events // 100)
     day = START
     log(f"throughput {n_events:,}: generate users={users:,} items={items:,} (calibrated {epu:.2f} events/user)")
-    gen_s, gen = timed(generate, cfg, users=users, items=items, days=1, start=day, seed=SEED,
-                       active_frac=1.0, events_per_active_user=20.0)
+    gen_s, gen = timed(
+        generate,
+        cfg,
+        users=users,
+        items=items,
+        days=1,
+        start=day,
+        seed=SEED,
+        active_frac=1.0,
+        events_per_active_user=20.0,
+    )
     raw = gen["events_total"]
     log(f"  generated {raw:,} raw events in {gen_s:.1f}s")
     spark_start_s = start_spark(cfg)
     stages = StageLog(home / "spark-events")
     stages.read()
     seq_path = cfg.table_path("user_sequences")
-    out = {"events_target": n_events, "events_raw": raw, "users": users, "items": items,
-           "generate": {"seconds": round(gen_s, 2), "summary": {k: gen[k] for k in ("events_total", "late", "duplicates", "malformed", "users_new")}},
-           "spark_start_s": spark_start_s, "repeats_requested": repeats, "steps": {}}
+    out = {
+        "events_target": n_events,
+        "events_raw": raw,
+        "users": users,
+        "items": items,
+        "generate": {
+            "seconds": round(gen_s, 2),
+            "summary": {k: gen[k] for k in ("events_total", "late", "duplicates", "malformed", "users_new")},
+        },
+        "spark_start_s": spark_start_s,
+        "repeats_requested": repeats,
+        "steps": {},
+    }
 
     def measure(name, fn, before=None):
         samples, details, n = [], [], repeats
@@ -314,14 +367,26 @@ def throughput(home: Path, n_events: int, repeats: int, *, driver_memory: str, s
             la, mem = load(), mem_available_gib()
             s, res = timed(fn)
             samples.append(s)
-            details.append({"seconds": round(s, 3), "load_before": la, "mem_available_gib_before": mem,
-                            "result": _small(res), "spark": stages.read()})
+            details.append(
+                {
+                    "seconds": round(s, 3),
+                    "load_before": la,
+                    "mem_available_gib_before": mem,
+                    "result": _small(res),
+                    "spark": stages.read(),
+                }
+            )
             log(f"  {name} #{i + 1}: {s:.1f}s")
             if i == 0:
                 n = _reduce(repeats, s, step_budget_s)
             i += 1
-        out["steps"][name] = {**summary(samples), "repeats": len(samples), "reduced": len(samples) < repeats,
-                              "events_per_s": round(raw / statistics.median(samples)), "runs": details}
+        out["steps"][name] = {
+            **summary(samples),
+            "repeats": len(samples),
+            "reduced": len(samples) < repeats,
+            "events_per_s": round(raw / statistics.median(samples)),
+            "runs": details,
+        }
         return details[-1]["result"]
 
     ing = measure("ingest", lambda: ingest.ingest(cfg, day))
@@ -357,15 +422,24 @@ def _du(path: Path) -> float:
 
 
 # -------------------------------------------------------------- incremental
-def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac: float, per_user: float,
-                driver_memory: str, shuffle_partitions: int) -> dict:
+def incremental(
+    home: Path,
+    users: int,
+    days: int,
+    repeats: int,
+    *,
+    active_frac: float,
+    per_user: float,
+    driver_memory: str,
+    shuffle_partitions: int,
+) -> dict:
     """`days` drops processed in order; then on the last day: incremental update vs full rebuild."""
     from userformer.jobs.core import stream
     from userformer.jobs.core.spark import stop_spark
+    from userformer.jobs.core.storage import delta
     from userformer.jobs.steps import ingest, sequences
     from userformer.jobs.tools import maintain
     from userformer.jobs.tools.generate import generate
-    from userformer.jobs.core.storage import delta
 
     started = now()
     cfg = make_cfg(home, driver_memory=driver_memory, shuffle_partitions=shuffle_partitions)
@@ -373,8 +447,17 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
     dates = [START + dt.timedelta(days=i) for i in range(days)]
     last, prev = dates[-1], dates[-2]
     log(f"incremental: generate users={users:,} items={items:,} days={days} active_frac={active_frac}")
-    gen_s, gen = timed(generate, cfg, users=users, items=items, days=days, start=START, seed=SEED,
-                       active_frac=active_frac, events_per_active_user=per_user)
+    gen_s, gen = timed(
+        generate,
+        cfg,
+        users=users,
+        items=items,
+        days=days,
+        start=START,
+        seed=SEED,
+        active_frac=active_frac,
+        events_per_active_user=per_user,
+    )
     log(f"  generated {gen['events_total']:,} raw events in {gen_s:.1f}s")
     spark_start_s = start_spark(cfg)
     stages = StageLog(home / "spark-events")
@@ -385,12 +468,22 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
     for d in dates:
         t_i, ing = timed(ingest.ingest, cfg, d)
         t_s, seq = timed(sequences.update, cfg, d)
-        per_day.append({"dt": str(d), "raw_events": ing["raw_rows"], "accepted": ing["accepted"],
-                        "ingest_s": round(t_i, 3), "sequences_s": round(t_s, 3),
-                        "active_users": seq["active_users"], "new_users": seq["new_users"],
-                        "files_rewritten": seq["files_rewritten"], "files_added": seq.get("files_added"),
-                        "bytes_added": seq.get("bytes_added"), "rows_written": seq.get("rows_written"),
-                        "seq_version": seq["version"]})
+        per_day.append(
+            {
+                "dt": str(d),
+                "raw_events": ing["raw_rows"],
+                "accepted": ing["accepted"],
+                "ingest_s": round(t_i, 3),
+                "sequences_s": round(t_s, 3),
+                "active_users": seq["active_users"],
+                "new_users": seq["new_users"],
+                "files_rewritten": seq["files_rewritten"],
+                "files_added": seq.get("files_added"),
+                "bytes_added": seq.get("bytes_added"),
+                "rows_written": seq.get("rows_written"),
+                "seq_version": seq["version"],
+            }
+        )
         log(f"  {d}: ingest {t_i:.1f}s ({ing['raw_rows']:,} raw)  sequences {t_s:.1f}s ({seq['active_users']:,} users)")
     stages.read()
     events_total_accepted = sum(p["accepted"] for p in per_day)
@@ -420,8 +513,17 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
             raise RuntimeError(f"update({last}) ran as a rerun after the restore: {res}")
         inc_samples.append(s)
         inc_version = res["version"]
-        inc_runs.append({"seconds": round(s, 3), "load_before": la, "mem_available_gib_before": mem,
-                         "applied_before": str(a), "restored_version": base, "result": res, "spark": stages.read()})
+        inc_runs.append(
+            {
+                "seconds": round(s, 3),
+                "load_before": la,
+                "mem_available_gib_before": mem,
+                "applied_before": str(a),
+                "restored_version": base,
+                "result": res,
+                "spark": stages.read(),
+            }
+        )
         log(f"  sequences.update({last}) incremental #{i + 1}: {s:.1f}s  {res}")
 
     # What the daily MERGEs left (one small file a day, deletion vectors), then `maintain` on it, once:
@@ -429,9 +531,13 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
     files_before_maintain = len(delta.active_files(seq_path))
     stages.read()
     t_m, maint = timed(maintain.maintain, cfg)
-    maintain_run = {"seconds": round(t_m, 3), "user_sequences_files_before": files_before_maintain,
-                    "user_sequences_files_after": len(delta.active_files(seq_path)),
-                    "tables": maint["tables"], "spark": stages.read()}
+    maintain_run = {
+        "seconds": round(t_m, 3),
+        "user_sequences_files_before": files_before_maintain,
+        "user_sequences_files_after": len(delta.active_files(seq_path)),
+        "tables": maint["tables"],
+        "spark": stages.read(),
+    }
     log(f"  maintain: {t_m:.1f}s  user_sequences {maint['tables'].get('user_sequences')}")
 
     # The full-rebuild cost: rebuild(upto=D_last), K times.
@@ -442,8 +548,15 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
         s, res = timed(sequences.rebuild, cfg, last)
         reb_samples.append(s)
         reb_version = res["version"]
-        reb_runs.append({"seconds": round(s, 3), "load_before": la, "mem_available_gib_before": mem,
-                         "result": res, "spark": stages.read()})
+        reb_runs.append(
+            {
+                "seconds": round(s, 3),
+                "load_before": la,
+                "mem_available_gib_before": mem,
+                "result": res,
+                "spark": stages.read(),
+            }
+        )
         log(f"  sequences.rebuild(upto={last}) #{i + 1}: {s:.1f}s")
 
     # Same table either way?
@@ -458,22 +571,49 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
     inc_mid = min(inc_runs, key=lambda r: abs(r["seconds"] - inc["median_s"]))["result"]
     reb_mid = min(reb_runs, key=lambda r: abs(r["seconds"] - reb["median_s"]))["result"]
     # Files, bytes and rows each path wrote, from the commits' operationMetrics (MERGE vs WRITE).
-    written = {name: {k: r.get(k) for k in ("rows_written", "files_added", "bytes_added", "files_rewritten",
-                                            "deletion_vectors_added", "target_rows_copied", "scan_ms", "rewrite_ms")
-                      if k in r}
-               for name, r in (("incremental", inc_mid), ("rebuild", reb_mid))}
+    written = {
+        name: {
+            k: r.get(k)
+            for k in (
+                "rows_written",
+                "files_added",
+                "bytes_added",
+                "files_rewritten",
+                "deletion_vectors_added",
+                "target_rows_copied",
+                "scan_ms",
+                "rewrite_ms",
+            )
+            if k in r
+        }
+        for name, r in (("incremental", inc_mid), ("rebuild", reb_mid))
+    }
     out = {
-        "users": users, "items": items, "days": days, "active_frac": active_frac, "events_per_active_user": per_user,
+        "users": users,
+        "items": items,
+        "days": days,
+        "active_frac": active_frac,
+        "events_per_active_user": per_user,
         "generate": {"seconds": round(gen_s, 2), "events_total": gen["events_total"], "users_new": gen["users_new"]},
         "events_total_accepted": events_total_accepted,
         "spark_start_s": spark_start_s,
         "per_day": per_day,
-        "per_day_summary": {k: summary([p[k] for p in per_day]) | {"total_s": round(sum(p[k] for p in per_day), 2)}
-                            for k in ("ingest_s", "sequences_s")},
-        "last_day": {"dt": str(last), "raw_events": per_day[-1]["raw_events"], "accepted": per_day[-1]["accepted"],
-                     "active_users": per_day[-1]["active_users"], "user_sequences_rows": a.num_rows},
-        "ingest_last_day": {**summary(ing_samples), "note": "sample 1 from the day-by-day pass, then reruns of the day",
-                            "runs": ing_runs},
+        "per_day_summary": {
+            k: summary([p[k] for p in per_day]) | {"total_s": round(sum(p[k] for p in per_day), 2)}
+            for k in ("ingest_s", "sequences_s")
+        },
+        "last_day": {
+            "dt": str(last),
+            "raw_events": per_day[-1]["raw_events"],
+            "accepted": per_day[-1]["accepted"],
+            "active_users": per_day[-1]["active_users"],
+            "user_sequences_rows": a.num_rows,
+        },
+        "ingest_last_day": {
+            **summary(ing_samples),
+            "note": "sample 1 from the day-by-day pass, then reruns of the day",
+            "runs": ing_runs,
+        },
         "sequences_incremental": {**inc, "runs": inc_runs},
         "sequences_rebuild": {**reb, "runs": reb_runs},
         "written": written,
@@ -485,7 +625,8 @@ def incremental(home: Path, users: int, days: int, repeats: int, *, active_frac:
         "compared_versions": {"incremental": inc_version, "rebuild": reb_version},
         "table_sizes_mb": {t: _du(cfg.table_path(t)) for t in ("events", "events_rejected", "user_sequences")},
         "config": cfg_used(cfg),
-        "started": started, "finished": now(),
+        "started": started,
+        "finished": now(),
     }
     stop_spark()
     return out
@@ -513,7 +654,13 @@ def _first_difference(a, b) -> dict:
         x, y = a[name].to_pylist(), b[name].to_pylist()
         for i, (u, v) in enumerate(zip(x, y)):
             if u != v:
-                return {"column": name, "row": i, "user_id": a["user_id"][i].as_py(), "incremental": str(u)[:300], "rebuild": str(v)[:300]}
+                return {
+                    "column": name,
+                    "row": i,
+                    "user_id": a["user_id"][i].as_py(),
+                    "incremental": str(u)[:300],
+                    "rebuild": str(v)[:300],
+                }
     return {"note": "schemas differ", "incremental": str(a.schema), "rebuild": str(b.schema)}
 
 
@@ -537,11 +684,25 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     if a.scenario == "throughput":
-        res = throughput(a.home, a.events, a.repeats, driver_memory=a.driver_memory,
-                         shuffle_partitions=a.shuffle_partitions, step_budget_s=a.step_budget_s)
+        res = throughput(
+            a.home,
+            a.events,
+            a.repeats,
+            driver_memory=a.driver_memory,
+            shuffle_partitions=a.shuffle_partitions,
+            step_budget_s=a.step_budget_s,
+        )
     else:
-        res = incremental(a.home, a.users, a.days, a.repeats, active_frac=a.active_frac, per_user=a.events_per_user,
-                          driver_memory=a.driver_memory, shuffle_partitions=a.shuffle_partitions)
+        res = incremental(
+            a.home,
+            a.users,
+            a.days,
+            a.repeats,
+            active_frac=a.active_frac,
+            per_user=a.events_per_user,
+            driver_memory=a.driver_memory,
+            shuffle_partitions=a.shuffle_partitions,
+        )
     a.result.write_text(json.dumps(res, indent=2, default=str))
     return 0
 

@@ -23,10 +23,18 @@ DEMO_CONFIG = REPO / "infra" / "config" / "demo.toml"
 DAG = "daily_refresh"
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 # This closed network refuses Chromium's own outbound connections: no background networking, updates or sync.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 UI_TIMEOUT_MS = 60_000  # a UI step on a busy 2-core machine
-RUNS_TIMEOUT_S = 1500   # both days through every task of the DAG
+RUNS_TIMEOUT_S = 1500  # both days through every task of the DAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(2400)]
 
@@ -34,8 +42,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(2400)]
 @pytest.fixture
 def chromium() -> Path:
     if not os.access(CHROMIUM, os.X_OK):
-        msg = (f"no Chromium at {CHROMIUM}: `apt-get install -y --no-install-recommends chromium` "
-               "(Debian's package; .ci/run installs it)")
+        msg = (
+            f"no Chromium at {CHROMIUM}: `apt-get install -y --no-install-recommends chromium` "
+            "(Debian's package; .ci/run installs it)"
+        )
         if os.environ.get("USERFORMER_REQUIRE_BROWSER") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
@@ -55,8 +65,8 @@ def artifacts() -> Path:
 @pytest.fixture
 def pipeline_cfg(home, monkeypatch):
     """Two small generated days, the demo's short training; the environment Airflow's tasks inherit."""
-    from userformer.jobs.tools import generate
     from userformer.jobs.core.config import load_config
+    from userformer.jobs.tools import generate
 
     monkeypatch.setenv("USERFORMER_CONFIG", str(DEMO_CONFIG))
     monkeypatch.setenv("USERFORMER__PIPELINE__BOOTSTRAP_EPOCHS", "1")
@@ -69,6 +79,7 @@ def pipeline_cfg(home, monkeypatch):
 @pytest.fixture
 def airflow(pipeline_cfg):
     from userformer.jobs.tools import orchestrator as O
+
     af = O.start(pipeline_cfg, O.free_port(), scheduled_runs=False)
     try:
         yield af
@@ -142,9 +153,13 @@ def test_backfill_from_the_ui_dialog_runs_both_days(chromium, artifacts, airflow
     af = airflow
     t0 = time.monotonic()
     with sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=str(chromium),
-                                                   args=CHROMIUM_ARGS, headless=True,
-                                                   viewport={"width": 1400, "height": 900})
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(chromium),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1400, "height": 900},
+        )
         ctx.set_default_timeout(UI_TIMEOUT_MS)
         expect.set_options(timeout=UI_TIMEOUT_MS)
         page = ctx.pages[0] if ctx.pages else ctx.new_page()
@@ -153,13 +168,21 @@ def test_backfill_from_the_ui_dialog_runs_both_days(chromium, artifacts, airflow
             assert af.dag_runs(DAG) == []
             start_backfill_in_ui(page, af, shot)
 
-            runs = af.wait_runs(DAG, start=D1, end=D2, timeout=RUNS_TIMEOUT_S,
-                                progress=lambda r: print(f"{time.monotonic() - t0:6.0f}s {r['dag_run_id']}: "
-                                                         f"{r['state']}", flush=True))
-            failed = {r["dag_run_id"]: [(t["task_id"], t["state"], [str(x) for x in
-                                         af.task_log_path(DAG, r["dag_run_id"], t["task_id"])])
-                                        for t in af.failed_tasks(DAG, r["dag_run_id"])]
-                      for r in runs if r["state"] != "success"}
+            runs = af.wait_runs(
+                DAG,
+                start=D1,
+                end=D2,
+                timeout=RUNS_TIMEOUT_S,
+                progress=lambda r: print(f"{time.monotonic() - t0:6.0f}s {r['dag_run_id']}: {r['state']}", flush=True),
+            )
+            failed = {
+                r["dag_run_id"]: [
+                    (t["task_id"], t["state"], [str(x) for x in af.task_log_path(DAG, r["dag_run_id"], t["task_id"])])
+                    for t in af.failed_tasks(DAG, r["dag_run_id"])
+                ]
+                for r in runs
+                if r["state"] != "success"
+            }
             assert not failed, f"runs did not succeed: {failed}"
 
             # What the dialog made: one backfill over exactly D1..D2, and its runs are the DAG's only ones.
@@ -167,12 +190,21 @@ def test_backfill_from_the_ui_dialog_runs_both_days(chromium, artifacts, airflow
             assert [(b["from_date"][:10], b["to_date"][:10]) for b in backfills] == [(str(D1), str(D2))]
             runs = af.dag_runs(DAG)
             assert [(r["logical_date"][:10], r["run_type"], r["state"]) for r in runs] == [
-                (str(D1), "backfill", "success"), (str(D2), "backfill", "success")]
+                (str(D1), "backfill", "success"),
+                (str(D2), "backfill", "success"),
+            ]
 
             for day in (D1, D2):
                 entries = ledger.read_ledger(pipeline_cfg, day)
-                missing = {"ingest", "check_events", "sequences", "publish", "index", "candidates", "report"} \
-                    - entries.keys()
+                missing = {
+                    "ingest",
+                    "check_events",
+                    "sequences",
+                    "publish",
+                    "index",
+                    "candidates",
+                    "report",
+                } - entries.keys()
                 assert not missing, f"{day}: no ledger entry for {sorted(missing)}"
                 assert entries["ingest"]["result"]["accepted"] > 0
             events = delta.read_arrow(pipeline_cfg.table_path("events"))

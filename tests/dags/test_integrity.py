@@ -15,8 +15,10 @@ import pytest
 from tests.conftest import REPO
 
 DAGS = REPO / "dags"
-QUALITY_TASKS = {"daily_refresh": {"check_events", "check_user_sequences", "check_outputs", "check_index"},
-                 "retrain": {"check_outputs", "check_index"}}
+QUALITY_TASKS = {
+    "daily_refresh": {"check_events", "check_user_sequences", "check_outputs", "check_index"},
+    "retrain": {"check_outputs", "check_index"},
+}
 DEPENDS_ON_PAST = {"ingest", "sequences", "finetune", "gate"}
 
 
@@ -25,9 +27,13 @@ def bag(tmp_path_factory):
     """The DAGs of dags/, parsed with the pipeline configuration of a fresh home and non-default retry settings."""
     from airflow.dag_processing.dagbag import BundleDagBag
 
-    env = {"USERFORMER_HOME": str(tmp_path_factory.mktemp("home")), "USERFORMER__PIPELINE__RETRIES": "3",
-           "USERFORMER__PIPELINE__RETRY_DELAY_S": "7", "USERFORMER__PIPELINE__GPU_POOL": "gpu_test",
-           "USERFORMER__INFER__SHARDS": "2"}
+    env = {
+        "USERFORMER_HOME": str(tmp_path_factory.mktemp("home")),
+        "USERFORMER__PIPELINE__RETRIES": "3",
+        "USERFORMER__PIPELINE__RETRY_DELAY_S": "7",
+        "USERFORMER__PIPELINE__GPU_POOL": "gpu_test",
+        "USERFORMER__INFER__SHARDS": "2",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -57,26 +63,50 @@ def test_no_cycles_and_the_documented_order(bag):
     d = bag.dags["daily_refresh"]
     d.check_cycle() if hasattr(d, "check_cycle") else None
     order = [t.task_id for t in d.topological_sort()]
-    expected = ["wait_for_raw", "ingest", "check_events", "sequences", "check_user_sequences", "finetune", "gate",
-                "infer", "check_outputs", "publish", "index", "check_index", "candidates", "report"]
+    expected = [
+        "wait_for_raw",
+        "ingest",
+        "check_events",
+        "sequences",
+        "check_user_sequences",
+        "finetune",
+        "gate",
+        "infer",
+        "check_outputs",
+        "publish",
+        "index",
+        "check_index",
+        "candidates",
+        "report",
+    ]
     assert order == expected
     for a, b in zip(expected, expected[1:]):  # a chain: each task is directly upstream of the next
         assert b in d.get_task(a).downstream_task_ids, (a, b)
     r = bag.dags["retrain"]
-    assert [t.task_id for t in r.topological_sort()] == ["train", "judge", "promoted", "infer", "check_outputs",
-                                                          "publish", "index", "check_index", "candidates"]
+    assert [t.task_id for t in r.topological_sort()] == [
+        "train",
+        "judge",
+        "promoted",
+        "infer",
+        "check_outputs",
+        "publish",
+        "index",
+        "check_index",
+        "candidates",
+    ]
 
 
 def test_daily_refresh_schedule_is_a_daily_data_interval(bag):
-    from airflow.timetables.interval import CronDataIntervalTimetable
     from airflow.serialization.encoders import coerce_to_core_timetable
+    from airflow.timetables.interval import CronDataIntervalTimetable
 
     d = bag.dags["daily_refresh"]
     tt = coerce_to_core_timetable(d.timetable)
     assert isinstance(tt, CronDataIntervalTimetable)
     # The run for D starts once D is over and its logical date is D: what dags/common.py drop_date() relies on.
-    info = tt.next_dagrun_info(last_automated_data_interval=None,
-                               restriction=_restriction(dt.datetime(2026, 11, 1, tzinfo=dt.UTC)))
+    info = tt.next_dagrun_info(
+        last_automated_data_interval=None, restriction=_restriction(dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+    )
     assert info.logical_date == dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
     assert info.run_after == dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
     assert coerce_to_core_timetable(bag.dags["retrain"].timetable).periodic is False  # manual only
@@ -124,6 +154,7 @@ def test_quality_failures_are_not_retried_other_errors_are():
         @no_retry_on_bad_data
         def body():
             raise exc
+
         return body
 
     for exc in (GateFailed("events check failed"), UserError("raw drop missing")):
@@ -144,14 +175,17 @@ def _server_params(bag, dag_id):
     return DagSerialization.deserialize_dag(DagSerialization.serialize_dag(bag.dags[dag_id])).params
 
 
-@pytest.mark.parametrize("dag_id,bad", [
-    ("daily_refresh", {"skip_finetune": "yes"}),
-    ("daily_refresh", {"full_reembed": 1}),
-    ("retrain", {"window_days": 1}),
-    ("retrain", {"window_days": "seven"}),
-    ("retrain", {"dt": "2026-13-45"}),
-    ("retrain", {"epochs": 0}),
-])
+@pytest.mark.parametrize(
+    "dag_id,bad",
+    [
+        ("daily_refresh", {"skip_finetune": "yes"}),
+        ("daily_refresh", {"full_reembed": 1}),
+        ("retrain", {"window_days": 1}),
+        ("retrain", {"window_days": "seven"}),
+        ("retrain", {"dt": "2026-13-45"}),
+        ("retrain", {"epochs": 0}),
+    ],
+)
 def test_params_reject_bad_values(bag, dag_id, bad):
     params = _server_params(bag, dag_id)
     with pytest.raises(Exception) as err:
@@ -159,12 +193,15 @@ def test_params_reject_bad_values(bag, dag_id, bad):
     assert "Invalid input" in str(err.value) or "validat" in str(err.value).lower()
 
 
-@pytest.mark.parametrize("dag_id,good", [
-    ("daily_refresh", {}),
-    ("daily_refresh", {"skip_finetune": True, "full_reembed": True}),
-    ("retrain", {}),
-    ("retrain", {"dt": "2026-11-07", "window_days": 5, "epochs": 3}),
-])
+@pytest.mark.parametrize(
+    "dag_id,good",
+    [
+        ("daily_refresh", {}),
+        ("daily_refresh", {"skip_finetune": True, "full_reembed": True}),
+        ("retrain", {}),
+        ("retrain", {"dt": "2026-11-07", "window_days": 5, "epochs": 3}),
+    ],
+)
 def test_params_accept_good_values(bag, dag_id, good):
     resolved = _server_params(bag, dag_id).deep_merge(good).validate()
     for k, v in good.items():

@@ -44,7 +44,9 @@ class Step:
         self.proc.wait(timeout=60)
 
 
-def start(home: Path, logs: Path, *args: str, pause_at: str = "", pause_dir: Path | None = None, name: str = "") -> Step:
+def start(
+    home: Path, logs: Path, *args: str, pause_at: str = "", pause_dir: Path | None = None, name: str = ""
+) -> Step:
     logs.mkdir(parents=True, exist_ok=True)
     name = name or "-".join(args).replace("/", "_")
     env = {**os.environ, "USERFORMER_HOME": str(home), **SMALL_SPARK}

@@ -50,8 +50,15 @@ def write_items(raw_root: Path, day: dt.date, rows: list[tuple]) -> None:
     d.mkdir(parents=True, exist_ok=True)
     cols = list(zip(*rows))
     t = pa.table(
-        {"item_id": cols[0], "category_l1": cols[1], "category_l2": cols[2], "category_l3": cols[3],
-         "brand": cols[4], "title": [f"title {i}" for i in cols[0]], "price": cols[5]},
+        {
+            "item_id": cols[0],
+            "category_l1": cols[1],
+            "category_l2": cols[2],
+            "category_l3": cols[3],
+            "brand": cols[4],
+            "title": [f"title {i}" for i in cols[0]],
+            "price": cols[5],
+        },
         schema=RAW_ITEMS,
     )
     pq.write_table(t, d / "items.parquet")
@@ -59,29 +66,53 @@ def write_items(raw_root: Path, day: dt.date, rows: list[tuple]) -> None:
 
 def three_days(raw_root: Path) -> None:
     """Three drops: duplicates within and across drops, a late event, an unknown item, bad rows."""
-    write_items(raw_root, D1, [("i1", "beauty", "skin", "cream", "B1", 10.0),
-                               ("i2", "beauty", "hair", None, "B2", 5.0),
-                               ("i3", "home", "kitchen", "pans", None, 30.0)])
-    write_drop(raw_root, D1, events_table([
-        ("e1", "u1", ts(D1, 1), "view", "i1"),
-        ("e2", "u1", ts(D1, 2), "cart", "i1"),
-        ("e3", "u2", ts(D1, 3), "view", "i2"),
-        ("e3", "u2", ts(D1, 3), "view", "i2"),          # duplicate within the drop
-        (None, None, ts(D1, 4), "view", "i1"),          # null user
-        ("e4", "u3", ts(D1, 5), "search", None),
-        ("e5", "u3", ts(D1, 6), "clck", "i2"),          # unknown event type
-        ("e6", "u3", ts(D1, 7), "view", None),          # item event without item
-        ("e7", "u3", ts(D2, 12), "view", "i2"),         # in the future of drop D1
-    ]))
-    write_drop(raw_root, D2, events_table([
-        ("e8", "u1", ts(D2, 1), "purchase", "i1"),
-        ("e9", "u2", ts(D1, 23), "view", "i3"),         # late: happened on D1
-        ("e1", "u1", ts(D1, 1), "view", "i1"),          # delivered again (was in D1)
-        ("e10", "u4", ts(D2, 5), "view", "i9"),         # item not in the catalogue
-        (None, "u4", ts(D2, 6), "search", None),        # no event_id: content hash
-    ]))
-    write_drop(raw_root, D3, events_table([
-        ("e11", "u1", ts(D3, 1), "view", "i2"),
-        ("e12", "u2", ts(D3, 2), "view", "i2"),
-        ("e13", "u2", ts(D2, 22), "cart", "i3"),        # late
-    ]))
+    write_items(
+        raw_root,
+        D1,
+        [
+            ("i1", "beauty", "skin", "cream", "B1", 10.0),
+            ("i2", "beauty", "hair", None, "B2", 5.0),
+            ("i3", "home", "kitchen", "pans", None, 30.0),
+        ],
+    )
+    write_drop(
+        raw_root,
+        D1,
+        events_table(
+            [
+                ("e1", "u1", ts(D1, 1), "view", "i1"),
+                ("e2", "u1", ts(D1, 2), "cart", "i1"),
+                ("e3", "u2", ts(D1, 3), "view", "i2"),
+                ("e3", "u2", ts(D1, 3), "view", "i2"),  # duplicate within the drop
+                (None, None, ts(D1, 4), "view", "i1"),  # null user
+                ("e4", "u3", ts(D1, 5), "search", None),
+                ("e5", "u3", ts(D1, 6), "clck", "i2"),  # unknown event type
+                ("e6", "u3", ts(D1, 7), "view", None),  # item event without item
+                ("e7", "u3", ts(D2, 12), "view", "i2"),  # in the future of drop D1
+            ]
+        ),
+    )
+    write_drop(
+        raw_root,
+        D2,
+        events_table(
+            [
+                ("e8", "u1", ts(D2, 1), "purchase", "i1"),
+                ("e9", "u2", ts(D1, 23), "view", "i3"),  # late: happened on D1
+                ("e1", "u1", ts(D1, 1), "view", "i1"),  # delivered again (was in D1)
+                ("e10", "u4", ts(D2, 5), "view", "i9"),  # item not in the catalogue
+                (None, "u4", ts(D2, 6), "search", None),  # no event_id: content hash
+            ]
+        ),
+    )
+    write_drop(
+        raw_root,
+        D3,
+        events_table(
+            [
+                ("e11", "u1", ts(D3, 1), "view", "i2"),
+                ("e12", "u2", ts(D3, 2), "view", "i2"),
+                ("e13", "u2", ts(D2, 22), "cart", "i3"),  # late
+            ]
+        ),
+    )

@@ -127,7 +127,9 @@ class SparkCluster:
         try:
             r = subprocess.run(
                 ["bash", str(SCRIPTS / "start-cluster.sh")],
-                env=self._script_env(), capture_output=True, text=True,
+                env=self._script_env(),
+                capture_output=True,
+                text=True,
                 timeout=self.start_timeout + 60,
             )
         except subprocess.TimeoutExpired as exc:
@@ -139,9 +141,7 @@ class SparkCluster:
         lines = r.stdout.strip().splitlines()
         if r.returncode != 0 or not lines or not lines[-1].startswith("spark://"):
             self.stop()
-            raise SparkClusterError(
-                f"start-cluster.sh failed (rc={r.returncode}):\n{r.stdout}\n{r.stderr}"
-            )
+            raise SparkClusterError(f"start-cluster.sh failed (rc={r.returncode}):\n{r.stdout}\n{r.stderr}")
         self.master_url = lines[-1]
         return self
 
@@ -161,7 +161,9 @@ class SparkCluster:
         try:
             subprocess.run(
                 ["bash", str(SCRIPTS / "stop-cluster.sh")],
-                env=self._script_env(), capture_output=True, text=True,
+                env=self._script_env(),
+                capture_output=True,
+                text=True,
                 timeout=self.stop_timeout + 30,
             )
         except subprocess.TimeoutExpired:
@@ -221,7 +223,9 @@ class SparkCluster:
         env.pop("USERFORMER_CONFIG", None)
         for k in [k for k in env if k.startswith("USERFORMER__SPARK__")]:
             env.pop(k)
-        spark_home = VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "pyspark"
+        spark_home = (
+            VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "pyspark"
+        )
         env.update(
             USERFORMER__SPARK__MASTER=self.master_url,
             USERFORMER__SPARK__DRIVER_MEMORY=driver_memory,
@@ -244,7 +248,11 @@ class SparkCluster:
         on failure raise with its output and the cluster's logs."""
         r = subprocess.run(
             [self.python, "-c", code, *map(str, args)],
-            env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if r.returncode != 0:
             raise SparkClusterError(

@@ -36,12 +36,12 @@ import pytest
 
 from tests.conftest import REPO
 from tests.integration import warehouses as W
-from userformer.jobs.tools import generate
 from userformer.jobs.core import ledger
-from userformer.jobs.flows import pipeline
+from userformer.jobs.core import registry as R
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
-from userformer.jobs.core import registry as R
+from userformer.jobs.flows import pipeline
+from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -49,12 +49,22 @@ START = dt.date(2026, 11, 1)
 DAYS = [START + dt.timedelta(days=i) for i in range(3)]
 BIN = Path(sys.executable).parent
 # Small and fast, passed to Airflow's task processes through the environment as well.
-SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "3", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "16",
-            "MODEL__MAX_LEN": "20", "MODEL__TIME_BUCKETS": "8", "TRAIN__BATCH_SIZE": "64",
-            "TRAIN__UNIFORM_NEGATIVES": "64", "TRAIN__STREAM_CHUNK_USERS": "64", "TRAIN__PATIENCE": "2",
-            "FINETUNE__EPOCHS": "1", "PIPELINE__SENSOR_POKE_S": "5", "PIPELINE__RETRY_DELAY_S": "5",
-            # Each Spark task starts a JVM: start it fast (infra/config/demo.toml says why).
-            "SPARK__EXTRA": '{"spark.driver.extraJavaOptions" = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"}'}
+SETTINGS = {
+    "PIPELINE__BOOTSTRAP_EPOCHS": "3",
+    "TRAIN__NUM_THREADS": "1",
+    "MODEL__D_MODEL": "16",
+    "MODEL__MAX_LEN": "20",
+    "MODEL__TIME_BUCKETS": "8",
+    "TRAIN__BATCH_SIZE": "64",
+    "TRAIN__UNIFORM_NEGATIVES": "64",
+    "TRAIN__STREAM_CHUNK_USERS": "64",
+    "TRAIN__PATIENCE": "2",
+    "FINETUNE__EPOCHS": "1",
+    "PIPELINE__SENSOR_POKE_S": "5",
+    "PIPELINE__RETRY_DELAY_S": "5",
+    # Each Spark task starts a JVM: start it fast (infra/config/demo.toml says why).
+    "SPARK__EXTRA": '{"spark.driver.extraJavaOptions" = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"}',
+}
 
 
 def env_of(home: Path) -> dict:
@@ -96,6 +106,7 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
     model versions are compared without the number and the registry only through what is published."""
     W.assert_same_tables(a, b, renumbered=repaired)
     from userformer.jobs.steps import index as X
+
     if repaired:
         assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
         assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
@@ -104,8 +115,8 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
     if rerun_of is None:
         assert rb == ra
     else:
-        assert rb[:len(ra)] == ra, (ra, rb)
-        assert all(v[1] == "finetune" and v[2] == "rejected" and v[3] == rerun_of for v in rb[len(ra):]), rb
+        assert rb[: len(ra)] == ra, (ra, rb)
+        assert all(v[1] == "finetune" and v[2] == "rejected" and v[3] == rerun_of for v in rb[len(ra) :]), rb
     assert R.published(b)["version"] == R.published(a)["version"]
     assert X.current(b)["model_version"] == X.current(a)["model_version"]
 
@@ -113,6 +124,7 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
 def assert_contents(cfg):
     """What three days of daily_refresh leave behind, read from the tables and the ledgers."""
     from userformer.jobs.steps import index as X
+
     events = delta.read_arrow(cfg.table_path("events"))
     per_day = {str(d): n for d, n in zip(*np.unique(np.array(events["dt"].cast(pa.string())), return_counts=True))}
     for d in DAYS:
@@ -146,14 +158,25 @@ def assert_contents(cfg):
 def test_daily_refresh_end_to_end_three_days(sequential, tmp_path):
     """`airflow dags test` for three consecutive dates: every task of the DAG, in date order."""
     cfg = new_home(tmp_path)
-    env = {**env_of(cfg.home), "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    env = {
+        **env_of(cfg.home),
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+    }
     r = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for d in DAYS:
-        r = subprocess.run([str(BIN / "airflow"), "dags", "test", "daily_refresh", str(d)], env=env,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [str(BIN / "airflow"), "dags", "test", "daily_refresh", str(d)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         out = r.stdout + r.stderr
         assert r.returncode == 0 and "state=success" in out and "state=failed" not in out, out[-6000:]
         assert f"DagRun Finished: dag_id=daily_refresh, logical_date={d} 00:00:00+00:00" in out
@@ -163,16 +186,25 @@ def test_daily_refresh_end_to_end_three_days(sequential, tmp_path):
     # The repair DAG (manual, params as conf): restore to before day 2 and redo days 2-3. Nothing was bad here,
     # so the repaired warehouse must equal the clean one again.
     conf = {"from_dt": str(DAYS[1]), "to_dt": str(DAYS[2]), "mode": "restore"}
-    r = subprocess.run([str(BIN / "airflow"), "dags", "test", "repair", "--conf", json.dumps(conf)], env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [str(BIN / "airflow"), "dags", "test", "repair", "--conf", json.dumps(conf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "state=failed" not in out and "DagRun Finished: dag_id=repair" in out, out[-6000:]
     assert_contents(cfg)
     assert_same_as(sequential, cfg, repaired=True)
     # A bad param is refused before any task runs.
-    r = subprocess.run([str(BIN / "airflow"), "dags", "test", "repair", "--conf",
-                        json.dumps({**conf, "mode": "rebuild-everything"})], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [str(BIN / "airflow"), "dags", "test", "repair", "--conf", json.dumps({**conf, "mode": "rebuild-everything"})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and "rebuild-everything" in r.stdout + r.stderr
 
 
@@ -180,6 +212,7 @@ def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tm
     """Standalone on 127.0.0.1, a backfill over three dates via POST /api/v2/backfills, the last date backfilled
     again, stopped by PID."""
     from userformer.jobs.tools import orchestrator as O
+
     cfg = new_home(tmp_path)
     saved = {k: os.environ.get(k) for k in env_of(cfg.home) if k.startswith("USERFORMER")}
     os.environ.update({k: v for k, v in env_of(cfg.home).items() if k.startswith("USERFORMER")})
@@ -199,8 +232,9 @@ def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tm
         assert b["dag_id"] == "daily_refresh" and b["max_active_runs"] == 1
         runs = af.wait_runs("daily_refresh", start=DAYS[0], end=DAYS[-1], timeout=1500)
         states = {r["logical_date"][:10]: r["state"] for r in runs}
-        failed = {r["dag_run_id"]: af.failed_tasks("daily_refresh", r["dag_run_id"]) for r in runs
-                  if r["state"] != "success"}
+        failed = {
+            r["dag_run_id"]: af.failed_tasks("daily_refresh", r["dag_run_id"]) for r in runs if r["state"] != "success"
+        }
         assert states == {str(d): "success" for d in DAYS}, (states, failed, O._tail(af.log_path, 80))
         # In date order: each run started after the previous one ended.
         ordered = sorted(runs, key=lambda r: r["logical_date"])
@@ -228,4 +262,3 @@ def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tm
         os.killpg(pid, 0)  # no process of its group is left
     assert_contents(cfg)
     assert_same_as(sequential, cfg, rerun_of=str(DAYS[-1]))
-

@@ -84,8 +84,11 @@ def test_cluster_runs_pipeline_session_like_local(tmp_path):
 
         # start-cluster.sh again: a no-op that prints the same URL.
         again = subprocess.run(
-            ["bash", str(SCRIPTS / "start-cluster.sh")], env=cluster._script_env(),
-            capture_output=True, text=True, timeout=60,
+            ["bash", str(SCRIPTS / "start-cluster.sh")],
+            env=cluster._script_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert again.returncode == 0, again.stderr
         assert again.stdout.strip().splitlines()[-1] == cluster.master_url
@@ -127,8 +130,11 @@ def test_cluster_runs_pipeline_session_like_local(tmp_path):
     # ephemeral port may be taken at once by any other process on a busy machine.)
     # Stopping again is a no-op.
     again = subprocess.run(
-        ["bash", str(SCRIPTS / "stop-cluster.sh")], env=cluster._script_env(),
-        capture_output=True, text=True, timeout=60,
+        ["bash", str(SCRIPTS / "stop-cluster.sh")],
+        env=cluster._script_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert again.returncode == 0, again.stderr
 
@@ -138,8 +144,13 @@ def _tables(home) -> dict:
     from userformer.jobs.core.storage import delta
     from userformer.schemas.tables import FOUNDATION_TABLES
 
-    keys = {"events": ["event_id"], "events_rejected": ["dt", "reason", "source_file", "event_id", "ts_raw"],
-            "vocab": ["kind", "idx"], "items": ["item_idx"], "user_sequences": ["user_id"]}
+    keys = {
+        "events": ["event_id"],
+        "events_rejected": ["dt", "reason", "source_file", "event_id", "ts_raw"],
+        "vocab": ["kind", "idx"],
+        "items": ["item_idx"],
+        "user_sequences": ["user_id"],
+    }
     out = {}
     for name in FOUNDATION_TABLES:
         t = delta.read_arrow(home / "warehouse" / name)
@@ -154,9 +165,28 @@ def test_ingest_and_sequences_on_the_cluster_equal_local_mode(tmp_path):
     with SparkCluster(tmp_path / "spark", workers=2, cores=1, memory="1g") as cluster:
         env = cluster.driver_env(home=tmp_path / "unused")
         gen = subprocess.run(
-            [cluster.bin("userformer"), "generate", "--users", "300", "--items", "400", "--days", "3",
-             "--start", "2026-03-01", "--seed", "11", "--out", str(raw), "--malformed-rate", "0.01"],
-            env=env, capture_output=True, text=True, timeout=300,
+            [
+                cluster.bin("userformer"),
+                "generate",
+                "--users",
+                "300",
+                "--items",
+                "400",
+                "--days",
+                "3",
+                "--start",
+                "2026-03-01",
+                "--seed",
+                "11",
+                "--out",
+                str(raw),
+                "--malformed-rate",
+                "0.01",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert gen.returncode == 0, gen.stderr
         homes = {}
@@ -165,8 +195,13 @@ def test_ingest_and_sequences_on_the_cluster_equal_local_mode(tmp_path):
             env = cluster.driver_env(home=home, USERFORMER__PATHS__RAW_ROOT=str(raw))
             if mode == "local":
                 env["USERFORMER__SPARK__MASTER"] = "local[2]"
-            r = subprocess.run([cluster.bin("userformer"), "run-day", "--dt", "2026-03-01", "--to", "2026-03-03"],
-                               env=env, capture_output=True, text=True, timeout=900)
+            r = subprocess.run(
+                [cluster.bin("userformer"), "run-day", "--dt", "2026-03-01", "--to", "2026-03-03"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert r.returncode == 0, f"{mode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{cluster.log_tail()}"
             homes[mode] = home
         apps = [a for a in cluster.state().get("completedapps", []) if a["name"] == "userformer"]

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from userformer.jobs.steps import ingest as ingest_mod
+
 from . import procs
 from .rawdata import D1, D2, three_days
 from .test_ingest import clean_ingest, read, tables_of
@@ -36,8 +37,19 @@ def assert_vocab_unique(cfg) -> None:
 def test_two_ingests_at_once(cfg, spark, tmp_path, days):
     three_days(cfg.raw_root)
     pause = tmp_path / "pause"
-    steps = [procs.start(cfg.paths.home, tmp_path / "logs", "ingest", "--dt", str(d), pause_at=POINT,
-                         pause_dir=pause, name=f"ingest-{i}-{d}") for i, d in enumerate(days)]
+    steps = [
+        procs.start(
+            cfg.paths.home,
+            tmp_path / "logs",
+            "ingest",
+            "--dt",
+            str(d),
+            pause_at=POINT,
+            pause_dir=pause,
+            name=f"ingest-{i}-{d}",
+        )
+        for i, d in enumerate(days)
+    ]
     try:
         procs.wait_paused(pause, POINT, steps)
         procs.release(pause, POINT)

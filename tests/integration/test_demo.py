@@ -19,8 +19,13 @@ pytestmark = pytest.mark.spark
 
 def demo(home, *args):
     env = {**os.environ, "USERFORMER_HOME": str(home)}
-    return subprocess.run([EXE, "demo", "--no-airflow", "--days", "3", "--users", "300", "--items", "500", *args],
-                          capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run(
+        [EXE, "demo", "--no-airflow", "--days", "3", "--users", "300", "--items", "500", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
 
 
 def test_demo_runs_every_day_and_reruns_cleanly(tmp_path):

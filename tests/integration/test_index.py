@@ -12,11 +12,11 @@ import pytest
 
 from tests.integration.test_infer import D3, D4, new_version, registry, run_day, setup  # noqa: F401 (fixtures)
 from tests.integration.test_train import warehouse  # noqa: F401 (fixture)
-from userformer.jobs.steps import index as ix
-from userformer.jobs.tools import serve
+from userformer.jobs.core import registry as R
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.core import registry as R
+from userformer.jobs.steps import index as ix
+from userformer.jobs.tools import serve
 
 pytestmark = pytest.mark.spark
 
@@ -24,8 +24,9 @@ pytestmark = pytest.mark.spark
 def exact_top(cfg, users: list[str], n: int) -> dict[str, list[int]]:
     """Brute force over the published tables: each user's top-n item_idx by dot product."""
     it = delta.read_arrow(cfg.table_path("item_embeddings"), columns=["item_idx", "embedding"])
-    ue = delta.read_arrow(cfg.table_path("user_embeddings"), columns=["user_id", "embedding"],
-                          filter=ix.str_in("user_id", users))  # string_view files: see ix.str_field
+    ue = delta.read_arrow(
+        cfg.table_path("user_embeddings"), columns=["user_id", "embedding"], filter=ix.str_in("user_id", users)
+    )  # string_view files: see ix.str_field
     iv, uv = ix.vectors_of(it["embedding"]), ix.vectors_of(ue["embedding"])
     order = np.argsort(-(uv @ iv.T), axis=1, kind="stable")[:, :n]
     ids = it["item_idx"].to_numpy()
@@ -72,14 +73,16 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     assert {u: after[u]["item_idx"] for u in ref} == ref
 
     # The API over the same outputs, with the user's real purchases from events.
-    ev = delta.read_arrow(cfg.table_path("events"), columns=["user_id", "item_idx"],
-                          filter=ix.str_field("event_type") == "purchase")
+    ev = delta.read_arrow(
+        cfg.table_path("events"), columns=["user_id", "item_idx"], filter=ix.str_field("event_type") == "purchase"
+    )
     buyer = next(u for u in ev["user_id"].to_pylist() if u in after)
     bought = set(ev.filter(pc.equal(ev["user_id"], buyer))["item_idx"].to_pylist()) - {0}
     r = serve.Recommender(cfg)
     full = [h.item_idx for h in r.recommend(buyer, k=400)]
-    assert [h.item_idx for h in r.recommend(buyer, k=10, exclude_purchased=True)] == \
-        [i for i in full if i not in bought][:10]
+    assert [h.item_idx for h in r.recommend(buyer, k=10, exclude_purchased=True)] == [
+        i for i in full if i not in bought
+    ][:10]
     assert r.purchased(buyer) == bought
     items = delta.read_arrow(cfg.table_path("item_embeddings"), columns=["item_id", "item_idx", "embedding"])
     iv = ix.vectors_of(items["embedding"])

@@ -21,23 +21,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from tests.integration.test_train import EXE, START, TINY, quiet, warehouse  # noqa: F401 (warehouse: the fixture)
+from userformer.jobs.core import registry as R
+from userformer.jobs.core import stream as ST
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import check as C
 from userformer.jobs.steps import infer as I
 from userformer.jobs.steps import publish as P
 from userformer.jobs.steps import train as J
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.config import load_config
 from userformer.jobs.tools.maintain import maintain
-from userformer.jobs.core.storage import delta
-from userformer.jobs.core import registry as R
-from userformer.jobs.core import stream as ST
-
-from tests.integration.test_train import EXE, START, TINY, quiet, warehouse  # noqa: F401 (warehouse: the fixture)
 
 pytestmark = pytest.mark.spark
 
 D1, D3, D4, D5 = (START + dt.timedelta(days=i) for i in (0, 2, 3, 4))
-KEYS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"), "item_embeddings": ("item_idx",)}
+KEYS = {
+    "user_embeddings": ("user_id",),
+    "user_preference_scores": ("user_id", "task"),
+    "item_embeddings": ("item_idx",),
+}
 
 
 def staged(cfg, day, version, shard, shards) -> Path:
@@ -48,8 +52,11 @@ def staged(cfg, day, version, shard, shards) -> Path:
 
 
 def env_of(root, home):
-    return {"USERFORMER_HOME": str(home), "USERFORMER__PATHS__RAW_ROOT": str(root / "raw"),
-            **{f"USERFORMER__{k}": v for k, v in {**TINY, "TRAIN__EPOCHS": "1"}.items()}}
+    return {
+        "USERFORMER_HOME": str(home),
+        "USERFORMER__PATHS__RAW_ROOT": str(root / "raw"),
+        **{f"USERFORMER__{k}": v for k, v in {**TINY, "TRAIN__EPOCHS": "1"}.items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +72,13 @@ def registry(warehouse, tmp_path_factory):  # noqa: F811
 @pytest.fixture
 def setup(warehouse, registry, tmp_path):  # noqa: F811
     """A function giving a fresh home (own copy of the warehouse tables and of the registry) -> its config."""
+
     def make(name: str = "home"):
         home = tmp_path / name
         shutil.copytree(warehouse / "warehouse", home / "warehouse")
         shutil.copytree(registry[0], home / "models")
         return load_config(env=env_of(warehouse, home))
+
     return make
 
 
@@ -105,8 +114,10 @@ def new_version(cfg, day) -> str:
     """Register and publish a perturbed copy of the published model (another version, other vectors)."""
     _, ck = R.load(cfg)
     g = torch.Generator().manual_seed(1)
-    sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-          for k, v in ck["state_dict"].items()}
+    sd = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in ck["state_dict"].items()
+    }
     v = R.register(cfg, {**ck, "state_dict": sd}, kind="train", day=day)
     R.publish(cfg, v, "test: a new model")
     return v
@@ -143,8 +154,14 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     h = delta.history(cfg.table_path("user_embeddings"), 1)[0]
     seq_v, _ = ST.sequences_version(cfg, D4)
     assert {k: h[k] for k in ("step", "dt", "model_version", "shards", "full", "users", "user_sequences_version")} == {
-        "step": "publish", "dt": str(D4), "model_version": v1, "shards": "1", "full": "False",
-        "users": str(len(day_users)), "user_sequences_version": str(seq_v)}
+        "step": "publish",
+        "dt": str(D4),
+        "model_version": v1,
+        "shards": "1",
+        "full": "False",
+        "users": str(len(day_users)),
+        "user_sequences_version": str(seq_v),
+    }
     assert P.published_outputs(cfg)["tables"] == versions(cfg) and P.published_outputs(cfg)["dt"] == str(D4)
 
     # Publishing the same staged output again changes nothing; a rerun of the day gives the same rows.
@@ -154,8 +171,9 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     run_day(cfg, D4)
     assert versions(cfg)["user_embeddings"] == v_d4["user_embeddings"] + 1
     drop = ("updated_at",)
-    assert rows(cfg, "user_embeddings", drop=drop) == {k: {c: v for c, v in r.items() if c not in drop}
-                                                        for k, r in ue4.items()}
+    assert rows(cfg, "user_embeddings", drop=drop) == {
+        k: {c: v for c, v in r.items() if c not in drop} for k, r in ue4.items()
+    }
     assert rows(cfg, "user_preference_scores") == ps4 and rows(cfg, "item_embeddings") == it4
 
     # An empty day: nothing to refresh, nothing new published, success.
@@ -281,8 +299,11 @@ def test_a_missing_shard_or_a_failed_check_publishes_nothing(setup):
     cfg = setup()
     v1 = R.published(cfg)["version"]
     I.infer(cfg, D3, shard=0, shards=2, log=quiet)
-    with pytest.raises(UserError, match=r"1 of 2 shards .*missing: shard=1-of-2.*userformer infer --dt 2026-11-03 "
-                                        r"--shard 1 --shards 2"):
+    with pytest.raises(
+        UserError,
+        match=r"1 of 2 shards .*missing: shard=1-of-2.*userformer infer --dt 2026-11-03 "
+        r"--shard 1 --shards 2",
+    ):
         P.publish(cfg, D3, shards=2, log=quiet)
     res = C.check(cfg, "outputs", D3, {"shards": 2})
     assert not res.success and "shard=1-of-2" in res.error and res.html_path.is_file()
@@ -297,17 +318,24 @@ def test_a_missing_shard_or_a_failed_check_publishes_nothing(setup):
     with pytest.raises(UserError) as e:
         P.publish(cfg, D3, log=quiet)
     assert e.value.code == 1 and "nothing was published" in str(e.value)
-    assert "FAIL expect_column_values_to_be_in_set on finite" in str(e.value) and t["user_id"][5].as_py() in str(e.value)
+    assert "FAIL expect_column_values_to_be_in_set on finite" in str(e.value) and t["user_id"][5].as_py() in str(
+        e.value
+    )
     assert versions(cfg) == dict.fromkeys(I.OUTPUTS) and P.published_outputs(cfg) is None
     report = json.loads((cfg.reports_root / "checks" / "outputs" / f"dt={D3}.json").read_text())
-    assert not report["success"] and report["facts"]["metrics"]["users"] == report["facts"]["metrics"]["users_to_refresh"]
+    assert (
+        not report["success"] and report["facts"]["metrics"]["users"] == report["facts"]["metrics"]["users_to_refresh"]
+    )
 
     # Clean outputs but a score band nobody meets: the distribution check fails.
     I.infer(cfg, D3, log=quiet)
     cfg.infer.top1_mean_band = [0.999, 1.0]
     res = C.check(cfg, "outputs", D3)
-    assert not res.success and {r.column for r in res.failed} == {"top1_mean_brand", "top1_mean_category_l1",
-                                                                  "top1_mean_event_type"}
+    assert not res.success and {r.column for r in res.failed} == {
+        "top1_mean_brand",
+        "top1_mean_category_l1",
+        "top1_mean_event_type",
+    }
     cfg.infer.top1_mean_band = [0.0, 1.0]
     assert C.check(cfg, "outputs", D3).success
     # A staged shard whose row count is not the users to refresh (a lost row).

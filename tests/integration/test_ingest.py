@@ -11,11 +11,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from userformer.jobs.steps import ingest as ingest_mod
 from userformer.jobs.core import hooks
-from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import ingest as ingest_mod
 from userformer.schemas import tables as S
 
 from . import procs
@@ -73,7 +73,13 @@ def test_ingest_accepts_quarantines_and_dedupes(three):
     cfg = three
     r1 = ingest_mod.ingest(cfg, D1)
     assert r1["raw_rows"] == 9 and r1["accepted"] == 4
-    assert r1["rejected"] == {"duplicate": 1, "future_ts": 1, "missing_item_id": 1, "null_user_id": 1, "unknown_event_type": 1}
+    assert r1["rejected"] == {
+        "duplicate": 1,
+        "future_ts": 1,
+        "missing_item_id": 1,
+        "null_user_id": 1,
+        "unknown_event_type": 1,
+    }
     r2 = ingest_mod.ingest(cfg, D2)
     assert r2["accepted"] == 4 and r2["rejected"] == {"duplicate": 1}
 
@@ -101,7 +107,10 @@ def test_ingest_accepts_quarantines_and_dedupes(three):
     assert items["i1"]["category_l3_idx"] > 0 and items["i2"]["category_l3_idx"] == 0
     e_i1 = ev.filter(pc.equal(ev["item_id"], "i1")).to_pylist()[0]
     assert (e_i1["item_idx"], e_i1["category_l1_idx"], e_i1["brand_idx"]) == (
-        items["i1"]["item_idx"], items["i1"]["category_l1_idx"], items["i1"]["brand_idx"])
+        items["i1"]["item_idx"],
+        items["i1"]["category_l1_idx"],
+        items["i1"]["brand_idx"],
+    )
     search = ev.filter(pc.equal(ev["event_type"], "search")).to_pylist()
     assert all(r["item_idx"] == 0 and r["item_id"] is None for r in search)
 
@@ -150,8 +159,13 @@ def test_same_day_delivered_twice_is_deduplicated(three):
 
 
 def test_unparseable_and_string_timestamps(cfg, spark):
-    t = events_table([("a", "u1", ts(D1, 1), "view", "i1"), ("b", "u1", ts(D1, 2), "view", "i1"),
-                      ("c", "u1", ts(D1, 3), "view", "i1")])
+    t = events_table(
+        [
+            ("a", "u1", ts(D1, 1), "view", "i1"),
+            ("b", "u1", ts(D1, 2), "view", "i1"),
+            ("c", "u1", ts(D1, 3), "view", "i1"),
+        ]
+    )
     t = t.set_column(2, "ts", pa.array(["2026-01-01T01:00:00Z", "yesterday-ish", "2026-01-01 03:30:00"]))
     write_drop(cfg.raw_root, D1, t)
     r = ingest_mod.ingest(cfg, D1)
@@ -164,11 +178,15 @@ def test_unparseable_and_string_timestamps(cfg, spark):
 
 def test_nanosecond_and_integer_id_columns_are_normalised(cfg, spark):
     t = events_table([("a", "7", ts(D1, 1), "view", "42")])
-    t = pa.table({
-        "event_id": t["event_id"], "user_id": pa.array([7], pa.int64()),
-        "ts": t["ts"].cast(pa.timestamp("ns", tz="UTC")), "event_type": t["event_type"],
-        "item_id": pa.array([42], pa.int64()),
-    })
+    t = pa.table(
+        {
+            "event_id": t["event_id"],
+            "user_id": pa.array([7], pa.int64()),
+            "ts": t["ts"].cast(pa.timestamp("ns", tz="UTC")),
+            "event_type": t["event_type"],
+            "item_id": pa.array([42], pa.int64()),
+        }
+    )
     write_drop(cfg.raw_root, D1, t)
     ingest_mod.ingest(cfg, D1)
     row = read(cfg, "events").to_pylist()[0]
@@ -178,8 +196,14 @@ def test_nanosecond_and_integer_id_columns_are_normalised(cfg, spark):
 def test_files_of_one_drop_may_differ_in_types(cfg, spark):
     """One producer sends string ids and ISO strings, another integers and timestamps: both land."""
     a = events_table([("a", "u1", ts(D1, 1), "view", "i1")])
-    b = pa.table({"user_id": pa.array([2], pa.int64()), "ts": pa.array(["2026-01-01T02:00:00Z"]),
-                  "event_type": ["cart"], "item_id": pa.array([42], pa.int64())})
+    b = pa.table(
+        {
+            "user_id": pa.array([2], pa.int64()),
+            "ts": pa.array(["2026-01-01T02:00:00Z"]),
+            "event_type": ["cart"],
+            "item_id": pa.array([42], pa.int64()),
+        }
+    )
     write_drop(cfg.raw_root, D1, a, name="part-a.parquet")
     write_drop(cfg.raw_root, D1, b, name="part-b.parquet")
     r = ingest_mod.ingest(cfg, D1)
@@ -189,8 +213,13 @@ def test_files_of_one_drop_may_differ_in_types(cfg, spark):
 
 
 def test_old_events_and_bad_durations_are_rejected(cfg, spark):
-    t = events_table([("a", "u1", ts(D1, 1) - dt.timedelta(days=30), "view", "i1"),
-                      ("b", "u1", ts(D1, 2), "view", "i1"), ("c", "u1", ts(D1, 3), "view", "i1")])
+    t = events_table(
+        [
+            ("a", "u1", ts(D1, 1) - dt.timedelta(days=30), "view", "i1"),
+            ("b", "u1", ts(D1, 2), "view", "i1"),
+            ("c", "u1", ts(D1, 3), "view", "i1"),
+        ]
+    )
     t = t.set_column(6, "duration_s", pa.array([1.0, -5.0, 2.0]))
     write_drop(cfg.raw_root, D1, t)
     r = ingest_mod.ingest(cfg, D1)
@@ -271,8 +300,15 @@ def test_killed_before_the_events_commit_leaves_events_as_they_were(three, spark
     before = delta.version_of(cfg.table_path("events"))
     events_before = sort(read(cfg, "events"), "event_id")
     pause = tmp_path / "pause"
-    step = procs.start(cfg.paths.home, tmp_path / "logs", "ingest", "--dt", str(D2),
-                       pause_at="ingest.before_events_commit", pause_dir=pause)
+    step = procs.start(
+        cfg.paths.home,
+        tmp_path / "logs",
+        "ingest",
+        "--dt",
+        str(D2),
+        pause_at="ingest.before_events_commit",
+        pause_dir=pause,
+    )
     try:
         procs.wait_paused(pause, "ingest.before_events_commit", [step])
         step.kill()
@@ -295,6 +331,7 @@ def test_killed_before_the_events_commit_leaves_events_as_they_were(three, spark
 def test_a_lookback_drop_committed_meanwhile_refuses_the_commit(three, monkeypatch, tmp_path):
     """D3 deduplicates against D2. When D2 is committed while D3 runs (after D3 read events), D3's commit is
     refused as ConcurrentWrite, before any of its commits; the rerun gives the one-at-a-time result."""
+
     def raw(root):
         three_days(root)
         # D3 redelivers an event of D2: its verdict depends on whether D2 is in events.
@@ -343,7 +380,10 @@ def test_events_table_layout_and_rerun_touches_only_its_day(three):
         assert rows == sorted(rows, key=lambda r: (r["user_id"], r["ts"])), f
 
     def files_by_day():
-        return {d: sorted(a["path"] for a in delta.add_actions(path) if str(a["partition.dt"]) == str(d)) for d in (D1, D2, D3)}
+        return {
+            d: sorted(a["path"] for a in delta.add_actions(path) if str(a["partition.dt"]) == str(d))
+            for d in (D1, D2, D3)
+        }
 
     files = files_by_day()
     ingest_mod.ingest(cfg, D2)
@@ -360,6 +400,6 @@ def test_tables_readable_by_other_engines(three):
     ingest_mod.ingest(cfg, D1)
     path = str(cfg.table_path("events"))
     assert pl.read_delta(path).height == 4
-    ds = delta.open_table(path).to_pyarrow_dataset()
+    ds = delta.open_table(path).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads the local by its name)
     assert duckdb.sql("select count(distinct user_id) from ds").fetchall()[0][0] == 3
     assert pq.read_table(path + "/" + delta.active_files(path)[0]).num_rows == 4

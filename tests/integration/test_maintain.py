@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from userformer.jobs.steps import ingest, sequences
-
-from userformer.jobs.tools import maintain
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import ingest, sequences
+from userformer.jobs.tools import maintain
 
 from .rawdata import D1, D2, D3, three_days
 
@@ -48,8 +47,11 @@ def test_vacuum_deletes_only_unreferenced_files(cfg, spark):
     assert len(list(seq_path.glob("*.parquet"))) == len(delta.active_files(seq_path)) == 1
     assert not list(seq_path.glob("deletion_vector_*.bin"))
     for t, data in before.items():
-        assert delta.read_arrow(cfg.table_path(t)).sort_by("event_id" if t == "events" else "user_id").equals(
-            data.sort_by("event_id" if t == "events" else "user_id")), t
+        assert (
+            delta.read_arrow(cfg.table_path(t))
+            .sort_by("event_id" if t == "events" else "user_id")
+            .equals(data.sort_by("event_id" if t == "events" else "user_id"))
+        ), t
     # A rerun of D3 needs the vacuumed state before D3: refused with the way out, which works.
     with pytest.raises(UserError, match="was vacuumed"):
         sequences.update(cfg, D3)

@@ -27,23 +27,30 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from userformer.jobs.tools import generate
-from userformer.jobs.flows import pipeline
-from userformer.jobs.steps import infer as I
-from userformer.jobs.steps import publish as P
-from userformer.jobs.core.config import load_config
-from userformer.jobs.core.storage import delta, files
 
 from tests.conftest import REPO
 from tests.integration import warehouses as W
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.storage import delta, files
+from userformer.jobs.flows import pipeline
+from userformer.jobs.steps import infer as I
+from userformer.jobs.steps import publish as P
+from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 START = dt.date(2026, 11, 1)
 D1, D2 = START, START + dt.timedelta(days=1)
-SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "1", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "8",
-            "MODEL__MAX_LEN": "10", "MODEL__TIME_BUCKETS": "4", "TRAIN__BATCH_SIZE": "64",
-            "TRAIN__UNIFORM_NEGATIVES": "32", "TRAIN__STREAM_CHUNK_USERS": "64"}
+SETTINGS = {
+    "PIPELINE__BOOTSTRAP_EPOCHS": "1",
+    "TRAIN__NUM_THREADS": "1",
+    "MODEL__D_MODEL": "8",
+    "MODEL__MAX_LEN": "10",
+    "MODEL__TIME_BUCKETS": "4",
+    "TRAIN__BATCH_SIZE": "64",
+    "TRAIN__UNIFORM_NEGATIVES": "32",
+    "TRAIN__STREAM_CHUNK_USERS": "64",
+}
 S3A_JARS = REPO / "infra" / "jars" / "lib-s3"
 EXE = str(Path(sys.executable).with_name("userformer"))
 
@@ -60,8 +67,12 @@ def bucket(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + 60
         while True:
@@ -71,8 +82,13 @@ def bucket(tmp_path_factory):
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
                 time.sleep(0.2)
-        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+        env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -87,8 +103,13 @@ def bucket(tmp_path_factory):
 
 
 def config(home, **paths):
-    return load_config(env={"USERFORMER_HOME": str(home), **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()},
-                            **{f"USERFORMER__PATHS__{k.upper()}": v for k, v in paths.items()}})
+    return load_config(
+        env={
+            "USERFORMER_HOME": str(home),
+            **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()},
+            **{f"USERFORMER__PATHS__{k.upper()}": v for k, v in paths.items()},
+        }
+    )
 
 
 def run(args, env, timeout=900):
@@ -108,9 +129,14 @@ def test_the_pipeline_runs_on_a_bucket_as_on_local_disk(tmp_path, bucket, spark)
     b = config(tmp_path / "b", raw_root=str(a.raw_root), warehouse_root=wh)
     assert files.is_remote(b.warehouse_root) and str(b.table_path("events")) == f"{wh}/events"
     env = {k: v for k, v in os.environ.items() if not k.startswith("USERFORMER")}
-    env.update(bucket, USERFORMER_HOME=str(b.home), USERFORMER__PATHS__RAW_ROOT=str(a.raw_root),
-               USERFORMER__PATHS__WAREHOUSE_ROOT=wh, USERFORMER__SPARK__JARS_DIR=str(S3A_JARS),
-               **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()})
+    env.update(
+        bucket,
+        USERFORMER_HOME=str(b.home),
+        USERFORMER__PATHS__RAW_ROOT=str(a.raw_root),
+        USERFORMER__PATHS__WAREHOUSE_ROOT=wh,
+        USERFORMER__SPARK__JARS_DIR=str(S3A_JARS),
+        **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()},
+    )
     run(["run-day", "--dt", str(D1), "--to", str(D2)], env)
 
     W.assert_same_tables(a, b)

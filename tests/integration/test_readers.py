@@ -22,21 +22,33 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
-from userformer.jobs.tools import generate
-from userformer.jobs.flows import pipeline
+
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.spark import register_tables
 from userformer.jobs.core.storage import delta
+from userformer.jobs.flows import pipeline
+from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 START = dt.date(2026, 11, 1)
 D1, D2 = START, START + dt.timedelta(days=1)
-SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "1", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "8",
-            "MODEL__MAX_LEN": "10", "MODEL__TIME_BUCKETS": "4", "TRAIN__BATCH_SIZE": "64",
-            "TRAIN__UNIFORM_NEGATIVES": "32", "TRAIN__STREAM_CHUNK_USERS": "64"}
-KEYS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"),
-        "item_embeddings": ("item_idx",), "user_candidates": ("user_id",)}
+SETTINGS = {
+    "PIPELINE__BOOTSTRAP_EPOCHS": "1",
+    "TRAIN__NUM_THREADS": "1",
+    "MODEL__D_MODEL": "8",
+    "MODEL__MAX_LEN": "10",
+    "MODEL__TIME_BUCKETS": "4",
+    "TRAIN__BATCH_SIZE": "64",
+    "TRAIN__UNIFORM_NEGATIVES": "32",
+    "TRAIN__STREAM_CHUNK_USERS": "64",
+}
+KEYS = {
+    "user_embeddings": ("user_id",),
+    "user_preference_scores": ("user_id", "task"),
+    "item_embeddings": ("item_idx",),
+    "user_candidates": ("user_id",),
+}
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +148,11 @@ def test_user_sequences_with_deletion_vectors_spark_polars_and_read_arrow_agree(
     for k in sorted(ours)[::11]:
         assert ours[k] == spark_rows[k] == polars_rows[k], k
     # DuckDB through Polars' Arrow (the README's way for this table)
-    seqs = pl.read_delta(path).to_arrow()
+    seqs = pl.read_delta(path).to_arrow()  # noqa: F841 (DuckDB reads the local by its name)
     assert duckdb.sql("select count(*) from seqs").fetchall()[0][0] == len(ours)
     # Time travel: the version of D1 (before the MERGE) reads alike too.
     v1 = next(h["version"] for h in delta.lineage(path) if h.get("dt") == str(D1))
-    assert (sorted(delta.read_arrow(path, v1)["user_id"].to_pylist())
-            == sorted(r["user_id"] for r in spark.read.format("delta").option("versionAsOf", v1).load(path)
-                      .select("user_id").collect()))
+    assert sorted(delta.read_arrow(path, v1)["user_id"].to_pylist()) == sorted(
+        r["user_id"]
+        for r in spark.read.format("delta").option("versionAsOf", v1).load(path).select("user_id").collect()
+    )

@@ -1,4 +1,5 @@
-"""`userformer repair` (jobs/flows/repair.py) on real pipeline runs: corrupt a day, detect it, repair, compare with a clean run.
+"""`userformer repair` (jobs/flows/repair.py) on real pipeline runs: corrupt a day, detect it, repair, compare with a
+clean run.
 
 Home A runs 3 generated days (300 users, 400 items) cleanly with `pipeline.run_day`, once for the module. Each
 test builds home B from the same raw files, damages it, repairs it and compares every table with home A's:
@@ -19,24 +20,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from userformer.jobs.tools import generate
-from userformer.jobs.core import ledger
-from userformer.jobs.flows import pipeline
-from userformer.jobs.flows import repair as RP
-from userformer.jobs.core.errors import GateFailed, UserError
-from userformer.jobs.core.config import load_config
-from userformer.jobs.core.storage import delta
-from userformer.jobs.core import registry as R
 
 from tests.integration import warehouses as W
+from userformer.jobs.core import ledger
+from userformer.jobs.core import registry as R
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import GateFailed, UserError
+from userformer.jobs.core.storage import delta
+from userformer.jobs.flows import pipeline
+from userformer.jobs.flows import repair as RP
+from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 START = dt.date(2026, 11, 1)
 D1, D2, D3 = (START + dt.timedelta(days=i) for i in range(3))
-SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "3", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "16",
-            "MODEL__MAX_LEN": "20", "MODEL__TIME_BUCKETS": "8", "TRAIN__BATCH_SIZE": "64",
-            "TRAIN__UNIFORM_NEGATIVES": "64", "TRAIN__STREAM_CHUNK_USERS": "64"}
+SETTINGS = {
+    "PIPELINE__BOOTSTRAP_EPOCHS": "3",
+    "TRAIN__NUM_THREADS": "1",
+    "MODEL__D_MODEL": "16",
+    "MODEL__MAX_LEN": "20",
+    "MODEL__TIME_BUCKETS": "8",
+    "TRAIN__BATCH_SIZE": "64",
+    "TRAIN__UNIFORM_NEGATIVES": "64",
+    "TRAIN__STREAM_CHUNK_USERS": "64",
+}
 
 
 def config(home):
@@ -79,7 +87,7 @@ def effective_publish_history(cfg):
     """The published model versions (without their numbers) since the last repair's line in publish_log."""
     log = R.publish_log(cfg)
     last = max((i for i, e in enumerate(log) if e.get("repair")), default=-1)
-    return [W.model_id(e["version"]) for e in log[last + 1:]]
+    return [W.model_id(e["version"]) for e in log[last + 1 :]]
 
 
 def assert_same_as_clean(a, b):
@@ -87,12 +95,15 @@ def assert_same_as_clean(a, b):
     assert effective_publish_history(b) == effective_publish_history(a)
     assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
     from userformer.jobs.steps import index as X
+
     assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
     from userformer.jobs.steps import publish as P
+
     ma, mb = P.published_outputs(a), P.published_outputs(b)
     assert (mb["dt"], W.model_id(mb["model_version"])) == (ma["dt"], W.model_id(ma["model_version"]))
-    assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == \
-        sorted(p.name for p in (a.reports_root / "runs").iterdir())
+    assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == sorted(
+        p.name for p in (a.reports_root / "runs").iterdir()
+    )
 
 
 # ------------------------------------------------------------------ tests
@@ -102,8 +113,7 @@ def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(c
     # A third of day 2's rows get an event type the contract does not know: the rejected-ratio check fails.
     n = good.num_rows
     bad_types = pc.if_else(pa.array(np.arange(n) % 3 == 0), pa.scalar("clik"), good["event_type"])
-    pq.write_table(good.set_column(good.schema.get_field_index("event_type"), "event_type", bad_types),
-                   raw_file(b, D2))
+    pq.write_table(good.set_column(good.schema.get_field_index("event_type"), "event_type", bad_types), raw_file(b, D2))
     pipeline.run_day(b, D1)
     with pytest.raises(GateFailed, match="events check failed"):
         pipeline.run_day(b, D2)
@@ -117,8 +127,12 @@ def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(c
 
     pq.write_table(good, raw_file(b, D2))  # the producer re-delivers the clean drop
     plan = RP.repair(b, D2, D3, "restore", dry_run=True)["plan"]
-    assert plan["tables"]["events"] == {**plan["tables"]["events"], "action": "restore", "to_version": 0,
-                                        "to_dt": str(D1)}
+    assert plan["tables"]["events"] == {
+        **plan["tables"]["events"],
+        "action": "restore",
+        "to_version": 0,
+        "to_dt": str(D1),
+    }
     assert plan["tables"]["user_sequences"]["action"] == "unchanged"
     assert plan["rerun"] == [str(D2), str(D3)] and plan["ledgers"] == [str(D2)]
     res = RP.repair(b, D2, D3, "restore")
@@ -135,8 +149,9 @@ def test_undetected_corruption_restore_twice_gives_the_clean_tables(clean, tmp_p
     has = pc.is_valid(items).to_numpy(zero_copy_only=False)
     vals = np.array(items.to_pylist(), object)
     vals[has] = np.roll(vals[has], 7)
-    pq.write_table(good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(vals, pa.string())),
-                   raw_file(b, D2))
+    pq.write_table(
+        good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(vals, pa.string())), raw_file(b, D2)
+    )
     for d in (D1, D2, D3):
         pipeline.run_day(b, d)  # the checks pass: nothing noticed
     with pytest.raises(AssertionError):
@@ -186,16 +201,20 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
     from userformer.jobs.core.spark import spark_session
 
     spark = spark_session(b)
-    sdf = spark.createDataFrame([{**r, "lifetime_counts": dict(r["lifetime_counts"])} for r in src.to_pylist()],
-                                schema=RP.S.to_spark(RP.S.USER_SEQUENCES))
+    sdf = spark.createDataFrame(
+        [{**r, "lifetime_counts": dict(r["lifetime_counts"])} for r in src.to_pylist()],
+        schema=RP.S.to_spark(RP.S.USER_SEQUENCES),
+    )
     delta.spark_table(spark, b.table_path("user_sequences")).alias("t").merge(
-        sdf.alias("s"), "t.user_id = s.user_id").whenMatchedUpdateAll().execute()
+        sdf.alias("s"), "t.user_id = s.user_id"
+    ).whenMatchedUpdateAll().execute()
     with pytest.raises(AssertionError):
         assert_same_tables(clean, b, ["user_sequences"])
     outputs = {t: delta.version_of(b.table_path(t)) for t in RP.USER_OUTPUTS + ("item_embeddings",)}
 
     # A failure after the sequences commit (inference dies): the published tables are as they were.
     from userformer.jobs.steps import infer as I
+
     def boom(*a, **k):
         raise RuntimeError("worker lost")
 

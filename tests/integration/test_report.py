@@ -15,17 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-from userformer.jobs.tools import generate
-from userformer.jobs.core import ledger
-from userformer.jobs.flows import pipeline as P
-from userformer.jobs.steps import report as RP
-from userformer.jobs.cli import main
-from userformer.jobs.core.errors import GateFailed
-from userformer.jobs.core.config import load_config
-from userformer.jobs.core import registry as R
-from userformer.schemas.tables import RAW_EVENTS
 
 from tests.integration.test_train import TINY
+from userformer.jobs.cli import main
+from userformer.jobs.core import ledger
+from userformer.jobs.core import registry as R
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import GateFailed
+from userformer.jobs.flows import pipeline as P
+from userformer.jobs.steps import report as RP
+from userformer.jobs.tools import generate
+from userformer.schemas.tables import RAW_EVENTS
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -89,7 +89,8 @@ def test_day1_says_why_the_model_sections_are_empty(built):
     assert "<svg" in s["metrics"]  # the day's data numbers are plotted even without a model
     assert re.search(r"finetune skipped [\d.]+ no published model yet and too little history", text(s["steps"]))
     assert "not available: no publish of user_embeddings before 2026-11-02" in text(
-        sections(RP.report_path(cfg, D2).read_text())["drift"])
+        sections(RP.report_path(cfg, D2).read_text())["drift"]
+    )
 
 
 def test_day3_plots_and_per_day_numbers(built):
@@ -131,7 +132,8 @@ def test_day3_plots_and_per_day_numbers(built):
 
 def embeddings(cfg, table: str, version: int, key: str) -> dict:
     t = DeltaTable(str(cfg.table_path(table)), version=version).to_pyarrow_table(
-        columns=[key, "embedding", "model_version", *(["as_of"] if table == "user_embeddings" else [])])
+        columns=[key, "embedding", "model_version", *(["as_of"] if table == "user_embeddings" else [])]
+    )
     ids = t[key].cast(pa.string()).to_pylist()
     return {k: r for k, r in zip(ids, t.drop_columns([key]).to_pylist())}
 
@@ -145,8 +147,14 @@ def test_drift_matches_a_cosine_computed_here(built):
         old = embeddings(cfg, table, pub2["tables"][table], key)
         new = embeddings(cfg, table, pub3["tables"][table], key)
         both = sorted(k for k in new if k in old and (key == "item_id" or new[k]["as_of"] == D3))
-        cos = {k: float(np.dot(old[k]["embedding"], new[k]["embedding"])
-                        / np.linalg.norm(old[k]["embedding"]) / np.linalg.norm(new[k]["embedding"])) for k in both}
+        cos = {
+            k: float(
+                np.dot(old[k]["embedding"], new[k]["embedding"])
+                / np.linalg.norm(old[k]["embedding"])
+                / np.linalg.norm(new[k]["embedding"])
+            )
+            for k in both
+        }
         assert out["drift_mean"][table] == pytest.approx(np.mean(list(cos.values())), abs=1e-6)
         assert f"{len(both):,} " in drift
         # The five rows that moved most are listed with their cosine.
@@ -154,8 +162,10 @@ def test_drift_matches_a_cosine_computed_here(built):
             assert f"{k} {cos[k]:.4f}" in drift
         changed = pub2["model_version"] != pub3["model_version"]
         assert ("The model changed" in drift) == changed
-    assert f"Version {pub2['tables']['user_embeddings']} (publish of {D2}) vs version " \
-           f"{pub3['tables']['user_embeddings']} (publish of {D3})" in drift
+    assert (
+        f"Version {pub2['tables']['user_embeddings']} (publish of {D2}) vs version "
+        f"{pub3['tables']['user_embeddings']} (publish of {D3})" in drift
+    )
 
 
 def test_a_day_stopped_by_a_check_is_reported(built, capsys, monkeypatch):

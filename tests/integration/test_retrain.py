@@ -1,4 +1,5 @@
-"""`userformer retrain` (jobs/flows/retrain.py, the `retrain` DAG's steps) on three generated days run by `pipeline.run_day`."""
+"""`userformer retrain` (jobs/flows/retrain.py, the `retrain` DAG's steps) on three generated days run by
+`pipeline.run_day`."""
 
 from __future__ import annotations
 
@@ -7,24 +8,30 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from userformer.jobs.tools import generate
-
-from userformer.jobs.core import ledger
-
-from userformer.jobs.flows import pipeline
-from userformer.jobs.flows import retrain as RT
 from userformer.jobs.cli import main
+from userformer.jobs.core import ledger
+from userformer.jobs.core import registry as R
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
-from userformer.jobs.core import registry as R
+from userformer.jobs.flows import pipeline
+from userformer.jobs.flows import retrain as RT
+from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 START = dt.date(2026, 11, 1)
 DAYS = [START + dt.timedelta(days=i) for i in range(3)]
-SETTINGS = {"PIPELINE__BOOTSTRAP_EPOCHS": "2", "TRAIN__NUM_THREADS": "1", "MODEL__D_MODEL": "16",
-            "MODEL__MAX_LEN": "20", "MODEL__TIME_BUCKETS": "8", "TRAIN__BATCH_SIZE": "64",
-            "TRAIN__UNIFORM_NEGATIVES": "64", "TRAIN__STREAM_CHUNK_USERS": "64", "FINETUNE__EPOCHS": "1"}
+SETTINGS = {
+    "PIPELINE__BOOTSTRAP_EPOCHS": "2",
+    "TRAIN__NUM_THREADS": "1",
+    "MODEL__D_MODEL": "16",
+    "MODEL__MAX_LEN": "20",
+    "MODEL__TIME_BUCKETS": "8",
+    "TRAIN__BATCH_SIZE": "64",
+    "TRAIN__UNIFORM_NEGATIVES": "64",
+    "TRAIN__STREAM_CHUNK_USERS": "64",
+    "FINETUNE__EPOCHS": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +75,7 @@ def test_retrain_trains_on_the_window_judges_and_after_a_promotion_reembeds_ever
     emb = delta.read_arrow(cfg.table_path("user_embeddings"))
     assert emb.num_rows == users and set(emb["model_version"].cast(pa.string()).to_pylist()) == {new}
     from userformer.jobs.steps import index as X
+
     assert X.current(cfg)["model_version"] == new
     led = ledger.read_ledger(cfg, DAYS[-1])
     assert {"retrain_train", "retrain_judge", "check_outputs", "publish", "index", "check_index"} <= set(led)

@@ -10,13 +10,12 @@ import time
 import pyarrow as pa
 import pytest
 
-from userformer.jobs.steps import ingest, sequences
-
-from userformer.jobs.tools import maintain
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.config import load_config
 from userformer.jobs.core import stream
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import ingest, sequences
+from userformer.jobs.tools import maintain
 from userformer.schemas import tables as S
 
 from . import procs
@@ -73,7 +72,8 @@ def test_incremental_days_merge_late_events_in_time_order(small):
     t = table(cfg)
     assert same_columns(t.schema, S.USER_SEQUENCES)
     r = rows(cfg)
-    # u2: view i2 (D1 03:00), late view i3 (D1 23:00, delivered D2), late cart i3 (D2 22:00, delivered D3), view i2 (D3 02:00).
+    # u2: view i2 (D1 03:00), late view i3 (D1 23:00, delivered D2), late cart i3 (D2 22:00, delivered D3),
+    # view i2 (D3 02:00).
     # max_len 3 keeps the newest three, oldest first.
     assert r["u2"]["ts"] == [ts(D1, 23), ts(D2, 22), ts(D3, 2)]
     assert r["u2"]["seq_len"] == 3 and r["u2"]["lifetime_events"] == 4
@@ -175,9 +175,17 @@ def test_a_day_writes_only_the_active_users_rows(home, monkeypatch, spark):
     seq_path = cfg.table_path("user_sequences")
     rows_d1 = [(f"a{i}", f"u{i:05d}", ts(D1, 1), "view", "i1") for i in range(3000)]
     write_drop(cfg.raw_root, D1, events_table(rows_d1))
-    write_drop(cfg.raw_root, D2, events_table([("b1", "u00007", ts(D2, 1), "view", "i1"),
-                                               ("b2", "u02500", ts(D2, 2), "cart", "i1"),
-                                               ("b3", "new-user", ts(D2, 3), "view", "i1")]))
+    write_drop(
+        cfg.raw_root,
+        D2,
+        events_table(
+            [
+                ("b1", "u00007", ts(D2, 1), "view", "i1"),
+                ("b2", "u02500", ts(D2, 2), "cart", "i1"),
+                ("b3", "new-user", ts(D2, 3), "view", "i1"),
+            ]
+        ),
+    )
     for d in (D1, D2):
         ingest.ingest(cfg, d)
     sequences.update(cfg, D1)
@@ -256,8 +264,15 @@ def _kill_at_merge(cfg, tmp_path, day, *, then_s: float | None = None) -> None:
     """Run `userformer sequences --dt day` in its own process, hold it before its MERGE and SIGKILL it (with its
     Spark) there, or `then_s` seconds after letting the MERGE start."""
     pause = tmp_path / "pause"
-    step = procs.start(cfg.paths.home, tmp_path / "logs", "sequences", "--dt", str(day),
-                       pause_at="sequences.before_merge", pause_dir=pause)
+    step = procs.start(
+        cfg.paths.home,
+        tmp_path / "logs",
+        "sequences",
+        "--dt",
+        str(day),
+        pause_at="sequences.before_merge",
+        pause_dir=pause,
+    )
     try:
         procs.wait_paused(pause, "sequences.before_merge", [step])
         if then_s is not None:
@@ -324,8 +339,12 @@ def test_a_table_without_deletion_vectors_is_migrated(small, caplog):
     import shutil
 
     shutil.rmtree(seq_path)
-    write_deltalake(str(seq_path), old.cast(S.USER_SEQUENCES), mode="overwrite",
-                    commit_properties=CommitProperties(custom_metadata={"step": "sequences", "dt": str(D1)}))
+    write_deltalake(
+        str(seq_path),
+        old.cast(S.USER_SEQUENCES),
+        mode="overwrite",
+        commit_properties=CommitProperties(custom_metadata={"step": "sequences", "dt": str(D1)}),
+    )
     assert not delta.has_deletion_vectors(delta.open_table(seq_path))
     assert stream.last_drop(seq_path) == (D1, -1)
 
@@ -359,7 +378,7 @@ def test_every_table_is_readable_by_other_engines(small):
         if delta.has_deletion_vectors(delta.open_table(path)):
             continue  # delta-rs's own pyarrow reader refuses deletion vectors: our reader or Polars
         assert len(DeltaTable(path).to_pandas()) == n, name
-        ds = DeltaTable(path).to_pyarrow_dataset()
+        ds = DeltaTable(path).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads the local by its name)
         assert duckdb.sql("select count(*) from ds").fetchall()[0][0] == n, name
     seq = pl.read_delta(str(cfg.table_path("user_sequences")))
     assert seq.schema["ts"] == pl.List(pl.Datetime("us", "UTC"))

@@ -17,11 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-from userformer.jobs.core.storage import delta
-from userformer.jobs.core import stream as ST
-from userformer.schemas import tables as S
 
 from tests.unit.test_stream import DAY, seq_rows
+from userformer.jobs.core import stream as ST
+from userformer.jobs.core.storage import delta
+from userformer.schemas import tables as S
 
 pytestmark = pytest.mark.spark
 
@@ -30,12 +30,14 @@ D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 
 def small_row_groups(spark):
     """Several row groups per file, so that a deletion vector's rows span row groups."""
+
     class _Ctx:
         def __enter__(self):
             spark.conf.set("parquet.block.size", str(16 * 1024))
 
         def __exit__(self, *exc):
             spark.conf.unset("parquet.block.size")
+
     return _Ctx()
 
 
@@ -44,16 +46,39 @@ def dv_table(tmp_path_factory, spark):
     """A table partitioned by dt: v0 written, v1 a MERGE (updates + inserts), v2 a DELETE; DVs for both."""
     path = tmp_path_factory.mktemp("dv") / "t"
     with small_row_groups(spark):
-        df = spark.range(0, 6000).selectExpr(
-            "cast(id as string) as k", "id as v", "repeat('x', 20) as pad",
-            "date_add(date'2026-11-01', cast(id % 2 as int)) as dt").repartition(2)
-        delta.spark_write(df, path, mode="overwrite", partition_by=["dt"],
-                          properties={"delta.enableDeletionVectors": "true"}, metadata={"step": "t"})
-        upd = spark.range(0, 7000, 7).selectExpr("cast(id as string) as k", "-id as v", "'merged' as pad",
-                                                 "date_add(date'2026-11-01', cast(id % 2 as int)) as dt")
+        df = (
+            spark.range(0, 6000)
+            .selectExpr(
+                "cast(id as string) as k",
+                "id as v",
+                "repeat('x', 20) as pad",
+                "date_add(date'2026-11-01', cast(id % 2 as int)) as dt",
+            )
+            .repartition(2)
+        )
+        delta.spark_write(
+            df,
+            path,
+            mode="overwrite",
+            partition_by=["dt"],
+            properties={"delta.enableDeletionVectors": "true"},
+            metadata={"step": "t"},
+        )
+        upd = spark.range(0, 7000, 7).selectExpr(
+            "cast(id as string) as k",
+            "-id as v",
+            "'merged' as pad",
+            "date_add(date'2026-11-01', cast(id % 2 as int)) as dt",
+        )
         with delta.spark_commit(spark, path, {"step": "merge"}):
-            (delta.spark_table(spark, path).alias("t").merge(upd.alias("s"), "t.k = s.k and t.dt = s.dt")
-             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+            (
+                delta.spark_table(spark, path)
+                .alias("t")
+                .merge(upd.alias("s"), "t.k = s.k and t.dt = s.dt")
+                .whenMatchedUpdateAll()
+                .whenNotMatchedInsertAll()
+                .execute()
+            )
         with delta.spark_commit(spark, path, {"step": "delete"}):
             delta.spark_table(spark, path).delete("v % 11 = 0 and v > 0")
     return path
@@ -128,8 +153,13 @@ def test_delta_sequences_read_a_merged_user_sequences_table(tmp_path, spark):
         delta.spark_write(df, path, mode="overwrite", properties={"delta.enableDeletionVectors": "true"})
         new = spark.createDataFrame(seq_rows(range(0, 400, 3), DAY))
         with delta.spark_commit(spark, path, {"step": "sequences"}):
-            (delta.spark_table(spark, path).alias("t").merge(new.alias("s"), "t.user_id = s.user_id")
-             .whenMatchedUpdateAll().execute())
+            (
+                delta.spark_table(spark, path)
+                .alias("t")
+                .merge(new.alias("s"), "t.user_id = s.user_id")
+                .whenMatchedUpdateAll()
+                .execute()
+            )
     assert delta.has_deletion_vectors(delta.open_table(path))
     src = ST.DeltaSequences(path, delta.version_of(path), 32, min_len=1)
     assert src.n_rows == 400 < sum(p.physical for p in src.pieces)

@@ -17,14 +17,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from userformer.jobs.tools import generate
-from userformer.jobs.steps import ingest, sequences
-from userformer.jobs.steps import train as J
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.config import load_config
-from userformer.jobs.core.storage import delta
+
 from userformer.jobs.core import registry as R
 from userformer.jobs.core import stream as ST
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import ingest, sequences
+from userformer.jobs.steps import train as J
+from userformer.jobs.tools import generate
 from userformer.schemas.tables import RAW_EVENTS
 
 pytestmark = pytest.mark.spark
@@ -32,9 +33,16 @@ pytestmark = pytest.mark.spark
 START = dt.date(2026, 11, 1)
 D3, D4, D5, D6 = (START + dt.timedelta(days=i) for i in (2, 3, 4, 5))
 EXE = str(Path(sys.executable).parent / "userformer")
-TINY = {"MODEL__D_MODEL": "16", "MODEL__MAX_LEN": "20", "MODEL__TIME_BUCKETS": "8", "TRAIN__EPOCHS": "2",
-        "TRAIN__BATCH_SIZE": "64", "TRAIN__UNIFORM_NEGATIVES": "64", "TRAIN__STREAM_CHUNK_USERS": "64",
-        "TRAIN__NUM_THREADS": "2"}
+TINY = {
+    "MODEL__D_MODEL": "16",
+    "MODEL__MAX_LEN": "20",
+    "MODEL__TIME_BUCKETS": "8",
+    "TRAIN__EPOCHS": "2",
+    "TRAIN__BATCH_SIZE": "64",
+    "TRAIN__UNIFORM_NEGATIVES": "64",
+    "TRAIN__STREAM_CHUNK_USERS": "64",
+    "TRAIN__NUM_THREADS": "2",
+}
 
 
 def quiet(line):
@@ -58,8 +66,11 @@ def warehouse(tmp_path_factory, spark):
 
 
 def env_of(warehouse: Path, home: Path, **settings) -> dict:
-    env = {"USERFORMER_HOME": str(home), "USERFORMER__PATHS__WAREHOUSE_ROOT": str(warehouse / "warehouse"),
-           "USERFORMER__PATHS__RAW_ROOT": str(warehouse / "raw")}
+    env = {
+        "USERFORMER_HOME": str(home),
+        "USERFORMER__PATHS__WAREHOUSE_ROOT": str(warehouse / "warehouse"),
+        "USERFORMER__PATHS__RAW_ROOT": str(warehouse / "raw"),
+    }
     env.update({f"USERFORMER__{k}": v for k, v in {**TINY, **settings}.items()})
     return env
 
@@ -102,12 +113,16 @@ def test_train_registers_publishes_and_records_its_data(warehouse, trained, tmp_
     n_items_d3 = max(r["idx"] for r in vocab if r["kind"] == "item" and r["first_dt"] <= D3) + 1
     model, ck = R.load(cfg)
     assert ck["version"] == v1 and ck["data"] == s["data"] and ck["parent"] is None
-    assert ck["vocab_sizes"]["item"] == n_items_d3 < 401 and model.item_tower.embs["item_id"].num_embeddings == n_items_d3
+    assert (
+        ck["vocab_sizes"]["item"] == n_items_d3 < 401 and model.item_tower.embs["item_id"].num_embeddings == n_items_d3
+    )
     assert ck["protocol"]["split_time"] == "2026-11-03T00:00:00+00:00" and ck["model_config"]["d_model"] == 16
     assert {"hr@10", "recall@10", "ndcg@10", "coverage@10", "entropy@50"} <= set(ck["metrics"]["valid"])
     man = json.loads((R.version_dir(cfg, v1) / "manifest.json").read_text())
     assert man["data"] == s["data"] and man["metrics"]["valid_most_popular"]["users"] == s["valid_users"]
-    assert "state_dict" not in man and man["files"]["model.pt"]["sha256"] == R.sha256(R.version_dir(cfg, v1) / "model.pt")
+    assert "state_dict" not in man and man["files"]["model.pt"]["sha256"] == R.sha256(
+        R.version_dir(cfg, v1) / "model.pt"
+    )
     run = json.loads((cfg.models_root / "runs" / s["run_id"] / "run.json").read_text())
     assert run["status"] == "finished" and not (cfg.models_root / "runs" / s["run_id"] / "last.pt").exists()
 
@@ -117,7 +132,11 @@ def test_train_registers_publishes_and_records_its_data(warehouse, trained, tmp_
     assert R.load(cfg, s2["version"])[1]["vocab_sizes"]["item"] == 401
     s3 = J.train(cfg, day=D3, publish=True, max_users=100, progress=False, log=quiet)
     assert s3["published"] and R.published(cfg) | {"published_at": None} == {
-        "version": s3["version"], "published_at": None, "reason": "userformer train --publish", "previous": v1}
+        "version": s3["version"],
+        "published_at": None,
+        "reason": "userformer train --publish",
+        "previous": v1,
+    }
     assert s3["train_sequences"] < s["train_sequences"]
 
 
@@ -165,13 +184,19 @@ def test_finetune_grows_the_published_model_and_promotes_it(warehouse, trained, 
     assert 0 < r["gate_users"] <= r["holdout_users"] < r["active_users"] and r["train_sequences"] > 0
     man = R.read_manifest(cfg, r["version"])
     n_items = ST.warehouse_catalog(cfg, D4).catalog.sizes["item"]
-    assert man["parent"] == v1 and man["dt"] == str(D4) and man["grown"]["item"] == [before["item_tower.attrs"].shape[0], n_items]
+    assert (
+        man["parent"] == v1
+        and man["dt"] == str(D4)
+        and man["grown"]["item"] == [before["item_tower.attrs"].shape[0], n_items]
+    )
     assert man["gate"]["promote"] and set(man["metrics"]["gate"]) == {"candidate", "published", "most_popular"}
     stale = man["stale_embeddings"]
     assert {"recall@10", "ndcg@10"} <= set(stale["stale_user_embeddings"]) and "re-embedded" in stale["rule"]
     assert stale["fresh_user_embeddings"]["recall@10"] == man["metrics"]["gate"]["candidate"]["recall@10"]
     new, ck = R.load(cfg)
-    assert new.item_tower.embs["item_id"].num_embeddings == n_items and ck["protocol"]["trained_until"].startswith("2026-11-05")
+    assert new.item_tower.embs["item_id"].num_embeddings == n_items and ck["protocol"]["trained_until"].startswith(
+        "2026-11-05"
+    )
 
     # Growing keeps every old row exactly (the published model, grown to D4's vocabulary, before training).
     grown = R.fit_to_catalog(old, ST.warehouse_catalog(cfg, D4).catalog, "v1")
@@ -186,8 +211,13 @@ def test_finetune_grows_the_published_model_and_promotes_it(warehouse, trained, 
 
 def test_finetune_below_the_gate_is_registered_as_rejected(warehouse, trained, tmp_path):
     # Demand 11x the published model's quality: a candidate cannot pass.
-    cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="-10", FINETUNE__MIN_HOLDOUT_USERS="1",
-                 FINETUNE__GATE_METRICS='["hr@10", "ndcg@10", "recall@10"]')
+    cfg = config(
+        warehouse,
+        tmp_path,
+        FINETUNE__MAX_QUALITY_DROP="-10",
+        FINETUNE__MIN_HOLDOUT_USERS="1",
+        FINETUNE__GATE_METRICS='["hr@10", "ndcg@10", "recall@10"]',
+    )
     v1 = with_registry(cfg, trained)
     r = J.finetune(cfg, D4, progress=False, log=quiet)
     checks = r["gate"]["checks"]

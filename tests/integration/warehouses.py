@@ -15,10 +15,19 @@ import pyarrow as pa
 
 from userformer.jobs.core.storage import delta
 
-EXACT = {"events": ("event_id",), "events_rejected": None, "vocab": ("kind", "key"), "items": ("item_id",),
-         "user_sequences": ("user_id",)}
-FLOATS = {"user_embeddings": ("user_id",), "user_preference_scores": ("user_id", "task"),
-          "item_embeddings": ("item_idx",), "user_candidates": ("user_id",)}
+EXACT = {
+    "events": ("event_id",),
+    "events_rejected": None,
+    "vocab": ("kind", "key"),
+    "items": ("item_id",),
+    "user_sequences": ("user_id",),
+}
+FLOATS = {
+    "user_embeddings": ("user_id",),
+    "user_preference_scores": ("user_id", "task"),
+    "item_embeddings": ("item_idx",),
+    "user_candidates": ("user_id",),
+}
 RUN_SPECIFIC = {"updated_at", "index_version", "source_file"}
 
 
@@ -33,8 +42,11 @@ def table_rows(cfg, table: str, keys, *, renumbered: bool = False, users=None) -
     t = pa.table({c: (t[c].cast(pa.string()) if pa.types.is_string_view(t[c].type) else t[c]) for c in t.column_names})
     out = {}
     for r in t.to_pylist():
-        r = {c: (model_id(v) if renumbered and c == "model_version" else v) for c, v in r.items()
-             if c not in RUN_SPECIFIC}
+        r = {
+            c: (model_id(v) if renumbered and c == "model_version" else v)
+            for c, v in r.items()
+            if c not in RUN_SPECIFIC
+        }
         if users is not None and r.get("user_id") not in users:
             continue
         k = tuple(r[c] for c in keys) if keys else tuple(str(r[c]) for c in sorted(r))

@@ -1,4 +1,5 @@
-"""The data-quality gates (jobs/steps/check.py, jobs/steps/quality/suites.py) on small Delta tables written directly, no Spark."""
+"""The data-quality gates (jobs/steps/check.py, jobs/steps/quality/suites.py) on small Delta tables written directly,
+no Spark."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from userformer.jobs.steps import check as C
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import check as C
 from userformer.schemas import tables as S
 
 D = dt.date(2024, 3, 10)
@@ -36,11 +37,22 @@ def event(day: dt.date, i: int, **over) -> dict:
     et = TYPES[i % len(TYPES)]
     item = et != "search"
     row = {
-        "dt": day, "event_id": f"{day}-{i}", "user_id": f"u{i % 7}", "ts": start(day) + dt.timedelta(seconds=60 * i),
-        "event_type": et, "event_type_idx": TYPES.index(et) + 1,
-        "item_id": f"i{i % 13}" if item else None, "item_idx": i % 13 + 1 if item else 0,
-        "category_l1_idx": 1 if item else 0, "category_l2_idx": 2 if item else 0, "category_l3_idx": 3 if item else 0,
-        "brand_idx": 1 if item else 0, "surface": "home", "surface_idx": 1, "duration_s": 1.5, "value": None,
+        "dt": day,
+        "event_id": f"{day}-{i}",
+        "user_id": f"u{i % 7}",
+        "ts": start(day) + dt.timedelta(seconds=60 * i),
+        "event_type": et,
+        "event_type_idx": TYPES.index(et) + 1,
+        "item_id": f"i{i % 13}" if item else None,
+        "item_idx": i % 13 + 1 if item else 0,
+        "category_l1_idx": 1 if item else 0,
+        "category_l2_idx": 2 if item else 0,
+        "category_l3_idx": 3 if item else 0,
+        "brand_idx": 1 if item else 0,
+        "surface": "home",
+        "surface_idx": 1,
+        "duration_s": 1.5,
+        "value": None,
         "query": "shoes" if not item else None,
     }
     return {**row, **over}
@@ -51,11 +63,27 @@ def write_events(cfg, rows: list[dict], schema: pa.Schema = S.EVENTS) -> None:
 
 
 def write_rejected(cfg, day: dt.date, reasons: dict[str, int]) -> None:
-    rows = [{"dt": day, "reason": r, "detail": r, "source_file": "f.parquet", "event_id": f"x{r}{k}", "user_id": "u1",
-             "ts_raw": "2024-03-10T00:00:00Z", "event_type": "view", "item_id": "i1"}
-            for r, n in reasons.items() for k in range(n)]
-    delta.write_arrow(cfg.table_path("events_rejected"), pa.Table.from_pylist(rows, schema=S.EVENTS_REJECTED),
-                      S.EVENTS_REJECTED, partition_by=["dt"])
+    rows = [
+        {
+            "dt": day,
+            "reason": r,
+            "detail": r,
+            "source_file": "f.parquet",
+            "event_id": f"x{r}{k}",
+            "user_id": "u1",
+            "ts_raw": "2024-03-10T00:00:00Z",
+            "event_type": "view",
+            "item_id": "i1",
+        }
+        for r, n in reasons.items()
+        for k in range(n)
+    ]
+    delta.write_arrow(
+        cfg.table_path("events_rejected"),
+        pa.Table.from_pylist(rows, schema=S.EVENTS_REJECTED),
+        S.EVENTS_REJECTED,
+        partition_by=["dt"],
+    )
 
 
 def history(cfg, days: int = 7, rows: int = 100, schema: pa.Schema = S.EVENTS) -> None:
@@ -71,7 +99,9 @@ def day(n: int = 100, **changes) -> list[dict]:
 
 def failed(res: C.CheckResult, expectation: str, column: str) -> C.ExpectationResult:
     hits = [r for r in res.failed if r.expectation == expectation and r.column == column]
-    assert hits, f"expected {expectation} on {column} to fail; failed: {[(r.expectation, r.column) for r in res.failed]}"
+    assert hits, (
+        f"expected {expectation} on {column} to fail; failed: {[(r.expectation, r.column) for r in res.failed]}"
+    )
     return hits[0]
 
 
@@ -252,9 +282,13 @@ def test_an_ingested_empty_drop_is_judged_by_the_day_level_checks(cfg, monkeypat
 
     write_events(cfg, [event(D - dt.timedelta(days=k), i) for k in range(1, 8) for i in range(100)])
     write_rejected(cfg, D, {})
-    write_deltalake(str(cfg.table_path("events")), S.EVENTS.empty_table(), mode="overwrite",
-                    predicate=f"dt = '{D}'", commit_properties=CommitProperties(
-                        custom_metadata={"step": "ingest", "dt": str(D)}))
+    write_deltalake(
+        str(cfg.table_path("events")),
+        S.EVENTS.empty_table(),
+        mode="overwrite",
+        predicate=f"dt = '{D}'",
+        commit_properties=CommitProperties(custom_metadata={"step": "ingest", "dt": str(D)}),
+    )
     res = C.check(cfg, "events", D)
     assert res.error is None and res.facts["rows"] == 0
     r = failed(res, "expect_column_values_to_be_between", "row_count")
@@ -269,22 +303,39 @@ def test_an_ingested_empty_drop_is_judged_by_the_day_level_checks(cfg, monkeypat
 def seq(user: str, n: int, updated: dt.date = D, **over) -> dict:
     ts = [start(updated) - dt.timedelta(hours=n - k) for k in range(n)]
     row = {
-        "user_id": user, "item_idx": list(range(1, n + 1)), "event_type_idx": [1] * n, "ts": ts,
-        "category_l1_idx": [1] * n, "category_l2_idx": [2] * n, "category_l3_idx": [3] * n, "brand_idx": [1] * n,
-        "surface_idx": [1] * n, "duration_s": [None] * n, "seq_len": n, "lifetime_events": n + 3,
-        "lifetime_counts": [("view", n + 3)], "first_event_ts": ts[0] - dt.timedelta(days=3), "last_event_ts": ts[-1],
+        "user_id": user,
+        "item_idx": list(range(1, n + 1)),
+        "event_type_idx": [1] * n,
+        "ts": ts,
+        "category_l1_idx": [1] * n,
+        "category_l2_idx": [2] * n,
+        "category_l3_idx": [3] * n,
+        "brand_idx": [1] * n,
+        "surface_idx": [1] * n,
+        "duration_s": [None] * n,
+        "seq_len": n,
+        "lifetime_events": n + 3,
+        "lifetime_counts": [("view", n + 3)],
+        "first_event_ts": ts[0] - dt.timedelta(days=3),
+        "last_event_ts": ts[-1],
         "updated_dt": updated,
     }
     return {**row, **over}
 
 
 def write_sequences(cfg, rows: list[dict]) -> None:
-    delta.write_arrow(cfg.table_path("user_sequences"), pa.Table.from_pylist(rows, schema=S.USER_SEQUENCES),
-                      S.USER_SEQUENCES, mode="overwrite")
+    delta.write_arrow(
+        cfg.table_path("user_sequences"),
+        pa.Table.from_pylist(rows, schema=S.USER_SEQUENCES),
+        S.USER_SEQUENCES,
+        mode="overwrite",
+    )
 
 
 def good_users() -> list[dict]:
-    return [seq(f"u{i}", 1 + i % 5) for i in range(20)] + [seq(f"old{i}", 3, D - dt.timedelta(days=1)) for i in range(5)]
+    return [seq(f"u{i}", 1 + i % 5) for i in range(20)] + [
+        seq(f"old{i}", 3, D - dt.timedelta(days=1)) for i in range(5)
+    ]
 
 
 def test_sequences_good_day_passes(cfg):
@@ -318,10 +369,14 @@ def test_sequences_unsorted_ts(cfg):
 
 
 def test_sequences_last_event_ts_and_lifetime(cfg):
-    write_sequences(cfg, good_users() + [
-        seq("u_last", 3, last_event_ts=start(D)),
-        seq("u_life", 3, lifetime_events=2),
-    ])
+    write_sequences(
+        cfg,
+        good_users()
+        + [
+            seq("u_last", 3, last_event_ts=start(D)),
+            seq("u_life", 3, lifetime_events=2),
+        ],
+    )
     res = C.check(cfg, "user_sequences", D)
     assert failed(res, "expect_column_values_to_be_in_set", "last_event_ts_is_last_ts").examples == ["u_last"]
     r = failed(res, "expect_column_pair_values_a_to_be_greater_than_b", "lifetime_events, seq_len")
@@ -396,8 +451,13 @@ def test_parser_rejects_unknown_table_and_bad_date(capsys):
 def test_cli_executable_exits_nonzero_on_failure(cfg, home):
     history(cfg)
     write_events(cfg, day(r0={"event_type": "teleport"}))
-    proc = subprocess.run([str(EXE), "check", "events", "--dt", str(D)], capture_output=True, text=True,
-                          env={**os.environ, "USERFORMER_HOME": str(home)}, timeout=300)
+    proc = subprocess.run(
+        [str(EXE), "check", "events", "--dt", str(D)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "USERFORMER_HOME": str(home)},
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "expect_column_values_to_be_in_set on event_type" in proc.stdout
     assert (cfg.reports_root / "checks" / "events" / f"dt={D}.html").is_file()
@@ -409,10 +469,20 @@ def test_expectation_ge_cannot_evaluate_fails_with_its_error():
 
     from userformer.jobs.steps.quality.suites import Batch, Plan
 
-    plan = Plan("t", D, [Batch("rows", pd.DataFrame({"a": [1, 2]}), [
-        E.ExpectColumnValuesToNotBeNull(column="a"),
-        E.ExpectColumnValuesToNotBeNull(column="nope"),
-    ])])
+    plan = Plan(
+        "t",
+        D,
+        [
+            Batch(
+                "rows",
+                pd.DataFrame({"a": [1, 2]}),
+                [
+                    E.ExpectColumnValuesToNotBeNull(column="a"),
+                    E.ExpectColumnValuesToNotBeNull(column="nope"),
+                ],
+            )
+        ],
+    )
     ok, broken = C.evaluate(plan, 5)
     assert ok.success and (ok.unexpected_count, ok.element_count) == (0, 2)
     assert not broken.success and "nope" in broken.note

@@ -28,8 +28,20 @@ def run(*args, home=None):
 
 def test_every_subcommand_has_help():
     names = commands()
-    assert {"generate", "load", "ingest", "sequences", "check", "demo", "run-day", "tables", "schema",
-            "train", "finetune", "evaluate"} <= set(names)
+    assert {
+        "generate",
+        "load",
+        "ingest",
+        "sequences",
+        "check",
+        "demo",
+        "run-day",
+        "tables",
+        "schema",
+        "train",
+        "finetune",
+        "evaluate",
+    } <= set(names)
     top = run("--help")
     assert top.returncode == 0 and all(n in top.stdout for n in names)
     for name in names:
@@ -38,10 +50,13 @@ def test_every_subcommand_has_help():
         assert r.stdout.startswith("usage: userformer " + name), name
 
 
-@pytest.mark.parametrize("args, message", [
-    (["ingest", "--dt", "2026-13-01"], "not a date"),
-    (["ingest"], "the following arguments are required: --dt"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ingest", "--dt", "2026-13-01"], "not a date"),
+        (["ingest"], "the following arguments are required: --dt"),
+    ],
+)
 def test_argument_errors(args, message, home):
     r = run(*args, home=home)
     assert r.returncode == 2 and message in r.stderr
@@ -56,8 +71,13 @@ def test_missing_raw_partition_is_a_clear_error(home):
 
 def test_bad_config_is_a_clear_error(home):
     env_home = home
-    r = subprocess.run([EXE, "tables"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "USERFORMER_HOME": str(env_home), "USERFORMER__SEQUENCES__MAX_LEN": "-1"})
+    r = subprocess.run(
+        [EXE, "tables"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "USERFORMER_HOME": str(env_home), "USERFORMER__SEQUENCES__MAX_LEN": "-1"},
+    )
     assert r.returncode == 2 and "sequences.max_len=-1: must be >= 1" in r.stderr
 
 

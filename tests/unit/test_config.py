@@ -27,8 +27,13 @@ def test_example_file_lists_every_setting_with_its_default():
 
 def test_home_moves_every_path(tmp_path):
     cfg = load_config(env={"USERFORMER_HOME": str(tmp_path)})
-    for sub, p in [("raw", cfg.raw_root), ("warehouse", cfg.warehouse_root), ("models", cfg.models_root),
-                   ("index", cfg.index_root), ("reports", cfg.reports_root)]:
+    for sub, p in [
+        ("raw", cfg.raw_root),
+        ("warehouse", cfg.warehouse_root),
+        ("models", cfg.models_root),
+        ("index", cfg.index_root),
+        ("reports", cfg.reports_root),
+    ]:
         assert p == tmp_path / sub
     assert cfg.table_path("events") == tmp_path / "warehouse" / "events"
 
@@ -36,8 +41,11 @@ def test_home_moves_every_path(tmp_path):
 def test_file_then_environment_override(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[spark]\nmaster = "local[1]"\n[sequences]\nmax_len = 50\n[paths]\nraw_root = "/data/raw"\n')
-    env = {"USERFORMER_HOME": str(tmp_path), "USERFORMER__SEQUENCES__MAX_LEN": "64",
-           "USERFORMER__INGEST__NON_ITEM_EVENT_TYPES": '["search"]'}
+    env = {
+        "USERFORMER_HOME": str(tmp_path),
+        "USERFORMER__SEQUENCES__MAX_LEN": "64",
+        "USERFORMER__INGEST__NON_ITEM_EVENT_TYPES": '["search"]',
+    }
     cfg = load_config(f, env=env)
     assert cfg.spark.master == "local[1]" and cfg.sequences.max_len == 64
     assert cfg.ingest.non_item_event_types == ["search"]

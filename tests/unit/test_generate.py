@@ -13,9 +13,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from userformer.jobs.tools import generate as G
-from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.tools import generate as G
 from userformer.schemas.tables import RAW_EVENTS, RAW_ITEMS
 
 START = dt.date(2026, 3, 1)
@@ -40,13 +40,15 @@ def _read_events(root: Path) -> pd.DataFrame:
 
 def _defects(df: pd.DataFrame, cfg) -> pd.DataFrame:
     """One boolean column per malformed kind, as ingest would judge the row."""
-    return pd.DataFrame({
-        "null_user": df["user_id"].isna(),
-        "unknown_type": ~df["event_type"].isin(cfg.ingest.event_types),
-        "future_ts": df["ts"] > df["dt"] + pd.Timedelta(days=1, seconds=cfg.ingest.future_tolerance_s),
-        "missing_item": df["event_type"].isin(cfg.ingest.item_event_types) & df["item_id"].isna(),
-        "negative_duration": df["duration_s"] < 0,
-    })
+    return pd.DataFrame(
+        {
+            "null_user": df["user_id"].isna(),
+            "unknown_type": ~df["event_type"].isin(cfg.ingest.event_types),
+            "future_ts": df["ts"] > df["dt"] + pd.Timedelta(days=1, seconds=cfg.ingest.future_tolerance_s),
+            "missing_item": df["event_type"].isin(cfg.ingest.item_event_types) & df["item_id"].isna(),
+            "negative_duration": df["duration_s"] < 0,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +200,10 @@ def test_popularity_is_skewed(tmp_path):
 
 def test_catalogue_grows_and_changes(world):
     cfg, summary, _, _, good = world
-    snaps = {i: pq.read_table(cfg.raw_items_dir(START + dt.timedelta(days=i)) / "items.parquet").to_pandas()
-             for i in range(DAYS)}
+    snaps = {
+        i: pq.read_table(cfg.raw_items_dir(START + dt.timedelta(days=i)) / "items.parquet").to_pandas()
+        for i in range(DAYS)
+    }
     assert len(snaps[0]) == 500 - summary["items_launched_later"]
     seen = set(snaps[0]["item_id"])
     launched = {}
@@ -225,12 +229,20 @@ def test_catalogue_grows_and_changes(world):
     assert (cat["price"] > 0).all()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(users=0), "--users"), (dict(items=-1), "--items"), (dict(days=0), "--days"), (dict(seed=-1), "--seed"),
-    (dict(late_rate=1.5), "--late-rate"), (dict(duplicate_rate=-0.1), "--duplicate-rate"),
-    (dict(malformed_rate=2.0), "--malformed-rate"), (dict(active_frac=0.0), "--active-frac"),
-    (dict(events_per_active_user=0.0), "--events-per-user"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(users=0), "--users"),
+        (dict(items=-1), "--items"),
+        (dict(days=0), "--days"),
+        (dict(seed=-1), "--seed"),
+        (dict(late_rate=1.5), "--late-rate"),
+        (dict(duplicate_rate=-0.1), "--duplicate-rate"),
+        (dict(malformed_rate=2.0), "--malformed-rate"),
+        (dict(active_frac=0.0), "--active-frac"),
+        (dict(events_per_active_user=0.0), "--events-per-user"),
+    ],
+)
 def test_rejects_bad_arguments(cfg, bad, message):
     args = dict(users=10, items=10, days=1, start=START, seed=1) | bad
     with pytest.raises(UserError, match=message):
@@ -247,13 +259,30 @@ def test_unknown_config_types_are_refused(cfg):
 def test_register_and_run_in_process(cfg, capsys):
     parser = argparse.ArgumentParser(prog="userformer")
     G.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["generate", "--users", "40", "--items", "30", "--days", "2",
-                              "--start", "2026-03-01", "--seed", "2", "--late-rate", "0.1"])
+    args = parser.parse_args(
+        [
+            "generate",
+            "--users",
+            "40",
+            "--items",
+            "30",
+            "--days",
+            "2",
+            "--start",
+            "2026-03-01",
+            "--seed",
+            "2",
+            "--late-rate",
+            "0.1",
+        ]
+    )
     assert args.func(args, cfg) == 0
     assert "wrote" in capsys.readouterr().out
     assert (cfg.raw_events_dir(dt.date(2026, 3, 2)) / "part-00000.parquet").is_file()
     with pytest.raises(SystemExit):
-        parser.parse_args(["generate", "--users", "4", "--items", "3", "--days", "2", "--start", "March", "--seed", "1"])
+        parser.parse_args(
+            ["generate", "--users", "4", "--items", "3", "--days", "2", "--start", "March", "--seed", "1"]
+        )
 
 
 def _cli(*argv, home: Path):
@@ -265,19 +294,58 @@ def _cli(*argv, home: Path):
 def test_cli_help(tmp_path):
     r = _cli("generate", "--help", home=tmp_path)
     assert r.returncode == 0, r.stderr
-    for opt in ("--users", "--items", "--days", "--start", "--seed", "--out", "--malformed-rate",
-                "--late-rate", "--duplicate-rate", "--active-frac", "--events-per-user"):
+    for opt in (
+        "--users",
+        "--items",
+        "--days",
+        "--start",
+        "--seed",
+        "--out",
+        "--malformed-rate",
+        "--late-rate",
+        "--duplicate-rate",
+        "--active-frac",
+        "--events-per-user",
+    ):
         assert opt in r.stdout
 
 
 def test_cli_generate(tmp_path):
     out = tmp_path / "drops"
-    r = _cli("generate", "--users", "60", "--items", "50", "--days", "2", "--start", "2026-03-01",
-             "--seed", "4", "--out", str(out), home=tmp_path / "home")
+    r = _cli(
+        "generate",
+        "--users",
+        "60",
+        "--items",
+        "50",
+        "--days",
+        "2",
+        "--start",
+        "2026-03-01",
+        "--seed",
+        "4",
+        "--out",
+        str(out),
+        home=tmp_path / "home",
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
     assert pq.read_table(out / "events" / "dt=2026-03-02" / "part-00000.parquet").schema.equals(RAW_EVENTS)
     assert not (tmp_path / "home").exists()  # --out, not the config's raw_root
-    r = _cli("generate", "--users", "6", "--items", "5", "--days", "2", "--start", "2026-03-01",
-             "--seed", "4", "--late-rate", "2", home=tmp_path / "home")
+    r = _cli(
+        "generate",
+        "--users",
+        "6",
+        "--items",
+        "5",
+        "--days",
+        "2",
+        "--start",
+        "2026-03-01",
+        "--seed",
+        "4",
+        "--late-rate",
+        "2",
+        home=tmp_path / "home",
+    )
     assert r.returncode == 2 and "--late-rate" in r.stderr and "Traceback" not in r.stderr

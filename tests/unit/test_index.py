@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import index as ix
 from userformer.jobs.tools import serve
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.config import load_config
-from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 EXE = str(Path(sys.executable).parent / "userformer")
@@ -71,31 +71,41 @@ def vec_col(x: np.ndarray) -> pa.Array:
 
 def write_items(cfg, n: int, *, mv: str = MV, as_of=D1, seed: int = 1, versions: list[str] | None = None) -> np.ndarray:
     x = clustered(n, seed)
-    t = pa.table({
-        "item_id": [f"i{j}" for j in range(n)],
-        "item_idx": pa.array(np.arange(1, n + 1), pa.int64()),  # item_idx = j + 1
-        "embedding": vec_col(x),
-        "has_metadata": [True] * n,
-        "model_version": versions or [mv] * n,
-        "as_of": pa.array([as_of] * n, pa.date32()),
-    })
+    t = pa.table(
+        {
+            "item_id": [f"i{j}" for j in range(n)],
+            "item_idx": pa.array(np.arange(1, n + 1), pa.int64()),  # item_idx = j + 1
+            "embedding": vec_col(x),
+            "has_metadata": [True] * n,
+            "model_version": versions or [mv] * n,
+            "as_of": pa.array([as_of] * n, pa.date32()),
+        }
+    )
     delta.write_arrow(cfg.table_path("item_embeddings"), t, S.ITEM_EMBEDDINGS, mode="overwrite")
     return x
 
 
 def user_rows(users: list[str], x: np.ndarray, as_of, mv: str = MV) -> pa.Table:
     n = len(users)
-    return pa.table({
-        "user_id": users, "embedding": vec_col(x), "model_version": [mv] * n,
-        "as_of": pa.array([as_of] * n, pa.date32()),
-        "updated_at": pa.array([dt.datetime(2026, 1, 8, tzinfo=dt.UTC)] * n, S.TS),
-    })
+    return pa.table(
+        {
+            "user_id": users,
+            "embedding": vec_col(x),
+            "model_version": [mv] * n,
+            "as_of": pa.array([as_of] * n, pa.date32()),
+            "updated_at": pa.array([dt.datetime(2026, 1, 8, tzinfo=dt.UTC)] * n, S.TS),
+        }
+    )
 
 
 def write_users(cfg, n: int, as_of=D1, seed: int = 2, mv: str = MV) -> np.ndarray:
     x = clustered(n, seed)
-    delta.write_arrow(cfg.table_path("user_embeddings"), user_rows([f"u{j}" for j in range(n)], x, as_of, mv),
-                      S.USER_EMBEDDINGS, mode="overwrite")
+    delta.write_arrow(
+        cfg.table_path("user_embeddings"),
+        user_rows([f"u{j}" for j in range(n)], x, as_of, mv),
+        S.USER_EMBEDDINGS,
+        mode="overwrite",
+    )
     return x
 
 
@@ -103,9 +113,18 @@ def refresh_users(cfg, users: list[str], as_of, seed: int) -> np.ndarray:
     """New embeddings for `users` as of `as_of` (what publish's MERGE leaves behind), one commit."""
     x = clustered(len(users), seed)
     path = cfg.table_path("user_embeddings")
-    (delta.open_table(path).merge(user_rows(users, x, as_of).cast(S.USER_EMBEDDINGS), "t.user_id = s.user_id",
-                                  source_alias="s", target_alias="t")
-     .when_matched_update_all().when_not_matched_insert_all().execute())
+    (
+        delta.open_table(path)
+        .merge(
+            user_rows(users, x, as_of).cast(S.USER_EMBEDDINGS),
+            "t.user_id = s.user_id",
+            source_alias="s",
+            target_alias="t",
+        )
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute()
+    )
     return x
 
 
@@ -144,9 +163,14 @@ def test_kind_follows_catalogue_size(icfg):
     assert p["nlist"] == 1000 and p["nprobe"] == 32 and p["train_size"] == 200_000
 
 
-@pytest.mark.parametrize("n, kind, cls", [(600, "flat", "IndexIDMap2(IndexFlatIP)"),
-                                          (2000, "hnsw", "IndexIDMap2(IndexHNSWFlat)"),
-                                          (4000, "ivf", "IndexIVFFlat")])
+@pytest.mark.parametrize(
+    "n, kind, cls",
+    [
+        (600, "flat", "IndexIDMap2(IndexFlatIP)"),
+        (2000, "hnsw", "IndexIDMap2(IndexHNSWFlat)"),
+        (4000, "ivf", "IndexIVFFlat"),
+    ],
+)
 def test_build_by_size_measures_recall_and_switches(icfg, n, kind, cls):
     items = write_items(icfg, n)
     users = write_users(icfg, 300)
@@ -203,8 +227,11 @@ def test_rerun_is_a_noop_unless_forced_or_inputs_change(icfg):
 
 def test_refuses_mixed_model_versions_and_unpublished_version(icfg):
     write_items(icfg, 10, versions=[MV] * 6 + ["v0002-20260106-finetune"] * 4)
-    with pytest.raises(UserError, match=r"mixes model versions: v0001-20260105-train \(6 rows\), "
-                                        r"v0002-20260106-finetune \(4 rows\)"):
+    with pytest.raises(
+        UserError,
+        match=r"mixes model versions: v0001-20260105-train \(6 rows\), "
+        r"v0002-20260106-finetune \(4 rows\)",
+    ):
         ix.build_index(icfg, D1)
     write_items(icfg, 10)
     icfg.models_root.mkdir(parents=True)
@@ -315,9 +342,18 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     path = icfg.table_path("user_embeddings")
     delta.ensure_table(path, S.USER_EMBEDDINGS)
     src = user_rows([f"u{j}" for j in range(30)], x, D1).cast(S.USER_EMBEDDINGS)
-    (delta.open_table(path).merge(pa.RecordBatchReader.from_batches(S.USER_EMBEDDINGS, src.to_batches()),
-                                  "t.user_id = s.user_id", source_alias="s", target_alias="t")
-     .when_matched_update_all().when_not_matched_insert_all().execute())
+    (
+        delta.open_table(path)
+        .merge(
+            pa.RecordBatchReader.from_batches(S.USER_EMBEDDINGS, src.to_batches()),
+            "t.user_id = s.user_id",
+            source_alias="s",
+            target_alias="t",
+        )
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute()
+    )
     files = delta.open_table(path).file_uris()
     assert {str(pq.read_schema(f).field("user_id").type) for f in files} == {"string_view"}
     with pytest.raises(pa.ArrowNotImplementedError):  # the delta-rs behaviour worked around here
@@ -329,7 +365,9 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     ix.candidates(icfg, D1)
     r = serve.Recommender(icfg)
     assert [h.item_idx for h in r.recommend("u3", k=3)] == exact(items, x[3:4], 3)[0].tolist()
-    assert [h.item_idx for h in r.recommend("u3", k=3, exclude_purchased=True)] == exact(items, x[3:4], 4)[0, 1:].tolist()
+    assert [h.item_idx for h in r.recommend("u3", k=3, exclude_purchased=True)] == exact(items, x[3:4], 4)[
+        0, 1:
+    ].tolist()
     assert r.embeddings(["u4", "u3"])["user_id"].to_pylist() == ["u4", "u3"]
     cand = delta.open_table(icfg.table_path("user_candidates"))
     assert {str(pq.read_schema(f).field("user_id").type) for f in cand.file_uris()} == {"string"}
@@ -342,8 +380,9 @@ def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
     ix.build_index(icfg, D1)
     ix.candidates(icfg, D1)
     ue = delta.read_arrow(icfg.table_path("user_embeddings"))
-    delta.write_arrow(icfg.table_path("user_embeddings"), ue.filter(pc.field("user_id") != "u49"),
-                      S.USER_EMBEDDINGS, mode="overwrite")
+    delta.write_arrow(
+        icfg.table_path("user_embeddings"), ue.filter(pc.field("user_id") != "u49"), S.USER_EMBEDDINGS, mode="overwrite"
+    )
     refresh_users(icfg, ["u1", "u2"], D2, seed=3)
     out = ix.candidates(icfg, D2)
     assert (out["written"], out["kept"], out["dropped"]) == (2, 47, 1)
@@ -389,9 +428,15 @@ def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
 
     def racing(target, data, **kw):  # the other writer commits after candidates read the table
         other = delta.read_arrow(path).filter(pc.field("user_id") == "u39").cast(S.USER_CANDIDATES)
-        delta.write_arrow(path, other.set_column(other.schema.get_field_index("index_version"), "index_version",
-                                                 pa.array(["other"], pa.string())),
-                          S.USER_CANDIDATES, mode="overwrite", predicate="user_id = 'u39'")
+        delta.write_arrow(
+            path,
+            other.set_column(
+                other.schema.get_field_index("index_version"), "index_version", pa.array(["other"], pa.string())
+            ),
+            S.USER_CANDIDATES,
+            mode="overwrite",
+            predicate="user_id = 'u39'",
+        )
         return real(target, data, **kw)
 
     refresh_users(icfg, ["u1", "u2"], D2, seed=3)
@@ -431,8 +476,9 @@ def test_exclude_purchased(icfg):
     assert t.filter(pc.field("user_id") == "u0").to_pylist()[0]["item_idx"] == exact(items, users[0:1], 20)[0].tolist()
     r = serve.Recommender(icfg)
     assert [h.item_idx for h in r.recommend("u1", k=5)] == top[:5].tolist()
-    assert [h.item_idx for h in r.recommend("u1", k=5, exclude_purchased=True)] == \
-        [int(i) for i in top if i not in bought][:5]
+    assert [h.item_idx for h in r.recommend("u1", k=5, exclude_purchased=True)] == [
+        int(i) for i in top if i not in bought
+    ][:5]
     assert r.purchased("u1") == set(bought)
 
 
@@ -459,7 +505,12 @@ def test_recommender_api(icfg):
         r.similar_items("nope")
     assert e.value.code == 3
     t = r.embeddings(["u2", "u0", "u2"])
-    assert t["user_id"].to_pylist() == ["u2", "u0"] and t.column_names == ["user_id", "embedding", "model_version", "as_of"]
+    assert t["user_id"].to_pylist() == ["u2", "u0"] and t.column_names == [
+        "user_id",
+        "embedding",
+        "model_version",
+        "as_of",
+    ]
     assert np.allclose(ix.vectors_of(t["embedding"]), users[[2, 0]])
     with pytest.raises(UserError, match="2 users have no published embedding") as e:
         r.embeddings(["u1", "x", "y"])
@@ -471,9 +522,13 @@ def test_recommender_api(icfg):
     assert lines[0] == "user_id,embedding,model_version,as_of" and lines[1].startswith('u2,"[')
     # A user embedded by another model than the index: refused, not silently mixed.
     refresh_users(icfg, ["u5"], D2, seed=3)
-    delta.write_arrow(icfg.table_path("user_embeddings"),
-                      user_rows(["u9"], clustered(1, 4), D2, mv="v0002-20260106-finetune"), S.USER_EMBEDDINGS,
-                      mode="overwrite", predicate="user_id = 'u9'")
+    delta.write_arrow(
+        icfg.table_path("user_embeddings"),
+        user_rows(["u9"], clustered(1, 4), D2, mv="v0002-20260106-finetune"),
+        S.USER_EMBEDDINGS,
+        mode="overwrite",
+        predicate="user_id = 'u9'",
+    )
     with pytest.raises(UserError, match="u9's embedding is of model v0002-20260106-finetune") as e:
         serve.Recommender(icfg).recommend("u9")
     assert e.value.code == 2
@@ -535,9 +590,18 @@ def test_cli(icfg, home, tmp_path):
     assert r.returncode == 0 and b"10 users x top 20 from index i0001-20260106" in r.stdout, r.stderr.decode()
 
     # A stricter recall threshold that IVF with one probed list cannot meet: exit 1, CURRENT unchanged.
-    r = cli("index", "--dt", str(D2), "--force", home=home, env={
-        "USERFORMER__INDEX__KIND": "ivf", "USERFORMER__INDEX__IVF_NPROBE": "1",
-        "USERFORMER__INDEX__MIN_RECALL_AT_10": "0.999"})
+    r = cli(
+        "index",
+        "--dt",
+        str(D2),
+        "--force",
+        home=home,
+        env={
+            "USERFORMER__INDEX__KIND": "ivf",
+            "USERFORMER__INDEX__IVF_NPROBE": "1",
+            "USERFORMER__INDEX__MIN_RECALL_AT_10": "0.999",
+        },
+    )
     out = r.stdout.decode()
     assert r.returncode == 1, (out, r.stderr.decode())
     assert "FAIL expect_index_recall_at_10_to_be_at_least" in out and "CURRENT unchanged: i0001-20260106" in out

@@ -7,11 +7,11 @@ import datetime as dt
 import numpy as np
 import pyarrow as pa
 import torch
-from userformer.jobs.steps import infer as I
-from userformer.models.data import pad_batch
-from userformer.jobs.steps.quality.outputs import score_stats, vector_stats
 
 from tests.unit.test_model import model_of, tiny_cfg, tiny_data
+from userformer.jobs.steps import infer as I
+from userformer.jobs.steps.quality.outputs import score_stats, vector_stats
+from userformer.models.data import pad_batch
 
 torch.set_num_threads(1)
 
@@ -41,8 +41,10 @@ def test_shards_are_a_stable_hash_of_the_id():
     assert s.tolist() == I.shard_of(ids, 4).tolist() and set(s) == {0, 1, 2, 3}
     assert all(200 < (s == k).sum() < 300 for k in range(4))
     # blake2b-64 of the UTF-8 bytes, big-endian, modulo n: the same number on any machine or process.
-    assert I.shard_of(["user-42"], 1_000_003)[0] == int.from_bytes(
-        __import__("hashlib").blake2b(b"user-42", digest_size=8).digest(), "big") % 1_000_003
+    assert (
+        I.shard_of(["user-42"], 1_000_003)[0]
+        == int.from_bytes(__import__("hashlib").blake2b(b"user-42", digest_size=8).digest(), "big") % 1_000_003
+    )
     assert I.shard_of([], 3).tolist() == []
 
 
@@ -52,8 +54,15 @@ def test_user_tables_follow_the_published_schemas():
     emb = np.eye(2, 4, dtype=np.float32)
     prefs = {"brand": (np.array([[2, 1], [1, 3]]), np.array([[0.6, 0.3], [0.5, 0.2]], np.float32))}
     keys = {"brand": np.array([None, "acme", "bolt"], object)}
-    ue, ps = I.user_tables(np.array(["a", "b"], object), emb, prefs, keys, "v0001-20261101-train",
-                           dt.date(2026, 11, 1), dt.datetime(2026, 11, 2, tzinfo=dt.UTC))
+    ue, ps = I.user_tables(
+        np.array(["a", "b"], object),
+        emb,
+        prefs,
+        keys,
+        "v0001-20261101-train",
+        dt.date(2026, 11, 1),
+        dt.datetime(2026, 11, 2, tzinfo=dt.UTC),
+    )
     assert ue.schema == S.USER_EMBEDDINGS and ps.schema == S.USER_PREFERENCE_SCORES
     assert ue["embedding"].to_pylist()[1] == [0.0, 1.0, 0.0, 0.0]
     assert ps.to_pylist()[1]["labels"] == ["acme", None] and ps.to_pylist()[0]["label_idx"] == [2, 1]

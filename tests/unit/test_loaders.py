@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from userformer.jobs.tools import loaders as L
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.tools import loaders as L
 from userformer.schemas import tables as S
 
 UTC = dt.UTC
@@ -117,8 +117,11 @@ def test_taobao_survives_broken_rows(tmp_path):
     )
     events, items, stats = L.LOADERS["taobao"](p)
     assert len(events) == 4
-    assert stats["skipped"] == {"malformed CSV row": 1, "user_id missing or unparseable": 1,
-                                "ts missing or unparseable": 1}
+    assert stats["skipped"] == {
+        "malformed CSV row": 1,
+        "user_id missing or unparseable": 1,
+        "ts missing or unparseable": 1,
+    }
     assert stats["unmapped_event_types"] == {"click": 1}
     assert stats["outside_window"] == 1
     assert set(events["event_type"].to_pylist()) == {"view", "purchase", "click"}
@@ -143,8 +146,15 @@ def test_rees46_values_and_item_attributes(load):
     assert purchases["value"].null_count == 0 and pc.min(purchases["value"]).as_py() > 0
     assert events.filter(pc.equal(events["event_type"], "view"))["value"].null_count == 17_055
     by_id = {r["item_id"]: r for r in items.to_pylist()}
-    assert by_id["3900821"] == {"item_id": "3900821", "category_l1": "appliances", "category_l2": "environment",
-                                      "category_l3": "water_heater", "brand": "aqua", "title": None, "price": 33.2}
+    assert by_id["3900821"] == {
+        "item_id": "3900821",
+        "category_l1": "appliances",
+        "category_l2": "environment",
+        "category_l3": "water_heater",
+        "brand": "aqua",
+        "title": None,
+        "price": 33.2,
+    }
     # No category_code: the numeric category_id is the only level.
     assert (by_id["44600062"]["category_l1"], by_id["44600062"]["category_l2"]) == ("2103807459595387724", None)
     assert by_id["44600062"]["brand"] == "shiseido"
@@ -199,7 +209,10 @@ def test_trivago_first_rows(load):
     events, _, _ = load("trivago")
     first = events.slice(0, 3).to_pylist()
     assert [(r["event_type"], r["item_id"], r["surface"]) for r in first] == [
-        ("view", "5967314", "tablet"), ("view", "5967314", "tablet"), ("click", "5967314", "tablet")]
+        ("view", "5967314", "tablet"),
+        ("view", "5967314", "tablet"),
+        ("click", "5967314", "tablet"),
+    ]
     assert first[0]["event_id"] == "82cafdca18b3c:1:1541599523"
 
 
@@ -217,8 +230,15 @@ def test_movielens_items(load, shared_data):
     _, items, _ = load("movielens")
     assert len(items) == 1_682
     by_id = {r["item_id"]: r for r in items.to_pylist()}
-    assert by_id["1"] == {"item_id": "1", "category_l1": "Animation", "category_l2": "1990s", "category_l3": None,
-                               "brand": None, "title": "Toy Story", "price": None}
+    assert by_id["1"] == {
+        "item_id": "1",
+        "category_l1": "Animation",
+        "category_l2": "1990s",
+        "category_l3": None,
+        "brand": None,
+        "title": "Toy Story",
+        "price": None,
+    }
     # Its year column reads "V"; the decade comes from the title's "(1995)".
     assert by_id["1412"]["category_l2"] == "1990s"
     assert items["category_l1"].null_count == 0 and items["title"].null_count == 0
@@ -237,12 +257,15 @@ def test_trivago_accepts_the_challenge_csv(tmp_path):
         "user_id,session_id,timestamp,step,action_type,reference,platform,city,device,"
         "current_filters,impressions,prices\n"
         'u,s,1541548939,1,search for poi,Eiffel Tower,FR,"Paris, France",mobile,,,\n'
-        "u,s,1541548940,2,clickout item,42,FR,\"Paris, France\",mobile,,42|43,10|20\n"
+        'u,s,1541548940,2,clickout item,42,FR,"Paris, France",mobile,,42|43,10|20\n'
         "u,s,1541548941,3,new action,42,FR,Paris,mobile,,,\n"
     )
     events, items, stats = L.LOADERS["trivago"](p)
     assert [(r["event_type"], r["item_id"], r["query"]) for r in events.to_pylist()] == [
-        ("search", None, "Eiffel Tower"), ("click", "42", None), ("new action", None, None)]
+        ("search", None, "Eiffel Tower"),
+        ("click", "42", None),
+        ("new action", None, None),
+    ]
     assert stats["unmapped_event_types"] == {"new action": 1}
     assert items["item_id"].to_pylist() == ["42"]
 
@@ -334,8 +357,10 @@ def test_write_raw_s3rec_synthetic_days(load, tmp_path):
     events, items, _ = load("s3rec")
     days = L.write_raw(events, items, tmp_path, fmt="s3rec")
     assert days[0] == dt.date(2020, 1, 1) and len(days) == len(_dt_dirs(tmp_path))
-    assert sum(pq.ParquetFile(tmp_path / "events" / f"dt={d}" / "part-s3rec.parquet").metadata.num_rows
-               for d in days) == 198_502
+    assert (
+        sum(pq.ParquetFile(tmp_path / "events" / f"dt={d}" / "part-s3rec.parquet").metadata.num_rows for d in days)
+        == 198_502
+    )
 
 
 # --------------------------------------------------------------------- CLI
@@ -379,6 +404,7 @@ def test_run_missing_input_and_stray_items(cfg, tmp_path, shared_data):
 def _cli_ready() -> str | None:
     """Why the real CLI cannot start yet (a step module of cli.py not written yet), or None."""
     from userformer.jobs import cli
+
     missing = [m for m in cli.STEP_MODULES if importlib.util.find_spec(m) is None]
     return f"cli.py imports step modules that do not exist yet: {missing}" if missing else None
 
@@ -400,12 +426,20 @@ def test_cli_load_real_file(cli_env, home, shared_data, tmp_path):
     out = tmp_path / "raw"
     r = subprocess.run(
         [str(USERFORMER), "load", "movielens", "--input", str(shared_data / FILES["movielens"]), "--out", str(out)],
-        env=cli_env, capture_output=True, text=True, timeout=300,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert "events 100,000" in r.stdout and "users 943" in r.stdout
     assert len(_dt_dirs(out)) == 213
     assert (out / "items" / "dt=1997-09-20" / "items.parquet").is_file()
-    r = subprocess.run([str(USERFORMER), "load", "movielens", "--input", str(tmp_path / "none.inter")],
-                       env=cli_env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(USERFORMER), "load", "movielens", "--input", str(tmp_path / "none.inter")],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "not found" in r.stderr

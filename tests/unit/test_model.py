@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+
 from userformer.jobs.core.config import ModelConfig, TrainConfig
 from userformer.models import data as D
 from userformer.models import losses as LS
@@ -34,19 +35,41 @@ def tiny_data(n_users=40, n_items=30, length=12, seed=0, real_time=True):
             surf.append(["home", "search"][rng.integers(2)])
             dur.append(float(rng.integers(1, 100)) if k % 3 else None)
     ts = np.cumsum(np.asarray(ts) * 0 + 1) + np.asarray(ts)  # strictly increasing per user
-    events = pa.table({"user_id": users, "ts": pa.array(ts * 1_000_000, pa.timestamp("us", tz="UTC")),
-                       "event_type": etypes, "item_id": items, "surface": surf,
-                       "duration_s": pa.array(dur, pa.float64())})
-    cat = {f"i{i}": (f"c{i % 3}", f"s{i % 6}", f"t{i % 9}", None if i % 5 == 0 else f"b{i % 4}") for i in range(n_items)}
-    catalog = pa.table({"item_id": list(cat), "category_l1": [v[0] for v in cat.values()],
-                        "category_l2": [v[1] for v in cat.values()], "category_l3": [v[2] for v in cat.values()],
-                        "brand": [v[3] for v in cat.values()]})
+    events = pa.table(
+        {
+            "user_id": users,
+            "ts": pa.array(ts * 1_000_000, pa.timestamp("us", tz="UTC")),
+            "event_type": etypes,
+            "item_id": items,
+            "surface": surf,
+            "duration_s": pa.array(dur, pa.float64()),
+        }
+    )
+    cat = {
+        f"i{i}": (f"c{i % 3}", f"s{i % 6}", f"t{i % 9}", None if i % 5 == 0 else f"b{i % 4}") for i in range(n_items)
+    }
+    catalog = pa.table(
+        {
+            "item_id": list(cat),
+            "category_l1": [v[0] for v in cat.values()],
+            "category_l2": [v[1] for v in cat.values()],
+            "category_l3": [v[2] for v in cat.values()],
+            "brand": [v[3] for v in cat.values()],
+        }
+    )
     return D.from_raw(events, catalog, real_time=real_time)
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = {"d_model": 16, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "max_len": 10, "time_buckets": 8,
-            "heads": ["category_l1", "brand", "event_type"]}
+    base = {
+        "d_model": 16,
+        "n_layers": 2,
+        "n_heads": 2,
+        "dropout": 0.0,
+        "max_len": 10,
+        "time_buckets": 8,
+        "heads": ["category_l1", "brand", "event_type"],
+    }
     base.update(kw)
     return ModelConfig(**base)
 
@@ -81,10 +104,20 @@ def test_time_split_and_from_sequences_table(data):
     train, ev = D.time_split(seqs, t, 86400 * 365)
     assert np.all(train.ts < t) and len(ev.targets) == len(ev.target_sets) > 0
     assert all(ev.targets[i] in ev.target_sets[i] for i in range(len(ev.targets)))
-    tab = pa.table({"user_id": ["a"], "item_idx": [[3, 4]], "event_type_idx": [[1, 1]],
-                    "ts": pa.array([[10, 20]], pa.list_(pa.timestamp("us", tz="UTC"))),
-                    "category_l1_idx": [[1, 2]], "category_l2_idx": [[0, 0]], "category_l3_idx": [[0, 0]],
-                    "brand_idx": [[5, None]], "surface_idx": [[0, 0]], "duration_s": [[None, 2.0]]})
+    tab = pa.table(
+        {
+            "user_id": ["a"],
+            "item_idx": [[3, 4]],
+            "event_type_idx": [[1, 1]],
+            "ts": pa.array([[10, 20]], pa.list_(pa.timestamp("us", tz="UTC"))),
+            "category_l1_idx": [[1, 2]],
+            "category_l2_idx": [[0, 0]],
+            "category_l3_idx": [[0, 0]],
+            "brand_idx": [[5, None]],
+            "surface_idx": [[0, 0]],
+            "duration_s": [[None, 2.0]],
+        }
+    )
     s = D.from_sequences_table(tab)
     assert s.ints["item"].tolist() == [3, 4] and s.ints["brand"].tolist() == [5, 0]
     assert s.ts.tolist() == [1e-5, 2e-5] and np.isnan(s.duration[0])
@@ -125,8 +158,7 @@ def test_padding_does_not_change_outputs(data):
     b = D.pad_batch(seqs, np.arange(3), 6)
     wide = D.pad_batch(seqs, np.arange(3), 6, trim=False)
     # pad 4 more columns on the left, with garbage in the padded slots
-    pad = {k: torch.cat([torch.full((3, 4), 7, dtype=v.dtype), v], 1) if v.dim() == 2 else v
-           for k, v in wide.items()}
+    pad = {k: torch.cat([torch.full((3, 4), 7, dtype=v.dtype), v], 1) if v.dim() == 2 else v for k, v in wide.items()}
     pad["mask"] = torch.cat([torch.zeros(3, 4, dtype=torch.bool), wide["mask"]], 1)
     h1, u1 = model.encoder(b)
     h2, u2 = model.encoder(pad)
@@ -146,8 +178,12 @@ def test_unseen_item_gets_a_vector_from_content(data):
     _, catalog = data
     model = model_of(tiny_cfg(), catalog)
     unseen = torch.tensor([10_000, 0])  # an id past the table, and "unknown"
-    attrs = {"category_l1": torch.tensor([1, 1]), "category_l2": torch.tensor([2, 2]),
-             "category_l3": torch.tensor([0, 3]), "brand": torch.tensor([1, 2])}
+    attrs = {
+        "category_l1": torch.tensor([1, 1]),
+        "category_l2": torch.tensor([2, 2]),
+        "category_l3": torch.tensor([0, 3]),
+        "brand": torch.tensor([1, 2]),
+    }
     v = model.item_tower(unseen, attrs)
     assert torch.isfinite(v).all() and torch.allclose(v.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert not torch.allclose(v[0], v[1])
@@ -180,14 +216,28 @@ def test_logq_correction_math():
     user = torch.tensor([[1.0, 0.0]])
     vec = {1: [1.0, 0.0], 2: [0.0, 1.0], 3: [-1.0, 0.0]}
     neg_ids = torch.tensor([2, 3, 1])  # 1 is the positive: an accidental hit, masked
-    loss = LS.sampled_softmax(user, torch.tensor([vec[1]]), torch.tensor([1]), torch.tensor([vec[i] for i in [2, 3, 1]]),
-                              neg_ids, s.log_q, torch.tensor(0.5))
+    loss = LS.sampled_softmax(
+        user,
+        torch.tensor([vec[1]]),
+        torch.tensor([1]),
+        torch.tensor([vec[i] for i in [2, 3, 1]]),
+        neg_ids,
+        s.log_q,
+        torch.tensor(0.5),
+    )
     lp = 1 / 0.5 - expect[0]
     ln = [0 / 0.5 - expect[1], -1 / 0.5 - expect[2]]
     hand = -(lp - math.log(math.exp(lp) + sum(math.exp(x) for x in ln)))
     assert loss.item() == pytest.approx(hand, rel=1e-5)
-    nolq = LS.sampled_softmax(user, torch.tensor([vec[1]]), torch.tensor([1]), torch.tensor([vec[2]]),
-                              torch.tensor([2]), None, torch.tensor(1.0))
+    nolq = LS.sampled_softmax(
+        user,
+        torch.tensor([vec[1]]),
+        torch.tensor([1]),
+        torch.tensor([vec[2]]),
+        torch.tensor([2]),
+        None,
+        torch.tensor(1.0),
+    )
     assert nolq.item() == pytest.approx(-(1 - math.log(math.e + 1)), rel=1e-5)
 
 
@@ -198,8 +248,18 @@ def test_per_row_negatives_equal_the_shared_loss_row_by_row():
     neg_ids = torch.tensor([[4, 5, 1], [1, 6, 7], [8, 3, 9]])  # an accidental hit in rows 0 and 2
     table = torch.randn(10, 4)
     per_row = LS.sampled_softmax(user, pos_vec, pos_ids, table[neg_ids], neg_ids, None, torch.tensor(0.1))
-    rows = [LS.sampled_softmax(user[i:i + 1], pos_vec[i:i + 1], pos_ids[i:i + 1], table[neg_ids[i]], neg_ids[i],
-                               None, torch.tensor(0.1)) for i in range(3)]
+    rows = [
+        LS.sampled_softmax(
+            user[i : i + 1],
+            pos_vec[i : i + 1],
+            pos_ids[i : i + 1],
+            table[neg_ids[i]],
+            neg_ids[i],
+            None,
+            torch.tensor(0.1),
+        )
+        for i in range(3)
+    ]
     assert per_row.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
     s = LS.NegativeSampler(np.array([0, 5, 1, 1]), n_uniform=6, n_inbatch=2, per_row=True)
     neg = s.sample(torch.tensor([1, 2, 0, 3, 1]))
@@ -224,15 +284,16 @@ def test_dense_all_action_targets_are_in_the_future_window(data):
     items = b["item"]
     for r in range(8):
         for p, t in zip(pos[r].tolist(), tgt[r].tolist()):
-            assert t in items[r, p + 1:p + 4].tolist()
+            assert t in items[r, p + 1 : p + 4].tolist()
 
 
 # ----------------------------------------------------------- training
 def test_loss_decreases_and_is_deterministic(data):
     seqs, catalog = data
     train, valid, _ = D.leave_one_out(seqs)
-    tc = TrainConfig(epochs=6, batch_size=8, lr=5e-3, uniform_negatives=16, inbatch_negatives=8, patience=100,
-                     num_threads=1)
+    tc = TrainConfig(
+        epochs=6, batch_size=8, lr=5e-3, uniform_negatives=16, inbatch_negatives=8, patience=100, num_threads=1
+    )
     cfg = tiny_cfg(event_features=ALL_FEATURES)
     _, h1 = fit(cfg, tc, train, valid, catalog, progress=False, log=lambda s: None)
     _, h2 = fit(cfg, tc, train, valid, catalog, progress=False, log=lambda s: None)
@@ -245,11 +306,26 @@ def test_loss_decreases_and_is_deterministic(data):
 def test_objectives_and_full_softmax_train(data, objective, loss):
     seqs, catalog = data
     train, valid, test = D.leave_one_out(seqs)
-    tc = TrainConfig(epochs=20, batch_size=8, lr=1e-2, objective=objective, loss=loss, uniform_negatives=16,
-                     dense_horizon_events=2, num_threads=1)
+    tc = TrainConfig(
+        epochs=20,
+        batch_size=8,
+        lr=1e-2,
+        objective=objective,
+        loss=loss,
+        uniform_negatives=16,
+        dense_horizon_events=2,
+        num_threads=1,
+    )
     content = ["item_id", "category_l1", "category_l2", "category_l3", "brand", "position"]
-    model, h = fit(tiny_cfg(heads=[], event_features=content, pooling="id_plus_mean"), tc, train, valid, catalog,
-                   progress=False, log=lambda s: None)
+    model, h = fit(
+        tiny_cfg(heads=[], event_features=content, pooling="id_plus_mean"),
+        tc,
+        train,
+        valid,
+        catalog,
+        progress=False,
+        log=lambda s: None,
+    )
     assert h["history"][-1]["loss"] < h["history"][0]["loss"]
     m = evaluate(model, test, catalog, torch.device("cpu"), tc)
     assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
@@ -270,11 +346,13 @@ def test_head_losses_are_present(data):
 # ------------------------------------------------------------ metrics
 def test_metrics_against_hand_values():
     # 3 users, 5 items (+ padding column 0 that must never count)
-    scores = torch.tensor([
-        [99.0, 0.9, 0.8, 0.7, 0.6, 0.5],  # target 1 at rank 0
-        [99.0, 0.9, 0.8, 0.7, 0.6, 0.5],  # target 3 at rank 2
-        [99.0, 0.1, 0.2, 0.3, 0.4, 0.5],  # target 1 at rank 4
-    ])
+    scores = torch.tensor(
+        [
+            [99.0, 0.9, 0.8, 0.7, 0.6, 0.5],  # target 1 at rank 0
+            [99.0, 0.9, 0.8, 0.7, 0.6, 0.5],  # target 3 at rank 2
+            [99.0, 0.1, 0.2, 0.3, 0.4, 0.5],  # target 1 at rank 4
+        ]
+    )
     cat = np.array([0, 1, 1, 2, 2, 0])  # item 5 has an unknown category
     m = evaluate_scores(scores, [1, 3, 1], 5, cat, k=3, k_div=4)
     assert m["hr@3"] == pytest.approx(2 / 3)
@@ -285,8 +363,11 @@ def test_metrics_against_hand_values():
     assert m["entropy@4"] == pytest.approx((2 * math.log(2) + h3) / 3)
     assert entropy(np.array([0, 0])) == 0.0
     m10 = evaluate_scores(scores, [1, 3, 1], 5, cat, target_sets=[np.array([1, 2]), np.array([3]), np.array([1])])
-    assert m10["hr@10"] == 1.0 and m10["recall@10"] == 1.0 and m10["ndcg@10"] == pytest.approx(
-        (1 + 1 / math.log2(4) + 1 / math.log2(6)) / 3)
+    assert (
+        m10["hr@10"] == 1.0
+        and m10["recall@10"] == 1.0
+        and m10["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(6)) / 3)
+    )
 
 
 def test_checkpoint_round_trip(data, tmp_path):
@@ -334,9 +415,13 @@ def test_head_accuracy_counts_top1_top5_and_skips_unknown_labels():
     from userformer.models.metrics import HeadAccuracy
 
     acc = HeadAccuracy()
-    scores = torch.tensor([[-1e9, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0],
-                           [-1e9, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
-                           [-1e9, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0]])
+    scores = torch.tensor(
+        [
+            [-1e9, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            [-1e9, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
+            [-1e9, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0],
+        ]
+    )
     acc.add("brand", scores, torch.tensor([1, 6, 0]))  # hit@1; miss@5 (label ranks 6th); unknown -> skipped
     r = acc.result()["brand"]
     assert r == {"users": 2, "acc@1": 0.5, "acc@5": 0.5, "majority@1": 0.5}
@@ -360,8 +445,14 @@ def test_benchmark_variants_drop_what_the_data_cannot_inform(data):
     full = variant("full", base, seqs, catalog)
     assert full.event_features == base.event_features and full.heads == base.heads  # everything varies here
     # One event type, no durations, order-only times: those inputs and the event-type head go.
-    flat = D.Sequences(seqs.user_ids, seqs.offsets, {**seqs.ints, "event_type": np.ones_like(seqs.ints["event_type"])},
-                       seqs.ts, np.full_like(seqs.duration, np.nan), real_time=False)
+    flat = D.Sequences(
+        seqs.user_ids,
+        seqs.offsets,
+        {**seqs.ints, "event_type": np.ones_like(seqs.ints["event_type"])},
+        seqs.ts,
+        np.full_like(seqs.duration, np.nan),
+        real_time=False,
+    )
     m = variant("full", base, flat, catalog)
     assert not {"event_type", "duration", "time_gap", "time_ref"} & set(m.event_features)
     assert "event_type" not in m.heads and "item_id" in m.event_features
@@ -373,16 +464,23 @@ def test_history_exclusion_removes_seen_items_from_the_ranking():
     from dataclasses import replace
 
     # one user, history items 1 and 2; scores prefer 1 > 2 > 3 > 4; target 3
-    hist = D.Sequences(np.array(["u"], dtype=object), np.array([0, 2]), {k: np.array([1, 2]) for k in D.INT_FIELDS},
-                       np.array([1.0, 2.0]), np.full(2, np.nan, np.float32))
+    hist = D.Sequences(
+        np.array(["u"], dtype=object),
+        np.array([0, 2]),
+        {k: np.array([1, 2]) for k in D.INT_FIELDS},
+        np.array([1.0, 2.0]),
+        np.full(2, np.nan, np.float32),
+    )
     ev = D.EvalSet(hist, np.array([3]))
     from userformer.models.train import history_pairs
+
     assert history_pairs(ev, 0, 10) is None
     rows, items = history_pairs(replace(ev, exclude_history=True), 0, 10)
     assert rows.tolist() == [0, 0] and items.tolist() == [1, 2]
     scores = torch.tensor([[0.0, 4.0, 3.0, 2.0, 1.0]])
     kept = evaluate_scores(scores.clone(), [3], 4, k=1, k_div=1)
     from userformer.models.metrics import RankingAccumulator
+
     acc = RankingAccumulator(4, None, k=1, k_div=1)
     acc.add(scores.clone(), torch.tensor([3]), exclude=(rows, items))
     assert kept["hr@1"] == 0.0 and acc.result()["hr@1"] == 1.0  # the target moves to the top once 1, 2 are out
@@ -391,8 +489,13 @@ def test_history_exclusion_removes_seen_items_from_the_ranking():
 def test_users_without_events_get_the_trained_cold_embedding(data):
     seqs, catalog = data
     model = model_of(tiny_cfg(), catalog)
-    empty = D.Sequences(np.array(["new"], dtype=object), np.array([0, 0]), {k: np.zeros(0, np.int64) for k in D.INT_FIELDS},
-                        np.zeros(0), np.zeros(0, np.float32))
+    empty = D.Sequences(
+        np.array(["new"], dtype=object),
+        np.array([0, 0]),
+        {k: np.zeros(0, np.int64) for k in D.INT_FIELDS},
+        np.zeros(0),
+        np.zeros(0, np.float32),
+    )
     b = D.pad_batch(empty, np.array([0]), 10)
     with torch.no_grad():
         u = model.user_embedding(b)
@@ -404,8 +507,14 @@ def test_users_without_events_get_the_trained_cold_embedding(data):
     full = D.pad_batch(seqs, np.arange(4), 12)  # 12 events each: the whole history
     assert full["from_start"].all() and not D.pad_batch(seqs, np.arange(4), 5)["from_start"].any()
     model.train()
-    loss, _ = batch_loss(model, full, TrainConfig(uniform_negatives=8), LS.NegativeSampler(
-        D.item_counts(seqs, catalog.n_items), 8, 0), torch.Generator().manual_seed(0), True)
+    loss, _ = batch_loss(
+        model,
+        full,
+        TrainConfig(uniform_negatives=8),
+        LS.NegativeSampler(D.item_counts(seqs, catalog.n_items), 8, 0),
+        torch.Generator().manual_seed(0),
+        True,
+    )
     loss.backward()
     assert model.cold.grad is not None and model.cold.grad.abs().sum() > 0
 
@@ -430,8 +539,10 @@ def test_id_plus_mean_pooling_keeps_identity_and_embeds_unseen_items_by_content(
 def test_benchmark_means_over_seeds():
     from userformer.jobs.tools.benchmark import over_seeds
 
-    runs = [{"seed": 1, "hr@10": 0.2, "epochs": 10, "heads": {"brand": {"acc@1": 0.5}}, "history_kept": {"hr@10": 0.1}},
-            {"seed": 2, "hr@10": 0.4, "epochs": 13, "heads": {"brand": {"acc@1": 0.7}}, "history_kept": {"hr@10": 0.3}}]
+    runs = [
+        {"seed": 1, "hr@10": 0.2, "epochs": 10, "heads": {"brand": {"acc@1": 0.5}}, "history_kept": {"hr@10": 0.1}},
+        {"seed": 2, "hr@10": 0.4, "epochs": 13, "heads": {"brand": {"acc@1": 0.7}}, "history_kept": {"hr@10": 0.3}},
+    ]
     out = over_seeds(runs, [1, 2])
     assert out["hr@10"] == pytest.approx(0.3) and out["std"]["hr@10"] == pytest.approx(0.1414, abs=1e-4)
     assert out["epochs"] == 12 and out["heads"]["brand"]["acc@1"] == pytest.approx(0.6)

@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 
 from userformer.jobs.core import ledger
-from userformer.jobs.flows import pipeline as P
-from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.config import load_config
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.flows import pipeline as P
 
 D = dt.date(2026, 11, 3)
 

@@ -11,7 +11,7 @@ END = "<!-- END TABLES -->"
 
 def test_readme_tables_match_the_schemas():
     text = README.read_text()
-    section = text[text.index(BEGIN) + len(BEGIN): text.index(END)].strip()
+    section = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
     assert section == describe_markdown().strip(), "run: python -m tests.unit.test_readme  (rewrites the section)"
 
 

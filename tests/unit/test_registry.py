@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from userformer.jobs.core.errors import UserError
+
+from userformer.jobs.core import registry as R
 from userformer.jobs.core.config import ModelConfig, TrainConfig, load_config
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.steps.train import gate
 from userformer.models import data as D
-from userformer.jobs.core import registry as R
 from userformer.models.grow import grow
 from userformer.models.model import UserFormer
 from userformer.models.train import checkpoint, fit
@@ -24,19 +25,33 @@ DAY = dt.date(2026, 11, 3)
 
 def catalog(n_items=30, n_cat=4, n_brand=5, n_types=3, seed=0) -> D.ItemCatalog:
     rng = np.random.default_rng(seed)
-    attrs = {a: np.concatenate([[0], rng.integers(1, n, n_items)]) for a, n in
-             (("category_l1", n_cat), ("category_l2", n_cat + 2), ("category_l3", n_cat + 4), ("brand", n_brand))}
+    attrs = {
+        a: np.concatenate([[0], rng.integers(1, n, n_items)])
+        for a, n in (("category_l1", n_cat), ("category_l2", n_cat + 2), ("category_l3", n_cat + 4), ("brand", n_brand))
+    }
     attrs["brand"][5] = 0  # an item without a brand
-    sizes = {"item": n_items + 1, "category_l1": n_cat, "category_l2": n_cat + 2, "category_l3": n_cat + 4,
-             "brand": n_brand, "event_type": n_types, "surface": 3}
+    sizes = {
+        "item": n_items + 1,
+        "category_l1": n_cat,
+        "category_l2": n_cat + 2,
+        "category_l3": n_cat + 4,
+        "brand": n_brand,
+        "event_type": n_types,
+        "surface": 3,
+    }
     return D.ItemCatalog(attrs, sizes)
 
 
 def bigger(cat: D.ItemCatalog, more_items=7, seed=1) -> D.ItemCatalog:
     """The same catalogue a few days later: new items (some with a new brand / category), a new event type."""
     rng = np.random.default_rng(seed)
-    sizes = {**cat.sizes, "item": cat.sizes["item"] + more_items, "brand": cat.sizes["brand"] + 1,
-             "category_l3": cat.sizes["category_l3"] + 2, "event_type": cat.sizes["event_type"] + 1}
+    sizes = {
+        **cat.sizes,
+        "item": cat.sizes["item"] + more_items,
+        "brand": cat.sizes["brand"] + 1,
+        "category_l3": cat.sizes["category_l3"] + 2,
+        "event_type": cat.sizes["event_type"] + 1,
+    }
     attrs = {a: np.concatenate([v, rng.integers(1, sizes[a], more_items)]) for a, v in cat.attrs.items()}
     attrs["brand"][-1] = sizes["brand"] - 1  # the newest item has the new brand
     return D.ItemCatalog(attrs, sizes)
@@ -54,9 +69,17 @@ def cfg(tmp_path):
 
 
 def register(cfg, model, day=DAY, kind="train", **extra):
-    ck = checkpoint(model, TrainConfig(), 1, {"valid": {"ndcg@10": 0.1}},
-                    {"data": {"user_sequences": {"version": 3}, "items": {"version": 2}, "vocab": {"version": 2}},
-                     "parent": None, **extra})
+    ck = checkpoint(
+        model,
+        TrainConfig(),
+        1,
+        {"valid": {"ndcg@10": 0.1}},
+        {
+            "data": {"user_sequences": {"version": 3}, "items": {"version": 2}, "vocab": {"version": 2}},
+            "parent": None,
+            **extra,
+        },
+    )
     return R.register(cfg, ck, kind=kind, day=day)
 
 
@@ -76,7 +99,10 @@ def test_register_publish_load(cfg):
     assert set(ptr) == {"version", "published_at", "reason", "previous"} and ptr["previous"] is None
     R.publish(cfg, v2, "gate passed")
     assert json.loads(R.pointer_path(cfg).read_text())["version"] == v2 and R.published(cfg)["previous"] == v1
-    assert [json.loads(x)["version"] for x in (cfg.models_root / "publish_log.jsonl").read_text().splitlines()] == [v1, v2]
+    assert [json.loads(x)["version"] for x in (cfg.models_root / "publish_log.jsonl").read_text().splitlines()] == [
+        v1,
+        v2,
+    ]
     again, ck = R.load(cfg)
     assert ck["version"] == v2 and ck["data"]["items"]["version"] == 2
     for (k, a), b in zip(m.state_dict().items(), again.state_dict().values()):
@@ -137,7 +163,9 @@ def test_size_mismatch_is_a_clear_error(cfg):
     ck["vocab_sizes"]["item"] = 31
     ck["vocab_sizes"]["brand"] = 9
     torch.save(ck, path)
-    with pytest.raises(UserError, match=f"{path}: model/vocabulary size mismatch: .*size mismatch for item_tower.embs.brand"):
+    with pytest.raises(
+        UserError, match=f"{path}: model/vocabulary size mismatch: .*size mismatch for item_tower.embs.brand"
+    ):
         R.model_from_checkpoint(R.read_checkpoint(path), path)
     # Weights of another version of the model code.
     ck["vocab_sizes"]["brand"] = 5
@@ -187,11 +215,22 @@ def test_grow_adds_rows_and_keeps_old_ones_exactly(tie):
         assert torch.equal(t.embs["item_id"].weight[35], torch.zeros(16))
     else:  # mean over id and content: an id row equal to the content mean keeps it
         assert torch.allclose(t.embs["item_id"].weight[35], content, atol=1e-6)
-    assert torch.allclose(t(torch.tensor([35])), t.forward(torch.tensor([0]), attrs={
-        f: t.attrs[35:36, i] for i, f in enumerate(D.ITEM_ATTRS)}), atol=1e-6)  # = an unknown id with its content
-    b = D.pad_batch(D.Sequences(np.array(["u"], object), np.array([0, 3]),
-                                {k: np.array([1, 36, 37]) % new_cat.sizes[k] for k in D.INT_FIELDS},
-                                np.array([1.0, 2.0, 3.0]), np.full(3, np.nan, np.float32)), np.array([0]), 8)
+    assert torch.allclose(
+        t(torch.tensor([35])),
+        t.forward(torch.tensor([0]), attrs={f: t.attrs[35:36, i] for i, f in enumerate(D.ITEM_ATTRS)}),
+        atol=1e-6,
+    )  # = an unknown id with its content
+    b = D.pad_batch(
+        D.Sequences(
+            np.array(["u"], object),
+            np.array([0, 3]),
+            {k: np.array([1, 36, 37]) % new_cat.sizes[k] for k in D.INT_FIELDS},
+            np.array([1.0, 2.0, 3.0]),
+            np.full(3, np.nan, np.float32),
+        ),
+        np.array([0]),
+        8,
+    )
     assert torch.isfinite(m.user_embedding(b)).all()
     assert grow(m, new_cat) == {}  # idempotent
 
@@ -216,12 +255,25 @@ def test_resumed_fit_ends_like_an_uninterrupted_one(tmp_path):
     users = np.repeat([f"u{i}" for i in range(n_users)], 8)
     items = [f"i{(s + k) % n_items}" for s in rng.integers(0, n_items, n_users) for k in range(8)]
     ts = 1.7e15 + np.arange(len(users)) * 3.6e9
-    events = pa.table({"user_id": users, "ts": pa.array(ts.astype(np.int64), pa.timestamp("us", tz="UTC")),
-                       "event_type": ["view"] * len(users), "item_id": items, "surface": ["home"] * len(users),
-                       "duration_s": pa.array([1.0] * len(users))})
-    items_t = pa.table({"item_id": [f"i{i}" for i in range(n_items)], "category_l1": [f"c{i % 3}" for i in range(n_items)],
-                        "category_l2": [None] * n_items, "category_l3": [None] * n_items,
-                        "brand": [f"b{i % 4}" for i in range(n_items)]})
+    events = pa.table(
+        {
+            "user_id": users,
+            "ts": pa.array(ts.astype(np.int64), pa.timestamp("us", tz="UTC")),
+            "event_type": ["view"] * len(users),
+            "item_id": items,
+            "surface": ["home"] * len(users),
+            "duration_s": pa.array([1.0] * len(users)),
+        }
+    )
+    items_t = pa.table(
+        {
+            "item_id": [f"i{i}" for i in range(n_items)],
+            "category_l1": [f"c{i % 3}" for i in range(n_items)],
+            "category_l2": [None] * n_items,
+            "category_l3": [None] * n_items,
+            "brand": [f"b{i % 4}" for i in range(n_items)],
+        }
+    )
     seqs, cat = D.from_raw(events, items_t)
     train, valid, _ = D.leave_one_out(seqs)
     mc = ModelConfig(d_model=16, max_len=8, time_buckets=8, dropout=0.2, heads=["category_l1", "brand"])

@@ -43,8 +43,9 @@ def test_repair_dag_is_manual_and_thin(dag):
     assert validated(dag, **{**GOOD, "mode": "recompute", "users": ["u1", "u2"]})["users"] == ["u1", "u2"]
 
 
-@pytest.mark.parametrize("bad", [{"from_dt": "2026-13-01"}, {"to_dt": "yesterday"}, {"mode": "fix"},
-                                 {"users": ["u1", 7]}, {"users": "u1"}])
+@pytest.mark.parametrize(
+    "bad", [{"from_dt": "2026-13-01"}, {"to_dt": "yesterday"}, {"mode": "fix"}, {"users": ["u1", 7]}, {"users": "u1"}]
+)
 def test_repair_dag_refuses_bad_params(dag, bad):
     from airflow.sdk.exceptions import ParamValidationError
 

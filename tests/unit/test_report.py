@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+
 from userformer.jobs.core import ledger
-from userformer.jobs.steps import report as RP
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.steps import report as RP
 
 DAY = dt.date(2026, 11, 1)
 

@@ -7,8 +7,9 @@ import datetime as dt
 import numpy as np
 import pyarrow as pa
 import pytest
-from userformer.jobs.core.storage import delta
+
 from userformer.jobs.core import stream as ST
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables as S
 
 DAY = dt.date(2026, 11, 3)
@@ -21,11 +22,26 @@ def seq_rows(users: range, day: dt.date) -> pa.Table:
     for u in users:
         n = 1 + u % 5
         ts = [dt.datetime.fromtimestamp(ST.day_start(day) + 12 * 3600 - (n - 1 - k) * 3600, dt.UTC) for k in range(n)]
-        rows.append({"user_id": f"u{u:04d}", "item_idx": [u % 50 + k + 1 for k in range(n)],
-                     "event_type_idx": [1] * n, "ts": ts, "category_l1_idx": [1] * n, "category_l2_idx": [0] * n,
-                     "category_l3_idx": [0] * n, "brand_idx": [2] * n, "surface_idx": [1] * n,
-                     "duration_s": [None] * n, "seq_len": n, "lifetime_events": n, "lifetime_counts": [("view", n)],
-                     "first_event_ts": ts[0], "last_event_ts": ts[-1], "updated_dt": day})
+        rows.append(
+            {
+                "user_id": f"u{u:04d}",
+                "item_idx": [u % 50 + k + 1 for k in range(n)],
+                "event_type_idx": [1] * n,
+                "ts": ts,
+                "category_l1_idx": [1] * n,
+                "category_l2_idx": [0] * n,
+                "category_l3_idx": [0] * n,
+                "brand_idx": [2] * n,
+                "surface_idx": [1] * n,
+                "duration_s": [None] * n,
+                "seq_len": n,
+                "lifetime_events": n,
+                "lifetime_counts": [("view", n)],
+                "first_event_ts": ts[0],
+                "last_event_ts": ts[-1],
+                "updated_dt": day,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=S.USER_SEQUENCES)
 
 
@@ -60,8 +76,9 @@ def test_chunks_are_bounded_cover_every_user_once_and_shuffle(table):
 def test_time_cut_selection_and_counts(table):
     v = delta.version_of(table)
     cut = T0 + 11.5 * 3600  # on DAY, drops the noon event of the newest file's users
-    src = ST.DeltaSequences(table, v, 64, t_max=cut,
-                            select=lambda t: np.array([int(u[1:]) % 2 == 0 for u in t["user_id"].to_pylist()]))
+    src = ST.DeltaSequences(
+        table, v, 64, t_max=cut, select=lambda t: np.array([int(u[1:]) % 2 == 0 for u in t["user_id"].to_pylist()])
+    )
     src.summarise(60)
     seen = [u for c in src.chunks(np.random.default_rng(0)) for u in c.user_ids]
     # even users; those of the newest file lose their last event and need 2 left to be trained on

@@ -60,7 +60,8 @@ class ConcurrentWrite(StorageError):
             f"another writer committed to {self.path} while this step ran, so this commit was refused (the table "
             f"is as the other writer left it){': ' + detail if detail else ''}. Rerun the step (it reads the tables "
             "afresh and completes what an earlier commit of it began); "
-            "run one writer per warehouse at a time")
+            "run one writer per warehouse at a time"
+        )
 
 
 def uri(path: str | Path) -> str:
@@ -72,7 +73,7 @@ def uri(path: str | Path) -> str:
 def spark_uri(path: str | Path) -> str:
     """A table location as Spark names it: Hadoop's S3A connector serves s3:// buckets as s3a://."""
     s = uri(path)
-    return "s3a://" + s[len("s3://"):] if s.startswith("s3://") else s
+    return "s3a://" + s[len("s3://") :] if s.startswith("s3://") else s
 
 
 def is_local(path: str | Path) -> bool:
@@ -139,8 +140,8 @@ class DataFile:
         if self.keep is None:
             return None
         out = np.ones(length, bool)
-        part = self.keep[start:start + length]  # a selection vector may stop early: the rest is kept
-        out[:len(part)] = part
+        part = self.keep[start : start + length]  # a selection vector may stop early: the rest is kept
+        out[: len(part)] = part
         return None if out.all() else out
 
     @property
@@ -230,8 +231,9 @@ class Snapshot:
     def scan(self, columns: list[str] | None = None, filter=None, batch_size: int = 65_536) -> Iterator[pa.Table]:
         """The rows in batches of at most `batch_size`, file by file (bounded memory)."""
         if self._ds is not None:
-            for b in self._ds.to_batches(columns=columns, filter=filter, batch_size=batch_size,
-                                         batch_readahead=1, fragment_readahead=1):
+            for b in self._ds.to_batches(
+                columns=columns, filter=filter, batch_size=batch_size, batch_readahead=1, fragment_readahead=1
+            ):
                 if b.num_rows:
                     yield pa.Table.from_batches([b])
             return
@@ -269,8 +271,14 @@ class Snapshot:
         return (self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])).empty_table()
 
 
-def scan(path: str | Path, version: int | None = None, *, columns: list[str] | None = None, filter=None,
-         batch_size: int = 65_536) -> Iterator[pa.Table]:
+def scan(
+    path: str | Path,
+    version: int | None = None,
+    *,
+    columns: list[str] | None = None,
+    filter=None,
+    batch_size: int = 65_536,
+) -> Iterator[pa.Table]:
     """A version's rows in batches, file by file (bounded memory), deletion vectors applied (see `Snapshot`).
 
     `filter` is a pyarrow.dataset expression."""
@@ -291,8 +299,9 @@ def _row_groups(f: DataFile, n: int, filter, schema: pa.Schema) -> list[int]:
         part = pc.scalar(True)
         for k, v in f.partition.items():
             if k in schema.names:
-                part = part & (pc.field(k).is_null() if v is None else
-                               pc.field(k) == pa.array([v]).cast(schema.field(k).type)[0])
+                part = part & (
+                    pc.field(k).is_null() if v is None else pc.field(k) == pa.array([v]).cast(schema.field(k).type)[0]
+                )
         frag = pds.ParquetFileFormat().make_fragment(p, filesystem=fs, partition_expression=part)
         return [rg.id for rg in frag.subset(filter, schema=schema).row_groups]
     except Exception:  # pruning only saves reading: when it cannot be worked out, read everything
@@ -315,7 +324,8 @@ def _filter_fields(expr, schema: pa.Schema) -> list[str]:
 
 
 def read_arrow(path: str | Path, version: int | None = None, filter=None, columns: list[str] | None = None) -> pa.Table:
-    """Read (part of) a version as one Arrow table, deletion vectors applied; `filter` is a pyarrow.dataset expression."""
+    """Read (part of) a version as one Arrow table, deletion vectors applied; `filter` is a pyarrow.dataset
+    expression."""
     return Snapshot(path, version).to_table(columns, filter)
 
 
@@ -428,9 +438,16 @@ def _version_tagged(path, tag: str) -> int:
     raise StorageError(f"the commit just made to {path} is not in its recent history")
 
 
-def spark_write(df, path: str | Path, *, mode: str = "append", partition_by: list[str] | None = None,
-                replace_where: str | None = None, metadata: dict | None = None,
-                properties: dict | None = None) -> int:
+def spark_write(
+    df,
+    path: str | Path,
+    *,
+    mode: str = "append",
+    partition_by: list[str] | None = None,
+    replace_where: str | None = None,
+    metadata: dict | None = None,
+    properties: dict | None = None,
+) -> int:
     """Write a DataFrame in one Delta commit; `replace_where` replaces just the rows it matches
     (a partition, e.g. "dt = '2026-11-01'"). `properties` (delta.*) apply when the table is created.
     Returns the version this commit made."""

@@ -42,7 +42,7 @@ def location(value: str | Path) -> Location:
     if s.startswith("file://"):
         return Path(urllib.parse.unquote(urllib.parse.urlparse(s).path))
     if "://" in s:
-        return UPath("s3://" + s[len("s3a://"):] if s.startswith("s3a://") else s)
+        return UPath("s3://" + s[len("s3a://") :] if s.startswith("s3a://") else s)
     return Path(s).expanduser().resolve()
 
 
@@ -90,7 +90,7 @@ def move(src: Location, dest: Location) -> None:
             base = src.path.rstrip("/")
             objects = fs.find(base)
             if objects:
-                fs.copy(objects, [dest.path.rstrip("/") + o[len(base):] for o in objects])
+                fs.copy(objects, [dest.path.rstrip("/") + o[len(base) :] for o in objects])
         fs.rm(src.path, recursive=True)
         return
     Path(dest).parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userformer.schemas import tables as S
 from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
+from userformer.schemas import tables as S
 
 SUM_TOLERANCE = 1e-4  # float32 rounding of probabilities that sum to 1
 
@@ -65,9 +65,11 @@ def score_stats(scores, label_idx, labels) -> dict[str, np.ndarray]:
     row = np.repeat(np.arange(n), lens)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
     has = lens > 0
-    out = {"k": lens,
-           "parallel": (pc.fill_null(pc.list_value_length(label_idx), -1).to_numpy(zero_copy_only=False) == lens)
-           & (pc.fill_null(pc.list_value_length(labels), -1).to_numpy(zero_copy_only=False) == lens)}
+    out = {
+        "k": lens,
+        "parallel": (pc.fill_null(pc.list_value_length(label_idx), -1).to_numpy(zero_copy_only=False) == lens)
+        & (pc.fill_null(pc.list_value_length(labels), -1).to_numpy(zero_copy_only=False) == lens),
+    }
     out["finite"] = (np.bincount(row, weights=~np.isfinite(flat), minlength=n) == 0) & has
     mn, mx, top = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     if len(flat):
@@ -106,10 +108,11 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop date `dt` for the published model (module doc)."""
     import pandas as pd
     from great_expectations import expectations as E
-    from userformer.jobs.steps import infer as I
+
+    from userformer.jobs.core import registry as R
     from userformer.jobs.core.errors import UserError
     from userformer.jobs.core.storage import delta
-    from userformer.jobs.core import registry as R
+    from userformer.jobs.steps import infer as I
 
     shards = shards or cfg.infer.shards
     try:
@@ -127,7 +130,8 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
         raise MissingData(
             f"no staged output of model {version} for shard(s) {', '.join(I.shard_name(i, shards) for i in missing)} "
             f"under {I.day_dir(cfg, dt, version)}: run "
-            + "; ".join(f"`userformer infer --dt {dt} --shard {i} --shards {shards}`" for i in missing[:3]))
+            + "; ".join(f"`userformer infer --dt {dt} --shard {i} --shards {shards}`" for i in missing[:3])
+        )
     try:
         d_model = int(R.read_manifest(cfg, version)["model_config"]["d_model"])
     except (UserError, KeyError, TypeError, ValueError) as exc:
@@ -137,18 +141,35 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     first = manifests[0]
     keys = ("dt", "model_version", "full", "inputs", "tasks", "top_k_labels", "labels_per_task", "selection")
     diffs = [f"shard {m['shard']}: {k}" for m in manifests[1:] for k in keys if m.get(k) != first.get(k)]
-    plan.items.append(Outcome(
-        "expect_shards_to_share_their_inputs", {"shards": shards}, success=not diffs,
-        unexpected_count=len(diffs), element_count=len(manifests), examples=diffs,
-        description="every shard ran the same model in the same mode on the same Delta versions", scope="shards"))
-    plan.facts.update(model_version=version, shards=shards, full=first["full"], reason=first.get("reason"),
-                      inputs={t: v["version"] for t, v in first["inputs"].items()},
-                      staged=str(I.day_dir(cfg, dt, version)), d_model=d_model)
+    plan.items.append(
+        Outcome(
+            "expect_shards_to_share_their_inputs",
+            {"shards": shards},
+            success=not diffs,
+            unexpected_count=len(diffs),
+            element_count=len(manifests),
+            examples=diffs,
+            description="every shard ran the same model in the same mode on the same Delta versions",
+            scope="shards",
+        )
+    )
+    plan.facts.update(
+        model_version=version,
+        shards=shards,
+        full=first["full"],
+        reason=first.get("reason"),
+        inputs={t: v["version"] for t, v in first["inputs"].items()},
+        staged=str(I.day_dir(cfg, dt, version)),
+        d_model=d_model,
+    )
 
     # Column types of every staged file.
     readable = {}
-    for table, schema in (("user_embeddings", S.USER_EMBEDDINGS), ("user_preference_scores", S.USER_PREFERENCE_SCORES),
-                          ("item_embeddings", S.ITEM_EMBEDDINGS)):
+    for table, schema in (
+        ("user_embeddings", S.USER_EMBEDDINGS),
+        ("user_preference_scores", S.USER_PREFERENCE_SCORES),
+        ("item_embeddings", S.ITEM_EMBEDDINGS),
+    ):
         problems, bad = [], set()
         for m in manifests if table != "item_embeddings" else manifests[:1]:
             name = f"{table}.parquet"
@@ -163,10 +184,18 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
             problems += [f"shard {m['shard']}: {p}" for p in o.examples]
             bad |= b
         readable[table] = not bad
-        plan.items.append(Outcome(
-            "expect_column_types_to_match_schema", {"schema": table}, success=not problems,
-            unexpected_count=len(problems), element_count=len(schema), examples=problems,
-            description=f"staged {table} files have the column types of schemas.tables", scope="schema"))
+        plan.items.append(
+            Outcome(
+                "expect_column_types_to_match_schema",
+                {"schema": table},
+                success=not problems,
+                unexpected_count=len(problems),
+                element_count=len(schema),
+                examples=problems,
+                description=f"staged {table} files have the column types of schemas.tables",
+                scope="schema",
+            )
+        )
 
     # Users to refresh, counted again from the table the shards read.
     inp = first["inputs"]["user_sequences"]
@@ -176,12 +205,16 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
         with _staged(first["path"], selected["file"]) as f:
             sel = pq.read_table(f, columns=["user_id"])["user_id"]
         filt = pc.field("user_id").isin(sel.combine_chunks().cast(pa.string()))
-    want_ids = delta.read_arrow(cfg.table_path("user_sequences"), inp["version"], filter=filt,
-                                columns=["user_id"])["user_id"].to_pylist()
+    want_ids = delta.read_arrow(cfg.table_path("user_sequences"), inp["version"], filter=filt, columns=["user_id"])[
+        "user_id"
+    ].to_pylist()
     expected = np.bincount(I.shard_of(want_ids, shards), minlength=shards) if want_ids else np.zeros(shards, np.int64)
     items_in = first["inputs"]["items"]
-    catalogue = delta.open_table(cfg.table_path("items"), items_in["version"]).to_pyarrow_dataset().count_rows(
-        filter=pc.field("first_dt") <= pa.scalar(dt, pa.date32()))
+    catalogue = (
+        delta.open_table(cfg.table_path("items"), items_in["version"])
+        .to_pyarrow_dataset()
+        .count_rows(filter=pc.field("first_dt") <= pa.scalar(dt, pa.date32()))
+    )
 
     # Per-row properties, shard by shard.
     n_tasks = len(first["tasks"])
@@ -192,24 +225,41 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
             n = 0
             for t in _batches(m["path"], "user_embeddings.parquet", ["user_id", "embedding", "model_version", "as_of"]):
                 ids = t["user_id"].to_pylist()
-                users.append({"user_id": np.asarray(ids, object), "shard": np.full(len(ids), m["shard"]),
-                              "in_shard": I.shard_of(ids, shards) == m["shard"],
-                              "model_version": np.asarray(t["model_version"].to_pylist(), object),
-                              "as_of_is_dt": pc.fill_null(pc.equal(t["as_of"], pa.scalar(dt, pa.date32())), False)
-                              .to_numpy(zero_copy_only=False), **vector_stats(t["embedding"])})
+                users.append(
+                    {
+                        "user_id": np.asarray(ids, object),
+                        "shard": np.full(len(ids), m["shard"]),
+                        "in_shard": I.shard_of(ids, shards) == m["shard"],
+                        "model_version": np.asarray(t["model_version"].to_pylist(), object),
+                        "as_of_is_dt": pc.fill_null(pc.equal(t["as_of"], pa.scalar(dt, pa.date32())), False).to_numpy(
+                            zero_copy_only=False
+                        ),
+                        **vector_stats(t["embedding"]),
+                    }
+                )
                 n += len(ids)
-            shard_rows.append({"shard": m["shard"], "rows": n, "expected": int(expected[m["shard"]]),
-                               "manifest_rows": m["users"]})
+            shard_rows.append(
+                {"shard": m["shard"], "rows": n, "expected": int(expected[m["shard"]]), "manifest_rows": m["users"]}
+            )
     if readable["user_preference_scores"]:
         for m in manifests:
-            for t in _batches(m["path"], "user_preference_scores.parquet",
-                              ["user_id", "task", "label_idx", "labels", "scores", "model_version"]):
+            for t in _batches(
+                m["path"],
+                "user_preference_scores.parquet",
+                ["user_id", "task", "label_idx", "labels", "scores", "model_version"],
+            ):
                 st = score_stats(t["scores"], t["label_idx"], t["labels"])
                 task = np.asarray(t["task"].to_pylist(), object)
                 k_want = np.array([ks.get(x, -1) for x in task], np.int64)
-                prefs.append({"user_id": np.asarray(t["user_id"].to_pylist(), object), "task": task,
-                              "model_version": np.asarray(t["model_version"].to_pylist(), object),
-                              "k_is_top_k": st.pop("k") == k_want, **st})
+                prefs.append(
+                    {
+                        "user_id": np.asarray(t["user_id"].to_pylist(), object),
+                        "task": task,
+                        "model_version": np.asarray(t["model_version"].to_pylist(), object),
+                        "k_is_top_k": st.pop("k") == k_want,
+                        **st,
+                    }
+                )
     u = pd.DataFrame(_concat(users))
     p = pd.DataFrame(_concat(prefs))
     n_users, n_pref = len(u), len(p)
@@ -218,108 +268,242 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     if n_users:
         u["tasks"] = u["user_id"].map(p.groupby("user_id").size() if n_pref else {}).fillna(0).astype(int)
         u = u.drop(columns=["shard"])
-        plan.items.append(Batch("users", u, [
-            E.ExpectColumnValuesToNotBeNull(column="user_id", description="every row has a user"),
-            E.ExpectColumnValuesToBeUnique(column="user_id", description="one row per user, over all shards"),
-            E.ExpectColumnValuesToBeInSet(column="in_shard", value_set=[True], meta=IDS,
-                                          description="each user is in the shard its hash names (examples: user_id)"),
-            E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True], meta=IDS,
-                                          description="no NaN/inf in the embedding (examples: user_id)"),
-            E.ExpectColumnValuesToBeBetween(column="norm", min_value=1 - tol, max_value=1 + tol,
-                                            description=f"unit norm: |norm - 1| <= infer.norm_tolerance ({tol:g})"),
-            E.ExpectColumnValuesToBeInSet(column="dim", value_set=[d_model],
-                                          description=f"dimension = the model's d_model ({d_model})"),
-            E.ExpectColumnValuesToBeInSet(column="model_version", value_set=[version],
-                                          description="computed by the published model"),
-            E.ExpectColumnValuesToBeInSet(column="as_of_is_dt", value_set=[True], meta=IDS,
-                                          description=f"as_of = {dt} (examples: user_id)"),
-            E.ExpectColumnValuesToBeInSet(column="tasks", value_set=[n_tasks], meta=IDS,
-                                          description=f"one preference row per head ({n_tasks}) (examples: user_id)"),
-        ], id_column="user_id"))
+        plan.items.append(
+            Batch(
+                "users",
+                u,
+                [
+                    E.ExpectColumnValuesToNotBeNull(column="user_id", description="every row has a user"),
+                    E.ExpectColumnValuesToBeUnique(column="user_id", description="one row per user, over all shards"),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="in_shard",
+                        value_set=[True],
+                        meta=IDS,
+                        description="each user is in the shard its hash names (examples: user_id)",
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="finite",
+                        value_set=[True],
+                        meta=IDS,
+                        description="no NaN/inf in the embedding (examples: user_id)",
+                    ),
+                    E.ExpectColumnValuesToBeBetween(
+                        column="norm",
+                        min_value=1 - tol,
+                        max_value=1 + tol,
+                        description=f"unit norm: |norm - 1| <= infer.norm_tolerance ({tol:g})",
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="dim", value_set=[d_model], description=f"dimension = the model's d_model ({d_model})"
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="model_version", value_set=[version], description="computed by the published model"
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="as_of_is_dt",
+                        value_set=[True],
+                        meta=IDS,
+                        description=f"as_of = {dt} (examples: user_id)",
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="tasks",
+                        value_set=[n_tasks],
+                        meta=IDS,
+                        description=f"one preference row per head ({n_tasks}) (examples: user_id)",
+                    ),
+                ],
+                id_column="user_id",
+            )
+        )
     else:
-        plan.items.append(Outcome("expect_column_values_to_be_between", {"column": "norm"}, success=True, skipped=True,
-                                  description="user embeddings: finite, unit norm, dimension, one row per user",
-                                  note=f"no user to refresh on {dt}", scope="users"))
+        plan.items.append(
+            Outcome(
+                "expect_column_values_to_be_between",
+                {"column": "norm"},
+                success=True,
+                skipped=True,
+                description="user embeddings: finite, unit norm, dimension, one row per user",
+                note=f"no user to refresh on {dt}",
+                scope="users",
+            )
+        )
     band = cfg.infer.top1_mean_band
     top1 = {}
     if n_pref:
         top1 = {str(t): float(g.mean()) for t, g in p.groupby("task")["top1"]}
-        plan.items.append(Batch("preferences", p.drop(columns=["top1"]), [
-            E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "task"], description="one row per user and head"),
-            E.ExpectColumnValuesToBeInSet(column="task", value_set=list(first["tasks"]),
-                                          description="a head of the model"),
-            E.ExpectColumnValuesToBeInSet(column="parallel", value_set=[True], meta=IDS,
-                                          description="label_idx, labels and scores have one element per label (examples: user_id)"),
-            E.ExpectColumnValuesToBeInSet(column="k_is_top_k", value_set=[True], meta=IDS,
-                                          description="min(infer.top_k_labels, labels of the task) labels (examples: user_id)"),
-            E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True], meta=IDS,
-                                          description="no NaN/inf in the scores (examples: user_id)"),
-            E.ExpectColumnValuesToBeBetween(column="min", min_value=0.0, description="probabilities >= 0"),
-            E.ExpectColumnValuesToBeBetween(column="max", max_value=1.0, description="probabilities <= 1"),
-            E.ExpectColumnValuesToBeBetween(column="sum", max_value=1.0 + SUM_TOLERANCE,
-                                            description=f"the top-K of a task sum to <= 1 (+{SUM_TOLERANCE:g})"),
-            E.ExpectColumnValuesToBeInSet(column="descending", value_set=[True], meta=IDS,
-                                          description="labels best first (examples: user_id)"),
-            E.ExpectColumnValuesToBeInSet(column="model_version", value_set=[version],
-                                          description="computed by the published model"),
-        ], id_column="user_id"))
+        plan.items.append(
+            Batch(
+                "preferences",
+                p.drop(columns=["top1"]),
+                [
+                    E.ExpectCompoundColumnsToBeUnique(
+                        column_list=["user_id", "task"], description="one row per user and head"
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="task", value_set=list(first["tasks"]), description="a head of the model"
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="parallel",
+                        value_set=[True],
+                        meta=IDS,
+                        description="label_idx, labels and scores have one element per label (examples: user_id)",
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="k_is_top_k",
+                        value_set=[True],
+                        meta=IDS,
+                        description="min(infer.top_k_labels, labels of the task) labels (examples: user_id)",
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="finite",
+                        value_set=[True],
+                        meta=IDS,
+                        description="no NaN/inf in the scores (examples: user_id)",
+                    ),
+                    E.ExpectColumnValuesToBeBetween(column="min", min_value=0.0, description="probabilities >= 0"),
+                    E.ExpectColumnValuesToBeBetween(column="max", max_value=1.0, description="probabilities <= 1"),
+                    E.ExpectColumnValuesToBeBetween(
+                        column="sum",
+                        max_value=1.0 + SUM_TOLERANCE,
+                        description=f"the top-K of a task sum to <= 1 (+{SUM_TOLERANCE:g})",
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="descending",
+                        value_set=[True],
+                        meta=IDS,
+                        description="labels best first (examples: user_id)",
+                    ),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="model_version", value_set=[version], description="computed by the published model"
+                    ),
+                ],
+                id_column="user_id",
+            )
+        )
 
     # Items (shard 0).
     items_rows = 0
     if readable["item_embeddings"]:
         parts = []
         for t in _batches(first["path"], "item_embeddings.parquet", ["item_idx", "embedding", "model_version"]):
-            parts.append({"item_idx": t["item_idx"].to_numpy(zero_copy_only=False),
-                          "model_version": np.asarray(t["model_version"].to_pylist(), object),
-                          **vector_stats(t["embedding"])})
+            parts.append(
+                {
+                    "item_idx": t["item_idx"].to_numpy(zero_copy_only=False),
+                    "model_version": np.asarray(t["model_version"].to_pylist(), object),
+                    **vector_stats(t["embedding"]),
+                }
+            )
         it = pd.DataFrame(_concat(parts))
         items_rows = len(it)
         if items_rows:
-            plan.items.append(Batch("items", it, [
-                E.ExpectColumnValuesToBeUnique(column="item_idx", description="one row per item"),
-                E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True], meta=IDS,
-                                              description="no NaN/inf in the item vector (examples: item_idx)"),
-                E.ExpectColumnValuesToBeBetween(column="norm", min_value=1 - tol, max_value=1 + tol,
-                                                description=f"unit norm: |norm - 1| <= {tol:g}"),
-                E.ExpectColumnValuesToBeInSet(column="dim", value_set=[d_model], description=f"dimension = {d_model}"),
-                E.ExpectColumnValuesToBeInSet(column="model_version", value_set=[version],
-                                              description="computed by the published model"),
-            ], id_column="item_idx"))
+            plan.items.append(
+                Batch(
+                    "items",
+                    it,
+                    [
+                        E.ExpectColumnValuesToBeUnique(column="item_idx", description="one row per item"),
+                        E.ExpectColumnValuesToBeInSet(
+                            column="finite",
+                            value_set=[True],
+                            meta=IDS,
+                            description="no NaN/inf in the item vector (examples: item_idx)",
+                        ),
+                        E.ExpectColumnValuesToBeBetween(
+                            column="norm",
+                            min_value=1 - tol,
+                            max_value=1 + tol,
+                            description=f"unit norm: |norm - 1| <= {tol:g}",
+                        ),
+                        E.ExpectColumnValuesToBeInSet(
+                            column="dim", value_set=[d_model], description=f"dimension = {d_model}"
+                        ),
+                        E.ExpectColumnValuesToBeInSet(
+                            column="model_version", value_set=[version], description="computed by the published model"
+                        ),
+                    ],
+                    id_column="item_idx",
+                )
+            )
 
     # Counts.
     if shard_rows:
         sh = pd.DataFrame(shard_rows)
         sh["rows_minus_expected"] = sh["rows"] - sh["expected"]
         sh["rows_minus_manifest"] = sh["rows"] - sh["manifest_rows"]
-        plan.items.append(Batch("shards", sh, [
-            E.ExpectColumnValuesToBeBetween(column="rows_minus_expected", min_value=0, max_value=0, meta=IDS,
-                                            description="each shard has exactly its users to refresh, counted from "
-                                                        "user_sequences (examples: shard)"),
-            E.ExpectColumnValuesToBeBetween(column="rows_minus_manifest", min_value=0, max_value=0, meta=IDS,
-                                            description="each shard's rows are what its _SUCCESS.json says (examples: shard)"),
-        ], id_column="shard"))
-    metrics = {"users": n_users, "users_to_refresh": int(expected.sum()), "preference_rows": n_pref,
-               "preference_rows_expected": n_users * n_tasks, "items": items_rows, "catalogue_items": int(catalogue)}
+        plan.items.append(
+            Batch(
+                "shards",
+                sh,
+                [
+                    E.ExpectColumnValuesToBeBetween(
+                        column="rows_minus_expected",
+                        min_value=0,
+                        max_value=0,
+                        meta=IDS,
+                        description="each shard has exactly its users to refresh, counted from "
+                        "user_sequences (examples: shard)",
+                    ),
+                    E.ExpectColumnValuesToBeBetween(
+                        column="rows_minus_manifest",
+                        min_value=0,
+                        max_value=0,
+                        meta=IDS,
+                        description="each shard's rows are what its _SUCCESS.json says (examples: shard)",
+                    ),
+                ],
+                id_column="shard",
+            )
+        )
+    metrics = {
+        "users": n_users,
+        "users_to_refresh": int(expected.sum()),
+        "preference_rows": n_pref,
+        "preference_rows_expected": n_users * n_tasks,
+        "items": items_rows,
+        "catalogue_items": int(catalogue),
+    }
     exps = [
-        E.ExpectColumnValuesToBeBetween(column="users", min_value=metrics["users_to_refresh"],
-                                        max_value=metrics["users_to_refresh"],
-                                        description=f"rows = users to refresh ({metrics['users_to_refresh']}: "
-                                                    + ("every user" if first["full"] else
-                                                       f"{selected['users']} selected users" if selected else
-                                                       f"updated_dt = {dt}") + ")"),
-        E.ExpectColumnValuesToBeBetween(column="preference_rows", min_value=metrics["preference_rows_expected"],
-                                        max_value=metrics["preference_rows_expected"],
-                                        description=f"preference rows = users x heads ({n_tasks})"),
-        E.ExpectColumnValuesToBeBetween(column="items", min_value=metrics["catalogue_items"],
-                                        max_value=metrics["catalogue_items"],
-                                        description=f"item rows = the catalogue as of {dt} ({metrics['catalogue_items']})"),
+        E.ExpectColumnValuesToBeBetween(
+            column="users",
+            min_value=metrics["users_to_refresh"],
+            max_value=metrics["users_to_refresh"],
+            description=f"rows = users to refresh ({metrics['users_to_refresh']}: "
+            + (
+                "every user"
+                if first["full"]
+                else f"{selected['users']} selected users"
+                if selected
+                else f"updated_dt = {dt}"
+            )
+            + ")",
+        ),
+        E.ExpectColumnValuesToBeBetween(
+            column="preference_rows",
+            min_value=metrics["preference_rows_expected"],
+            max_value=metrics["preference_rows_expected"],
+            description=f"preference rows = users x heads ({n_tasks})",
+        ),
+        E.ExpectColumnValuesToBeBetween(
+            column="items",
+            min_value=metrics["catalogue_items"],
+            max_value=metrics["catalogue_items"],
+            description=f"item rows = the catalogue as of {dt} ({metrics['catalogue_items']})",
+        ),
     ]
     for task, mean in sorted(top1.items()):
         metrics[f"top1_mean_{task}"] = mean
-        exps.append(E.ExpectColumnValuesToBeBetween(
-            column=f"top1_mean_{task}", min_value=band[0], max_value=band[1],
-            description=f"mean top-1 probability of {task} within infer.top1_mean_band"))
+        exps.append(
+            E.ExpectColumnValuesToBeBetween(
+                column=f"top1_mean_{task}",
+                min_value=band[0],
+                max_value=band[1],
+                description=f"mean top-1 probability of {task} within infer.top1_mean_band",
+            )
+        )
     plan.items.append(Batch("metrics", pd.DataFrame([metrics]), exps))
-    plan.facts.update(metrics=metrics, rows_per_shard={r["shard"]: r["rows"] for r in shard_rows},
-                      expected_per_shard=expected.tolist())
+    plan.facts.update(
+        metrics=metrics,
+        rows_per_shard={r["shard"]: r["rows"] for r in shard_rows},
+        expected_per_shard=expected.tolist(),
+    )
     return plan

@@ -110,9 +110,14 @@ def type_check(table: str, expected: pa.Schema, actual: pa.Schema) -> tuple[Outc
             bad.add(f.name)
     problems += [f"{name}: not in the schema" for name in actual.names if name not in expected.names]
     outcome = Outcome(
-        "expect_column_types_to_match_schema", {"schema": table}, success=not problems,
-        unexpected_count=len(problems), element_count=len(expected), examples=problems,
-        description=f"every column has the type schemas.tables declares for {table}", scope="schema",
+        "expect_column_types_to_match_schema",
+        {"schema": table},
+        success=not problems,
+        unexpected_count=len(problems),
+        element_count=len(expected),
+        examples=problems,
+        description=f"every column has the type schemas.tables declares for {table}",
+        scope="schema",
     )
     return outcome, bad
 
@@ -134,10 +139,17 @@ def without_columns(expectations: list, bad: set[str], scope: str) -> tuple[list
             kept.append(e)
             continue
         kw = {k: v for k, v in e.configuration.kwargs.items() if k != "batch_id"}
-        skipped.append(Outcome(
-            e.configuration.type, kw, success=True, skipped=True, description=e.description or "",
-            note=f"skipped: column {', '.join(hit)} is missing or has the wrong type", scope=scope,
-        ))
+        skipped.append(
+            Outcome(
+                e.configuration.type,
+                kw,
+                success=True,
+                skipped=True,
+                description=e.description or "",
+                note=f"skipped: column {', '.join(hit)} is missing or has the wrong type",
+                scope=scope,
+            )
+        )
     return kept, skipped
 
 
@@ -187,18 +199,32 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     rows = [E.ExpectColumnValuesToNotBeNull(column=c, description=f"{c} is required") for c in required]
     rows += [
         E.ExpectColumnValuesToBeUnique(column="event_id", description="no event twice in the partition"),
-        E.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(ic.event_types),
-                                      description="event_type is one the contract knows (ingest.event_types)"),
-        E.ExpectColumnValuesToNotBeNull(column="item_id", row_condition=is_item,
-                                        description="item events (ingest.item_event_types) name their item"),
-        E.ExpectColumnValuesToBeBetween(column="item_idx", min_value=1, row_condition=is_item,
-                                        description="item events have a real item id (item_idx > 0)"),
+        E.ExpectColumnValuesToBeInSet(
+            column="event_type",
+            value_set=list(ic.event_types),
+            description="event_type is one the contract knows (ingest.event_types)",
+        ),
+        E.ExpectColumnValuesToNotBeNull(
+            column="item_id", row_condition=is_item, description="item events (ingest.item_event_types) name their item"
+        ),
+        E.ExpectColumnValuesToBeBetween(
+            column="item_idx",
+            min_value=1,
+            row_condition=is_item,
+            description="item events have a real item id (item_idx > 0)",
+        ),
     ]
-    rows += [E.ExpectColumnValuesToBeBetween(column=c, min_value=0, description="vocabulary ids are >= 0") for c in idx_cols]
-    rows.append(E.ExpectColumnValuesToBeBetween(
-        column="ts", min_value=earliest, max_value=latest,
-        description=f"ts from {ic.max_late_days} days before the drop date to its end + {ic.future_tolerance_s} s",
-    ))
+    rows += [
+        E.ExpectColumnValuesToBeBetween(column=c, min_value=0, description="vocabulary ids are >= 0") for c in idx_cols
+    ]
+    rows.append(
+        E.ExpectColumnValuesToBeBetween(
+            column="ts",
+            min_value=earliest,
+            max_value=latest,
+            description=f"ts from {ic.max_late_days} days before the drop date to its end + {ic.future_tolerance_s} s",
+        )
+    )
     rows, skipped = without_columns(rows, bad, "rows")
     plan.items.append(Batch("rows", df, rows))
     plan.items += skipped
@@ -207,30 +233,50 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     n = len(df)
     metrics: dict[str, float] = {"row_count": n}
     exps, outcomes = [], []
-    trailing = sorted(d for d in rows_by_dt if d < dt)[-cfg.quality.trailing_days:]
+    trailing = sorted(d for d in rows_by_dt if d < dt)[-cfg.quality.trailing_days :]
     plan.facts["rows"] = n
     if trailing:
         median = statistics.median(rows_by_dt[d] for d in trailing)
         lo, hi = cfg.quality.row_count_band
         plan.facts["trailing_partitions"] = {str(d): rows_by_dt[d] for d in trailing}
         plan.facts["trailing_median"] = median
-        exps.append(E.ExpectColumnValuesToBeBetween(
-            column="row_count", min_value=lo * median, max_value=hi * median,
-            description=f"rows of dt={dt} within {lo}..{hi} x {median:g}, the median of the {len(trailing)} "
-                        f"previous partitions ({trailing[0]}..{trailing[-1]})",
-        ))
+        exps.append(
+            E.ExpectColumnValuesToBeBetween(
+                column="row_count",
+                min_value=lo * median,
+                max_value=hi * median,
+                description=f"rows of dt={dt} within {lo}..{hi} x {median:g}, the median of the {len(trailing)} "
+                f"previous partitions ({trailing[0]}..{trailing[-1]})",
+            )
+        )
     else:
-        outcomes.append(Outcome("expect_column_values_to_be_between", {"column": "row_count"}, success=True, skipped=True,
-                                description="row count within quality.row_count_band x the median of the trailing days",
-                                note="not enough history: no events partition before this date", scope="metrics"))
+        outcomes.append(
+            Outcome(
+                "expect_column_values_to_be_between",
+                {"column": "row_count"},
+                success=True,
+                skipped=True,
+                description="row count within quality.row_count_band x the median of the trailing days",
+                note="not enough history: no events partition before this date",
+                scope="metrics",
+            )
+        )
     try:
         reasons = src.read("events_rejected", ["reason"], filter=_dt_is(dt)).column("reason")
         by_reason = {r["values"]: r["counts"] for r in pc.value_counts(reasons).to_pylist()}
     except MissingData as exc:
         by_reason = None
         for name in ("duplicate_ratio", "rejected_ratio"):
-            outcomes.append(Outcome("expect_column_values_to_be_between", {"column": name}, success=False,
-                                    description="needs the day's events_rejected rows", note=str(exc), scope="metrics"))
+            outcomes.append(
+                Outcome(
+                    "expect_column_values_to_be_between",
+                    {"column": name},
+                    success=False,
+                    description="needs the day's events_rejected rows",
+                    note=str(exc),
+                    scope="metrics",
+                )
+            )
     if by_reason is not None:
         raw = n + sum(by_reason.values())
         dup = by_reason.get("duplicate", 0)
@@ -240,11 +286,18 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
         q = cfg.quality
         exps += [
             E.ExpectColumnValuesToBeBetween(
-                column="duplicate_ratio", min_value=0, max_value=q.max_duplicate_ratio,
-                description=f"duplicates dropped ({dup}) / raw rows of the drop ({raw}) <= quality.max_duplicate_ratio"),
+                column="duplicate_ratio",
+                min_value=0,
+                max_value=q.max_duplicate_ratio,
+                description=f"duplicates dropped ({dup}) / raw rows of the drop ({raw}) <= quality.max_duplicate_ratio",
+            ),
             E.ExpectColumnValuesToBeBetween(
-                column="rejected_ratio", min_value=0, max_value=q.max_rejected_ratio,
-                description=f"contract violations ({raw - n - dup}) / raw rows of the drop ({raw}) <= quality.max_rejected_ratio"),
+                column="rejected_ratio",
+                min_value=0,
+                max_value=q.max_rejected_ratio,
+                description=f"contract violations ({raw - n - dup}) / raw rows of the drop ({raw}) "
+                "<= quality.max_rejected_ratio",
+            ),
         ]
     plan.facts["metrics"] = metrics
     if exps:
@@ -306,8 +359,9 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
 
     scalars = [f.name for f in S.USER_SEQUENCES if not f.nullable and f.name != "user_id" and f.name not in bad]
     arrays = [a for a in S.SEQUENCE_ARRAYS if a not in bad]
-    data = src.read("user_sequences", [c for c in ["user_id", *arrays, *scalars] if c not in bad],
-                    filter=_dt_is(dt, "updated_dt"))
+    data = src.read(
+        "user_sequences", [c for c in ["user_id", *arrays, *scalars] if c not in bad], filter=_dt_is(dt, "updated_dt")
+    )
     # No refreshed rows is right only when drop D had no accepted events (an empty day).
     empty_day = data.num_rows == 0 and src.partition_rows("events").get(dt, 0) == 0
     if data.num_rows == 0 and not empty_day:
@@ -316,34 +370,59 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     if "user_id" not in bad:
         users = src.read("user_sequences", ["user_id"]).to_pandas()
         plan.facts["users"] = len(users)
-        plan.items.append(Batch("users", users, [
-            E.ExpectColumnValuesToNotBeNull(column="user_id", description="every row has a user"),
-            E.ExpectColumnValuesToBeUnique(column="user_id", description="one row per user, over the whole table"),
-        ]))
+        plan.items.append(
+            Batch(
+                "users",
+                users,
+                [
+                    E.ExpectColumnValuesToNotBeNull(column="user_id", description="every row has a user"),
+                    E.ExpectColumnValuesToBeUnique(
+                        column="user_id", description="one row per user, over the whole table"
+                    ),
+                ],
+            )
+        )
 
     if empty_day:
         plan.facts["note"] = f"events has no rows for {dt}: no user to refresh"
         return plan
     df = data.select([c for c in data.column_names if c not in S.SEQUENCE_ARRAYS]).to_pandas()
     derived = {  # flag -> (inputs, how, description)
-        "arrays_match_seq_len": ([*S.SEQUENCE_ARRAYS, "seq_len"], lambda: _lengths_match(data, list(S.SEQUENCE_ARRAYS)),
-                                 "every array column has seq_len elements"),
+        "arrays_match_seq_len": (
+            [*S.SEQUENCE_ARRAYS, "seq_len"],
+            lambda: _lengths_match(data, list(S.SEQUENCE_ARRAYS)),
+            "every array column has seq_len elements",
+        ),
         "ts_sorted": (["ts"], lambda: _ts_sorted(data["ts"]), "ts ascending within each row"),
-        "last_event_ts_is_last_ts": (["ts", "last_event_ts"], lambda: _last_is(data["ts"], data["last_event_ts"]),
-                                     "last_event_ts equals the last element of ts"),
+        "last_event_ts_is_last_ts": (
+            ["ts", "last_event_ts"],
+            lambda: _last_is(data["ts"], data["last_event_ts"]),
+            "last_event_ts equals the last element of ts",
+        ),
     }
     rows = [E.ExpectColumnValuesToNotBeNull(column=c, description=f"{c} is required") for c in scalars]
     rows += [
-        E.ExpectColumnValuesToBeBetween(column="seq_len", min_value=1, max_value=cfg.sequences.max_len,
-                                        description="1 <= seq_len <= sequences.max_len"),
-        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="lifetime_events", column_B="seq_len", or_equal=True,
-                                                  description="lifetime_events >= seq_len (kept events are a subset)"),
+        E.ExpectColumnValuesToBeBetween(
+            column="seq_len",
+            min_value=1,
+            max_value=cfg.sequences.max_len,
+            description="1 <= seq_len <= sequences.max_len",
+        ),
+        E.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="lifetime_events",
+            column_B="seq_len",
+            or_equal=True,
+            description="lifetime_events >= seq_len (kept events are a subset)",
+        ),
     ]
     for flag, (inputs, how, desc) in derived.items():
         if not set(inputs) & bad:
             df[flag] = how()
-        rows.append(E.ExpectColumnValuesToBeInSet(column=flag, value_set=[True], meta=IDS,
-                                                  description=f"{desc} (examples: user_id)"))
+        rows.append(
+            E.ExpectColumnValuesToBeInSet(
+                column=flag, value_set=[True], meta=IDS, description=f"{desc} (examples: user_id)"
+            )
+        )
     # A flag whose inputs are unusable was not computed: skip its expectation like the others on bad columns.
     bad = bad | {flag for flag, (inputs, _, _) in derived.items() if set(inputs) & bad}
     rows, skipped = without_columns(rows, bad, "rows")

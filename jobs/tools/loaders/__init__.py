@@ -41,8 +41,9 @@ _FORMATS_HELP = {
 }
 
 
-def write_raw(events: pa.Table, items: pa.Table, out_root, fmt: str = "raw",
-              window: tuple[dt.date, dt.date] | None = None) -> list[dt.date]:
+def write_raw(
+    events: pa.Table, items: pa.Table, out_root, fmt: str = "raw", window: tuple[dt.date, dt.date] | None = None
+) -> list[dt.date]:
     """Write events as out_root/events/dt=D/part-<fmt>.parquet per UTC date D and the items at the first date.
 
     `window` (first, last date) clamps arrival dates: an event dated outside
@@ -80,14 +81,26 @@ def register(sub) -> None:
         help="public dataset (taobao, rees46, trivago, movielens, s3rec) -> raw daily drops",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("format", metavar="FORMAT", choices=list(LOADERS),
-                   help="input format: " + "; ".join(f"{k} = {v}" for k, v in _FORMATS_HELP.items()))
+    p.add_argument(
+        "format",
+        metavar="FORMAT",
+        choices=list(LOADERS),
+        help="input format: " + "; ".join(f"{k} = {v}" for k, v in _FORMATS_HELP.items()),
+    )
     p.add_argument("--input", required=True, type=Path, metavar="PATH", help="the dataset file to read")
-    p.add_argument("--items", type=Path, metavar="PATH",
-                   help="item attribute file (movielens: .item, s3rec: _item2attributes.json; "
-                        "default: the sibling file of the input)")
-    p.add_argument("--out", type=Path, metavar="DIR",
-                   help="raw root to write events/dt=*/ and items/dt=*/ under (default: the configured raw root)")
+    p.add_argument(
+        "--items",
+        type=Path,
+        metavar="PATH",
+        help="item attribute file (movielens: .item, s3rec: _item2attributes.json; "
+        "default: the sibling file of the input)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="raw root to write events/dt=*/ and items/dt=*/ under (default: the configured raw root)",
+    )
     p.set_defaults(func=run)
 
 
@@ -100,15 +113,19 @@ def run(args, cfg) -> int:
         raise UserError(f"{args.input}: no events could be read (skipped: {stats['skipped']})")
     days = write_raw(events, items, out, fmt=args.format, window=stats.get("window"))
     print(f"{args.format}: {args.input}")
-    print(f"  events {stats['events']:,}   users {stats['users']:,}   items {stats['items']:,}"
-          f"   catalogue items {stats['catalogue_items']:,}")
+    print(
+        f"  events {stats['events']:,}   users {stats['users']:,}   items {stats['items']:,}"
+        f"   catalogue items {stats['catalogue_items']:,}"
+    )
     print(f"  time {stats['first_ts']} .. {stats['last_ts']}")
     print(f"  days written {len(days)} ({days[0]} .. {days[-1]}) under {out}")
     skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
     print(f"  rows skipped {stats['rows_skipped']:,} ({skipped})")
     if stats.get("outside_window"):
-        print(f"  outside {stats['window'][0]} .. {stats['window'][1]}: {stats['outside_window']}"
-              " (kept; ingest will quarantine them)")
+        print(
+            f"  outside {stats['window'][0]} .. {stats['window'][1]}: {stats['outside_window']}"
+            " (kept; ingest will quarantine them)"
+        )
     if stats.get("unmapped_event_types"):
         print(f"  unknown event types (kept; ingest will quarantine them): {stats['unmapped_event_types']}")
     return 0

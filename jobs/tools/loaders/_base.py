@@ -35,8 +35,9 @@ def require_file(path, what: str = "input") -> Path:
 
 def refuse_items(fmt: str, items_path) -> None:
     if items_path is not None:
-        raise UserError(f"format {fmt} has no separate item file: its item attributes come from the events "
-                        "(drop --items)")
+        raise UserError(
+            f"format {fmt} has no separate item file: its item attributes come from the events (drop --items)"
+        )
 
 
 def header_names(path: Path, delimiter: str) -> list[str]:
@@ -46,8 +47,9 @@ def header_names(path: Path, delimiter: str) -> list[str]:
     return [n.strip().split(":", 1)[0] for n in first.split(delimiter)]
 
 
-def read_csv_strings(path: Path, names: list[str], *, header: bool, delimiter: str = ",",
-                     quoting: bool = True) -> tuple[pa.Table, int]:
+def read_csv_strings(
+    path: Path, names: list[str], *, header: bool, delimiter: str = ",", quoting: bool = True
+) -> tuple[pa.Table, int]:
     """Every column as string (null when empty); rows with the wrong field count are skipped and counted.
 
     Reading as text and parsing afterwards keeps one bad value from failing the
@@ -57,8 +59,13 @@ def read_csv_strings(path: Path, names: list[str], *, header: bool, delimiter: s
 
     def on_invalid(row):
         if not bad:
-            log.warning("%s: skipping malformed row (%d fields, expected %d): %.120r",
-                        path.name, row.actual_columns, row.expected_columns, row.text)
+            log.warning(
+                "%s: skipping malformed row (%d fields, expected %d): %.120r",
+                path.name,
+                row.actual_columns,
+                row.expected_columns,
+                row.text,
+            )
         bad.append(row.number)
         return "skip"
 
@@ -66,10 +73,12 @@ def read_csv_strings(path: Path, names: list[str], *, header: bool, delimiter: s
         t = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
-                                              invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                 strings_can_be_null=True, quoted_strings_can_be_null=True),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, quote_char='"' if quoting else False, invalid_row_handler=on_invalid
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=True, quoted_strings_can_be_null=True
+            ),
         )
     except pa.ArrowInvalid as exc:
         raise UserError(f"{path}: cannot read as CSV: {exc}") from None
@@ -181,8 +190,9 @@ def last_per_item(t: pa.Table, item_col: str, cols: list[str], order_by: str) ->
 
 
 # ------------------------------------------------------------------- stats
-def make_stats(fmt: str, path: Path, rows_in: int, events: pa.Table, items: pa.Table,
-               skipped: dict[str, int], **extra) -> dict:
+def make_stats(
+    fmt: str, path: Path, rows_in: int, events: pa.Table, items: pa.Table, skipped: dict[str, int], **extra
+) -> dict:
     ts = events["ts"]
     first, last = (pc.min(ts).as_py(), pc.max(ts).as_py()) if len(events) else (None, None)
     return {

@@ -36,8 +36,7 @@ def _items(path):
     year = pc.coalesce(year, in_title)
     decade = pc.binary_join_element_wise(pc.cast(pc.multiply(pc.divide(year, 10), 10), pa.string()), "s", "")
     first_genre = pc.struct_field(pc.extract_regex(genres, r"^\s*(?P<g>\S+)"), "g")
-    return B.items_table({"item_id": t["item_id"], "title": title, "category_l1": first_genre,
-                          "category_l2": decade})
+    return B.items_table({"item_id": t["item_id"], "title": title, "category_l1": first_genre, "category_l2": decade})
 
 
 def load(path, items_path=None):
@@ -64,5 +63,8 @@ def load(path, items_path=None):
     else:
         B.log.warning("%s not found: items get ids only", items_path)
         items = B.items_table({"item_id": pc.unique(events["item_id"].drop_null())})
-    return events, items, B.make_stats("movielens", path, t.num_rows + malformed, events, items, skipped,
-                                       items_input=str(items_path))
+    return (
+        events,
+        items,
+        B.make_stats("movielens", path, t.num_rows + malformed, events, items, skipped, items_input=str(items_path)),
+    )

@@ -14,8 +14,17 @@ import pyarrow.compute as pc
 
 from userformer.jobs.tools.loaders import _base as B
 
-COLUMNS = ["event_time", "event_type", "product_id", "category_id", "category_code", "brand", "price", "user_id",
-           "user_session"]
+COLUMNS = [
+    "event_time",
+    "event_type",
+    "product_id",
+    "category_id",
+    "category_code",
+    "brand",
+    "price",
+    "user_id",
+    "user_session",
+]
 _PATH_RE = r"^(?P<l1>[^.]*)(?:\.(?P<l2>[^.]*))?(?:\.(?P<l3>.*))?$"
 
 
@@ -27,8 +36,12 @@ def load(path, items_path=None):
     t, malformed = B.read_csv_strings(path, names, header=True)
     skipped = {"malformed CSV row": malformed} if malformed else {}
 
-    ts = pc.cast(pc.strptime(pc.utf8_trim_whitespace(t["event_time"]), format="%Y-%m-%d %H:%M:%S UTC", unit="s",
-                             error_is_null=True), B.S.TS)
+    ts = pc.cast(
+        pc.strptime(
+            pc.utf8_trim_whitespace(t["event_time"]), format="%Y-%m-%d %H:%M:%S UTC", unit="s", error_is_null=True
+        ),
+        B.S.TS,
+    )
     price = B.to_float(t["price"])
     is_purchase = pc.fill_null(pc.equal(t["event_type"], "purchase"), False)
     events = B.events_table(
@@ -44,10 +57,17 @@ def load(path, items_path=None):
 
     levels = pc.extract_regex(t["category_code"], _PATH_RE)
     l1, l2, l3 = (B.null_if_empty(pc.struct_field(levels, k)) for k in ("l1", "l2", "l3"))
-    attrs = pa.table({
-        "item_id": t["product_id"], "ts": ts, "category_l1": pc.coalesce(l1, t["category_id"]),
-        "category_l2": l2, "category_l3": l3, "brand": t["brand"], "price": price,
-    })
+    attrs = pa.table(
+        {
+            "item_id": t["product_id"],
+            "ts": ts,
+            "category_l1": pc.coalesce(l1, t["category_id"]),
+            "category_l2": l2,
+            "category_l3": l3,
+            "brand": t["brand"],
+            "price": price,
+        }
+    )
     last = B.last_per_item(attrs, "item_id", ["category_l1", "category_l2", "category_l3", "brand", "price"], "ts")
     items = B.items_table({c: last[c] for c in last.column_names})
     return events, items, B.make_stats("rees46", path, t.num_rows + malformed, events, items, skipped)

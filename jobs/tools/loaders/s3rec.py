@@ -125,5 +125,18 @@ def load(path, items_path=None):
     else:
         B.log.warning("%s not found: items get ids only", items_path)
         items = B.items_table({"item_id": pc.unique(events["item_id"])})
-    return events, items, B.make_stats("s3rec", path, lines, events, items, skipped, items_input=str(items_path),
-                                       synthetic_ts=f"{BASE.isoformat()} + k hours", top_level_categories=tops)
+    return (
+        events,
+        items,
+        B.make_stats(
+            "s3rec",
+            path,
+            lines,
+            events,
+            items,
+            skipped,
+            items_input=str(items_path),
+            synthetic_ts=f"{BASE.isoformat()} + k hours",
+            top_level_categories=tops,
+        ),
+    )

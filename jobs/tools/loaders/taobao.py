@@ -43,9 +43,21 @@ def load(path, items_path=None):
     day = pc.cast(events["ts"], "date32")
     outside = pc.sum(pc.cast(pc.or_(pc.less(day, WINDOW[0]), pc.greater(day, WINDOW[1])), "int64")).as_py() or 0
     if outside:
-        B.log.warning("%s: %d event(s) outside %s..%s passed through for ingest to quarantine",
-                      path.name, outside, *WINDOW)
-    return events, items, B.make_stats(
-        "taobao", path, t.num_rows + malformed, events, items, skipped,
-        window=WINDOW, outside_window=outside, unmapped_event_types=B.unmapped(t["behavior_type"], EVENT_TYPES),
+        B.log.warning(
+            "%s: %d event(s) outside %s..%s passed through for ingest to quarantine", path.name, outside, *WINDOW
+        )
+    return (
+        events,
+        items,
+        B.make_stats(
+            "taobao",
+            path,
+            t.num_rows + malformed,
+            events,
+            items,
+            skipped,
+            window=WINDOW,
+            outside_window=outside,
+            unmapped_event_types=B.unmapped(t["behavior_type"], EVENT_TYPES),
+        ),
     )

@@ -75,8 +75,17 @@ def load(path, items_path=None):
     )
     ids = pc.unique(events["item_id"].drop_null())
     items = B.items_table({"item_id": ids.take(pc.array_sort_indices(ids))})
-    return events, items, B.make_stats(
-        "trivago", path, t.num_rows + malformed, events, items, skipped,
-        unmapped_event_types=B.unmapped(action, EVENT_TYPES),
-        unknown_item_refs=pc.sum(pc.cast(pc.and_(is_item, pc.is_null(hotel)), pa.int64())).as_py() or 0,
+    return (
+        events,
+        items,
+        B.make_stats(
+            "trivago",
+            path,
+            t.num_rows + malformed,
+            events,
+            items,
+            skipped,
+            unmapped_event_types=B.unmapped(action, EVENT_TYPES),
+            unknown_item_refs=pc.sum(pc.cast(pc.and_(is_item, pc.is_null(hotel)), pa.int64())).as_py() or 0,
+        ),
     )
