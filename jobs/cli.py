@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("py4j", "great_expectations", "urllib3"):
+    # Third-party loaders that log at INFO (faiss announces its CPU features on import): the answer comes first.
+    for noisy in ("py4j", "great_expectations", "urllib3", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config)

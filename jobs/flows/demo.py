@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -185,6 +186,10 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     print(f"  day ledgers         {cfg.reports_root / 'runs'}")
     if rep.get("html"):
         print(f"  daily report        file://{rep['html']}")
+    # Commands a newcomer pastes into a new shell: they name the demo's home and configuration themselves.
+    env = f"USERFORMER_HOME={shlex.quote(str(cfg.home))}"
+    if os.environ.get("USERFORMER_CONFIG"):
+        env += f" USERFORMER_CONFIG={shlex.quote(os.environ['USERFORMER_CONFIG'])}"
     print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
     print(
         f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
@@ -193,7 +198,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     user = _some_user(cfg)
     if user:
         print("a user's recommendations from the index:")
-        print(f"  {Path(sys.executable).parent / 'userformer'} recommend --user {user} -k 10")
+        print(f"  {env} {Path(sys.executable).parent / 'userformer'} recommend --user {user} -k 10")
 
 
 def _some_user(cfg: Config) -> str | None:

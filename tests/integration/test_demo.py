@@ -41,6 +41,16 @@ def test_demo_runs_every_day_and_reruns_cleanly(tmp_path):
     assert seq.num_rows > 100 and events.num_rows > 1000
     assert sum(seq["lifetime_events"].to_pylist()) == events.num_rows
     assert (home / "reports" / "checks" / "events" / "dt=2026-11-03.html").is_file()
+    # The commands it suggests work when pasted into a new shell (no USERFORMER_* set there), and print the answer,
+    # not a library's loader logs.
+    lines = r.stdout.splitlines()
+    suggested = [lines[i + 1].strip() for i, line in enumerate(lines) if line.startswith(("query a table", "a user's"))]
+    assert len(suggested) == 2 and " recommend --user " in suggested[1], r.stdout[-2000:]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("USERFORMER")}
+    for cmd in suggested:
+        out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=clean, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, (cmd, out.stderr[-2000:])
+        assert out.stdout.strip() and "faiss" not in out.stdout + out.stderr, (cmd, out.stdout[:500], out.stderr[:500])
     # A second demo in the same home starts over and ends with the same tables.
     r2 = demo(home)
     assert r2.returncode == 0, r2.stderr[-4000:]
