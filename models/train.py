@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from userformer.models import losses as LS
+from userformer.models import losses
 from userformer.models.config import ModelConfig, TrainConfig
 from userformer.models.data import (
     INT_FIELDS,
@@ -66,12 +66,12 @@ def batch_loss(
     model: UserFormer,
     batch: dict,
     tcfg: TrainConfig,
-    sampler: LS.NegativeSampler | None,
+    sampler: losses.NegativeSampler | None,
     gen: torch.Generator,
     real_time: bool,
 ) -> tuple[torch.Tensor, dict]:
     """Loss of one batch padded to max_len + 1 (the extra column supplies the last target)."""
-    inp, tgt, ok, query_ts = LS.next_action_targets(batch)
+    inp, tgt, ok, query_ts = losses.next_action_targets(batch)
     h = model.encoder.hidden(inp)
     if tcfg.objective == "next_action":
         # Only positions with a target go through the output MLP.
@@ -79,7 +79,7 @@ def batch_loss(
         pos = tgt[ok]
     else:
         horizon = tcfg.dense_horizon_days * 86400.0 if real_time else float(tcfg.dense_horizon_events)
-        _, p, dtgt, dok = LS.dense_all_action_targets(batch, tcfg.dense_positions, horizon, real_time, gen)
+        _, p, dtgt, dok = losses.dense_all_action_targets(batch, tcfg.dense_positions, horizon, real_time, gen)
         p, dtgt, dok = p.to(h.device), dtgt.to(h.device), dok.to(h.device)
         hp = h.gather(1, p[..., None].expand(-1, -1, h.shape[-1]))[dok]
         gap = (query_ts.gather(1, p) - inp["ts"].gather(1, p))[dok]
@@ -94,12 +94,12 @@ def batch_loss(
         pos = torch.cat([pos, first_item[cold]])
     tau = model.temperature
     if tcfg.loss == "full":
-        retrieval = LS.full_softmax(u, model.item_tower.all_items(), pos, tau)
+        retrieval = losses.full_softmax(u, model.item_tower.all_items(), pos, tau)
     else:
         neg = sampler.sample(pos).to(u.device)
-        vecs = LS.item_vectors(model.item_tower, torch.cat([pos, neg.reshape(-1)]))
+        vecs = losses.item_vectors(model.item_tower, torch.cat([pos, neg.reshape(-1)]))
         log_q = sampler.log_q.to(u.device) if sampler.log_q is not None else None
-        retrieval = LS.sampled_softmax(
+        retrieval = losses.sampled_softmax(
             u, vecs[: len(pos)], pos, vecs[len(pos) :].reshape(*neg.shape, -1), neg, log_q, tau
         )
     heads = {}
@@ -120,7 +120,7 @@ def batch_loss(
             label = torch.where(has, label, torch.zeros_like(label))
             if (label > 0).any():
                 heads[task] = F.cross_entropy(s.float(), label, ignore_index=0)
-    loss = LS.multitask_loss(retrieval, heads, tcfg.head_weight)
+    loss = losses.multitask_loss(retrieval, heads, tcfg.head_weight)
     return loss, {"retrieval": float(retrieval.detach()), **{k: float(v.detach()) for k, v in heads.items()}}
 
 
@@ -350,7 +350,7 @@ def fit(
         [p for p in model.parameters() if p.requires_grad], lr=tcfg.lr, weight_decay=tcfg.weight_decay
     )
     counts = source.item_counts(catalog.n_items)
-    sampler = LS.NegativeSampler(
+    sampler = losses.NegativeSampler(
         counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed, per_row=tcfg.negatives_per_row
     )
     gen = torch.Generator().manual_seed(tcfg.seed + 1)

@@ -133,7 +133,7 @@ def _metrics(m: dict, keys=("ndcg@10", "recall@10")) -> str:
 
 def print_summary(cfg: Config, days: list[dt.date]) -> None:
     """Rows per table, users refreshed per day, model versions, evaluation metrics, index recall, where things are."""
-    from userformer.jobs.core import registry as R
+    from userformer.jobs.core import registry
     from userformer.jobs.tools import info
 
     print(
@@ -162,8 +162,8 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
         "\nmodel versions (jobs/core/registry.py; the gate compares a candidate with the published model on "
         "held-out users of its day):"
     )
-    ptr = R.published(cfg)
-    for man in R.list_versions(cfg):
+    ptr = registry.published(cfg)
+    for man in registry.list_versions(cfg):
         m = man.get("metrics") or {}
         if man.get("kind") == "finetune":
             g = m.get("gate") or {}
@@ -222,10 +222,10 @@ def _run_in_process(cfg: Config, days: list[dt.date]) -> None:
 
 
 def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
-    from userformer.jobs.tools import orchestrator as O
+    from userformer.jobs.tools import orchestrator
 
     t0 = time.perf_counter()
-    af = O.start(cfg, args.port or O.free_port(), scheduled_runs=False)
+    af = orchestrator.start(cfg, args.port or orchestrator.free_port(), scheduled_runs=False)
     print(
         f"Airflow {af.url} (login {af.username} / {af.password}; pid {af.pid}) ready in "
         f"{time.perf_counter() - t0:.0f}s; backfill of daily_refresh {days[0]} .. {days[-1]}",
@@ -252,7 +252,9 @@ def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
                     for p in af.task_log_path("daily_refresh", run["dag_run_id"], t["task_id"]):
                         print(f"  log: {p}", flush=True)
 
-        states = O.run_backfill(af, "daily_refresh", days[0], days[-1], reprocess="completed", progress=progress)
+        states = orchestrator.run_backfill(
+            af, "daily_refresh", days[0], days[-1], reprocess="completed", progress=progress
+        )
         failed = [d for d, s in states.items() if s != "success"]
         if failed:
             raise UserError(f"daily_refresh failed for {', '.join(failed)}: see the logs above or {af.url}", code=1)

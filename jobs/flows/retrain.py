@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 
 def as_of(cfg: Config, day: dt.date | None) -> dt.date:
     """D: the given drop date, or the latest drop user_sequences includes."""
-    from userformer.jobs.core import stream as ST
+    from userformer.jobs.core import stream
 
     if day is not None:
         return day
-    last = ST.applied_drop(cfg)
+    last = stream.applied_drop(cfg)
     if last is None:
         raise UserError("user_sequences includes no drop yet: run the daily pipeline first (`userformer run-day`)")
     return last
@@ -50,14 +50,14 @@ def as_of(cfg: Config, day: dt.date | None) -> dt.date:
 
 def train_window(cfg: Config, day: dt.date, window_days: int, *, epochs: int | None = None) -> dict:
     """Step 1: train from scratch on the last `window_days` days up to D; register the version."""
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.steps import train as TR
+    from userformer.jobs.core import registry
+    from userformer.jobs.steps import train
 
     if window_days < 2:
         raise UserError(f"--window-days must be >= 2, got {window_days}")
     t0 = time.perf_counter()
-    before = R.published(cfg)
-    res = TR.train(cfg, day=day, epochs=epochs, window_days=window_days, progress=False, log=log.info)
+    before = registry.published(cfg)
+    res = train.train(cfg, day=day, epochs=epochs, window_days=window_days, progress=False, log=log.info)
     out = {
         "version": res["version"],
         "published_before": before["version"] if before else None,
@@ -88,12 +88,12 @@ def better(new: dict, old: dict, metrics: list[str]) -> dict:
 
 def judge(cfg: Config, day: dt.date, version: str) -> dict:
     """Step 2: evaluate `version` and the published model on the same window; publish `version` iff better."""
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.steps import train as TR
+    from userformer.jobs.core import registry
+    from userformer.jobs.steps import train
 
     t0 = time.perf_counter()
-    man = R.read_manifest(cfg, version)
-    ptr = R.published(cfg)
+    man = registry.read_manifest(cfg, version)
+    ptr = registry.published(cfg)
     if ptr is None:
         raise UserError(f"nothing is published under {cfg.models_root}: nothing to judge {version} against")
     if ptr["version"] == version:
@@ -114,8 +114,8 @@ def judge(cfg: Config, day: dt.date, version: str) -> dict:
         }
         return ledger.record(cfg, day, "retrain_judge", res, time.perf_counter() - t0)
     quiet = log.info
-    new = TR.evaluate(cfg, version=version, day=day, out=quiet)
-    old = TR.evaluate(cfg, version=ptr["version"], day=day, out=quiet)
+    new = train.evaluate(cfg, version=version, day=day, out=quiet)
+    old = train.evaluate(cfg, version=ptr["version"], day=day, out=quiet)
     metrics = list(cfg.finetune.gate_metrics)
     decision = better(new["models"][version], old["models"][ptr["version"]], metrics)
     decision.update(
@@ -125,9 +125,9 @@ def judge(cfg: Config, day: dt.date, version: str) -> dict:
         published_overlaps_window=old["protocol"]["window_overlaps_training"],
         reports={"new": new["path"], "published": old["path"]},
     )
-    R.set_status(cfg, version, "promoted" if decision["promote"] else "rejected", decision)
+    registry.set_status(cfg, version, "promoted" if decision["promote"] else "rejected", decision)
     if decision["promote"]:
-        ptr = R.publish(
+        ptr = registry.publish(
             cfg, version, f"retrain dt={day} ({man.get('protocol', {}).get('window_days')} days): {decision['reason']}"
         )
     res = {

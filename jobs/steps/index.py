@@ -76,7 +76,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 log = logging.getLogger(__name__)
 
@@ -892,7 +892,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
                 "as_of": pa.array([dt] * len(users), pa.date32()),
             }
             yield pa.RecordBatch.from_arrays(
-                [cols[f.name].cast(f.type) for f in S.USER_CANDIDATES], schema=S.USER_CANDIDATES
+                [cols[f.name].cast(f.type) for f in tables.USER_CANDIDATES], schema=tables.USER_CANDIDATES
             )
 
     meta = {
@@ -917,12 +917,12 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
         staged = stage / "candidates.parquet"
         refreshed: list[str] = []
         fs, where = files.arrow(staged)
-        with pq.ParquetWriter(where, S.USER_CANDIDATES, filesystem=fs) as w:
+        with pq.ParquetWriter(where, tables.USER_CANDIDATES, filesystem=fs) as w:
             for b in batches():
                 refreshed += b.column("user_id").to_pylist()
                 w.write_batch(b)
         published_users = ds.to_table(columns=["user_id"])["user_id"].cast(pa.string()).combine_chunks()
-        schema = S.USER_CANDIDATES
+        schema = tables.USER_CANDIDATES
 
         def conform(b):
             return pa.RecordBatch.from_arrays([b.column(f.name).cast(f.type) for f in schema], schema=schema)

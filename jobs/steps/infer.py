@@ -272,7 +272,7 @@ def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_
     """The staged rows of one chunk: (user_embeddings, user_preference_scores) as Arrow tables."""
     import pyarrow as pa
 
-    from userformer.schemas import tables as S
+    from userformer.schemas import tables
 
     n = len(user_ids)
     ue = pa.table(
@@ -281,9 +281,9 @@ def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_
             "embedding": _lists(emb, pa.float32()),
             "model_version": pa.array([version] * n, pa.string()),
             "as_of": pa.array([day] * n, pa.date32()),
-            "updated_at": pa.array([updated_at] * n, S.TS),
+            "updated_at": pa.array([updated_at] * n, tables.TS),
         },
-        schema=S.USER_EMBEDDINGS,
+        schema=tables.USER_EMBEDDINGS,
     )
     parts = []
     for task, (idx, p) in prefs.items():
@@ -304,10 +304,10 @@ def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_
                     "model_version": pa.array([version] * n, pa.string()),
                     "as_of": pa.array([day] * n, pa.date32()),
                 },
-                schema=S.USER_PREFERENCE_SCORES,
+                schema=tables.USER_PREFERENCE_SCORES,
             )
         )
-    ps = pa.concat_tables(parts) if parts else S.USER_PREFERENCE_SCORES.empty_table()
+    ps = pa.concat_tables(parts) if parts else tables.USER_PREFERENCE_SCORES.empty_table()
     return ue, ps
 
 
@@ -332,30 +332,29 @@ def infer(
     import pyarrow.parquet as pq
     import torch
 
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.core import stream as ST
-    from userformer.models import train as T
+    from userformer.jobs.core import registry, stream
+    from userformer.models import train
     from userformer.models.data import from_sequences_table
-    from userformer.schemas import tables as S
+    from userformer.schemas import tables
 
     if shards < 1 or not 0 <= shard < shards:
         raise UserError(f"--shard must be in 0..{shards - 1} (--shards {shards}), got {shard}")
     t0 = time.perf_counter()
     ic = cfg.infer
-    ptr = R.published(cfg)
+    ptr = registry.published(cfg)
     if ptr is None:
         raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first")
     version = ptr["version"]
-    state = ST.drop_state(cfg, day)
+    state = stream.drop_state(cfg, day)
     if state == "missing":
         raise UserError(f"drop {day} was not ingested: run `userformer run-day --dt {day}` first")
     if state == "ingested":
         raise UserError(f"user_sequences does not include drop {day} yet: run `userformer sequences --dt {day}` first")
-    seq_v, _ = ST.sequences_version(cfg, day)
-    model_path = R.version_dir(cfg, version) / "model.pt"
-    model, ck = R.load(cfg, version)  # missing / corrupt / inconsistent checkpoint: UserError naming the file
-    cat = ST.warehouse_catalog(cfg, day)
-    grown = R.fit_to_catalog(model, cat.catalog, str(model_path))  # a catalogue older than the model: UserError
+    seq_v, _ = stream.sequences_version(cfg, day)
+    model_path = registry.version_dir(cfg, version) / "model.pt"
+    model, ck = registry.load(cfg, version)  # missing / corrupt / inconsistent checkpoint: UserError naming the file
+    cat = stream.warehouse_catalog(cfg, day)
+    grown = registry.fit_to_catalog(model, cat.catalog, str(model_path))  # a catalogue older than the model: UserError
     if users is not None and all_users:
         raise UserError("infer: pass either a list of users or all_users, not both")
     selection = sorted(set(users)) if users is not None else None
@@ -366,7 +365,7 @@ def infer(
         full = reason is not None
         if not full:
             reason = f"users whose sequences changed on {day} (updated_dt = {day})"
-    device = T.pick_device(ic.device)
+    device = train.pick_device(ic.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("infer.device = cuda but no CUDA device is available (use auto or cpu)")
     torch.set_num_threads(cfg.train.num_threads)
@@ -392,8 +391,8 @@ def infer(
         return pq.ParquetWriter(where, schema, filesystem=fs)
 
     try:
-        ue_w = writer("user_embeddings.parquet", S.USER_EMBEDDINGS)
-        ps_w = writer("user_preference_scores.parquet", S.USER_PREFERENCE_SCORES)
+        ue_w = writer("user_embeddings.parquet", tables.USER_EMBEDDINGS)
+        ps_w = writer("user_preference_scores.parquet", tables.USER_PREFERENCE_SCORES)
         try:
             if selection is not None:
                 with writer(SELECTION, pa.schema([("user_id", pa.string())])) as w:
@@ -402,7 +401,7 @@ def infer(
             else:
                 filt = None if full else pc.field("updated_dt") == pa.scalar(day, pa.date32())
             # delta.scan, not delta-rs's dataset: user_sequences is MERGEd by Spark with deletion vectors.
-            for t in delta.scan(seq_path, seq_v, columns=ST.COLUMNS, filter=filt, batch_size=ic.chunk_users):
+            for t in delta.scan(seq_path, seq_v, columns=stream.COLUMNS, filter=filt, batch_size=ic.chunk_users):
                 if shards > 1:
                     t = t.filter(pa.array(shard_of(t["user_id"].to_pylist(), shards) == shard))
                 if not t.num_rows:
@@ -439,9 +438,9 @@ def infer(
                     "model_version": pa.array([version] * n, pa.string()),
                     "as_of": pa.array([day] * n, pa.date32()),
                 },
-                schema=S.ITEM_EMBEDDINGS,
+                schema=tables.ITEM_EMBEDDINGS,
             )
-            with writer("item_embeddings.parquet", S.ITEM_EMBEDDINGS) as w:
+            with writer("item_embeddings.parquet", tables.ITEM_EMBEDDINGS) as w:
                 w.write_table(it)
             rows["item_embeddings"] = n
         manifest = {
@@ -473,7 +472,7 @@ def infer(
             "device": str(device),
             "bf16": bool(ic.bf16 and device.type == "cuda"),
             "updated_at": updated_at.isoformat(),
-            "created_at": R.now_iso(),
+            "created_at": registry.now_iso(),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         files.write_json(final / MANIFEST, manifest)  # last: the shard now names this run

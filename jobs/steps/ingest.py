@@ -34,7 +34,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,14 @@ def inspect_raw_files(raw_dir: Path) -> list[RawFile]:
         except Exception as exc:  # pyarrow raises several types for truncated/corrupt files
             raise UserError(f"{p}: unreadable Parquet file (truncated or corrupt?): {exc}") from None
         names = set(schema.names)
-        missing = [c for c in S.RAW_EVENTS_REQUIRED if c not in names]
+        missing = [c for c in tables.RAW_EVENTS_REQUIRED if c not in names]
         if missing:
             raise UserError(f"{p}: missing required column(s) {missing}; has {sorted(names)}")
-        extra = sorted(names - set(S.RAW_EVENTS.names))
+        extra = sorted(names - set(tables.RAW_EVENTS.names))
         if extra:
             log.warning("%s: ignoring columns outside the raw contract: %s", p.name, extra)
         ts_kind = "timestamp"
-        for field in S.RAW_EVENTS:
+        for field in tables.RAW_EVENTS:
             if field.name not in names:
                 continue
             got = schema.field(field.name).type
@@ -101,7 +101,9 @@ def inspect_raw_files(raw_dir: Path) -> list[RawFile]:
             elif pa.types.is_floating(field.type) and name not in _NUMBER_OK:
                 raise UserError(f"{p}: column {field.name} has type {got}; expected a number")
         out.append(
-            RawFile(p, rows, ts_kind, tuple((c, str(schema.field(c).type)) for c in S.RAW_EVENTS.names if c in names))
+            RawFile(
+                p, rows, ts_kind, tuple((c, str(schema.field(c).type)) for c in tables.RAW_EVENTS.names if c in names)
+            )
         )
     return out
 
@@ -118,7 +120,7 @@ def _read_raw(spark, files: list[RawFile]):
         cols = {name for name, _ in typed}
         df = spark.read.parquet(*paths)
         sel = {}
-        for field in S.RAW_EVENTS:
+        for field in tables.RAW_EVENTS:
             if field.name == "ts":
                 continue
             c = F.col(field.name) if field.name in cols else F.lit(None)
@@ -271,7 +273,7 @@ def extend_vocab(vocab: pa.Table, kind: str, keys, day: dt.date) -> tuple[pa.Tab
             "idx": list(range(start, start + len(new))),
             "first_dt": [day] * len(new),
         },
-        schema=S.VOCAB,
+        schema=tables.VOCAB,
     )
     return rows, mapping
 
@@ -301,7 +303,7 @@ def read_raw_items(cfg: Config, day: dt.date) -> pa.Table | None:
         if "item_id" not in t.column_names:
             raise UserError(f"{p}: missing required column item_id")
         cols = {}
-        for f in S.RAW_ITEMS:
+        for f in tables.RAW_ITEMS:
             if f.name in t.column_names:
                 try:
                     cols[f.name] = t[f.name].cast(f.type)
@@ -309,7 +311,7 @@ def read_raw_items(cfg: Config, day: dt.date) -> pa.Table | None:
                     raise UserError(f"{p}: column {f.name} cannot be read as {f.type}: {exc}") from None
             else:
                 cols[f.name] = pa.nulls(len(t), f.type)
-        t = pa.table(cols, schema=S.RAW_ITEMS)
+        t = pa.table(cols, schema=tables.RAW_ITEMS)
         parts.append(t.filter(pc.is_valid(t["item_id"])))
     if not parts:
         return None
@@ -327,7 +329,7 @@ def update_items(
     import pandas as pd
 
     cur = current.to_pandas()
-    snap = (snapshot if snapshot is not None else S.RAW_ITEMS.empty_table()).to_pandas()
+    snap = (snapshot if snapshot is not None else tables.RAW_ITEMS.empty_table()).to_pandas()
     attrs = ["category_l1", "category_l2", "category_l3", "brand", "title", "price"]
 
     unknown = sorted(set(event_item_ids) - set(cur["item_id"]) - set(snap["item_id"]))
@@ -367,9 +369,11 @@ def update_items(
     for c in ("category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx"):
         new_unknown[c] = 0
     parts = [cur[~cur["item_id"].isin(upd["item_id"])], upd, new_unknown]
-    merged = pd.concat([p.reindex(columns=S.ITEMS.names) for p in parts if len(p)], ignore_index=True)
-    merged = merged.sort_values("item_idx").reset_index(drop=True) if len(merged) else S.ITEMS.empty_table().to_pandas()
-    items = pa.Table.from_pandas(merged, schema=S.ITEMS, preserve_index=False)
+    merged = pd.concat([p.reindex(columns=tables.ITEMS.names) for p in parts if len(p)], ignore_index=True)
+    merged = (
+        merged.sort_values("item_idx").reset_index(drop=True) if len(merged) else tables.ITEMS.empty_table().to_pandas()
+    )
+    items = pa.Table.from_pandas(merged, schema=tables.ITEMS, preserve_index=False)
     return items, pa.concat_tables(vocab_rows), {"items_changed": int(len(upd)), "items_unknown_new": len(unknown)}
 
 
@@ -447,8 +451,8 @@ def _publish(
 
     # Small collects: the day's distinct keys, for the vocabularies.
     keys = accepted.select("event_type", "surface", "item_id").distinct().toArrow()
-    vocab, read["vocab"] = _load(cfg, "vocab", S.VOCAB)
-    current_items, read["items"] = _load(cfg, "items", S.ITEMS)
+    vocab, read["vocab"] = _load(cfg, "vocab", tables.VOCAB)
+    current_items, read["items"] = _load(cfg, "items", tables.ITEMS)
     event_items = sorted(set(keys["item_id"].drop_null().to_pylist()))
     items, vocab_new, item_stats = update_items(current_items, day, snapshot, event_items, vocab)
     rows_et, et_map = extend_vocab(vocab, "event_type", keys["event_type"].to_pylist(), day)
@@ -476,9 +480,9 @@ def _publish(
             0, subset=["item_idx", "category_l1_idx", "category_l2_idx", "category_l3_idx", "brand_idx", "surface_idx"]
         )
     )
-    events = events.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS])
+    events = events.select(*[F.col(f.name).cast(_spark_type(f)) for f in tables.EVENTS])
     rejected = checked.where(F.col("reason").isNotNull()).withColumn("dt", F.lit(day))
-    rejected = rejected.select(*[F.col(f.name).cast(_spark_type(f)) for f in S.EVENTS_REJECTED])
+    rejected = rejected.select(*[F.col(f.name).cast(_spark_type(f)) for f in tables.EVENTS_REJECTED])
     counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
 
     # Every read is done and every check passed: from here on, commits. vocab first (it reserves the ids that
@@ -496,11 +500,11 @@ def _publish(
             raise delta.ConcurrentWrite(cfg.table_path(name), f"read version {read[name]}, now {_version(cfg, name)}")
     if len(vocab_new):
         delta.write_arrow(
-            cfg.table_path("vocab"), vocab_new, S.VOCAB, mode="append", metadata=meta, read_version=read["vocab"]
+            cfg.table_path("vocab"), vocab_new, tables.VOCAB, mode="append", metadata=meta, read_version=read["vocab"]
         )
     if write_items:
         delta.write_arrow(
-            cfg.table_path("items"), items, S.ITEMS, mode="overwrite", metadata=meta, read_version=read["items"]
+            cfg.table_path("items"), items, tables.ITEMS, mode="overwrite", metadata=meta, read_version=read["items"]
         )
 
     # events_rejected[D] and events[D]: each one commit replacing just partition D (a rerun of D replaces D).
@@ -530,7 +534,7 @@ def _publish(
 
 
 def _spark_type(f: pa.Field):
-    return S.to_spark(pa.schema([f]))[0].dataType
+    return tables.to_spark(pa.schema([f]))[0].dataType
 
 
 # -------------------------------------------------------------------- CLI

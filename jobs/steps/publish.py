@@ -56,7 +56,7 @@ from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core.storage.files import Location, append_line, location, parquet_dataset, write_json
-from userformer.jobs.steps import infer as I
+from userformer.jobs.steps import infer
 
 KEY = "_replace_user"  # merge key of user_preference_scores' delete+insert
 
@@ -86,22 +86,22 @@ def staged_shards(cfg: Config, day: dt.date, version: str, shards: int) -> list[
     """The manifests of shards 0..shards-1 of (day, version); a UserError naming every missing shard."""
     out, missing = [], []
     for i in range(shards):
-        d = I.shard_dir(cfg, day, version, i, shards)
-        m = I.read_manifest(d)
+        d = infer.shard_dir(cfg, day, version, i, shards)
+        m = infer.read_manifest(d)
         if m is None:
             missing.append(i)
         else:
             out.append(m)
     if missing:
         have = (
-            sorted(p.name for p in I.day_dir(cfg, day, version).glob("shard=*"))
-            if I.day_dir(cfg, day, version).is_dir()
+            sorted(p.name for p in infer.day_dir(cfg, day, version).glob("shard=*"))
+            if infer.day_dir(cfg, day, version).is_dir()
             else []
         )
         cmds = "; ".join(f"userformer infer --dt {day} --shard {i} --shards {shards}" for i in missing[:3])
         raise UserError(
             f"publish dt={day}: {len(missing)} of {shards} shards of model {version} have no staged "
-            f"output (missing: {', '.join(I.shard_name(i, shards) for i in missing)}; staged: "
+            f"output (missing: {', '.join(infer.shard_name(i, shards) for i in missing)}; staged: "
             f"{', '.join(have) or 'none'}); run {cmds}{' ...' if len(missing) > 3 else ''}"
         )
     return out
@@ -154,12 +154,12 @@ def _as_read(path, schema, read_v: int | None):
 
 
 def _merge_embeddings(cfg: Config, files: list[str], full: bool, meta: dict, read_v: int | None) -> int:
-    from userformer.schemas import tables as S
+    from userformer.schemas import tables
 
     path = cfg.table_path("user_embeddings")
-    t = _as_read(path, S.USER_EMBEDDINGS, read_v)
+    t = _as_read(path, tables.USER_EMBEDDINGS, read_v)
     m = t.merge(
-        _reader(files, S.USER_EMBEDDINGS),
+        _reader(files, tables.USER_EMBEDDINGS),
         predicate="t.user_id = s.user_id",
         source_alias="s",
         target_alias="t",
@@ -179,11 +179,11 @@ def _replace_preferences(
     """Delete every row of the refreshed users and insert their new rows, in one merge commit."""
     import pyarrow as pa
 
-    from userformer.schemas import tables as S
+    from userformer.schemas import tables
 
     path = cfg.table_path("user_preference_scores")
-    t = _as_read(path, S.USER_PREFERENCE_SCORES, read_v)
-    cols = S.USER_PREFERENCE_SCORES
+    t = _as_read(path, tables.USER_PREFERENCE_SCORES, read_v)
+    cols = tables.USER_PREFERENCE_SCORES
     schema = pa.schema([pa.field(KEY, pa.string()), *[f.with_nullable(True) for f in cols]])
 
     def batches():
@@ -213,13 +213,13 @@ def _replace_preferences(
 def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | None) -> int:
     from deltalake import write_deltalake
 
-    from userformer.schemas import tables as S
+    from userformer.schemas import tables
 
     path = cfg.table_path("item_embeddings")
-    t = _as_read(path, S.ITEM_EMBEDDINGS, read_v)
+    t = _as_read(path, tables.ITEM_EMBEDDINGS, read_v)
     with delta.conflicts(path):
         write_deltalake(
-            t, _reader(files, S.ITEM_EMBEDDINGS), mode="overwrite", commit_properties=delta.strict_commit(meta)
+            t, _reader(files, tables.ITEM_EMBEDDINGS), mode="overwrite", commit_properties=delta.strict_commit(meta)
         )
     return t.version()
 
@@ -227,20 +227,19 @@ def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | No
 # -------------------------------------------------------------------- step
 def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
     """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.core import stream as ST
-    from userformer.jobs.steps import check as C
+    from userformer.jobs.core import registry, stream
+    from userformer.jobs.steps import check
 
     t0 = time.perf_counter()
     shards = shards or cfg.infer.shards
     if shards < 1:
         raise UserError(f"--shards must be >= 1, got {shards}")
-    ptr = R.published(cfg)
+    ptr = registry.published(cfg)
     if ptr is None:
         raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first")
     version = ptr["version"]
 
-    last = I.last_publish(cfg)
+    last = infer.last_publish(cfg)
     marker = published_outputs(cfg)
     days = [dt.date.fromisoformat(p["dt"]) for p in last.values() if p and p.get("dt")]
     if marker and marker.get("dt"):
@@ -254,7 +253,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
 
     manifests = staged_shards(cfg, day, version, shards)
     common = consistent(manifests)
-    seq_v, _ = ST.sequences_version(cfg, day)
+    seq_v, _ = stream.sequences_version(cfg, day)
     staged_v = common["inputs"]["user_sequences"]["version"]
     if staged_v != seq_v:
         raise UserError(
@@ -262,7 +261,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
             f"warehouse now holds version {seq_v} for {day} (sequences rerun?); rerun `userformer infer "
             f"--dt {day}` for every shard"
         )
-    need_full = I.full_reason(cfg, day, version)
+    need_full = infer.full_reason(cfg, day, version)
     if need_full and common.get("selection") and all(p and p.get("model_version") == version for p in last.values()):
         # A repair's selected users (jobs/flows/repair.py): the published rows are all of this model already (its
         # full re-embed was published), so replacing just these users keeps one model version per snapshot.
@@ -273,9 +272,11 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
             f"`userformer infer --dt {day}` for every shard"
         )
 
-    res = C.check(cfg, "outputs", day, {"shards": shards})
+    res = check.check(cfg, "outputs", day, {"shards": shards})
     if not res.success:
-        raise UserError(f"publish dt={day}: the output checks failed, nothing was published\n{C.summary(res)}", code=1)
+        raise UserError(
+            f"publish dt={day}: the output checks failed, nothing was published\n{check.summary(res)}", code=1
+        )
 
     users = sum(m["users"] for m in manifests)
     oid = outputs_id(manifests)
@@ -292,9 +293,9 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
     }
     done = {}  # table -> its last publish commit
     read_v = {}  # table -> the version whose history decided what to commit (None: no table); commits land on it
-    for t in I.OUTPUTS:
+    for t in infer.OUTPUTS:
         read_v[t] = delta.version_of(cfg.table_path(t))
-        commits = I.publish_commits(cfg, t)
+        commits = infer.publish_commits(cfg, t)
         done[t] = commits[-1] if commits else None
     report: dict[str, dict] = {}
 
@@ -356,7 +357,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
         "outputs_id": oid,
         "tables": {t: r["version"] for t, r in report.items()},
         "inputs": {t: v["version"] for t, v in inputs.items()},
-        "published_at": R.now_iso(),
+        "published_at": registry.now_iso(),
     }
     _write_marker(cfg, record)
     out = {

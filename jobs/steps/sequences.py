@@ -19,13 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from userformer.jobs.core import hooks
-from userformer.jobs.core import stream as ST
+from userformer.jobs.core import hooks, stream
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def _columns(events, n_events, counts, first_ts, last_ts, last_dt, max_len: int)
     # The newest max_len events, kept oldest first.
     ordered = F.sort_array(events)
     kept = F.slice(ordered, F.greatest(F.size(ordered) - max_len, F.lit(0)) + 1, max_len)
-    out = {name: kept.getField(name) for name in S.SEQUENCE_ARRAYS}
+    out = {name: kept.getField(name) for name in tables.SEQUENCE_ARRAYS}
     out.update(
         {
             "seq_len": F.size(kept).cast("int"),
@@ -174,7 +173,7 @@ def update(cfg: Config, day: dt.date) -> dict:
         raise UserError(f"no events table at {events_path}: run `userformer ingest --dt {day}` first")
     if not _drop_ingested(events_path, day):
         raise UserError(f"events has no partition dt={day}: run `userformer ingest --dt {day}` first")
-    applied, base = ST.last_drop(seq_path)
+    applied, base = stream.last_drop(seq_path)
     rerun = applied == day
     if rerun and base is None:
         raise UserError(

@@ -32,7 +32,7 @@ import numpy as np
 
 from userformer.jobs.core.config import Config, ModelConfig, load_config
 from userformer.jobs.tools.loaders import LOADERS
-from userformer.models import data as D
+from userformer.models import data
 from userformer.models.item_tower import FIELD
 from userformer.models.train import (
     evaluate,
@@ -48,7 +48,7 @@ ORDER_ONLY = {"s3rec"}
 OTHER = {"exclude": "history_kept", "keep": "history_excluded"}
 
 
-def informative(m: ModelConfig, seqs: D.Sequences, catalog: D.ItemCatalog) -> ModelConfig:
+def informative(m: ModelConfig, seqs: data.Sequences, catalog: data.ItemCatalog) -> ModelConfig:
     """Drop the inputs and heads this data cannot inform: a categorical field with one value or none (an
     event type that is always "purchase", a brand nobody has), durations that are all unknown, time features
     of order-only data. A constant input only dilutes mean pooling; a constant head learns nothing."""
@@ -71,7 +71,7 @@ def informative(m: ModelConfig, seqs: D.Sequences, catalog: D.ItemCatalog) -> Mo
     return m
 
 
-def variant(name: str, base: ModelConfig, seqs: D.Sequences, catalog: D.ItemCatalog) -> ModelConfig:
+def variant(name: str, base: ModelConfig, seqs: data.Sequences, catalog: data.ItemCatalog) -> ModelConfig:
     """`full`: every input the data informs; `id_only`: SASRec (item id + position in, item id out, no
     heads), the same code otherwise."""
     m = copy.deepcopy(base)
@@ -81,7 +81,7 @@ def variant(name: str, base: ModelConfig, seqs: D.Sequences, catalog: D.ItemCata
     return informative(m, seqs, catalog)
 
 
-def split(seqs: D.Sequences, order_only: bool, args) -> tuple[D.Sequences, D.EvalSet, D.EvalSet, str]:
+def split(seqs: data.Sequences, order_only: bool, args) -> tuple[data.Sequences, data.EvalSet, data.EvalSet, str]:
     """The benchmark protocol: leave-one-out for order-only files, a global time split otherwise."""
     excl = args.history == "exclude"
     ranking = (
@@ -95,7 +95,7 @@ def split(seqs: D.Sequences, order_only: bool, args) -> tuple[D.Sequences, D.Eva
         + ("kept" if excl else "excluded")
     )
     if order_only:
-        train, valid, test = D.leave_one_out(seqs)
+        train, valid, test = data.leave_one_out(seqs)
         valid.exclude_history = test.exclude_history = excl
         return (
             train,
@@ -107,7 +107,7 @@ def split(seqs: D.Sequences, order_only: bool, args) -> tuple[D.Sequences, D.Eva
             ),
         )
     t_valid, t_test = np.quantile(seqs.ts, [args.valid_quantile, args.test_quantile])
-    train, valid, test = D.time_protocol(seqs, float(t_valid), float(t_test), args.horizon_days * 86400.0)
+    train, valid, test = data.time_protocol(seqs, float(t_valid), float(t_test), args.horizon_days * 86400.0)
     valid.exclude_history = test.exclude_history = excl
     return (
         train,
@@ -123,7 +123,7 @@ def split(seqs: D.Sequences, order_only: bool, args) -> tuple[D.Sequences, D.Eva
     )
 
 
-def test_metrics(model, test: D.EvalSet, catalog: D.ItemCatalog, device, tcfg, history: str) -> dict:
+def test_metrics(model, test: data.EvalSet, catalog: data.ItemCatalog, device, tcfg, history: str) -> dict:
     """The test metrics under the chosen history protocol, plus the ranking metrics under the other one."""
     res = evaluate(model, test, catalog, device, tcfg)
     other = dataclasses.replace(test, exclude_history=not test.exclude_history)
@@ -338,7 +338,7 @@ def run(args, config_path=None) -> int:
     t0 = time.perf_counter()
     events, items, _ = LOADERS[args.format](args.sequences, args.attributes)
     order_only = args.format in ORDER_ONLY
-    seqs, catalog = D.from_raw(events, items, real_time=not order_only)
+    seqs, catalog = data.from_raw(events, items, real_time=not order_only)
     train, valid, test, protocol = split(seqs, order_only, args)
     print(
         f"{args.format}: {len(seqs):,} users, {catalog.n_items:,} items, {len(events):,} events; "

@@ -7,13 +7,13 @@ import json
 
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.storage import delta
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 
 def table_summary(cfg: Config) -> list[dict]:
     """One dict per known table: path, version, rows, partitions, last commit's step — read from the Delta log only."""
     out = []
-    for name in S.TABLES:
+    for name in tables.TABLES:
         path = cfg.table_path(name)
         if not delta.exists(path):
             out.append({"table": name, "path": str(path), "exists": False})
@@ -75,5 +75,5 @@ def print_tables(cfg: Config) -> None:
 
 
 def run_schema(args, cfg: Config) -> int:
-    print(S.describe_markdown())
+    print(tables.describe_markdown())
     return 0

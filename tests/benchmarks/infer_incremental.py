@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                 log(
                     f"  {kind} #{k + 1}: {r['users']:,} users, infer {r['infer_s']:.2f}s, publish {r['publish_s']:.2f}s"
                 )
-        from userformer.jobs.core import registry as R
+        from userformer.jobs.core import registry
 
         f, i = summarise(runs["full"]), summarise(runs["incremental"])
         doc.update(
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
             users_in_table=f["users"],
             items=runs["full"][0]["items"],
             active_share_measured=i["users"] / f["users"],
-            d_model=R.read_manifest(cfg, info["model"])["model_config"]["d_model"],
+            d_model=registry.read_manifest(cfg, info["model"])["model_config"]["d_model"],
             ratio={k: i[k] / f[k] for k in ("infer_s", "publish_s", "total_s")} | {"users": i["users"] / f["users"]},
             finished=now(),
         )

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_f
 
 from tests.benchmarks.pipeline import git_info, load, log, machine_info, mem_available_gib, now
 from userformer.jobs.core.config import ModelConfig, TrainConfig
-from userformer.models import losses as LS
+from userformer.models import losses
 from userformer.models.data import INT_FIELDS, ITEM_ATTRS, ItemCatalog, Sequences, batches, item_counts, pad_batch
 from userformer.models.item_tower import FIELD
 from userformer.models.model import UserFormer
@@ -235,7 +235,7 @@ def train_batch_flops(cfg: ModelConfig, sizes: dict, batch: dict, tcfg: TrainCon
     expectation for this batch's positives and the sampler's uniform draws (in-batch negatives are
     positives, so they add no ids)."""
     B, L1 = batch["mask"].shape
-    inp, tgt, ok, _ = LS.next_action_targets(batch)
+    inp, tgt, ok, _ = losses.next_action_targets(batch)
     n_query = int(ok.sum())
     pos = tgt[ok]
     if "from_start" in batch:  # cold-start rows (batch_loss): sequences whose first event is in the batch
@@ -461,7 +461,7 @@ def bench_train(cfg, catalog, seqs, device, precision, args, counter: bool, prof
     model, opt = make_model(cfg, catalog, device, tcfg)
     model.train()
     # As train.fit builds it.
-    sampler = LS.NegativeSampler(
+    sampler = losses.NegativeSampler(
         item_counts(seqs, catalog.n_items),
         tcfg.uniform_negatives,
         tcfg.inbatch_negatives,

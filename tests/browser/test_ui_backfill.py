@@ -78,9 +78,9 @@ def pipeline_cfg(home, monkeypatch):
 
 @pytest.fixture
 def airflow(pipeline_cfg):
-    from userformer.jobs.tools import orchestrator as O
+    from userformer.jobs.tools import orchestrator
 
-    af = O.start(pipeline_cfg, O.free_port(), scheduled_runs=False)
+    af = orchestrator.start(pipeline_cfg, orchestrator.free_port(), scheduled_runs=False)
     try:
         yield af
     finally:

@@ -16,7 +16,7 @@ from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import ingest as ingest_mod
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 from . import procs
 from .rawdata import D1, D2, D3, events_table, three_days, ts, write_drop
@@ -84,7 +84,7 @@ def test_ingest_accepts_quarantines_and_dedupes(three):
     assert r2["accepted"] == 4 and r2["rejected"] == {"duplicate": 1}
 
     ev = read(cfg, "events")
-    assert same_columns(ev.schema, S.EVENTS)
+    assert same_columns(ev.schema, tables.EVENTS)
     assert {"e1", "e2", "e3", "e4", "e8", "e9", "e10"} < set(ev["event_id"].to_pylist())
     assert len(set(ev["event_id"].to_pylist())) == ev.num_rows == 8
     # The late event of D2 is stored in drop D2 with its real time.
@@ -95,7 +95,7 @@ def test_ingest_accepts_quarantines_and_dedupes(three):
     assert len(hashed["event_id"][0].as_py()) == 40
 
     rej = read(cfg, "events_rejected")
-    assert same_columns(rej.schema, S.EVENTS_REJECTED)
+    assert same_columns(rej.schema, tables.EVENTS_REJECTED)
     cross = rej.filter(pc.equal(rej["dt"], pa.scalar(D2))).to_pylist()[0]
     assert cross["reason"] == "duplicate" and "2026-01-01" in cross["detail"] and cross["event_id"] == "e1"
     assert all(r["source_file"] == "part-0.parquet" for r in rej.to_pylist())
@@ -124,7 +124,7 @@ def test_vocab_ids_are_stable_and_append_only(three):
     v2 = {(r["kind"], r["key"]): r["idx"] for r in read(cfg, "vocab").to_pylist()}
     assert all(v2[k] == v for k, v in v1.items())
     assert ("item", "i9") in v2 and ("item", "i9") not in v1
-    for kind in S.VOCAB_KINDS:
+    for kind in tables.VOCAB_KINDS:
         ids = sorted(v for (k, _), v in v2.items() if k == kind)
         assert ids == list(range(1, len(ids) + 1)), kind
     assert v2[("category_l2", "beauty > skin")] != v2[("category_l2", "home > kitchen")]

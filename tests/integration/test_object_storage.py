@@ -33,8 +33,7 @@ from tests.integration import warehouses as W
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.flows import pipeline
-from userformer.jobs.steps import infer as I
-from userformer.jobs.steps import publish as P
+from userformer.jobs.steps import infer, publish
 from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
@@ -143,13 +142,13 @@ def test_the_pipeline_runs_on_a_bucket_as_on_local_disk(tmp_path, bucket, spark)
     assert not (b.home / "warehouse").exists()  # nothing of the warehouse on local disk
     # The files beside the tables, in the bucket: the staged shard (its manifest names its run folder) and
     # the publish marker with its log.
-    version = P.published_outputs(b)["model_version"]
-    shard = I.shard_dir(b, D2, version, 0, 1)
-    manifest = I.read_manifest(shard)
+    version = publish.published_outputs(b)["model_version"]
+    shard = infer.shard_dir(b, D2, version, 0, 1)
+    manifest = infer.read_manifest(shard)
     assert manifest["path"].startswith(f"{wh}/_staging/infer/dt={D2}/") and manifest["files"].startswith("run=")
-    assert [p.name for p in shard.iterdir()] == sorted([I.MANIFEST, manifest["files"]])
-    assert P.published_outputs(b)["tables"] == {t: delta.version_of(b.table_path(t)) for t in I.OUTPUTS}
-    logs = [P.marker_path(c).with_name("log.jsonl").read_text().splitlines() for c in (a, b)]
+    assert [p.name for p in shard.iterdir()] == sorted([infer.MANIFEST, manifest["files"]])
+    assert publish.published_outputs(b)["tables"] == {t: delta.version_of(b.table_path(t)) for t in infer.OUTPUTS}
+    logs = [publish.marker_path(c).with_name("log.jsonl").read_text().splitlines() for c in (a, b)]
     assert len(logs[1]) == len(logs[0]) == 1  # D1 has too little history to train on: the first publish is D2
     # Polars reads a published table from the bucket (storage options from the same environment).
     ue = pl.read_delta(str(b.table_path("user_embeddings")), storage_options=bucket)

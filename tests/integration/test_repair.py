@@ -22,14 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.integration import warehouses as W
-from userformer.jobs.core import ledger
-from userformer.jobs.core import registry as R
+from userformer.jobs.core import ledger, registry
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.flows import pipeline
-from userformer.jobs.flows import repair as RP
+from userformer.jobs.flows import pipeline, repair
 from userformer.jobs.tools import generate
+from userformer.schemas import tables
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -59,7 +58,7 @@ def clean(tmp_path_factory, spark):
     generate.generate(cfg, users=300, items=400, days=3, start=START, seed=3)
     for d in (D1, D2, D3):
         pipeline.run_day(cfg, d)
-    assert R.published(cfg) is not None and delta.exists(cfg.table_path("user_candidates"))
+    assert registry.published(cfg) is not None and delta.exists(cfg.table_path("user_candidates"))
     return cfg
 
 
@@ -85,7 +84,7 @@ def assert_same_tables(a, b, tables=None, users=None):
 
 def effective_publish_history(cfg):
     """The published model versions (without their numbers) since the last repair's line in publish_log."""
-    log = R.publish_log(cfg)
+    log = registry.publish_log(cfg)
     last = max((i for i, e in enumerate(log) if e.get("repair")), default=-1)
     return [W.model_id(e["version"]) for e in log[last + 1 :]]
 
@@ -93,13 +92,13 @@ def effective_publish_history(cfg):
 def assert_same_as_clean(a, b):
     assert_same_tables(a, b)
     assert effective_publish_history(b) == effective_publish_history(a)
-    assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
-    from userformer.jobs.steps import index as X
+    assert W.model_id(registry.published(b)["version"]) == W.model_id(registry.published(a)["version"])
+    from userformer.jobs.steps import index
 
-    assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
-    from userformer.jobs.steps import publish as P
+    assert W.model_id(index.current(b)["model_version"]) == W.model_id(index.current(a)["model_version"])
+    from userformer.jobs.steps import publish
 
-    ma, mb = P.published_outputs(a), P.published_outputs(b)
+    ma, mb = publish.published_outputs(a), publish.published_outputs(b)
     assert (mb["dt"], W.model_id(mb["model_version"])) == (ma["dt"], W.model_id(ma["model_version"]))
     assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == sorted(
         p.name for p in (a.reports_root / "runs").iterdir()
@@ -121,12 +120,12 @@ def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(c
     from userformer.jobs.core.stream import last_drop
 
     assert last_drop(b.table_path("user_sequences"))[0] == D1
-    assert R.published(b) is None
+    assert registry.published(b) is None
     assert not any(delta.exists(b.table_path(t)) for t in ("user_embeddings", "item_embeddings", "user_candidates"))
     assert set(ledger.read_ledger(b, D2)) == {"ingest", "check_events"}
 
     pq.write_table(good, raw_file(b, D2))  # the producer re-delivers the clean drop
-    plan = RP.repair(b, D2, D3, "restore", dry_run=True)["plan"]
+    plan = repair.repair(b, D2, D3, "restore", dry_run=True)["plan"]
     assert plan["tables"]["events"] == {
         **plan["tables"]["events"],
         "action": "restore",
@@ -135,7 +134,7 @@ def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(c
     }
     assert plan["tables"]["user_sequences"]["action"] == "unchanged"
     assert plan["rerun"] == [str(D2), str(D3)] and plan["ledgers"] == [str(D2)]
-    res = RP.repair(b, D2, D3, "restore")
+    res = repair.repair(b, D2, D3, "restore")
     assert res["status"] == "done" and [d["dt"] for d in res["rerun"]] == [str(D2), str(D3)]
     assert (b.reports_root / "repairs" / res["id"] / "runs" / f"dt={D2}" / "check_events.json").is_file()
     assert_same_as_clean(clean, b)
@@ -158,29 +157,29 @@ def test_undetected_corruption_restore_twice_gives_the_clean_tables(clean, tmp_p
         assert_same_tables(clean, b, ["user_sequences"])
     pq.write_table(good, raw_file(b, D2))
 
-    before = {t: delta.version_of(b.table_path(t)) for t in RP.S.TABLES}
-    plan = RP.repair(b, D2, D3, "restore", dry_run=True)["plan"]
-    assert {t: delta.version_of(b.table_path(t)) for t in RP.S.TABLES} == before  # the dry run changed nothing
+    before = {t: delta.version_of(b.table_path(t)) for t in tables.TABLES}
+    plan = repair.repair(b, D2, D3, "restore", dry_run=True)["plan"]
+    assert {t: delta.version_of(b.table_path(t)) for t in tables.TABLES} == before  # the dry run changed nothing
     assert plan["model"]["action"] == "unpublish" and plan["index"]["action"] == "unset"
     assert plan["tables"]["user_embeddings"]["action"] == "move_aside"
     assert plan["tables"]["user_sequences"]["to_version"] == 0
     with pytest.raises(UserError, match="before 2026-11-03, the latest drop"):
-        RP.repair(b, D2, D2, "restore")
+        repair.repair(b, D2, D2, "restore")
     with pytest.raises(UserError, match="is before --from"):
-        RP.repair(b, D3, D2, "restore")
+        repair.repair(b, D3, D2, "restore")
 
-    res = RP.repair(b, D2, D3, "restore")
+    res = repair.repair(b, D2, D3, "restore")
     assert res["restored"]["model"]["action"] == "unpublish"
     assert_same_as_clean(clean, b)
     # Spark's tables went back through delta-spark (delta-rs's restore would drop their deletion vectors).
-    for t in RP.S.SPARK_TABLES:
+    for t in tables.SPARK_TABLES:
         restores = [h for h in delta.history(b.table_path(t)) if h.get("operation") == "RESTORE"]
         assert restores and all("Apache-Spark" in str(h.get("engineInfo")) for h in restores), t
         assert all(h.get("repair_id") == res["id"] for h in restores), t
     # The corrupt run's models stay registered; publish_log says what happened.
-    assert [e["version"] for e in R.publish_log(b)][2] is None
+    assert [e["version"] for e in registry.publish_log(b)][2] is None
     # Idempotent: the same repair again ends with the same tables.
-    res2 = RP.repair(b, D2, D3, "restore")
+    res2 = repair.repair(b, D2, D3, "restore")
     assert res2["status"] == "done"
     assert_same_as_clean(clean, b)
 
@@ -193,38 +192,38 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
     # A bad hand-made fix: their sequences lose their newest 3 events (one MERGE without metadata).
     rows = d3.filter(pc.is_in(d3["user_id"], pa.array(victims))).to_pylist()
     for r in rows:
-        for c in RP.S.SEQUENCE_ARRAYS:
+        for c in tables.SEQUENCE_ARRAYS:
             r[c] = r[c][:-3]
         r["seq_len"] -= 3
-    src = pa.Table.from_pylist(rows, schema=RP.S.USER_SEQUENCES)
+    src = pa.Table.from_pylist(rows, schema=tables.USER_SEQUENCES)
     # Through delta-spark: delta-rs cannot write a table with deletion vectors.
     from userformer.jobs.core.spark import spark_session
 
     spark = spark_session(b)
     sdf = spark.createDataFrame(
         [{**r, "lifetime_counts": dict(r["lifetime_counts"])} for r in src.to_pylist()],
-        schema=RP.S.to_spark(RP.S.USER_SEQUENCES),
+        schema=tables.to_spark(tables.USER_SEQUENCES),
     )
     delta.spark_table(spark, b.table_path("user_sequences")).alias("t").merge(
         sdf.alias("s"), "t.user_id = s.user_id"
     ).whenMatchedUpdateAll().execute()
     with pytest.raises(AssertionError):
         assert_same_tables(clean, b, ["user_sequences"])
-    outputs = {t: delta.version_of(b.table_path(t)) for t in RP.USER_OUTPUTS + ("item_embeddings",)}
+    outputs = {t: delta.version_of(b.table_path(t)) for t in repair.USER_OUTPUTS + ("item_embeddings",)}
 
     # A failure after the sequences commit (inference dies): the published tables are as they were.
-    from userformer.jobs.steps import infer as I
+    from userformer.jobs.steps import infer
 
     def boom(*a, **k):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(I, "infer", boom)
+    monkeypatch.setattr(infer, "infer", boom)
     with pytest.raises(RuntimeError, match="worker lost"):
-        RP.repair(b, D3, D3, "recompute", users=victims)
+        repair.repair(b, D3, D3, "recompute", users=victims)
     assert {t: delta.version_of(b.table_path(t)) for t in outputs} == outputs
     monkeypatch.undo()
 
-    res = RP.repair(b, D3, D3, "recompute", users=victims)
+    res = repair.repair(b, D3, D3, "recompute", users=victims)
     assert res["status"] == "done" and res["sequences"]["rebuilt"] == 5
     assert res["outputs"]["inferred"] == 5 and res["outputs"]["published"]["users"] == 5
     # Those users equal the clean run; every other row is untouched (updated_at included).
@@ -234,7 +233,7 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
     key = [("user_id", "ascending")]
     assert others(ub).cast(others(ua).schema).sort_by(key).equals(others(ua).sort_by(key))
     # Idempotent.
-    RP.repair(b, D3, D3, "recompute", users=victims)
+    repair.repair(b, D3, D3, "recompute", users=victims)
     assert_same_tables(clean, b)
 
 
@@ -244,6 +243,6 @@ def test_restore_beyond_the_retention_window_is_refused(clean, tmp_path):
     b = fresh(clean, tmp_path, copy_all=True)
     maintain(b, retention_days=0)  # every file no current version references is gone
     with pytest.raises(UserError, match="beyond the retention window"):
-        RP.repair(b, D2, D3, "restore", dry_run=True)
+        repair.repair(b, D2, D3, "restore", dry_run=True)
     with pytest.raises(UserError, match="--users applies to --mode recompute"):
-        RP.repair(b, D2, D3, "restore", users=["u1"])
+        repair.repair(b, D2, D3, "restore", users=["u1"])

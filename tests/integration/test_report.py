@@ -18,12 +18,11 @@ from deltalake import DeltaTable
 
 from tests.integration.test_train import TINY
 from userformer.jobs.cli import main
-from userformer.jobs.core import ledger
-from userformer.jobs.core import registry as R
+from userformer.jobs.core import ledger, registry
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import GateFailed
-from userformer.jobs.flows import pipeline as P
-from userformer.jobs.steps import report as RP
+from userformer.jobs.flows import pipeline
+from userformer.jobs.steps import report
 from userformer.jobs.tools import generate
 from userformer.schemas.tables import RAW_EVENTS
 
@@ -41,13 +40,13 @@ def built(tmp_path_factory, spark):
     settings = {**TINY, "TRAIN__NUM_THREADS": "1", "PIPELINE__BOOTSTRAP_EPOCHS": "2"}
     cfg = load_config(env={"USERFORMER_HOME": str(home), **{f"USERFORMER__{k}": v for k, v in settings.items()}})
     generate.generate(cfg, users=300, items=400, days=3, start=START, seed=3)
-    results = {day: P.run_day(cfg, day) for day in (D1, D2, D3)}
+    results = {day: pipeline.run_day(cfg, day) for day in (D1, D2, D3)}
     d = cfg.raw_events_dir(D4)  # a drop marked complete but without events
     d.mkdir(parents=True)
     pq.write_table(RAW_EVENTS.empty_table(), d / "part-0.parquet")
     (d / cfg.pipeline.ready_marker).touch()
     with pytest.raises(GateFailed, match="events check failed"):
-        P.run_day(cfg, D4)
+        pipeline.run_day(cfg, D4)
     return cfg, results
 
 
@@ -67,12 +66,12 @@ def text(fragment: str) -> str:
 def test_every_day_of_the_run_has_its_report(built):
     cfg, results = built
     for day, res in results.items():
-        assert res["report"]["html"] == str(RP.report_path(cfg, day))
-        assert RP.report_path(cfg, day).is_file()
+        assert res["report"]["html"] == str(report.report_path(cfg, day))
+        assert report.report_path(cfg, day).is_file()
         assert ledger.read_ledger(cfg, day)["report"]["result"]["html"] == res["report"]["html"]
-    links = re.findall(r'href="(dt=[^"]+)"', (RP.daily_root(cfg) / "index.html").read_text())
+    links = re.findall(r'href="(dt=[^"]+)"', (report.daily_root(cfg) / "index.html").read_text())
     assert [x for x in links if x != f"dt={D4}/index.html"] == [f"dt={d}/index.html" for d in (D3, D2, D1)]
-    page = RP.report_path(cfg, D3).read_text()
+    page = report.report_path(cfg, D3).read_text()
     # Self-contained: no script, nothing loaded, links only within the reports folder.
     assert "<script" not in page and "<link" not in page and "src=" not in page and "@import" not in page
     assert all(h.startswith(("#", "../")) for h in re.findall(r'href="([^"]*)"', page))
@@ -80,7 +79,7 @@ def test_every_day_of_the_run_has_its_report(built):
 
 def test_day1_says_why_the_model_sections_are_empty(built):
     cfg, results = built
-    s = sections(RP.report_path(cfg, D1).read_text())
+    s = sections(report.report_path(cfg, D1).read_text())
     assert results[D1]["finetune"]["skipped"].startswith("no published model yet and too little history")
     assert "not available: no model was trained on 2026-11-01: no published model yet and too little" in text(s["loss"])
     for sid in ("scores", "drift"):
@@ -89,14 +88,14 @@ def test_day1_says_why_the_model_sections_are_empty(built):
     assert "<svg" in s["metrics"]  # the day's data numbers are plotted even without a model
     assert re.search(r"finetune skipped [\d.]+ no published model yet and too little history", text(s["steps"]))
     assert "not available: no publish of user_embeddings before 2026-11-02" in text(
-        sections(RP.report_path(cfg, D2).read_text())["drift"]
+        sections(report.report_path(cfg, D2).read_text())["drift"]
     )
 
 
 def test_day3_plots_and_per_day_numbers(built):
     cfg, results = built
-    out = RP.report(cfg, D3)
-    page = RP.report_path(cfg, D3).read_text()
+    out = report.report(cfg, D3)
+    page = report.report_path(cfg, D3).read_text()
     s = sections(page)
     assert list(s) == ["steps", "metrics", "loss", "scores", "drift", "where"]
     assert all(sec["available"] for sec in out["sections"])
@@ -114,14 +113,14 @@ def test_day3_plots_and_per_day_numbers(built):
 
     # The gate's measurements of the day's candidate, from its manifest.
     version = results[D3]["finetune"]["version"]
-    gate = R.read_manifest(cfg, version)["metrics"]["gate"]
+    gate = registry.read_manifest(cfg, version)["metrics"]["gate"]
     assert f"{gate['candidate']['ndcg@10']:.4f} {gate['published']['ndcg@10']:.4f}" in metrics
     assert f"{results[D2]['finetune']['valid']['recall@10']:.4f}" in metrics
 
     # The loss of the fine-tuned candidate, epoch by epoch.
     loss = text(s["loss"])
     assert f"Model {version} , finetune on {D3}" in loss
-    for h in R.read_manifest(cfg, version)["history"]:
+    for h in registry.read_manifest(cfg, version)["history"]:
         assert f" {h['epoch']} {h['loss']:.4f} " in loss
 
     # Score distributions: one row per task over the users refreshed on D3.
@@ -140,8 +139,8 @@ def embeddings(cfg, table: str, version: int, key: str) -> dict:
 
 def test_drift_matches_a_cosine_computed_here(built):
     cfg, results = built
-    out = RP.report(cfg, D3)
-    drift = text(sections(RP.report_path(cfg, D3).read_text())["drift"])
+    out = report.report(cfg, D3)
+    drift = text(sections(report.report_path(cfg, D3).read_text())["drift"])
     pub2, pub3 = results[D2]["publish"], results[D3]["publish"]
     for table, key in (("user_embeddings", "user_id"), ("item_embeddings", "item_id")):
         old = embeddings(cfg, table, pub2["tables"][table], key)
@@ -172,7 +171,7 @@ def test_a_day_stopped_by_a_check_is_reported(built, capsys, monkeypatch):
     cfg, _ = built
     monkeypatch.setenv("USERFORMER_HOME", str(cfg.home))  # the CLI reads its configuration from the environment
     assert main(["report", "--dt", str(D4)]) == 0
-    path = RP.report_path(cfg, D4)
+    path = report.report_path(cfg, D4)
     assert capsys.readouterr().out.strip() == str(path)
     s = sections(path.read_text())
     steps = text(s["steps"])
@@ -183,4 +182,4 @@ def test_a_day_stopped_by_a_check_is_reported(built, capsys, monkeypatch):
     assert "not available: the finetune step has no ledger entry for 2026-11-04" in text(s["loss"])
     assert "not available: the publish step has no ledger entry for 2026-11-04" in text(s["drift"])
     assert f"{D4}" in text(s["metrics"]) and "<svg" in s["metrics"]
-    assert f'href="dt={D4}/index.html"' in (RP.daily_root(cfg) / "index.html").read_text()
+    assert f'href="dt={D4}/index.html"' in (report.daily_root(cfg) / "index.html").read_text()

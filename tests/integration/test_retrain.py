@@ -9,12 +9,10 @@ import pyarrow as pa
 import pytest
 
 from userformer.jobs.cli import main
-from userformer.jobs.core import ledger
-from userformer.jobs.core import registry as R
+from userformer.jobs.core import ledger, registry
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
-from userformer.jobs.flows import pipeline
-from userformer.jobs.flows import retrain as RT
+from userformer.jobs.flows import pipeline, retrain
 from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
@@ -46,9 +44,9 @@ def cfg(tmp_path_factory, spark):
 
 def test_the_promotion_rule():
     m = ["ndcg@10", "recall@10"]
-    assert RT.better({"ndcg@10": 0.2, "recall@10": 0.3}, {"ndcg@10": 0.1, "recall@10": 0.3}, m)["promote"]
-    assert not RT.better({"ndcg@10": 0.1, "recall@10": 0.3}, {"ndcg@10": 0.1, "recall@10": 0.3}, m)["promote"]
-    assert not RT.better({"ndcg@10": 0.3, "recall@10": 0.2}, {"ndcg@10": 0.1, "recall@10": 0.3}, m)["promote"]
+    assert retrain.better({"ndcg@10": 0.2, "recall@10": 0.3}, {"ndcg@10": 0.1, "recall@10": 0.3}, m)["promote"]
+    assert not retrain.better({"ndcg@10": 0.1, "recall@10": 0.3}, {"ndcg@10": 0.1, "recall@10": 0.3}, m)["promote"]
+    assert not retrain.better({"ndcg@10": 0.3, "recall@10": 0.2}, {"ndcg@10": 0.1, "recall@10": 0.3}, m)["promote"]
 
 
 def test_a_window_shorter_than_two_days_is_refused(cfg, capsys, monkeypatch):
@@ -58,39 +56,39 @@ def test_a_window_shorter_than_two_days_is_refused(cfg, capsys, monkeypatch):
 
 
 def test_retrain_trains_on_the_window_judges_and_after_a_promotion_reembeds_everyone(cfg, monkeypatch):
-    before = R.published(cfg)["version"]
+    before = registry.published(cfg)["version"]
     users = delta.read_arrow(cfg.table_path("user_sequences")).num_rows
     # Whatever the metrics of this tiny model, take the promotion path (the rule itself is tested above).
-    real = RT.better
-    monkeypatch.setattr(RT, "better", lambda new, old, m: {**real(new, old, m), "promote": True})
-    res = RT.retrain(cfg, None, 2, epochs=2)
+    real = retrain.better
+    monkeypatch.setattr(retrain, "better", lambda new, old, m: {**real(new, old, m), "promote": True})
+    res = retrain.retrain(cfg, None, 2, epochs=2)
     new = res["train"]["version"]
     assert res["dt"] == str(DAYS[-1]) and new != before and res["train"]["published_before"] == before
-    man = R.read_manifest(cfg, new)
+    man = registry.read_manifest(cfg, new)
     assert man["kind"] == "train" and man["status"] == "promoted"
     assert man["protocol"]["window_days"] == 2
     assert man["protocol"]["trained_from"].startswith(str(DAYS[-2]))  # end of D3 minus 2 days = start of D2
     assert set(res["judge"]["metrics"]["new"]) == set(cfg.finetune.gate_metrics)
-    assert R.published(cfg)["version"] == new
+    assert registry.published(cfg)["version"] == new
     emb = delta.read_arrow(cfg.table_path("user_embeddings"))
     assert emb.num_rows == users and set(emb["model_version"].cast(pa.string()).to_pylist()) == {new}
-    from userformer.jobs.steps import index as X
+    from userformer.jobs.steps import index
 
-    assert X.current(cfg)["model_version"] == new
+    assert index.current(cfg)["model_version"] == new
     led = ledger.read_ledger(cfg, DAYS[-1])
     assert {"retrain_train", "retrain_judge", "check_outputs", "publish", "index", "check_index"} <= set(led)
     # Judging the same version again keeps its verdict (a retried task changes nothing).
-    again = RT.judge(cfg, DAYS[-1], new)
-    assert again["promoted"] is True and R.published(cfg)["version"] == new
+    again = retrain.judge(cfg, DAYS[-1], new)
+    assert again["promoted"] is True and registry.published(cfg)["version"] == new
 
 
 def test_a_model_that_is_not_better_changes_nothing(cfg, monkeypatch):
-    before = R.published(cfg)["version"]
+    before = registry.published(cfg)["version"]
     emb_version = delta.open_table(cfg.table_path("user_embeddings")).version()
-    real = RT.better
-    monkeypatch.setattr(RT, "better", lambda new, old, m: {**real(new, old, m), "promote": False})
-    res = RT.retrain(cfg, DAYS[-1], 3, epochs=1)
+    real = retrain.better
+    monkeypatch.setattr(retrain, "better", lambda new, old, m: {**real(new, old, m), "promote": False})
+    res = retrain.retrain(cfg, DAYS[-1], 3, epochs=1)
     assert res["judge"]["promoted"] is False and "infer" not in res
-    assert R.read_manifest(cfg, res["train"]["version"])["status"] == "rejected"
-    assert R.published(cfg)["version"] == before
+    assert registry.read_manifest(cfg, res["train"]["version"])["status"] == "rejected"
+    assert registry.published(cfg)["version"] == before
     assert delta.open_table(cfg.table_path("user_embeddings")).version() == emb_version

@@ -16,7 +16,7 @@ from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import ingest, sequences
 from userformer.jobs.tools import maintain
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 from . import procs
 from .rawdata import D1, D2, D3, events_table, three_days, ts, write_drop
@@ -70,7 +70,7 @@ def test_incremental_days_merge_late_events_in_time_order(small):
         results.append(sequences.update(cfg, d))
     assert [(r["active_users"], r["new_users"]) for r in results] == [(3, 3), (3, 1), (2, 0)]
     t = table(cfg)
-    assert same_columns(t.schema, S.USER_SEQUENCES)
+    assert same_columns(t.schema, tables.USER_SEQUENCES)
     r = rows(cfg)
     # u2: view i2 (D1 03:00), late view i3 (D1 23:00, delivered D2), late cart i3 (D2 22:00, delivered D3),
     # view i2 (D3 02:00).
@@ -82,7 +82,7 @@ def test_incremental_days_merge_late_events_in_time_order(small):
     assert r["u2"]["updated_dt"] == D3
     # u3 had only a search on D1: untouched since.
     assert r["u3"]["updated_dt"] == D1 and r["u3"]["item_idx"] == [0]
-    for name in S.SEQUENCE_ARRAYS:
+    for name in tables.SEQUENCE_ARRAYS:
         assert all(len(x[name]) == x["seq_len"] for x in r.values()), name
 
 
@@ -341,7 +341,7 @@ def test_a_table_without_deletion_vectors_is_migrated(small, caplog):
     shutil.rmtree(seq_path)
     write_deltalake(
         str(seq_path),
-        old.cast(S.USER_SEQUENCES),
+        old.cast(tables.USER_SEQUENCES),
         mode="overwrite",
         commit_properties=CommitProperties(custom_metadata={"step": "sequences", "dt": str(D1)}),
     )
@@ -370,7 +370,7 @@ def test_every_table_is_readable_by_other_engines(small):
     for d in (D1, D2):
         ingest.ingest(cfg, d)
         sequences.update(cfg, d)
-    for name in S.FOUNDATION_TABLES:
+    for name in tables.FOUNDATION_TABLES:
         path = str(cfg.table_path(name))
         n = delta.read_arrow(path).num_rows
         assert n > 0, name

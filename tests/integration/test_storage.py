@@ -19,9 +19,9 @@ import pytest
 from deltalake import DeltaTable
 
 from tests.unit.test_stream import DAY, seq_rows
-from userformer.jobs.core import stream as ST
+from userformer.jobs.core import stream
 from userformer.jobs.core.storage import delta
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 pytestmark = pytest.mark.spark
 
@@ -161,7 +161,7 @@ def test_delta_sequences_read_a_merged_user_sequences_table(tmp_path, spark):
                 .execute()
             )
     assert delta.has_deletion_vectors(delta.open_table(path))
-    src = ST.DeltaSequences(path, delta.version_of(path), 32, min_len=1)
+    src = stream.DeltaSequences(path, delta.version_of(path), 32, min_len=1)
     assert src.n_rows == 400 < sum(p.physical for p in src.pieces)
     chunks = list(src.tables(np.random.default_rng(0)))
     assert all(c.num_rows <= 32 for c in chunks)
@@ -169,6 +169,6 @@ def test_delta_sequences_read_a_merged_user_sequences_table(tmp_path, spark):
     assert sum(c.num_rows for c in chunks) == len(got) == 400
     assert got == {f"u{u:04d}": DAY if u % 3 == 0 else DAY - dt.timedelta(days=1) for u in range(400)}
     # What infer reads: the day's rows only, through the same masks.
-    day = delta.read_arrow(path, filter=pc.field("updated_dt") == pa.scalar(DAY, pa.date32()), columns=ST.COLUMNS)
+    day = delta.read_arrow(path, filter=pc.field("updated_dt") == pa.scalar(DAY, pa.date32()), columns=stream.COLUMNS)
     assert sorted(day["user_id"].to_pylist()) == [f"u{u:04d}" for u in range(0, 400, 3)]
-    assert day.schema.names == ST.COLUMNS and set(S.USER_SEQUENCES.names) >= set(ST.COLUMNS)
+    assert day.schema.names == stream.COLUMNS and set(tables.USER_SEQUENCES.names) >= set(stream.COLUMNS)

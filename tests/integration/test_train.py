@@ -18,13 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userformer.jobs.core import registry as R
-from userformer.jobs.core import stream as ST
+from userformer.jobs.core import registry, stream
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import ingest, sequences
-from userformer.jobs.steps import train as J
+from userformer.jobs.steps import ingest, sequences, train
 from userformer.jobs.tools import generate
 from userformer.schemas.tables import RAW_EVENTS
 
@@ -84,7 +82,7 @@ def trained(warehouse, tmp_path_factory):
     """A registry holding one model trained as of D3 (published, being the first)."""
     home = tmp_path_factory.mktemp("trained")
     cfg = config(warehouse, home)
-    s = J.train(cfg, day=D3, progress=False, log=quiet)
+    s = train.train(cfg, day=D3, progress=False, log=quiet)
     return cfg.models_root, s
 
 
@@ -106,32 +104,32 @@ def test_train_registers_publishes_and_records_its_data(warehouse, trained, tmp_
     # As of D3: the user_sequences version that applied D3 (time travel; the table is at D4 now) and the
     # vocabulary of ids first seen by D3.
     seq_path = cfg.table_path("user_sequences")
-    v_d3, _ = ST.sequences_version(cfg, D3)
+    v_d3, _ = stream.sequences_version(cfg, D3)
     assert s["data"]["user_sequences"] == {"path": str(seq_path), "version": v_d3} and v_d3 < delta.version_of(seq_path)
     assert s["data"]["vocab"]["version"] == delta.version_of(cfg.table_path("vocab"))
     vocab = delta.read_arrow(cfg.table_path("vocab")).to_pylist()
     n_items_d3 = max(r["idx"] for r in vocab if r["kind"] == "item" and r["first_dt"] <= D3) + 1
-    model, ck = R.load(cfg)
+    model, ck = registry.load(cfg)
     assert ck["version"] == v1 and ck["data"] == s["data"] and ck["parent"] is None
     assert (
         ck["vocab_sizes"]["item"] == n_items_d3 < 401 and model.item_tower.embs["item_id"].num_embeddings == n_items_d3
     )
     assert ck["protocol"]["split_time"] == "2026-11-03T00:00:00+00:00" and ck["model_config"]["d_model"] == 16
     assert {"hr@10", "recall@10", "ndcg@10", "coverage@10", "entropy@50"} <= set(ck["metrics"]["valid"])
-    man = json.loads((R.version_dir(cfg, v1) / "manifest.json").read_text())
+    man = json.loads((registry.version_dir(cfg, v1) / "manifest.json").read_text())
     assert man["data"] == s["data"] and man["metrics"]["valid_most_popular"]["users"] == s["valid_users"]
-    assert "state_dict" not in man and man["files"]["model.pt"]["sha256"] == R.sha256(
-        R.version_dir(cfg, v1) / "model.pt"
+    assert "state_dict" not in man and man["files"]["model.pt"]["sha256"] == registry.sha256(
+        registry.version_dir(cfg, v1) / "model.pt"
     )
     run = json.loads((cfg.models_root / "runs" / s["run_id"] / "run.json").read_text())
     assert run["status"] == "finished" and not (cfg.models_root / "runs" / s["run_id"] / "last.pt").exists()
 
     # Later models are registered; only --publish moves the pointer.
-    s2 = J.train(cfg, progress=False, log=quiet)  # as of the latest drop (D4)
-    assert s2["version"] == "v0002-20261104-train" and not s2["published"] and R.published(cfg)["version"] == v1
-    assert R.load(cfg, s2["version"])[1]["vocab_sizes"]["item"] == 401
-    s3 = J.train(cfg, day=D3, publish=True, max_users=100, progress=False, log=quiet)
-    assert s3["published"] and R.published(cfg) | {"published_at": None} == {
+    s2 = train.train(cfg, progress=False, log=quiet)  # as of the latest drop (D4)
+    assert s2["version"] == "v0002-20261104-train" and not s2["published"] and registry.published(cfg)["version"] == v1
+    assert registry.load(cfg, s2["version"])[1]["vocab_sizes"]["item"] == 401
+    s3 = train.train(cfg, day=D3, publish=True, max_users=100, progress=False, log=quiet)
+    assert s3["published"] and registry.published(cfg) | {"published_at": None} == {
         "version": s3["version"],
         "published_at": None,
         "reason": "userformer train --publish",
@@ -143,7 +141,7 @@ def test_train_registers_publishes_and_records_its_data(warehouse, trained, tmp_
 def test_resume_ends_like_an_uninterrupted_run(warehouse, tmp_path):
     a = config(warehouse, tmp_path / "a")
     b = config(warehouse, tmp_path / "b")
-    sa = J.train(a, day=D3, progress=False, log=quiet)
+    sa = train.train(a, day=D3, progress=False, log=quiet)
 
     class Crash(Exception):
         pass
@@ -153,37 +151,37 @@ def test_resume_ends_like_an_uninterrupted_run(warehouse, tmp_path):
             raise Crash  # the process dies after epoch 1 was checkpointed
 
     with pytest.raises(Crash):
-        J.train(b, day=D3, progress=False, log=crash_after_epoch_1)
+        train.train(b, day=D3, progress=False, log=crash_after_epoch_1)
     (run_dir,) = (b.models_root / "runs").iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
-    assert R.published(b) is None
-    sb = J.train(b, resume="latest", progress=False, log=quiet)
+    assert registry.published(b) is None
+    sb = train.train(b, resume="latest", progress=False, log=quiet)
     assert sb["run_id"] == run_dir.name and sb["epochs"] == sa["epochs"] == 2
-    ma, cka = R.load(a, sa["version"])
-    mb, ckb = R.load(b, sb["version"])
+    ma, cka = registry.load(a, sa["version"])
+    mb, ckb = registry.load(b, sb["version"])
     for (k, x), y in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(x, y), k
     assert cka["metrics"]["valid"] == ckb["metrics"]["valid"] and cka["epoch"] == ckb["epoch"]
     assert [h["loss"] for h in cka["history"]] == [h["loss"] for h in ckb["history"]]
-    assert R.published(b)["version"] == sb["version"]
-    assert J.train(b, resume=run_dir.name, log=quiet) == sb  # a finished run: nothing to do
+    assert registry.published(b)["version"] == sb["version"]
+    assert train.train(b, resume=run_dir.name, log=quiet) == sb  # a finished run: nothing to do
     with pytest.raises(UserError, match="no unfinished training run"):
-        J.train(b, resume="latest", log=quiet)
+        train.train(b, resume="latest", log=quiet)
 
 
 # --------------------------------------------------------------- finetune
 def test_finetune_grows_the_published_model_and_promotes_it(warehouse, trained, tmp_path):
     cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
     v1 = with_registry(cfg, trained)
-    old, _ = R.load(cfg, v1)
+    old, _ = registry.load(cfg, v1)
     before = weights(old)
-    r = J.finetune(cfg, D4, progress=False, log=quiet)
+    r = train.finetune(cfg, D4, progress=False, log=quiet)
     assert r["trained"] and r["promoted"] and r["status"] == "promoted" and r["parent"] == v1
-    assert R.published(cfg)["version"] == r["version"] == "v0002-20261104-finetune"
+    assert registry.published(cfg)["version"] == r["version"] == "v0002-20261104-finetune"
     assert 0 < r["gate_users"] <= r["holdout_users"] < r["active_users"] and r["train_sequences"] > 0
-    man = R.read_manifest(cfg, r["version"])
-    n_items = ST.warehouse_catalog(cfg, D4).catalog.sizes["item"]
+    man = registry.read_manifest(cfg, r["version"])
+    n_items = stream.warehouse_catalog(cfg, D4).catalog.sizes["item"]
     assert (
         man["parent"] == v1
         and man["dt"] == str(D4)
@@ -193,20 +191,24 @@ def test_finetune_grows_the_published_model_and_promotes_it(warehouse, trained, 
     stale = man["stale_embeddings"]
     assert {"recall@10", "ndcg@10"} <= set(stale["stale_user_embeddings"]) and "re-embedded" in stale["rule"]
     assert stale["fresh_user_embeddings"]["recall@10"] == man["metrics"]["gate"]["candidate"]["recall@10"]
-    new, ck = R.load(cfg)
+    new, ck = registry.load(cfg)
     assert new.item_tower.embs["item_id"].num_embeddings == n_items and ck["protocol"]["trained_until"].startswith(
         "2026-11-05"
     )
 
     # Growing keeps every old row exactly (the published model, grown to D4's vocabulary, before training).
-    grown = R.fit_to_catalog(old, ST.warehouse_catalog(cfg, D4).catalog, "v1")
+    grown = registry.fit_to_catalog(old, stream.warehouse_catalog(cfg, D4).catalog, "v1")
     assert grown == man["grown"]
     for k, v in old.state_dict().items():
         o = before[k]
         assert torch.equal(v[: o.shape[0]] if o.dim() else v, o) or k == "item_tower.attrs", k
 
-    again = J.finetune(cfg, D4, progress=False, log=quiet)  # a rerun: D4 is in the published model already
-    assert not again["trained"] and "already trained" in again["reason"] and R.published(cfg)["version"] == r["version"]
+    again = train.finetune(cfg, D4, progress=False, log=quiet)  # a rerun: D4 is in the published model already
+    assert (
+        not again["trained"]
+        and "already trained" in again["reason"]
+        and registry.published(cfg)["version"] == r["version"]
+    )
 
 
 def test_finetune_below_the_gate_is_registered_as_rejected(warehouse, trained, tmp_path):
@@ -219,80 +221,82 @@ def test_finetune_below_the_gate_is_registered_as_rejected(warehouse, trained, t
         FINETUNE__GATE_METRICS='["hr@10", "ndcg@10", "recall@10"]',
     )
     v1 = with_registry(cfg, trained)
-    r = J.finetune(cfg, D4, progress=False, log=quiet)
+    r = train.finetune(cfg, D4, progress=False, log=quiet)
     checks = r["gate"]["checks"]
     assert any(c["published"] > 0 for c in checks.values())
     assert r["trained"] and not r["promoted"] and r["status"] == "rejected" and "below the published" in r["reason"]
-    assert R.published(cfg)["version"] == v1 and r["published"] == v1
-    assert [m["status"] for m in R.list_versions(cfg)] == ["registered", "rejected"]
+    assert registry.published(cfg)["version"] == v1 and r["published"] == v1
+    assert [m["status"] for m in registry.list_versions(cfg)] == ["registered", "rejected"]
 
 
 def test_candidate_then_gate_as_the_daily_dag_runs_them(warehouse, trained, tmp_path):
     """finetune(promote=False) registers a candidate; promote_candidate applies the rule of the config it runs with."""
     cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
     v1 = with_registry(cfg, trained)
-    r = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)
+    r = train.finetune(cfg, D4, promote=False, progress=False, log=quiet)
     assert r["trained"] and r["status"] == "candidate" and not r["promoted"]
-    assert R.published(cfg)["version"] == v1 and R.read_manifest(cfg, r["version"])["status"] == "candidate"
+    assert (
+        registry.published(cfg)["version"] == v1 and registry.read_manifest(cfg, r["version"])["status"] == "candidate"
+    )
     # A rerun of the day finds the candidate instead of training another.
-    again = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)
-    assert not again["trained"] and again["version"] == r["version"] and len(R.list_versions(cfg)) == 2
+    again = train.finetune(cfg, D4, promote=False, progress=False, log=quiet)
+    assert not again["trained"] and again["version"] == r["version"] and len(registry.list_versions(cfg)) == 2
 
     # The gate, under a stricter config than the candidate was trained with: rejected, pointer unchanged.
     strict = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="-10", FINETUNE__MIN_HOLDOUT_USERS="1")
-    g = J.promote_candidate(strict, D4, r["version"])
+    g = train.promote_candidate(strict, D4, r["version"])
     assert not g["promoted"] and g["status"] == "rejected" and "below the published" in g["reason"]
-    assert R.published(cfg)["version"] == v1
-    man = R.read_manifest(cfg, r["version"])
+    assert registry.published(cfg)["version"] == v1
+    man = registry.read_manifest(cfg, r["version"])
     assert man["status"] == "rejected" and man["status_history"][-1]["status"] == "rejected"
     # Judged once: a later, laxer gate does not overturn it.
-    assert J.promote_candidate(cfg, D4, r["version"])["reason"] == "already judged: rejected"
+    assert train.promote_candidate(cfg, D4, r["version"])["reason"] == "already judged: rejected"
     with pytest.raises(UserError, match="not a fine-tuned candidate of drop 2026-11-05"):
-        J.promote_candidate(cfg, D5, r["version"])
+        train.promote_candidate(cfg, D5, r["version"])
 
 
 def test_gate_promotes_a_passing_candidate_and_again_after_a_restore(warehouse, trained, tmp_path):
     cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
     v1 = with_registry(cfg, trained)
-    c4 = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)["version"]
-    g = J.promote_candidate(cfg, D4, c4)
-    assert g["promoted"] and g["status"] == "promoted" and R.published(cfg)["version"] == c4
-    assert R.published(cfg)["previous"] == v1
+    c4 = train.finetune(cfg, D4, promote=False, progress=False, log=quiet)["version"]
+    g = train.promote_candidate(cfg, D4, c4)
+    assert g["promoted"] and g["status"] == "promoted" and registry.published(cfg)["version"] == c4
+    assert registry.published(cfg)["previous"] == v1
     # After the published model went back to the parent (a repair's restore), the rerun reuses the candidate
     # and the gate publishes it again instead of training another.
-    R.publish(cfg, v1, "test: back to v1")
-    again = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)
+    registry.publish(cfg, v1, "test: back to v1")
+    again = train.finetune(cfg, D4, promote=False, progress=False, log=quiet)
     assert again["version"] == c4 and not again["trained"] and again["status"] == "promoted"
-    g = J.promote_candidate(cfg, D4, c4)
-    assert g["promoted"] and R.published(cfg)["version"] == c4 and len(R.list_versions(cfg)) == 2
-    assert J.promote_candidate(cfg, D4, c4)["reason"] == "already judged: promoted"
+    g = train.promote_candidate(cfg, D4, c4)
+    assert g["promoted"] and registry.published(cfg)["version"] == c4 and len(registry.list_versions(cfg)) == 2
+    assert train.promote_candidate(cfg, D4, c4)["reason"] == "already judged: promoted"
 
 
 def test_gate_refuses_a_candidate_of_another_parent(warehouse, trained, tmp_path):
     cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
     with_registry(cfg, trained)
-    c4 = J.finetune(cfg, D4, promote=False, progress=False, log=quiet)["version"]
-    R.publish(cfg, c4, "test: another model published meanwhile")  # no longer the candidate's parent
-    g = J.promote_candidate(cfg, D4, c4)
+    c4 = train.finetune(cfg, D4, promote=False, progress=False, log=quiet)["version"]
+    registry.publish(cfg, c4, "test: another model published meanwhile")  # no longer the candidate's parent
+    g = train.promote_candidate(cfg, D4, c4)
     assert not g["promoted"] and "not the candidate's parent" in g["reason"]
-    assert R.read_manifest(cfg, c4)["status"] == "rejected"
+    assert registry.read_manifest(cfg, c4)["status"] == "rejected"
 
 
 def test_finetune_without_a_model_or_a_day_and_an_empty_day(warehouse, trained, tmp_path):
     cfg = config(warehouse, tmp_path)
     with pytest.raises(UserError, match="no published model"):
-        J.finetune(cfg, D4, log=quiet)
+        train.finetune(cfg, D4, log=quiet)
     v1 = with_registry(cfg, trained)
-    r = J.finetune(cfg, D5, log=quiet)  # ingested, but no events
+    r = train.finetune(cfg, D5, log=quiet)  # ingested, but no events
     assert not r["trained"] and not r["promoted"] and "no events" in r["reason"]
-    assert R.published(cfg)["version"] == v1 and len(R.list_versions(cfg)) == 1
+    assert registry.published(cfg)["version"] == v1 and len(registry.list_versions(cfg)) == 1
     with pytest.raises(UserError, match="no sequences for 2026-11-06"):
-        J.finetune(cfg, D6, log=quiet)
+        train.finetune(cfg, D6, log=quiet)
     # As of the empty day, the data is the table as it stands (sequences made no commit for D5).
     seq = cfg.table_path("user_sequences")
-    assert ST.sequences_version(cfg, D5) == (delta.version_of(seq), D5)
+    assert stream.sequences_version(cfg, D5) == (delta.version_of(seq), D5)
     with pytest.raises(UserError, match="includes drops up to 2026-11-05 only|up to 2026-11-04 only"):
-        ST.sequences_version(cfg, D6)
+        stream.sequences_version(cfg, D6)
 
 
 # --------------------------------------------------------------- evaluate
@@ -300,7 +304,7 @@ def test_evaluate_writes_its_report_and_prints_a_table(warehouse, trained, tmp_p
     cfg = config(warehouse, tmp_path)
     v1 = with_registry(cfg, trained)
     printed = []
-    rep = J.evaluate(cfg, day=D3, out=printed.append)
+    rep = train.evaluate(cfg, day=D3, out=printed.append)
     path = cfg.reports_root / "models" / v1 / "evaluate-dt=2026-11-03.json"
     assert rep["path"] == str(path) and json.loads(path.read_text())["models"] == rep["models"]
     assert set(rep["models"]) == {v1, "most_popular"} and rep["users"] > 10
@@ -310,7 +314,7 @@ def test_evaluate_writes_its_report_and_prints_a_table(warehouse, trained, tmp_p
     assert not rep["protocol"]["window_overlaps_training"] and rep["grown_since_model"] == {}
     assert "| most_popular |" in printed[0] and f"| {v1} |" in printed[0]
     # The next day: new items since the model (grown, content-initialised), still no overlap with training.
-    rep4 = J.evaluate(cfg, version=v1, day=D4, out=quiet)
+    rep4 = train.evaluate(cfg, version=v1, day=D4, out=quiet)
     assert rep4["grown_since_model"]["item"][1] == 401 and not rep4["protocol"]["window_overlaps_training"]
 
 

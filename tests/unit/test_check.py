@@ -15,8 +15,8 @@ import pytest
 
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import check as C
-from userformer.schemas import tables as S
+from userformer.jobs.steps import check
+from userformer.schemas import tables
 
 D = dt.date(2024, 3, 10)
 EXE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "userformer"
@@ -58,7 +58,7 @@ def event(day: dt.date, i: int, **over) -> dict:
     return {**row, **over}
 
 
-def write_events(cfg, rows: list[dict], schema: pa.Schema = S.EVENTS) -> None:
+def write_events(cfg, rows: list[dict], schema: pa.Schema = tables.EVENTS) -> None:
     delta.write_arrow(cfg.table_path("events"), pa.Table.from_pylist(rows, schema=schema), schema, partition_by=["dt"])
 
 
@@ -80,13 +80,13 @@ def write_rejected(cfg, day: dt.date, reasons: dict[str, int]) -> None:
     ]
     delta.write_arrow(
         cfg.table_path("events_rejected"),
-        pa.Table.from_pylist(rows, schema=S.EVENTS_REJECTED),
-        S.EVENTS_REJECTED,
+        pa.Table.from_pylist(rows, schema=tables.EVENTS_REJECTED),
+        tables.EVENTS_REJECTED,
         partition_by=["dt"],
     )
 
 
-def history(cfg, days: int = 7, rows: int = 100, schema: pa.Schema = S.EVENTS) -> None:
+def history(cfg, days: int = 7, rows: int = 100, schema: pa.Schema = tables.EVENTS) -> None:
     """`days` partitions of `rows` good events before D, and rejects of D that stay within the ratios."""
     write_events(cfg, [event(D - dt.timedelta(days=k), i) for k in range(1, days + 1) for i in range(rows)], schema)
     write_rejected(cfg, D, {"duplicate": 1, "unknown_event_type": 1})
@@ -97,7 +97,7 @@ def day(n: int = 100, **changes) -> list[dict]:
     return [event(D, i, **changes.get(f"r{i}", {})) for i in range(n)]
 
 
-def failed(res: C.CheckResult, expectation: str, column: str) -> C.ExpectationResult:
+def failed(res: check.CheckResult, expectation: str, column: str) -> check.ExpectationResult:
     hits = [r for r in res.failed if r.expectation == expectation and r.column == column]
     assert hits, (
         f"expected {expectation} on {column} to fail; failed: {[(r.expectation, r.column) for r in res.failed]}"
@@ -108,8 +108,8 @@ def failed(res: C.CheckResult, expectation: str, column: str) -> C.ExpectationRe
 def test_good_day_passes_and_writes_reports(cfg):
     history(cfg)
     write_events(cfg, day())
-    res = C.check(cfg, "events", D)
-    assert res.success, C.summary(res)
+    res = check.check(cfg, "events", D)
+    assert res.success, check.summary(res)
     assert res.error is None and not res.failed
     names = {(r.expectation, r.column) for r in res.results}
     for col in ("dt", "event_id", "user_id", "ts", "event_type", "event_type_idx"):
@@ -127,9 +127,9 @@ def test_good_day_passes_and_writes_reports(cfg):
 
 
 def test_null_user_id(cfg):
-    history(cfg, schema=loose(S.EVENTS))
-    write_events(cfg, day(r3={"user_id": None}, r5={"user_id": None}), loose(S.EVENTS))
-    res = C.check(cfg, "events", D)
+    history(cfg, schema=loose(tables.EVENTS))
+    write_events(cfg, day(r3={"user_id": None}, r5={"user_id": None}), loose(tables.EVENTS))
+    res = check.check(cfg, "events", D)
     assert not res.success
     r = failed(res, "expect_column_values_to_not_be_null", "user_id")
     assert (r.unexpected_count, r.element_count, r.examples) == (2, 100, [None, None])
@@ -139,7 +139,7 @@ def test_null_user_id(cfg):
 def test_unknown_event_type(cfg):
     history(cfg)
     write_events(cfg, day(r0={"event_type": "teleport"}, r4={"event_type": "teleport"}, r9={"event_type": "<b>x</b>"}))
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     r = failed(res, "expect_column_values_to_be_in_set", "event_type")
     assert r.unexpected_count == 3 and sorted(r.examples) == ["<b>x</b>", "teleport", "teleport"]
     # Values are escaped in the page.
@@ -151,7 +151,7 @@ def test_examples_are_capped_by_config(cfg, n):
     cfg.quality.examples = n
     history(cfg)
     write_events(cfg, day(**{f"r{i}": {"event_type": f"bogus{i}"} for i in range(4)}))
-    r = failed(C.check(cfg, "events", D), "expect_column_values_to_be_in_set", "event_type")
+    r = failed(check.check(cfg, "events", D), "expect_column_values_to_be_in_set", "event_type")
     assert r.unexpected_count == 4 and len(r.examples) == n
 
 
@@ -161,7 +161,7 @@ def test_ts_out_of_range(cfg):
     edge = start(D) + dt.timedelta(days=1, seconds=cfg.ingest.future_tolerance_s)  # still allowed
     history(cfg)
     write_events(cfg, day(r1={"ts": too_old}, r2={"ts": future}, r3={"ts": edge}))
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     r = failed(res, "expect_column_values_to_be_between", "ts")
     assert r.unexpected_count == 2
     assert sorted(r.examples) == sorted([too_old.isoformat(), future.isoformat()])
@@ -170,7 +170,7 @@ def test_ts_out_of_range(cfg):
 def test_duplicate_event_id(cfg):
     history(cfg)
     write_events(cfg, day(r10={"event_id": "dup"}, r20={"event_id": "dup"}))
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     r = failed(res, "expect_column_values_to_be_unique", "event_id")
     assert (r.unexpected_count, r.examples) == (2, ["dup", "dup"])
 
@@ -179,7 +179,7 @@ def test_item_event_without_item(cfg):
     history(cfg)
     # Row 0 is a view (item event), row 2 a search: a search without item is fine.
     write_events(cfg, day(r0={"item_id": None, "item_idx": 0}, r2={"item_id": None, "item_idx": 0}))
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     r = failed(res, "expect_column_values_to_not_be_null", "item_id")
     assert r.unexpected_count == 1 and r.element_count == 75  # only the item events are in scope
     assert "event_type IN" in r.kwargs["row_condition"]
@@ -190,15 +190,15 @@ def test_item_event_without_item(cfg):
 def test_negative_vocab_id(cfg):
     history(cfg)
     write_events(cfg, day(r2={"surface_idx": -1}))
-    r = failed(C.check(cfg, "events", D), "expect_column_values_to_be_between", "surface_idx")
+    r = failed(check.check(cfg, "events", D), "expect_column_values_to_be_between", "surface_idx")
     assert (r.unexpected_count, r.examples) == (1, [-1])
 
 
 def test_column_with_wrong_type(cfg):
-    wrong = S.EVENTS.set(S.EVENTS.get_field_index("surface_idx"), pa.field("surface_idx", pa.int64()))
+    wrong = tables.EVENTS.set(tables.EVENTS.get_field_index("surface_idx"), pa.field("surface_idx", pa.int64()))
     history(cfg, schema=wrong)
     write_events(cfg, day(), wrong)
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     assert not res.success
     r = failed(res, "expect_column_types_to_match_schema", None)
     assert r.unexpected_count == 1 and r.examples == ["surface_idx: int64 (expected int32)"]
@@ -212,7 +212,7 @@ def test_rejected_ratio_too_high(cfg):
     history(cfg)
     write_rejected(cfg, D, {"unknown_event_type": 15, "null_user_id": 5})  # 2 + 20 rejects of 122 raw rows
     write_events(cfg, day())
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     r = failed(res, "expect_column_values_to_be_between", "rejected_ratio")
     assert r.unexpected_count == 1 and r.examples == [pytest.approx(21 / 122)]
     assert [x.column for x in res.failed] == ["rejected_ratio"]
@@ -223,7 +223,7 @@ def test_duplicate_ratio_too_high(cfg):
     history(cfg)
     write_rejected(cfg, D, {"duplicate": 9})
     write_events(cfg, day())
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     r = failed(res, "expect_column_values_to_be_between", "duplicate_ratio")
     assert r.examples == [pytest.approx(10 / 111)]  # 10 duplicates, 1 other reject, 100 accepted
     assert [x.column for x in res.failed] == ["duplicate_ratio"]
@@ -233,7 +233,7 @@ def test_duplicate_ratio_too_high(cfg):
 def test_row_count_outside_band(cfg, n):
     history(cfg)
     write_events(cfg, day(n))
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     r = failed(res, "expect_column_values_to_be_between", "row_count")
     assert r.examples == [n]
     assert (r.kwargs["min_value"], r.kwargs["max_value"]) == (20, 500)  # [0.2, 5] x median 100
@@ -244,15 +244,15 @@ def test_row_count_uses_only_the_trailing_days(cfg):
     write_events(cfg, [event(D - dt.timedelta(days=30), i) for i in range(2000)])
     history(cfg, days=cfg.quality.trailing_days)
     write_events(cfg, day())
-    res = C.check(cfg, "events", D)
-    assert res.success, C.summary(res)
+    res = check.check(cfg, "events", D)
+    assert res.success, check.summary(res)
     assert len(res.facts["trailing_partitions"]) == cfg.quality.trailing_days
 
 
 def test_row_count_skipped_without_history(cfg):
     write_rejected(cfg, D, {})
     write_events(cfg, day())
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     assert res.success
     r = [x for x in res.results if x.column == "row_count"][0]
     assert r.skipped and "not enough history" in r.note
@@ -260,20 +260,20 @@ def test_row_count_skipped_without_history(cfg):
 
 def test_missing_rejected_table_fails_the_ratios(cfg):
     write_events(cfg, day())
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     assert {r.column for r in res.failed} == {"duplicate_ratio", "rejected_ratio"}
     assert "does not exist" in res.failed[0].note
 
 
 def test_missing_table_or_partition_fails_clearly(cfg):
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     assert not res.success and "table events does not exist" in res.error
     assert res.html_path.is_file() and "table events does not exist" in res.html_path.read_text()
     assert json.loads(res.json_path.read_text())["error"] == res.error
     history(cfg)
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     assert not res.success and f"no partition dt={D}" in res.error
-    assert "FAILED" in C.summary(res) and f"no partition dt={D}" in C.summary(res)
+    assert "FAILED" in check.summary(res) and f"no partition dt={D}" in check.summary(res)
 
 
 def test_an_ingested_empty_drop_is_judged_by_the_day_level_checks(cfg, monkeypatch):
@@ -284,19 +284,19 @@ def test_an_ingested_empty_drop_is_judged_by_the_day_level_checks(cfg, monkeypat
     write_rejected(cfg, D, {})
     write_deltalake(
         str(cfg.table_path("events")),
-        S.EVENTS.empty_table(),
+        tables.EVENTS.empty_table(),
         mode="overwrite",
         predicate=f"dt = '{D}'",
         commit_properties=CommitProperties(custom_metadata={"step": "ingest", "dt": str(D)}),
     )
-    res = C.check(cfg, "events", D)
+    res = check.check(cfg, "events", D)
     assert res.error is None and res.facts["rows"] == 0
     r = failed(res, "expect_column_values_to_be_between", "row_count")
     assert r.examples == [0] and len(res.failed) == 1
     # A site with quiet days accepts them by starting the band at 0.
     monkeypatch.setenv("USERFORMER__QUALITY__ROW_COUNT_BAND", "[0, 5]")
-    res = C.check(load_config(), "events", D)
-    assert res.success, C.summary(res)
+    res = check.check(load_config(), "events", D)
+    assert res.success, check.summary(res)
 
 
 # ----------------------------------------------------------- user_sequences
@@ -326,8 +326,8 @@ def seq(user: str, n: int, updated: dt.date = D, **over) -> dict:
 def write_sequences(cfg, rows: list[dict]) -> None:
     delta.write_arrow(
         cfg.table_path("user_sequences"),
-        pa.Table.from_pylist(rows, schema=S.USER_SEQUENCES),
-        S.USER_SEQUENCES,
+        pa.Table.from_pylist(rows, schema=tables.USER_SEQUENCES),
+        tables.USER_SEQUENCES,
         mode="overwrite",
     )
 
@@ -340,8 +340,8 @@ def good_users() -> list[dict]:
 
 def test_sequences_good_day_passes(cfg):
     write_sequences(cfg, good_users())
-    res = C.check(cfg, "user_sequences", D)
-    assert res.success, C.summary(res)
+    res = check.check(cfg, "user_sequences", D)
+    assert res.success, check.summary(res)
     assert res.facts == {"rows_updated": 20, "users": 25}
     cols = {r.column for r in res.results}
     assert {"arrays_match_seq_len", "ts_sorted", "last_event_ts_is_last_ts", "seq_len", "user_id"} <= cols
@@ -352,7 +352,7 @@ def test_sequences_unequal_array_lengths(cfg):
     bad = seq("u_bad", 4)
     bad["brand_idx"] = [1, 1, 1]
     write_sequences(cfg, good_users() + [bad])
-    res = C.check(cfg, "user_sequences", D)
+    res = check.check(cfg, "user_sequences", D)
     r = failed(res, "expect_column_values_to_be_in_set", "arrays_match_seq_len")
     assert (r.unexpected_count, r.element_count, r.examples) == (1, 21, ["u_bad"])
     assert [x.column for x in res.failed] == ["arrays_match_seq_len"]
@@ -362,7 +362,7 @@ def test_sequences_unsorted_ts(cfg):
     bad = seq("u_unsorted", 4)
     bad["ts"] = [bad["ts"][1], bad["ts"][0], *bad["ts"][2:]]  # last element unchanged
     write_sequences(cfg, good_users() + [bad, seq("u_null_ts", 2, ts=[None, start(D)], last_event_ts=start(D))])
-    res = C.check(cfg, "user_sequences", D)
+    res = check.check(cfg, "user_sequences", D)
     r = failed(res, "expect_column_values_to_be_in_set", "ts_sorted")
     assert r.unexpected_count == 2 and sorted(r.examples) == ["u_null_ts", "u_unsorted"]
     assert [x.column for x in res.failed] == ["ts_sorted"]
@@ -377,7 +377,7 @@ def test_sequences_last_event_ts_and_lifetime(cfg):
             seq("u_life", 3, lifetime_events=2),
         ],
     )
-    res = C.check(cfg, "user_sequences", D)
+    res = check.check(cfg, "user_sequences", D)
     assert failed(res, "expect_column_values_to_be_in_set", "last_event_ts_is_last_ts").examples == ["u_last"]
     r = failed(res, "expect_column_pair_values_a_to_be_greater_than_b", "lifetime_events, seq_len")
     assert r.unexpected_count == 1 and r.examples == [[2, 3]]
@@ -386,7 +386,7 @@ def test_sequences_last_event_ts_and_lifetime(cfg):
 def test_sequences_seq_len_above_max_len(cfg):
     cfg.sequences.max_len = 5
     write_sequences(cfg, good_users() + [seq("u_long", 6)])
-    res = C.check(cfg, "user_sequences", D)
+    res = check.check(cfg, "user_sequences", D)
     r = failed(res, "expect_column_values_to_be_between", "seq_len")
     assert (r.unexpected_count, r.examples, r.kwargs["max_value"]) == (1, [6], 5)
 
@@ -394,16 +394,16 @@ def test_sequences_seq_len_above_max_len(cfg):
 def test_sequences_duplicate_user_id_over_the_whole_table(cfg):
     # The second copy is not refreshed today: uniqueness is over the whole table, not just the day.
     write_sequences(cfg, good_users() + [seq("u3", 2, D - dt.timedelta(days=2))])
-    res = C.check(cfg, "user_sequences", D)
+    res = check.check(cfg, "user_sequences", D)
     r = failed(res, "expect_column_values_to_be_unique", "user_id")
     assert (r.unexpected_count, r.element_count, r.examples) == (2, 26, ["u3", "u3"])
 
 
 def test_sequences_missing_table_or_day(cfg):
-    assert "table user_sequences does not exist" in C.check(cfg, "user_sequences", D).error
+    assert "table user_sequences does not exist" in check.check(cfg, "user_sequences", D).error
     write_sequences(cfg, [seq("u1", 2, D - dt.timedelta(days=1))])
     write_events(cfg, day(3))  # D had events, yet no user was refreshed: the step did not run
-    res = C.check(cfg, "user_sequences", D)
+    res = check.check(cfg, "user_sequences", D)
     assert not res.success and f"no rows with updated_dt = {D}" in res.error
 
 
@@ -411,7 +411,7 @@ def test_sequences_of_an_empty_day_pass(cfg):
     """A drop without accepted events refreshes nobody: that is not a failure."""
     write_sequences(cfg, [seq("u1", 2, D - dt.timedelta(days=1))])
     write_events(cfg, [event(D - dt.timedelta(days=1), 0)])
-    res = C.check(cfg, "user_sequences", D)
+    res = check.check(cfg, "user_sequences", D)
     assert res.success and res.error is None
     assert res.facts["rows_updated"] == 0 and "no user to refresh" in res.facts["note"]
 
@@ -419,7 +419,7 @@ def test_sequences_of_an_empty_day_pass(cfg):
 # --------------------------------------------------------------------- CLI
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="userformer")
-    C.register(p.add_subparsers(dest="command", required=True))
+    check.register(p.add_subparsers(dest="command", required=True))
     return p
 
 
@@ -483,6 +483,6 @@ def test_expectation_ge_cannot_evaluate_fails_with_its_error():
             )
         ],
     )
-    ok, broken = C.evaluate(plan, 5)
+    ok, broken = check.evaluate(plan, 5)
     assert ok.success and (ok.unexpected_count, ok.element_count) == (0, 2)
     assert not broken.success and "nope" in broken.note

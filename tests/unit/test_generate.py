@@ -15,7 +15,7 @@ import pytest
 
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.tools import generate as G
+from userformer.jobs.tools import generate
 from userformer.schemas.tables import RAW_EVENTS, RAW_ITEMS
 
 START = dt.date(2026, 3, 1)
@@ -56,7 +56,7 @@ def world(tmp_path_factory):
     """One small run with high trouble rates: (cfg, summary, all rows with their dt, defects per row, good rows)."""
     home = tmp_path_factory.mktemp("gen")
     cfg = _cfg(home)
-    summary = G.generate(cfg, users=600, items=500, days=DAYS, start=START, seed=11, **RATES)
+    summary = generate.generate(cfg, users=600, items=500, days=DAYS, start=START, seed=11, **RATES)
     df = _read_events(cfg.raw_root)
     bad = _defects(df, cfg)
     return cfg, summary, df, bad, df[~bad.any(axis=1)]
@@ -81,9 +81,9 @@ def test_same_seed_same_files_other_seed_differs(tmp_path):
     cfg = _cfg(tmp_path)
     kw = dict(users=150, items=120, days=3, start=START)
     runs = {name: tmp_path / name for name in ("a", "b", "c")}
-    s_a = G.generate(cfg, seed=5, out=runs["a"], **kw)
-    s_b = G.generate(cfg, seed=5, out=runs["b"], **kw)
-    G.generate(cfg, seed=6, out=runs["c"], **kw)
+    s_a = generate.generate(cfg, seed=5, out=runs["a"], **kw)
+    s_b = generate.generate(cfg, seed=5, out=runs["b"], **kw)
+    generate.generate(cfg, seed=6, out=runs["c"], **kw)
     assert {k: v for k, v in s_a.items() if k != "out"} == {k: v for k, v in s_b.items() if k != "out"}
     files = sorted(p.relative_to(runs["a"]) for p in runs["a"].rglob("*.parquet"))
     assert len(files) == 6 and files == sorted(p.relative_to(runs["b"]) for p in runs["b"].rglob("*.parquet"))
@@ -96,8 +96,8 @@ def test_same_seed_same_files_other_seed_differs(tmp_path):
 def test_good_rows_follow_the_contract(world):
     cfg, _, _, _, good = world
     ic = cfg.ingest
-    assert set(good["event_type"]) == set(G.EVENT_TYPES)
-    assert set(G.EVENT_TYPES) <= set(ic.event_types)
+    assert set(good["event_type"]) == set(generate.EVENT_TYPES)
+    assert set(generate.EVENT_TYPES) <= set(ic.event_types)
     items = good["event_type"].isin(ic.item_event_types)
     assert good.loc[items, "item_id"].notna().all()
     assert good.loc[~items, "item_id"].isna().all()
@@ -107,7 +107,7 @@ def test_good_rows_follow_the_contract(world):
     # Columns filled where they mean something, only there.
     search = good["event_type"] == "search"
     assert good.loc[search, "query"].notna().all() and good.loc[~search, "query"].isna().all()
-    assert set(good.loc[search, "query"]) <= set(G.L1_NAMES + G.L2_NAMES + G.L3_NAMES)
+    assert set(good.loc[search, "query"]) <= set(generate.L1_NAMES + generate.L2_NAMES + generate.L3_NAMES)
     view = good["event_type"] == "view"
     assert (good.loc[view, "duration_s"] > 0).all() and good.loc[~view, "duration_s"].isna().all()
     assert (good.loc[view, "duration_s"] <= ic.max_duration_s).all()
@@ -156,7 +156,7 @@ def test_malformed_rows_of_every_kind(world):
     n_bad = int(bad.any(axis=1).sum())
     assert n_bad == summary["malformed"]
     assert n_bad / len(df) == pytest.approx(RATES["malformed_rate"], rel=0.3)
-    assert set(df.loc[bad["unknown_type"], "event_type"]) <= set(G.BAD_TYPES)
+    assert set(df.loc[bad["unknown_type"], "event_type"]) <= set(generate.BAD_TYPES)
     future = df.loc[bad["future_ts"]]
     assert ((future["ts"] - future["dt"]).dt.days >= 2).all()
     assert df.loc[bad.any(axis=1), "event_id"].is_unique  # extra rows, not redeliveries
@@ -191,7 +191,7 @@ def test_new_users_start_with_signup(world):
 
 def test_popularity_is_skewed(tmp_path):
     cfg = _cfg(tmp_path)
-    G.generate(cfg, users=800, items=1000, days=2, start=START, seed=3)
+    generate.generate(cfg, users=800, items=1000, days=2, start=START, seed=3)
     ev = _read_events(cfg.raw_root)
     counts = ev.loc[ev["event_type"].isin(cfg.ingest.item_event_types), "item_id"].value_counts()
     top = counts.iloc[:10].sum() / counts.sum()  # top 1% of the catalogue
@@ -224,7 +224,7 @@ def test_catalogue_grows_and_changes(world):
     cat = pd.concat(snaps.values())
     assert cat[["category_l1", "category_l2", "category_l3", "brand", "title", "price"]].notna().all().all()
     assert cat.groupby("category_l2")["category_l1"].nunique().max() == 1
-    assert set(cat["category_l1"]) <= set(G.L1_NAMES) and cat["category_l1"].nunique() >= 6
+    assert set(cat["category_l1"]) <= set(generate.L1_NAMES) and cat["category_l1"].nunique() >= 6
     assert 10 <= cat["brand"].nunique() <= 25
     assert (cat["price"] > 0).all()
 
@@ -246,19 +246,19 @@ def test_catalogue_grows_and_changes(world):
 def test_rejects_bad_arguments(cfg, bad, message):
     args = dict(users=10, items=10, days=1, start=START, seed=1) | bad
     with pytest.raises(UserError, match=message):
-        G.generate(cfg, **args)
+        generate.generate(cfg, **args)
     assert not cfg.raw_root.exists()
 
 
 def test_unknown_config_types_are_refused(cfg):
     cfg.ingest.non_item_event_types = ["search", "signup"]  # no login
     with pytest.raises(UserError, match="login"):
-        G.generate(cfg, users=10, items=10, days=1, start=START, seed=1)
+        generate.generate(cfg, users=10, items=10, days=1, start=START, seed=1)
 
 
 def test_register_and_run_in_process(cfg, capsys):
     parser = argparse.ArgumentParser(prog="userformer")
-    G.register(parser.add_subparsers(dest="command"))
+    generate.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
         [
             "generate",

@@ -23,9 +23,9 @@ import pytest
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import index as ix
+from userformer.jobs.steps import index
 from userformer.jobs.tools import serve
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 EXE = str(Path(sys.executable).parent / "userformer")
 D1, D2 = dt.date(2026, 1, 6), dt.date(2026, 1, 7)
@@ -81,7 +81,7 @@ def write_items(cfg, n: int, *, mv: str = MV, as_of=D1, seed: int = 1, versions:
             "as_of": pa.array([as_of] * n, pa.date32()),
         }
     )
-    delta.write_arrow(cfg.table_path("item_embeddings"), t, S.ITEM_EMBEDDINGS, mode="overwrite")
+    delta.write_arrow(cfg.table_path("item_embeddings"), t, tables.ITEM_EMBEDDINGS, mode="overwrite")
     return x
 
 
@@ -93,7 +93,7 @@ def user_rows(users: list[str], x: np.ndarray, as_of, mv: str = MV) -> pa.Table:
             "embedding": vec_col(x),
             "model_version": [mv] * n,
             "as_of": pa.array([as_of] * n, pa.date32()),
-            "updated_at": pa.array([dt.datetime(2026, 1, 8, tzinfo=dt.UTC)] * n, S.TS),
+            "updated_at": pa.array([dt.datetime(2026, 1, 8, tzinfo=dt.UTC)] * n, tables.TS),
         }
     )
 
@@ -103,7 +103,7 @@ def write_users(cfg, n: int, as_of=D1, seed: int = 2, mv: str = MV) -> np.ndarra
     delta.write_arrow(
         cfg.table_path("user_embeddings"),
         user_rows([f"u{j}" for j in range(n)], x, as_of, mv),
-        S.USER_EMBEDDINGS,
+        tables.USER_EMBEDDINGS,
         mode="overwrite",
     )
     return x
@@ -116,7 +116,7 @@ def refresh_users(cfg, users: list[str], as_of, seed: int) -> np.ndarray:
     (
         delta.open_table(path)
         .merge(
-            user_rows(users, x, as_of).cast(S.USER_EMBEDDINGS),
+            user_rows(users, x, as_of).cast(tables.USER_EMBEDDINGS),
             "t.user_id = s.user_id",
             source_alias="s",
             target_alias="t",
@@ -137,16 +137,16 @@ def write_purchases(cfg, rows: list[tuple[str, int]], day=D1) -> None:
         "dt": pa.array([day] * n, pa.date32()),
         "event_id": [f"e{j}" for j in range(n)],
         "user_id": [u for u, _ in rows],
-        "ts": pa.array([dt.datetime.combine(day, dt.time(12), dt.UTC)] * n, S.TS),
+        "ts": pa.array([dt.datetime.combine(day, dt.time(12), dt.UTC)] * n, tables.TS),
         "event_type": types,
         "event_type_idx": pa.array([1] * n, pa.int32()),
         "item_id": [f"i{i - 1}" for _, i in rows],
         "item_idx": pa.array([i for _, i in rows], pa.int64()),
     }
-    for f in S.EVENTS:
+    for f in tables.EVENTS:
         if f.name not in cols:
             cols[f.name] = pa.nulls(n, f.type)
-    delta.write_arrow(cfg.table_path("events"), pa.table(cols), S.EVENTS, partition_by=["dt"])
+    delta.write_arrow(cfg.table_path("events"), pa.table(cols), tables.EVENTS, partition_by=["dt"])
 
 
 def exact(items: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -156,10 +156,10 @@ def exact(items: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ index
 def test_kind_follows_catalogue_size(icfg):
-    assert [ix.choose_kind(icfg, n) for n in (10, 1000, 1001, 3000, 3001)] == ["flat", "flat", "hnsw", "hnsw", "ivf"]
+    assert [index.choose_kind(icfg, n) for n in (10, 1000, 1001, 3000, 3001)] == ["flat", "flat", "hnsw", "hnsw", "ivf"]
     icfg.index.kind = "hnsw"
-    assert ix.choose_kind(icfg, 10) == "hnsw"
-    p = ix.build_params(load_config(env={"USERFORMER_HOME": "/x"}), "ivf", 1_000_000, 64)
+    assert index.choose_kind(icfg, 10) == "hnsw"
+    p = index.build_params(load_config(env={"USERFORMER_HOME": "/x"}), "ivf", 1_000_000, 64)
     assert p["nlist"] == 1000 and p["nprobe"] == 32 and p["train_size"] == 200_000
 
 
@@ -174,9 +174,9 @@ def test_kind_follows_catalogue_size(icfg):
 def test_build_by_size_measures_recall_and_switches(icfg, n, kind, cls):
     items = write_items(icfg, n)
     users = write_users(icfg, 300)
-    res = ix.build_index(icfg, D1)
+    res = index.build_index(icfg, D1)
     m = res.manifest
-    assert res.status == "current" and res.check.success, ix.json.dumps(res.check.to_dict(), indent=1)[:2000]
+    assert res.status == "current" and res.check.success, index.json.dumps(res.check.to_dict(), indent=1)[:2000]
     assert m["kind"] == kind and m["index_class"] == cls and m["items"] == n and m["dimension"] == DIM
     assert m["model_version"] == MV and m["as_of"] == str(D1) and m["item_embeddings_as_of"] == [str(D1)] * 2
     assert m["item_embeddings_version"] == delta.version_of(icfg.table_path("item_embeddings"))
@@ -188,16 +188,16 @@ def test_build_by_size_measures_recall_and_switches(icfg, n, kind, cls):
         assert m["params"] == {"metric": "inner_product", "M": 16, "efConstruction": 40, "efSearch": 64}
     if kind == "ivf":
         assert m["params"]["nlist"] == 63 and m["params"]["nprobe"] == 16  # ~sqrt(4000)
-    assert ix.current(icfg)["version"] == res.version == "i0001-20260106"
+    assert index.current(icfg)["version"] == res.version == "i0001-20260106"
     vdir = icfg.index_root / "versions" / res.version
     assert {p.name for p in vdir.iterdir()} == {"index.faiss", "items.parquet", "manifest.json"}
     assert json.loads((vdir / "manifest.json").read_text()) == json.loads(json.dumps(m))
     assert pq.read_table(vdir / "items.parquet").column_names == ["item_idx", "item_id"]
     # FAISS ids are item_idx; the opened index reproduces exact search closely.
-    opened = ix.open_current(icfg)
+    opened = index.open_current(icfg)
     _, labels = opened.search(users[:50], 10)
     truth = exact(items, users[:50], 10)
-    assert ix.recall_at_k(truth, labels) >= 0.9
+    assert index.recall_at_k(truth, labels) >= 0.9
     assert np.allclose(opened.vector(5), items[4], atol=1e-6)
     assert opened.ids_of(np.array([1, n]))[1] == f"i{n - 1}"
     report = json.loads((icfg.reports_root / "checks" / "index" / f"dt={D1}.json").read_text())
@@ -207,22 +207,22 @@ def test_build_by_size_measures_recall_and_switches(icfg, n, kind, cls):
 
 def test_item_queries_when_there_are_no_users(icfg):
     write_items(icfg, 500)
-    m = ix.build_index(icfg, D1).manifest
+    m = index.build_index(icfg, D1).manifest
     assert m["recall_query_source"] == "item_embeddings" and m["user_embeddings_version"] is None
 
 
 def test_rerun_is_a_noop_unless_forced_or_inputs_change(icfg):
     write_items(icfg, 500)
-    first = ix.build_index(icfg, D1)
-    again = ix.build_index(icfg, D1)
+    first = index.build_index(icfg, D1)
+    again = index.build_index(icfg, D1)
     assert again.status == "unchanged" and again.version == first.version
-    assert ix.list_versions(icfg) == [first.version]
-    forced = ix.build_index(icfg, D1, force=True)
+    assert index.list_versions(icfg) == [first.version]
+    forced = index.build_index(icfg, D1, force=True)
     assert forced.status == "current" and forced.version == "i0002-20260106" and forced.previous == first.version
     write_items(icfg, 500, seed=5)  # new item_embeddings version: a new index
-    new = ix.build_index(icfg, D2)
+    new = index.build_index(icfg, D2)
     assert new.status == "current" and new.version == "i0003-20260107"
-    assert ix.current(icfg) == {**ix.current(icfg), "version": new.version, "previous": forced.version}
+    assert index.current(icfg) == {**index.current(icfg), "version": new.version, "previous": forced.version}
 
 
 def test_refuses_mixed_model_versions_and_unpublished_version(icfg):
@@ -232,66 +232,66 @@ def test_refuses_mixed_model_versions_and_unpublished_version(icfg):
         match=r"mixes model versions: v0001-20260105-train \(6 rows\), "
         r"v0002-20260106-finetune \(4 rows\)",
     ):
-        ix.build_index(icfg, D1)
+        index.build_index(icfg, D1)
     write_items(icfg, 10)
     icfg.models_root.mkdir(parents=True)
     (icfg.models_root / "PUBLISHED").write_text(json.dumps({"version": "v0002-20260106-finetune"}))
     with pytest.raises(UserError, match="published model is v0002-20260106-finetune"):
-        ix.build_index(icfg, D1)
-    assert ix.current(icfg) is None
+        index.build_index(icfg, D1)
+    assert index.current(icfg) is None
 
 
 def test_failed_recall_check_does_not_switch(icfg, monkeypatch):
     write_items(icfg, 2000)
-    good = ix.build_index(icfg, D1)
-    monkeypatch.setattr(ix, "recall_at_k", lambda truth, found: 0.5)
-    bad = ix.build_index(icfg, D2, force=True)
+    good = index.build_index(icfg, D1)
+    monkeypatch.setattr(index, "recall_at_k", lambda truth, found: 0.5)
+    bad = index.build_index(icfg, D2, force=True)
     assert bad.status == "rejected" and not bad.check.success
     assert [r.expectation for r in bad.check.failed] == ["expect_index_recall_at_10_to_be_at_least"]
-    assert ix.current(icfg)["version"] == good.version
-    assert ix.open_current(icfg).version == good.version
-    m = ix.read_manifest(icfg, bad.version)
+    assert index.current(icfg)["version"] == good.version
+    assert index.open_current(icfg).version == good.version
+    m = index.read_manifest(icfg, bad.version)
     assert m["status"] == "rejected" and m["recall_at_10"] == 0.5
     report = json.loads((icfg.reports_root / "checks" / "index" / f"dt={D2}.json").read_text())
     assert not report["success"] and report["results"][0]["examples"] == [0.5]
     with pytest.raises(UserError, match="cannot be made current"):
-        ix.switch(icfg, bad.version)
+        index.switch(icfg, bad.version)
 
 
 def test_failure_mid_build_leaves_current_complete(icfg, monkeypatch):
     items = write_items(icfg, 2000)
-    good = ix.build_index(icfg, D1)
+    good = index.build_index(icfg, D1)
     seen = {}
 
     def crash(path, data):
         path.write_bytes(b"PAR1 half a file")  # a half-written file in the version being built
-        seen["during"] = ix.open_current(icfg)  # a reader in the middle of the build
+        seen["during"] = index.open_current(icfg)  # a reader in the middle of the build
         raise OSError("disk full")
 
-    monkeypatch.setattr(ix, "_write_items", crash)
+    monkeypatch.setattr(index, "_write_items", crash)
     with pytest.raises(OSError, match="disk full"):
-        ix.build_index(icfg, D2, force=True)
+        index.build_index(icfg, D2, force=True)
     assert seen["during"].version == good.version
-    assert ix.current(icfg)["version"] == good.version
-    after = ix.open_current(icfg)
+    assert index.current(icfg)["version"] == good.version
+    after = index.open_current(icfg)
     assert after.version == good.version and after.ntotal == 2000
     assert np.allclose(after.vector(1), items[0], atol=1e-6)
-    assert ix.list_versions(icfg) == [good.version]  # no half-written version anywhere under versions/
+    assert index.list_versions(icfg) == [good.version]  # no half-written version anywhere under versions/
     assert not list((icfg.index_root / "_building").iterdir())
     monkeypatch.undo()
-    assert ix.build_index(icfg, D2, force=True).version == "i0003-20260107"  # the crashed id is not reused
+    assert index.build_index(icfg, D2, force=True).version == "i0003-20260107"  # the crashed id is not reused
 
 
 def test_retention_keeps_the_newest_versions(icfg, monkeypatch):
     write_items(icfg, 500)
-    built = [ix.build_index(icfg, D1, force=True).version for _ in range(3)]
-    assert ix.list_versions(icfg) == built[1:]  # versions_kept = 2
+    built = [index.build_index(icfg, D1, force=True).version for _ in range(3)]
+    assert index.list_versions(icfg) == built[1:]  # versions_kept = 2
     with monkeypatch.context() as m:
-        m.setattr(ix, "recall_at_k", lambda truth, found: 0.0)
-        rejected = ix.build_index(icfg, D2, force=True).version
-    assert ix.list_versions(icfg) == [*built[1:], rejected]  # kept for inspection until the next switch
-    last = ix.build_index(icfg, D2, force=True).version
-    assert ix.list_versions(icfg) == [built[2], last]
+        m.setattr(index, "recall_at_k", lambda truth, found: 0.0)
+        rejected = index.build_index(icfg, D2, force=True).version
+    assert index.list_versions(icfg) == [*built[1:], rejected]  # kept for inspection until the next switch
+    last = index.build_index(icfg, D2, force=True).version
+    assert index.list_versions(icfg) == [built[2], last]
     log = [json.loads(l)["version"] for l in (icfg.index_root / "versions" / "INDEX.jsonl").read_text().splitlines()]
     assert log == [*built, rejected, last]
     switches = (icfg.index_root / "switch_log.jsonl").read_text().splitlines()
@@ -302,12 +302,12 @@ def test_retention_keeps_the_newest_versions(icfg, monkeypatch):
 def test_candidates_for_refreshed_users_only(icfg):
     items = write_items(icfg, 600)
     users = write_users(icfg, 100)
-    ix.build_index(icfg, D1)
-    out = ix.candidates(icfg, D1)
+    index.build_index(icfg, D1)
+    out = index.candidates(icfg, D1)
     assert out["written"] == 100 and out["users"] == 100
     path = icfg.table_path("user_candidates")
     before = delta.read_arrow(path).sort_by("user_id")
-    assert before.schema == S.USER_CANDIDATES and before.num_rows == 100
+    assert before.schema == tables.USER_CANDIDATES and before.num_rows == 100
     row = before.filter(pc.field("user_id") == "u7").to_pylist()[0]
     assert row["item_idx"] == exact(items, users[7:8], 20)[0].tolist()  # flat index: exact
     assert row["item_id"] == [f"i{i - 1}" for i in row["item_idx"]]
@@ -317,7 +317,7 @@ def test_candidates_for_refreshed_users_only(icfg):
     refreshed = [f"u{j}" for j in range(30)]
     new = refresh_users(icfg, refreshed, D2, seed=9)
     v0 = delta.version_of(path)
-    out = ix.candidates(icfg, D2)
+    out = index.candidates(icfg, D2)
     assert out["written"] == 30 and delta.version_of(path) == v0 + 1  # one commit
     after = delta.read_arrow(path).sort_by("user_id")
     assert after.num_rows == 100
@@ -330,7 +330,7 @@ def test_candidates_for_refreshed_users_only(icfg):
     history = delta.history(path, 1)[0]
     assert history.get("step") == "candidates" and history.get("dt") == str(D2)
 
-    assert ix.candidates(icfg, dt.date(2026, 1, 9))["written"] == 0  # nobody refreshed: nothing written
+    assert index.candidates(icfg, dt.date(2026, 1, 9))["written"] == 0  # nobody refreshed: nothing written
     assert delta.version_of(path) == v0 + 1
 
 
@@ -340,12 +340,12 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     items = write_items(icfg, 400)
     x = clustered(30, 2)
     path = icfg.table_path("user_embeddings")
-    delta.ensure_table(path, S.USER_EMBEDDINGS)
-    src = user_rows([f"u{j}" for j in range(30)], x, D1).cast(S.USER_EMBEDDINGS)
+    delta.ensure_table(path, tables.USER_EMBEDDINGS)
+    src = user_rows([f"u{j}" for j in range(30)], x, D1).cast(tables.USER_EMBEDDINGS)
     (
         delta.open_table(path)
         .merge(
-            pa.RecordBatchReader.from_batches(S.USER_EMBEDDINGS, src.to_batches()),
+            pa.RecordBatchReader.from_batches(tables.USER_EMBEDDINGS, src.to_batches()),
             "t.user_id = s.user_id",
             source_alias="s",
             target_alias="t",
@@ -359,10 +359,10 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     with pytest.raises(pa.ArrowNotImplementedError):  # the delta-rs behaviour worked around here
         delta.open_table(path).to_pyarrow_dataset().to_table(filter=pc.field("user_id") == "u3")
     write_purchases(icfg, [("u3", int(exact(items, x[3:4], 1)[0, 0]))])
-    ix.build_index(icfg, D1)
-    assert ix.read_manifest(icfg, "i0001-20260106")["recall_query_source"] == "user_embeddings"
-    ix.candidates(icfg, D1, exclude_purchased=True)
-    ix.candidates(icfg, D1)
+    index.build_index(icfg, D1)
+    assert index.read_manifest(icfg, "i0001-20260106")["recall_query_source"] == "user_embeddings"
+    index.candidates(icfg, D1, exclude_purchased=True)
+    index.candidates(icfg, D1)
     r = serve.Recommender(icfg)
     assert [h.item_idx for h in r.recommend("u3", k=3)] == exact(items, x[3:4], 3)[0].tolist()
     assert [h.item_idx for h in r.recommend("u3", k=3, exclude_purchased=True)] == exact(items, x[3:4], 4)[
@@ -377,14 +377,17 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
 def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
     write_items(icfg, 300)
     write_users(icfg, 50)
-    ix.build_index(icfg, D1)
-    ix.candidates(icfg, D1)
+    index.build_index(icfg, D1)
+    index.candidates(icfg, D1)
     ue = delta.read_arrow(icfg.table_path("user_embeddings"))
     delta.write_arrow(
-        icfg.table_path("user_embeddings"), ue.filter(pc.field("user_id") != "u49"), S.USER_EMBEDDINGS, mode="overwrite"
+        icfg.table_path("user_embeddings"),
+        ue.filter(pc.field("user_id") != "u49"),
+        tables.USER_EMBEDDINGS,
+        mode="overwrite",
     )
     refresh_users(icfg, ["u1", "u2"], D2, seed=3)
-    out = ix.candidates(icfg, D2)
+    out = index.candidates(icfg, D2)
     assert (out["written"], out["kept"], out["dropped"]) == (2, 47, 1)
     users = delta.read_arrow(icfg.table_path("user_candidates"))["user_id"].to_pylist()
     assert len(users) == 49 and "u49" not in users
@@ -393,12 +396,12 @@ def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
 def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
     write_items(icfg, 300)
     write_users(icfg, 100)  # two batches of 64
-    ix.build_index(icfg, D1)
-    ix.candidates(icfg, D1)
+    index.build_index(icfg, D1)
+    index.candidates(icfg, D1)
     path = icfg.table_path("user_candidates")
     before, v0 = delta.read_arrow(path), delta.version_of(path)
     calls = []
-    real = ix.topn
+    real = index.topn
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -406,10 +409,10 @@ def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
             raise UserError("search failed")
         return real(*a, **kw)
 
-    monkeypatch.setattr(ix, "topn", flaky)
+    monkeypatch.setattr(index, "topn", flaky)
     refresh_users(icfg, [f"u{j}" for j in range(100)], D2, seed=4)
     with pytest.raises(UserError, match="search failed"):
-        ix.candidates(icfg, D2)
+        index.candidates(icfg, D2)
     assert delta.version_of(path) == v0 and delta.read_arrow(path).equals(before)
     assert not list((icfg.warehouse_root / "_staging" / "user_candidates").iterdir())
 
@@ -421,19 +424,19 @@ def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
 
     write_items(icfg, 300)
     write_users(icfg, 40)
-    ix.build_index(icfg, D1)
-    ix.candidates(icfg, D1)
+    index.build_index(icfg, D1)
+    index.candidates(icfg, D1)
     path = icfg.table_path("user_candidates")
     real = deltalake.write_deltalake
 
     def racing(target, data, **kw):  # the other writer commits after candidates read the table
-        other = delta.read_arrow(path).filter(pc.field("user_id") == "u39").cast(S.USER_CANDIDATES)
+        other = delta.read_arrow(path).filter(pc.field("user_id") == "u39").cast(tables.USER_CANDIDATES)
         delta.write_arrow(
             path,
             other.set_column(
                 other.schema.get_field_index("index_version"), "index_version", pa.array(["other"], pa.string())
             ),
-            S.USER_CANDIDATES,
+            tables.USER_CANDIDATES,
             mode="overwrite",
             predicate="user_id = 'u39'",
         )
@@ -443,10 +446,10 @@ def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
     monkeypatch.setattr(deltalake, "write_deltalake", racing)
     v0 = delta.version_of(path)
     with pytest.raises(delta.ConcurrentWrite, match="user_candidates"):
-        ix.candidates(icfg, D2)
+        index.candidates(icfg, D2)
     assert delta.version_of(path) == v0 + 1  # only the other writer's commit
     monkeypatch.undo()
-    out = ix.candidates(icfg, D2)
+    out = index.candidates(icfg, D2)
     assert out["written"] == 2 and delta.version_of(path) == v0 + 2
     t = delta.read_arrow(path)
     assert t.num_rows == 40 and "other" in t["index_version"].to_pylist()  # the other writer's row survives
@@ -456,19 +459,19 @@ def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
 def test_candidates_refuse_embeddings_of_another_model(icfg):
     write_items(icfg, 300)
     write_users(icfg, 20, mv="v0002-20260106-finetune")
-    ix.build_index(icfg, D1)
+    index.build_index(icfg, D1)
     with pytest.raises(UserError, match=r"of model v0002-20260106-finetune \(20 users\) but the current index"):
-        ix.candidates(icfg, D1)
+        index.candidates(icfg, D1)
 
 
 def test_exclude_purchased(icfg):
     items = write_items(icfg, 600)
     users = write_users(icfg, 10)
-    ix.build_index(icfg, D1)
+    index.build_index(icfg, D1)
     top = exact(items, users[1:2], 20)[0]
     bought = [int(top[0]), int(top[2]), int(top[5])]
     write_purchases(icfg, [("u1", i) for i in bought] + [("u2", int(exact(items, users[2:3], 1)[0, 0]))])
-    ix.candidates(icfg, D1, exclude_purchased=True)
+    index.candidates(icfg, D1, exclude_purchased=True)
     t = delta.read_arrow(icfg.table_path("user_candidates")).sort_by("user_id")
     row = t.filter(pc.field("user_id") == "u1").to_pylist()[0]
     assert row["item_idx"] == [int(i) for i in exact(items, users[1:2], 23)[0] if i not in bought][:20]
@@ -490,7 +493,7 @@ def test_recommender_api(icfg):
     with pytest.raises(UserError, match=r"no item index is current .*run `userformer index --dt D`") as e:
         r.recommend("u1")
     assert e.value.code == 2
-    ix.build_index(icfg, D1)
+    index.build_index(icfg, D1)
     r = serve.Recommender(icfg)
     hits = r.recommend("u3", k=7)
     assert [h.item_idx for h in hits] == exact(items, users[3:4], 7)[0].tolist()
@@ -511,7 +514,7 @@ def test_recommender_api(icfg):
         "model_version",
         "as_of",
     ]
-    assert np.allclose(ix.vectors_of(t["embedding"]), users[[2, 0]])
+    assert np.allclose(index.vectors_of(t["embedding"]), users[[2, 0]])
     with pytest.raises(UserError, match="2 users have no published embedding") as e:
         r.embeddings(["u1", "x", "y"])
     assert e.value.code == 3
@@ -525,7 +528,7 @@ def test_recommender_api(icfg):
     delta.write_arrow(
         icfg.table_path("user_embeddings"),
         user_rows(["u9"], clustered(1, 4), D2, mv="v0002-20260106-finetune"),
-        S.USER_EMBEDDINGS,
+        tables.USER_EMBEDDINGS,
         mode="overwrite",
         predicate="user_id = 'u9'",
     )
@@ -605,4 +608,4 @@ def test_cli(icfg, home, tmp_path):
     out = r.stdout.decode()
     assert r.returncode == 1, (out, r.stderr.decode())
     assert "FAIL expect_index_recall_at_10_to_be_at_least" in out and "CURRENT unchanged: i0001-20260106" in out
-    assert ix.current(icfg)["version"] == "i0001-20260106"
+    assert index.current(icfg)["version"] == "i0001-20260106"

@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from tests.unit.test_model import model_of, tiny_cfg, tiny_data
-from userformer.jobs.steps import infer as I
+from userformer.jobs.steps import infer
 from userformer.jobs.steps.quality.outputs import score_stats, vector_stats
 from userformer.models.data import pad_batch
 
@@ -20,7 +20,7 @@ def test_embed_sequences_equals_the_model_user_by_user():
     seqs, cat = tiny_data(n_users=23)
     model = model_of(tiny_cfg(), cat).eval()
     seqs = seqs.take_events(seqs.position_in_user() < np.repeat(np.arange(len(seqs)) % 12 + 1, seqs.lengths))
-    emb, prefs = I.embed_sequences(model, seqs, torch.device("cpu"), batch_size=5, top_k=3)
+    emb, prefs = infer.embed_sequences(model, seqs, torch.device("cpu"), batch_size=5, top_k=3)
     with torch.no_grad():
         b = pad_batch(seqs, np.arange(len(seqs)), model.cfg.max_len, trim=False)
         want = model.user_embedding(b)
@@ -37,24 +37,24 @@ def test_embed_sequences_equals_the_model_user_by_user():
 
 def test_shards_are_a_stable_hash_of_the_id():
     ids = [f"u{i}" for i in range(1000)]
-    s = I.shard_of(ids, 4)
-    assert s.tolist() == I.shard_of(ids, 4).tolist() and set(s) == {0, 1, 2, 3}
+    s = infer.shard_of(ids, 4)
+    assert s.tolist() == infer.shard_of(ids, 4).tolist() and set(s) == {0, 1, 2, 3}
     assert all(200 < (s == k).sum() < 300 for k in range(4))
     # blake2b-64 of the UTF-8 bytes, big-endian, modulo n: the same number on any machine or process.
     assert (
-        I.shard_of(["user-42"], 1_000_003)[0]
+        infer.shard_of(["user-42"], 1_000_003)[0]
         == int.from_bytes(__import__("hashlib").blake2b(b"user-42", digest_size=8).digest(), "big") % 1_000_003
     )
-    assert I.shard_of([], 3).tolist() == []
+    assert infer.shard_of([], 3).tolist() == []
 
 
 def test_user_tables_follow_the_published_schemas():
-    from userformer.schemas import tables as S
+    from userformer.schemas import tables
 
     emb = np.eye(2, 4, dtype=np.float32)
     prefs = {"brand": (np.array([[2, 1], [1, 3]]), np.array([[0.6, 0.3], [0.5, 0.2]], np.float32))}
     keys = {"brand": np.array([None, "acme", "bolt"], object)}
-    ue, ps = I.user_tables(
+    ue, ps = infer.user_tables(
         np.array(["a", "b"], object),
         emb,
         prefs,
@@ -63,7 +63,7 @@ def test_user_tables_follow_the_published_schemas():
         dt.date(2026, 11, 1),
         dt.datetime(2026, 11, 2, tzinfo=dt.UTC),
     )
-    assert ue.schema == S.USER_EMBEDDINGS and ps.schema == S.USER_PREFERENCE_SCORES
+    assert ue.schema == tables.USER_EMBEDDINGS and ps.schema == tables.USER_PREFERENCE_SCORES
     assert ue["embedding"].to_pylist()[1] == [0.0, 1.0, 0.0, 0.0]
     assert ps.to_pylist()[1]["labels"] == ["acme", None] and ps.to_pylist()[0]["label_idx"] == [2, 1]
 

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.tools import loaders as L
-from userformer.schemas import tables as S
+from userformer.jobs.tools import loaders
+from userformer.schemas import tables
 
 UTC = dt.UTC
 USERFORMER = Path(sys.executable).with_name("userformer")
@@ -35,7 +35,7 @@ FILES = {
 
 @functools.lru_cache(maxsize=None)
 def _load(fmt: str, path: str):
-    return L.LOADERS[fmt](Path(path))
+    return loaders.LOADERS[fmt](Path(path))
 
 
 @pytest.fixture
@@ -58,24 +58,24 @@ def utc(*a):
 
 # ------------------------------------------------------------ every format
 def test_registry_lists_the_five_formats():
-    assert set(L.LOADERS) == {"taobao", "rees46", "trivago", "movielens", "s3rec"}
+    assert set(loaders.LOADERS) == {"taobao", "rees46", "trivago", "movielens", "s3rec"}
 
 
 @pytest.mark.parametrize("fmt", sorted(FILES))
 def test_tables_have_exactly_the_raw_schemas(load, fmt):
     events, items, stats = load(fmt)
-    assert events.schema.equals(S.RAW_EVENTS, check_metadata=True)
-    assert items.schema.equals(S.RAW_ITEMS, check_metadata=True)
+    assert events.schema.equals(tables.RAW_EVENTS, check_metadata=True)
+    assert items.schema.equals(tables.RAW_ITEMS, check_metadata=True)
     assert len(events) == stats["events"] > 0
     assert pc.count_distinct(items["item_id"]).as_py() == len(items) == stats["catalogue_items"]
-    for name in S.RAW_EVENTS_REQUIRED:
+    for name in tables.RAW_EVENTS_REQUIRED:
         assert events[name].null_count == 0
 
 
 @pytest.mark.parametrize("fmt", sorted(FILES))
 def test_missing_input_is_a_user_error(tmp_path, fmt):
     with pytest.raises(UserError, match="not found"):
-        L.LOADERS[fmt](tmp_path / "nope.csv")
+        loaders.LOADERS[fmt](tmp_path / "nope.csv")
 
 
 # ------------------------------------------------------------------ taobao
@@ -89,7 +89,9 @@ def test_taobao_maps_behaviours_and_passes_the_bad_timestamp_through(load):
     lo, hi = ts_range(events)
     assert lo == utc(2017, 9, 11, 8, 16, 39)
     assert hi < utc(2017, 12, 4)
-    in_window = pc.sum(pc.cast(pc.greater_equal(events["ts"], pa.scalar(utc(2017, 11, 24), S.TS)), "int64")).as_py()
+    in_window = pc.sum(
+        pc.cast(pc.greater_equal(events["ts"], pa.scalar(utc(2017, 11, 24), tables.TS)), "int64")
+    ).as_py()
     assert in_window == len(events) - 1
     assert items["category_l1"].null_count == 0
     assert items["category_l2"].null_count == items["category_l3"].null_count == len(items)
@@ -115,7 +117,7 @@ def test_taobao_survives_broken_rows(tmp_path):
         ",15,104,pv,1511544072\n"  # no user: skipped
         "99999999999999999999,16,105,pv,1511544073\n"
     )
-    events, items, stats = L.LOADERS["taobao"](p)
+    events, items, stats = loaders.LOADERS["taobao"](p)
     assert len(events) == 4
     assert stats["skipped"] == {
         "malformed CSV row": 1,
@@ -170,7 +172,7 @@ def test_rees46_odd_rows(tmp_path):
         "2019-10-01 00:00:02 UTC,view,3,9,x,br,abc,,s\n"  # no user: skipped
         "2019-10-01 00:00:03 UTC,view,3,9,x,br,abc,u3,s\n"  # bad price: price null
     )
-    events, items, stats = L.LOADERS["rees46"](p)
+    events, items, stats = loaders.LOADERS["rees46"](p)
     assert events["user_id"].to_pylist() == ["u1", "u3"]
     assert stats["skipped"] == {"ts missing or unparseable": 1, "user_id missing or unparseable": 1}
     assert events["value"].to_pylist() == [1.5, None]
@@ -246,9 +248,9 @@ def test_movielens_items(load, shared_data):
     assert items["brand"].null_count == len(items)
     # An explicit --items gives the same; a missing explicit one is an error.
     inter = shared_data / FILES["movielens"]
-    assert L.LOADERS["movielens"](inter, inter.with_suffix(".item"))[1].equals(items)
+    assert loaders.LOADERS["movielens"](inter, inter.with_suffix(".item"))[1].equals(items)
     with pytest.raises(UserError, match="item file not found"):
-        L.LOADERS["movielens"](inter, inter.with_name("nope.item"))
+        loaders.LOADERS["movielens"](inter, inter.with_name("nope.item"))
 
 
 def test_trivago_accepts_the_challenge_csv(tmp_path):
@@ -260,7 +262,7 @@ def test_trivago_accepts_the_challenge_csv(tmp_path):
         'u,s,1541548940,2,clickout item,42,FR,"Paris, France",mobile,,42|43,10|20\n'
         "u,s,1541548941,3,new action,42,FR,Paris,mobile,,,\n"
     )
-    events, items, stats = L.LOADERS["trivago"](p)
+    events, items, stats = loaders.LOADERS["trivago"](p)
     assert [(r["event_type"], r["item_id"], r["query"]) for r in events.to_pylist()] == [
         ("search", None, "Eiffel Tower"),
         ("click", "42", None),
@@ -313,10 +315,10 @@ def test_s3rec_attribute_split_rules():
 
 
 def test_items_table_keeps_the_last_row_of_an_item():
-    from userformer.jobs.tools.loaders import _base as B
+    from userformer.jobs.tools.loaders import _base
 
-    t = B.items_table({"item_id": pa.array(["a", "b", "a", None]), "brand": pa.array(["x1", "y", "x2", "z"])})
-    assert t.schema.equals(S.RAW_ITEMS, check_metadata=True)
+    t = _base.items_table({"item_id": pa.array(["a", "b", "a", None]), "brand": pa.array(["x1", "y", "x2", "z"])})
+    assert t.schema.equals(tables.RAW_ITEMS, check_metadata=True)
     assert [(r["item_id"], r["brand"]) for r in t.to_pylist()] == [("a", "x2"), ("b", "y")]
 
 
@@ -327,7 +329,7 @@ def _dt_dirs(root: Path, kind: str = "events") -> list[str]:
 
 def test_write_raw_one_folder_per_utc_day(load, tmp_path):
     events, items, _ = load("trivago")
-    days = L.write_raw(events, items, tmp_path, fmt="trivago")
+    days = loaders.write_raw(events, items, tmp_path, fmt="trivago")
     assert days == [dt.date(2018, 11, 7), dt.date(2018, 11, 8)]
     assert _dt_dirs(tmp_path) == ["dt=2018-11-07", "dt=2018-11-08"]
     assert _dt_dirs(tmp_path, "items") == ["dt=2018-11-07"]
@@ -336,7 +338,7 @@ def test_write_raw_one_folder_per_utc_day(load, tmp_path):
     for d in days:
         f = tmp_path / "events" / f"dt={d}" / "part-trivago.parquet"
         t = pq.read_table(f)
-        assert t.schema.equals(S.RAW_EVENTS, check_metadata=True)
+        assert t.schema.equals(tables.RAW_EVENTS, check_metadata=True)
         assert set(pc.cast(t["ts"], pa.date32()).to_pylist()) == {d}
         total += len(t)
     assert total == len(events)
@@ -345,17 +347,17 @@ def test_write_raw_one_folder_per_utc_day(load, tmp_path):
 
 def test_write_raw_window_sends_outliers_to_the_first_drop(load, tmp_path):
     events, items, stats = load("taobao")
-    days = L.write_raw(events, items, tmp_path / "w", fmt="taobao", window=stats["window"])
+    days = loaders.write_raw(events, items, tmp_path / "w", fmt="taobao", window=stats["window"])
     assert days == [dt.date(2017, 11, 24) + dt.timedelta(days=i) for i in range(10)]
     first = pq.read_table(tmp_path / "w" / "events" / "dt=2017-11-24" / "part-taobao.parquet")
     assert pc.min(first["ts"]).as_py() == utc(2017, 9, 11, 8, 16, 39)
     # Without the window the outlier opens a drop of its own.
-    assert L.write_raw(events, items, tmp_path / "n", fmt="taobao")[0] == dt.date(2017, 9, 11)
+    assert loaders.write_raw(events, items, tmp_path / "n", fmt="taobao")[0] == dt.date(2017, 9, 11)
 
 
 def test_write_raw_s3rec_synthetic_days(load, tmp_path):
     events, items, _ = load("s3rec")
-    days = L.write_raw(events, items, tmp_path, fmt="s3rec")
+    days = loaders.write_raw(events, items, tmp_path, fmt="s3rec")
     assert days[0] == dt.date(2020, 1, 1) and len(days) == len(_dt_dirs(tmp_path))
     assert (
         sum(pq.ParquetFile(tmp_path / "events" / f"dt={d}" / "part-s3rec.parquet").metadata.num_rows for d in days)
@@ -366,7 +368,7 @@ def test_write_raw_s3rec_synthetic_days(load, tmp_path):
 # --------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="userformer")
-    L.register(p.add_subparsers(dest="command", required=True))
+    loaders.register(p.add_subparsers(dest="command", required=True))
     return p
 
 
@@ -377,7 +379,7 @@ def test_register_adds_load_with_help_on_every_option(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["load", "--help"])
     out = capsys.readouterr().out
-    for word in ("--input", "--items", "--out", *L.LOADERS):
+    for word in ("--input", "--items", "--out", *loaders.LOADERS):
         assert word in out
     with pytest.raises(SystemExit):
         _parser().parse_args(["load", "nosuchformat", "--input", "x"])

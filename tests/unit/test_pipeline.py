@@ -9,19 +9,19 @@ import pytest
 from userformer.jobs.core import ledger
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.flows import pipeline as P
+from userformer.jobs.flows import pipeline
 
 D = dt.date(2026, 11, 3)
 
 
 def test_a_drop_is_ready_only_once_its_marker_is_there(cfg):
     d = cfg.raw_events_dir(D)
-    assert not P.raw_ready(cfg, D)  # no folder
+    assert not pipeline.raw_ready(cfg, D)  # no folder
     d.mkdir(parents=True)
     (d / "part-00000.parquet").write_bytes(b"being written")
-    assert not P.raw_ready(cfg, D)  # files, but the producer has not said it is complete
+    assert not pipeline.raw_ready(cfg, D)  # files, but the producer has not said it is complete
     (d / cfg.pipeline.ready_marker).write_text("")
-    assert P.raw_ready(cfg, D)
+    assert pipeline.raw_ready(cfg, D)
 
 
 def test_without_a_marker_any_parquet_file_makes_it_ready(home, monkeypatch):
@@ -29,14 +29,14 @@ def test_without_a_marker_any_parquet_file_makes_it_ready(home, monkeypatch):
     cfg = load_config()
     d = cfg.raw_events_dir(D)
     d.mkdir(parents=True)
-    assert not P.raw_ready(cfg, D)
+    assert not pipeline.raw_ready(cfg, D)
     (d / "part-00000.parquet").write_bytes(b"x")
-    assert P.raw_ready(cfg, D)
+    assert pipeline.raw_ready(cfg, D)
 
 
 def test_run_day_refuses_a_drop_that_is_not_ready_and_writes_nothing(cfg):
     with pytest.raises(UserError, match="raw drop 2026-11-03 is not ready.*_SUCCESS"):
-        P.run_day(cfg, D)
+        pipeline.run_day(cfg, D)
     assert ledger.read_ledger(cfg, D) == {} and not cfg.warehouse_root.exists()
 
 

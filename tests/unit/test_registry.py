@@ -10,11 +10,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from userformer.jobs.core import registry as R
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import ModelConfig, TrainConfig, load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.steps.train import gate
-from userformer.models import data as D
+from userformer.models import data
 from userformer.models.grow import grow
 from userformer.models.model import UserFormer
 from userformer.models.train import checkpoint, fit
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 DAY = dt.date(2026, 11, 3)
 
 
-def catalog(n_items=30, n_cat=4, n_brand=5, n_types=3, seed=0) -> D.ItemCatalog:
+def catalog(n_items=30, n_cat=4, n_brand=5, n_types=3, seed=0) -> data.ItemCatalog:
     rng = np.random.default_rng(seed)
     attrs = {
         a: np.concatenate([[0], rng.integers(1, n, n_items)])
@@ -39,10 +39,10 @@ def catalog(n_items=30, n_cat=4, n_brand=5, n_types=3, seed=0) -> D.ItemCatalog:
         "event_type": n_types,
         "surface": 3,
     }
-    return D.ItemCatalog(attrs, sizes)
+    return data.ItemCatalog(attrs, sizes)
 
 
-def bigger(cat: D.ItemCatalog, more_items=7, seed=1) -> D.ItemCatalog:
+def bigger(cat: data.ItemCatalog, more_items=7, seed=1) -> data.ItemCatalog:
     """The same catalogue a few days later: new items (some with a new brand / category), a new event type."""
     rng = np.random.default_rng(seed)
     sizes = {
@@ -54,7 +54,7 @@ def bigger(cat: D.ItemCatalog, more_items=7, seed=1) -> D.ItemCatalog:
     }
     attrs = {a: np.concatenate([v, rng.integers(1, sizes[a], more_items)]) for a, v in cat.attrs.items()}
     attrs["brand"][-1] = sizes["brand"] - 1  # the newest item has the new brand
-    return D.ItemCatalog(attrs, sizes)
+    return data.ItemCatalog(attrs, sizes)
 
 
 def tiny(cat, **kw) -> UserFormer:
@@ -80,34 +80,37 @@ def register(cfg, model, day=DAY, kind="train", **extra):
             **extra,
         },
     )
-    return R.register(cfg, ck, kind=kind, day=day)
+    return registry.register(cfg, ck, kind=kind, day=day)
 
 
 # ----------------------------------------------------------- registry
 def test_register_publish_load(cfg):
     m = tiny(catalog())
-    assert R.published(cfg) is None
+    assert registry.published(cfg) is None
     v1 = register(cfg, m)
     v2 = register(cfg, m, day=DAY + dt.timedelta(days=1), kind="finetune", parent=v1)
     assert v1 == "v0001-20261103-train" and v2 == "v0002-20261104-finetune" and sorted([v2, v1]) == [v1, v2]
-    man = R.read_manifest(cfg, v2)
+    man = registry.read_manifest(cfg, v2)
     assert man["parent"] == v1 and man["data"]["user_sequences"]["version"] == 3 and man["vocab_sizes"]["item"] == 31
     assert len(man["files"]["model.pt"]["sha256"]) == 64 and "re-embedded" in man["reembedding_rule"]
     with pytest.raises(UserError, match="no published model"):
-        R.load(cfg)
-    ptr = R.publish(cfg, v1, "first")
+        registry.load(cfg)
+    ptr = registry.publish(cfg, v1, "first")
     assert set(ptr) == {"version", "published_at", "reason", "previous"} and ptr["previous"] is None
-    R.publish(cfg, v2, "gate passed")
-    assert json.loads(R.pointer_path(cfg).read_text())["version"] == v2 and R.published(cfg)["previous"] == v1
+    registry.publish(cfg, v2, "gate passed")
+    assert (
+        json.loads(registry.pointer_path(cfg).read_text())["version"] == v2
+        and registry.published(cfg)["previous"] == v1
+    )
     assert [json.loads(x)["version"] for x in (cfg.models_root / "publish_log.jsonl").read_text().splitlines()] == [
         v1,
         v2,
     ]
-    again, ck = R.load(cfg)
+    again, ck = registry.load(cfg)
     assert ck["version"] == v2 and ck["data"]["items"]["version"] == 2
     for (k, a), b in zip(m.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
-    assert [x["version"] for x in R.list_versions(cfg)] == [v1, v2]
+    assert [x["version"] for x in registry.list_versions(cfg)] == [v1, v2]
     assert not list(cfg.models_root.rglob("*.tmp"))  # atomic writes leave nothing behind
 
 
@@ -116,48 +119,48 @@ def test_version_ids_are_never_reused(cfg):
     v1 = register(cfg, m)
     import shutil
 
-    shutil.rmtree(R.version_dir(cfg, v1))
+    shutil.rmtree(registry.version_dir(cfg, v1))
     v2 = register(cfg, m)
     assert v2.startswith("v0002-")
-    R.version_dir(cfg, "v0003-20261103-train").mkdir()  # a registration that crashed half-way
+    registry.version_dir(cfg, "v0003-20261103-train").mkdir()  # a registration that crashed half-way
     assert register(cfg, m).startswith("v0004-")
     with pytest.raises(UserError, match="incomplete"):
-        R.load(cfg, "v0003-20261103-train")
+        registry.load(cfg, "v0003-20261103-train")
 
 
 def test_missing_truncated_and_foreign_checkpoints_are_clear_errors(cfg):
     v = register(cfg, tiny(catalog()))
-    path = R.version_dir(cfg, v) / "model.pt"
+    path = registry.version_dir(cfg, v) / "model.pt"
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(UserError, match=f"{path}: checksum does not match"):
-        R.load(cfg, v)
+        registry.load(cfg, v)
     with pytest.raises(UserError, match=f"{path}: unreadable model checkpoint"):
-        R.read_checkpoint(path)  # no manifest to compare with: torch itself fails
+        registry.read_checkpoint(path)  # no manifest to compare with: torch itself fails
     torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(UserError, match=f"{path}: not a model checkpoint, missing state_dict, model_config"):
-        R.read_checkpoint(path)
+        registry.read_checkpoint(path)
     path.unlink()
     with pytest.raises(UserError, match=f"model checkpoint not found: {path}"):
-        R.load(cfg, v)
+        registry.load(cfg, v)
     with pytest.raises(UserError, match="no model version v0009"):
-        R.load(cfg, "v0009-20261103-train")
-    R.pointer_path(cfg).write_text("{not json")
-    with pytest.raises(UserError, match=f"{R.pointer_path(cfg)}: corrupt published pointer"):
-        R.published(cfg)
+        registry.load(cfg, "v0009-20261103-train")
+    registry.pointer_path(cfg).write_text("{not json")
+    with pytest.raises(UserError, match=f"{registry.pointer_path(cfg)}: corrupt published pointer"):
+        registry.published(cfg)
 
 
 def test_size_mismatch_is_a_clear_error(cfg):
     cat = catalog()
     m = tiny(cat)
     v = register(cfg, m)
-    path = R.version_dir(cfg, v) / "model.pt"
+    path = registry.version_dir(cfg, v) / "model.pt"
     ck = torch.load(path, weights_only=True)
     # The item tower has 31 rows, the recorded vocabulary says 41.
     ck["vocab_sizes"]["item"] = 41
     torch.save(ck, path)
     with pytest.raises(UserError, match=f"{path}: model/vocabulary size mismatch: the item tower has 31 item rows"):
-        R.model_from_checkpoint(R.read_checkpoint(path), path)
+        registry.model_from_checkpoint(registry.read_checkpoint(path), path)
     # Weights of another shape than the vocabulary sizes say.
     ck = torch.load(path, weights_only=True)
     ck["vocab_sizes"]["item"] = 31
@@ -166,17 +169,17 @@ def test_size_mismatch_is_a_clear_error(cfg):
     with pytest.raises(
         UserError, match=f"{path}: model/vocabulary size mismatch: .*size mismatch for item_tower.embs.brand"
     ):
-        R.model_from_checkpoint(R.read_checkpoint(path), path)
+        registry.model_from_checkpoint(registry.read_checkpoint(path), path)
     # Weights of another version of the model code.
     ck["vocab_sizes"]["brand"] = 5
     ck["state_dict"]["extra.weight"] = torch.zeros(2)
     torch.save(ck, path)
     with pytest.raises(UserError, match=f"{path}: its weights do not fit this version of the model code"):
-        R.model_from_checkpoint(R.read_checkpoint(path), path)
+        registry.model_from_checkpoint(registry.read_checkpoint(path), path)
     # A catalogue smaller than the model: older than the model, or another warehouse.
     small = catalog(n_items=20)
     with pytest.raises(UserError, match="model.pt: model/vocabulary size mismatch: catalogue has 21 item ids"):
-        R.fit_to_catalog(m, small, str(path))
+        registry.fit_to_catalog(m, small, str(path))
 
 
 # --------------------------------------------------------------- grow
@@ -210,21 +213,21 @@ def test_grow_adds_rows_and_keeps_old_ones_exactly(tie):
     # Old items score as before; a new item's id row is its content vector.
     assert torch.allclose(m.item_tower.all_items()[:31], old_vecs, atol=1e-6)
     t = m.item_tower
-    content = torch.stack([t.embs[f].weight[t.attrs[35, i]] for i, f in enumerate(D.ITEM_ATTRS)]).mean(0)
+    content = torch.stack([t.embs[f].weight[t.attrs[35, i]] for i, f in enumerate(data.ITEM_ATTRS)]).mean(0)
     if m.cfg.pooling == "id_plus_mean":  # id + mean(content): a zero id row leaves exactly the content
         assert torch.equal(t.embs["item_id"].weight[35], torch.zeros(16))
     else:  # mean over id and content: an id row equal to the content mean keeps it
         assert torch.allclose(t.embs["item_id"].weight[35], content, atol=1e-6)
     assert torch.allclose(
         t(torch.tensor([35])),
-        t.forward(torch.tensor([0]), attrs={f: t.attrs[35:36, i] for i, f in enumerate(D.ITEM_ATTRS)}),
+        t.forward(torch.tensor([0]), attrs={f: t.attrs[35:36, i] for i, f in enumerate(data.ITEM_ATTRS)}),
         atol=1e-6,
     )  # = an unknown id with its content
-    b = D.pad_batch(
-        D.Sequences(
+    b = data.pad_batch(
+        data.Sequences(
             np.array(["u"], object),
             np.array([0, 3]),
-            {k: np.array([1, 36, 37]) % new_cat.sizes[k] for k in D.INT_FIELDS},
+            {k: np.array([1, 36, 37]) % new_cat.sizes[k] for k in data.INT_FIELDS},
             np.array([1.0, 2.0, 3.0]),
             np.full(3, np.nan, np.float32),
         ),
@@ -274,8 +277,8 @@ def test_resumed_fit_ends_like_an_uninterrupted_one(tmp_path):
             "brand": [f"b{i % 4}" for i in range(n_items)],
         }
     )
-    seqs, cat = D.from_raw(events, items_t)
-    train, valid, _ = D.leave_one_out(seqs)
+    seqs, cat = data.from_raw(events, items_t)
+    train, valid, _ = data.leave_one_out(seqs)
     mc = ModelConfig(d_model=16, max_len=8, time_buckets=8, dropout=0.2, heads=["category_l1", "brand"])
     tc = TrainConfig(epochs=3, batch_size=8, uniform_negatives=16, inbatch_negatives=4, num_threads=1)
     a, ha = fit(mc, tc, train, valid, cat, progress=False, log=lambda s: None)

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from userformer.jobs.core import stream as ST
+from userformer.jobs.core import stream
 from userformer.jobs.core.storage import delta
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 DAY = dt.date(2026, 11, 3)
-T0 = ST.day_start(DAY)
+T0 = stream.day_start(DAY)
 
 
 def seq_rows(users: range, day: dt.date) -> pa.Table:
@@ -21,7 +21,9 @@ def seq_rows(users: range, day: dt.date) -> pa.Table:
     rows = []
     for u in users:
         n = 1 + u % 5
-        ts = [dt.datetime.fromtimestamp(ST.day_start(day) + 12 * 3600 - (n - 1 - k) * 3600, dt.UTC) for k in range(n)]
+        ts = [
+            dt.datetime.fromtimestamp(stream.day_start(day) + 12 * 3600 - (n - 1 - k) * 3600, dt.UTC) for k in range(n)
+        ]
         rows.append(
             {
                 "user_id": f"u{u:04d}",
@@ -42,19 +44,19 @@ def seq_rows(users: range, day: dt.date) -> pa.Table:
                 "updated_dt": day,
             }
         )
-    return pa.Table.from_pylist(rows, schema=S.USER_SEQUENCES)
+    return pa.Table.from_pylist(rows, schema=tables.USER_SEQUENCES)
 
 
 @pytest.fixture
 def table(tmp_path):
     path = tmp_path / "user_sequences"
     for i, (lo, hi) in enumerate([(0, 130), (130, 200), (200, 333)]):  # three files
-        delta.write_arrow(path, seq_rows(range(lo, hi), DAY - dt.timedelta(days=2 - i)), S.USER_SEQUENCES)
+        delta.write_arrow(path, seq_rows(range(lo, hi), DAY - dt.timedelta(days=2 - i)), tables.USER_SEQUENCES)
     return path
 
 
 def test_chunks_are_bounded_cover_every_user_once_and_shuffle(table):
-    src = ST.DeltaSequences(table, delta.version_of(table), 40, min_len=1)
+    src = stream.DeltaSequences(table, delta.version_of(table), 40, min_len=1)
     assert src.n_rows == 333 and len(src.pieces) == 3
     src.summarise(60)
     assert src.n_users == 333 and src.n_sequences == 333
@@ -76,7 +78,7 @@ def test_chunks_are_bounded_cover_every_user_once_and_shuffle(table):
 def test_time_cut_selection_and_counts(table):
     v = delta.version_of(table)
     cut = T0 + 11.5 * 3600  # on DAY, drops the noon event of the newest file's users
-    src = ST.DeltaSequences(
+    src = stream.DeltaSequences(
         table, v, 64, t_max=cut, select=lambda t: np.array([int(u[1:]) % 2 == 0 for u in t["user_id"].to_pylist()])
     )
     src.summarise(60)
@@ -93,8 +95,8 @@ def test_window_users_sample_does_not_depend_on_chunking(table):
     start, end = T0 + 11.5 * 3600, T0 + 13 * 3600  # DAY's noon events are the positives
 
     def collect(chunk):
-        w = ST.WindowUsers(start, end, cap=25, salt="s")
-        ST.DeltaSequences(table, v, chunk).summarise(60, (w,))
+        w = stream.WindowUsers(start, end, cap=25, salt="s")
+        stream.DeltaSequences(table, v, chunk).summarise(60, (w,))
         return w
 
     w7, w100 = collect(7), collect(100)

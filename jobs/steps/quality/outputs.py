@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 SUM_TOLERANCE = 1e-4  # float32 rounding of probabilities that sum to 1
 
@@ -109,14 +109,14 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     import pandas as pd
     from great_expectations import expectations as E
 
-    from userformer.jobs.core import registry as R
+    from userformer.jobs.core import registry
     from userformer.jobs.core.errors import UserError
     from userformer.jobs.core.storage import delta
-    from userformer.jobs.steps import infer as I
+    from userformer.jobs.steps import infer
 
     shards = shards or cfg.infer.shards
     try:
-        ptr = R.published(cfg)
+        ptr = registry.published(cfg)
     except UserError as exc:
         raise MissingData(str(exc)) from None
     if ptr is None:
@@ -124,16 +124,17 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     version = ptr["version"]
     manifests, missing = [], []
     for i in range(shards):
-        m = I.read_manifest(I.shard_dir(cfg, dt, version, i, shards))
+        m = infer.read_manifest(infer.shard_dir(cfg, dt, version, i, shards))
         (missing.append(i) if m is None else manifests.append(m))
     if missing:
         raise MissingData(
-            f"no staged output of model {version} for shard(s) {', '.join(I.shard_name(i, shards) for i in missing)} "
-            f"under {I.day_dir(cfg, dt, version)}: run "
+            f"no staged output of model {version} for shard(s) "
+            f"{', '.join(infer.shard_name(i, shards) for i in missing)} "
+            f"under {infer.day_dir(cfg, dt, version)}: run "
             + "; ".join(f"`userformer infer --dt {dt} --shard {i} --shards {shards}`" for i in missing[:3])
         )
     try:
-        d_model = int(R.read_manifest(cfg, version)["model_config"]["d_model"])
+        d_model = int(registry.read_manifest(cfg, version)["model_config"]["d_model"])
     except (UserError, KeyError, TypeError, ValueError) as exc:
         raise MissingData(f"cannot read the model configuration of {version}: {exc}") from None
 
@@ -159,16 +160,16 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
         full=first["full"],
         reason=first.get("reason"),
         inputs={t: v["version"] for t, v in first["inputs"].items()},
-        staged=str(I.day_dir(cfg, dt, version)),
+        staged=str(infer.day_dir(cfg, dt, version)),
         d_model=d_model,
     )
 
     # Column types of every staged file.
     readable = {}
     for table, schema in (
-        ("user_embeddings", S.USER_EMBEDDINGS),
-        ("user_preference_scores", S.USER_PREFERENCE_SCORES),
-        ("item_embeddings", S.ITEM_EMBEDDINGS),
+        ("user_embeddings", tables.USER_EMBEDDINGS),
+        ("user_preference_scores", tables.USER_PREFERENCE_SCORES),
+        ("item_embeddings", tables.ITEM_EMBEDDINGS),
     ):
         problems, bad = [], set()
         for m in manifests if table != "item_embeddings" else manifests[:1]:
@@ -208,7 +209,9 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     want_ids = delta.read_arrow(cfg.table_path("user_sequences"), inp["version"], filter=filt, columns=["user_id"])[
         "user_id"
     ].to_pylist()
-    expected = np.bincount(I.shard_of(want_ids, shards), minlength=shards) if want_ids else np.zeros(shards, np.int64)
+    expected = (
+        np.bincount(infer.shard_of(want_ids, shards), minlength=shards) if want_ids else np.zeros(shards, np.int64)
+    )
     items_in = first["inputs"]["items"]
     catalogue = (
         delta.open_table(cfg.table_path("items"), items_in["version"])
@@ -229,7 +232,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
                     {
                         "user_id": np.asarray(ids, object),
                         "shard": np.full(len(ids), m["shard"]),
-                        "in_shard": I.shard_of(ids, shards) == m["shard"],
+                        "in_shard": infer.shard_of(ids, shards) == m["shard"],
                         "model_version": np.asarray(t["model_version"].to_pylist(), object),
                         "as_of_is_dt": pc.fill_null(pc.equal(t["as_of"], pa.scalar(dt, pa.date32())), False).to_numpy(
                             zero_copy_only=False

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 if TYPE_CHECKING:
     from userformer.jobs.core.config import Config
@@ -182,13 +182,13 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
         # quality.row_count_band starts at 0, for sites with quiet days).
         rows_by_dt = {**rows_by_dt, dt: 0}
     plan = Plan("events", dt)
-    types, bad = type_check("events", S.EVENTS, actual)
+    types, bad = type_check("events", tables.EVENTS, actual)
     plan.items.append(types)
     if "dt" in bad:
         return plan  # cannot select the day's rows; the type check says why
 
-    required = [f.name for f in S.EVENTS if not f.nullable]
-    idx_cols = [f.name for f in S.EVENTS if f.name.endswith("_idx")]
+    required = [f.name for f in tables.EVENTS if not f.nullable]
+    idx_cols = [f.name for f in tables.EVENTS if f.name.endswith("_idx")]
     columns = [c for c in dict.fromkeys([*required, "item_id", *idx_cols]) if c not in bad]
     df = src.read("events", columns, filter=_dt_is(dt)).to_pandas()
 
@@ -352,13 +352,13 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
 
     actual = src.schema("user_sequences")
     plan = Plan("user_sequences", dt)
-    types, bad = type_check("user_sequences", S.USER_SEQUENCES, actual)
+    types, bad = type_check("user_sequences", tables.USER_SEQUENCES, actual)
     plan.items.append(types)
     if "updated_dt" in bad:
         return plan  # cannot tell which rows belong to the day; the type check says why
 
-    scalars = [f.name for f in S.USER_SEQUENCES if not f.nullable and f.name != "user_id" and f.name not in bad]
-    arrays = [a for a in S.SEQUENCE_ARRAYS if a not in bad]
+    scalars = [f.name for f in tables.USER_SEQUENCES if not f.nullable and f.name != "user_id" and f.name not in bad]
+    arrays = [a for a in tables.SEQUENCE_ARRAYS if a not in bad]
     data = src.read(
         "user_sequences", [c for c in ["user_id", *arrays, *scalars] if c not in bad], filter=_dt_is(dt, "updated_dt")
     )
@@ -386,11 +386,11 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     if empty_day:
         plan.facts["note"] = f"events has no rows for {dt}: no user to refresh"
         return plan
-    df = data.select([c for c in data.column_names if c not in S.SEQUENCE_ARRAYS]).to_pandas()
+    df = data.select([c for c in data.column_names if c not in tables.SEQUENCE_ARRAYS]).to_pandas()
     derived = {  # flag -> (inputs, how, description)
         "arrays_match_seq_len": (
-            [*S.SEQUENCE_ARRAYS, "seq_len"],
-            lambda: _lengths_match(data, list(S.SEQUENCE_ARRAYS)),
+            [*tables.SEQUENCE_ARRAYS, "seq_len"],
+            lambda: _lengths_match(data, list(tables.SEQUENCE_ARRAYS)),
             "every array column has seq_len elements",
         ),
         "ts_sorted": (["ts"], lambda: _ts_sorted(data["ts"]), "ts ascending within each row"),

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.tools.loaders import movielens, rees46, s3rec, taobao, trivago
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 LOADERS = {
     "taobao": taobao.load,
@@ -51,8 +51,8 @@ def write_raw(
     ingest quarantines it, instead of opening a drop of its own. Rewriting a
     day replaces that day's file of this format. Returns the dates written.
     """
-    events = events.cast(S.RAW_EVENTS)
-    items = items.cast(S.RAW_ITEMS)
+    events = events.cast(tables.RAW_EVENTS)
+    items = items.cast(tables.RAW_ITEMS)
     out_root = Path(out_root)
     day = pc.cast(events["ts"], pa.date32())
     if window is not None:

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from userformer.jobs.core.errors import UserError
-from userformer.schemas import tables as S
+from userformer.schemas import tables
 
 log = logging.getLogger("userformer.jobs.tools.loaders")
 
@@ -120,7 +120,7 @@ def seconds_to_ts(secs):
         us = pc.multiply(pc.cast(secs, pa.int64()), 1_000_000)
     else:
         us = pc.cast(pc.round(pc.multiply(secs, 1e6)), pa.int64())
-    return pc.cast(us, S.TS)
+    return pc.cast(us, tables.TS)
 
 
 def map_values(a, mapping: dict[str, str]):
@@ -157,9 +157,9 @@ def _build(schema: pa.Schema, cols: dict) -> pa.Table:
 
 def events_table(cols: dict, skipped: dict[str, int]) -> pa.Table:
     """RAW_EVENTS from columns by name; rows lacking a required value are dropped and counted in `skipped`."""
-    t = _build(S.RAW_EVENTS, cols)
+    t = _build(tables.RAW_EVENTS, cols)
     keep = pa.array([True] * len(t), pa.bool_())
-    for name in S.RAW_EVENTS_REQUIRED:
+    for name in tables.RAW_EVENTS_REQUIRED:
         lost = pc.and_(keep, pc.is_null(t[name]))
         n = pc.sum(pc.cast(lost, pa.int64())).as_py() or 0
         if n:
@@ -167,18 +167,18 @@ def events_table(cols: dict, skipped: dict[str, int]) -> pa.Table:
             skipped[reason] = skipped.get(reason, 0) + n
             log.warning("skipping %d row(s): %s", n, reason)
             keep = pc.and_(keep, pc.invert(lost))
-    return t.filter(keep).cast(S.RAW_EVENTS)
+    return t.filter(keep).cast(tables.RAW_EVENTS)
 
 
 def items_table(cols: dict) -> pa.Table:
     """RAW_ITEMS from columns by name; rows without item_id are dropped, a repeated item keeps its last row."""
-    t = _build(S.RAW_ITEMS, cols)
+    t = _build(tables.RAW_ITEMS, cols)
     t = t.filter(pc.is_valid(t["item_id"]))
     if len(t) and pc.count_distinct(t["item_id"]).as_py() < len(t):
         pos = t.append_column("_i", pa.array(range(len(t)), pa.int64()))
         last = pos.group_by("item_id", use_threads=False).aggregate([("_i", "max")])["_i_max"]
         t = t.take(last)
-    return t.cast(S.RAW_ITEMS)
+    return t.cast(tables.RAW_ITEMS)
 
 
 def last_per_item(t: pa.Table, item_col: str, cols: list[str], order_by: str) -> pa.Table:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.tools.loaders import _base as B
+from userformer.jobs.tools.loaders import _base
 
 _TITLE = ("movie_title", "title")
 _YEAR = ("release_year", "year")
@@ -23,37 +23,39 @@ def _pick(names, candidates):
 
 
 def _items(path):
-    names = B.header_names(path, "\t")
-    B.check_columns(path, names, ["item_id"])
-    t, malformed = B.read_csv_strings(path, names, header=True, delimiter="\t", quoting=False)
+    names = _base.header_names(path, "\t")
+    _base.check_columns(path, names, ["item_id"])
+    t, malformed = _base.read_csv_strings(path, names, header=True, delimiter="\t", quoting=False)
     if malformed:
-        B.log.warning("%s: skipped %d malformed item row(s)", path.name, malformed)
+        _base.log.warning("%s: skipped %d malformed item row(s)", path.name, malformed)
     none = pa.nulls(t.num_rows, pa.string())
     title = t[c] if (c := _pick(names, _TITLE)) else none
     genres = t[c] if (c := _pick(names, _GENRES)) else none
-    year = B.to_int(t[c]) if (c := _pick(names, _YEAR)) else pa.nulls(t.num_rows, pa.int64())
-    in_title = B.to_int(pc.struct_field(pc.extract_regex(title, r"\((?P<y>\d{4})\)\s*$"), "y"))
+    year = _base.to_int(t[c]) if (c := _pick(names, _YEAR)) else pa.nulls(t.num_rows, pa.int64())
+    in_title = _base.to_int(pc.struct_field(pc.extract_regex(title, r"\((?P<y>\d{4})\)\s*$"), "y"))
     year = pc.coalesce(year, in_title)
     decade = pc.binary_join_element_wise(pc.cast(pc.multiply(pc.divide(year, 10), 10), pa.string()), "s", "")
     first_genre = pc.struct_field(pc.extract_regex(genres, r"^\s*(?P<g>\S+)"), "g")
-    return B.items_table({"item_id": t["item_id"], "title": title, "category_l1": first_genre, "category_l2": decade})
+    return _base.items_table(
+        {"item_id": t["item_id"], "title": title, "category_l1": first_genre, "category_l2": decade}
+    )
 
 
 def load(path, items_path=None):
-    path = B.require_file(path)
+    path = _base.require_file(path)
     if items_path is not None:
-        items_path = B.require_file(items_path, "item")
-    names = B.header_names(path, "\t")
-    B.check_columns(path, names, ["user_id", "item_id", "timestamp"])
-    t, malformed = B.read_csv_strings(path, names, header=True, delimiter="\t", quoting=False)
+        items_path = _base.require_file(items_path, "item")
+    names = _base.header_names(path, "\t")
+    _base.check_columns(path, names, ["user_id", "item_id", "timestamp"])
+    t, malformed = _base.read_csv_strings(path, names, header=True, delimiter="\t", quoting=False)
     skipped = {"malformed row": malformed} if malformed else {}
-    events = B.events_table(
+    events = _base.events_table(
         {
             "user_id": t["user_id"],
-            "ts": B.seconds_to_ts(B.to_float(t["timestamp"])),
+            "ts": _base.seconds_to_ts(_base.to_float(t["timestamp"])),
             "event_type": pa.repeat("rate", t.num_rows),
             "item_id": t["item_id"],
-            "value": B.to_float(t["rating"]) if "rating" in names else None,
+            "value": _base.to_float(t["rating"]) if "rating" in names else None,
         },
         skipped,
     )
@@ -61,10 +63,12 @@ def load(path, items_path=None):
     if items_path.is_file():
         items = _items(items_path)
     else:
-        B.log.warning("%s not found: items get ids only", items_path)
-        items = B.items_table({"item_id": pc.unique(events["item_id"].drop_null())})
+        _base.log.warning("%s not found: items get ids only", items_path)
+        items = _base.items_table({"item_id": pc.unique(events["item_id"].drop_null())})
     return (
         events,
         items,
-        B.make_stats("movielens", path, t.num_rows + malformed, events, items, skipped, items_input=str(items_path)),
+        _base.make_stats(
+            "movielens", path, t.num_rows + malformed, events, items, skipped, items_input=str(items_path)
+        ),
     )

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.tools.loaders import _base as B
+from userformer.jobs.tools.loaders import _base
+from userformer.schemas import tables
 
 COLUMNS = [
     "event_time",
@@ -29,22 +30,22 @@ _PATH_RE = r"^(?P<l1>[^.]*)(?:\.(?P<l2>[^.]*))?(?:\.(?P<l3>.*))?$"
 
 
 def load(path, items_path=None):
-    path = B.require_file(path)
-    B.refuse_items("rees46", items_path)
-    names = B.header_names(path, ",")
-    B.check_columns(path, names, [c for c in COLUMNS if c != "user_session"])
-    t, malformed = B.read_csv_strings(path, names, header=True)
+    path = _base.require_file(path)
+    _base.refuse_items("rees46", items_path)
+    names = _base.header_names(path, ",")
+    _base.check_columns(path, names, [c for c in COLUMNS if c != "user_session"])
+    t, malformed = _base.read_csv_strings(path, names, header=True)
     skipped = {"malformed CSV row": malformed} if malformed else {}
 
     ts = pc.cast(
         pc.strptime(
             pc.utf8_trim_whitespace(t["event_time"]), format="%Y-%m-%d %H:%M:%S UTC", unit="s", error_is_null=True
         ),
-        B.S.TS,
+        tables.TS,
     )
-    price = B.to_float(t["price"])
+    price = _base.to_float(t["price"])
     is_purchase = pc.fill_null(pc.equal(t["event_type"], "purchase"), False)
-    events = B.events_table(
+    events = _base.events_table(
         {
             "user_id": t["user_id"],
             "ts": ts,
@@ -56,7 +57,7 @@ def load(path, items_path=None):
     )
 
     levels = pc.extract_regex(t["category_code"], _PATH_RE)
-    l1, l2, l3 = (B.null_if_empty(pc.struct_field(levels, k)) for k in ("l1", "l2", "l3"))
+    l1, l2, l3 = (_base.null_if_empty(pc.struct_field(levels, k)) for k in ("l1", "l2", "l3"))
     attrs = pa.table(
         {
             "item_id": t["product_id"],
@@ -68,6 +69,6 @@ def load(path, items_path=None):
             "price": price,
         }
     )
-    last = B.last_per_item(attrs, "item_id", ["category_l1", "category_l2", "category_l3", "brand", "price"], "ts")
-    items = B.items_table({c: last[c] for c in last.column_names})
-    return events, items, B.make_stats("rees46", path, t.num_rows + malformed, events, items, skipped)
+    last = _base.last_per_item(attrs, "item_id", ["category_l1", "category_l2", "category_l3", "brand", "price"], "ts")
+    items = _base.items_table({c: last[c] for c in last.column_names})
+    return events, items, _base.make_stats("rees46", path, t.num_rows + malformed, events, items, skipped)

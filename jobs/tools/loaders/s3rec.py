@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.tools.loaders import _base as B
+from userformer.jobs.tools.loaders import _base
 
 BASE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
 _HOUR_US = 3_600_000_000
@@ -56,7 +56,7 @@ def _events(path, skipped):
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     k = np.arange(len(flat)) - starts[parent]
     ts_us = int(BASE.timestamp()) * 1_000_000 + k * _HOUR_US
-    events = B.events_table(
+    events = _base.events_table(
         {
             "user_id": users.take(pa.array(parent)),
             "ts": pa.array(ts_us, pa.int64()),
@@ -105,7 +105,7 @@ def _items(path):
         cols["category_l1"].append(str(cats[0]) if cats else None)
         cols["category_l2"].append(str(cats[1]) if len(cats) > 1 else None)
         cols["category_l3"].append(".".join(map(str, cats[2:])) or None)
-    return B.items_table({k: pa.array(v, pa.string()) for k, v in cols.items()}), len(tops)
+    return _base.items_table({k: pa.array(v, pa.string()) for k, v in cols.items()}), len(tops)
 
 
 def default_items_path(path):
@@ -113,9 +113,9 @@ def default_items_path(path):
 
 
 def load(path, items_path=None):
-    path = B.require_file(path)
+    path = _base.require_file(path)
     if items_path is not None:
-        items_path = B.require_file(items_path, "item")
+        items_path = _base.require_file(items_path, "item")
     skipped: dict[str, int] = {}
     events, lines = _events(path, skipped)
     items_path = items_path or default_items_path(path)
@@ -123,12 +123,12 @@ def load(path, items_path=None):
     if items_path.is_file():
         items, tops = _items(items_path)
     else:
-        B.log.warning("%s not found: items get ids only", items_path)
-        items = B.items_table({"item_id": pc.unique(events["item_id"])})
+        _base.log.warning("%s not found: items get ids only", items_path)
+        items = _base.items_table({"item_id": pc.unique(events["item_id"])})
     return (
         events,
         items,
-        B.make_stats(
+        _base.make_stats(
             "s3rec",
             path,
             lines,

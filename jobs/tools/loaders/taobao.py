@@ -13,7 +13,7 @@ import datetime as dt
 
 import pyarrow.compute as pc
 
-from userformer.jobs.tools.loaders import _base as B
+from userformer.jobs.tools.loaders import _base
 
 COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
 EVENT_TYPES = {"pv": "view", "cart": "cart", "fav": "favourite", "buy": "purchase"}
@@ -22,34 +22,34 @@ WINDOW = (dt.date(2017, 11, 24), dt.date(2017, 12, 3))
 
 
 def load(path, items_path=None):
-    path = B.require_file(path)
-    B.refuse_items("taobao", items_path)
-    t, malformed = B.read_csv_strings(path, COLUMNS, header=False)
+    path = _base.require_file(path)
+    _base.refuse_items("taobao", items_path)
+    t, malformed = _base.read_csv_strings(path, COLUMNS, header=False)
     skipped = {"malformed CSV row": malformed} if malformed else {}
 
-    ts = B.seconds_to_ts(B.to_int(t["timestamp"]))
-    events = B.events_table(
+    ts = _base.seconds_to_ts(_base.to_int(t["timestamp"]))
+    events = _base.events_table(
         {
             "user_id": t["user_id"],
             "ts": ts,
-            "event_type": B.map_values(t["behavior_type"], EVENT_TYPES),
+            "event_type": _base.map_values(t["behavior_type"], EVENT_TYPES),
             "item_id": t["item_id"],
         },
         skipped,
     )
-    cats = B.last_per_item(t.append_column("ts", ts), "item_id", ["category_id"], "ts")
-    items = B.items_table({"item_id": cats["item_id"], "category_l1": cats["category_id"]})
+    cats = _base.last_per_item(t.append_column("ts", ts), "item_id", ["category_id"], "ts")
+    items = _base.items_table({"item_id": cats["item_id"], "category_l1": cats["category_id"]})
 
     day = pc.cast(events["ts"], "date32")
     outside = pc.sum(pc.cast(pc.or_(pc.less(day, WINDOW[0]), pc.greater(day, WINDOW[1])), "int64")).as_py() or 0
     if outside:
-        B.log.warning(
+        _base.log.warning(
             "%s: %d event(s) outside %s..%s passed through for ingest to quarantine", path.name, outside, *WINDOW
         )
     return (
         events,
         items,
-        B.make_stats(
+        _base.make_stats(
             "taobao",
             path,
             t.num_rows + malformed,
@@ -58,6 +58,6 @@ def load(path, items_path=None):
             skipped,
             window=WINDOW,
             outside_window=outside,
-            unmapped_event_types=B.unmapped(t["behavior_type"], EVENT_TYPES),
+            unmapped_event_types=_base.unmapped(t["behavior_type"], EVENT_TYPES),
         ),
     )
