@@ -1,4 +1,4 @@
-"""The torch customer model (issue #3): PinnerFormer-style user tower over MCM heterogeneous events.
+"""The torch customer model: PinnerFormer-style user tower over MCM heterogeneous events.
 
 - data.py: per-user sequences (from user_sequences or a loader's raw tables), splits, left-padded batches
 - features.py: event featurisation (item, categories, brand, event type, surface, duration, time gaps)
