@@ -40,7 +40,7 @@ class PathsConfig:
     # Raw drops: raw/events/dt=YYYY-MM-DD/*.parquet and raw/items/dt=.../*.parquet.
     raw_root: str = ""
     # Delta tables, one folder per table, and the files kept beside them (_staging, _published, _repair).
-    # A local folder, or an object-store URI (s3://bucket/prefix; see README "Object storage").
+    # A local folder, or an object-store URI (s3://bucket/prefix; see docs/operations.md "Object storage").
     warehouse_root: str = ""
     models_root: str = ""
     index_root: str = ""
@@ -143,10 +143,10 @@ class ModelConfig:
     # Item tower inputs; drop "item_id" for a purely content-based (inductive) tower.
     item_features: list = field(default_factory=lambda: list(ITEM_FEATURES), metadata=_subset(ITEM_FEATURES))
     # Item tower MLP after pooling (False: pooled embeddings only, as SASRec). Off by default: on Beauty
-    # the model without the item and output MLPs reached validation NDCG@10 0.065 against 0.061 (README).
+    # the model without the item and output MLPs reached validation NDCG@10 0.065 against 0.061 (docs/measured.md).
     item_mlp: bool = False
     # Dropout on the pooled item vector while training (RecTools' SASRec drops item embeddings too);
-    # on Beauty 0.2 gave test NDCG@10 0.0536 against 0.0518 without (README).
+    # on Beauty 0.2 gave test NDCG@10 0.0536 against 0.0518 without (docs/measured.md).
     item_dropout: float = field(default=0.2, metadata=_rng(0.0, 0.9))
     # The user tower's item/category/brand embeddings are the item tower's (SASRec's shared in/out table).
     tie_embeddings: bool = True

@@ -165,7 +165,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     print(f"  day ledgers         {cfg.reports_root / 'runs'}")
     if rep.get("html"):
         print(f"  daily report        file://{rep['html']}")
-    print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
+    print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see docs/tables.md):")
     print(f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
           ".sort('lifetime_events', descending=True).select('user_id', 'seq_len', 'lifetime_events').head())\"")
     user = _some_user(cfg)
