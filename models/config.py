@@ -58,10 +58,10 @@ class ModelConfig:
     # Item tower inputs; drop "item_id" for a purely content-based (inductive) tower.
     item_features: list = field(default_factory=lambda: list(ITEM_FEATURES), metadata=subset(ITEM_FEATURES))
     # Item tower MLP after pooling (False: pooled embeddings only, as SASRec). Off by default: on Beauty
-    # the model without the item and output MLPs reached validation NDCG@10 0.065 against 0.061 (README).
+    # the model without the item and output MLPs reached validation NDCG@10 0.065 against 0.061 (docs/measured.md).
     item_mlp: bool = False
     # Dropout on the pooled item vector while training (RecTools' SASRec drops item embeddings too);
-    # on Beauty 0.2 gave test NDCG@10 0.0536 against 0.0518 without (README).
+    # on Beauty 0.2 gave test NDCG@10 0.0536 against 0.0518 without (docs/measured.md).
     item_dropout: float = field(default=0.2, metadata=bounds(0.0, 0.9))
     # The user tower's item/category/brand embeddings are the item tower's (SASRec's shared in/out table).
     tie_embeddings: bool = True

@@ -3,7 +3,7 @@
 Protocol: nothing is excluded from the ranking except the padding row 0, unless
 the evaluation set says `exclude_history` (data.EvalSet): then the user's
 history items cannot be recommended either. S3-Rec's code and the eSASRec
-benchmark (whose published Beauty numbers the README compares with) exclude
+benchmark (whose published Beauty numbers docs/measured.md compares with) exclude
 them; where users repeat items (views) they must stay. A target's rank is its
 position in the score-sorted list (0 = top; ties in topk's order).
 

@@ -1,8 +1,8 @@
 """Training loop: deterministic by seed, CPU or CUDA (bf16 autocast) with the same code, AdamW,
 tqdm progress (loss, sequences/s), early stopping on validation NDCG@10, best checkpoint kept.
 
-`fit` works on in-memory `Sequences` (data.py); streaming from the Delta table
-feeds the same `train_epoch` batch by batch (issue #3, later).
+`fit` works on in-memory `Sequences` (data.py) or on a chunked source
+(models/stream.py: DeltaSequences streams user_sequences) through the same `train_epoch`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Arrow schemas of the raw inputs and of every table, documented once.
 
 The jobs write with these schemas, the checks validate against them, the tests
-compare to them, and ``userformer schema`` prints them as the README's column
+compare to them, and ``userformer schema`` prints them as docs/tables.md's column
 reference. Integer ids (``*_idx``) come from the append-only ``vocab`` table:
 0 means "none/unknown", real values start at 1 and never change meaning.
 """
@@ -176,7 +176,7 @@ USER_SEQUENCES = pa.schema(
     ]
 )
 
-# ------------------------------------------------------------ published outputs (issue #4)
+# ------------------------------------------------------------ published outputs
 # One published snapshot (these four tables and the item index) is always of one model version.
 _VEC = pa.list_(pa.float32())
 USER_EMBEDDINGS = pa.schema(
@@ -311,7 +311,7 @@ def partitions_of(table: str) -> list[str]:
 
 
 def describe_markdown() -> str:
-    """The column reference of every table, as Markdown (used for the README)."""
+    """The column reference of every table, as Markdown (used for docs/tables.md)."""
     out = []
     for name, (schema, parts, desc) in TABLES.items():
         out.append(f"### `{name}`\n\n{desc}" + (f" Partitioned by `{', '.join(parts)}`." if parts else "") + "\n")

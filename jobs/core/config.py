@@ -38,7 +38,7 @@ class PathsConfig:
     # Raw drops: raw/events/dt=YYYY-MM-DD/*.parquet and raw/items/dt=.../*.parquet.
     raw_root: str = ""
     # Delta tables, one folder per table, and the files kept beside them (_staging, _published, _repair).
-    # A local folder, or an object-store URI (s3://bucket/prefix; see README "Object storage").
+    # A local folder, or an object-store URI (s3://bucket/prefix; see docs/operations.md "Object storage").
     warehouse_root: str = ""
     models_root: str = ""
     index_root: str = ""

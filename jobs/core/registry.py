@@ -20,7 +20,7 @@ number is not handed out again.
 
 Re-embedding rule: user embeddings are only comparable with the item vectors
 of the model that produced them. When the PUBLISHED version changes, every
-user is re-embedded with the new model (inference, issue #4, compares the
+user is re-embedded with the new model (inference compares the
 published version with the one its embeddings were made with); stale
 embeddings are never mixed with a new item space. `userformer finetune`
 measures what skipping that would cost (manifest: ``stale_embeddings``).

@@ -190,7 +190,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     env = f"USERFORMER_HOME={shlex.quote(str(cfg.home))}"
     if os.environ.get("USERFORMER_CONFIG"):
         env += f" USERFORMER_CONFIG={shlex.quote(os.environ['USERFORMER_CONFIG'])}"
-    print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see the README):")
+    print("query a table, e.g. with Polars (or DuckDB/pandas/Spark: see docs/tables.md):")
     print(
         f"  {sys.executable} -c \"import polars as pl; print(pl.read_delta('{cfg.table_path('user_sequences')}')"
         ".sort('lifetime_events', descending=True).select('user_id', 'seq_len', 'lifetime_events').head())\""

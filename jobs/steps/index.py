@@ -276,10 +276,10 @@ def vectors_of(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def str_field(name: str) -> pc.Expression:
     """A string column in a pyarrow dataset filter, cast to string.
 
-    delta-rs (1.6) MERGE / DELETE rewrite string columns as Arrow string_view (delta-rs issue #4579), and
-    pyarrow has no comparison kernel for string_view against a string literal: a plain
-    ``pc.field("user_id") == "u1"`` fails on those files. Casting the field works on both kinds of file
-    (it costs row-group pruning on that column)."""
+    delta-rs (1.6) MERGE / DELETE rewrite string columns as Arrow string_view
+    (https://github.com/delta-io/delta-rs/issues/4579), and pyarrow has no comparison kernel for string_view
+    against a string literal: a plain ``pc.field("user_id") == "u1"`` fails on those files. Casting the field
+    works on both kinds of file (it costs row-group pruning on that column)."""
     return pc.field(name).cast(pa.string())
 
 

@@ -127,11 +127,8 @@ def outputs_id(manifests: list[dict]) -> str:
 
 
 def _files(manifests: list[dict], table: str) -> list[str]:
-    return [
-        str(location(m["path"]) / f"{table}.parquet")
-        for m in manifests
-        if (location(m["path"]) / f"{table}.parquet").is_file()
-    ]
+    found = (location(m["path"]) / f"{table}.parquet" for m in manifests)
+    return [str(f) for f in found if f.is_file()]
 
 
 # ----------------------------------------------------------------- commits

@@ -27,8 +27,8 @@ candidate is promoted (registered + published) only if, on every
 Otherwise it is registered as rejected and the pointer stays. Exit 0 either
 way; a day without events trains nothing and succeeds.
 
-**Re-embedding rule**: on promotion every user is re-embedded (inference,
-issue #4, re-embeds all users when the published version changed). User
+**Re-embedding rule**: on promotion every user is re-embedded (inference
+re-embeds all users when the published version changed). User
 embeddings of the old model are not comparable with the new model's item
 vectors; finetune measures by how much (held-out users: old user embeddings x
 new item vectors vs the candidate's fresh embeddings; manifest

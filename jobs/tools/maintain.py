@@ -61,8 +61,10 @@ def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None
     cutoff = time.time() - 24 * 3600
     staging = cfg.warehouse_root / "_staging"
     for d in staging.glob("*/*") if staging.is_dir() else []:
-        newest = files.newest_mtime(d) if d.is_dir() else None
-        if d.is_dir() and (newest is None or newest < cutoff):
+        if not d.is_dir():
+            continue
+        newest = files.newest_mtime(d)
+        if newest is None or newest < cutoff:
             stale.append(str(d))
             if not dry_run:
                 files.remove_tree(d)

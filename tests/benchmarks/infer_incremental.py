@@ -1,4 +1,4 @@
-"""Inference cost of an incremental day (~5% of users active) versus a full re-embed, as a ratio in one run (issue #4).
+"""Inference cost of an incremental day (~5% of users active) versus a full re-embed, as a ratio in one run.
 
     python -m tests.benchmarks.infer_incremental [--users N] [--items N] [--active-share F] [--repeats K]
                                                   [--device cpu|cuda|auto] [--out DIR]

@@ -1,4 +1,4 @@
-"""Model speed: matmul ceiling, training and inference throughput of the customer model, FLOPs (issue #3).
+"""Model speed: matmul ceiling, training and inference throughput of the customer model, FLOPs.
 
     python -m tests.benchmarks.model_speed [--device cpu|cuda|auto] [--repeats K] [--out DIR]
 

@@ -1,4 +1,4 @@
-"""Issue #5 in a real browser: headless Chromium logs into the Airflow UI, starts a backfill of daily_refresh from
+"""The Airflow UI in a real browser: headless Chromium logs into the Airflow UI, starts a backfill of daily_refresh from
 the DAG page's Trigger dialog, and the pipeline's runs for those dates succeed.
 
 Chromium is Debian's ``chromium`` package (``/usr/bin/chromium``; `.ci/run` installs it), driven by Playwright

@@ -1,4 +1,4 @@
-"""`daily_refresh` through Airflow 3 on generated data (issue #5), against the same days run without Airflow.
+"""`daily_refresh` through Airflow 3 on generated data, against the same days run without Airflow.
 
 Home A runs 3 generated days (300 users, 400 items, a small model) with `pipeline.run_day` in this process, once
 for the module (what `userformer run-day` does). Then:

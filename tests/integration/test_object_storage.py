@@ -1,4 +1,4 @@
-"""A warehouse in a bucket: the pipeline runs on s3:// as on local disk (README "Object storage").
+"""A warehouse in a bucket: the pipeline runs on s3:// as on local disk (docs/operations.md "Object storage").
 
 A real S3 server (moto's, started as its own process on 127.0.0.1 and stopped by PID) holds home B's
 warehouse; home A keeps its warehouse on local disk. Both run the same two generated days through
@@ -16,7 +16,6 @@ the endpoint comes from the AWS environment, as delta-rs and fsspec read it). Th
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import socket
@@ -32,24 +31,11 @@ from tests.conftest import REPO
 from tests.integration import warehouses as W
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta, files
-from userformer.jobs.flows import pipeline
 from userformer.jobs.steps import infer, publish
-from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
-START = dt.date(2026, 11, 1)
-D1, D2 = START, START + dt.timedelta(days=1)
-SETTINGS = {
-    "PIPELINE__BOOTSTRAP_EPOCHS": "1",
-    "TRAIN__NUM_THREADS": "1",
-    "MODEL__D_MODEL": "8",
-    "MODEL__MAX_LEN": "10",
-    "MODEL__TIME_BUCKETS": "4",
-    "TRAIN__BATCH_SIZE": "64",
-    "TRAIN__UNIFORM_NEGATIVES": "32",
-    "TRAIN__STREAM_CHUNK_USERS": "64",
-}
+D1, D2 = W.D1, W.D2
 S3A_JARS = REPO / "infra" / "jars" / "lib-s3"
 EXE = str(Path(sys.executable).with_name("userformer"))
 
@@ -101,16 +87,6 @@ def bucket(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def config(home, **paths):
-    return load_config(
-        env={
-            "USERFORMER_HOME": str(home),
-            **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()},
-            **{f"USERFORMER__PATHS__{k.upper()}": v for k, v in paths.items()},
-        }
-    )
-
-
 def run(args, env, timeout=900):
     r = subprocess.run([EXE, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-6000:])
@@ -119,23 +95,14 @@ def run(args, env, timeout=900):
 
 def test_the_pipeline_runs_on_a_bucket_as_on_local_disk(tmp_path, bucket, spark):
     assert (S3A_JARS / "jars.sha256").is_file(), "the S3A JAR set is not installed: run `make jars-s3`"
-    a = config(tmp_path / "a")
-    generate.generate(a, users=150, items=200, days=2, start=START, seed=5)
-    for day in (D1, D2):
-        pipeline.run_day(a, day)
+    a = W.two_days(tmp_path / "a")
 
     wh = "s3://userformer-test/wh"
-    b = config(tmp_path / "b", raw_root=str(a.raw_root), warehouse_root=wh)
+    b_env = W.small_env(tmp_path / "b", raw_root=a.raw_root, warehouse_root=wh)
+    b = load_config(env=b_env)
     assert files.is_remote(b.warehouse_root) and str(b.table_path("events")) == f"{wh}/events"
     env = {k: v for k, v in os.environ.items() if not k.startswith("USERFORMER")}
-    env.update(
-        bucket,
-        USERFORMER_HOME=str(b.home),
-        USERFORMER__PATHS__RAW_ROOT=str(a.raw_root),
-        USERFORMER__PATHS__WAREHOUSE_ROOT=wh,
-        USERFORMER__SPARK__JARS_DIR=str(S3A_JARS),
-        **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()},
-    )
+    env.update(bucket, **b_env, USERFORMER__SPARK__JARS_DIR=str(S3A_JARS))
     run(["run-day", "--dt", str(D1), "--to", str(D2)], env)
 
     W.assert_same_tables(a, b)

@@ -1,4 +1,4 @@
-"""The readers the README names read the warehouse alike (README "Reading the outputs": the reader table).
+"""The readers the docs name read the warehouse alike (docs/tables.md "Reading the outputs": the reader table).
 
 One small warehouse (2 generated days, 150 users, 200 items) is run with
 `pipeline.run_day`. Each published table (user_embeddings,
@@ -23,26 +23,13 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from userformer.jobs.core.config import load_config
+from tests.integration import warehouses as W
 from userformer.jobs.core.spark import register_tables
 from userformer.jobs.core.storage import delta
-from userformer.jobs.flows import pipeline
-from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
-START = dt.date(2026, 11, 1)
-D1, D2 = START, START + dt.timedelta(days=1)
-SETTINGS = {
-    "PIPELINE__BOOTSTRAP_EPOCHS": "1",
-    "TRAIN__NUM_THREADS": "1",
-    "MODEL__D_MODEL": "8",
-    "MODEL__MAX_LEN": "10",
-    "MODEL__TIME_BUCKETS": "4",
-    "TRAIN__BATCH_SIZE": "64",
-    "TRAIN__UNIFORM_NEGATIVES": "32",
-    "TRAIN__STREAM_CHUNK_USERS": "64",
-}
+D1, D2 = W.D1, W.D2
 KEYS = {
     "user_embeddings": ("user_id",),
     "user_preference_scores": ("user_id", "task"),
@@ -53,11 +40,7 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark):
-    home = tmp_path_factory.mktemp("readers") / "home"
-    cfg = load_config(env={"USERFORMER_HOME": str(home), **{f"USERFORMER__{k}": v for k, v in SETTINGS.items()}})
-    generate.generate(cfg, users=150, items=200, days=2, start=START, seed=5)
-    for day in (D1, D2):  # D1 is too short to train on: the first model is trained and published on D2
-        pipeline.run_day(cfg, day)
+    cfg = W.two_days(tmp_path_factory.mktemp("readers") / "home")
     assert delta.exists(cfg.table_path("user_candidates"))
     return cfg
 
@@ -147,7 +130,7 @@ def test_user_sequences_with_deletion_vectors_spark_polars_and_read_arrow_agree(
     assert len(ours) == delta.logical_rows(path) < sum(a["num_records"] for a in delta.add_actions(path))
     for k in sorted(ours)[::11]:
         assert ours[k] == spark_rows[k] == polars_rows[k], k
-    # DuckDB through Polars' Arrow (the README's way for this table)
+    # DuckDB through Polars' Arrow (the docs' way for this table)
     seqs = pl.read_delta(path).to_arrow()  # noqa: F841 (DuckDB reads the local by its name)
     assert duckdb.sql("select count(*) from seqs").fetchall()[0][0] == len(ours)
     # Time travel: the version of D1 (before the MERGE) reads alike too.

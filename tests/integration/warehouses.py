@@ -8,12 +8,49 @@ ids are compared without their allocation number (a repair re-trains into new nu
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import numpy as np
 import pyarrow as pa
 
+from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
+from userformer.jobs.flows import pipeline
+from userformer.jobs.tools import generate
+
+# Two generated days (150 users, 200 items) with a model small enough to train in seconds: D1 is too short to
+# train on, so the first model is trained and published on D2.
+D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
+SMALL = {
+    "PIPELINE__BOOTSTRAP_EPOCHS": "1",
+    "TRAIN__NUM_THREADS": "1",
+    "MODEL__D_MODEL": "8",
+    "MODEL__MAX_LEN": "10",
+    "MODEL__TIME_BUCKETS": "4",
+    "TRAIN__BATCH_SIZE": "64",
+    "TRAIN__UNIFORM_NEGATIVES": "32",
+    "TRAIN__STREAM_CHUNK_USERS": "64",
+}
+
+
+def small_env(home, **paths) -> dict:
+    """The USERFORMER_* environment of a small home (`paths`: paths.* overrides, e.g. warehouse_root)."""
+    return {
+        "USERFORMER_HOME": str(home),
+        **{f"USERFORMER__{k}": v for k, v in SMALL.items()},
+        **{f"USERFORMER__PATHS__{k.upper()}": str(v) for k, v in paths.items()},
+    }
+
+
+def two_days(home):
+    """A home with the two small days generated and run with `pipeline.run_day`; its configuration."""
+    cfg = load_config(env=small_env(home))
+    generate.generate(cfg, users=150, items=200, days=2, start=D1, seed=5)
+    for day in (D1, D2):
+        pipeline.run_day(cfg, day)
+    return cfg
+
 
 EXACT = {
     "events": ("event_id",),
