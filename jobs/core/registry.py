@@ -14,9 +14,10 @@ Layout under ``cfg.models_root``::
     runs/<run_id>/                     training runs (jobs/steps/train.py): run.json, last.pt (resumable), best.pt
 
 Version ids ``v<NNNN>-<YYYYMMDD>-<kind>`` (e.g. ``v0003-20261104-finetune``)
-sort in creation order; NNNN is one more than any id allocated before, taken
-by an exclusive mkdir, so two writers never share one and a deleted version's
-number is not handed out again.
+sort in creation order; NNNN is one more than any id allocated before, so two
+writers never share one and a deleted version's number is not handed out
+again. The folders, INDEX.jsonl, the pointer and its log are a version store
+(jobs/core/versions.py), the same mechanism as the item index's.
 
 Re-embedding rule: user embeddings are only comparable with the item vectors
 of the model that produced them. When the PUBLISHED version changes, every
@@ -38,7 +39,8 @@ from pathlib import Path
 
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import files
-from userformer.jobs.core.storage.files import write_json  # noqa: F401  (callers use registry.write_json)
+from userformer.jobs.core.storage.files import write_json
+from userformer.jobs.core.versions import VersionStore, now_iso
 
 REEMBED_RULE = (
     "on promotion every user is re-embedded with the new model: user embeddings of an older "
@@ -49,22 +51,33 @@ _VERSION = re.compile(r"^v(\d{4,})-(\d{8})-([a-z][a-z0-9_]*)$")
 
 
 # ----------------------------------------------------------------- paths
+def store(cfg) -> VersionStore:
+    """The registry's version store: versions under models_root/versions, the PUBLISHED pointer, publish_log.jsonl."""
+    return VersionStore(
+        cfg.models_root,
+        _VERSION,
+        "PUBLISHED",
+        "publish_log.jsonl",
+        "model version",
+        example="v0001-20261104-train",
+        pointer_label="published pointer",
+        pointer_fix=f"publish a version again (versions under {cfg.models_root / 'versions'})",
+        time_key="published_at",
+        unfinished="its registration did not finish",
+    )
+
+
 def versions_root(cfg) -> Path:
-    return cfg.models_root / "versions"
+    return store(cfg).versions_root
 
 
 def version_dir(cfg, version: str) -> Path:
-    if not _VERSION.match(version):
-        raise UserError(f"not a model version id: {version!r} (expected e.g. v0001-20261104-train)")
-    return versions_root(cfg) / version
+    """The folder of a model version; a UserError when `version` is not a model version id."""
+    return store(cfg).path(version)
 
 
 def pointer_path(cfg) -> Path:
-    return cfg.models_root / "PUBLISHED"
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return store(cfg).pointer_path
 
 
 # ------------------------------------------------------------ file writes
@@ -89,36 +102,10 @@ def sha256(path: Path) -> str:
 
 
 # -------------------------------------------------------------- versions
-def _allocated(cfg) -> list[str]:
-    root = versions_root(cfg)
-    names = {p.name for p in root.iterdir() if _VERSION.match(p.name)} if root.is_dir() else set()
-    index = root / "INDEX.jsonl"
-    if index.is_file():
-        for line in index.read_text().splitlines():
-            try:
-                names.add(json.loads(line)["version"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    return sorted(names)
-
-
 def allocate(cfg, day: dt.date | None, kind: str) -> tuple[str, Path]:
     """A fresh version id and its (empty) folder."""
-    root = versions_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    n = max((int(_VERSION.match(v).group(1)) for v in _allocated(cfg)), default=0) + 1
     stamp = (day or dt.datetime.now(dt.UTC).date()).strftime("%Y%m%d")
-    while True:
-        version = f"v{n:04d}-{stamp}-{kind}"
-        d = root / version
-        try:
-            d.mkdir()
-        except FileExistsError:
-            n += 1
-            continue
-        with open(root / "INDEX.jsonl", "a") as f:
-            f.write(json.dumps({"version": version, "allocated_at": now_iso()}) + "\n")
-        return version, d
+    return store(cfg).allocate(lambda n: f"v{n:04d}-{stamp}-{kind}")
 
 
 def register(
@@ -160,43 +147,24 @@ def set_status(cfg, version: str, status: str, decision: dict | None = None) -> 
     if decision is not None:
         man["gate"] = plain(decision)
     man.setdefault("status_history", []).append({"status": status, "at": now_iso()})
-    write_json(version_dir(cfg, version) / "manifest.json", man)
+    store(cfg).write_manifest(version, man)
     return man
 
 
 def read_manifest(cfg, version: str) -> dict:
-    p = version_dir(cfg, version) / "manifest.json"
-    if not p.is_file():
-        if p.parent.is_dir():
-            raise UserError(f"model version {version} is incomplete (no {p}): its registration did not finish")
-        raise UserError(f"no model version {version} under {versions_root(cfg)}")
-    try:
-        return json.loads(p.read_text())
-    except ValueError as exc:
-        raise UserError(f"{p}: not valid JSON ({exc})") from None
+    """The manifest of a complete version; a UserError when it is missing, incomplete or unreadable."""
+    return store(cfg).read_manifest(version)
 
 
 def list_versions(cfg) -> list[dict]:
     """Manifests of every complete version, oldest first."""
-    root = versions_root(cfg)
-    if not root.is_dir():
-        return []
-    return [
-        read_manifest(cfg, p.name)
-        for p in sorted(root.iterdir())
-        if _VERSION.match(p.name) and (p / "manifest.json").is_file()
-    ]
+    return store(cfg).manifests()
 
 
 # -------------------------------------------------------------- publishing
 def published(cfg) -> dict | None:
     """The PUBLISHED pointer ({"version", "published_at", "reason", ...}), or None when nothing is published."""
-    return files.read_pointer(
-        pointer_path(cfg),
-        _VERSION,
-        "published pointer",
-        f"publish a version again (versions under {versions_root(cfg)})",
-    )
+    return store(cfg).pointer()
 
 
 def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
@@ -205,16 +173,15 @@ def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
     man = read_manifest(cfg, version)
     read_checkpoint(version_dir(cfg, version) / "model.pt", man)  # never point at something unloadable
     prev = published(cfg)
-    ptr = {
-        "version": version,
-        "published_at": now_iso(),
-        "reason": reason,
-        "previous": prev["version"] if prev else None,
-        **(extra or {}),
-    }
-    write_json(pointer_path(cfg), ptr)
-    _log_publish(cfg, ptr)
-    return ptr
+    return store(cfg).set_pointer(
+        {
+            "version": version,
+            "published_at": now_iso(),
+            "reason": reason,
+            "previous": prev["version"] if prev else None,
+            **(extra or {}),
+        }
+    )
 
 
 def unpublish(cfg, reason: str, extra: dict | None = None) -> dict | None:
@@ -224,22 +191,14 @@ def unpublish(cfg, reason: str, extra: dict | None = None) -> dict | None:
     prev = published(cfg)
     if prev is None:
         return None
-    entry = {"version": None, "published_at": now_iso(), "reason": reason, "previous": prev["version"], **(extra or {})}
-    pointer_path(cfg).unlink()
-    files.fsync_dir(pointer_path(cfg).parent)
-    _log_publish(cfg, entry)
-    return entry
+    return store(cfg).clear_pointer(
+        {"version": None, "published_at": now_iso(), "reason": reason, "previous": prev["version"], **(extra or {})}
+    )
 
 
 def publish_log(cfg) -> list[dict]:
     """Every line of publish_log.jsonl, oldest first (a repair's withdrawal has version None)."""
-    p = cfg.models_root / "publish_log.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
-
-
-def _log_publish(cfg, entry: dict) -> None:
-    with open(cfg.models_root / "publish_log.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    return store(cfg).log()
 
 
 # ---------------------------------------------------------------- loading
