@@ -27,6 +27,7 @@ STEP_MODULES = [
     "userformer.jobs.steps.infer",
     "userformer.jobs.steps.publish",
     "userformer.jobs.steps.index",
+    "userformer.jobs.steps.candidates",
     "userformer.jobs.tools.serve",
     "userformer.jobs.steps.report",
     "userformer.jobs.flows.repair",

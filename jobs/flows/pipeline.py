@@ -245,11 +245,12 @@ def check_index(cfg: Config, day: dt.date) -> dict:
 @_step("candidates")
 def candidates(cfg: Config, day: dt.date) -> dict:
     """user_candidates: top-N items from the current index for every user refreshed on D."""
+    from userformer.jobs.steps import candidates as user_candidates
     from userformer.jobs.steps import index as X
 
     if not delta.exists(cfg.table_path("user_embeddings")) or X.current(cfg) is None:
         return {"skipped": "no user_embeddings or index yet"}
-    return X.candidates(cfg, day)
+    return user_candidates.candidates(cfg, day)
 
 
 @_step("report")

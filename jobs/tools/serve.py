@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import candidates
 from userformer.jobs.steps import index as ix
 
 EMBEDDING_COLUMNS = ["user_id", "embedding", "model_version", "as_of"]
@@ -124,7 +125,7 @@ class Recommender:
         return ix.vectors_of(t["embedding"])[0], row
 
     def purchased(self, user_id: str) -> set[int]:
-        return ix.purchased_items(self.cfg, [user_id]).get(user_id, set())
+        return candidates.purchased_items(self.cfg, [user_id]).get(user_id, set())
 
     # --------------------------------------------------------------- queries
     def recommend(self, user_id: str, k: int = 10, exclude_purchased: bool = False) -> list[Hit]:
@@ -141,7 +142,7 @@ class Recommender:
                 "after publishing, so both are of one version"
             )
         exclude = [self.purchased(user_id)] if exclude_purchased else None
-        labels, scores = ix.topn(idx, vec[None, :], _k(k), exclude)[0]
+        labels, scores = candidates.topn(idx, vec[None, :], _k(k), exclude)[0]
         return self._hits(labels, scores), row
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Hit]:
@@ -153,7 +154,7 @@ class Recommender:
                 f"item {item_id} is not in the current item index ({idx.version}, "
                 f"{idx.ntotal:,} items of model {idx.model_version})"
             )
-        labels, scores = ix.topn(idx, idx.vector(item_idx)[None, :], _k(k), [{item_idx}])[0]
+        labels, scores = candidates.topn(idx, idx.vector(item_idx)[None, :], _k(k), [{item_idx}])[0]
         return self._hits(labels, scores)
 
     def _hits(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:

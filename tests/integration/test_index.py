@@ -15,6 +15,7 @@ from tests.integration.test_train import warehouse  # noqa: F401 (fixture)
 from userformer.jobs.core import registry as R
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import candidates
 from userformer.jobs.steps import index as ix
 from userformer.jobs.tools import serve
 
@@ -44,7 +45,7 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     assert res.status == "current" and m["kind"] == "flat" and m["items"] == n_items and m["model_version"] == v1
     assert m["recall_query_source"] == "user_embeddings" and m["recall_at_10"] == 1.0 and m["dimension"] == 16
 
-    out = ix.candidates(cfg, D3)
+    out = candidates.candidates(cfg, D3)
     cand = delta.read_arrow(cfg.table_path("user_candidates"))
     all_users = delta.read_arrow(cfg.table_path("user_embeddings"), columns=["user_id"])["user_id"].to_pylist()
     assert out["written"] == cand.num_rows == len(all_users)  # the first publish embedded everyone
@@ -61,7 +62,7 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     assert 0 < len(day_users) < len(ue)
     r4 = ix.build_index(cfg, D4)
     assert r4.status == "current" and r4.version != res.version and r4.manifest["items"] > n_items
-    out4 = ix.candidates(cfg, D4)
+    out4 = candidates.candidates(cfg, D4)
     assert out4["written"] == len(day_users)
     after = {r["user_id"]: r for r in delta.read_arrow(cfg.table_path("user_candidates")).to_pylist()}
     for u, r in after.items():

@@ -1,4 +1,5 @@
-"""The item index (jobs/steps/index.py), user_candidates and the downstream API/CLI (jobs/tools/serve.py).
+"""The item index (jobs/steps/index.py), user_candidates (jobs/steps/candidates.py) and the downstream API/CLI
+(jobs/tools/serve.py).
 
 The published tables are written here directly with delta.write_arrow (synthetic clustered unit vectors),
 so these tests do not depend on `infer` / `publish`. Small catalogues, d=16: fast.
@@ -23,7 +24,7 @@ import pytest
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import index
+from userformer.jobs.steps import candidates, index
 from userformer.jobs.tools import serve
 from userformer.schemas import tables
 
@@ -303,7 +304,7 @@ def test_candidates_for_refreshed_users_only(icfg):
     items = write_items(icfg, 600)
     users = write_users(icfg, 100)
     index.build_index(icfg, D1)
-    out = index.candidates(icfg, D1)
+    out = candidates.candidates(icfg, D1)
     assert out["written"] == 100 and out["users"] == 100
     path = icfg.table_path("user_candidates")
     before = delta.read_arrow(path).sort_by("user_id")
@@ -317,7 +318,7 @@ def test_candidates_for_refreshed_users_only(icfg):
     refreshed = [f"u{j}" for j in range(30)]
     new = refresh_users(icfg, refreshed, D2, seed=9)
     v0 = delta.version_of(path)
-    out = index.candidates(icfg, D2)
+    out = candidates.candidates(icfg, D2)
     assert out["written"] == 30 and delta.version_of(path) == v0 + 1  # one commit
     after = delta.read_arrow(path).sort_by("user_id")
     assert after.num_rows == 100
@@ -330,7 +331,7 @@ def test_candidates_for_refreshed_users_only(icfg):
     history = delta.history(path, 1)[0]
     assert history.get("step") == "candidates" and history.get("dt") == str(D2)
 
-    assert index.candidates(icfg, dt.date(2026, 1, 9))["written"] == 0  # nobody refreshed: nothing written
+    assert candidates.candidates(icfg, dt.date(2026, 1, 9))["written"] == 0  # nobody refreshed: nothing written
     assert delta.version_of(path) == v0 + 1
 
 
@@ -361,8 +362,8 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     write_purchases(icfg, [("u3", int(exact(items, x[3:4], 1)[0, 0]))])
     index.build_index(icfg, D1)
     assert index.read_manifest(icfg, "i0001-20260106")["recall_query_source"] == "user_embeddings"
-    index.candidates(icfg, D1, exclude_purchased=True)
-    index.candidates(icfg, D1)
+    candidates.candidates(icfg, D1, exclude_purchased=True)
+    candidates.candidates(icfg, D1)
     r = serve.Recommender(icfg)
     assert [h.item_idx for h in r.recommend("u3", k=3)] == exact(items, x[3:4], 3)[0].tolist()
     assert [h.item_idx for h in r.recommend("u3", k=3, exclude_purchased=True)] == exact(items, x[3:4], 4)[
@@ -378,7 +379,7 @@ def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
     write_items(icfg, 300)
     write_users(icfg, 50)
     index.build_index(icfg, D1)
-    index.candidates(icfg, D1)
+    candidates.candidates(icfg, D1)
     ue = delta.read_arrow(icfg.table_path("user_embeddings"))
     delta.write_arrow(
         icfg.table_path("user_embeddings"),
@@ -387,7 +388,7 @@ def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
         mode="overwrite",
     )
     refresh_users(icfg, ["u1", "u2"], D2, seed=3)
-    out = index.candidates(icfg, D2)
+    out = candidates.candidates(icfg, D2)
     assert (out["written"], out["kept"], out["dropped"]) == (2, 47, 1)
     users = delta.read_arrow(icfg.table_path("user_candidates"))["user_id"].to_pylist()
     assert len(users) == 49 and "u49" not in users
@@ -397,11 +398,11 @@ def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
     write_items(icfg, 300)
     write_users(icfg, 100)  # two batches of 64
     index.build_index(icfg, D1)
-    index.candidates(icfg, D1)
+    candidates.candidates(icfg, D1)
     path = icfg.table_path("user_candidates")
     before, v0 = delta.read_arrow(path), delta.version_of(path)
     calls = []
-    real = index.topn
+    real = candidates.topn
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -409,10 +410,10 @@ def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
             raise UserError("search failed")
         return real(*a, **kw)
 
-    monkeypatch.setattr(index, "topn", flaky)
+    monkeypatch.setattr(candidates, "topn", flaky)
     refresh_users(icfg, [f"u{j}" for j in range(100)], D2, seed=4)
     with pytest.raises(UserError, match="search failed"):
-        index.candidates(icfg, D2)
+        candidates.candidates(icfg, D2)
     assert delta.version_of(path) == v0 and delta.read_arrow(path).equals(before)
     assert not list((icfg.warehouse_root / "_staging" / "user_candidates").iterdir())
 
@@ -425,7 +426,7 @@ def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
     write_items(icfg, 300)
     write_users(icfg, 40)
     index.build_index(icfg, D1)
-    index.candidates(icfg, D1)
+    candidates.candidates(icfg, D1)
     path = icfg.table_path("user_candidates")
     real = deltalake.write_deltalake
 
@@ -446,10 +447,10 @@ def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
     monkeypatch.setattr(deltalake, "write_deltalake", racing)
     v0 = delta.version_of(path)
     with pytest.raises(delta.ConcurrentWrite, match="user_candidates"):
-        index.candidates(icfg, D2)
+        candidates.candidates(icfg, D2)
     assert delta.version_of(path) == v0 + 1  # only the other writer's commit
     monkeypatch.undo()
-    out = index.candidates(icfg, D2)
+    out = candidates.candidates(icfg, D2)
     assert out["written"] == 2 and delta.version_of(path) == v0 + 2
     t = delta.read_arrow(path)
     assert t.num_rows == 40 and "other" in t["index_version"].to_pylist()  # the other writer's row survives
@@ -461,7 +462,7 @@ def test_candidates_refuse_embeddings_of_another_model(icfg):
     write_users(icfg, 20, mv="v0002-20260106-finetune")
     index.build_index(icfg, D1)
     with pytest.raises(UserError, match=r"of model v0002-20260106-finetune \(20 users\) but the current index"):
-        index.candidates(icfg, D1)
+        candidates.candidates(icfg, D1)
 
 
 def test_exclude_purchased(icfg):
@@ -471,7 +472,7 @@ def test_exclude_purchased(icfg):
     top = exact(items, users[1:2], 20)[0]
     bought = [int(top[0]), int(top[2]), int(top[5])]
     write_purchases(icfg, [("u1", i) for i in bought] + [("u2", int(exact(items, users[2:3], 1)[0, 0]))])
-    index.candidates(icfg, D1, exclude_purchased=True)
+    candidates.candidates(icfg, D1, exclude_purchased=True)
     t = delta.read_arrow(icfg.table_path("user_candidates")).sort_by("user_id")
     row = t.filter(pc.field("user_id") == "u1").to_pylist()[0]
     assert row["item_idx"] == [int(i) for i in exact(items, users[1:2], 23)[0] if i not in bought][:20]
