@@ -222,9 +222,10 @@ def registry_target(cfg: Config, from_dt: dt.date) -> dict:
     """The PUBLISHED pointer before from_dt, replayed from publish_log.jsonl (module doc)."""
     from userformer.jobs.core import registry as R
 
-    cur = R.published(cfg)
+    models = R.store(cfg)
+    cur = models.pointer()
     target, warnings = None, []
-    for e in R.publish_log(cfg):
+    for e in models.log():
         rep = e.get("repair")
         if rep and rep.get("from_dt"):
             if dt.date.fromisoformat(rep["from_dt"]) <= from_dt:
@@ -234,7 +235,7 @@ def registry_target(cfg: Config, from_dt: dt.date) -> dict:
         if not v:
             continue
         try:
-            vdt = R.read_manifest(cfg, v).get("dt")
+            vdt = models.read_manifest(v).get("dt")
         except UserError as exc:
             warnings.append(f"publish_log names {v}, which cannot be read ({exc}): skipped")
             continue
@@ -244,7 +245,7 @@ def registry_target(cfg: Config, from_dt: dt.date) -> dict:
             target = v
     current = cur["version"] if cur else None
     withdrawn = []
-    for man in R.list_versions(cfg):
+    for man in models.manifests():
         if man.get("dt") and dt.date.fromisoformat(man["dt"]) >= from_dt:
             withdrawn.append({"version": man["version"], "status": man.get("status")})
     return {
@@ -260,14 +261,15 @@ def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
     """The index CURRENT for the restored model: the newest accepted index of it built before from_dt."""
     from userformer.jobs.steps import index as X
 
-    ptr = X.current(cfg)
+    indexes = X.store(cfg)
+    ptr = indexes.pointer()
     cur = ptr["version"] if ptr else None
     if model is None:
         return {"current": cur, "target": None, "action": "unset" if cur else "unchanged"}
     best = None
-    for v in X.list_versions(cfg):
+    for v in indexes.versions():
         try:
-            m = X.read_manifest(cfg, v)
+            m = indexes.read_manifest(v)
         except UserError:
             continue
         if (
@@ -275,7 +277,7 @@ def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
             and m.get("model_version") == model
             and m.get("as_of")
             and dt.date.fromisoformat(m["as_of"]) < from_dt
-            and (X.version_dir(cfg, v) / X.INDEX_FILE).is_file()
+            and (indexes.path(v) / X.INDEX_FILE).is_file()
         ):
             best = v
     if best is None:

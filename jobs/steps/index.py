@@ -17,7 +17,8 @@ vector count == item_embeddings rows, dimension == the embeddings' (users'
 too), finite unit-norm vectors, unique item ids. The outcome is a report like
 ``userformer check``'s: ``reports_root/checks/index/dt=D.json`` + ``.html``.
 
-Layout under ``index_root``::
+Layout under ``index_root`` (a version store, jobs/core/versions.py, like the model
+registry's)::
 
     versions/<version>/index.faiss     the FAISS index (search parameters also in the manifest)
     versions/<version>/items.parquet   item_idx, item_id of every vector (sorted by item_idx)
@@ -69,6 +70,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
+from userformer.jobs.core.versions import VersionStore, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -91,50 +93,56 @@ class NoIndex(UserError):
 
 
 # ------------------------------------------------------------------ layout
+def store(cfg: Config) -> VersionStore:
+    """The index's version store: versions under index_root/versions, the CURRENT pointer, switch_log.jsonl."""
+    return VersionStore(
+        cfg.index_root,
+        _VERSION,
+        "CURRENT",
+        "switch_log.jsonl",
+        "index version",
+        example="i0001-20260107",
+        pointer_label="index pointer",
+        pointer_fix="rebuild with `userformer index --dt D --force`",
+        time_key="switched_at",
+        unfinished="its build did not finish",
+    )
+
+
 def versions_root(cfg: Config) -> Path:
-    return cfg.index_root / "versions"
+    return store(cfg).versions_root
 
 
 def version_dir(cfg: Config, version: str) -> Path:
-    if not _VERSION.match(version):
-        raise UserError(f"not an index version id: {version!r} (expected e.g. i0001-20260107)")
-    return versions_root(cfg) / version
+    """The folder of an index version; a UserError when `version` is not an index version id."""
+    return store(cfg).path(version)
 
 
 def current_path(cfg: Config) -> Path:
-    return cfg.index_root / "CURRENT"
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return store(cfg).pointer_path
 
 
 def current(cfg: Config) -> dict | None:
     """The CURRENT pointer, or None when no index was ever made current."""
-    return files.read_pointer(
-        current_path(cfg), _VERSION, "index pointer", "rebuild with `userformer index --dt D --force`"
-    )
+    return store(cfg).pointer()
 
 
 def read_manifest(cfg: Config, version: str) -> dict:
-    p = version_dir(cfg, version) / MANIFEST_FILE
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"index version {version} is incomplete or gone: {p} missing") from None
-    except ValueError as exc:
-        raise UserError(f"{p}: corrupt manifest ({exc})") from None
+    """The manifest of a complete version; a UserError when it is missing, incomplete or unreadable."""
+    return store(cfg).read_manifest(version)
 
 
 def list_versions(cfg: Config) -> list[str]:
-    root = versions_root(cfg)
-    if not root.is_dir():
-        return []
-    return sorted((p.name for p in root.iterdir() if p.is_dir() and _VERSION.match(p.name)), key=_number)
+    """The complete versions (current or rejected), oldest first."""
+    return store(cfg).versions()
 
 
-def _number(version: str) -> int:
-    return int(_VERSION.match(version).group(1))
+def _status(cfg: Config, version: str) -> str | None:
+    """The status in a version's manifest; None when it has none yet (being built) or it cannot be read."""
+    try:
+        return json.loads((version_dir(cfg, version) / MANIFEST_FILE).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------ faiss
@@ -409,31 +417,6 @@ def _queries(cfg: Config, model_version: str, items: np.ndarray, seed: int) -> t
     return items[take], "item_embeddings", None
 
 
-def _allocate(cfg: Config, dt: datetime.date) -> str:
-    """A new version id: one more than any allocated before; taken by an exclusive mkdir."""
-    root = versions_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    log_path = root / "INDEX.jsonl"
-    used = [_number(v) for v in list_versions(cfg)]
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            try:
-                used.append(_number(json.loads(line)["version"]))
-            except (ValueError, KeyError, AttributeError):
-                continue
-    n = max(used, default=0) + 1
-    while True:
-        version = f"i{n:04d}-{dt:%Y%m%d}"
-        try:
-            (root / version).mkdir()
-            break
-        except FileExistsError:
-            n += 1
-    with open(log_path, "a") as f:
-        f.write(json.dumps({"version": version, "dt": str(dt), "allocated_at": _now()}) + "\n")
-    return version
-
-
 def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     finite = np.isfinite(vectors).all(axis=1)
     norms = np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1)
@@ -587,9 +570,8 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
             return IndexResult(dt, "unchanged", ptr["version"], cur, previous=ptr["version"])
 
     as_of = data["as_of"]
-    version = _allocate(cfg, dt)
+    version, dest = store(cfg).allocate(lambda n: f"i{n:04d}-{dt:%Y%m%d}", dt=str(dt))
     building = cfg.index_root / "_building" / f"{version}.{uuid.uuid4().hex[:8]}"
-    dest = versions_root(cfg) / version
     try:
         building.mkdir(parents=True)
         ids = data["item_idx"].to_numpy().astype(np.int64)
@@ -649,7 +631,7 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
                 ITEMS_FILE: (building / ITEMS_FILE).stat().st_size,
             },
             "faiss_version": faiss.__version__,
-            "built_at": _now(),
+            "built_at": now_iso(),
             "check": {"success": res.success, "failed": [r.expectation for r in res.results if not r.success]},
         }
         files.write_json(building / MANIFEST_FILE, manifest)
@@ -690,18 +672,16 @@ def switch(cfg: Config, version: str, manifest: dict | None = None, extra: dict 
     if manifest.get("status") != "current":
         raise UserError(f"index version {version} was {manifest.get('status')}: it cannot be made current")
     prev = current(cfg)
-    ptr = {
-        "version": version,
-        "model_version": manifest["model_version"],
-        "as_of": manifest["as_of"],
-        "switched_at": _now(),
-        "previous": prev["version"] if prev else None,
-        **(extra or {}),
-    }
-    files.write_json(current_path(cfg), ptr)
-    with open(cfg.index_root / "switch_log.jsonl", "a") as f:
-        f.write(json.dumps(ptr) + "\n")
-    return ptr
+    return store(cfg).set_pointer(
+        {
+            "version": version,
+            "model_version": manifest["model_version"],
+            "as_of": manifest["as_of"],
+            "switched_at": now_iso(),
+            "previous": prev["version"] if prev else None,
+            **(extra or {}),
+        }
+    )
 
 
 def unset_current(cfg: Config, extra: dict | None = None) -> dict | None:
@@ -710,42 +690,37 @@ def unset_current(cfg: Config, extra: dict | None = None) -> dict | None:
     prev = current(cfg)
     if prev is None:
         return None
-    entry = {"version": None, "switched_at": _now(), "previous": prev["version"], **(extra or {})}
-    current_path(cfg).unlink()
-    files.fsync_dir(cfg.index_root)
-    with open(cfg.index_root / "switch_log.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
-    return entry
+    return store(cfg).clear_pointer(
+        {"version": None, "switched_at": now_iso(), "previous": prev["version"], **(extra or {})}
+    )
 
 
 def retain(cfg: Config) -> list[str]:
     """Keep the newest `versions_kept` accepted versions (the current one always); remove the rest."""
-    ptr = current(cfg)
+    versions = store(cfg)
+    ptr = versions.pointer()
     cur = ptr["version"] if ptr else None
     removed = []
     accepted, other = [], []
-    for v in list_versions(cfg):
-        try:
-            status = json.loads((versions_root(cfg) / v / MANIFEST_FILE).read_text()).get("status")
-        except (OSError, ValueError):
-            status = None
+    for v in versions.folders():
+        status = _status(cfg, v)
         (accepted if status == "current" else other).append((v, status))
     keep = {v for v, _ in accepted[-cfg.index.versions_kept :]}
     if cur:
         keep.add(cur)
-    cur_n = _number(cur) if cur else None
+    cur_n = versions.number(cur) if cur else None
     for v, status in accepted + other:
         if v in keep:
             continue
-        if status is None and (cur_n is None or _number(v) > cur_n):
+        if status is None and (cur_n is None or versions.number(v) > cur_n):
             continue  # an incomplete version newer than the current one: a build may be running
-        shutil.rmtree(versions_root(cfg) / v, ignore_errors=True)
+        shutil.rmtree(versions.path(v), ignore_errors=True)
         removed.append(v)
     stale = time.time() - 86400
     for p in (cfg.index_root / "_building").glob("*") if (cfg.index_root / "_building").is_dir() else []:
         if p.stat().st_mtime < stale:
             shutil.rmtree(p, ignore_errors=True)
-    return sorted(removed, key=_number)
+    return sorted(removed, key=versions.number)
 
 
 # --------------------------------------------------------------------- CLI
