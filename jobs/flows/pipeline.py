@@ -77,25 +77,42 @@ def ingest(cfg: Config, day: dt.date) -> dict:
 
 def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) -> dict:
     """The data-quality gate of `table` for D (Great Expectations); raises GateFailed when it fails."""
+    t0 = time.perf_counter()
+    out, res = _run_check(cfg, table, day, options)
+    record(cfg, day, f"check_{table}", out, time.perf_counter() - t0)
+    if not res.success:
+        raise _gate_failed(table, day, res)
+    return out
+
+
+# Facts of a check's result that its ledger entry keeps (the daily report and the demo show them).
+_LEDGER_FACTS = {"index": ("version", "model_version", "items", "recall_at_10")}
+
+
+def _run_check(cfg: Config, table: str, day: dt.date, options: dict | None = None):
+    """(ledger result, CheckResult) of the suite of `table` for D (jobs/steps/check.py)."""
     from userformer.jobs.steps import check as C
 
-    t0 = time.perf_counter()
     res = C.check(cfg, table, day, options)
-    failed = [r.expectation for r in res.results if not r.success]
     out = {
         "table": table,
         "success": res.success,
         "expectations": len(res.results),
-        "failed": failed,
+        "failed": [r.expectation for r in res.failed],
         "html": str(res.html_path),
         "json": str(res.json_path),
+        **{k: res.facts.get(k) for k in _LEDGER_FACTS.get(table, ())},
     }
-    record(cfg, day, f"check_{table}", out, time.perf_counter() - t0)
-    if not res.success:
-        raise GateFailed(
-            f"{table} check failed for {day}: {', '.join(failed)} (report: {res.html_path})\n{C.summary(res)}"
-        )
-    return out
+    return out, res
+
+
+def _gate_failed(table: str, day: dt.date, res) -> GateFailed:
+    from userformer.jobs.steps import check as C
+
+    return GateFailed(
+        f"{table} check failed for {day}: {', '.join(r.expectation for r in res.failed)} "
+        f"(report: {res.html_path})\n{C.summary(res)}"
+    )
 
 
 @_step("sequences")
@@ -209,36 +226,15 @@ def index(cfg: Config, day: dt.date) -> dict:
 
 @_step("check_index")
 def check_index(cfg: Config, day: dt.date) -> dict:
-    """What downstream readers get: the CURRENT index is complete, of the published item vectors, recall above
-    the threshold."""
-    from userformer.jobs.steps import index as X
-
+    """The index gate (`check index`, jobs/steps/quality/index.py) on what downstream readers get: the CURRENT
+    index is complete, of the published item vectors, recall above the threshold; raises GateFailed when it
+    fails."""
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no index yet"}
-    ptr = X.current(cfg)
-    if ptr is None:
-        raise GateFailed("no CURRENT index although item_embeddings is published")
-    man = X.read_manifest(cfg, ptr["version"])
-    models = delta.read_arrow(cfg.table_path("item_embeddings"), columns=["model_version"])["model_version"]
-    versions = set(models.cast("string").to_pylist())
-    problems = []
-    if versions != {man["model_version"]}:
-        problems.append(f"index model {man['model_version']} != item_embeddings models {sorted(versions)}")
-    if man.get("items") != len(models):
-        problems.append(f"index has {man.get('items')} items, item_embeddings has {len(models)}")
-    rc = man.get("recall_at_10")
-    if rc is not None and rc < cfg.index.min_recall_at_10:
-        problems.append(f"recall@10 {rc} < {cfg.index.min_recall_at_10}")
-    out = {
-        "version": ptr["version"],
-        "model_version": man["model_version"],
-        "items": man.get("items"),
-        "recall_at_10": rc,
-        "problems": problems,
-    }
-    if problems:
+    out, res = _run_check(cfg, "index", day)
+    if not res.success:
         record(cfg, day, "check_index", out, 0.0)
-        raise GateFailed(f"index check failed for {day}: " + "; ".join(problems))
+        raise _gate_failed("index", day, res)
     return out
 
 

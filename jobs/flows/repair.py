@@ -715,7 +715,7 @@ def reindex(cfg: Config, day: dt.date) -> dict:
     cand = pipeline.candidates.__wrapped__(cfg, day)
     return {
         "index": {k: idx.get(k) for k in ("status", "version", "skipped")},
-        "check_index": {k: chk.get(k) for k in ("version", "problems", "skipped")},
+        "check_index": {k: chk.get(k) for k in ("version", "failed", "skipped")},
         "candidates": {k: cand.get(k) for k in ("users", "written", "table_version", "skipped")},
     }
 

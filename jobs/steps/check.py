@@ -3,7 +3,9 @@
 The suites (what good data means) live in jobs/steps/quality/suites.py; this step
 reads the Delta tables for them, lets GE evaluate the expectations on pandas,
 writes ``reports/checks/<table>/dt=D.html`` and ``.json``, and exits 1 when any
-expectation fails so that the pipeline stops before bad data spreads.
+expectation fails so that the pipeline stops before bad data spreads. The item
+index has a suite too (``check index``: the CURRENT index; `userformer index`
+runs it on each version it builds, before making it current).
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ def evaluate(plan: Plan, examples: int) -> list[ExpectationResult]:
 # --------------------------------------------------------------------- step
 def check(cfg: Config, table: str, dt: datetime.date, options: dict | None = None) -> CheckResult:
     """Run the suite of `table` for drop date `dt`; write the HTML and JSON reports; never raises on bad data.
-    `options` go to the suite builder (outputs: shards)."""
+    `options` go to the suite builder (outputs: shards; index: version, instead of the CURRENT one)."""
     if table not in SUITES:
         raise UserError(f"no quality suite for table {table!r}; known: {', '.join(SUITES)}")
     t0 = time.perf_counter()
@@ -392,7 +394,7 @@ def register(sub) -> None:
         choices=sorted(SUITES),
         help=f"table to check: {', '.join(sorted(SUITES))} (events: partition dt=D; "
         "user_sequences: the rows refreshed on D; outputs: the staged `userformer infer` "
-        "output of D, before `publish`)",
+        "output of D, before `publish`; index: the CURRENT item index against item_embeddings)",
     )
     p.add_argument("--dt", type=date_arg, required=True, help="drop date to check, YYYY-MM-DD")
     p.add_argument("--shards", type=int, help="outputs only: shards to expect (default: infer.shards)")

@@ -10,35 +10,39 @@ about sqrt(n), nprobe from the config) above. FAISS ids are the items'
 ``item_idx`` (``IndexIDMap2`` around flat/HNSW, IVF's own ids with a hash
 direct map), so every kind can hand back an item's vector by its id.
 
-Before anything becomes current the index is checked: recall@10 against exact
-search on ``recall_sample`` queries (user embeddings of the same model
-version when there are any, else item vectors) >= ``min_recall_at_10``,
-vector count == item_embeddings rows, dimension == the embeddings' (users'
-too), finite unit-norm vectors, unique item ids. The outcome is a report like
-``userformer check``'s: ``reports_root/checks/index/dt=D.json`` + ``.html``.
+Before anything becomes current the new version is checked by the ``index``
+quality suite (jobs/steps/quality/index.py, the runner of ``userformer check``):
+recall@10 against exact search on ``recall_sample`` queries (user embeddings
+of the same model version when there are any, else item vectors) >=
+``min_recall_at_10``, vector count == item_embeddings rows, dimension == the
+embeddings' (users' too), finite unit-norm vectors, unique item ids, one model
+version. The report is ``userformer check``'s:
+``reports_root/checks/index/dt=D.json`` + ``.html``; ``userformer check index
+--dt D`` runs the same suite on the CURRENT index.
 
-Layout under ``index_root`` (a version store, jobs/core/versions.py, like the model
-registry's)::
+Layout under ``index_root`` (a version store, jobs/core/versions.py, like the
+model registry's)::
 
     versions/<version>/index.faiss     the FAISS index (search parameters also in the manifest)
     versions/<version>/items.parquet   item_idx, item_id of every vector (sorted by item_idx)
     versions/<version>/manifest.json   model version, as_of (D), items, dimension, kind + parameters, build
                                        seconds, recall@10 + sample, item_embeddings Delta version,
-                                       status (current/rejected) and the check; written last
+                                       status (checking, then current/rejected) and the check; written
+                                       last when built, rewritten with the check's outcome
     versions/INDEX.jsonl               every version id ever allocated (ids are never reused)
     CURRENT                            {"version", "model_version", "as_of", "switched_at", "previous"}
     switch_log.jsonl                   every switch of CURRENT, in order
     _building/                         versions being built (a crash leaves them here, never current)
 
 A version ``i<NNNN>-<YYYYMMDD>`` is built in ``_building/`` and renamed into
-``versions/`` complete; then CURRENT is replaced atomically (temp file +
-os.replace). A reader resolves CURRENT once and opens that folder, so it gets
-the previous complete index or the new complete one, never part of one. A
-failed check leaves the built version in ``versions/`` with status
-``rejected`` (for inspection) and CURRENT as it was (exit 1). After a switch,
-retention keeps the newest ``versions_kept`` accepted versions (the current
-one among them) and removes older or rejected ones and leftovers of crashed
-builds.
+``versions/`` complete (status ``checking``), checked there, then CURRENT is
+replaced atomically (temp file + os.replace). A reader resolves CURRENT once
+and opens that folder, so it gets the previous complete index or the new
+complete one, never part of one. A failed check leaves the built version in
+``versions/`` with status ``rejected`` (for inspection) and CURRENT as it was
+(exit 1). After a switch, retention keeps the newest ``versions_kept``
+accepted versions (the current one among them) and removes older or rejected
+ones and leftovers of crashed builds.
 
 **Reruns.** When CURRENT was built from exactly the same inputs (model
 version, item_embeddings Delta version, build parameters), ``index`` does
@@ -66,18 +70,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.core.versions import VersionStore, now_iso
+from userformer.jobs.steps.check import CheckResult, check, summary
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
 MANIFEST_FILE = "manifest.json"
-RECALL_K = 10
+CHECKING = "checking"  # the status of a built version until its check has decided
+# What the check measured that the manifest keeps (the quality suite's facts).
+_RECALL_FACTS = ("recall_at_10", "recall_sample", "recall_query_source", "recall_seconds", "user_embeddings_version")
 _VERSION = re.compile(r"^i(\d{4,})-(\d{8})$")
 
 
@@ -133,7 +141,7 @@ def read_manifest(cfg: Config, version: str) -> dict:
 
 
 def list_versions(cfg: Config) -> list[str]:
-    """The complete versions (current or rejected), oldest first."""
+    """The complete versions (current, rejected, being checked), oldest first."""
     return store(cfg).versions()
 
 
@@ -357,7 +365,7 @@ class IndexResult:
     status: str  # current (built and switched), rejected (check failed), unchanged (no-op rerun)
     version: str
     manifest: dict
-    check: object | None = None  # jobs.check.CheckResult
+    check: CheckResult | None = None
     previous: str | None = None
     removed: list[str] = field(default_factory=list)
 
@@ -381,8 +389,6 @@ def _model_version(cfg: Config, data: pa.Table) -> str:
         )
     mv = next(iter(counts))
     try:
-        from userformer.jobs.core import registry
-
         pub = registry.published(cfg)
     except UserError:
         raise
@@ -394,136 +400,6 @@ def _model_version(cfg: Config, data: pa.Table) -> str:
             "run `userformer infer --dt D` and `userformer publish --dt D` first"
         )
     return mv
-
-
-def _queries(cfg: Config, model_version: str, items: np.ndarray, seed: int) -> tuple[np.ndarray, str, int | None]:
-    """Recall queries: a sample of user embeddings of the model version, else of item vectors."""
-    n_want = cfg.index.recall_sample
-    rng = np.random.default_rng(seed)
-    path = cfg.table_path("user_embeddings")
-    if delta.exists(path):
-        t = delta.open_table(path)
-        ds = t.to_pyarrow_dataset()
-        n = ds.count_rows()
-        if n:
-            # Oversample, keep the rows of this model version (usually all after a full re-embed).
-            take = np.sort(rng.choice(n, min(n, 4 * n_want), replace=False))
-            rows = ds.take(pa.array(take), columns=["embedding", "model_version"])
-            rows = rows.filter(pc.equal(rows["model_version"].cast(pa.string()), model_version))
-            if rows.num_rows:
-                pick = np.sort(rng.permutation(rows.num_rows)[:n_want])
-                return vectors_of(rows["embedding"].take(pa.array(pick))), "user_embeddings", t.version()
-    take = np.sort(rng.choice(len(items), min(len(items), n_want), replace=False))
-    return items[take], "item_embeddings", None
-
-
-def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    finite = np.isfinite(vectors).all(axis=1)
-    norms = np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1)
-    return ~finite, finite & (np.abs(norms - 1.0) > tol)
-
-
-def _check(
-    cfg: Config,
-    dt: datetime.date,
-    *,
-    recall: float,
-    n_queries: int,
-    query_source: str,
-    rows: int,
-    index,
-    d: int,
-    user_d: int | None,
-    vectors: np.ndarray,
-    data: pa.Table,
-    facts: dict,
-):
-    from userformer.jobs.steps.check import CheckResult, ExpectationResult
-
-    ic = cfg.index
-    R = []
-    R.append(
-        ExpectationResult(
-            "expect_index_recall_at_10_to_be_at_least",
-            {"min_value": ic.min_recall_at_10, "queries": n_queries, "query_source": query_source},
-            success=bool(recall >= ic.min_recall_at_10),
-            examples=[round(recall, 4)],
-            scope="metrics",
-            description="recall@10 of the index against exact inner-product search >= index.min_recall_at_10",
-        )
-    )
-    R.append(
-        ExpectationResult(
-            "expect_index_vector_count_to_equal",
-            {"value": rows},
-            success=int(index.ntotal) == rows,
-            examples=[int(index.ntotal)],
-            scope="metrics",
-            description="one vector per item_embeddings row",
-        )
-    )
-    dims_ok = index.d == d and (user_d is None or user_d == d)
-    R.append(
-        ExpectationResult(
-            "expect_index_dimension_to_equal",
-            {"value": d, "user_embeddings": user_d},
-            success=bool(dims_ok),
-            examples=[int(index.d)],
-            scope="metrics",
-            description="index dimension == item embedding length (== user embedding length when there are users)",
-        )
-    )
-    nonfinite, offnorm = _norm_bad(vectors, cfg.infer.norm_tolerance)
-    ids = data["item_id"].to_numpy(zero_copy_only=False)
-    for name, mask, desc in (
-        ("expect_item_vectors_to_be_finite", nonfinite, "no NaN or inf in an item vector (examples: item_id)"),
-        (
-            "expect_item_vectors_to_be_unit_norm",
-            offnorm,
-            f"|norm - 1| <= infer.norm_tolerance ({cfg.infer.norm_tolerance:g}) (examples: item_id)",
-        ),
-    ):
-        R.append(
-            ExpectationResult(
-                name,
-                {"column": "embedding"},
-                success=not mask.any(),
-                unexpected_count=int(mask.sum()),
-                element_count=rows,
-                unexpected_percent=100.0 * mask.sum() / rows if rows else None,
-                examples=[str(x) for x in ids[mask][: cfg.quality.examples]],
-                scope="rows",
-                description=desc,
-            )
-        )
-    idx = data["item_idx"].to_numpy()
-    uniq, counts = np.unique(idx, return_counts=True)
-    dup = uniq[counts > 1]
-    R.append(
-        ExpectationResult(
-            "expect_column_values_to_be_unique",
-            {"column": "item_idx"},
-            success=not len(dup),
-            unexpected_count=int(counts[counts > 1].sum()),
-            element_count=rows,
-            unexpected_percent=100.0 * counts[counts > 1].sum() / rows if rows else None,
-            examples=[int(x) for x in dup[: cfg.quality.examples]],
-            scope="rows",
-            description="one vector per item id (FAISS ids = item_idx)",
-        )
-    )
-    res = CheckResult("index", dt, success=all(r.success for r in R), results=R, facts=facts)
-    return res
-
-
-def _write_report(cfg: Config, res) -> None:
-    from userformer.jobs.steps.check import render_html
-
-    out = cfg.reports_root / "checks" / "index"
-    out.mkdir(parents=True, exist_ok=True)
-    res.html_path, res.json_path = out / f"dt={res.dt}.html", out / f"dt={res.dt}.json"
-    res.json_path.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
-    res.html_path.write_text(render_html(res))
 
 
 def _write_items(path: Path, data: pa.Table) -> None:
@@ -570,7 +446,8 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
             return IndexResult(dt, "unchanged", ptr["version"], cur, previous=ptr["version"])
 
     as_of = data["as_of"]
-    version, dest = store(cfg).allocate(lambda n: f"i{n:04d}-{dt:%Y%m%d}", dt=str(dt))
+    versions = store(cfg)
+    version, dest = versions.allocate(lambda n: f"i{n:04d}-{dt:%Y%m%d}", dt=str(dt))
     building = cfg.index_root / "_building" / f"{version}.{uuid.uuid4().hex[:8]}"
     try:
         building.mkdir(parents=True)
@@ -580,70 +457,46 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
         build_s = time.perf_counter() - tb
         _write_index(index, building / INDEX_FILE)
         _write_items(building / ITEMS_FILE, data)
-
-        tr = time.perf_counter()
-        queries, query_source, users_version = _queries(cfg, model_version, vectors, seed=dt.toordinal())
-        user_d = queries.shape[1] if query_source == "user_embeddings" else None
-        if user_d is not None and user_d != d:
-            recall = float("nan")
-        else:
-            truth = exact_topk(vectors, ids, queries, RECALL_K)
-            _, found = index.search(queries, min(RECALL_K, n))
-            recall = recall_at_k(truth, found)
-        recall_s = time.perf_counter() - tr
-        res = _check(
-            cfg,
-            dt,
-            recall=recall,
-            n_queries=len(queries),
-            query_source=query_source,
-            rows=n,
-            index=index,
-            d=d,
-            user_d=user_d,
-            vectors=vectors,
-            data=data,
-            facts={
-                "version": version,
-                "model_version": model_version,
-                "items": n,
-                "dimension": d,
-                "kind": kind,
-                "params": params,
-                "item_embeddings_version": table_version,
-            },
-        )
         manifest = {
             "version": version,
             "as_of": str(dt),
-            "status": "current" if res.success else "rejected",
+            "status": CHECKING,
             **inputs,
             "index_class": _class_name(index),
             "item_embeddings_as_of": [str(pc.min(as_of).as_py()), str(pc.max(as_of).as_py())],
             "build_seconds": round(build_s, 3),
-            "recall_at_10": None if math.isnan(recall) else round(recall, 5),
-            "recall_sample": len(queries),
-            "recall_query_source": query_source,
-            "recall_seconds": round(recall_s, 3),
-            "user_embeddings_version": users_version,
+            "recall_at_10": None,
+            "recall_sample": None,
+            "recall_query_source": None,
+            "recall_seconds": None,
+            "user_embeddings_version": None,
             "files": {
                 INDEX_FILE: (building / INDEX_FILE).stat().st_size,
                 ITEMS_FILE: (building / ITEMS_FILE).stat().st_size,
             },
             "faiss_version": faiss.__version__,
             "built_at": now_iso(),
-            "check": {"success": res.success, "failed": [r.expectation for r in res.results if not r.success]},
+            "check": None,
         }
         files.write_json(building / MANIFEST_FILE, manifest)
         files.fsync_dir(building)
         os.rename(building, dest)  # replaces the empty placeholder the allocation made
         files.fsync_dir(dest.parent)
+        # The gate runs on the version as a reader would open it; nothing points at it until it passes.
+        res = check(cfg, "index", dt, {"version": version})
+        manifest.update(
+            status="current" if res.success else "rejected",
+            **{k: res.facts.get(k) for k in _RECALL_FACTS},
+            check={"success": res.success, "failed": [r.expectation for r in res.failed]},
+        )
+        if res.error:
+            manifest["check"]["error"] = res.error
+        versions.write_manifest(version, manifest)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
-        if dest.is_dir() and not (dest / MANIFEST_FILE).exists():
+        if dest.is_dir() and _status(cfg, version) in (None, CHECKING):
             shutil.rmtree(dest, ignore_errors=True)
         raise
-    _write_report(cfg, res)
     result = IndexResult(dt, manifest["status"], version, manifest, check=res, previous=ptr["version"] if ptr else None)
     if not res.success:
         log.warning("index %s failed its check: CURRENT stays %s", version, result.previous)
@@ -712,8 +565,8 @@ def retain(cfg: Config) -> list[str]:
     for v, status in accepted + other:
         if v in keep:
             continue
-        if status is None and (cur_n is None or versions.number(v) > cur_n):
-            continue  # an incomplete version newer than the current one: a build may be running
+        if status in (None, CHECKING) and (cur_n is None or versions.number(v) > cur_n):
+            continue  # built or checked after the current one: a build may be running
         shutil.rmtree(versions.path(v), ignore_errors=True)
         removed.append(v)
     stale = time.time() - 86400
@@ -725,6 +578,7 @@ def retain(cfg: Config) -> list[str]:
 
 # --------------------------------------------------------------------- CLI
 def register(sub) -> None:
+    """The `index` subcommand."""
     p = sub.add_parser(
         "index",
         help="build the FAISS item index from item_embeddings, check its recall, make it current",
@@ -740,8 +594,7 @@ def register(sub) -> None:
 
 
 def run_index(args, cfg: Config) -> int:
-    from userformer.jobs.steps.check import summary
-
+    """`userformer index`: build, print what was built and the check; exit 1 when the check rejected it."""
     res = build_index(cfg, args.dt, force=args.force)
     m = res.manifest
     if args.json:

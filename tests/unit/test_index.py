@@ -1,5 +1,5 @@
-"""The item index (jobs/steps/index.py), user_candidates (jobs/steps/candidates.py) and the downstream API/CLI
-(jobs/tools/serve.py).
+"""The item index (jobs/steps/index.py) and its gate (jobs/steps/quality/index.py), user_candidates
+(jobs/steps/candidates.py) and the downstream API/CLI (jobs/tools/serve.py).
 
 The published tables are written here directly with delta.write_arrow (synthetic clustered unit vectors),
 so these tests do not depend on `infer` / `publish`. Small catalogues, d=16: fast.
@@ -22,9 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from userformer.jobs.core.config import load_config
-from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.errors import GateFailed, UserError
+from userformer.jobs.core.ledger import read_ledger
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import candidates, index
+from userformer.jobs.flows import pipeline
+from userformer.jobs.steps import candidates, check, index
 from userformer.jobs.tools import serve
 from userformer.schemas import tables
 
@@ -240,6 +242,41 @@ def test_refuses_mixed_model_versions_and_unpublished_version(icfg):
     with pytest.raises(UserError, match="published model is v0002-20260106-finetune"):
         index.build_index(icfg, D1)
     assert index.current(icfg) is None
+
+
+def test_index_gate_is_a_check_suite(icfg):
+    """The build ran the `index` suite on its version; `check index` and the pipeline's check_index run it on
+    CURRENT, against item_embeddings as it is now."""
+    res = check.check(icfg, "index", D1)
+    assert not res.success and "no item index is current" in res.error  # nothing built yet
+    write_items(icfg, 500)
+    write_users(icfg, 50)
+    built = index.build_index(icfg, D1)
+    m = built.manifest
+    assert m["status"] == "current" and m["check"] == {"success": True, "failed": []}
+    assert m["recall_sample"] == 50 and m["recall_query_source"] == "user_embeddings" and m["recall_seconds"] >= 0
+    assert built.check.facts["version"] == built.version and built.check.facts["recall_at_10"] == m["recall_at_10"]
+    res = check.check(icfg, "index", D1)
+    assert res.success and res.facts["version"] == built.version and res.facts["recall_at_10"] == 1.0
+    assert [r.expectation for r in res.results] == [r.expectation for r in built.check.results]
+    assert res.results[-1].expectation == "expect_index_model_version_to_match_item_embeddings"
+    assert json.loads(res.json_path.read_text())["table"] == "index"
+    assert res.json_path == icfg.reports_root / "checks" / "index" / f"dt={D1}.json"
+    out = pipeline.check_index(icfg, D1)
+    assert out["success"] and out["version"] == built.version and out["recall_at_10"] == 1.0
+    assert read_ledger(icfg, D1)["check_index"]["result"]["recall_at_10"] == 1.0
+
+    # item_embeddings moved on (another model, one item more) without a new index: CURRENT no longer fits.
+    write_items(icfg, 501, mv="v0002-20260106-finetune")
+    res = check.check(icfg, "index", D1)
+    assert {r.expectation for r in res.failed} >= {
+        "expect_index_vector_count_to_equal",
+        "expect_index_model_version_to_match_item_embeddings",
+    }
+    with pytest.raises(GateFailed, match=r"index check failed for 2026-01-06: .*expect_index_vector_count_to_equal"):
+        pipeline.check_index(icfg, D1)
+    assert read_ledger(icfg, D1)["check_index"]["result"]["success"] is False
+    assert index.current(icfg)["version"] == built.version
 
 
 def test_failed_recall_check_does_not_switch(icfg, monkeypatch):
@@ -590,6 +627,9 @@ def test_cli(icfg, home, tmp_path):
     assert t["user_id"].to_pylist() == ["u3", "u4"] and t.schema.field("embedding").type == pa.list_(pa.float32())
     r = cli("embeddings", "--users", "u1,ghost", "--format", "csv", home=home)
     assert r.returncode == 3 and b"1 users" not in r.stderr and b"user ghost has no published embedding" in r.stderr
+
+    r = cli("check", "index", "--dt", str(D1), home=home)
+    assert r.returncode == 0 and "check index dt=2026-01-06: passed (7 expectations" in r.stdout.decode()
 
     r = cli("candidates", "--dt", str(D1), home=home)
     assert r.returncode == 0 and b"10 users x top 20 from index i0001-20260106" in r.stdout, r.stderr.decode()

@@ -8,7 +8,8 @@ few outcomes decided outside GE (column types, skipped checks), which are
 reported the same way.
 
 To gate another table: write ``def my_table(cfg, dt, src) -> Plan`` and add it
-to SUITES; ``userformer check`` picks it up.
+to SUITES; ``userformer check`` picks it up. Not only tables: ``index`` gates
+an item index version (jobs/steps/quality/index.py).
 
 GE and pandas are imported inside the builders: importing GE takes seconds and
 the CLI imports this module just to list the table names.
@@ -439,9 +440,19 @@ def outputs(cfg: Config, dt: _dt.date, src: Source, shards: int | None = None) -
     return build(cfg, dt, src, shards=shards)
 
 
+# ---------------------------------------------------------------- item index
+def index(cfg: Config, dt: _dt.date, src: Source, version: str | None = None) -> Plan:
+    """An item index version, CURRENT by default: recall, vectors, ids, model version (jobs/steps/quality/index.py)."""
+    # Imported here: it imports the index step (FAISS), which imports the check runner, which imports this module.
+    from userformer.jobs.steps.quality.index import index as build
+
+    return build(cfg, dt, src, version=version)
+
+
 # Table -> suite builder. `userformer check` offers exactly these tables.
 SUITES: dict[str, Callable[..., Plan]] = {
     "events": events,
     "user_sequences": user_sequences,
     "outputs": outputs,
+    "index": index,
 }
