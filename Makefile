@@ -12,14 +12,18 @@ export USERFORMER_HOME ?= $(CURDIR)/var
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export SPARK_LOCAL_IP := 127.0.0.1
+# mkdocs-material prints a notice about MkDocs 2 on every build; the site does not depend on it.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv jars jars-s3 demo airflow test test-fast bench lock clean cluster-up cluster-down help
+.PHONY: venv jars jars-s3 demo airflow test test-fast bench docs docs-serve lock clean cluster-up cluster-down help
 
 help:
 	@echo "make demo   - set up, generate 7 days of synthetic logs, run daily_refresh on them through Airflow"
 	@echo "make airflow - Airflow standalone on 127.0.0.1 with the project's DAGs (prints URL + login; Ctrl-C stops)"
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - run tests/benchmarks (not part of CI)"
+	@echo "make docs   - build the documentation site into site/ (MkDocs Material, strict; results from their files)"
+	@echo "make docs-serve - serve the site on http://127.0.0.1:8000, rebuilt on changes (Ctrl-C stops)"
 	@echo "make lock   - re-resolve requirements.lock from pyproject.toml"
 	@echo "make jars   - (re)install Delta's Spark JARs into infra/jars/lib (JARS_PROFILE=s3 adds the S3A connector)"
 	@echo "make jars-s3 - Delta's JARs with the S3A connector into infra/jars/lib-s3 (for a warehouse in S3)"
@@ -64,11 +68,12 @@ demo: venv
 airflow: venv
 	$(BIN)/userformer airflow start $(if $(AIRFLOW_PORT),--port $(AIRFLOW_PORT))
 
-# Lint, format and the layers first (seconds), then the suite.
+# Lint, format, the layers and the docs site first (seconds), then the suite.
 test: venv $(JARS_S3)/.installed
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: venv
@@ -76,6 +81,15 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
+
+# The documentation site (mkdocs.yml): docs/ plus the measured results, rendered from tests/benchmarks/results
+# and experiments/ by docs/hooks.py. Needs the venv only (not the JARs); built offline; `strict` turns every
+# warning (a broken link, a missing anchor) into an error. DOCS_PORT=8000 by default.
+docs: $(VENV)/.installed
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: $(VENV)/.installed
+	$(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:$(or $(DOCS_PORT),8000)
 
 cluster-up: venv
 	bash infra/spark/start-cluster.sh
@@ -95,4 +109,4 @@ lock:
 	  /tmp/userformer-lock/bin/pip freeze --all | grep -vE '^(torch==|userformer|-e |pip==)'; } > requirements.lock
 
 clean:
-	rm -rf $(VENV) var build *.egg-info $(JARS) $(JARS_S3)
+	rm -rf $(VENV) var build site *.egg-info $(JARS) $(JARS_S3)

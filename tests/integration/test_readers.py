@@ -1,4 +1,4 @@
-"""The readers the docs name read the warehouse alike (docs/tables.md "Reading the outputs": the reader table).
+"""The readers the docs name read the warehouse alike (docs/readers.md "Reading the outputs": the reader table).
 
 One small warehouse (2 generated days, 150 users, 200 items) is run with
 `pipeline.run_day`. Each published table (user_embeddings,

@@ -1,8 +1,10 @@
-"""The docs' column reference (docs/tables.md) is generated from schemas/tables.py; keep them in sync. The README
-stays the newcomer's page."""
+"""The docs' column reference (docs/tables.md, the site's "Tables and columns") is generated from schemas/tables.py;
+keep them in sync. The README stays the newcomer's page and leads to every page of the site (mkdocs.yml)."""
 
 import re
 from pathlib import Path
+
+import yaml
 
 from userformer.schemas.tables import describe_markdown
 
@@ -22,6 +24,15 @@ def test_docs_tables_match_the_schemas():
 def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_leads_to_every_page_of_the_site():
+    text = README.read_text()
+    assert "make docs" in text
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    for title, page in (next(iter(item.items())) for item in nav):
+        if page != "index.md":
+            assert f"[{title}](docs/{page})" in text, f"README's Read more lacks the site's page {title}"
 
 
 def test_readme_stays_a_short_page_whose_links_resolve():
