@@ -94,25 +94,25 @@ def topn(index: ItemIndex, queries: np.ndarray, n: int, exclude: list[set[int]] 
     return out
 
 
-def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None = None) -> dict:
+def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | None = None) -> dict:
     """Write user_candidates for the users refreshed on `dt` (one MERGE commit). See the module doc."""
     t0 = time.perf_counter()
     exclude = cfg.index.candidates_exclude_purchased if exclude_purchased is None else exclude_purchased
     ue_path = cfg.table_path("user_embeddings")
     if not delta.exists(ue_path):
-        raise UserError(f"no user_embeddings table at {ue_path}: run `userformer publish --dt {dt}` first")
+        raise UserError(f"no user_embeddings table at {ue_path}: run `userformer publish --dt {day}` first")
     idx = open_current(cfg)
     ue = delta.open_table(ue_path)
     ue_version = ue.version()
     ds = ue.to_pyarrow_dataset()
-    flt = pc.field("as_of") == pa.scalar(dt, pa.date32())
+    flt = pc.field("as_of") == pa.scalar(day, pa.date32())
     versions = {
         r["values"]: r["counts"]
         for r in pc.value_counts(ds.to_table(columns=["model_version"], filter=flt)["model_version"]).to_pylist()
     }
     n_users = sum(versions.values())
     out = {
-        "dt": str(dt),
+        "dt": str(day),
         "users": n_users,
         "index_version": idx.version,
         "model_version": idx.model_version,
@@ -121,7 +121,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
         "n": cfg.index.candidates_n,
     }
     if not n_users:
-        log.info("no user_embeddings row with as_of = %s: no candidates to write", dt)
+        log.info("no user_embeddings row with as_of = %s: no candidates to write", day)
         return {
             **out,
             "table_version": delta.version_of(cfg.table_path("user_candidates")),
@@ -132,8 +132,8 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
     if other:
         shown = ", ".join(f"{v} ({c} users)" for v, c in other.items())
         raise UserError(
-            f"user embeddings of {dt} are of model {shown} but the current index {idx.version} is of "
-            f"model {idx.model_version}: run `userformer index --dt {dt}` first"
+            f"user embeddings of {day} are of model {shown} but the current index {idx.version} is of "
+            f"model {idx.model_version}: run `userformer index --dt {day}` first"
         )
     n = cfg.index.candidates_n
     stats = {"excluded": 0, "rows": 0, "kept": 0, "dropped": 0}
@@ -147,7 +147,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
                 continue
             users = b.column("user_id").to_pylist()
             q = vectors_of(b.column("embedding"))
-            bought = purchased_items(cfg, users, dt, events) if events is not None else {}
+            bought = purchased_items(cfg, users, day, events) if events is not None else {}
             ex = [bought.get(u, set()) for u in users] if exclude else None
             res = topn(idx, q, n, ex)
             if exclude:
@@ -165,7 +165,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
                 "scores": pa.ListArray.from_arrays(offsets, pa.array(flat_sc, pa.float32())),
                 "model_version": pa.array([idx.model_version] * len(users), pa.string()),
                 "index_version": pa.array([idx.version] * len(users), pa.string()),
-                "as_of": pa.array([dt] * len(users), pa.date32()),
+                "as_of": pa.array([day] * len(users), pa.date32()),
             }
             yield pa.RecordBatch.from_arrays(
                 [cols[f.name].cast(f.type) for f in tables.USER_CANDIDATES], schema=tables.USER_CANDIDATES
@@ -173,7 +173,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
 
     meta = {
         "step": "candidates",
-        "dt": str(dt),
+        "dt": str(day),
         "index_version": idx.version,
         "model_version": idx.model_version,
         "user_embeddings_version": ue_version,
@@ -254,7 +254,7 @@ def candidates(cfg: Config, dt: datetime.date, *, exclude_purchased: bool | None
         seconds=round(time.perf_counter() - t0, 3),
     )
     log.info(
-        "user_candidates: %d users of %s from index %s (v%s)", stats["rows"], dt, idx.version, out["table_version"]
+        "user_candidates: %d users of %s from index %s (v%s)", stats["rows"], day, idx.version, out["table_version"]
     )
     return out
 

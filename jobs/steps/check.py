@@ -233,25 +233,25 @@ def evaluate(plan: Plan, examples: int) -> list[ExpectationResult]:
 
 
 # --------------------------------------------------------------------- step
-def check(cfg: Config, table: str, dt: datetime.date, options: dict | None = None) -> CheckResult:
+def check(cfg: Config, table: str, day: datetime.date, options: dict | None = None) -> CheckResult:
     """Run the suite of `table` for drop date `dt`; write the HTML and JSON reports; never raises on bad data.
     `options` go to the suite builder (outputs: shards; index: version, instead of the CURRENT one)."""
     if table not in SUITES:
         raise UserError(f"no quality suite for table {table!r}; known: {', '.join(SUITES)}")
     t0 = time.perf_counter()
     try:
-        plan = SUITES[table](cfg, dt, DeltaSource(cfg), **(options or {}))
-        res = CheckResult(table, dt, success=False, results=evaluate(plan, cfg.quality.examples), facts=plan.facts)
+        plan = SUITES[table](cfg, day, DeltaSource(cfg), **(options or {}))
+        res = CheckResult(table, day, success=False, results=evaluate(plan, cfg.quality.examples), facts=plan.facts)
         res.success = not res.failed
     except MissingData as exc:
-        res = CheckResult(table, dt, success=False, error=str(exc))
+        res = CheckResult(table, day, success=False, error=str(exc))
     res.seconds = round(time.perf_counter() - t0, 3)
     out = cfg.reports_root / "checks" / table
     out.mkdir(parents=True, exist_ok=True)
-    res.html_path, res.json_path = out / f"dt={dt}.html", out / f"dt={dt}.json"
+    res.html_path, res.json_path = out / f"dt={day}.html", out / f"dt={day}.json"
     res.json_path.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
     res.html_path.write_text(render_html(res))
-    log.info("check %s dt=%s: %s in %.2fs", table, dt, "passed" if res.success else "FAILED", res.seconds)
+    log.info("check %s dt=%s: %s in %.2fs", table, day, "passed" if res.success else "FAILED", res.seconds)
     return res
 
 

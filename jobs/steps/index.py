@@ -414,7 +414,7 @@ def _write_index(index, path: Path) -> None:
     _faiss().write_index(index, str(path))
 
 
-def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> IndexResult:
+def build_index(cfg: Config, day: datetime.date, *, force: bool = False) -> IndexResult:
     """Build, check and (when the check passes) make current an index of item_embeddings. See the module doc."""
     t0 = time.perf_counter()
     faiss = _faiss(cfg)
@@ -443,23 +443,23 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
             cur = None
         if cur and {k: cur.get(k) for k in inputs} == inputs:
             log.info("index %s is current and was built from the same inputs: nothing to do", ptr["version"])
-            return IndexResult(dt, "unchanged", ptr["version"], cur, previous=ptr["version"])
+            return IndexResult(day, "unchanged", ptr["version"], cur, previous=ptr["version"])
 
     as_of = data["as_of"]
     versions = store(cfg)
-    version, dest = versions.allocate(lambda n: f"i{n:04d}-{dt:%Y%m%d}", dt=str(dt))
+    version, dest = versions.allocate(lambda n: f"i{n:04d}-{day:%Y%m%d}", dt=str(day))
     building = cfg.index_root / "_building" / f"{version}.{uuid.uuid4().hex[:8]}"
     try:
         building.mkdir(parents=True)
         ids = data["item_idx"].to_numpy().astype(np.int64)
         tb = time.perf_counter()
-        index = build_faiss(vectors, ids, kind, params, seed=dt.toordinal())
+        index = build_faiss(vectors, ids, kind, params, seed=day.toordinal())
         build_s = time.perf_counter() - tb
         _write_index(index, building / INDEX_FILE)
         _write_items(building / ITEMS_FILE, data)
         manifest = {
             "version": version,
-            "as_of": str(dt),
+            "as_of": str(day),
             "status": CHECKING,
             **inputs,
             "index_class": _class_name(index),
@@ -483,7 +483,7 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
         os.rename(building, dest)  # replaces the empty placeholder the allocation made
         files.fsync_dir(dest.parent)
         # The gate runs on the version as a reader would open it; nothing points at it until it passes.
-        res = check(cfg, "index", dt, {"version": version})
+        res = check(cfg, "index", day, {"version": version})
         manifest.update(
             status="current" if res.success else "rejected",
             **{k: res.facts.get(k) for k in _RECALL_FACTS},
@@ -497,7 +497,9 @@ def build_index(cfg: Config, dt: datetime.date, *, force: bool = False) -> Index
         if dest.is_dir() and _status(cfg, version) in (None, CHECKING):
             shutil.rmtree(dest, ignore_errors=True)
         raise
-    result = IndexResult(dt, manifest["status"], version, manifest, check=res, previous=ptr["version"] if ptr else None)
+    result = IndexResult(
+        day, manifest["status"], version, manifest, check=res, previous=ptr["version"] if ptr else None
+    )
     if not res.success:
         log.warning("index %s failed its check: CURRENT stays %s", version, result.previous)
         return result

@@ -70,7 +70,7 @@ def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     return ~finite, finite & (np.abs(norms - 1.0) > tol)
 
 
-def index(cfg, dt: _dt.date, src, version: str | None = None) -> Plan:
+def index(cfg, day: _dt.date, src, version: str | None = None) -> Plan:
     """The index gate of `version` (default: the CURRENT index) for drop date `dt` (module doc)."""
     if version is None:
         try:
@@ -78,7 +78,7 @@ def index(cfg, dt: _dt.date, src, version: str | None = None) -> Plan:
         except UserError as exc:
             raise MissingData(str(exc)) from None
         if ptr is None:
-            raise MissingData(f"no item index is current under {cfg.index_root}: run `userformer index --dt {dt}`")
+            raise MissingData(f"no item index is current under {cfg.index_root}: run `userformer index --dt {day}`")
         version = ptr["version"]
     try:
         opened = item_index.open_version(cfg, version)
@@ -92,7 +92,7 @@ def index(cfg, dt: _dt.date, src, version: str | None = None) -> Plan:
     d = vectors.shape[1] if rows else None
 
     tr = time.perf_counter()
-    queries, query_source, users_version = recall_queries(cfg, model_version, vectors, seed=dt.toordinal())
+    queries, query_source, users_version = recall_queries(cfg, model_version, vectors, seed=day.toordinal())
     user_d = queries.shape[1] if query_source == "user_embeddings" else None
     if not rows or opened.index.d != d or (user_d is not None and user_d != d):
         recall = float("nan")  # nothing to compare, or vectors of another length than the index's
@@ -104,7 +104,7 @@ def index(cfg, dt: _dt.date, src, version: str | None = None) -> Plan:
     recall_s = time.perf_counter() - tr
 
     ic, examples = cfg.index, cfg.quality.examples
-    plan = Plan("index", dt)
+    plan = Plan("index", day)
     plan.items.append(
         Outcome(
             "expect_index_recall_at_10_to_be_at_least",
@@ -179,7 +179,7 @@ def index(cfg, dt: _dt.date, src, version: str | None = None) -> Plan:
             success=in_table == [model_version],
             examples=in_table,
             description="item_embeddings holds the index's model version and no other (else rebuild: "
-            f"`userformer index --dt {dt}`)",
+            f"`userformer index --dt {day}`)",
             scope="metrics",
         )
     )

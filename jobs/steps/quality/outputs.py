@@ -104,7 +104,7 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
+def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop date `dt` for the published model (module doc)."""
     import pandas as pd
     from great_expectations import expectations as E
@@ -124,21 +124,21 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     version = ptr["version"]
     manifests, missing = [], []
     for i in range(shards):
-        m = infer.read_manifest(infer.shard_dir(cfg, dt, version, i, shards))
+        m = infer.read_manifest(infer.shard_dir(cfg, day, version, i, shards))
         (missing.append(i) if m is None else manifests.append(m))
     if missing:
         raise MissingData(
             f"no staged output of model {version} for shard(s) "
             f"{', '.join(infer.shard_name(i, shards) for i in missing)} "
-            f"under {infer.day_dir(cfg, dt, version)}: run "
-            + "; ".join(f"`userformer infer --dt {dt} --shard {i} --shards {shards}`" for i in missing[:3])
+            f"under {infer.day_dir(cfg, day, version)}: run "
+            + "; ".join(f"`userformer infer --dt {day} --shard {i} --shards {shards}`" for i in missing[:3])
         )
     try:
         d_model = int(registry.read_manifest(cfg, version)["model_config"]["d_model"])
     except (UserError, KeyError, TypeError, ValueError) as exc:
         raise MissingData(f"cannot read the model configuration of {version}: {exc}") from None
 
-    plan = Plan("outputs", dt)
+    plan = Plan("outputs", day)
     first = manifests[0]
     keys = ("dt", "model_version", "full", "inputs", "tasks", "top_k_labels", "labels_per_task", "selection")
     diffs = [f"shard {m['shard']}: {k}" for m in manifests[1:] for k in keys if m.get(k) != first.get(k)]
@@ -160,7 +160,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
         full=first["full"],
         reason=first.get("reason"),
         inputs={t: v["version"] for t, v in first["inputs"].items()},
-        staged=str(infer.day_dir(cfg, dt, version)),
+        staged=str(infer.day_dir(cfg, day, version)),
         d_model=d_model,
     )
 
@@ -200,7 +200,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
 
     # Users to refresh, counted again from the table the shards read.
     inp = first["inputs"]["user_sequences"]
-    filt = None if first["full"] else pc.field("updated_dt") == pa.scalar(dt, pa.date32())
+    filt = None if first["full"] else pc.field("updated_dt") == pa.scalar(day, pa.date32())
     selected = first.get("selection")
     if selected:  # a repair's explicit users (jobs/steps/infer.py): those of them with a row
         with _staged(first["path"], selected["file"]) as f:
@@ -216,7 +216,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
     catalogue = (
         delta.open_table(cfg.table_path("items"), items_in["version"])
         .to_pyarrow_dataset()
-        .count_rows(filter=pc.field("first_dt") <= pa.scalar(dt, pa.date32()))
+        .count_rows(filter=pc.field("first_dt") <= pa.scalar(day, pa.date32()))
     )
 
     # Per-row properties, shard by shard.
@@ -234,7 +234,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
                         "shard": np.full(len(ids), m["shard"]),
                         "in_shard": infer.shard_of(ids, shards) == m["shard"],
                         "model_version": np.asarray(t["model_version"].to_pylist(), object),
-                        "as_of_is_dt": pc.fill_null(pc.equal(t["as_of"], pa.scalar(dt, pa.date32())), False).to_numpy(
+                        "as_of_is_dt": pc.fill_null(pc.equal(t["as_of"], pa.scalar(day, pa.date32())), False).to_numpy(
                             zero_copy_only=False
                         ),
                         **vector_stats(t["embedding"]),
@@ -306,7 +306,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
                         column="as_of_is_dt",
                         value_set=[True],
                         meta=IDS,
-                        description=f"as_of = {dt} (examples: user_id)",
+                        description=f"as_of = {day} (examples: user_id)",
                     ),
                     E.ExpectColumnValuesToBeInSet(
                         column="tasks",
@@ -326,7 +326,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
                 success=True,
                 skipped=True,
                 description="user embeddings: finite, unit norm, dimension, one row per user",
-                note=f"no user to refresh on {dt}",
+                note=f"no user to refresh on {day}",
                 scope="users",
             )
         )
@@ -476,7 +476,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
                 if first["full"]
                 else f"{selected['users']} selected users"
                 if selected
-                else f"updated_dt = {dt}"
+                else f"updated_dt = {day}"
             )
             + ")",
         ),
@@ -490,7 +490,7 @@ def outputs(cfg, dt: _dt.date, src, shards: int | None = None) -> Plan:
             column="items",
             min_value=metrics["catalogue_items"],
             max_value=metrics["catalogue_items"],
-            description=f"item rows = the catalogue as of {dt} ({metrics['catalogue_items']})",
+            description=f"item rows = the catalogue as of {day} ({metrics['catalogue_items']})",
         ),
     ]
     for task, mean in sorted(top1.items()):

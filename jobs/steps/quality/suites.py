@@ -168,7 +168,7 @@ def _known(parts) -> str:
 
 
 # ------------------------------------------------------------------- events
-def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
+def events(cfg: Config, day: _dt.date, src: Source) -> Plan:
     """The accepted events of drop date `dt` (partition dt=D), and the day's counts against history."""
     import pandas as pd
     from great_expectations import expectations as E
@@ -176,13 +176,13 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
 
     actual = src.schema("events")
     rows_by_dt = src.partition_rows("events")
-    if dt not in rows_by_dt:
-        if dt not in src.drops("events"):
-            raise MissingData(f"events has no partition dt={dt} ({_known(rows_by_dt)}); was ingest run for {dt}?")
+    if day not in rows_by_dt:
+        if day not in src.drops("events"):
+            raise MissingData(f"events has no partition dt={day} ({_known(rows_by_dt)}); was ingest run for {day}?")
         # Ingested, no accepted event: the day-level checks judge it (the row-count band fails it unless
         # quality.row_count_band starts at 0, for sites with quiet days).
-        rows_by_dt = {**rows_by_dt, dt: 0}
-    plan = Plan("events", dt)
+        rows_by_dt = {**rows_by_dt, day: 0}
+    plan = Plan("events", day)
     types, bad = type_check("events", tables.EVENTS, actual)
     plan.items.append(types)
     if "dt" in bad:
@@ -191,11 +191,11 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     required = [f.name for f in tables.EVENTS if not f.nullable]
     idx_cols = [f.name for f in tables.EVENTS if f.name.endswith("_idx")]
     columns = [c for c in dict.fromkeys([*required, "item_id", *idx_cols]) if c not in bad]
-    df = src.read("events", columns, filter=_dt_is(dt)).to_pandas()
+    df = src.read("events", columns, filter=_dt_is(day)).to_pandas()
 
     ic = cfg.ingest
-    earliest = _day_start(dt) - _dt.timedelta(days=ic.max_late_days)
-    latest = _day_start(dt) + _dt.timedelta(days=1, seconds=ic.future_tolerance_s)
+    earliest = _day_start(day) - _dt.timedelta(days=ic.max_late_days)
+    latest = _day_start(day) + _dt.timedelta(days=1, seconds=ic.future_tolerance_s)
     is_item = Column("event_type").is_in(list(ic.item_event_types))
     rows = [E.ExpectColumnValuesToNotBeNull(column=c, description=f"{c} is required") for c in required]
     rows += [
@@ -234,7 +234,7 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     n = len(df)
     metrics: dict[str, float] = {"row_count": n}
     exps, outcomes = [], []
-    trailing = sorted(d for d in rows_by_dt if d < dt)[-cfg.quality.trailing_days :]
+    trailing = sorted(d for d in rows_by_dt if d < day)[-cfg.quality.trailing_days :]
     plan.facts["rows"] = n
     if trailing:
         median = statistics.median(rows_by_dt[d] for d in trailing)
@@ -246,7 +246,7 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
                 column="row_count",
                 min_value=lo * median,
                 max_value=hi * median,
-                description=f"rows of dt={dt} within {lo}..{hi} x {median:g}, the median of the {len(trailing)} "
+                description=f"rows of dt={day} within {lo}..{hi} x {median:g}, the median of the {len(trailing)} "
                 f"previous partitions ({trailing[0]}..{trailing[-1]})",
             )
         )
@@ -263,7 +263,7 @@ def events(cfg: Config, dt: _dt.date, src: Source) -> Plan:
             )
         )
     try:
-        reasons = src.read("events_rejected", ["reason"], filter=_dt_is(dt)).column("reason")
+        reasons = src.read("events_rejected", ["reason"], filter=_dt_is(day)).column("reason")
         by_reason = {r["values"]: r["counts"] for r in pc.value_counts(reasons).to_pylist()}
     except MissingData as exc:
         by_reason = None
@@ -347,12 +347,12 @@ def _last_is(ts: pa.ChunkedArray, last: pa.ChunkedArray) -> np.ndarray:
     return (lens > 0) & ~nulls[end] & ~want_null & (v[end] == want)
 
 
-def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
+def user_sequences(cfg: Config, day: _dt.date, src: Source) -> Plan:
     """The users refreshed on `dt` (updated_dt == D); user_id uniqueness over the whole table."""
     from great_expectations import expectations as E
 
     actual = src.schema("user_sequences")
-    plan = Plan("user_sequences", dt)
+    plan = Plan("user_sequences", day)
     types, bad = type_check("user_sequences", tables.USER_SEQUENCES, actual)
     plan.items.append(types)
     if "updated_dt" in bad:
@@ -361,12 +361,12 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
     scalars = [f.name for f in tables.USER_SEQUENCES if not f.nullable and f.name != "user_id" and f.name not in bad]
     arrays = [a for a in tables.SEQUENCE_ARRAYS if a not in bad]
     data = src.read(
-        "user_sequences", [c for c in ["user_id", *arrays, *scalars] if c not in bad], filter=_dt_is(dt, "updated_dt")
+        "user_sequences", [c for c in ["user_id", *arrays, *scalars] if c not in bad], filter=_dt_is(day, "updated_dt")
     )
     # No refreshed rows is right only when drop D had no accepted events (an empty day).
-    empty_day = data.num_rows == 0 and src.partition_rows("events").get(dt, 0) == 0
+    empty_day = data.num_rows == 0 and src.partition_rows("events").get(day, 0) == 0
     if data.num_rows == 0 and not empty_day:
-        raise MissingData(f"user_sequences has no rows with updated_dt = {dt}; was the sequences step run for {dt}?")
+        raise MissingData(f"user_sequences has no rows with updated_dt = {day}; was the sequences step run for {day}?")
     plan.facts["rows_updated"] = data.num_rows
     if "user_id" not in bad:
         users = src.read("user_sequences", ["user_id"]).to_pandas()
@@ -385,7 +385,7 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
         )
 
     if empty_day:
-        plan.facts["note"] = f"events has no rows for {dt}: no user to refresh"
+        plan.facts["note"] = f"events has no rows for {day}: no user to refresh"
         return plan
     df = data.select([c for c in data.column_names if c not in tables.SEQUENCE_ARRAYS]).to_pandas()
     derived = {  # flag -> (inputs, how, description)
@@ -433,20 +433,20 @@ def user_sequences(cfg: Config, dt: _dt.date, src: Source) -> Plan:
 
 
 # ------------------------------------------------------------ model outputs
-def outputs(cfg: Config, dt: _dt.date, src: Source, shards: int | None = None) -> Plan:
+def outputs(cfg: Config, day: _dt.date, src: Source, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop D, before publishing (jobs/steps/quality/outputs.py)."""
     from userformer.jobs.steps.quality.outputs import outputs as build
 
-    return build(cfg, dt, src, shards=shards)
+    return build(cfg, day, src, shards=shards)
 
 
 # ---------------------------------------------------------------- item index
-def index(cfg: Config, dt: _dt.date, src: Source, version: str | None = None) -> Plan:
+def index(cfg: Config, day: _dt.date, src: Source, version: str | None = None) -> Plan:
     """An item index version, CURRENT by default: recall, vectors, ids, model version (jobs/steps/quality/index.py)."""
     # Imported here: it imports the index step (FAISS), which imports the check runner, which imports this module.
     from userformer.jobs.steps.quality.index import index as build
 
-    return build(cfg, dt, src, version=version)
+    return build(cfg, day, src, version=version)
 
 
 # Table -> suite builder. `userformer check` offers exactly these tables.
