@@ -34,7 +34,8 @@ import pyarrow.compute as pc
 from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import index as ix
+from userformer.jobs.steps import index as index_step
+from userformer.schemas.tables import USER_EMBEDDINGS
 
 EMBEDDING_COLUMNS = ["user_id", "embedding", "model_version", "as_of"]
 
@@ -59,14 +60,14 @@ class Recommender:
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg or load_config()
-        self._index: ix.ItemIndex | None = None
+        self._index: index_step.ItemIndex | None = None
         self._users = None
 
     # ---------------------------------------------------------------- sources
     @property
-    def index(self) -> ix.ItemIndex:
+    def index(self) -> index_step.ItemIndex:
         if self._index is None:
-            self._index = ix.open_current(self.cfg)
+            self._index = index_step.open_current(self.cfg)
         return self._index
 
     def _user_table(self):
@@ -103,11 +104,11 @@ class Recommender:
         missing="error": an unknown id raises UnknownId (exit 3); "skip": unknown ids are left out.
         """
         ids = list(dict.fromkeys(str(u) for u in user_ids))
-        schema = pa.schema([f for f in _schema() if f.name in EMBEDDING_COLUMNS])
+        schema = pa.schema([f for f in USER_EMBEDDINGS if f.name in EMBEDDING_COLUMNS])
         if not ids:
             return schema.empty_table()
         ds = self._user_table().to_pyarrow_dataset()
-        t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=ix.str_in("user_id", ids))
+        t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=index_step.str_in("user_id", ids))
         pos = {u: i for i, u in enumerate(t["user_id"].to_pylist())}
         lost = [u for u in ids if u not in pos]
         if lost and missing == "error":
@@ -121,10 +122,10 @@ class Recommender:
     def user_vector(self, user_id: str) -> tuple[np.ndarray, dict]:
         t = self.embeddings([user_id])
         row = {c: t[c][0].as_py() for c in ("user_id", "model_version", "as_of")}
-        return ix.vectors_of(t["embedding"])[0], row
+        return index_step.vectors_of(t["embedding"])[0], row
 
     def purchased(self, user_id: str) -> set[int]:
-        return ix.purchased_items(self.cfg, [user_id]).get(user_id, set())
+        return index_step.purchased_items(self.cfg, [user_id]).get(user_id, set())
 
     # --------------------------------------------------------------- queries
     def recommend(self, user_id: str, k: int = 10, exclude_purchased: bool = False) -> list[Hit]:
@@ -141,7 +142,7 @@ class Recommender:
                 "after publishing, so both are of one version"
             )
         exclude = [self.purchased(user_id)] if exclude_purchased else None
-        labels, scores = ix.topn(idx, vec[None, :], _k(k), exclude)[0]
+        labels, scores = index_step.topn(idx, vec[None, :], _k(k), exclude)[0]
         return self._hits(labels, scores), row
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Hit]:
@@ -153,7 +154,7 @@ class Recommender:
                 f"item {item_id} is not in the current item index ({idx.version}, "
                 f"{idx.ntotal:,} items of model {idx.model_version})"
             )
-        labels, scores = ix.topn(idx, idx.vector(item_idx)[None, :], _k(k), [{item_idx}])[0]
+        labels, scores = index_step.topn(idx, idx.vector(item_idx)[None, :], _k(k), [{item_idx}])[0]
         return self._hits(labels, scores)
 
     def _hits(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
@@ -165,12 +166,6 @@ def _k(k: int) -> int:
     if not isinstance(k, int) or k < 1:
         raise UserError(f"k must be a positive integer, got {k!r}")
     return k
-
-
-def _schema() -> pa.Schema:
-    from userformer.schemas.tables import USER_EMBEDDINGS
-
-    return USER_EMBEDDINGS
 
 
 # --------------------------------------------------------------------- output
@@ -187,7 +182,7 @@ def write_embeddings(t: pa.Table, fmt: str, out) -> None:
         pq.write_table(t, buf)
         out.write(buf.getvalue())
         return
-    vecs = ix.vectors_of(t["embedding"]) if t.num_rows else np.zeros((0, 0), np.float32)
+    vecs = index_step.vectors_of(t["embedding"]) if t.num_rows else np.zeros((0, 0), np.float32)
     users, mvs, dts = t["user_id"].to_pylist(), t["model_version"].to_pylist(), t["as_of"].to_pylist()
     if fmt == "jsonl":
         for u, v, m, d in zip(users, vecs, mvs, dts):
