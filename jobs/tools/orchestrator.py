@@ -547,21 +547,21 @@ def standalone_main() -> None:
     # A parent started in the background by a non-interactive shell hands down SIGINT ignored; standalone stops
     # its parts on KeyboardInterrupt, so SIGINT must raise it here whatever the parent did.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from airflow.cli.commands import standalone_command as S
+    from airflow.cli.commands import standalone_command
     from airflow.configuration import write_default_airflow_configuration_if_needed
 
     # As the `airflow` executable does first: airflow.cfg (with its generated JWT and API secrets) exists before
     # any part starts, so that they all sign and check tokens with the same key.
     write_default_airflow_configuration_if_needed()
-    base_init = S.SubCommand.__init__
+    base_init = standalone_command.SubCommand.__init__
 
     def init(self, parent, name, command, env):
         if name in ("scheduler", "triggerer"):
             command = [*command, "--skip-serve-logs"]
         base_init(self, parent, name, command, env)
 
-    S.SubCommand.__init__ = init
-    S.StandaloneCommand().run()
+    standalone_command.SubCommand.__init__ = init
+    standalone_command.StandaloneCommand().run()
 
 
 if __name__ == "__main__":
