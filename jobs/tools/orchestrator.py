@@ -13,7 +13,7 @@ healthy and the project's DAGs are parsed:
 - the inference pool ``pipeline.gpu_pool`` created with ``pipeline.gpu_pool_slots`` slots (if missing).
 
 The handle has ``.url``, ``.username``, ``.password``, ``.pid``, ``.log_path`` and REST helpers (token from
-``POST /auth/token``): `unpause`, `backfill` (``POST /api/v2/backfills``), `trigger`, `dag_runs`, `task_instances`,
+``POST /auth/token``): `unpause`, `backfill` (``POST /api/v2/backfills``), `dag_runs`, `task_instances`,
 `wait_runs`; `stop()` sends SIGINT to the standalone parent (it stops its parts and waits for them; SIGTERM would
 orphan them), waits, and only then ends what is left of its own process group. Usable as a context manager.
 
@@ -265,11 +265,6 @@ class Airflow:
             if time.monotonic() > deadline:
                 raise AirflowError(f"Airflow POST /backfills: HTTP 409: {res['detail'][:2000]}")
             time.sleep(2.0)
-
-    def trigger(self, dag_id: str, *, logical_date: dt.date | None = None, conf: dict | None = None) -> dict:
-        """``POST /api/v2/dags/{dag_id}/dagRuns`` (a manual run; `logical_date` None = a run without one)."""
-        body = {"logical_date": _midnight(logical_date) if logical_date else None, "conf": conf or {}}
-        return self.api("POST", f"/dags/{dag_id}/dagRuns", body)
 
     def dag_runs(self, dag_id: str, **query) -> list[dict]:
         q = {"limit": 100, "order_by": "logical_date", **query}
