@@ -503,7 +503,7 @@ def _at_version(cfg: Config, table_name: str, version: int):
         raise NotAvailable(f"{table_name} version {version} cannot be read ({exc})") from None
     if delta.missing_files(path, version):
         raise NotAvailable(f"{table_name} version {version} has been vacuumed (storage.retention_days)")
-    return t.to_pyarrow_dataset()
+    return delta.dataset(t)
 
 
 # ----------------------------------------------------------- 5: drift

@@ -89,7 +89,7 @@ class Recommender:
                     return str(v)
         except Exception:  # pragma: no cover - stats are an optimisation
             pass
-        v = pc.max(t.to_pyarrow_dataset().to_table(columns=["as_of"])["as_of"]).as_py()
+        v = pc.max(delta.dataset(t).to_table(columns=["as_of"])["as_of"]).as_py()
         return str(v) if v is not None else "never: the table is empty"
 
     def _unknown_user(self, user_id: str) -> UnknownId:
@@ -107,7 +107,7 @@ class Recommender:
         schema = pa.schema([f for f in USER_EMBEDDINGS if f.name in EMBEDDING_COLUMNS])
         if not ids:
             return schema.empty_table()
-        ds = self._user_table().to_pyarrow_dataset()
+        ds = delta.dataset(self._user_table())
         t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=index_step.str_in("user_id", ids))
         pos = {u: i for i, u in enumerate(t["user_id"].to_pylist())}
         lost = [u for u in ids if u not in pos]
