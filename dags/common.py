@@ -30,15 +30,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import logging
 
 from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.errors import GateFailed, UserError
-
-log = logging.getLogger("userformer.dags")
 
 # Tasks that only judge data (the checks) are not retried at all: their failure is a verdict on committed tables.
 QUALITY_TASK_RETRIES = 0

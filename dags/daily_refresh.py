@@ -26,6 +26,12 @@ import logging
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 from common import QUALITY_TASK_RETRIES, TAG, config, default_args, no_retry_on_bad_data, plain, run_context, step
 
+from userformer.jobs.core import ledger
+
+# The tasks import the pipeline (jobs/flows/pipeline.py) inside their bodies: Airflow parses this file often (the DAG
+# processor, and each task's process once more), and importing it here would add delta-rs, Arrow and numpy to every
+# parse (about ten times this file's own import time); each task then loads only what its step needs.
+
 log = logging.getLogger("userformer.dags.daily_refresh")
 CFG = config()
 SHARDS = list(range(CFG.infer.shards))
@@ -171,7 +177,6 @@ def candidates(checked: dict) -> dict:
 @step
 def report(done: dict) -> dict:
     """The day's HTML report (metrics over days, users refreshed, checks); its file:// URL is in this log."""
-    from userformer.jobs.core import ledger
     from userformer.jobs.flows import pipeline
 
     cfg, day, _ = run_context()

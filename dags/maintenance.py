@@ -22,15 +22,19 @@ import datetime as dt
 from airflow.sdk import dag
 from common import TAG, config, default_args, plain, step
 
+# The tasks import the maintenance tool (jobs/tools/maintain.py) inside their bodies: Airflow parses this file often
+# (the DAG processor, and each task's process once more), and importing it here would add delta-rs, Arrow and numpy to
+# every parse (about ten times this file's own import time).
+
 CFG = config()
 
 
 @step
 def maintain() -> dict:
     """Compact and purge the Spark tables, vacuum every table beyond ``storage.retention_days``, clear old staging."""
-    from userformer.jobs.tools import maintain as M
+    from userformer.jobs.tools import maintain as maintain_tool
 
-    return plain(M.maintain(config()))
+    return plain(maintain_tool.maintain(config()))
 
 
 @dag(

@@ -30,6 +30,10 @@ import logging
 from airflow.sdk import Param, dag, get_current_context
 from common import TAG, config, default_args, plain, step
 
+# The tasks import the repair flow (jobs/flows/repair.py) inside their bodies: Airflow parses this file often (the DAG
+# processor, and each task's process once more), and importing it here would add delta-rs, Arrow and numpy to every
+# parse (about ten times this file's own import time).
+
 log = logging.getLogger("userformer.dags.repair")
 CFG = config()
 
@@ -42,11 +46,11 @@ def _params() -> dict:
 def plan() -> dict:
     """Validate the params and plan the repair (jobs/flows/repair.py `start`); the plan goes to the log and the
     report."""
-    from userformer.jobs.flows import repair as RP
+    from userformer.jobs.flows import repair as repair_flow
 
     p = _params()
-    users = RP.parse_users(p.get("users")) if p.get("users") else None
-    summary = RP.start(
+    users = repair_flow.parse_users(p.get("users")) if p.get("users") else None
+    summary = repair_flow.start(
         CFG,
         dt.date.fromisoformat(p["from_dt"]),
         dt.date.fromisoformat(p["to_dt"]),
@@ -61,41 +65,41 @@ def plan() -> dict:
 @step
 def state(summary: dict) -> dict:
     """restore: tables, model, index, marker back to before FROM; recompute: the users' sequences rebuilt."""
-    from userformer.jobs.flows import repair as RP
+    from userformer.jobs.flows import repair as repair_flow
 
     if summary["dry_run"]:
         return {}
-    return plain(RP.stage_state(CFG, summary))
+    return plain(repair_flow.stage_state(CFG, summary))
 
 
 @step
 def outputs(summary: dict, st: dict) -> dict:
     """restore: re-run FROM..TO in order; recompute: re-infer and publish the users."""
-    from userformer.jobs.flows import repair as RP
+    from userformer.jobs.flows import repair as repair_flow
 
     if summary["dry_run"]:
         return {}
-    return plain(RP.stage_outputs(CFG, summary, st))
+    return plain(repair_flow.stage_outputs(CFG, summary, st))
 
 
 @step
 def index(summary: dict, out: dict) -> dict:
     """recompute: index and candidates (restore: each re-run day built them)."""
-    from userformer.jobs.flows import repair as RP
+    from userformer.jobs.flows import repair as repair_flow
 
     if summary["dry_run"]:
         return {}
-    return plain(RP.stage_index(CFG, summary))
+    return plain(repair_flow.stage_index(CFG, summary))
 
 
 @step(retries=0)
 def report(summary: dict, st: dict, out: dict, idx: dict) -> dict:
     """The summary of the repair, kept in reports_root/repairs/<id>.json."""
-    from userformer.jobs.flows import repair as RP
+    from userformer.jobs.flows import repair as repair_flow
 
     if summary["dry_run"]:
         return summary
-    res = RP.finish(CFG, summary, st, out, idx)
+    res = repair_flow.finish(CFG, summary, st, out, idx)
     log.info("repair %s done: file://%s", res["id"], res["report"])
     return plain(res)
 

@@ -19,8 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag, get_current_context, task
 from common import QUALITY_TASK_RETRIES, TAG, config, default_args, plain, step
+
+# The tasks import the retrain flow and the pipeline (jobs/flows/) inside their bodies: Airflow parses this file often
+# (the DAG processor, and each task's process once more), and importing them here would add torch, delta-rs and Arrow
+# to every parse (seconds, against milliseconds for this file); each task then loads only what its step needs.
 
 log = logging.getLogger("userformer.dags.retrain")
 CFG = config()
@@ -35,14 +39,12 @@ def _day(res: dict) -> dt.date:
 def train() -> dict:
     """Train a new model from scratch on the last ``window_days`` days up to drop D (the ``dt`` param, or the latest
     drop); register it (the first model of an empty registry is published at once)."""
-    from airflow.sdk import get_current_context
-
-    from userformer.jobs.flows import retrain as RT
+    from userformer.jobs.flows import retrain as retrain_flow
 
     params = get_current_context()["params"]
     cfg = config()
-    day = RT.as_of(cfg, dt.date.fromisoformat(params["dt"]) if params.get("dt") else None)
-    res = RT.train_window(cfg, day, int(params["window_days"]), epochs=params.get("epochs") or None)
+    day = retrain_flow.as_of(cfg, dt.date.fromisoformat(params["dt"]) if params.get("dt") else None)
+    res = retrain_flow.train_window(cfg, day, int(params["window_days"]), epochs=params.get("epochs") or None)
     return plain({"dt": str(day), **res})
 
 
@@ -50,9 +52,9 @@ def train() -> dict:
 def judge(trained: dict) -> dict:
     """Evaluate the new version and the published one on the same held-out window ending with D; publish the new
     one only if it is better on every ``finetune.gate_metrics`` (at least as good, and better on one)."""
-    from userformer.jobs.flows import retrain as RT
+    from userformer.jobs.flows import retrain as retrain_flow
 
-    res = RT.judge(config(), _day(trained), trained["version"])
+    res = retrain_flow.judge(config(), _day(trained), trained["version"])
     return plain(
         {"dt": trained["dt"], **{k: res.get(k) for k in ("version", "promoted", "published", "reason", "metrics")}}
     )

@@ -1,8 +1,9 @@
 """`userformer`: one CLI for every step. Each step module registers its own subcommand.
 
 A step module exposes ``register(subparsers)``, which adds one parser with
-``set_defaults(func=run)``; ``run(args, cfg) -> int`` is the exit code. Heavy
-imports (Spark, torch) happen inside ``run`` so that ``--help`` stays instant.
+``set_defaults(func=run)``; ``run(args, cfg) -> int`` is the exit code. Spark,
+FAISS and Great Expectations are imported inside the functions that use them, so
+that ``--help`` does not load them (torch it does: the steps' modules import it).
 """
 
 from __future__ import annotations

@@ -128,24 +128,6 @@ def from_sequences_table(table: pa.Table, real_time: bool = True) -> Sequences:
     )
 
 
-def catalog_from_items_table(items: pa.Table, sizes: dict[str, int] | None = None) -> ItemCatalog:
-    """From the ``items`` table (item_idx + *_idx columns)."""
-    idx = items["item_idx"].to_numpy().astype(np.int64)
-    n = int(idx.max(initial=0)) + 1
-    attrs = {}
-    for a in ITEM_ATTRS:
-        arr = np.zeros(n, np.int64)
-        arr[idx] = pc.fill_null(items[f"{a}_idx"], 0).to_numpy(zero_copy_only=False)
-        attrs[a] = arr
-    sizes = dict(sizes or {})
-    sizes.setdefault("item", n)
-    for a in ITEM_ATTRS:
-        sizes[a] = max(sizes.get(a, 0), int(attrs[a].max(initial=0)) + 1)
-    for k in INT_FIELDS:
-        sizes.setdefault(k, 1)
-    return ItemCatalog(attrs, sizes)
-
-
 def _encode(values: pa.Array) -> tuple[np.ndarray, list]:
     """Strings -> ids 1..K in order of first appearance (0 for null)."""
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values

@@ -21,28 +21,13 @@ import numpy as np
 import torch
 
 
-def ranks_of(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(U, I) scores, (U,) target ids -> (U,) rank = items with a strictly higher score."""
-    t = scores.gather(1, targets[:, None])
-    return (scores > t).sum(1)
-
-
 def ndcg_from_ranks(ranks: np.ndarray, k: int = 10) -> np.ndarray:
     return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
-def entropy(labels: np.ndarray) -> float:
-    """Shannon entropy (nats) of the label distribution of one list; labels <= 0 (unknown) ignored."""
-    labels = labels[labels > 0]
-    if not len(labels):
-        return 0.0
-    _, c = np.unique(labels, return_counts=True)
-    p = c / c.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def entropies(labels: np.ndarray) -> np.ndarray:
-    """Row-wise `entropy` of a (U, K) label matrix, vectorised (labels <= 0 ignored)."""
+    """Per row of a (U, K) label matrix, the Shannon entropy (nats) of its label distribution (labels <= 0, unknown,
+    ignored; a row without a known label has 0)."""
     labels = np.asarray(labels, np.int64)
     n_lab = int(labels.max(initial=0)) + 1
     counts = np.zeros((len(labels), n_lab))
@@ -103,21 +88,6 @@ class RankingAccumulator:
         if self.recalls:
             out[f"recall@{k}"] = float(np.mean(self.recalls))
         return out
-
-
-def evaluate_scores(
-    scores: torch.Tensor,
-    targets,
-    n_items: int,
-    item_category: np.ndarray | None = None,
-    target_sets: list | None = None,
-    k: int = 10,
-    k_div: int = 50,
-) -> dict:
-    """Metrics of one (U, n_items + 1) score matrix (column 0 = padding)."""
-    acc = RankingAccumulator(n_items, item_category, k, k_div)
-    acc.add(scores, torch.as_tensor(np.asarray(targets), dtype=torch.long), target_sets)
-    return acc.result()
 
 
 class HeadAccuracy:

@@ -58,7 +58,6 @@ RAW_ITEMS = pa.schema(
         col("price", pa.float64(), "Current price."),
     ]
 )
-RAW_ITEMS_REQUIRED = ("item_id",)
 RAW_ITEMS = pa.schema([f.with_nullable(True) for f in RAW_ITEMS])
 
 # ------------------------------------------------------------------ tables
@@ -296,18 +295,6 @@ FOUNDATION_TABLES = ("events", "events_rejected", "vocab", "items", "user_sequen
 # Written by Spark through delta-spark (user_sequences with deletion vectors): restore and rewrite them with
 # delta-spark and read them from Python through jobs/core/storage/delta.py; the others are delta-rs's.
 SPARK_TABLES = ("events", "events_rejected", "user_sequences")
-OUTPUT_TABLES = tuple(t for t in TABLES if t not in FOUNDATION_TABLES)
-
-
-def schema_of(table: str) -> pa.Schema:
-    try:
-        return TABLES[table][0]
-    except KeyError:
-        raise KeyError(f"unknown table {table!r}; known: {', '.join(TABLES)}") from None
-
-
-def partitions_of(table: str) -> list[str]:
-    return TABLES[table][1]
 
 
 def describe_markdown() -> str:

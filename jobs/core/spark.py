@@ -11,6 +11,8 @@ from pathlib import Path
 
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
+from userformer.schemas.tables import TABLES
 
 _SESSION = None
 
@@ -130,9 +132,6 @@ def register_tables(spark, cfg: Config, database: str = "userformer") -> list[st
     another location (another USERFORMER_HOME in this session) is pointed at
     this one. Returns the qualified names registered.
     """
-    from userformer.jobs.core.storage import delta
-    from userformer.schemas.tables import TABLES
-
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
         raise UserError(f"not a plain database name: {database!r}")
     spark.sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")

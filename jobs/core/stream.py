@@ -49,11 +49,11 @@ from userformer.models.data import (
     time_split,
 )
 from userformer.models.metrics import RankingAccumulator
-from userformer.schemas import tables as S
+from userformer.schemas.tables import SEQUENCE_ARRAYS
 
 # Row groups read at once while streaming (the mixing width of the chunk order).
 INTERLEAVE = 4
-COLUMNS = ["user_id", *S.SEQUENCE_ARRAYS, "updated_dt"]
+COLUMNS = ["user_id", *SEQUENCE_ARRAYS, "updated_dt"]
 
 
 # ------------------------------------------------------------------- time

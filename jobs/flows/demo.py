@@ -16,15 +16,18 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from userformer.jobs.core import ledger
+from userformer.jobs.core import ledger, registry
 from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
 from userformer.jobs.flows import pipeline
+from userformer.jobs.tools import generate, info, orchestrator
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "config" / "demo.toml"
 
@@ -71,10 +74,6 @@ DEMO_MARKER = ".userformer-demo"
 
 def _fresh_demo_home(cfg: Config) -> None:
     """The demo starts from nothing each time; it only ever wipes a home that an earlier demo made."""
-    import shutil
-
-    from userformer.jobs.tools.orchestrator import airflow_home
-
     marker = cfg.home / DEMO_MARKER
     dirs = [cfg.raw_root, cfg.warehouse_root, cfg.reports_root, cfg.models_root, cfg.index_root]
     if any(d.exists() and any(d.iterdir()) for d in dirs) and not marker.exists():
@@ -82,7 +81,7 @@ def _fresh_demo_home(cfg: Config) -> None:
             f"{cfg.home} already holds pipeline data that no demo made; "
             "point USERFORMER_HOME at an empty folder for the demo"
         )
-    for d in dirs + [airflow_home(cfg)]:
+    for d in dirs + [orchestrator.airflow_home(cfg)]:
         shutil.rmtree(d, ignore_errors=True)
     cfg.home.mkdir(parents=True, exist_ok=True)
     marker.write_text("made by `userformer demo`; the next demo may wipe this folder's pipeline data\n")
@@ -133,9 +132,6 @@ def _metrics(m: dict, keys=("ndcg@10", "recall@10")) -> str:
 
 def print_summary(cfg: Config, days: list[dt.date]) -> None:
     """Rows per table, users refreshed per day, model versions, evaluation metrics, index recall, where things are."""
-    from userformer.jobs.core import registry
-    from userformer.jobs.tools import info
-
     print(
         "\nusers per day (refreshed = with new events; embedded = user embeddings written, everyone after a "
         "model change):"
@@ -203,8 +199,6 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
 
 def _some_user(cfg: Config) -> str | None:
     """The published user with the longest history (for the example command)."""
-    from userformer.jobs.core.storage import delta
-
     path = cfg.table_path("user_sequences")
     if not delta.exists(path) or not delta.exists(cfg.table_path("user_embeddings")):
         return None
@@ -222,8 +216,6 @@ def _run_in_process(cfg: Config, days: list[dt.date]) -> None:
 
 
 def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
-    from userformer.jobs.tools import orchestrator
-
     t0 = time.perf_counter()
     af = orchestrator.start(cfg, args.port or orchestrator.free_port(), scheduled_runs=False)
     print(
@@ -274,8 +266,6 @@ def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
 
 
 def run(args, cfg: Config) -> int:
-    from userformer.jobs.tools import generate
-
     if not args.verbose:  # the per-day lines below are the demo's output; step logs only with -v
         logging.getLogger("userformer").setLevel(logging.WARNING)
     cfg = demo_config(args, cfg)

@@ -22,10 +22,16 @@ import datetime as dt
 import logging
 import time
 
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.errors import GateFailed, UserError
-from userformer.jobs.core.ledger import record
+from userformer.jobs.core.ledger import STEPS, record
 from userformer.jobs.core.storage import delta
+
+# Each step function imports its step's module itself: every Airflow task runs in a process of its own and imports
+# this module, and a task should load only what its step needs (the checks, ingest, the index and the report run
+# without torch, whose import takes seconds). The modules are named `<step>_step`: the functions here have the
+# steps' names.
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +54,6 @@ def _step(name: str):
     return wrap
 
 
-def _published_model(cfg: Config) -> dict | None:
-    from userformer.jobs.core import registry as R
-
-    return R.published(cfg)
-
-
 # ------------------------------------------------------------------- steps
 def raw_ready(cfg: Config, day: dt.date) -> bool:
     """Has the producer finished drop `day`? Its folder holds the ready marker (pipeline.ready_marker), or,
@@ -68,11 +68,11 @@ def raw_ready(cfg: Config, day: dt.date) -> bool:
 @_step("ingest")
 def ingest(cfg: Config, day: dt.date) -> dict:
     """Raw drop D -> events[dt=D] + events_rejected[dt=D], items, vocab (Spark; one commit per table)."""
-    from userformer.jobs.steps import ingest as I
+    from userformer.jobs.steps import ingest as ingest_step
 
     marker = cfg.pipeline.ready_marker
     # A drop the producer marked complete may be empty (a quiet day); without a marker an empty folder is an error.
-    return I.ingest(cfg, day, allow_empty=bool(marker) and (cfg.raw_events_dir(day) / marker).is_file())
+    return ingest_step.ingest(cfg, day, allow_empty=bool(marker) and (cfg.raw_events_dir(day) / marker).is_file())
 
 
 def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) -> dict:
@@ -91,9 +91,9 @@ _LEDGER_FACTS = {"index": ("version", "model_version", "items", "recall_at_10")}
 
 def _run_check(cfg: Config, table: str, day: dt.date, options: dict | None = None):
     """(ledger result, CheckResult) of the suite of `table` for D (jobs/steps/check.py)."""
-    from userformer.jobs.steps import check as C
+    from userformer.jobs.steps import check as check_step
 
-    res = C.check(cfg, table, day, options)
+    res = check_step.check(cfg, table, day, options)
     out = {
         "table": table,
         "success": res.success,
@@ -107,20 +107,20 @@ def _run_check(cfg: Config, table: str, day: dt.date, options: dict | None = Non
 
 
 def _gate_failed(table: str, day: dt.date, res) -> GateFailed:
-    from userformer.jobs.steps import check as C
+    from userformer.jobs.steps import check as check_step
 
     return GateFailed(
         f"{table} check failed for {day}: {', '.join(r.expectation for r in res.failed)} "
-        f"(report: {res.html_path})\n{C.summary(res)}"
+        f"(report: {res.html_path})\n{check_step.summary(res)}"
     )
 
 
 @_step("sequences")
 def sequences(cfg: Config, day: dt.date) -> dict:
     """events[dt=D] -> user_sequences: the rows of the users active on D (one MERGE)."""
-    from userformer.jobs.steps import sequences as Q
+    from userformer.jobs.steps import sequences as sequences_step
 
-    return Q.update(cfg, day)
+    return sequences_step.update(cfg, day)
 
 
 @_step("finetune")
@@ -130,17 +130,19 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
     Nothing published yet: train from scratch as of D (at most pipeline.bootstrap_epochs epochs) and publish it;
     while the warehouse has no events before the validation window this is skipped (the model steps wait).
     """
-    from userformer.jobs.steps import train as TR
+    from userformer.jobs.steps import train as train_step
 
     if skip:
         return {"skipped": "fine-tuning skipped by the run's parameters (skip_finetune)", "candidate": None}
-    if _published_model(cfg) is None:
+    if registry.published(cfg) is None:
         try:
-            res = TR.train(cfg, day=day, epochs=cfg.pipeline.bootstrap_epochs or None, progress=False, log=log.info)
-        except TR.NotEnoughHistory as exc:
+            res = train_step.train(
+                cfg, day=day, epochs=cfg.pipeline.bootstrap_epochs or None, progress=False, log=log.info
+            )
+        except train_step.NotEnoughHistory as exc:
             return {"skipped": f"no published model yet and too little history to train one: {exc}", "candidate": None}
         return {"action": "bootstrap", "candidate": None, **res}
-    res = TR.finetune(cfg, day, promote=False, progress=False, log=log.info)
+    res = train_step.finetune(cfg, day, promote=False, progress=False, log=log.info)
     # A rerun after a repair's restore finds the day's candidate promoted before: the gate publishes it again.
     cand = res.get("version") if res.get("status") in ("candidate", "promoted") else None
     return {"action": "finetune", "candidate": cand, **res}
@@ -149,30 +151,30 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
 @_step("gate")
 def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
     """Promote the day's candidate iff it is not worse than the published model on held-out users of D."""
-    from userformer.jobs.steps import train as TR
+    from userformer.jobs.steps import train as train_step
 
     if not candidate:
-        ptr = _published_model(cfg)
+        ptr = registry.published(cfg)
         return {"skipped": "no candidate to judge", "published": ptr["version"] if ptr else None}
-    return TR.promote_candidate(cfg, day, candidate)
+    return train_step.promote_candidate(cfg, day, candidate)
 
 
 @_step("infer")
 def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int | None = None, *, full: bool = False) -> dict:
     """Embeddings and preference scores of D's changed users (everyone after a model change), one shard."""
-    from userformer.jobs.steps import infer as N
+    from userformer.jobs.steps import infer as infer_step
 
     shards = shards or cfg.infer.shards
-    if _published_model(cfg) is None:
+    if registry.published(cfg) is None:
         return {"skipped": "no published model yet", "shard": shard, "shards": shards}
-    res = N.infer(cfg, day, shard=shard, shards=shards, all_users=full, log=log.info)
+    res = infer_step.infer(cfg, day, shard=shard, shards=shards, all_users=full, log=log.info)
     return {**res, "shard": shard, "shards": shards}
 
 
 def check_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
     """The output checks of D's staged inference (`check outputs`: every shard staged, norms, scores); raises
     GateFailed when they fail. `publish` runs them again before its commits."""
-    if _published_model(cfg) is None:
+    if registry.published(cfg) is None:
         out = {"skipped": "no published model yet"}
         record(cfg, day, "check_outputs", out, 0.0)
         return out
@@ -183,12 +185,12 @@ def check_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
     """Output checks, then one Delta commit per output table (jobs/steps/publish.py); a failed check publishes
     nothing."""
-    from userformer.jobs.steps import publish as P
+    from userformer.jobs.steps import publish as publish_step
 
-    if _published_model(cfg) is None:
+    if registry.published(cfg) is None:
         return {"skipped": "no published model yet"}
     try:
-        return P.publish(cfg, day, shards=shards, log=log.info)
+        return publish_step.publish(cfg, day, shards=shards, log=log.info)
     except UserError as exc:
         if exc.code == 1:  # the output checks failed
             raise GateFailed(str(exc)) from None
@@ -198,11 +200,11 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 @_step("index")
 def index(cfg: Config, day: dt.date) -> dict:
     """FAISS index of item_embeddings; made current only if its recall check passes (jobs/steps/index.py)."""
-    from userformer.jobs.steps import index as X
+    from userformer.jobs.steps import index as index_step
 
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no item_embeddings published yet"}
-    res = X.build_index(cfg, day)
+    res = index_step.build_index(cfg, day)
     m = res.manifest
     out = {
         "status": res.status,
@@ -241,23 +243,44 @@ def check_index(cfg: Config, day: dt.date) -> dict:
 @_step("candidates")
 def candidates(cfg: Config, day: dt.date) -> dict:
     """user_candidates: top-N items from the current index for every user refreshed on D."""
-    from userformer.jobs.steps import candidates as user_candidates
-    from userformer.jobs.steps import index as X
+    from userformer.jobs.steps import candidates as candidates_step
+    from userformer.jobs.steps import index as index_step
 
-    if not delta.exists(cfg.table_path("user_embeddings")) or X.current(cfg) is None:
+    if not delta.exists(cfg.table_path("user_embeddings")) or index_step.current(cfg) is None:
         return {"skipped": "no user_embeddings or index yet"}
-    return user_candidates.candidates(cfg, day)
+    return candidates_step.candidates(cfg, day)
 
 
 @_step("report")
 def report(cfg: Config, day: dt.date) -> dict:
     """The day's HTML report (jobs/steps/report.py): metrics over days, loss, users refreshed, scores, drift, checks."""
-    from userformer.jobs.steps import report as RP
+    from userformer.jobs.steps import report as report_step
 
-    return RP.report(cfg, day)
+    return report_step.report(cfg, day)
 
 
 # --------------------------------------------------------------------- day
+# How `run_day` calls each step of the day's list (jobs/core/ledger.py STEPS, whose order it follows): the step's
+# function with the day's options and the results of the steps before it.
+_RUN = {
+    "ingest": lambda cfg, day, out, **o: ingest(cfg, day),
+    "check_events": lambda cfg, day, out, **o: check(cfg, "events", day),
+    "sequences": lambda cfg, day, out, **o: sequences(cfg, day),
+    "check_user_sequences": lambda cfg, day, out, **o: check(cfg, "user_sequences", day),
+    "finetune": lambda cfg, day, out, **o: finetune(cfg, day, skip=o["skip_finetune"]),
+    "gate": lambda cfg, day, out, **o: gate(cfg, day, out["finetune"].get("candidate")),
+    "infer": lambda cfg, day, out, **o: [
+        infer(cfg, day, i, o["shards"], full=o["full_reembed"]) for i in range(o["shards"])
+    ],
+    "check_outputs": lambda cfg, day, out, **o: check_outputs(cfg, day, o["shards"]),
+    "publish": lambda cfg, day, out, **o: publish(cfg, day, o["shards"]),
+    "index": lambda cfg, day, out, **o: index(cfg, day),
+    "check_index": lambda cfg, day, out, **o: check_index(cfg, day),
+    "candidates": lambda cfg, day, out, **o: candidates(cfg, day),
+    "report": lambda cfg, day, out, **o: report(cfg, day),
+}
+
+
 def run_day(
     cfg: Config, day: dt.date, *, skip_finetune: bool = False, full_reembed: bool = False, shards: int | None = None
 ) -> dict:
@@ -270,18 +293,8 @@ def run_day(
             f"raw drop {day} is not ready: {cfg.raw_events_dir(day)}"
             + (f" has no {marker} marker" if marker else " has no Parquet file")
         )
-    out = {"dt": str(day), "ingest": ingest(cfg, day)}
-    out["check_events"] = check(cfg, "events", day)
-    out["sequences"] = sequences(cfg, day)
-    out["check_user_sequences"] = check(cfg, "user_sequences", day)
-    out["finetune"] = finetune(cfg, day, skip=skip_finetune)
-    out["gate"] = gate(cfg, day, out["finetune"].get("candidate"))
-    out["infer"] = [infer(cfg, day, i, shards, full=full_reembed) for i in range(shards)]
-    out["check_outputs"] = check_outputs(cfg, day, shards)
-    out["publish"] = publish(cfg, day, shards)
-    out["index"] = index(cfg, day)
-    out["check_index"] = check_index(cfg, day)
-    out["candidates"] = candidates(cfg, day)
-    out["report"] = report(cfg, day)
+    out = {"dt": str(day)}
+    for step in STEPS:
+        out[step] = _RUN[step](cfg, day, out, skip_finetune=skip_finetune, full_reembed=full_reembed, shards=shards)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out

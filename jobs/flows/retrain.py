@@ -27,19 +27,18 @@ import json
 import logging
 import time
 
-from userformer.jobs.core import ledger
+from userformer.jobs.core import ledger, registry, stream
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.flows import pipeline
+from userformer.jobs.steps import train
 
 log = logging.getLogger(__name__)
 
 
 def as_of(cfg: Config, day: dt.date | None) -> dt.date:
     """D: the given drop date, or the latest drop user_sequences includes."""
-    from userformer.jobs.core import stream
-
     if day is not None:
         return day
     last = stream.applied_drop(cfg)
@@ -50,9 +49,6 @@ def as_of(cfg: Config, day: dt.date | None) -> dt.date:
 
 def train_window(cfg: Config, day: dt.date, window_days: int, *, epochs: int | None = None) -> dict:
     """Step 1: train from scratch on the last `window_days` days up to D; register the version."""
-    from userformer.jobs.core import registry
-    from userformer.jobs.steps import train
-
     if window_days < 2:
         raise UserError(f"--window-days must be >= 2, got {window_days}")
     t0 = time.perf_counter()
@@ -88,9 +84,6 @@ def better(new: dict, old: dict, metrics: list[str]) -> dict:
 
 def judge(cfg: Config, day: dt.date, version: str) -> dict:
     """Step 2: evaluate `version` and the published model on the same window; publish `version` iff better."""
-    from userformer.jobs.core import registry
-    from userformer.jobs.steps import train
-
     t0 = time.perf_counter()
     man = registry.read_manifest(cfg, version)
     ptr = registry.published(cfg)

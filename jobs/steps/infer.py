@@ -54,11 +54,17 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.core.storage.files import Location
+from userformer.schemas import tables
+
+# The model's modules (models/, jobs/core/stream.py) load torch: the functions that run the model import them, so
+# that the output checks and the report, which import this module for its staging and publish helpers, do not pay
+# torch's import (seconds) in their task processes.
 
 # The published tables, in the order `publish` commits them (jobs/steps/publish.py).
 OUTPUTS = ("user_embeddings", "user_preference_scores", "item_embeddings")
@@ -272,8 +278,6 @@ def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_
     """The staged rows of one chunk: (user_embeddings, user_preference_scores) as Arrow tables."""
     import pyarrow as pa
 
-    from userformer.schemas import tables
-
     n = len(user_ids)
     ue = pa.table(
         {
@@ -332,10 +336,9 @@ def infer(
     import pyarrow.parquet as pq
     import torch
 
-    from userformer.jobs.core import registry, stream
+    from userformer.jobs.core import stream
     from userformer.models import train
     from userformer.models.data import from_sequences_table
-    from userformer.schemas import tables
 
     if shards < 1 or not 0 <= shard < shards:
         raise UserError(f"--shard must be in 0..{shards - 1} (--shards {shards}), got {shard}")

@@ -33,6 +33,7 @@ from userformer.jobs.core import hooks
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta
 from userformer.schemas import tables
 
@@ -381,8 +382,6 @@ def update_items(
 def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     """Ingest the raw drop of `day` (see module doc). Returns counts."""
     from pyspark.sql import functions as F
-
-    from userformer.jobs.core.spark import spark_session
 
     files = inspect_raw_files(cfg.raw_events_dir(day))
     raw_rows = sum(f.rows for f in files)

@@ -51,12 +51,14 @@ import json
 import sys
 import time
 
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core.storage.files import Location, append_line, location, parquet_dataset, write_json
-from userformer.jobs.steps import infer
+from userformer.jobs.steps import check, infer
+from userformer.schemas import tables
 
 KEY = "_replace_user"  # merge key of user_preference_scores' delete+insert
 
@@ -151,8 +153,6 @@ def _as_read(path, schema, read_v: int | None):
 
 
 def _merge_embeddings(cfg: Config, files: list[str], full: bool, meta: dict, read_v: int | None) -> int:
-    from userformer.schemas import tables
-
     path = cfg.table_path("user_embeddings")
     t = _as_read(path, tables.USER_EMBEDDINGS, read_v)
     m = t.merge(
@@ -175,8 +175,6 @@ def _replace_preferences(
 ) -> int:
     """Delete every row of the refreshed users and insert their new rows, in one merge commit."""
     import pyarrow as pa
-
-    from userformer.schemas import tables
 
     path = cfg.table_path("user_preference_scores")
     t = _as_read(path, tables.USER_PREFERENCE_SCORES, read_v)
@@ -210,8 +208,6 @@ def _replace_preferences(
 def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | None) -> int:
     from deltalake import write_deltalake
 
-    from userformer.schemas import tables
-
     path = cfg.table_path("item_embeddings")
     t = _as_read(path, tables.ITEM_EMBEDDINGS, read_v)
     with delta.conflicts(path):
@@ -224,8 +220,7 @@ def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | No
 # -------------------------------------------------------------------- step
 def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
     """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
-    from userformer.jobs.core import registry, stream
-    from userformer.jobs.steps import check
+    from userformer.jobs.core import stream  # torch: not for repair's planning, which reads this module's marker
 
     t0 = time.perf_counter()
     shards = shards or cfg.infer.shards

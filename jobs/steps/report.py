@@ -35,11 +35,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.ledger import STEPS, ledger_dir, read_ledger
 from userformer.jobs.core.storage import delta, files
+from userformer.jobs.steps import index, infer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -167,12 +169,10 @@ def result(ledger: dict, step: str) -> dict | None:
 
 
 def manifest(cfg: Config, version: str | None) -> dict | None:
-    from userformer.jobs.core import registry as R
-
     if not version:
         return None
     try:
-        return R.read_manifest(cfg, version)
+        return registry.read_manifest(cfg, version)
     except UserError:
         return None
 
@@ -503,15 +503,13 @@ def _at_version(cfg: Config, table_name: str, version: int):
         raise NotAvailable(f"{table_name} version {version} cannot be read ({exc})") from None
     if delta.missing_files(path, version):
         raise NotAvailable(f"{table_name} version {version} has been vacuumed (storage.retention_days)")
-    return t.to_pyarrow_dataset()
+    return delta.dataset(t)
 
 
 # ----------------------------------------------------------- 5: drift
 def previous_publish(cfg: Config, table_name: str, day: dt.date) -> dict | None:
     """The last publish commit of `table_name` for a drop before `day` (Delta history, commit metadata dt)."""
-    from userformer.jobs.steps import infer as I
-
-    commits = [h for h in I.publish_commits(cfg, table_name) if h.get("dt") and h["dt"] < str(day)]
+    commits = [h for h in infer.publish_commits(cfg, table_name) if h.get("dt") and h["dt"] < str(day)]
     return commits[-1] if commits else None
 
 
@@ -676,9 +674,6 @@ def section_drift(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
 # ------------------------------------------------------ 6: where things are
 def section_where(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     """Table paths and versions (now, and as published on D), the model and index versions, the folders."""
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.steps import index as X
-
     pub = result(ledger, "publish") or {}
     on_day = pub.get("tables") or {}
     rows = []
@@ -686,8 +681,8 @@ def section_where(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
         path = cfg.table_path(t)
         rows.append([t, Raw(f"<code>{esc(path)}</code>"), delta.version_of(path), on_day.get(t)])
     body = table(["table", "path", "version now", "version published on this day"], rows)
-    ptr = R.published(cfg)
-    cur = X.current(cfg)
+    ptr = registry.published(cfg)
+    cur = index.current(cfg)
     idx = result(ledger, "index") or {}
     things = [
         ["model of this day's publish", pub.get("model_version") or "none"],
@@ -786,14 +781,14 @@ def report(cfg: Config, day: dt.date) -> dict:
     page, sections, facts = render(cfg, day, ledger)
     path = report_path(cfg, day)
     files.replace_atomically(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    index = daily_root(cfg) / "index.html"
+    index_page = daily_root(cfg) / "index.html"
     text = render_index(cfg)
-    files.replace_atomically(index, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    files.replace_atomically(index_page, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     log.info("report dt=%s: %s", day, path)
     metrics = facts.get("metrics", {})
     return {
         "html": str(path),
-        "index": str(index),
+        "index": str(index_page),
         "sections": sections,
         "plots": page.count("<svg"),
         "users_refreshed": metrics.get("users_refreshed", {}).get(str(day)),

@@ -23,6 +23,7 @@ from userformer.jobs.core import hooks, stream
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta
 from userformer.schemas import tables
 
@@ -165,8 +166,6 @@ def _write(df, cfg: Config, n_rows: int, meta: dict) -> int:
 def update(cfg: Config, day: dt.date) -> dict:
     """Merge drop D's events into user_sequences for the users active on D (idempotent: a rerun of D replaces D)."""
     from pyspark.sql import functions as F
-
-    from userformer.jobs.core.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     if not delta.exists(events_path):
@@ -314,8 +313,6 @@ def _drop_ingested(events_path, day) -> bool:
 def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
     """Recompute user_sequences from all of `events` (up to drop `upto`) and replace the table in one commit."""
     from pyspark.sql import functions as F
-
-    from userformer.jobs.core.spark import spark_session
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     if not delta.exists(events_path):

@@ -54,9 +54,13 @@ import time
 import uuid
 from pathlib import Path
 
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config, ModelConfig, TrainConfig
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
+
+# The model's modules (models/, jobs/core/stream.py) load torch: the functions that train or evaluate import them, so
+# that the daily gate (`promote_candidate`, its own task) does not pay torch's import (seconds) in its process.
 
 DAY_S = 86400.0
 
@@ -87,20 +91,20 @@ class Snapshot:
 
 
 def snapshot(cfg: Config, day: dt.date | None, versions: dict | None = None) -> Snapshot:
-    from userformer.jobs.core import stream as ST
+    from userformer.jobs.core import stream
 
     if versions:
         seq_v, d = versions["user_sequences"], day
     else:
-        seq_v, d = ST.sequences_version(cfg, day)
-    cat = ST.warehouse_catalog(cfg, d, versions)
+        seq_v, d = stream.sequences_version(cfg, day)
+    cat = stream.warehouse_catalog(cfg, d, versions)
     return Snapshot(d, cfg.table_path("user_sequences"), {"user_sequences": seq_v, **cat.versions}, cat.catalog)
 
 
 def _bucket(table, salt: str):
-    from userformer.jobs.core.stream import user_buckets
+    from userformer.jobs.core import stream
 
-    return user_buckets(table["user_id"].to_pylist(), salt)
+    return stream.user_buckets(table["user_id"].to_pylist(), salt)
 
 
 def _dataclass(cls, values: dict, where: str):
@@ -161,9 +165,8 @@ def train(
     """
     import torch
 
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.core import stream as ST
-    from userformer.models import train as T
+    from userformer.jobs.core import stream
+    from userformer.models import train as training
 
     t0 = time.perf_counter()
     state = None
@@ -194,7 +197,7 @@ def train(
         run = {
             "run_id": run_id,
             "status": "running",
-            "created_at": R.now_iso(),
+            "created_at": registry.now_iso(),
             "data": snap.record(cfg),
             "publish": publish,
             "max_users": max_users,
@@ -204,10 +207,10 @@ def train(
     if epochs:
         tcfg.epochs = epochs
     run["train_config"] = dataclasses.asdict(tcfg)
-    R.write_json(run_dir / "run.json", run)
+    registry.write_json(run_dir / "run.json", run)
 
     cat = snap.catalog
-    T_ref = ST.day_end(snap.day)
+    T_ref = stream.day_end(snap.day)
     horizon = tcfg.eval_horizon_days * DAY_S
     split = T_ref - horizon
     t_min = None
@@ -218,13 +221,13 @@ def train(
                 f"validation window (train.eval_horizon_days={tcfg.eval_horizon_days})"
             )
         t_min = T_ref - window_days * DAY_S
-    source = ST.DeltaSequences(
+    source = stream.DeltaSequences(
         snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split, t_min=t_min
     )
     if max_users:
         frac = max_users / max(source.n_rows, 1)
         source.select = lambda t: _bucket(t, "max-users") < frac
-    valid = ST.WindowUsers(
+    valid = stream.WindowUsers(
         split,
         T_ref,
         tcfg.max_eval_users,
@@ -234,34 +237,34 @@ def train(
     source.summarise(cat.n_items, (valid,))
     if not source.n_sequences:
         raise NotEnoughHistory(
-            f"no user has 2+ events before {ST.iso(split)}"
-            + (f" (from {ST.iso(t_min)})" if t_min is not None else "")
+            f"no user has 2+ events before {stream.iso(split)}"
+            + (f" (from {stream.iso(t_min)})" if t_min is not None else "")
             + f" in user_sequences as of {snap.day} "
             f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first"
         )
     valid_ev = valid.result()
     if not len(valid_ev.targets):
         log(
-            f"warning: no validation users with item events in [{ST.iso(split)}, {ST.iso(T_ref)}): "
+            f"warning: no validation users with item events in [{stream.iso(split)}, {stream.iso(T_ref)}): "
             "no early stopping, the last epoch is kept"
         )
     log(
-        f"train as of {snap.day}: {source.n_sequences} sequences of {source.n_users} users before {ST.iso(split)}, "
+        f"train as of {snap.day}: {source.n_sequences} sequences of {source.n_users} users before {stream.iso(split)}, "
         f"{len(valid_ev.targets)} validation users (of {valid.total} in the window), {cat.n_items} items; "
         f"run {run['run_id']}"
     )
     protocol = {
-        "reference_time": ST.iso(T_ref),
-        "split_time": ST.iso(split),
-        "trained_until": ST.iso(split),
+        "reference_time": stream.iso(T_ref),
+        "split_time": stream.iso(split),
+        "trained_until": stream.iso(split),
         "trained_until_ts": split,
         "eval_horizon_days": tcfg.eval_horizon_days,
         "valid_user_fraction": tcfg.valid_user_fraction,
-        "trained_from": ST.iso(t_min) if t_min is not None else None,
+        "trained_from": stream.iso(t_min) if t_min is not None else None,
         "window_days": window_days,
     }
     extra = {"data": snap.record(cfg), "protocol": protocol, "run_id": run["run_id"], "parent": None}
-    model, hist = T.fit(
+    model, hist = training.fit(
         mcfg,
         tcfg,
         source,
@@ -275,7 +278,7 @@ def train(
         extra=extra,
     )
 
-    device = T.pick_device(tcfg.device)
+    device = training.pick_device(tcfg.device)
     metrics = {
         "best_epoch": hist["best_epoch"],
         "epochs": hist["epochs"],
@@ -285,20 +288,20 @@ def train(
         "valid_users": len(valid_ev.targets),
     }
     if len(valid_ev.targets):
-        metrics["valid"] = T.evaluate(model, valid_ev, cat, device, tcfg)
-        metrics["valid_most_popular"] = ST.evaluate_counts(source.item_counts(cat.n_items), valid_ev, cat)
-    ck = T.checkpoint(
+        metrics["valid"] = training.evaluate(model, valid_ev, cat, device, tcfg)
+        metrics["valid_most_popular"] = stream.evaluate_counts(source.item_counts(cat.n_items), valid_ev, cat)
+    ck = training.checkpoint(
         model,
         tcfg,
         hist["best_epoch"] or hist["epochs"],
         metrics,
         {**extra, "history": hist["history"], "parameters": model.n_parameters()},
     )
-    version = R.register(cfg, ck, kind="train", day=snap.day)
-    ptr = R.published(cfg)
+    version = registry.register(cfg, ck, kind="train", day=snap.day)
+    ptr = registry.published(cfg)
     published = publish or ptr is None
     if published:
-        R.publish(cfg, version, "userformer train --publish" if publish else "first model of this registry")
+        registry.publish(cfg, version, "userformer train --publish" if publish else "first model of this registry")
     summary = {
         "version": version,
         "published": published,
@@ -313,8 +316,8 @@ def train(
         "valid_most_popular": _summary_metrics(metrics.get("valid_most_popular", {})),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    run.update(status="finished", finished_at=R.now_iso(), summary=summary)
-    R.write_json(run_dir / "run.json", run)
+    run.update(status="finished", finished_at=registry.now_iso(), summary=summary)
+    registry.write_json(run_dir / "run.json", run)
     for f in ("last.pt", "best.pt"):  # the registry holds the result; the resumable state is no longer needed
         (run_dir / f).unlink(missing_ok=True)
     return summary
@@ -363,19 +366,18 @@ def finetune(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.core import stream as ST
-    from userformer.models import train as T
+    from userformer.jobs.core import stream
+    from userformer.models import train as training
 
     t0 = time.perf_counter()
     ft = cfg.finetune
-    ptr = R.published(cfg)
+    ptr = registry.published(cfg)
     if ptr is None:
         raise UserError(
             f"no published model under {cfg.models_root}: run `userformer train` first "
             "(finetune warm-starts from the published version)"
         )
-    state = ST.drop_state(cfg, day)
+    state = stream.drop_state(cfg, day)
     base = {"dt": str(day), "published": ptr["version"], "trained": False, "promoted": False}
     if state == "ingested":
         raise UserError(f"user_sequences does not include drop {day} yet: run `userformer sequences --dt {day}` first")
@@ -383,15 +385,15 @@ def finetune(
         raise UserError(f"no sequences for {day}: drop {day} was not ingested (`userformer run-day --dt {day}`)")
     if state == "empty":
         return {**base, "reason": f"drop {day} has no events: nothing to fine-tune, nothing promoted"}
-    pub_path = R.version_dir(cfg, ptr["version"]) / "model.pt"
-    published, pub_ck = R.load(cfg, ptr["version"])
-    start, end = ST.day_start(day), ST.day_end(day)
+    pub_path = registry.version_dir(cfg, ptr["version"]) / "model.pt"
+    published, pub_ck = registry.load(cfg, ptr["version"])
+    start, end = stream.day_start(day), stream.day_end(day)
     until = (pub_ck.get("protocol") or {}).get("trained_until_ts")
     if until is not None and until >= end:
         return {
             **base,
             "reason": f"the published version {ptr['version']} was already trained on events up to "
-            f"{ST.iso(until)}: nothing new in drop {day}",
+            f"{stream.iso(until)}: nothing new in drop {day}",
         }
     snap = snapshot(cfg, day)
     prior = _prior_candidate(cfg, day, ptr["version"], snap.record(cfg))
@@ -412,7 +414,7 @@ def finetune(
             res.update(promote_candidate(cfg, day, prior["version"]))
         return res
     cat = snap.catalog
-    grow_report = R.fit_to_catalog(published, cat, str(pub_path))  # in place: `published` is now grown
+    grow_report = registry.fit_to_catalog(published, cat, str(pub_path))  # in place: `published` is now grown
     grown = published
 
     tc = _dataclass(TrainConfig, pub_ck["train_config"], f"{pub_path} train_config")
@@ -446,14 +448,14 @@ def finetune(
         counts["active_users"] += int(a.sum())
         counts["holdout_users"] += int((a & held(t)).sum())
 
-    gate_users = ST.WindowUsers(
+    gate_users = stream.WindowUsers(
         start, end, cfg.train.max_eval_users, salt=SAMPLE_SALT, keep=lambda t: active(t) & held(t)
     )
-    census = ST.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users)
+    census = stream.DeltaSequences(snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users)
     census.summarise(cat.n_items, (count, gate_users))
     if counts["active_users"] == 0:
         return {**base, "reason": f"no user was active on {day}: nothing to fine-tune, nothing promoted"}
-    source = ST.DeltaSequences(
+    source = stream.DeltaSequences(
         snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=end, select=train_rows
     ).summarise(cat.n_items)
     gate_ev = gate_users.result()
@@ -470,24 +472,24 @@ def finetune(
     if not source.n_sequences:
         return {**base, **info, "reason": f"no training sequences on {day} once the held-out users are out"}
 
-    device = T.pick_device(tcfg.device)
+    device = training.pick_device(tcfg.device)
     grown.to(device)
-    pub_m = T.evaluate(grown, gate_ev, cat, device, tcfg)
-    stale_users = T.embed_users(grown, gate_ev.history, grown.cfg.max_len, device, tcfg, ref_ts=gate_ev.ref_ts)
+    pub_m = training.evaluate(grown, gate_ev, cat, device, tcfg)
+    stale_users = training.embed_users(grown, gate_ev.history, grown.cfg.max_len, device, tcfg, ref_ts=gate_ev.ref_ts)
     protocol = {
-        "reference_time": ST.iso(end),
-        "trained_until": ST.iso(end),
+        "reference_time": stream.iso(end),
+        "trained_until": stream.iso(end),
         "trained_until_ts": end,
-        "gate_window": [ST.iso(start), ST.iso(end)],
+        "gate_window": [stream.iso(start), stream.iso(end)],
         "parent_trained_until": until,
     }
     extra = {"data": snap.record(cfg), "protocol": protocol, "parent": ptr["version"], "finetune": info}
-    candidate, hist = T.fit(
+    candidate, hist = training.fit(
         grown.cfg, tcfg, source, None, cat, progress=progress, log=log, model=copy.deepcopy(grown), extra=extra
     )
-    cand_m = T.evaluate(candidate, gate_ev, cat, device, tcfg)
-    stale_m = ST.evaluate_embeddings(stale_users, candidate.item_tower.all_items(), gate_ev, cat)
-    pop_m = ST.evaluate_counts(source.item_counts(cat.n_items), gate_ev, cat)
+    cand_m = training.evaluate(candidate, gate_ev, cat, device, tcfg)
+    stale_m = stream.evaluate_embeddings(stale_users, candidate.item_tower.all_items(), gate_ev, cat)
+    pop_m = stream.evaluate_counts(source.item_counts(cat.n_items), gate_ev, cat)
     decision = gate(cand_m, pub_m, ft.gate_metrics, ft.max_quality_drop, len(gate_ev.targets), ft.min_holdout_users)
     stale = {
         "users": len(gate_ev.targets),
@@ -496,14 +498,14 @@ def finetune(
         "fresh_minus_stale": {k: cand_m.get(k, 0.0) - stale_m.get(k, 0.0) for k in ("recall@10", "ndcg@10", "hr@10")},
         "what": "held-out users of the day: the published model's user embeddings (history before the day) "
         "against the candidate's item vectors, vs the candidate's own fresh embeddings of them",
-        "rule": R.REEMBED_RULE,
+        "rule": registry.REEMBED_RULE,
     }
     metrics = {
         "gate": {"candidate": cand_m, "published": pub_m, "most_popular": pop_m},
         "train_seconds": hist["train_seconds"],
         "epochs": hist["epochs"],
     }
-    ck = T.checkpoint(
+    ck = training.checkpoint(
         candidate,
         tcfg,
         hist["epochs"],
@@ -518,9 +520,9 @@ def finetune(
         },
     )
     status = ("promoted" if decision["promote"] else "rejected") if promote else "candidate"
-    version = R.register(cfg, ck, kind="finetune", day=day, status=status)
+    version = registry.register(cfg, ck, kind="finetune", day=day, status=status)
     if promote and decision["promote"]:
-        R.publish(cfg, version, f"finetune dt={day} over {ptr['version']}: gate {decision['reason']}")
+        registry.publish(cfg, version, f"finetune dt={day} over {ptr['version']}: gate {decision['reason']}")
     return {
         **base,
         "trained": True,
@@ -540,9 +542,7 @@ def finetune(
 
 def _prior_candidate(cfg: Config, day: dt.date, parent: str, data: dict) -> dict | None:
     """A fine-tuned version of `parent` on drop `day` from the same Delta versions, if one is registered."""
-    from userformer.jobs.core import registry as R
-
-    for man in reversed(R.list_versions(cfg)):
+    for man in reversed(registry.list_versions(cfg)):
         if (
             man.get("kind") == "finetune"
             and man.get("dt") == str(day)
@@ -562,10 +562,8 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
     an older model is not comparable and is rejected. Idempotent: a judged candidate keeps its verdict (a promoted
     one is published again when the published model is back at its parent, as after a repair's restore).
     """
-    from userformer.jobs.core import registry as R
-
-    man = R.read_manifest(cfg, version)
-    ptr = R.published(cfg)
+    man = registry.read_manifest(cfg, version)
+    ptr = registry.published(cfg)
     if man.get("kind") != "finetune" or man.get("dt") != str(day):
         raise UserError(
             f"{version} is not a fine-tuned candidate of drop {day} (kind {man.get('kind')}, dt {man.get('dt')})"
@@ -573,7 +571,7 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
     if man["status"] == "promoted" and ptr is not None and ptr["version"] == man.get("parent"):
         # The published model went back to this candidate's parent (a repair restored it): the same candidate
         # of the same data passed this gate before, so it is published again rather than retrained.
-        ptr = R.publish(
+        ptr = registry.publish(
             cfg,
             version,
             f"finetune dt={day} over {man['parent']}: promoted before, published again "
@@ -614,9 +612,9 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
             ft.min_holdout_users,
         )
     status = "promoted" if decision["promote"] else "rejected"
-    R.set_status(cfg, version, status, decision)
+    registry.set_status(cfg, version, status, decision)
     if decision["promote"]:
-        ptr = R.publish(cfg, version, f"finetune dt={day} over {man['parent']}: gate {decision['reason']}")
+        ptr = registry.publish(cfg, version, f"finetune dt={day} over {man['parent']}: gate {decision['reason']}")
     return {
         "version": version,
         "status": status,
@@ -632,58 +630,57 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
     """Evaluate a registered model (default: the published one) on the window ending with drop `day` (module doc)."""
     import torch
 
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.core import stream as ST
-    from userformer.models import train as T
+    from userformer.jobs.core import stream
+    from userformer.models import train as training
 
     t0 = time.perf_counter()
     if version is None:
-        ptr = R.published(cfg)
+        ptr = registry.published(cfg)
         if ptr is None:
             raise UserError(f"no published model under {cfg.models_root}: pass --version or run `userformer train`")
         version = ptr["version"]
-    model, ck = R.load(cfg, version)
+    model, ck = registry.load(cfg, version)
     snap = snapshot(cfg, day)
     cat = snap.catalog
-    grow_report = R.fit_to_catalog(model, cat, str(R.version_dir(cfg, version) / "model.pt"))
+    grow_report = registry.fit_to_catalog(model, cat, str(registry.version_dir(cfg, version) / "model.pt"))
     tcfg = cfg.train
     torch.set_num_threads(tcfg.num_threads)
-    end = ST.day_end(snap.day)
+    end = stream.day_end(snap.day)
     start = end - tcfg.eval_horizon_days * DAY_S
-    window = ST.WindowUsers(
+    window = stream.WindowUsers(
         start,
         end,
         tcfg.max_eval_users,
         salt=SAMPLE_SALT,
         keep=lambda t: _bucket(t, VALID_SALT) >= tcfg.valid_user_fraction,
     )
-    history = ST.DeltaSequences(
+    history = stream.DeltaSequences(
         snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=start, min_len=1
     ).summarise(cat.n_items, (window,))
     ev = window.result()
     if not len(ev.targets):
         raise UserError(
-            f"no users with item events in [{ST.iso(start)}, {ST.iso(end)}) as of {snap.day} "
+            f"no users with item events in [{stream.iso(start)}, {stream.iso(end)}) as of {snap.day} "
             f"(train.eval_horizon_days={tcfg.eval_horizon_days}): nothing to evaluate"
         )
-    device = T.pick_device(tcfg.device)
+    device = training.pick_device(tcfg.device)
     model.to(device)
-    m = T.evaluate(model, ev, cat, device, tcfg)
-    pop = ST.evaluate_counts(history.item_counts(cat.n_items), ev, cat)
+    m = training.evaluate(model, ev, cat, device, tcfg)
+    pop = stream.evaluate_counts(history.item_counts(cat.n_items), ev, cat)
     until = (ck.get("protocol") or {}).get("trained_until_ts")
     report = {
         "version": version,
         "kind": ck.get("kind"),
         "dt": str(snap.day),
-        "created_at": R.now_iso(),
+        "created_at": registry.now_iso(),
         "protocol": {
-            "window": [ST.iso(start), ST.iso(end)],
-            "embedded_at": ST.iso(start),
+            "window": [stream.iso(start), stream.iso(end)],
+            "embedded_at": stream.iso(start),
             "horizon_days": tcfg.eval_horizon_days,
             "ranking": "full catalogue",
             "users": f"users with item events in the window, the {1 - tcfg.valid_user_fraction:.0%} "
             "hash share validation never sees; cold users (no history) included",
-            "model_trained_until": ST.iso(until) if until is not None else None,
+            "model_trained_until": stream.iso(until) if until is not None else None,
             "window_overlaps_training": bool(until is not None and until > start + 1e-6),
         },
         "users": len(ev.targets),
@@ -696,7 +693,7 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
         "seconds": round(time.perf_counter() - t0, 1),
     }
     path = cfg.reports_root / "models" / version / f"evaluate-dt={snap.day}.json"
-    R.write_json(path, report)
+    registry.write_json(path, report)
     report["path"] = str(path)
     out(format_report(report))
     return report

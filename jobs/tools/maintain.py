@@ -24,6 +24,7 @@ import logging
 import time
 
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta, files
 from userformer.schemas.tables import SPARK_TABLES, TABLES
 
@@ -43,8 +44,6 @@ def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None
         t = delta.open_table(path)
         if name in SPARK_TABLES or delta.has_deletion_vectors(t):
             if spark is None:
-                from userformer.jobs.core.spark import spark_session
-
                 spark = spark_session(cfg)
             out["tables"][name] = _spark_maintain(spark, path, hours, dry_run)
             continue

@@ -13,7 +13,7 @@ healthy and the project's DAGs are parsed:
 - the inference pool ``pipeline.gpu_pool`` created with ``pipeline.gpu_pool_slots`` slots (if missing).
 
 The handle has ``.url``, ``.username``, ``.password``, ``.pid``, ``.log_path`` and REST helpers (token from
-``POST /auth/token``): `unpause`, `backfill` (``POST /api/v2/backfills``), `trigger`, `dag_runs`, `task_instances`,
+``POST /auth/token``): `unpause`, `backfill` (``POST /api/v2/backfills``), `dag_runs`, `task_instances`,
 `wait_runs`; `stop()` sends SIGINT to the standalone parent (it stops its parts and waits for them; SIGTERM would
 orphan them), waits, and only then ends what is left of its own process group. Usable as a context manager.
 
@@ -265,11 +265,6 @@ class Airflow:
             if time.monotonic() > deadline:
                 raise AirflowError(f"Airflow POST /backfills: HTTP 409: {res['detail'][:2000]}")
             time.sleep(2.0)
-
-    def trigger(self, dag_id: str, *, logical_date: dt.date | None = None, conf: dict | None = None) -> dict:
-        """``POST /api/v2/dags/{dag_id}/dagRuns`` (a manual run; `logical_date` None = a run without one)."""
-        body = {"logical_date": _midnight(logical_date) if logical_date else None, "conf": conf or {}}
-        return self.api("POST", f"/dags/{dag_id}/dagRuns", body)
 
     def dag_runs(self, dag_id: str, **query) -> list[dict]:
         q = {"limit": 100, "order_by": "logical_date", **query}
@@ -547,21 +542,21 @@ def standalone_main() -> None:
     # A parent started in the background by a non-interactive shell hands down SIGINT ignored; standalone stops
     # its parts on KeyboardInterrupt, so SIGINT must raise it here whatever the parent did.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from airflow.cli.commands import standalone_command as S
+    from airflow.cli.commands import standalone_command
     from airflow.configuration import write_default_airflow_configuration_if_needed
 
     # As the `airflow` executable does first: airflow.cfg (with its generated JWT and API secrets) exists before
     # any part starts, so that they all sign and check tokens with the same key.
     write_default_airflow_configuration_if_needed()
-    base_init = S.SubCommand.__init__
+    base_init = standalone_command.SubCommand.__init__
 
     def init(self, parent, name, command, env):
         if name in ("scheduler", "triggerer"):
             command = [*command, "--skip-serve-logs"]
         base_init(self, parent, name, command, env)
 
-    S.SubCommand.__init__ = init
-    S.StandaloneCommand().run()
+    standalone_command.SubCommand.__init__ = init
+    standalone_command.StandaloneCommand().run()
 
 
 if __name__ == "__main__":

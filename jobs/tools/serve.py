@@ -35,7 +35,8 @@ from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import candidates
-from userformer.jobs.steps import index as ix
+from userformer.jobs.steps import index as index_step
+from userformer.schemas.tables import USER_EMBEDDINGS
 
 EMBEDDING_COLUMNS = ["user_id", "embedding", "model_version", "as_of"]
 
@@ -60,14 +61,14 @@ class Recommender:
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg or load_config()
-        self._index: ix.ItemIndex | None = None
+        self._index: index_step.ItemIndex | None = None
         self._users = None
 
     # ---------------------------------------------------------------- sources
     @property
-    def index(self) -> ix.ItemIndex:
+    def index(self) -> index_step.ItemIndex:
         if self._index is None:
-            self._index = ix.open_current(self.cfg)
+            self._index = index_step.open_current(self.cfg)
         return self._index
 
     def _user_table(self):
@@ -89,7 +90,7 @@ class Recommender:
                     return str(v)
         except Exception:  # pragma: no cover - stats are an optimisation
             pass
-        v = pc.max(t.to_pyarrow_dataset().to_table(columns=["as_of"])["as_of"]).as_py()
+        v = pc.max(delta.dataset(t).to_table(columns=["as_of"])["as_of"]).as_py()
         return str(v) if v is not None else "never: the table is empty"
 
     def _unknown_user(self, user_id: str) -> UnknownId:
@@ -104,11 +105,11 @@ class Recommender:
         missing="error": an unknown id raises UnknownId (exit 3); "skip": unknown ids are left out.
         """
         ids = list(dict.fromkeys(str(u) for u in user_ids))
-        schema = pa.schema([f for f in _schema() if f.name in EMBEDDING_COLUMNS])
+        schema = pa.schema([f for f in USER_EMBEDDINGS if f.name in EMBEDDING_COLUMNS])
         if not ids:
             return schema.empty_table()
-        ds = self._user_table().to_pyarrow_dataset()
-        t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=ix.str_in("user_id", ids))
+        ds = delta.dataset(self._user_table())
+        t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=index_step.str_in("user_id", ids))
         pos = {u: i for i, u in enumerate(t["user_id"].to_pylist())}
         lost = [u for u in ids if u not in pos]
         if lost and missing == "error":
@@ -122,7 +123,7 @@ class Recommender:
     def user_vector(self, user_id: str) -> tuple[np.ndarray, dict]:
         t = self.embeddings([user_id])
         row = {c: t[c][0].as_py() for c in ("user_id", "model_version", "as_of")}
-        return ix.vectors_of(t["embedding"])[0], row
+        return index_step.vectors_of(t["embedding"])[0], row
 
     def purchased(self, user_id: str) -> set[int]:
         return candidates.purchased_items(self.cfg, [user_id]).get(user_id, set())
@@ -168,12 +169,6 @@ def _k(k: int) -> int:
     return k
 
 
-def _schema() -> pa.Schema:
-    from userformer.schemas.tables import USER_EMBEDDINGS
-
-    return USER_EMBEDDINGS
-
-
 # --------------------------------------------------------------------- output
 def _embedding_text(vec) -> str:
     return "[" + ",".join(str(np.float32(v)) if np.isfinite(v) else "null" for v in vec) + "]"
@@ -188,7 +183,7 @@ def write_embeddings(t: pa.Table, fmt: str, out) -> None:
         pq.write_table(t, buf)
         out.write(buf.getvalue())
         return
-    vecs = ix.vectors_of(t["embedding"]) if t.num_rows else np.zeros((0, 0), np.float32)
+    vecs = index_step.vectors_of(t["embedding"]) if t.num_rows else np.zeros((0, 0), np.float32)
     users, mvs, dts = t["user_id"].to_pylist(), t["model_version"].to_pylist(), t["as_of"].to_pylist()
     if fmt == "jsonl":
         for u, v, m, d in zip(users, vecs, mvs, dts):

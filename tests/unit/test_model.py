@@ -13,7 +13,7 @@ from userformer.jobs.core.config import ModelConfig, TrainConfig
 from userformer.models import data as D
 from userformer.models import losses as LS
 from userformer.models.heads import TaskReadout
-from userformer.models.metrics import entropy, evaluate_scores
+from userformer.models.metrics import RankingAccumulator, entropies
 from userformer.models.model import UserFormer
 from userformer.models.train import batch_loss, evaluate, fit
 
@@ -344,6 +344,13 @@ def test_head_losses_are_present(data):
 
 
 # ------------------------------------------------------------ metrics
+def ranking(scores, targets, n_items, cat=None, target_sets=None, k=10, k_div=50) -> dict:
+    """The metrics of one (U, n_items + 1) score matrix (column 0 = padding)."""
+    acc = RankingAccumulator(n_items, cat, k, k_div)
+    acc.add(scores, torch.tensor(targets), target_sets)
+    return acc.result()
+
+
 def test_metrics_against_hand_values():
     # 3 users, 5 items (+ padding column 0 that must never count)
     scores = torch.tensor(
@@ -354,15 +361,15 @@ def test_metrics_against_hand_values():
         ]
     )
     cat = np.array([0, 1, 1, 2, 2, 0])  # item 5 has an unknown category
-    m = evaluate_scores(scores, [1, 3, 1], 5, cat, k=3, k_div=4)
+    m = ranking(scores, [1, 3, 1], 5, cat, k=3, k_div=4)
     assert m["hr@3"] == pytest.approx(2 / 3)
     assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
     assert m["coverage@3"] == pytest.approx(5 / 5)  # top 3s: {1,2,3} and {5,4,3}
     # top 4: users 1-2 items 1..4 -> cats 1,1,2,2 -> ln 2; user 3 items 5,4,3,2 -> cats 2,2,1 -> H(2/3, 1/3)
     h3 = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
     assert m["entropy@4"] == pytest.approx((2 * math.log(2) + h3) / 3)
-    assert entropy(np.array([0, 0])) == 0.0
-    m10 = evaluate_scores(scores, [1, 3, 1], 5, cat, target_sets=[np.array([1, 2]), np.array([3]), np.array([1])])
+    assert entropies(np.array([[0, 0]])).tolist() == [0.0]
+    m10 = ranking(scores, [1, 3, 1], 5, cat, target_sets=[np.array([1, 2]), np.array([3]), np.array([1])])
     assert (
         m10["hr@10"] == 1.0
         and m10["recall@10"] == 1.0
@@ -478,9 +485,7 @@ def test_history_exclusion_removes_seen_items_from_the_ranking():
     rows, items = history_pairs(replace(ev, exclude_history=True), 0, 10)
     assert rows.tolist() == [0, 0] and items.tolist() == [1, 2]
     scores = torch.tensor([[0.0, 4.0, 3.0, 2.0, 1.0]])
-    kept = evaluate_scores(scores.clone(), [3], 4, k=1, k_div=1)
-    from userformer.models.metrics import RankingAccumulator
-
+    kept = ranking(scores.clone(), [3], 4, k=1, k_div=1)
     acc = RankingAccumulator(4, None, k=1, k_div=1)
     acc.add(scores.clone(), torch.tensor([3]), exclude=(rows, items))
     assert kept["hr@1"] == 0.0 and acc.result()["hr@1"] == 1.0  # the target moves to the top once 1, 2 are out

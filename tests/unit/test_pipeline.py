@@ -48,3 +48,8 @@ def test_the_ledger_keeps_the_latest_result_of_each_step(cfg):
     assert set(led) == {"ingest", "infer-0-of-2"}
     assert led["ingest"]["result"] == {"accepted": 2} and led["ingest"]["seconds"] == 0.7
     assert led["ingest"]["dt"] == str(D) and ledger.read_ledger(cfg, D + dt.timedelta(days=1)) == {}
+
+
+def test_run_day_runs_the_declared_step_list():
+    # run_day follows ledger.STEPS; each step there has exactly one call in the pipeline, in the same order.
+    assert list(pipeline._RUN) == ledger.STEPS

@@ -31,14 +31,18 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pds
 
 
 class StorageError(RuntimeError):
@@ -106,6 +110,22 @@ def version_of(path: str | Path) -> int | None:
 
 def has_deletion_vectors(table: DeltaTable) -> bool:
     return "deletionVectors" in (table.protocol().reader_features or [])
+
+
+def dataset(table: DeltaTable) -> pds.Dataset:
+    """delta-rs's pyarrow dataset of `table` (no deletion vectors), a local table's files read by Arrow's own
+    filesystem.
+
+    By default delta-rs reads through a filesystem written in Python: Arrow's worker threads then hold Python file
+    objects and may release the last of them after a read has returned. In a process that exits meanwhile, the
+    worker cannot take the GIL of the finalizing interpreter and the process aborts ("terminate called without an
+    active exception"). Arrow's local filesystem holds no Python objects; a table in an object store keeps
+    delta-rs's handler."""
+    root = table.table_uri
+    if not root.startswith("file://") and "://" in root:
+        return table.to_pyarrow_dataset()
+    local = urllib.parse.unquote(urllib.parse.urlparse(root).path) if root.startswith("file://") else root
+    return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(local, pafs.LocalFileSystem()))
 
 
 def ensure_table(path: str | Path, schema: pa.Schema, partition_by: list[str] | None = None) -> DeltaTable:
@@ -225,7 +245,7 @@ class Snapshot:
         schema = t.schema().to_arrow()
         self.schema = schema if isinstance(schema, pa.Schema) else pa.schema(schema)
         self.deletion_vectors = has_deletion_vectors(t)
-        self._ds = None if self.deletion_vectors else t.to_pyarrow_dataset()
+        self._ds = None if self.deletion_vectors else dataset(t)
         self._files = data_files(path, self.version) if self.deletion_vectors else None
 
     def scan(self, columns: list[str] | None = None, filter=None, batch_size: int = 65_536) -> Iterator[pa.Table]:
@@ -293,7 +313,6 @@ def _row_groups(f: DataFile, n: int, filter, schema: pa.Schema) -> list[int]:
         return list(range(n))
     try:
         import pyarrow.dataset as pds
-        import pyarrow.fs as pafs
 
         fs, p = pafs.FileSystem.from_uri(f.path) if "://" in f.path else (pafs.LocalFileSystem(), f.path)
         part = pc.scalar(True)
