@@ -62,11 +62,17 @@ import time
 import uuid
 from pathlib import Path
 
+from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.errors import GateFailed, UserError
+from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta, files
-from userformer.schemas import tables as S
+from userformer.jobs.flows import pipeline
+from userformer.jobs.steps import index as index_step
+from userformer.jobs.steps import infer as infer_step
+from userformer.jobs.steps import publish as publish_step
+from userformer.schemas import tables as schema
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +158,7 @@ def ledger_days(cfg: Config) -> list[dt.date]:
 def latest_processed(cfg: Config) -> dt.date | None:
     """The latest drop the warehouse holds anything of: a table commit (lineage) naming it, or a day ledger."""
     days = list(ledger_days(cfg))
-    for name in S.TABLES:
+    for name in schema.TABLES:
         path = cfg.table_path(name)
         if delta.exists(path):
             days += [d for h in delta.lineage(path) if (d := _commit_day(h))]
@@ -220,9 +226,8 @@ def table_target(cfg: Config, name: str, from_dt: dt.date) -> dict:
 
 def registry_target(cfg: Config, from_dt: dt.date) -> dict:
     """The PUBLISHED pointer before from_dt, replayed from publish_log.jsonl (module doc)."""
-    from userformer.jobs.core import registry as R
 
-    models = R.store(cfg)
+    models = registry.store(cfg)
     cur = models.pointer()
     target, warnings = None, []
     for e in models.log():
@@ -259,9 +264,8 @@ def registry_target(cfg: Config, from_dt: dt.date) -> dict:
 
 def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
     """The index CURRENT for the restored model: the newest accepted index of it built before from_dt."""
-    from userformer.jobs.steps import index as X
 
-    indexes = X.store(cfg)
+    indexes = index_step.store(cfg)
     ptr = indexes.pointer()
     cur = ptr["version"] if ptr else None
     if model is None:
@@ -277,7 +281,7 @@ def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
             and m.get("model_version") == model
             and m.get("as_of")
             and dt.date.fromisoformat(m["as_of"]) < from_dt
-            and (indexes.path(v) / X.INDEX_FILE).is_file()
+            and (indexes.path(v) / index_step.INDEX_FILE).is_file()
         ):
             best = v
     if best is None:
@@ -292,10 +296,9 @@ def index_target(cfg: Config, from_dt: dt.date, model: str | None) -> dict:
 
 def marker_target(cfg: Config, from_dt: dt.date) -> dict:
     """The publish marker before from_dt: the last record of _published/log.jsonl of a drop before it."""
-    from userformer.jobs.steps import publish as P
 
-    cur = P.published_outputs(cfg)
-    logf = P.marker_path(cfg).with_name("log.jsonl")
+    cur = publish_step.published_outputs(cfg)
+    logf = publish_step.marker_path(cfg).with_name("log.jsonl")
     target = None
     for line in logf.read_text().splitlines() if logf.is_file() else []:
         try:
@@ -330,7 +333,6 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
             f"{from_dt} and re-running only up to {to_dt} would leave drops {to_dt + dt.timedelta(days=1)}.."
             f"{latest} out of the tables while the daily run carries on after them. Pass --to {latest} (or later)"
         )
-    from userformer.jobs.flows import pipeline
 
     days = date_range(from_dt, (to_dt - from_dt).days + 1)
     not_ready = [str(d) for d in days if not pipeline.raw_ready(cfg, d)]
@@ -340,7 +342,7 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
             + (f" has no {cfg.pipeline.ready_marker} marker" if cfg.pipeline.ready_marker else "")
             + "): fix the raw data first; nothing was changed"
         )
-    tables = {name: table_target(cfg, name, from_dt) for name in S.TABLES}
+    tables = {name: table_target(cfg, name, from_dt) for name in schema.TABLES}
     reg = registry_target(cfg, from_dt)
     idx = index_target(cfg, from_dt, reg["target"])
     return {
@@ -359,9 +361,8 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
 
 
 def _staged_days(cfg: Config) -> list[files.Location]:
-    from userformer.jobs.steps import infer as I
 
-    root = I.staging_root(cfg)
+    root = infer_step.staging_root(cfg)
     return sorted(root.glob("dt=*")) if root.is_dir() else []
 
 
@@ -378,25 +379,19 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
     failure part way does exactly what is left."""
     from deltalake import CommitProperties
 
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.steps import index as X
-    from userformer.jobs.steps import publish as P
-
     extra = {"repair": {"id": repair_id, "mode": "restore", "from_dt": str(from_dt)}}
     meta = {"step": "repair", "repair_id": repair_id, "repair_mode": "restore", "repair_from_dt": str(from_dt)}
     aside = cfg.warehouse_root / "_repair" / repair_id
     done: dict[str, dict] = {}
     # Every target first: nothing changes unless every table can be restored.
-    targets = {name: table_target(cfg, name, from_dt) for name in S.TABLES}
+    targets = {name: table_target(cfg, name, from_dt) for name in schema.TABLES}
     for name, t in targets.items():
         path = cfg.table_path(name)
         if t["action"] == "restore":
             rmeta = {**meta, "restored_version": str(t["to_version"])}
-            if name in S.SPARK_TABLES:
+            if name in schema.SPARK_TABLES:
                 # Spark's tables through delta-spark: delta-rs's RESTORE would re-add the files without their
                 # deletion vectors (user_sequences), bringing deleted rows back.
-                from userformer.jobs.core.spark import spark_session
-
                 spark = spark_session(cfg)
                 with delta.spark_commit(spark, path, rmeta) as c:
                     delta.spark_table(spark, path).restoreToVersion(t["to_version"])
@@ -423,33 +418,33 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
     reg = registry_target(cfg, from_dt)
     reason = f"repair {repair_id}: restore to before {from_dt}"
     if reg["action"] == "publish":
-        R.publish(cfg, reg["target"], reason, extra=extra)
+        registry.publish(cfg, reg["target"], reason, extra=extra)
     elif reg["action"] == "unpublish":
-        R.unpublish(cfg, reason, extra=extra)
+        registry.unpublish(cfg, reason, extra=extra)
     model = {k: reg[k] for k in ("action", "current", "target")}
 
     idx = index_target(cfg, from_dt, reg["target"])
     if idx["action"] == "switch":
-        X.switch(cfg, idx["target"], extra=extra)
+        index_step.switch(cfg, idx["target"], extra=extra)
     elif idx["action"] == "unset":
-        X.unset_current(cfg, extra=extra)
+        index_step.unset_current(cfg, extra=extra)
     elif idx["action"] == "rebuild":
         if delta.exists(cfg.table_path("item_embeddings")):
-            res = X.build_index(cfg, from_dt - dt.timedelta(days=1))
+            res = index_step.build_index(cfg, from_dt - dt.timedelta(days=1))
             idx = {**idx, "built": res.version, "status": res.status}
         else:
-            X.unset_current(cfg, extra=extra)
+            index_step.unset_current(cfg, extra=extra)
             idx = {**idx, "action": "unset"}
 
     mk = marker_target(cfg, from_dt)
     if mk["action"] == "rewrite":
         rec = dict(mk.pop("_record"))
         rec["tables"] = {t: delta.version_of(cfg.table_path(t)) for t in rec.get("tables", {})}
-        rec.update(extra, restored_at=R.now_iso())
-        P._write_marker(cfg, rec)
+        rec.update(extra, restored_at=registry.now_iso())
+        publish_step._write_marker(cfg, rec)
     elif mk["action"] == "remove":
         mk.pop("_record", None)
-        files.move(P.marker_path(cfg), aside / "outputs.json")
+        files.move(publish_step.marker_path(cfg), aside / "outputs.json")
     else:
         mk.pop("_record", None)
 
@@ -479,7 +474,6 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
 
 def rerun_days(cfg: Config, days: list[dt.date]) -> list[dict]:
     """Run the drops again, in order, as the daily pipeline does. Stops at the first failure (raised)."""
-    from userformer.jobs.flows import pipeline
 
     out = []
     for d in days:
@@ -513,10 +507,7 @@ def _published_of(p: dict) -> dict | None:
 # --------------------------------------------------------------- recompute
 def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[str] | None) -> dict:
     """What recompute will do, validated (the affected users are counted by `select_users`)."""
-    from userformer.jobs.core import registry as R
-    from userformer.jobs.core.stream import last_drop
-    from userformer.jobs.steps import infer as I
-    from userformer.jobs.steps import publish as P
+    from userformer.jobs.core.stream import last_drop  # loads torch
 
     _validate_range(from_dt, to_dt, "recompute")
     seq, events = cfg.table_path("user_sequences"), cfg.table_path("events")
@@ -535,11 +526,11 @@ def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[st
             f"user_sequences includes drops up to {latest}: recompute repairs processed drops only "
             f"(--from/--to <= {latest}); run the later days with `userformer run-day`"
         )
-    ptr = R.published(cfg)
+    ptr = registry.published(cfg)
     outputs = None
     if ptr is not None and delta.exists(cfg.table_path("user_embeddings")):
-        marker = P.published_outputs(cfg)
-        last = I.last_publish(cfg)
+        marker = publish_step.published_outputs(cfg)
+        last = infer_step.last_publish(cfg)
         if not marker or marker.get("dt") != str(latest):
             raise UserError(
                 f"the outputs are published up to {marker and marker.get('dt')}, user_sequences up to "
@@ -595,8 +586,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     import pyarrow as pa
     from pyspark.sql import functions as F
 
-    from userformer.jobs.core.spark import spark_session
-    from userformer.jobs.steps import sequences as Q
+    from userformer.jobs.steps import sequences as sequences_step  # loads torch (user_sequences' stream)
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     spark = spark_session(cfg)
@@ -604,7 +594,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     sel = spark.createDataFrame(pa.table({"user_id": pa.array(list(dict.fromkeys(users)), pa.string())}).to_pandas())
     sel = F.broadcast(sel) if len(users) <= 1_000_000 else sel
     events = delta.spark_read(spark, events_path).where(F.col("dt") <= F.lit(upto))
-    per_user = Q._per_user(events.join(sel, "user_id", "left_semi")).localCheckpoint()
+    per_user = sequences_step._per_user(events.join(sel, "user_id", "left_semi")).localCheckpoint()
     try:
         rebuilt = per_user.count()
         # Chosen users with a row but no events (any more): the MERGE deletes their row.
@@ -619,9 +609,9 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
                 "version": delta.version_of(seq_path),
                 "reason": "none of the users has events or a row",
             }
-        rows = Q._finish(per_user, cfg.sequences.max_len).withColumn("_rebuilt", F.lit(True))
+        rows = sequences_step._finish(per_user, cfg.sequences.max_len).withColumn("_rebuilt", F.lit(True))
         src = sel.join(rows, "user_id", "left")
-        values = {c: F.col(f"s.{c}") for c in S.USER_SEQUENCES.names}
+        values = {c: F.col(f"s.{c}") for c in schema.USER_SEQUENCES.names}
         meta = {
             "step": "sequences-rebuild",
             "upto": str(upto),
@@ -630,7 +620,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
             "repair_mode": "recompute",
             "users": len(users),
         }
-        Q.ensure_deletion_vectors(spark, seq_path)
+        sequences_step.ensure_deletion_vectors(spark, seq_path)
         with delta.spark_commit(spark, seq_path, meta) as c:
             (
                 delta.spark_table(spark, seq_path)
@@ -645,7 +635,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
         per_user.unpersist()
     if c["version"] is None:
         raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
-    m = Q._write_metrics(seq_path, c["version"])
+    m = sequences_step._write_metrics(seq_path, c["version"])
     res = {
         "users": len(users),
         "rebuilt": rebuilt,
@@ -663,13 +653,11 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
 def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: list[str], repair_id: str) -> dict:
     """Re-infer exactly `users` with the published model (every shard), publish them as of `day`, delete the
     output rows of `removed` users. The output checks run first: when they fail nothing is published."""
-    from userformer.jobs.steps import infer as I
-    from userformer.jobs.steps import publish as P
 
     shards = cfg.infer.shards
-    staged = [I.infer(cfg, day, shard=i, shards=shards, users=users, log=log.info) for i in range(shards)]
+    staged = [infer_step.infer(cfg, day, shard=i, shards=shards, users=users, log=log.info) for i in range(shards)]
     try:
-        pub = P.publish(cfg, day, shards=shards, log=log.info)
+        pub = publish_step.publish(cfg, day, shards=shards, log=log.info)
     except UserError as exc:
         if exc.code == 1:
             raise GateFailed(str(exc)) from None
@@ -708,7 +696,6 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
 
 def reindex(cfg: Config, day: dt.date) -> dict:
     """The index (a new version only if item_embeddings changed) and the candidates of the users as of `day`."""
-    from userformer.jobs.flows import pipeline
 
     idx = pipeline.index.__wrapped__(cfg, day)
     chk = pipeline.check_index.__wrapped__(cfg, day)

@@ -104,7 +104,7 @@ def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | Non
     idx = open_current(cfg)
     ue = delta.open_table(ue_path)
     ue_version = ue.version()
-    ds = ue.to_pyarrow_dataset()
+    ds = delta.dataset(ue)
     flt = pc.field("as_of") == pa.scalar(day, pa.date32())
     versions = {
         r["values"]: r["counts"]
@@ -207,7 +207,7 @@ def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | Non
         # exactly the version whose rows it copies, or fails (ConcurrentWrite): a concurrent writer's rows are
         # never dropped by this overwrite.
         read_v = delta.version_of(path)
-        old = delta.open_table(path, read_v).to_pyarrow_dataset() if read_v is not None else None
+        old = delta.dataset(delta.open_table(path, read_v)) if read_v is not None else None
 
         def rows():
             if old is not None:

@@ -375,7 +375,7 @@ def _read_items(cfg: Config) -> tuple[pa.Table, int]:
     if not delta.exists(path):
         raise UserError(f"no item_embeddings table at {path}: run `userformer publish --dt D` first")
     t = delta.open_table(path)
-    data = t.to_pyarrow_dataset().to_table(columns=["item_id", "item_idx", "embedding", "model_version", "as_of"])
+    data = delta.dataset(t).to_table(columns=["item_id", "item_idx", "embedding", "model_version", "as_of"])
     return data, t.version()
 
 

@@ -49,7 +49,7 @@ def recall_queries(cfg, model_version: str, items: np.ndarray, seed: int) -> tup
     path = cfg.table_path("user_embeddings")
     if delta.exists(path):
         t = delta.open_table(path)
-        ds = t.to_pyarrow_dataset()
+        ds = delta.dataset(t)
         n = ds.count_rows()
         if n:
             # Oversample, keep the rows of this model version (usually all after a full re-embed).

@@ -213,10 +213,8 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
         np.bincount(infer.shard_of(want_ids, shards), minlength=shards) if want_ids else np.zeros(shards, np.int64)
     )
     items_in = first["inputs"]["items"]
-    catalogue = (
-        delta.open_table(cfg.table_path("items"), items_in["version"])
-        .to_pyarrow_dataset()
-        .count_rows(filter=pc.field("first_dt") <= pa.scalar(day, pa.date32()))
+    catalogue = delta.dataset(delta.open_table(cfg.table_path("items"), items_in["version"])).count_rows(
+        filter=pc.field("first_dt") <= pa.scalar(day, pa.date32())
     )
 
     # Per-row properties, shard by shard.
