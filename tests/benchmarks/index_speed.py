@@ -124,7 +124,7 @@ def searches(index, queries: np.ndarray, k: int, repeats: int, n_single: int) ->
 
 # ------------------------------------------------------------------ bench
 def bench_size(n: int, args, cfg) -> dict:
-    from userformer.jobs.steps import index as ix
+    from userformer.jobs.steps import index as index_step
 
     log(f"n={n:,}: data")
     t0 = time.perf_counter()
@@ -134,45 +134,47 @@ def bench_size(n: int, args, cfg) -> dict:
         "items": n,
         "dimension": D,
         "data_s": round(time.perf_counter() - t0, 2),
-        "default_kind": ix.choose_kind(cfg, n),
+        "default_kind": index_step.choose_kind(cfg, n),
         "load_at_start": load(),
         "mem_available_gib": mem_available_gib(),
     }
     k = 10
 
     log(f"n={n:,}: exact")
-    flat, b = builds(lambda: ix.build_faiss(items, ids, "flat", ix.build_params(cfg, "flat", n, D)), args.repeats, 60)
+    flat, b = builds(
+        lambda: index_step.build_faiss(items, ids, "flat", index_step.build_params(cfg, "flat", n, D)), args.repeats, 60
+    )
     truth, s = searches(flat, queries, k, args.repeats, args.single)
     out["exact"] = {
-        "index_class": ix._class_name(flat),
-        "params": ix.build_params(cfg, "flat", n, D),
+        "index_class": index_step._class_name(flat),
+        "params": index_step.build_params(cfg, "flat", n, D),
         "build": b,
-        "recall_at_10": ix.recall_at_k(truth, truth),
+        "recall_at_10": index_step.recall_at_k(truth, truth),
         **s,
     }
     del flat
 
     log(f"n={n:,}: hnsw build")
-    hp = ix.build_params(cfg, "hnsw", n, D)
-    hnsw, b = builds(lambda: ix.build_faiss(items, ids, "hnsw", hp), args.repeats, args.build_budget_s)
-    out["hnsw"] = {"index_class": ix._class_name(hnsw), "params": hp, "build": b, "sweep": []}
+    hp = index_step.build_params(cfg, "hnsw", n, D)
+    hnsw, b = builds(lambda: index_step.build_faiss(items, ids, "hnsw", hp), args.repeats, args.build_budget_s)
+    out["hnsw"] = {"index_class": index_step._class_name(hnsw), "params": hp, "build": b, "sweep": []}
     for ef in args.ef_search:
-        ix.set_search_params(hnsw, "hnsw", {**hp, "efSearch": ef})
+        index_step.set_search_params(hnsw, "hnsw", {**hp, "efSearch": ef})
         found, s = searches(hnsw, queries, k, args.repeats, args.single)
-        r = round(ix.recall_at_k(truth, found), 4)
+        r = round(index_step.recall_at_k(truth, found), 4)
         out["hnsw"]["sweep"].append({"efSearch": ef, "recall_at_10": r, **s})
         log(f"n={n:,}: hnsw efSearch={ef}: recall@10 {r}, {s['qps']:,} q/s")
     del hnsw
 
     if n in args.ivf_sizes:
         log(f"n={n:,}: ivf build")
-        vp = ix.build_params(cfg, "ivf", n, D)
-        ivf, b = builds(lambda: ix.build_faiss(items, ids, "ivf", vp), args.repeats, args.build_budget_s)
-        out["ivf"] = {"index_class": ix._class_name(ivf), "params": vp, "build": b, "sweep": []}
+        vp = index_step.build_params(cfg, "ivf", n, D)
+        ivf, b = builds(lambda: index_step.build_faiss(items, ids, "ivf", vp), args.repeats, args.build_budget_s)
+        out["ivf"] = {"index_class": index_step._class_name(ivf), "params": vp, "build": b, "sweep": []}
         for npr in args.nprobe:
-            ix.set_search_params(ivf, "ivf", {**vp, "nprobe": npr})
+            index_step.set_search_params(ivf, "ivf", {**vp, "nprobe": npr})
             found, s = searches(ivf, queries, k, args.repeats, args.single)
-            r = round(ix.recall_at_k(truth, found), 4)
+            r = round(index_step.recall_at_k(truth, found), 4)
             out["ivf"]["sweep"].append({"nprobe": npr, "recall_at_10": r, **s})
             log(f"n={n:,}: ivf nprobe={npr}: recall@10 {r}, {s['qps']:,} q/s")
         del ivf

@@ -35,9 +35,9 @@ import pyarrow as pa
 import pytest
 
 from tests.conftest import REPO
-from tests.integration import warehouses as W
+from tests.integration import warehouses
 from userformer.jobs.core import ledger
-from userformer.jobs.core import registry as R
+from userformer.jobs.core import registry as model_registry
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta
 from userformer.jobs.flows import pipeline
@@ -94,7 +94,7 @@ def sequential(tmp_path_factory, spark):
 
 # ---------------------------------------------------------------- compare
 def registry(cfg):
-    return [(m["version"], m["kind"], m["status"], m.get("dt")) for m in R.list_versions(cfg)]
+    return [(m["version"], m["kind"], m["status"], m.get("dt")) for m in model_registry.list_versions(cfg)]
 
 
 def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
@@ -104,12 +104,16 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
     rerun's tables have new Delta versions, so it is not the same training data), which must then be rejected.
     `repaired`: B was restored and re-ran days; their models were trained again into new version numbers, so
     model versions are compared without the number and the registry only through what is published."""
-    W.assert_same_tables(a, b, renumbered=repaired)
-    from userformer.jobs.steps import index as X
+    warehouses.assert_same_tables(a, b, renumbered=repaired)
+    from userformer.jobs.steps import index as index_step
 
     if repaired:
-        assert W.model_id(R.published(b)["version"]) == W.model_id(R.published(a)["version"])
-        assert W.model_id(X.current(b)["model_version"]) == W.model_id(X.current(a)["model_version"])
+        assert warehouses.model_id(model_registry.published(b)["version"]) == warehouses.model_id(
+            model_registry.published(a)["version"]
+        )
+        assert warehouses.model_id(index_step.current(b)["model_version"]) == warehouses.model_id(
+            index_step.current(a)["model_version"]
+        )
         return
     ra, rb = registry(a), registry(b)
     if rerun_of is None:
@@ -117,13 +121,13 @@ def assert_same_as(a, b, rerun_of: str | None = None, repaired: bool = False):
     else:
         assert rb[: len(ra)] == ra, (ra, rb)
         assert all(v[1] == "finetune" and v[2] == "rejected" and v[3] == rerun_of for v in rb[len(ra) :]), rb
-    assert R.published(b)["version"] == R.published(a)["version"]
-    assert X.current(b)["model_version"] == X.current(a)["model_version"]
+    assert model_registry.published(b)["version"] == model_registry.published(a)["version"]
+    assert index_step.current(b)["model_version"] == index_step.current(a)["model_version"]
 
 
 def assert_contents(cfg):
     """What three days of daily_refresh leave behind, read from the tables and the ledgers."""
-    from userformer.jobs.steps import index as X
+    from userformer.jobs.steps import index as index_step
 
     events = delta.read_arrow(cfg.table_path("events"))
     per_day = {str(d): n for d, n in zip(*np.unique(np.array(events["dt"].cast(pa.string())), return_counts=True))}
@@ -138,7 +142,7 @@ def assert_contents(cfg):
     users = set(events["user_id"].to_pylist())
     assert set(seqs["user_id"].to_pylist()) == users
     assert sum(seqs["lifetime_events"].to_pylist()) == events.num_rows
-    ptr = R.published(cfg)
+    ptr = model_registry.published(cfg)
     assert ptr is not None  # day 2 trained the first model (day 1 has no history before its validation window)
     emb = delta.read_arrow(cfg.table_path("user_embeddings"))
     assert emb.num_rows == len(users) and set(emb["user_id"].cast(pa.string()).to_pylist()) == users
@@ -146,7 +150,7 @@ def assert_contents(cfg):
     items = delta.read_arrow(cfg.table_path("items"))
     item_emb = delta.read_arrow(cfg.table_path("item_embeddings"))
     assert item_emb.num_rows == items.num_rows
-    cur = X.current(cfg)
+    cur = index_step.current(cfg)
     assert cur is not None and cur["model_version"] == ptr["version"]
     last = ledger.read_ledger(cfg, DAYS[-1])
     assert last["check_index"]["result"]["recall_at_10"] >= cfg.index.min_recall_at_10
@@ -211,13 +215,13 @@ def test_daily_refresh_end_to_end_three_days(sequential, tmp_path):
 def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tmp_path):
     """Standalone on 127.0.0.1, a backfill over three dates via POST /api/v2/backfills, the last date backfilled
     again, stopped by PID."""
-    from userformer.jobs.tools import orchestrator as O
+    from userformer.jobs.tools import orchestrator
 
     cfg = new_home(tmp_path)
     saved = {k: os.environ.get(k) for k in env_of(cfg.home) if k.startswith("USERFORMER")}
     os.environ.update({k: v for k, v in env_of(cfg.home).items() if k.startswith("USERFORMER")})
     try:
-        af = O.start(cfg, O.free_port(), scheduled_runs=False)
+        af = orchestrator.start(cfg, orchestrator.free_port(), scheduled_runs=False)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -235,7 +239,7 @@ def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tm
         failed = {
             r["dag_run_id"]: af.failed_tasks("daily_refresh", r["dag_run_id"]) for r in runs if r["state"] != "success"
         }
-        assert states == {str(d): "success" for d in DAYS}, (states, failed, O._tail(af.log_path, 80))
+        assert states == {str(d): "success" for d in DAYS}, (states, failed, orchestrator._tail(af.log_path, 80))
         # In date order: each run started after the previous one ended.
         ordered = sorted(runs, key=lambda r: r["logical_date"])
         for prev, nxt in zip(ordered, ordered[1:]):

@@ -12,11 +12,11 @@ import pytest
 
 from tests.integration.test_infer import D3, D4, new_version, registry, run_day, setup  # noqa: F401 (fixtures)
 from tests.integration.test_train import warehouse  # noqa: F401 (fixture)
-from userformer.jobs.core import registry as R
+from userformer.jobs.core import registry as model_registry
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import candidates
-from userformer.jobs.steps import index as ix
+from userformer.jobs.steps import index as index_step
 from userformer.jobs.tools import serve
 
 pytestmark = pytest.mark.spark
@@ -26,9 +26,9 @@ def exact_top(cfg, users: list[str], n: int) -> dict[str, list[int]]:
     """Brute force over the published tables: each user's top-n item_idx by dot product."""
     it = delta.read_arrow(cfg.table_path("item_embeddings"), columns=["item_idx", "embedding"])
     ue = delta.read_arrow(
-        cfg.table_path("user_embeddings"), columns=["user_id", "embedding"], filter=ix.str_in("user_id", users)
-    )  # string_view files: see ix.str_field
-    iv, uv = ix.vectors_of(it["embedding"]), ix.vectors_of(ue["embedding"])
+        cfg.table_path("user_embeddings"), columns=["user_id", "embedding"], filter=index_step.str_in("user_id", users)
+    )  # string_view files: see index_step.str_field
+    iv, uv = index_step.vectors_of(it["embedding"]), index_step.vectors_of(ue["embedding"])
     order = np.argsort(-(uv @ iv.T), axis=1, kind="stable")[:, :n]
     ids = it["item_idx"].to_numpy()
     return {u: ids[o].tolist() for u, o in zip(ue["user_id"].to_pylist(), order)}
@@ -37,10 +37,10 @@ def exact_top(cfg, users: list[str], n: int) -> dict[str, list[int]]:
 def test_published_outputs_to_index_candidates_and_recommendations(setup):  # noqa: F811
     cfg = setup()
     cfg.index.candidates_n = 15
-    v1 = R.published(cfg)["version"]
+    v1 = model_registry.published(cfg)["version"]
     run_day(cfg, D3)
     n_items = delta.read_arrow(cfg.table_path("item_embeddings"), columns=["item_idx"]).num_rows
-    res = ix.build_index(cfg, D3)
+    res = index_step.build_index(cfg, D3)
     m = res.manifest
     assert res.status == "current" and m["kind"] == "flat" and m["items"] == n_items and m["model_version"] == v1
     assert m["recall_query_source"] == "user_embeddings" and m["recall_at_10"] == 1.0 and m["dimension"] == 16
@@ -60,7 +60,7 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     ue = delta.read_arrow(cfg.table_path("user_embeddings"), columns=["user_id", "as_of"])
     day_users = set(ue.filter(pc.equal(ue["as_of"], pa.scalar(D4, pa.date32())))["user_id"].to_pylist())
     assert 0 < len(day_users) < len(ue)
-    r4 = ix.build_index(cfg, D4)
+    r4 = index_step.build_index(cfg, D4)
     assert r4.status == "current" and r4.version != res.version and r4.manifest["items"] > n_items
     out4 = candidates.candidates(cfg, D4)
     assert out4["written"] == len(day_users)
@@ -75,7 +75,9 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
 
     # The API over the same outputs, with the user's real purchases from events.
     ev = delta.read_arrow(
-        cfg.table_path("events"), columns=["user_id", "item_idx"], filter=ix.str_field("event_type") == "purchase"
+        cfg.table_path("events"),
+        columns=["user_id", "item_idx"],
+        filter=index_step.str_field("event_type") == "purchase",
     )
     buyer = next(u for u in ev["user_id"].to_pylist() if u in after)
     bought = set(ev.filter(pc.equal(ev["user_id"], buyer))["item_idx"].to_pylist()) - {0}
@@ -86,7 +88,7 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     ][:10]
     assert r.purchased(buyer) == bought
     items = delta.read_arrow(cfg.table_path("item_embeddings"), columns=["item_id", "item_idx", "embedding"])
-    iv = ix.vectors_of(items["embedding"])
+    iv = index_step.vectors_of(items["embedding"])
     j = int(np.argmax(items["item_idx"].to_numpy() == sorted(bought)[0]))
     nearest = [int(items["item_idx"][int(x)].as_py()) for x in np.argsort(-(iv @ iv[j]), kind="stable") if x != j][:3]
     assert [h.item_idx for h in r.similar_items(items["item_id"][j].as_py(), k=3)] == nearest
@@ -94,5 +96,5 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     # A new model published but not yet inferred: item_embeddings is still v1, so index refuses.
     v2 = new_version(cfg, D4)
     with pytest.raises(UserError, match=f"item_embeddings holds model version {v1} but the published model is {v2}"):
-        ix.build_index(cfg, D4, force=True)
-    assert ix.current(cfg)["version"] == r4.version
+        index_step.build_index(cfg, D4, force=True)
+    assert index_step.current(cfg)["version"] == r4.version

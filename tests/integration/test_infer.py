@@ -23,15 +23,15 @@ import pytest
 import torch
 
 from tests.integration.test_train import EXE, START, TINY, quiet, warehouse  # noqa: F401 (warehouse: the fixture)
-from userformer.jobs.core import registry as R
-from userformer.jobs.core import stream as ST
+from userformer.jobs.core import registry as model_registry
+from userformer.jobs.core import stream
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import check as C
-from userformer.jobs.steps import infer as I
-from userformer.jobs.steps import publish as P
-from userformer.jobs.steps import train as J
+from userformer.jobs.steps import check as check_step
+from userformer.jobs.steps import infer as infer_step
+from userformer.jobs.steps import publish as publish_step
+from userformer.jobs.steps import train as train_step
 from userformer.jobs.tools.maintain import maintain
 
 pytestmark = pytest.mark.spark
@@ -46,9 +46,11 @@ KEYS = {
 
 def staged(cfg, day, version, shard, shards) -> Path:
     """The folder of a staged shard's files: the run its manifest names (one run folder, the others gone)."""
-    folder = I.shard_dir(cfg, day, version, shard, shards)
-    assert [p.name for p in folder.iterdir() if p.name.startswith("run=")] == [I.read_manifest(folder)["files"]]
-    return Path(I.read_manifest(folder)["path"])
+    folder = infer_step.shard_dir(cfg, day, version, shard, shards)
+    assert [p.name for p in folder.iterdir() if p.name.startswith("run=")] == [
+        infer_step.read_manifest(folder)["files"]
+    ]
+    return Path(infer_step.read_manifest(folder)["path"])
 
 
 def env_of(root, home):
@@ -65,7 +67,7 @@ def registry(warehouse, tmp_path_factory):  # noqa: F811
     home = tmp_path_factory.mktemp("registry")
     shutil.copytree(warehouse / "warehouse", home / "warehouse")
     cfg = load_config(env=env_of(warehouse, home))
-    s = J.train(cfg, day=D3, progress=False, log=quiet)
+    s = train_step.train(cfg, day=D3, progress=False, log=quiet)
     return cfg.models_root, s["version"]
 
 
@@ -94,16 +96,16 @@ def rows(cfg, table: str, version: int | None = None, drop=()) -> dict:
 
 
 def versions(cfg) -> dict:
-    return {t: delta.version_of(cfg.table_path(t)) for t in I.OUTPUTS}
+    return {t: delta.version_of(cfg.table_path(t)) for t in infer_step.OUTPUTS}
 
 
 def run_day(cfg, day, shards=1, **kw):
-    ms = [I.infer(cfg, day, shard=i, shards=shards, log=quiet, **kw) for i in range(shards)]
-    return ms, P.publish(cfg, day, shards=shards, log=quiet)
+    ms = [infer_step.infer(cfg, day, shard=i, shards=shards, log=quiet, **kw) for i in range(shards)]
+    return ms, publish_step.publish(cfg, day, shards=shards, log=quiet)
 
 
 def seq_users(cfg, day, only_day=True) -> set:
-    v, _ = ST.sequences_version(cfg, day)
+    v, _ = stream.sequences_version(cfg, day)
     t = delta.read_arrow(cfg.table_path("user_sequences"), v, columns=["user_id", "updated_dt"])
     if only_day:
         t = t.filter(pc.equal(t["updated_dt"], pa.scalar(day, pa.date32())))
@@ -112,32 +114,32 @@ def seq_users(cfg, day, only_day=True) -> set:
 
 def new_version(cfg, day) -> str:
     """Register and publish a perturbed copy of the published model (another version, other vectors)."""
-    _, ck = R.load(cfg)
+    _, ck = model_registry.load(cfg)
     g = torch.Generator().manual_seed(1)
     sd = {
         k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
         for k, v in ck["state_dict"].items()
     }
-    v = R.register(cfg, {**ck, "state_dict": sd}, kind="train", day=day)
-    R.publish(cfg, v, "test: a new model")
+    v = model_registry.register(cfg, {**ck, "state_dict": sd}, kind="train", day=day)
+    model_registry.publish(cfg, v, "test: a new model")
     return v
 
 
 # ------------------------------------------------------------------ the day
 def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup):
     cfg = setup()
-    v1 = R.published(cfg)["version"]
+    v1 = model_registry.published(cfg)["version"]
     (m3,), r3 = run_day(cfg, D3)
     assert m3["full"] and "no publish before" in m3["reason"] and m3["users"] == len(seq_users(cfg, D3, False))
     assert all(c["committed"] for c in r3["commits"].values())
-    ue3, ps3, it3 = (rows(cfg, t) for t in I.OUTPUTS)
+    ue3, ps3, it3 = (rows(cfg, t) for t in infer_step.OUTPUTS)
     assert len(it3) == m3["rows"]["item_embeddings"] < 400 and len(ps3) == 3 * len(ue3)
     v_after_d3 = versions(cfg)
 
     (m4,), r4 = run_day(cfg, D4)
     day_users = seq_users(cfg, D4)
     assert not m4["full"] and m4["users"] == len(day_users) and 0 < len(day_users) < len(ue3)
-    ue4, ps4, it4 = (rows(cfg, t) for t in I.OUTPUTS)
+    ue4, ps4, it4 = (rows(cfg, t) for t in infer_step.OUTPUTS)
     assert {k[0] for k in ue4} == {k[0] for k in ue3} | day_users
     for (u,), r in ue4.items():
         if u in day_users:
@@ -152,7 +154,7 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     # History: the previous day stays readable (time travel), and every commit says what it was.
     assert rows(cfg, "user_embeddings", v_after_d3["user_embeddings"]) == ue3
     h = delta.history(cfg.table_path("user_embeddings"), 1)[0]
-    seq_v, _ = ST.sequences_version(cfg, D4)
+    seq_v, _ = stream.sequences_version(cfg, D4)
     assert {k: h[k] for k in ("step", "dt", "model_version", "shards", "full", "users", "user_sequences_version")} == {
         "step": "publish",
         "dt": str(D4),
@@ -162,11 +164,13 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
         "users": str(len(day_users)),
         "user_sequences_version": str(seq_v),
     }
-    assert P.published_outputs(cfg)["tables"] == versions(cfg) and P.published_outputs(cfg)["dt"] == str(D4)
+    assert publish_step.published_outputs(cfg)["tables"] == versions(cfg) and publish_step.published_outputs(cfg)[
+        "dt"
+    ] == str(D4)
 
     # Publishing the same staged output again changes nothing; a rerun of the day gives the same rows.
     v_d4 = versions(cfg)
-    again = P.publish(cfg, D4, log=quiet)
+    again = publish_step.publish(cfg, D4, log=quiet)
     assert not any(c["committed"] for c in again["commits"].values()) and versions(cfg) == v_d4
     run_day(cfg, D4)
     assert versions(cfg)["user_embeddings"] == v_d4["user_embeddings"] + 1
@@ -184,9 +188,9 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     assert pq.read_table(staged(cfg, D5, v1, 0, 1) / "user_embeddings.parquet").num_rows == 0
     # An older drop than the last published one is refused.
     with pytest.raises(UserError, match="is published already"):
-        P.publish(cfg, D3, log=quiet)
+        publish_step.publish(cfg, D3, log=quiet)
     # Retention: maintain vacuums the published tables too.
-    assert set(I.OUTPUTS) <= set(maintain(cfg, dry_run=True)["tables"])
+    assert set(infer_step.OUTPUTS) <= set(maintain(cfg, dry_run=True)["tables"])
 
 
 def test_shards_equal_one_shard_and_a_new_model_reembeds_everyone(setup, monkeypatch):
@@ -198,7 +202,7 @@ def test_shards_equal_one_shard_and_a_new_model_reembeds_everyone(setup, monkeyp
         assert (staged(b, day, ms[0]["model_version"], 0, 2) / "item_embeddings.parquet").is_file()
         assert not (staged(b, day, ms[0]["model_version"], 1, 2) / "item_embeddings.parquet").exists()
     drop = ("updated_at",)
-    for t in I.OUTPUTS:
+    for t in infer_step.OUTPUTS:
         assert rows(a, t, drop=drop) == rows(b, t, drop=drop), t
 
     # --all-users re-embeds everyone with the same model: the day's users as before, the others as they were.
@@ -211,52 +215,54 @@ def test_shards_equal_one_shard_and_a_new_model_reembeds_everyone(setup, monkeyp
     # A new published version: every user is re-embedded, and the publish is one version throughout -- even
     # when it crashes before its last commit and the whole day is rerun.
     v2 = new_version(b, D4)
-    ms = [I.infer(b, D4, shard=i, shards=2, log=quiet) for i in range(2)]
+    ms = [infer_step.infer(b, D4, shard=i, shards=2, log=quiet) for i in range(2)]
     assert all(m["full"] and "differs from" in m["reason"] for m in ms)
     assert sum(m["users"] for m in ms) == len(before)
 
     def crash(*args, **kw):
         raise RuntimeError("machine lost")
 
-    monkeypatch.setattr(P, "_overwrite_items", crash)
+    monkeypatch.setattr(publish_step, "_overwrite_items", crash)
     with pytest.raises(RuntimeError, match="machine lost"):
-        P.publish(b, D4, shards=2, log=quiet)
+        publish_step.publish(b, D4, shards=2, log=quiet)
     assert {r["model_version"] for r in rows(b, "user_embeddings").values()} == {v2}
     assert {r["model_version"] for r in rows(b, "item_embeddings").values()} != {v2}
-    assert P.published_outputs(b)["model_version"] != v2  # the consistent snapshot is still the old one
+    assert publish_step.published_outputs(b)["model_version"] != v2  # the consistent snapshot is still the old one
     monkeypatch.undo()
-    ms = [I.infer(b, D4, shard=i, shards=2, log=quiet) for i in range(2)]  # a rerun still re-embeds everyone
+    ms = [infer_step.infer(b, D4, shard=i, shards=2, log=quiet) for i in range(2)]  # a rerun still re-embeds everyone
     assert all(m["full"] for m in ms)
-    P.publish(b, D4, shards=2, log=quiet)
-    for t in I.OUTPUTS:
+    publish_step.publish(b, D4, shards=2, log=quiet)
+    for t in infer_step.OUTPUTS:
         assert {r["model_version"] for r in rows(b, t).values()} == {v2}, t
-    assert len(rows(b, "user_embeddings")) == len(before) and P.published_outputs(b)["model_version"] == v2
+    assert len(rows(b, "user_embeddings")) == len(before) and publish_step.published_outputs(b)["model_version"] == v2
 
 
 # ------------------------------------------------------------------ faults
 def test_a_crash_between_commits_is_completed_by_the_rerun(setup, monkeypatch):
     cfg, clean = setup("crash"), setup("clean")
-    I.infer(cfg, D3, log=quiet)
-    shutil.copytree(I.staging_root(cfg), I.staging_root(clean))  # the same staged output, published cleanly
-    P.publish(clean, D3, log=quiet)
+    infer_step.infer(cfg, D3, log=quiet)
+    shutil.copytree(
+        infer_step.staging_root(cfg), infer_step.staging_root(clean)
+    )  # the same staged output, published cleanly
+    publish_step.publish(clean, D3, log=quiet)
 
     def crash(*args, **kw):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(P, "_merge_embeddings", crash)  # before the first commit: nothing changes
+    monkeypatch.setattr(publish_step, "_merge_embeddings", crash)  # before the first commit: nothing changes
     with pytest.raises(RuntimeError):
-        P.publish(cfg, D3, log=quiet)
-    assert versions(cfg) == dict.fromkeys(I.OUTPUTS) and P.published_outputs(cfg) is None
+        publish_step.publish(cfg, D3, log=quiet)
+    assert versions(cfg) == dict.fromkeys(infer_step.OUTPUTS) and publish_step.published_outputs(cfg) is None
     monkeypatch.undo()
-    monkeypatch.setattr(P, "_replace_preferences", crash)  # between the first and the second commit
+    monkeypatch.setattr(publish_step, "_replace_preferences", crash)  # between the first and the second commit
     with pytest.raises(RuntimeError):
-        P.publish(cfg, D3, log=quiet)
+        publish_step.publish(cfg, D3, log=quiet)
     v = versions(cfg)
     assert v["user_embeddings"] is not None and v["user_preference_scores"] is None and v["item_embeddings"] is None
     monkeypatch.undo()
-    r = P.publish(cfg, D3, log=quiet)
+    r = publish_step.publish(cfg, D3, log=quiet)
     assert not r["commits"]["user_embeddings"]["committed"] and r["commits"]["user_preference_scores"]["committed"]
-    for t in I.OUTPUTS:
+    for t in infer_step.OUTPUTS:
         assert rows(cfg, t) == rows(clean, t), t  # equal to the clean run, updated_at included
 
 
@@ -266,27 +272,27 @@ def test_a_concurrent_writer_fails_the_publish_and_the_rerun_completes_it(setup,
     cfg, clean = setup("raced"), setup("clean")
     for c in (cfg, clean):
         run_day(c, D3)
-    I.infer(cfg, D4, log=quiet)
-    shutil.copytree(I.staging_root(cfg), I.staging_root(clean), dirs_exist_ok=True)
-    P.publish(clean, D4, log=quiet)
+    infer_step.infer(cfg, D4, log=quiet)
+    shutil.copytree(infer_step.staging_root(cfg), infer_step.staging_root(clean), dirs_exist_ok=True)
+    publish_step.publish(clean, D4, log=quiet)
     path = cfg.table_path("user_preference_scores")
     victim = sorted(seq_users(cfg, D4))[0]  # refreshed on D4: the rerun writes its rows again
-    real = P._replace_preferences
+    real = publish_step._replace_preferences
 
     def raced(*args, **kw):  # another writer commits after publish read the table
         delta.open_table(path).delete(f"user_id = '{victim}'")
         return real(*args, **kw)
 
-    monkeypatch.setattr(P, "_replace_preferences", raced)
+    monkeypatch.setattr(publish_step, "_replace_preferences", raced)
     v = versions(cfg)
     with pytest.raises(delta.ConcurrentWrite, match="user_preference_scores"):
-        P.publish(cfg, D4, log=quiet)
+        publish_step.publish(cfg, D4, log=quiet)
     after = versions(cfg)
     assert after["user_embeddings"] == v["user_embeddings"] + 1  # committed before the race
     assert after["user_preference_scores"] == v["user_preference_scores"] + 1  # the other writer's commit only
-    assert after["item_embeddings"] == v["item_embeddings"] and P.published_outputs(cfg)["dt"] == str(D3)
+    assert after["item_embeddings"] == v["item_embeddings"] and publish_step.published_outputs(cfg)["dt"] == str(D3)
     monkeypatch.undo()
-    r = P.publish(cfg, D4, log=quiet)
+    r = publish_step.publish(cfg, D4, log=quiet)
     assert not r["commits"]["user_embeddings"]["committed"] and r["commits"]["user_preference_scores"]["committed"]
     assert r["commits"]["user_preference_scores"]["version"] == after["user_preference_scores"] + 1
     for t in ("user_preference_scores", "item_embeddings"):
@@ -297,95 +303,95 @@ def test_a_concurrent_writer_fails_the_publish_and_the_rerun_completes_it(setup,
 
 def test_a_missing_shard_or_a_failed_check_publishes_nothing(setup):
     cfg = setup()
-    v1 = R.published(cfg)["version"]
-    I.infer(cfg, D3, shard=0, shards=2, log=quiet)
+    v1 = model_registry.published(cfg)["version"]
+    infer_step.infer(cfg, D3, shard=0, shards=2, log=quiet)
     with pytest.raises(
         UserError,
         match=r"1 of 2 shards .*missing: shard=1-of-2.*userformer infer --dt 2026-11-03 "
         r"--shard 1 --shards 2",
     ):
-        P.publish(cfg, D3, shards=2, log=quiet)
-    res = C.check(cfg, "outputs", D3, {"shards": 2})
+        publish_step.publish(cfg, D3, shards=2, log=quiet)
+    res = check_step.check(cfg, "outputs", D3, {"shards": 2})
     assert not res.success and "shard=1-of-2" in res.error and res.html_path.is_file()
 
     # One NaN in a staged embedding: the check names the user, publish refuses with exit code 1.
-    I.infer(cfg, D3, log=quiet)
+    infer_step.infer(cfg, D3, log=quiet)
     f = staged(cfg, D3, v1, 0, 1) / "user_embeddings.parquet"
     t = pq.read_table(f)
     emb = t["embedding"].to_pylist()
     emb[5] = [float("nan")] * len(emb[5])
     pq.write_table(t.set_column(1, t.schema.field("embedding"), pa.array(emb, t.schema.field("embedding").type)), f)
     with pytest.raises(UserError) as e:
-        P.publish(cfg, D3, log=quiet)
+        publish_step.publish(cfg, D3, log=quiet)
     assert e.value.code == 1 and "nothing was published" in str(e.value)
     assert "FAIL expect_column_values_to_be_in_set on finite" in str(e.value) and t["user_id"][5].as_py() in str(
         e.value
     )
-    assert versions(cfg) == dict.fromkeys(I.OUTPUTS) and P.published_outputs(cfg) is None
+    assert versions(cfg) == dict.fromkeys(infer_step.OUTPUTS) and publish_step.published_outputs(cfg) is None
     report = json.loads((cfg.reports_root / "checks" / "outputs" / f"dt={D3}.json").read_text())
     assert (
         not report["success"] and report["facts"]["metrics"]["users"] == report["facts"]["metrics"]["users_to_refresh"]
     )
 
     # Clean outputs but a score band nobody meets: the distribution check fails.
-    I.infer(cfg, D3, log=quiet)
+    infer_step.infer(cfg, D3, log=quiet)
     cfg.infer.top1_mean_band = [0.999, 1.0]
-    res = C.check(cfg, "outputs", D3)
+    res = check_step.check(cfg, "outputs", D3)
     assert not res.success and {r.column for r in res.failed} == {
         "top1_mean_brand",
         "top1_mean_category_l1",
         "top1_mean_event_type",
     }
     cfg.infer.top1_mean_band = [0.0, 1.0]
-    assert C.check(cfg, "outputs", D3).success
+    assert check_step.check(cfg, "outputs", D3).success
     # A staged shard whose row count is not the users to refresh (a lost row).
     f = staged(cfg, D3, v1, 0, 1) / "user_embeddings.parquet"  # this rerun's own run folder
     t = pq.read_table(f)
     pq.write_table(t.slice(1), f)
-    res = C.check(cfg, "outputs", D3)
+    res = check_step.check(cfg, "outputs", D3)
     failed = {r.column for r in res.failed}
     assert {"rows_minus_expected", "rows_minus_manifest", "users", "preference_rows"} <= failed
 
 
 def test_bad_checkpoints_are_clear_errors(setup, warehouse):  # noqa: F811
     cfg = setup()
-    v1 = R.published(cfg)["version"]
-    path = R.version_dir(cfg, v1) / "model.pt"
+    v1 = model_registry.published(cfg)["version"]
+    path = model_registry.version_dir(cfg, v1) / "model.pt"
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(UserError, match="checksum does not match"):
-        I.infer(cfg, D3, log=quiet)
+        infer_step.infer(cfg, D3, log=quiet)
     env = {**os.environ, **env_of(warehouse, cfg.home)}
     r = subprocess.run([EXE, "infer", "--dt", str(D3)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "userformer infer: error:" in r.stderr and "model.pt" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     path.unlink()
     with pytest.raises(UserError, match="model checkpoint not found"):
-        I.infer(cfg, D3, log=quiet)
-    assert not I.staging_root(cfg).exists() or not any(I.staging_root(cfg).rglob(I.MANIFEST))
+        infer_step.infer(cfg, D3, log=quiet)
+    assert not infer_step.staging_root(cfg).exists() or not any(infer_step.staging_root(cfg).rglob(infer_step.MANIFEST))
 
     # Model/vocabulary size mismatch: inside the checkpoint, and against a catalogue older than the model.
     path.write_bytes(good)
     ck = torch.load(path, weights_only=True)
     ck["vocab_sizes"]["item"] += 7
     torch.save(ck, path)
-    man = R.read_manifest(cfg, v1)
-    man["files"]["model.pt"]["sha256"] = R.sha256(path)
-    R.write_json(R.version_dir(cfg, v1) / "manifest.json", man)
+    man = model_registry.read_manifest(cfg, v1)
+    man["files"]["model.pt"]["sha256"] = model_registry.sha256(path)
+    model_registry.write_json(model_registry.version_dir(cfg, v1) / "manifest.json", man)
     with pytest.raises(UserError, match="model/vocabulary size mismatch"):
-        I.infer(cfg, D3, log=quiet)
+        infer_step.infer(cfg, D3, log=quiet)
     path.write_bytes(good)
-    man["files"]["model.pt"]["sha256"] = R.sha256(path)
-    R.write_json(R.version_dir(cfg, v1) / "manifest.json", man)
+    man["files"]["model.pt"]["sha256"] = model_registry.sha256(path)
+    model_registry.write_json(model_registry.version_dir(cfg, v1) / "manifest.json", man)
     with pytest.raises(UserError, match="model/vocabulary size mismatch: catalogue has"):
-        I.infer(cfg, D1, log=quiet)  # the model (as of D3) knows items the catalogue of D1 does not
+        infer_step.infer(cfg, D1, log=quiet)  # the model (as of D3) knows items the catalogue of D1 does not
     with pytest.raises(UserError, match="was not ingested"):
-        I.infer(cfg, D5 + dt.timedelta(days=1), log=quiet)
+        infer_step.infer(cfg, D5 + dt.timedelta(days=1), log=quiet)
     with pytest.raises(UserError, match="--shard must be in 0..1"):
-        I.infer(cfg, D3, shard=2, shards=2, log=quiet)
+        infer_step.infer(cfg, D3, shard=2, shards=2, log=quiet)
 
     # The CLI: a failed output check exits 1 with the summary.
-    I.infer(cfg, D3, log=quiet)
+    infer_step.infer(cfg, D3, log=quiet)
     f = staged(cfg, D3, v1, 0, 1) / "item_embeddings.parquet"
     pq.write_table(pq.read_table(f).slice(3), f)
     r = subprocess.run([EXE, "check", "outputs", "--dt", str(D3)], capture_output=True, text=True, env=env, timeout=300)

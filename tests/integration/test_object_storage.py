@@ -28,14 +28,14 @@ import polars as pl
 import pytest
 
 from tests.conftest import REPO
-from tests.integration import warehouses as W
+from tests.integration import warehouses
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.steps import infer, publish
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
-D1, D2 = W.D1, W.D2
+D1, D2 = warehouses.D1, warehouses.D2
 S3A_JARS = REPO / "infra" / "jars" / "lib-s3"
 EXE = str(Path(sys.executable).with_name("userformer"))
 
@@ -95,17 +95,17 @@ def run(args, env, timeout=900):
 
 def test_the_pipeline_runs_on_a_bucket_as_on_local_disk(tmp_path, bucket, spark):
     assert (S3A_JARS / "jars.sha256").is_file(), "the S3A JAR set is not installed: run `make jars-s3`"
-    a = W.two_days(tmp_path / "a")
+    a = warehouses.two_days(tmp_path / "a")
 
     wh = "s3://userformer-test/wh"
-    b_env = W.small_env(tmp_path / "b", raw_root=a.raw_root, warehouse_root=wh)
+    b_env = warehouses.small_env(tmp_path / "b", raw_root=a.raw_root, warehouse_root=wh)
     b = load_config(env=b_env)
     assert files.is_remote(b.warehouse_root) and str(b.table_path("events")) == f"{wh}/events"
     env = {k: v for k, v in os.environ.items() if not k.startswith("USERFORMER")}
     env.update(bucket, **b_env, USERFORMER__SPARK__JARS_DIR=str(S3A_JARS))
     run(["run-day", "--dt", str(D1), "--to", str(D2)], env)
 
-    W.assert_same_tables(a, b)
+    warehouses.assert_same_tables(a, b)
     assert not (b.home / "warehouse").exists()  # nothing of the warehouse on local disk
     # The files beside the tables, in the bucket: the staged shard (its manifest names its run folder) and
     # the publish marker with its log.
@@ -119,16 +119,16 @@ def test_the_pipeline_runs_on_a_bucket_as_on_local_disk(tmp_path, bucket, spark)
     assert len(logs[1]) == len(logs[0]) == 1  # D1 has too little history to train on: the first publish is D2
     # Polars reads a published table from the bucket (storage options from the same environment).
     ue = pl.read_delta(str(b.table_path("user_embeddings")), storage_options=bucket)
-    assert ue.height == len(W.table_rows(a, "user_embeddings", ("user_id",)))
+    assert ue.height == len(warehouses.table_rows(a, "user_embeddings", ("user_id",)))
 
     # maintain in the bucket: compaction and vacuum change no row; a staging folder in use is kept.
     in_use = files.location(f"{wh}/_staging/user_candidates/20991231T000000-live")
     (in_use / "part-0.parquet").write_bytes(b"x")
     res = run(["maintain"], env)
-    W.assert_same_tables(a, b)
+    warehouses.assert_same_tables(a, b)
     assert in_use.is_dir() and str(in_use) not in res.stdout
 
     # A restore repair of the last day moves the publish marker aside (copy + delete) and reruns it.
     run(["repair", "--from", str(D2), "--to", str(D2), "--mode", "restore"], env)
-    W.assert_same_tables(a, b, renumbered=True)
+    warehouses.assert_same_tables(a, b, renumbered=True)
     assert files.location(f"{wh}/_repair").is_dir()

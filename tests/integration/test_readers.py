@@ -23,13 +23,13 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from tests.integration import warehouses as W
+from tests.integration import warehouses
 from userformer.jobs.core.spark import register_tables
 from userformer.jobs.core.storage import delta
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
-D1, D2 = W.D1, W.D2
+D1, D2 = warehouses.D1, warehouses.D2
 KEYS = {
     "user_embeddings": ("user_id",),
     "user_preference_scores": ("user_id", "task"),
@@ -40,7 +40,7 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark):
-    cfg = W.two_days(tmp_path_factory.mktemp("readers") / "home")
+    cfg = warehouses.two_days(tmp_path_factory.mktemp("readers") / "home")
     assert delta.exists(cfg.table_path("user_candidates"))
     return cfg
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.integration import warehouses as W
+from tests.integration import warehouses
 from userformer.jobs.core import ledger, registry
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import GateFailed, UserError
@@ -79,27 +79,31 @@ def raw_file(cfg, day):
 # ---------------------------------------------------------------- compare
 def assert_same_tables(a, b, tables=None, users=None):
     """Every table of B equals A's (tests/integration/warehouses.py; model versions without their numbers)."""
-    W.assert_same_tables(a, b, tables, renumbered=True, users=users)
+    warehouses.assert_same_tables(a, b, tables, renumbered=True, users=users)
 
 
 def effective_publish_history(cfg):
     """The published model versions (without their numbers) since the last repair's line in publish_log."""
     log = registry.publish_log(cfg)
     last = max((i for i, e in enumerate(log) if e.get("repair")), default=-1)
-    return [W.model_id(e["version"]) for e in log[last + 1 :]]
+    return [warehouses.model_id(e["version"]) for e in log[last + 1 :]]
 
 
 def assert_same_as_clean(a, b):
     assert_same_tables(a, b)
     assert effective_publish_history(b) == effective_publish_history(a)
-    assert W.model_id(registry.published(b)["version"]) == W.model_id(registry.published(a)["version"])
+    assert warehouses.model_id(registry.published(b)["version"]) == warehouses.model_id(
+        registry.published(a)["version"]
+    )
     from userformer.jobs.steps import index
 
-    assert W.model_id(index.current(b)["model_version"]) == W.model_id(index.current(a)["model_version"])
+    assert warehouses.model_id(index.current(b)["model_version"]) == warehouses.model_id(
+        index.current(a)["model_version"]
+    )
     from userformer.jobs.steps import publish
 
     ma, mb = publish.published_outputs(a), publish.published_outputs(b)
-    assert (mb["dt"], W.model_id(mb["model_version"])) == (ma["dt"], W.model_id(ma["model_version"]))
+    assert (mb["dt"], warehouses.model_id(mb["model_version"])) == (ma["dt"], warehouses.model_id(ma["model_version"]))
     assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == sorted(
         p.name for p in (a.reports_root / "runs").iterdir()
     )

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from userformer.jobs.core.config import ModelConfig, TrainConfig
-from userformer.models import data as D
-from userformer.models import losses as LS
+from userformer.models import data as model_data
+from userformer.models import losses
 from userformer.models.heads import TaskReadout
 from userformer.models.metrics import RankingAccumulator, entropies
 from userformer.models.model import UserFormer
@@ -57,7 +57,7 @@ def tiny_data(n_users=40, n_items=30, length=12, seed=0, real_time=True):
             "brand": [v[3] for v in cat.values()],
         }
     )
-    return D.from_raw(events, catalog, real_time=real_time)
+    return model_data.from_raw(events, catalog, real_time=real_time)
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -91,7 +91,7 @@ def test_from_raw_and_leave_one_out(data):
     assert all(np.all(np.diff(seqs.ts[a:b]) > 0) for a, b in zip(seqs.offsets[:-1], seqs.offsets[1:]))
     # item attributes follow the item, brand unknown (0) for every 5th item
     assert catalog.attrs["brand"][seqs.ints["item"]].tolist() == seqs.ints["brand"].tolist()
-    train, valid, test = D.leave_one_out(seqs)
+    train, valid, test = model_data.leave_one_out(seqs)
     assert train.lengths.tolist() == [10] * 40
     assert test.history.lengths.tolist() == [11] * 40 and valid.history.lengths.tolist() == [10] * 40
     assert test.targets.tolist() == seqs.ints["item"][seqs.offsets[1:] - 1].tolist()
@@ -101,7 +101,7 @@ def test_from_raw_and_leave_one_out(data):
 def test_time_split_and_from_sequences_table(data):
     seqs, _ = data
     t = float(np.median(seqs.ts))
-    train, ev = D.time_split(seqs, t, 86400 * 365)
+    train, ev = model_data.time_split(seqs, t, 86400 * 365)
     assert np.all(train.ts < t) and len(ev.targets) == len(ev.target_sets) > 0
     assert all(ev.targets[i] in ev.target_sets[i] for i in range(len(ev.targets)))
     tab = pa.table(
@@ -118,7 +118,7 @@ def test_time_split_and_from_sequences_table(data):
             "duration_s": [[None, 2.0]],
         }
     )
-    s = D.from_sequences_table(tab)
+    s = model_data.from_sequences_table(tab)
     assert s.ints["item"].tolist() == [3, 4] and s.ints["brand"].tolist() == [5, 0]
     assert s.ts.tolist() == [1e-5, 2e-5] and np.isnan(s.duration[0])
 
@@ -126,7 +126,7 @@ def test_time_split_and_from_sequences_table(data):
 def test_pad_batch_is_left_padded_and_trimmed(data):
     seqs, _ = data
     short = seqs.take_events(seqs.position_in_user() < np.repeat(np.arange(len(seqs)) % 5 + 1, seqs.lengths))
-    b = D.pad_batch(short, np.array([0, 3]), 10)
+    b = model_data.pad_batch(short, np.array([0, 3]), 10)
     assert b["mask"].tolist() == [[False, False, False, True], [True, True, True, True]]
     assert b["item"][0, -1] == short.ints["item"][short.offsets[1] - 1] and b["item"][0, 0] == 0
 
@@ -136,7 +136,7 @@ def test_pad_batch_is_left_padded_and_trimmed(data):
 def test_shapes_norms_and_causality(data, pooling):
     seqs, catalog = data
     model = model_of(tiny_cfg(pooling=pooling, event_features=ALL_FEATURES), catalog)
-    b = D.pad_batch(seqs, np.arange(4), 10)
+    b = model_data.pad_batch(seqs, np.arange(4), 10)
     h, u = model.encoder(b)
     assert h.shape == (4, 10, 16) and u.shape == (4, 10, 16)
     assert torch.allclose(u.norm(dim=-1), torch.ones(4, 10), atol=1e-5)
@@ -155,8 +155,8 @@ def test_shapes_norms_and_causality(data, pooling):
 def test_padding_does_not_change_outputs(data):
     seqs, catalog = data
     model = model_of(tiny_cfg(event_features=ALL_FEATURES), catalog)
-    b = D.pad_batch(seqs, np.arange(3), 6)
-    wide = D.pad_batch(seqs, np.arange(3), 6, trim=False)
+    b = model_data.pad_batch(seqs, np.arange(3), 6)
+    wide = model_data.pad_batch(seqs, np.arange(3), 6, trim=False)
     # pad 4 more columns on the left, with garbage in the padded slots
     pad = {k: torch.cat([torch.full((3, 4), 7, dtype=v.dtype), v], 1) if v.dim() == 2 else v for k, v in wide.items()}
     pad["mask"] = torch.cat([torch.zeros(3, 4, dtype=torch.bool), wide["mask"]], 1)
@@ -210,13 +210,13 @@ def test_readout_matches_hand_computation():
 # --------------------------------------------------------------- loss
 def test_logq_correction_math():
     counts = np.array([0, 6, 3, 1], float)  # p = (.6, .3, .1)
-    s = LS.NegativeSampler(counts, n_uniform=2, n_inbatch=4)
+    s = losses.NegativeSampler(counts, n_uniform=2, n_inbatch=4)
     expect = np.log(4 * np.array([0.6, 0.3, 0.1]) + 2 / 3)
     assert np.allclose(s.log_q[1:].numpy(), expect, atol=1e-6)
     user = torch.tensor([[1.0, 0.0]])
     vec = {1: [1.0, 0.0], 2: [0.0, 1.0], 3: [-1.0, 0.0]}
     neg_ids = torch.tensor([2, 3, 1])  # 1 is the positive: an accidental hit, masked
-    loss = LS.sampled_softmax(
+    loss = losses.sampled_softmax(
         user,
         torch.tensor([vec[1]]),
         torch.tensor([1]),
@@ -229,7 +229,7 @@ def test_logq_correction_math():
     ln = [0 / 0.5 - expect[1], -1 / 0.5 - expect[2]]
     hand = -(lp - math.log(math.exp(lp) + sum(math.exp(x) for x in ln)))
     assert loss.item() == pytest.approx(hand, rel=1e-5)
-    nolq = LS.sampled_softmax(
+    nolq = losses.sampled_softmax(
         user,
         torch.tensor([vec[1]]),
         torch.tensor([1]),
@@ -247,9 +247,9 @@ def test_per_row_negatives_equal_the_shared_loss_row_by_row():
     pos_ids = torch.tensor([1, 2, 3])
     neg_ids = torch.tensor([[4, 5, 1], [1, 6, 7], [8, 3, 9]])  # an accidental hit in rows 0 and 2
     table = torch.randn(10, 4)
-    per_row = LS.sampled_softmax(user, pos_vec, pos_ids, table[neg_ids], neg_ids, None, torch.tensor(0.1))
+    per_row = losses.sampled_softmax(user, pos_vec, pos_ids, table[neg_ids], neg_ids, None, torch.tensor(0.1))
     rows = [
-        LS.sampled_softmax(
+        losses.sampled_softmax(
             user[i : i + 1],
             pos_vec[i : i + 1],
             pos_ids[i : i + 1],
@@ -261,25 +261,25 @@ def test_per_row_negatives_equal_the_shared_loss_row_by_row():
         for i in range(3)
     ]
     assert per_row.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
-    s = LS.NegativeSampler(np.array([0, 5, 1, 1]), n_uniform=6, n_inbatch=2, per_row=True)
+    s = losses.NegativeSampler(np.array([0, 5, 1, 1]), n_uniform=6, n_inbatch=2, per_row=True)
     neg = s.sample(torch.tensor([1, 2, 0, 3, 1]))
     assert neg.shape == (5, 8) and int(neg.min()) >= 1 and int(neg.max()) <= 3
     # Uniform negatives alone: log Q is the same for every item, so no correction is applied.
-    assert LS.NegativeSampler(np.array([0, 5, 1, 1]), n_uniform=6, n_inbatch=0).log_q is None
+    assert losses.NegativeSampler(np.array([0, 5, 1, 1]), n_uniform=6, n_inbatch=0).log_q is None
 
 
 def test_item_vectors_compute_each_distinct_id_once(data):
     _, catalog = data
     tower = UserFormer(tiny_cfg(), catalog).item_tower.eval()
     ids = torch.tensor([[3, 1, 3], [0, 1, 7]])
-    assert torch.allclose(LS.item_vectors(tower, ids), tower(ids), atol=1e-6)
+    assert torch.allclose(losses.item_vectors(tower, ids), tower(ids), atol=1e-6)
 
 
 def test_dense_all_action_targets_are_in_the_future_window(data):
     seqs, _ = data
-    b = D.pad_batch(seqs, np.arange(8), 11)
+    b = model_data.pad_batch(seqs, np.arange(8), 11)
     gen = torch.Generator().manual_seed(0)
-    _, pos, tgt, ok = LS.dense_all_action_targets(b, 4, 3, False, gen)
+    _, pos, tgt, ok = losses.dense_all_action_targets(b, 4, 3, False, gen)
     assert ok.all()
     items = b["item"]
     for r in range(8):
@@ -290,7 +290,7 @@ def test_dense_all_action_targets_are_in_the_future_window(data):
 # ----------------------------------------------------------- training
 def test_loss_decreases_and_is_deterministic(data):
     seqs, catalog = data
-    train, valid, _ = D.leave_one_out(seqs)
+    train, valid, _ = model_data.leave_one_out(seqs)
     tc = TrainConfig(
         epochs=6, batch_size=8, lr=5e-3, uniform_negatives=16, inbatch_negatives=8, patience=100, num_threads=1
     )
@@ -305,7 +305,7 @@ def test_loss_decreases_and_is_deterministic(data):
 @pytest.mark.parametrize("objective, loss", [("dense_all_action", "sampled"), ("next_action", "full")])
 def test_objectives_and_full_softmax_train(data, objective, loss):
     seqs, catalog = data
-    train, valid, test = D.leave_one_out(seqs)
+    train, valid, test = model_data.leave_one_out(seqs)
     tc = TrainConfig(
         epochs=20,
         batch_size=8,
@@ -335,8 +335,8 @@ def test_objectives_and_full_softmax_train(data, objective, loss):
 def test_head_losses_are_present(data):
     seqs, catalog = data
     model = UserFormer(tiny_cfg(), catalog).train()
-    b = D.pad_batch(seqs, np.arange(6), 11)
-    sampler = LS.NegativeSampler(D.item_counts(seqs, catalog.n_items), 8, 4)
+    b = model_data.pad_batch(seqs, np.arange(6), 11)
+    sampler = losses.NegativeSampler(model_data.item_counts(seqs, catalog.n_items), 8, 4)
     loss, parts = batch_loss(model, b, TrainConfig(), sampler, torch.Generator().manual_seed(0), True)
     assert set(parts) == {"retrieval", "category_l1", "brand", "event_type"} and torch.isfinite(loss)
     loss.backward()
@@ -381,14 +381,14 @@ def test_checkpoint_round_trip(data, tmp_path):
     from userformer.models.train import load_checkpoint
 
     seqs, catalog = data
-    train, valid, test = D.leave_one_out(seqs)
+    train, valid, test = model_data.leave_one_out(seqs)
     tc = TrainConfig(epochs=2, batch_size=16, uniform_negatives=8, num_threads=1)
     ck = tmp_path / "m.pt"
     model, hist = fit(tiny_cfg(), tc, train, valid, catalog, ckpt_path=ck, progress=False, log=lambda s: None)
     again, meta = load_checkpoint(ck, catalog)
     assert meta["vocab_sizes"] == catalog.sizes and meta["epoch"] == hist["best_epoch"]
     assert "ndcg@10" in meta["metrics"]["valid"] and meta["history"]
-    b = D.pad_batch(test.history, np.arange(5), 10)
+    b = model_data.pad_batch(test.history, np.arange(5), 10)
     assert torch.allclose(model.eval().user_embedding(b), again.eval().user_embedding(b), atol=1e-6)
 
 
@@ -396,7 +396,7 @@ def test_most_popular_baseline(data):
     from userformer.models.train import evaluate_popular
 
     seqs, catalog = data
-    train, _, test = D.leave_one_out(seqs)
+    train, _, test = model_data.leave_one_out(seqs)
     m = evaluate_popular(train, test, catalog)
     assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1 and m["coverage@10"] == pytest.approx(10 / 30)
 
@@ -405,7 +405,7 @@ def test_most_popular_baseline(data):
 def test_time_protocol_splits_train_valid_test_by_time(data):
     seqs, _ = data
     t_valid, t_test = np.quantile(seqs.ts, [0.6, 0.8])
-    train, valid, test = D.time_protocol(seqs, float(t_valid), float(t_test), 86400.0 * 365)
+    train, valid, test = model_data.time_protocol(seqs, float(t_valid), float(t_test), 86400.0 * 365)
     assert np.all(train.ts < t_valid)
     # validation positives lie in [t_valid, t_test); test history is everything before t_test
     assert np.all(valid.history.ts < t_valid) and np.all(test.history.ts < t_test)
@@ -415,7 +415,7 @@ def test_time_protocol_splits_train_valid_test_by_time(data):
     assert sum(len(s) for s in valid.target_sets) <= in_valid.sum()
     assert len(test.target_event_type) == len(test.targets)
     with pytest.raises(ValueError):
-        D.time_protocol(seqs, float(t_test), float(t_valid), 86400.0)
+        model_data.time_protocol(seqs, float(t_test), float(t_valid), 86400.0)
 
 
 def test_head_accuracy_counts_top1_top5_and_skips_unknown_labels():
@@ -436,7 +436,7 @@ def test_head_accuracy_counts_top1_top5_and_skips_unknown_labels():
 
 def test_evaluate_reports_each_head(data):
     seqs, catalog = data
-    _, _, test = D.leave_one_out(seqs)
+    _, _, test = model_data.leave_one_out(seqs)
     model = model_of(tiny_cfg(), catalog)
     m = evaluate(model, test, catalog, torch.device("cpu"), TrainConfig(num_threads=1))
     assert set(m["heads"]) == {"category_l1", "brand", "event_type"}
@@ -452,7 +452,7 @@ def test_benchmark_variants_drop_what_the_data_cannot_inform(data):
     full = variant("full", base, seqs, catalog)
     assert full.event_features == base.event_features and full.heads == base.heads  # everything varies here
     # One event type, no durations, order-only times: those inputs and the event-type head go.
-    flat = D.Sequences(
+    flat = model_data.Sequences(
         seqs.user_ids,
         seqs.offsets,
         {**seqs.ints, "event_type": np.ones_like(seqs.ints["event_type"])},
@@ -471,14 +471,14 @@ def test_history_exclusion_removes_seen_items_from_the_ranking():
     from dataclasses import replace
 
     # one user, history items 1 and 2; scores prefer 1 > 2 > 3 > 4; target 3
-    hist = D.Sequences(
+    hist = model_data.Sequences(
         np.array(["u"], dtype=object),
         np.array([0, 2]),
-        {k: np.array([1, 2]) for k in D.INT_FIELDS},
+        {k: np.array([1, 2]) for k in model_data.INT_FIELDS},
         np.array([1.0, 2.0]),
         np.full(2, np.nan, np.float32),
     )
-    ev = D.EvalSet(hist, np.array([3]))
+    ev = model_data.EvalSet(hist, np.array([3]))
     from userformer.models.train import history_pairs
 
     assert history_pairs(ev, 0, 10) is None
@@ -494,14 +494,14 @@ def test_history_exclusion_removes_seen_items_from_the_ranking():
 def test_users_without_events_get_the_trained_cold_embedding(data):
     seqs, catalog = data
     model = model_of(tiny_cfg(), catalog)
-    empty = D.Sequences(
+    empty = model_data.Sequences(
         np.array(["new"], dtype=object),
         np.array([0, 0]),
-        {k: np.zeros(0, np.int64) for k in D.INT_FIELDS},
+        {k: np.zeros(0, np.int64) for k in model_data.INT_FIELDS},
         np.zeros(0),
         np.zeros(0, np.float32),
     )
-    b = D.pad_batch(empty, np.array([0]), 10)
+    b = model_data.pad_batch(empty, np.array([0]), 10)
     with torch.no_grad():
         u = model.user_embedding(b)
         assert torch.allclose(u[0], model.cold_embedding(), atol=1e-6)
@@ -509,14 +509,14 @@ def test_users_without_events_get_the_trained_cold_embedding(data):
         for task, p in prefs.items():
             assert torch.allclose(p[0, 1:], torch.softmax(model.heads.readouts[task].bias[1:], -1), atol=1e-5)
     # A window that starts at the user's first event trains the cold embedding on that event.
-    full = D.pad_batch(seqs, np.arange(4), 12)  # 12 events each: the whole history
-    assert full["from_start"].all() and not D.pad_batch(seqs, np.arange(4), 5)["from_start"].any()
+    full = model_data.pad_batch(seqs, np.arange(4), 12)  # 12 events each: the whole history
+    assert full["from_start"].all() and not model_data.pad_batch(seqs, np.arange(4), 5)["from_start"].any()
     model.train()
     loss, _ = batch_loss(
         model,
         full,
         TrainConfig(uniform_negatives=8),
-        LS.NegativeSampler(D.item_counts(seqs, catalog.n_items), 8, 0),
+        losses.NegativeSampler(model_data.item_counts(seqs, catalog.n_items), 8, 0),
         torch.Generator().manual_seed(0),
         True,
     )
@@ -529,14 +529,14 @@ def test_id_plus_mean_pooling_keeps_identity_and_embeds_unseen_items_by_content(
     tower = model_of(tiny_cfg(pooling="id_plus_mean", item_mlp=False), catalog).item_tower
     ids = torch.tensor([1, 2])
     parts = {f: e for f, e in tower.embs.items()}
-    attrs = {a: tower.attrs[ids, D.ITEM_ATTRS.index(a)] for a in D.ITEM_ATTRS}
-    content = [parts[a](attrs[a]) for a in D.ITEM_ATTRS]
-    cnt = torch.stack([(attrs[a] > 0) for a in D.ITEM_ATTRS], -1).float().sum(-1, keepdim=True)
+    attrs = {a: tower.attrs[ids, model_data.ITEM_ATTRS.index(a)] for a in model_data.ITEM_ATTRS}
+    content = [parts[a](attrs[a]) for a in model_data.ITEM_ATTRS]
+    cnt = torch.stack([(attrs[a] > 0) for a in model_data.ITEM_ATTRS], -1).float().sum(-1, keepdim=True)
     expect = parts["item_id"](ids) + torch.stack(content).sum(0) / cnt
     with torch.no_grad():
         assert torch.allclose(tower(ids), torch.nn.functional.normalize(expect, dim=-1), atol=1e-6)
         # an id the model never saw (outside the table) with known attributes: its content alone
-        unseen = tower(torch.tensor([catalog.n_items + 5]), attrs={a: attrs[a][:1] for a in D.ITEM_ATTRS})
+        unseen = tower(torch.tensor([catalog.n_items + 5]), attrs={a: attrs[a][:1] for a in model_data.ITEM_ATTRS})
         only = torch.stack([c[:1] for c in content]).sum(0) / cnt[:1]
         assert torch.allclose(unseen, torch.nn.functional.normalize(only, dim=-1), atol=1e-6)
 
