@@ -33,6 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from userformer.jobs.core import registry
+from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import delta
+from userformer.jobs.core.storage.files import location
+from userformer.jobs.steps import infer
 from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
 from userformer.schemas import tables
 
@@ -87,8 +92,6 @@ def score_stats(scores, label_idx, labels) -> dict[str, np.ndarray]:
 
 def _staged(folder: str, name: str):
     """A staged file of a shard (local, or in the warehouse's bucket), opened for reading."""
-    from userformer.jobs.core.storage.files import location
-
     return (location(folder) / name).open("rb")
 
 
@@ -108,11 +111,6 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop date `dt` for the published model (module doc)."""
     import pandas as pd
     from great_expectations import expectations as E
-
-    from userformer.jobs.core import registry
-    from userformer.jobs.core.errors import UserError
-    from userformer.jobs.core.storage import delta
-    from userformer.jobs.steps import infer
 
     shards = shards or cfg.infer.shards
     try:

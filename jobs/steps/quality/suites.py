@@ -435,6 +435,7 @@ def user_sequences(cfg: Config, day: _dt.date, src: Source) -> Plan:
 # ------------------------------------------------------------ model outputs
 def outputs(cfg: Config, day: _dt.date, src: Source, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop D, before publishing (jobs/steps/quality/outputs.py)."""
+    # Imported here: that module builds on this one's Batch, Plan and Outcome.
     from userformer.jobs.steps.quality.outputs import outputs as build
 
     return build(cfg, day, src, shards=shards)
