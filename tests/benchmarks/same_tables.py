@@ -5,8 +5,7 @@ its own home, both reading the same raw drops), and compares every table with th
 (tests/integration/warehouses.py: exact tables row by row; model outputs within float tolerance, also reported
 as how many rows are identical). Each build needs its own installed checkout, e.g. for a commit REV::
 
-    git worktree add /tmp/before REV && python3.11 -m venv /tmp/before/.venv \\
-        && /tmp/before/.venv/bin/pip install -r requirements.lock && /tmp/before/.venv/bin/pip install -e /tmp/before
+    git worktree add /tmp/before REV && make -C /tmp/before venv   # its own .venv: torch==2.13.0 first, then the lock
     .venv/bin/python -m tests.benchmarks.same_tables --before /tmp/before/.venv/bin/userformer \\
         --after .venv/bin/userformer --days 3
 
