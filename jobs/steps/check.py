@@ -100,6 +100,9 @@ class DeltaSource:
     def schema(self, table: str) -> pa.Schema:
         return self._table(table).schema
 
+    def version(self, table: str) -> int:
+        return self._table(table).version
+
     def read(self, table: str, columns: list[str], filter=None) -> pa.Table:
         return self._table(table).to_table(columns, filter)
 

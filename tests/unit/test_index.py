@@ -258,6 +258,12 @@ def test_index_gate_is_a_check_suite(icfg):
     assert built.check.facts["version"] == built.version and built.check.facts["recall_at_10"] == m["recall_at_10"]
     res = check.check(icfg, "index", D1)
     assert res.success and res.facts["version"] == built.version and res.facts["recall_at_10"] == 1.0
+    # The build measured recall on these very inputs: the gate on CURRENT takes that measurement (no second
+    # exact search); on another day (other queries) it measures again.
+    assert built.check.facts["recall_measured"] == "now"
+    assert res.facts["recall_measured"] == "at build, on the same inputs" and res.facts["recall_sample"] == 50
+    other_day = check.check(icfg, "index", D1 + dt.timedelta(days=1))
+    assert other_day.success and other_day.facts["recall_measured"] == "now"
     assert [r.expectation for r in res.results] == [r.expectation for r in built.check.results]
     assert res.results[-1].expectation == "expect_index_model_version_to_match_item_embeddings"
     assert json.loads(res.json_path.read_text())["table"] == "index"
@@ -269,6 +275,7 @@ def test_index_gate_is_a_check_suite(icfg):
     # item_embeddings moved on (another model, one item more) without a new index: CURRENT no longer fits.
     write_items(icfg, 501, mv="v0002-20260106-finetune")
     res = check.check(icfg, "index", D1)
+    assert res.facts["recall_measured"] == "now"
     assert {r.expectation for r in res.failed} >= {
         "expect_index_vector_count_to_equal",
         "expect_index_model_version_to_match_item_embeddings",

@@ -41,6 +41,8 @@ class Source(Protocol):
 
     def schema(self, table: str) -> pa.Schema: ...  # raises MissingData when the table does not exist
 
+    def version(self, table: str) -> int: ...  # the Delta version every read of the table sees
+
     def read(self, table: str, columns: list[str], filter: pc.Expression | None = None) -> pa.Table: ...
 
     def partition_rows(self, table: str) -> dict[_dt.date, int]: ...  # rows per dt partition, from the log
