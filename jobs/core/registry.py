@@ -39,7 +39,6 @@ from pathlib import Path
 
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import files
-from userformer.jobs.core.storage.files import write_json
 from userformer.jobs.core.versions import VersionStore, now_iso
 
 REEMBED_RULE = (
@@ -136,7 +135,7 @@ def register(
         "reembedding_rule": REEMBED_RULE,
         "files": {"model.pt": {"bytes": (d / "model.pt").stat().st_size, "sha256": sha256(d / "model.pt")}},
     }
-    write_json(d / "manifest.json", man)
+    store(cfg).write_manifest(version, man)
     return version
 
 

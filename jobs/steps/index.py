@@ -75,14 +75,13 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
-from userformer.jobs.core.versions import VersionStore, now_iso
+from userformer.jobs.core.versions import MANIFEST, VersionStore, now_iso
 from userformer.jobs.steps.check import CheckResult, check, summary
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
-MANIFEST_FILE = "manifest.json"
 CHECKING = "checking"  # the status of a built version until its check has decided
 # What the check measured that the manifest keeps (the quality suite's facts).
 _RECALL_FACTS = ("recall_at_10", "recall_sample", "recall_query_source", "recall_seconds", "user_embeddings_version")
@@ -148,7 +147,7 @@ def list_versions(cfg: Config) -> list[str]:
 def _status(cfg: Config, version: str) -> str | None:
     """The status in a version's manifest; None when it has none yet (being built) or it cannot be read."""
     try:
-        return json.loads((version_dir(cfg, version) / MANIFEST_FILE).read_text()).get("status")
+        return json.loads((version_dir(cfg, version) / MANIFEST).read_text()).get("status")
     except (OSError, ValueError):
         return None
 
@@ -478,7 +477,7 @@ def build_index(cfg: Config, day: datetime.date, *, force: bool = False) -> Inde
             "built_at": now_iso(),
             "check": None,
         }
-        files.write_json(building / MANIFEST_FILE, manifest)
+        files.write_json(building / MANIFEST, manifest)
         files.fsync_dir(building)
         os.rename(building, dest)  # replaces the empty placeholder the allocation made
         files.fsync_dir(dest.parent)

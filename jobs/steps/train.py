@@ -58,6 +58,7 @@ from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config, ModelConfig, TrainConfig
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.storage import files
 
 # The model's modules (models/, jobs/core/stream.py) load torch: the functions that train or evaluate import them, so
 # that the daily gate (`promote_candidate`, its own task) does not pay torch's import (seconds) in its process.
@@ -207,7 +208,7 @@ def train(
     if epochs:
         tcfg.epochs = epochs
     run["train_config"] = dataclasses.asdict(tcfg)
-    registry.write_json(run_dir / "run.json", run)
+    files.write_json(run_dir / "run.json", run)
 
     cat = snap.catalog
     T_ref = stream.day_end(snap.day)
@@ -317,7 +318,7 @@ def train(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     run.update(status="finished", finished_at=registry.now_iso(), summary=summary)
-    registry.write_json(run_dir / "run.json", run)
+    files.write_json(run_dir / "run.json", run)
     for f in ("last.pt", "best.pt"):  # the registry holds the result; the resumable state is no longer needed
         (run_dir / f).unlink(missing_ok=True)
     return summary
@@ -693,7 +694,7 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
         "seconds": round(time.perf_counter() - t0, 1),
     }
     path = cfg.reports_root / "models" / version / f"evaluate-dt={snap.day}.json"
-    registry.write_json(path, report)
+    files.write_json(path, report)
     report["path"] = str(path)
     out(format_report(report))
     return report

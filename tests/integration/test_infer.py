@@ -27,7 +27,7 @@ from userformer.jobs.core import registry as model_registry
 from userformer.jobs.core import stream
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.storage import delta
+from userformer.jobs.core.storage import delta, files
 from userformer.jobs.steps import check as check_step
 from userformer.jobs.steps import infer as infer_step
 from userformer.jobs.steps import publish as publish_step
@@ -377,12 +377,12 @@ def test_bad_checkpoints_are_clear_errors(setup, warehouse):  # noqa: F811
     torch.save(ck, path)
     man = model_registry.read_manifest(cfg, v1)
     man["files"]["model.pt"]["sha256"] = model_registry.sha256(path)
-    model_registry.write_json(model_registry.version_dir(cfg, v1) / "manifest.json", man)
+    files.write_json(model_registry.version_dir(cfg, v1) / "manifest.json", man)
     with pytest.raises(UserError, match="model/vocabulary size mismatch"):
         infer_step.infer(cfg, D3, log=quiet)
     path.write_bytes(good)
     man["files"]["model.pt"]["sha256"] = model_registry.sha256(path)
-    model_registry.write_json(model_registry.version_dir(cfg, v1) / "manifest.json", man)
+    files.write_json(model_registry.version_dir(cfg, v1) / "manifest.json", man)
     with pytest.raises(UserError, match="model/vocabulary size mismatch: catalogue has"):
         infer_step.infer(cfg, D1, log=quiet)  # the model (as of D3) knows items the catalogue of D1 does not
     with pytest.raises(UserError, match="was not ingested"):
