@@ -1,7 +1,7 @@
 """`userformer check TABLE --dt D`: the data-quality gate of one drop date, with Great Expectations.
 
 The suites (what good data means) live in jobs/steps/quality/suites.py; this step
-reads the Delta tables for them, lets GE evaluate the expectations on pandas,
+opens the warehouse for them (jobs/steps/quality/source.py), lets GE evaluate the expectations on pandas,
 writes ``reports/checks/<table>/dt=D.html`` and ``.json``, and exits 1 when any
 expectation fails so that the pipeline stops before bad data spreads. The item
 index has a suite too (``check index``: the CURRENT index; `userformer index`
@@ -20,12 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.storage import delta
+from userformer.jobs.steps.quality.source import Warehouse
 from userformer.jobs.steps.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
 
 log = logging.getLogger(__name__)
@@ -75,54 +73,6 @@ class CheckResult:
         d = asdict(self)
         d["results"] = [{**asdict(r), "column": r.column} for r in self.results]
         return _jsonable(d)
-
-
-# ------------------------------------------------------------------ reading
-class DeltaSource:
-    """The warehouse for a suite: one snapshot per table, so every read of a check sees the same version.
-
-    Reads and counts apply deletion vectors (`delta.Snapshot`, `delta.partition_rows`): Spark's MERGE and
-    DELETE leave deleted rows in the files of its tables (events, events_rejected, user_sequences), which
-    delta-rs's dataset refuses to read and the log's `num_records` still counts."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self._tables: dict[str, delta.Snapshot] = {}
-
-    def _table(self, table: str) -> delta.Snapshot:
-        if table not in self._tables:
-            path = self.cfg.table_path(table)
-            if not delta.exists(path):
-                raise MissingData(f"table {table} does not exist at {path}")
-            self._tables[table] = delta.Snapshot(path)
-        return self._tables[table]
-
-    def schema(self, table: str) -> pa.Schema:
-        return self._table(table).schema
-
-    def version(self, table: str) -> int:
-        return self._table(table).version
-
-    def read(self, table: str, columns: list[str], filter=None) -> pa.Table:
-        return self._table(table).to_table(columns, filter)
-
-    def drops(self, table: str) -> set[datetime.date]:
-        """The drop dates whose ingest commit the table's current version holds (an empty drop has no partition)."""
-        self._table(table)
-        return {
-            datetime.date.fromisoformat(c["dt"])
-            for c in delta.lineage(self.cfg.table_path(table))
-            if c.get("step") == "ingest" and c.get("dt")
-        }
-
-    def partition_rows(self, table: str) -> dict[datetime.date, int]:
-        """Rows a reader sees per dt, from the log (per-file counts minus deleted rows), without reading data."""
-        snap = self._table(table)
-        out: dict[datetime.date, int] = {}
-        for day, n in delta.partition_rows(snap.path, "dt", snap.version).items():
-            day = datetime.date.fromisoformat(day) if isinstance(day, str) else day
-            out[day] = out.get(day, 0) + n
-        return out
 
 
 # ----------------------------------------------------------------------- GE
@@ -243,7 +193,7 @@ def check(cfg: Config, table: str, day: datetime.date, options: dict | None = No
         raise UserError(f"no quality suite for table {table!r}; known: {', '.join(SUITES)}")
     t0 = time.perf_counter()
     try:
-        plan = SUITES[table](cfg, day, DeltaSource(cfg), **(options or {}))
+        plan = SUITES[table](cfg, day, Warehouse(cfg), **(options or {}))
         res = CheckResult(table, day, success=False, results=evaluate(plan, cfg.quality.examples), facts=plan.facts)
         res.success = not res.failed
     except MissingData as exc:

@@ -290,6 +290,17 @@ class Snapshot:
             return pa.concat_tables(parts)
         return (self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])).empty_table()
 
+    def count_rows(self, filter=None) -> int:
+        if self._ds is not None:
+            return self._ds.count_rows(filter=filter)
+        return sum(t.num_rows for t in self.scan(columns=[self.schema.names[0]], filter=filter))
+
+    def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        """The rows at these positions, in the order a full read returns them."""
+        if self._ds is not None:
+            return self._ds.take(pa.array(rows), columns=columns)
+        return self.to_table(columns).take(pa.array(rows))
+
 
 def scan(
     path: str | Path,

@@ -33,46 +33,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import index as item_index
-from userformer.jobs.steps.quality.suites import MissingData, Outcome, Plan
+from userformer.jobs.steps.quality.suites import MissingData, Outcome, Plan, Source
 
 RECALL_K = 10
 USERS_KEY = "user_embeddings_version"  # the manifest's record of the users the recall queries came from
 
 
-def recall_queries(cfg, model_version: str, items: np.ndarray, seed: int) -> tuple[np.ndarray, str, int | None]:
+def recall_queries(
+    cfg, src: Source, model_version: str, items: np.ndarray, seed: int
+) -> tuple[np.ndarray, str, int | None]:
     """Recall queries: a sample of user embeddings of the model version, else of item vectors. Returns (queries,
     where they came from, the user_embeddings Delta version or None)."""
     n_want = cfg.index.recall_sample
     rng = np.random.default_rng(seed)
-    path = cfg.table_path("user_embeddings")
-    if delta.exists(path):
-        t = delta.open_table(path)
-        ds = delta.dataset(t)
-        n = ds.count_rows()
+    if src.exists("user_embeddings"):
+        n = src.count_rows("user_embeddings")
         if n:
             # Oversample, keep the rows of this model version (usually all after a full re-embed).
             take = np.sort(rng.choice(n, min(n, 4 * n_want), replace=False))
-            rows = ds.take(pa.array(take), columns=["embedding", "model_version"])
+            rows = src.take("user_embeddings", take, ["embedding", "model_version"])
             rows = rows.filter(pc.equal(rows["model_version"].cast(pa.string()), model_version))
             if rows.num_rows:
                 pick = np.sort(rng.permutation(rows.num_rows)[:n_want])
-                return item_index.vectors_of(rows["embedding"].take(pa.array(pick))), "user_embeddings", t.version()
+                queries = item_index.vectors_of(rows["embedding"].take(pa.array(pick)))
+                return queries, "user_embeddings", src.version("user_embeddings")
     take = np.sort(rng.choice(len(items), min(len(items), n_want), replace=False))
     return items[take], "item_embeddings", None
 
 
-def _measured_on_these_inputs(cfg, man: dict, day: _dt.date, items_version: int) -> bool:
+def _measured_on_these_inputs(man: dict, day: _dt.date, src: Source) -> bool:
     """Did the build measure this index's recall on exactly what the gate would measure it on now: the same
     item_embeddings and user_embeddings versions and the same day (the queries' seed)?"""
+    users = src.version("user_embeddings") if src.exists("user_embeddings") else None
     return (
         man.get("recall_at_10") is not None
         and man.get("as_of") == str(day)
-        and man.get("item_embeddings_version") == items_version
+        and man.get("item_embeddings_version") == src.version("item_embeddings")
         and USERS_KEY in man
-        and man[USERS_KEY] == delta.version_of(cfg.table_path("user_embeddings"))
+        and man[USERS_KEY] == users
     )
 
 
@@ -83,21 +82,14 @@ def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     return ~finite, finite & (np.abs(norms - 1.0) > tol)
 
 
-def index(cfg, day: _dt.date, src, version: str | None = None) -> Plan:
+def index(cfg, day: _dt.date, src: Source, version: str | None = None) -> Plan:
     """The index gate of `version` (default: the CURRENT index) for drop date `dt` (module doc)."""
     checking_current = version is None
     if version is None:
-        try:
-            ptr = item_index.current(cfg)
-        except UserError as exc:
-            raise MissingData(str(exc)) from None
-        if ptr is None:
+        version = src.current_index()
+        if version is None:
             raise MissingData(f"no item index is current under {cfg.index_root}: run `userformer index --dt {day}`")
-        version = ptr["version"]
-    try:
-        opened = item_index.open_version(cfg, version)
-    except UserError as exc:
-        raise MissingData(str(exc)) from None
+    opened = src.item_index(version)
     man = opened.manifest
     model_version = man["model_version"]
     data = src.read("item_embeddings", ["item_id", "item_idx", "embedding", "model_version"])
@@ -106,14 +98,14 @@ def index(cfg, day: _dt.date, src, version: str | None = None) -> Plan:
     d = vectors.shape[1] if rows else None
 
     tr = time.perf_counter()
-    if checking_current and _measured_on_these_inputs(cfg, man, day, src.version("item_embeddings")):
+    if checking_current and _measured_on_these_inputs(man, day, src):
         # The build measured this index on the same item_embeddings and user_embeddings versions with the same
         # seed: the exact search (the gate's costly part) would give the same number again.
         recall, query_source, users_version = man["recall_at_10"], man["recall_query_source"], man[USERS_KEY]
         n_queries, user_d = man["recall_sample"], man.get("dimension") if query_source == "user_embeddings" else None
         measured = "at build, on the same inputs"
     else:
-        queries, query_source, users_version = recall_queries(cfg, model_version, vectors, seed=day.toordinal())
+        queries, query_source, users_version = recall_queries(cfg, src, model_version, vectors, seed=day.toordinal())
         n_queries, user_d = len(queries), queries.shape[1] if query_source == "user_embeddings" else None
         if not rows or opened.index.d != d or (user_d is not None and user_d != d):
             recall = float("nan")  # nothing to compare, or vectors of another length than the index's

@@ -31,14 +31,9 @@ import datetime as _dt
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from userformer.jobs.core import registry
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.storage import delta
-from userformer.jobs.core.storage.files import location
 from userformer.jobs.steps import infer
-from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
+from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, Source, type_check
 from userformer.schemas import tables
 
 SUM_TOLERANCE = 1e-4  # float32 rounding of probabilities that sum to 1
@@ -90,50 +85,32 @@ def score_stats(scores, label_idx, labels) -> dict[str, np.ndarray]:
     return out
 
 
-def _staged(folder: str, name: str):
-    """A staged file of a shard (local, or in the warehouse's bucket), opened for reading."""
-    return (location(folder) / name).open("rb")
-
-
-def _batches(folder: str, name: str, columns: list[str]):
-    with _staged(folder, name) as f:
-        for b in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
-            yield pa.Table.from_batches([b])
-
-
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     if not parts:
         return {}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
+def outputs(cfg, day: _dt.date, src: Source, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop date `dt` for the published model (module doc)."""
     import pandas as pd
     from great_expectations import expectations as E
 
     shards = shards or cfg.infer.shards
-    try:
-        ptr = registry.published(cfg)
-    except UserError as exc:
-        raise MissingData(str(exc)) from None
-    if ptr is None:
-        raise MissingData(f"no published model under {cfg.models_root}: nothing can have been inferred")
-    version = ptr["version"]
-    manifests, missing = [], []
-    for i in range(shards):
-        m = infer.read_manifest(infer.shard_dir(cfg, day, version, i, shards))
-        (missing.append(i) if m is None else manifests.append(m))
+    version = src.published_model()
+    staged = src.staged_shards(day, version, shards)
+    manifests = [m for m in staged if m is not None]
+    missing = [i for i, m in enumerate(staged) if m is None]
     if missing:
         raise MissingData(
             f"no staged output of model {version} for shard(s) "
             f"{', '.join(infer.shard_name(i, shards) for i in missing)} "
-            f"under {infer.day_dir(cfg, day, version)}: run "
+            f"under {src.staged_dir(day, version)}: run "
             + "; ".join(f"`userformer infer --dt {day} --shard {i} --shards {shards}`" for i in missing[:3])
         )
     try:
-        d_model = int(registry.read_manifest(cfg, version)["model_config"]["d_model"])
-    except (UserError, KeyError, TypeError, ValueError) as exc:
+        d_model = int(src.model_config(version)["d_model"])
+    except (KeyError, TypeError, ValueError) as exc:
         raise MissingData(f"cannot read the model configuration of {version}: {exc}") from None
 
     plan = Plan("outputs", day)
@@ -158,7 +135,7 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
         full=first["full"],
         reason=first.get("reason"),
         inputs={t: v["version"] for t, v in first["inputs"].items()},
-        staged=str(infer.day_dir(cfg, day, version)),
+        staged=src.staged_dir(day, version),
         d_model=d_model,
     )
 
@@ -173,8 +150,7 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
         for m in manifests if table != "item_embeddings" else manifests[:1]:
             name = f"{table}.parquet"
             try:
-                with _staged(m["path"], name) as f:
-                    actual = pq.read_schema(f)
+                actual = src.staged_schema(m["path"], name)
             except (OSError, pa.ArrowInvalid) as exc:
                 problems.append(f"shard {m['shard']}: {name} unreadable ({exc})")
                 bad.add("*")
@@ -201,18 +177,15 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
     filt = None if first["full"] else pc.field("updated_dt") == pa.scalar(day, pa.date32())
     selected = first.get("selection")
     if selected:  # a repair's explicit users (jobs/steps/infer.py): those of them with a row
-        with _staged(first["path"], selected["file"]) as f:
-            sel = pq.read_table(f, columns=["user_id"])["user_id"]
+        sel = src.staged_table(first["path"], selected["file"], ["user_id"])["user_id"]
         filt = pc.field("user_id").isin(sel.combine_chunks().cast(pa.string()))
-    want_ids = delta.read_arrow(cfg.table_path("user_sequences"), inp["version"], filter=filt, columns=["user_id"])[
-        "user_id"
-    ].to_pylist()
+    want_ids = src.read("user_sequences", ["user_id"], filter=filt, version=inp["version"])["user_id"].to_pylist()
     expected = (
         np.bincount(infer.shard_of(want_ids, shards), minlength=shards) if want_ids else np.zeros(shards, np.int64)
     )
     items_in = first["inputs"]["items"]
-    catalogue = delta.dataset(delta.open_table(cfg.table_path("items"), items_in["version"])).count_rows(
-        filter=pc.field("first_dt") <= pa.scalar(day, pa.date32())
+    catalogue = src.count_rows(
+        "items", filter=pc.field("first_dt") <= pa.scalar(day, pa.date32()), version=items_in["version"]
     )
 
     # Per-row properties, shard by shard.
@@ -222,7 +195,9 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
     if readable["user_embeddings"]:
         for m in manifests:
             n = 0
-            for t in _batches(m["path"], "user_embeddings.parquet", ["user_id", "embedding", "model_version", "as_of"]):
+            for t in src.staged_batches(
+                m["path"], "user_embeddings.parquet", ["user_id", "embedding", "model_version", "as_of"]
+            ):
                 ids = t["user_id"].to_pylist()
                 users.append(
                     {
@@ -242,7 +217,7 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
             )
     if readable["user_preference_scores"]:
         for m in manifests:
-            for t in _batches(
+            for t in src.staged_batches(
                 m["path"],
                 "user_preference_scores.parquet",
                 ["user_id", "task", "label_idx", "labels", "scores", "model_version"],
@@ -384,7 +359,9 @@ def outputs(cfg, day: _dt.date, src, shards: int | None = None) -> Plan:
     items_rows = 0
     if readable["item_embeddings"]:
         parts = []
-        for t in _batches(first["path"], "item_embeddings.parquet", ["item_idx", "embedding", "model_version"]):
+        for t in src.staged_batches(
+            first["path"], "item_embeddings.parquet", ["item_idx", "embedding", "model_version"]
+        ):
             parts.append(
                 {
                     "item_idx": t["item_idx"].to_numpy(zero_copy_only=False),

@@ -1,7 +1,7 @@
 """Expectation suites per table, built from the Arrow schemas (schemas.tables) and the config.
 
-A suite builder reads what it needs through a `Source` (jobs/steps/check.py hands it
-the Delta warehouse), turns what Great Expectations cannot express directly
+A suite builder reads what it needs through a `Source` (the runner, jobs/steps/check.py,
+hands it the warehouse: jobs/steps/quality/source.py), turns what Great Expectations cannot express directly
 (array properties, row counts, ratios) into plain pandas columns, and returns a
 `Plan`: pandas frames with the GE expectations to evaluate on each, plus the
 few outcomes decided outside GE (column types, skipped checks), which are
@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -37,17 +37,45 @@ class MissingData(Exception):
 
 
 class Source(Protocol):
-    """Read access to the warehouse, one consistent snapshot per table."""
+    """What a suite reads (jobs/steps/quality/source.py: `Warehouse`); one consistent snapshot per table."""
 
-    def schema(self, table: str) -> pa.Schema: ...  # raises MissingData when the table does not exist
+    # Delta tables. Each raises MissingData when the table does not exist.
+    def schema(self, table: str) -> pa.Schema: ...
+
+    def exists(self, table: str) -> bool: ...
 
     def version(self, table: str) -> int: ...  # the Delta version every read of the table sees
 
-    def read(self, table: str, columns: list[str], filter: pc.Expression | None = None) -> pa.Table: ...
+    def read(
+        self, table: str, columns: list[str], filter: pc.Expression | None = None, version: int | None = None
+    ) -> pa.Table: ...
+
+    def count_rows(self, table: str, filter: pc.Expression | None = None, version: int | None = None) -> int: ...
+
+    def take(self, table: str, rows: np.ndarray, columns: list[str]) -> pa.Table: ...
 
     def partition_rows(self, table: str) -> dict[_dt.date, int]: ...  # rows per dt partition, from the log
 
     def drops(self, table: str) -> set[_dt.date]: ...  # drop dates ingested (an empty drop has no partition)
+
+    # The model registry, the staged inference shards, the item index versions.
+    def published_model(self) -> str: ...
+
+    def model_config(self, version: str) -> dict: ...
+
+    def staged_dir(self, day: _dt.date, model_version: str) -> str: ...
+
+    def staged_shards(self, day: _dt.date, model_version: str, shards: int) -> list[dict | None]: ...
+
+    def staged_schema(self, folder: str, name: str) -> pa.Schema: ...
+
+    def staged_table(self, folder: str, name: str, columns: list[str]) -> pa.Table: ...
+
+    def staged_batches(self, folder: str, name: str, columns: list[str]) -> Iterator[pa.Table]: ...
+
+    def current_index(self) -> str | None: ...
+
+    def item_index(self, version: str) -> Any: ...  # jobs.steps.index.ItemIndex
 
 
 @dataclass
