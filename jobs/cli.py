@@ -2,8 +2,8 @@
 
 A step module exposes ``register(subparsers)``, which adds one parser with
 ``set_defaults(func=run)``; ``run(args, cfg) -> int`` is the exit code. Spark,
-FAISS and Great Expectations are imported inside the functions that use them, so
-that ``--help`` does not load them (torch it does: the steps' modules import it).
+FAISS, Great Expectations and torch are imported inside the functions that use
+them, so that ``--help`` loads none of them (a test keeps it so).
 """
 
 from __future__ import annotations

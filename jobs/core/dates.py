@@ -1,4 +1,4 @@
-"""The drop date: how the CLI reads it and how days are counted."""
+"""The drop date: how the CLI reads it, how days are counted, where a day starts and ends (UTC)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,17 @@ def date_arg(value: str) -> dt.date:
 
 def date_range(start: dt.date, days: int) -> list[dt.date]:
     return [start + dt.timedelta(days=i) for i in range(days)]
+
+
+def day_start(day: dt.date) -> float:
+    """Seconds since the epoch of 00:00 UTC of `day`."""
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC).timestamp()
+
+
+def day_end(day: dt.date) -> float:
+    """Seconds since the epoch of the end of `day` (00:00 UTC of the next day)."""
+    return day_start(day + dt.timedelta(days=1))
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()

@@ -507,7 +507,7 @@ def _published_of(p: dict) -> dict | None:
 # --------------------------------------------------------------- recompute
 def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[str] | None) -> dict:
     """What recompute will do, validated (the affected users are counted by `select_users`)."""
-    from userformer.jobs.core.stream import last_drop  # loads torch
+    from userformer.jobs.core.drops import last_drop
 
     _validate_range(from_dt, to_dt, "recompute")
     seq, events = cfg.table_path("user_sequences"), cfg.table_path("events")

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 
-from userformer.jobs.core import ledger, registry, stream
+from userformer.jobs.core import drops, ledger, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -41,7 +41,7 @@ def as_of(cfg: Config, day: dt.date | None) -> dt.date:
     """D: the given drop date, or the latest drop user_sequences includes."""
     if day is not None:
         return day
-    last = stream.applied_drop(cfg)
+    last = drops.applied_drop(cfg)
     if last is None:
         raise UserError("user_sequences includes no drop yet: run the daily pipeline first (`userformer run-day`)")
     return last

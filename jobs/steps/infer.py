@@ -54,7 +54,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from userformer.jobs.core import registry
+from userformer.jobs.core import drops, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -348,12 +348,12 @@ def infer(
     if ptr is None:
         raise UserError(f"no published model under {cfg.models_root}: run `userformer train` first")
     version = ptr["version"]
-    state = stream.drop_state(cfg, day)
+    state = drops.drop_state(cfg, day)
     if state == "missing":
         raise UserError(f"drop {day} was not ingested: run `userformer run-day --dt {day}` first")
     if state == "ingested":
         raise UserError(f"user_sequences does not include drop {day} yet: run `userformer sequences --dt {day}` first")
-    seq_v, _ = stream.sequences_version(cfg, day)
+    seq_v, _ = drops.sequences_version(cfg, day)
     model_path = registry.version_dir(cfg, version) / "model.pt"
     model, ck = registry.load(cfg, version)  # missing / corrupt / inconsistent checkpoint: UserError naming the file
     cat = stream.warehouse_catalog(cfg, day)

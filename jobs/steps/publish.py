@@ -51,7 +51,7 @@ import json
 import sys
 import time
 
-from userformer.jobs.core import registry
+from userformer.jobs.core import drops, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -220,8 +220,6 @@ def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | No
 # -------------------------------------------------------------------- step
 def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
     """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
-    from userformer.jobs.core import stream  # torch: not for repair's planning, which reads this module's marker
-
     t0 = time.perf_counter()
     shards = shards or cfg.infer.shards
     if shards < 1:
@@ -245,7 +243,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
 
     manifests = staged_shards(cfg, day, version, shards)
     common = consistent(manifests)
-    seq_v, _ = stream.sequences_version(cfg, day)
+    seq_v, _ = drops.sequences_version(cfg, day)
     staged_v = common["inputs"]["user_sequences"]["version"]
     if staged_v != seq_v:
         raise UserError(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from userformer.jobs.core import hooks, stream
+from userformer.jobs.core import drops, hooks
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -172,7 +172,7 @@ def update(cfg: Config, day: dt.date) -> dict:
         raise UserError(f"no events table at {events_path}: run `userformer ingest --dt {day}` first")
     if not _drop_ingested(events_path, day):
         raise UserError(f"events has no partition dt={day}: run `userformer ingest --dt {day}` first")
-    applied, base = stream.last_drop(seq_path)
+    applied, base = drops.last_drop(seq_path)
     rerun = applied == day
     if rerun and base is None:
         raise UserError(
@@ -293,7 +293,7 @@ def ensure_deletion_vectors(spark, seq_path) -> bool:
 
 def _restore(spark, seq_path, version: int, day: dt.date) -> int:
     """Back to the state before D (a rerun), as one RESTORE commit. Its metadata names no drop, so until
-    the MERGE that follows commits, `stream.last_drop` reads the state it restored (the drop before D):
+    the MERGE that follows commits, `drops.last_drop` reads the state it restored (the drop before D):
     a crash between the two leaves a table that a rerun of D applies to normally."""
     with delta.spark_commit(
         spark, seq_path, {"step": "sequences-rerun", "rerun_of": str(day), "restored_version": version}

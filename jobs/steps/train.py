@@ -54,7 +54,7 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core import registry
+from userformer.jobs.core import dates, drops, registry
 from userformer.jobs.core.config import Config, ModelConfig, TrainConfig
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -97,7 +97,7 @@ def snapshot(cfg: Config, day: dt.date | None, versions: dict | None = None) -> 
     if versions:
         seq_v, d = versions["user_sequences"], day
     else:
-        seq_v, d = stream.sequences_version(cfg, day)
+        seq_v, d = drops.sequences_version(cfg, day)
     cat = stream.warehouse_catalog(cfg, d, versions)
     return Snapshot(d, cfg.table_path("user_sequences"), {"user_sequences": seq_v, **cat.versions}, cat.catalog)
 
@@ -211,7 +211,7 @@ def train(
     files.write_json(run_dir / "run.json", run)
 
     cat = snap.catalog
-    T_ref = stream.day_end(snap.day)
+    T_ref = dates.day_end(snap.day)
     horizon = tcfg.eval_horizon_days * DAY_S
     split = T_ref - horizon
     t_min = None
@@ -238,30 +238,30 @@ def train(
     source.summarise(cat.n_items, (valid,))
     if not source.n_sequences:
         raise NotEnoughHistory(
-            f"no user has 2+ events before {stream.iso(split)}"
-            + (f" (from {stream.iso(t_min)})" if t_min is not None else "")
+            f"no user has 2+ events before {dates.iso(split)}"
+            + (f" (from {dates.iso(t_min)})" if t_min is not None else "")
             + f" in user_sequences as of {snap.day} "
             f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first"
         )
     valid_ev = valid.result()
     if not len(valid_ev.targets):
         log(
-            f"warning: no validation users with item events in [{stream.iso(split)}, {stream.iso(T_ref)}): "
+            f"warning: no validation users with item events in [{dates.iso(split)}, {dates.iso(T_ref)}): "
             "no early stopping, the last epoch is kept"
         )
     log(
-        f"train as of {snap.day}: {source.n_sequences} sequences of {source.n_users} users before {stream.iso(split)}, "
+        f"train as of {snap.day}: {source.n_sequences} sequences of {source.n_users} users before {dates.iso(split)}, "
         f"{len(valid_ev.targets)} validation users (of {valid.total} in the window), {cat.n_items} items; "
         f"run {run['run_id']}"
     )
     protocol = {
-        "reference_time": stream.iso(T_ref),
-        "split_time": stream.iso(split),
-        "trained_until": stream.iso(split),
+        "reference_time": dates.iso(T_ref),
+        "split_time": dates.iso(split),
+        "trained_until": dates.iso(split),
         "trained_until_ts": split,
         "eval_horizon_days": tcfg.eval_horizon_days,
         "valid_user_fraction": tcfg.valid_user_fraction,
-        "trained_from": stream.iso(t_min) if t_min is not None else None,
+        "trained_from": dates.iso(t_min) if t_min is not None else None,
         "window_days": window_days,
     }
     extra = {"data": snap.record(cfg), "protocol": protocol, "run_id": run["run_id"], "parent": None}
@@ -378,7 +378,7 @@ def finetune(
             f"no published model under {cfg.models_root}: run `userformer train` first "
             "(finetune warm-starts from the published version)"
         )
-    state = stream.drop_state(cfg, day)
+    state = drops.drop_state(cfg, day)
     base = {"dt": str(day), "published": ptr["version"], "trained": False, "promoted": False}
     if state == "ingested":
         raise UserError(f"user_sequences does not include drop {day} yet: run `userformer sequences --dt {day}` first")
@@ -388,13 +388,13 @@ def finetune(
         return {**base, "reason": f"drop {day} has no events: nothing to fine-tune, nothing promoted"}
     pub_path = registry.version_dir(cfg, ptr["version"]) / "model.pt"
     published, pub_ck = registry.load(cfg, ptr["version"])
-    start, end = stream.day_start(day), stream.day_end(day)
+    start, end = dates.day_start(day), dates.day_end(day)
     until = (pub_ck.get("protocol") or {}).get("trained_until_ts")
     if until is not None and until >= end:
         return {
             **base,
             "reason": f"the published version {ptr['version']} was already trained on events up to "
-            f"{stream.iso(until)}: nothing new in drop {day}",
+            f"{dates.iso(until)}: nothing new in drop {day}",
         }
     snap = snapshot(cfg, day)
     prior = _prior_candidate(cfg, day, ptr["version"], snap.record(cfg))
@@ -478,10 +478,10 @@ def finetune(
     pub_m = training.evaluate(grown, gate_ev, cat, device, tcfg)
     stale_users = training.embed_users(grown, gate_ev.history, grown.cfg.max_len, device, tcfg, ref_ts=gate_ev.ref_ts)
     protocol = {
-        "reference_time": stream.iso(end),
-        "trained_until": stream.iso(end),
+        "reference_time": dates.iso(end),
+        "trained_until": dates.iso(end),
         "trained_until_ts": end,
-        "gate_window": [stream.iso(start), stream.iso(end)],
+        "gate_window": [dates.iso(start), dates.iso(end)],
         "parent_trained_until": until,
     }
     extra = {"data": snap.record(cfg), "protocol": protocol, "parent": ptr["version"], "finetune": info}
@@ -646,7 +646,7 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
     grow_report = registry.fit_to_catalog(model, cat, str(registry.version_dir(cfg, version) / "model.pt"))
     tcfg = cfg.train
     torch.set_num_threads(tcfg.num_threads)
-    end = stream.day_end(snap.day)
+    end = dates.day_end(snap.day)
     start = end - tcfg.eval_horizon_days * DAY_S
     window = stream.WindowUsers(
         start,
@@ -661,7 +661,7 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
     ev = window.result()
     if not len(ev.targets):
         raise UserError(
-            f"no users with item events in [{stream.iso(start)}, {stream.iso(end)}) as of {snap.day} "
+            f"no users with item events in [{dates.iso(start)}, {dates.iso(end)}) as of {snap.day} "
             f"(train.eval_horizon_days={tcfg.eval_horizon_days}): nothing to evaluate"
         )
     device = training.pick_device(tcfg.device)
@@ -675,13 +675,13 @@ def evaluate(cfg: Config, *, version: str | None = None, day: dt.date | None = N
         "dt": str(snap.day),
         "created_at": registry.now_iso(),
         "protocol": {
-            "window": [stream.iso(start), stream.iso(end)],
-            "embedded_at": stream.iso(start),
+            "window": [dates.iso(start), dates.iso(end)],
+            "embedded_at": dates.iso(start),
             "horizon_days": tcfg.eval_horizon_days,
             "ranking": "full catalogue",
             "users": f"users with item events in the window, the {1 - tcfg.valid_user_fraction:.0%} "
             "hash share validation never sees; cold users (no history) included",
-            "model_trained_until": stream.iso(until) if until is not None else None,
+            "model_trained_until": dates.iso(until) if until is not None else None,
             "window_overlaps_training": bool(until is not None and until > start + 1e-6),
         },
         "users": len(ev.targets),

@@ -434,7 +434,7 @@ def incremental(
     shuffle_partitions: int,
 ) -> dict:
     """`days` drops processed in order; then on the last day: incremental update vs full rebuild."""
-    from userformer.jobs.core import stream
+    from userformer.jobs.core import drops
     from userformer.jobs.core.spark import stop_spark
     from userformer.jobs.core.storage import delta
     from userformer.jobs.steps import ingest, sequences
@@ -498,12 +498,12 @@ def incremental(
         log(f"  ingest {last} rerun #{i + 1}: {s:.1f}s")
 
     # The incremental cost: update(D_last) applied to the state after D_prev, K times.
-    applied, base = stream.last_drop(seq_path)
+    applied, base = drops.last_drop(seq_path)
     assert applied == last and base is not None and base >= 0, (applied, base)
     inc_samples, inc_runs, inc_version = [], [], None
     for i in range(repeats):
         _restore_state(cfg, seq_path, base, prev)
-        a, _ = stream.last_drop(seq_path)
+        a, _ = drops.last_drop(seq_path)
         if a != prev:
             raise RuntimeError(f"after restoring version {base}, applied_drop says {a}, expected {prev}")
         stages.read()
@@ -634,7 +634,7 @@ def incremental(
 
 def _restore_state(cfg, seq_path: Path, version: int, applied: dt.date) -> None:
     """user_sequences back to `version` (Spark's RESTORE, a new commit: delta-rs must not restore a table with
-    deletion vectors). The commit is tagged as the state after drop `applied`, so `stream.last_drop`
+    deletion vectors). The commit is tagged as the state after drop `applied`, so `drops.last_drop`
     reports it (with no rerun base: step is not "sequences")."""
     from userformer.jobs.core.spark import spark_session
     from userformer.jobs.core.storage import delta

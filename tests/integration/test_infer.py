@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from tests.integration.test_train import EXE, START, TINY, quiet, warehouse  # noqa: F401 (warehouse: the fixture)
+from userformer.jobs.core import drops
 from userformer.jobs.core import registry as model_registry
-from userformer.jobs.core import stream
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
@@ -105,7 +105,7 @@ def run_day(cfg, day, shards=1, **kw):
 
 
 def seq_users(cfg, day, only_day=True) -> set:
-    v, _ = stream.sequences_version(cfg, day)
+    v, _ = drops.sequences_version(cfg, day)
     t = delta.read_arrow(cfg.table_path("user_sequences"), v, columns=["user_id", "updated_dt"])
     if only_day:
         t = t.filter(pc.equal(t["updated_dt"], pa.scalar(day, pa.date32())))
@@ -154,7 +154,7 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     # History: the previous day stays readable (time travel), and every commit says what it was.
     assert rows(cfg, "user_embeddings", v_after_d3["user_embeddings"]) == ue3
     h = delta.history(cfg.table_path("user_embeddings"), 1)[0]
-    seq_v, _ = stream.sequences_version(cfg, D4)
+    seq_v, _ = drops.sequences_version(cfg, D4)
     assert {k: h[k] for k in ("step", "dt", "model_version", "shards", "full", "users", "user_sequences_version")} == {
         "step": "publish",
         "dt": str(D4),

@@ -121,7 +121,7 @@ def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(c
     with pytest.raises(GateFailed, match="events check failed"):
         pipeline.run_day(b, D2)
     # Nothing downstream of the failed check was written: no sequences of D2, no model, no output table.
-    from userformer.jobs.core.stream import last_drop
+    from userformer.jobs.core.drops import last_drop
 
     assert last_drop(b.table_path("user_sequences"))[0] == D1
     assert registry.published(b) is None

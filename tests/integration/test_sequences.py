@@ -10,7 +10,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from userformer.jobs.core import stream
+from userformer.jobs.core import drops
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
@@ -227,7 +227,7 @@ def test_incremental_equals_rebuild_after_maintain(small):
     assert len(delta.active_files(seq_path)) == 1
     assert all(f.keep is None for f in delta.data_files(seq_path)), "no deletion vector left"
     assert table(cfg).equals(before)
-    assert stream.last_drop(seq_path)[0] == D2  # maintenance commits hold no drop
+    assert drops.last_drop(seq_path)[0] == D2  # maintenance commits hold no drop
     ingest.ingest(cfg, D3)
     sequences.update(cfg, D3)
     assert sequences.update(cfg, D3)["rerun"] is True
@@ -298,7 +298,7 @@ def test_a_rerun_killed_between_its_restore_and_its_merge(small, tmp_path):
     _kill_at_merge(cfg, tmp_path, D2)
     assert delta.history(seq_path, 1)[0]["operation"] == "RESTORE"
     assert table(cfg).equals(before_d2)
-    assert stream.last_drop(seq_path)[0] == D1
+    assert drops.last_drop(seq_path)[0] == D1
     assert sequences.update(cfg, D2)["rerun"] is False
     assert table(cfg).equals(after_d2)
     assert equals_rebuild(cfg)
@@ -318,9 +318,9 @@ def test_an_update_killed_during_its_merge(small, tmp_path):
     now = delta.version_of(seq_path)
     assert now in (v, v + 1)
     if now == v:
-        assert table(cfg).equals(before) and stream.last_drop(seq_path)[0] == D1
+        assert table(cfg).equals(before) and drops.last_drop(seq_path)[0] == D1
     else:
-        assert stream.last_drop(seq_path)[0] == D2
+        assert drops.last_drop(seq_path)[0] == D2
     sequences.update(cfg, D2)
     assert equals_rebuild(cfg)
 
@@ -346,7 +346,7 @@ def test_a_table_without_deletion_vectors_is_migrated(small, caplog):
         commit_properties=CommitProperties(custom_metadata={"step": "sequences", "dt": str(D1)}),
     )
     assert not delta.has_deletion_vectors(delta.open_table(seq_path))
-    assert stream.last_drop(seq_path) == (D1, -1)
+    assert drops.last_drop(seq_path) == (D1, -1)
 
     with caplog.at_level(logging.WARNING, logger="userformer.jobs.steps.sequences"):
         r = sequences.update(cfg, D2)
@@ -355,7 +355,7 @@ def test_a_table_without_deletion_vectors_is_migrated(small, caplog):
     assert ops == ["MERGE", "SET TBLPROPERTIES"]
     assert delta.open_table(seq_path).metadata().configuration["delta.enableDeletionVectors"] == "true"
     assert r["files_rewritten"] == 0 and r["deletion_vectors_added"] >= 1
-    assert stream.last_drop(seq_path) == (D2, r["version"] - 1)
+    assert drops.last_drop(seq_path) == (D2, r["version"] - 1)
     assert sequences.update(cfg, D2)["rerun"] is True  # the rerun starts from the migrated state
     assert equals_rebuild(cfg)
 
@@ -396,7 +396,7 @@ def test_a_manual_restore_is_followed(small, spark):
     delta.spark_table(spark, seq_path).restoreToVersion(versions[0])
     h = delta.history(seq_path, 1)[0]
     assert h["operation"] == "RESTORE" and int(h["operationParameters"]["version"]) == versions[0]
-    assert stream.last_drop(seq_path)[0] == D1
+    assert drops.last_drop(seq_path)[0] == D1
     for d in (D2, D3):
         assert sequences.update(cfg, d)["rerun"] is False
     replayed = table(cfg)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userformer.jobs.core import registry, stream
+from userformer.jobs.core import drops, registry, stream
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
@@ -104,7 +104,7 @@ def test_train_registers_publishes_and_records_its_data(warehouse, trained, tmp_
     # As of D3: the user_sequences version that applied D3 (time travel; the table is at D4 now) and the
     # vocabulary of ids first seen by D3.
     seq_path = cfg.table_path("user_sequences")
-    v_d3, _ = stream.sequences_version(cfg, D3)
+    v_d3, _ = drops.sequences_version(cfg, D3)
     assert s["data"]["user_sequences"] == {"path": str(seq_path), "version": v_d3} and v_d3 < delta.version_of(seq_path)
     assert s["data"]["vocab"]["version"] == delta.version_of(cfg.table_path("vocab"))
     vocab = delta.read_arrow(cfg.table_path("vocab")).to_pylist()
@@ -294,9 +294,9 @@ def test_finetune_without_a_model_or_a_day_and_an_empty_day(warehouse, trained, 
         train.finetune(cfg, D6, log=quiet)
     # As of the empty day, the data is the table as it stands (sequences made no commit for D5).
     seq = cfg.table_path("user_sequences")
-    assert stream.sequences_version(cfg, D5) == (delta.version_of(seq), D5)
+    assert drops.sequences_version(cfg, D5) == (delta.version_of(seq), D5)
     with pytest.raises(UserError, match="includes drops up to 2026-11-05 only|up to 2026-11-04 only"):
-        stream.sequences_version(cfg, D6)
+        drops.sequences_version(cfg, D6)
 
 
 # --------------------------------------------------------------- evaluate

@@ -50,6 +50,17 @@ def test_every_subcommand_has_help():
         assert r.stdout.startswith("usage: userformer " + name), name
 
 
+def test_help_loads_no_heavy_library():
+    """`userformer --help` answers in a second: torch, Spark, FAISS and GE load only in the steps that use them."""
+    code = (
+        "import sys; from userformer.jobs.cli import build_parser; build_parser(); "
+        "print(' '.join(m for m in ('torch', 'pyspark', 'faiss', 'great_expectations') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == []
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

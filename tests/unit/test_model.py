@@ -445,7 +445,7 @@ def test_evaluate_reports_each_head(data):
 
 
 def test_benchmark_variants_drop_what_the_data_cannot_inform(data):
-    from userformer.jobs.tools.benchmark import variant
+    from userformer.jobs.tools.quality_benchmark import variant
 
     seqs, catalog = data
     base = ModelConfig()
@@ -542,7 +542,7 @@ def test_id_plus_mean_pooling_keeps_identity_and_embeds_unseen_items_by_content(
 
 
 def test_benchmark_means_over_seeds():
-    from userformer.jobs.tools.benchmark import over_seeds
+    from userformer.jobs.tools.quality_benchmark import over_seeds
 
     runs = [
         {"seed": 1, "hr@10": 0.2, "epochs": 10, "heads": {"brand": {"acc@1": 0.5}}, "history_kept": {"hr@10": 0.1}},

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from userformer.jobs.core import stream
+from userformer.jobs.core import dates, stream
 from userformer.jobs.core.storage import delta
 from userformer.schemas import tables
 
 DAY = dt.date(2026, 11, 3)
-T0 = stream.day_start(DAY)
+T0 = dates.day_start(DAY)
 
 
 def seq_rows(users: range, day: dt.date) -> pa.Table:
@@ -22,7 +22,7 @@ def seq_rows(users: range, day: dt.date) -> pa.Table:
     for u in users:
         n = 1 + u % 5
         ts = [
-            dt.datetime.fromtimestamp(stream.day_start(day) + 12 * 3600 - (n - 1 - k) * 3600, dt.UTC) for k in range(n)
+            dt.datetime.fromtimestamp(dates.day_start(day) + 12 * 3600 - (n - 1 - k) * 3600, dt.UTC) for k in range(n)
         ]
         rows.append(
             {
