@@ -27,11 +27,19 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.ledger import STEPS, record
 from userformer.jobs.core.storage import delta
+from userformer.jobs.steps import candidates as candidates_step
+from userformer.jobs.steps import check as check_step
+from userformer.jobs.steps import index as index_step
+from userformer.jobs.steps import infer as infer_step
+from userformer.jobs.steps import ingest as ingest_step
+from userformer.jobs.steps import publish as publish_step
+from userformer.jobs.steps import report as report_step
+from userformer.jobs.steps import sequences as sequences_step
+from userformer.jobs.steps import train as train_step
 
-# Each step function imports its step's module itself: every Airflow task runs in a process of its own and imports
-# this module, and a task should load only what its step needs (the checks, ingest, the index and the report run
-# without torch, whose import takes seconds). The modules are named `<step>_step`: the functions here have the
-# steps' names.
+# The step modules are named `<step>_step`: the functions here have the steps' names. Importing them loads no
+# heavy library (each imports torch, Spark, FAISS or GE in the functions that use it), so an Airflow task's
+# process pays only for its own step.
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +76,6 @@ def raw_ready(cfg: Config, day: dt.date) -> bool:
 @_step("ingest")
 def ingest(cfg: Config, day: dt.date) -> dict:
     """Raw drop D -> events[dt=D] + events_rejected[dt=D], items, vocab (Spark; one commit per table)."""
-    from userformer.jobs.steps import ingest as ingest_step
 
     marker = cfg.pipeline.ready_marker
     # A drop the producer marked complete may be empty (a quiet day); without a marker an empty folder is an error.
@@ -91,7 +98,6 @@ _LEDGER_FACTS = {"index": ("version", "model_version", "items", "recall_at_10")}
 
 def _run_check(cfg: Config, table: str, day: dt.date, options: dict | None = None):
     """(ledger result, CheckResult) of the suite of `table` for D (jobs/steps/check.py)."""
-    from userformer.jobs.steps import check as check_step
 
     res = check_step.check(cfg, table, day, options)
     out = {
@@ -107,7 +113,6 @@ def _run_check(cfg: Config, table: str, day: dt.date, options: dict | None = Non
 
 
 def _gate_failed(table: str, day: dt.date, res) -> GateFailed:
-    from userformer.jobs.steps import check as check_step
 
     return GateFailed(
         f"{table} check failed for {day}: {', '.join(r.expectation for r in res.failed)} "
@@ -118,7 +123,6 @@ def _gate_failed(table: str, day: dt.date, res) -> GateFailed:
 @_step("sequences")
 def sequences(cfg: Config, day: dt.date) -> dict:
     """events[dt=D] -> user_sequences: the rows of the users active on D (one MERGE)."""
-    from userformer.jobs.steps import sequences as sequences_step
 
     return sequences_step.update(cfg, day)
 
@@ -130,7 +134,6 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
     Nothing published yet: train from scratch as of D (at most pipeline.bootstrap_epochs epochs) and publish it;
     while the warehouse has no events before the validation window this is skipped (the model steps wait).
     """
-    from userformer.jobs.steps import train as train_step
 
     if skip:
         return {"skipped": "fine-tuning skipped by the run's parameters (skip_finetune)", "candidate": None}
@@ -151,7 +154,6 @@ def finetune(cfg: Config, day: dt.date, *, skip: bool = False) -> dict:
 @_step("gate")
 def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
     """Promote the day's candidate iff it is not worse than the published model on held-out users of D."""
-    from userformer.jobs.steps import train as train_step
 
     if not candidate:
         ptr = registry.published(cfg)
@@ -162,7 +164,6 @@ def gate(cfg: Config, day: dt.date, candidate: str | None) -> dict:
 @_step("infer")
 def infer(cfg: Config, day: dt.date, shard: int = 0, shards: int | None = None, *, full: bool = False) -> dict:
     """Embeddings and preference scores of D's changed users (everyone after a model change), one shard."""
-    from userformer.jobs.steps import infer as infer_step
 
     shards = shards or cfg.infer.shards
     if registry.published(cfg) is None:
@@ -185,7 +186,6 @@ def check_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
     """Output checks, then one Delta commit per output table (jobs/steps/publish.py); a failed check publishes
     nothing."""
-    from userformer.jobs.steps import publish as publish_step
 
     if registry.published(cfg) is None:
         return {"skipped": "no published model yet"}
@@ -200,7 +200,6 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
 @_step("index")
 def index(cfg: Config, day: dt.date) -> dict:
     """FAISS index of item_embeddings; made current only if its recall check passes (jobs/steps/index.py)."""
-    from userformer.jobs.steps import index as index_step
 
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no item_embeddings published yet"}
@@ -243,9 +242,6 @@ def check_index(cfg: Config, day: dt.date) -> dict:
 @_step("candidates")
 def candidates(cfg: Config, day: dt.date) -> dict:
     """user_candidates: top-N items from the current index for every user refreshed on D."""
-    from userformer.jobs.steps import candidates as candidates_step
-    from userformer.jobs.steps import index as index_step
-
     if not delta.exists(cfg.table_path("user_embeddings")) or index_step.current(cfg) is None:
         return {"skipped": "no user_embeddings or index yet"}
     return candidates_step.candidates(cfg, day)
@@ -254,7 +250,6 @@ def candidates(cfg: Config, day: dt.date) -> dict:
 @_step("report")
 def report(cfg: Config, day: dt.date) -> dict:
     """The day's HTML report (jobs/steps/report.py): metrics over days, loss, users refreshed, scores, drift, checks."""
-    from userformer.jobs.steps import report as report_step
 
     return report_step.report(cfg, day)
 

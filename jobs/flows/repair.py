@@ -65,6 +65,7 @@ from pathlib import Path
 from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg, date_range
+from userformer.jobs.core.drops import last_drop
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta, files
@@ -72,6 +73,7 @@ from userformer.jobs.flows import pipeline
 from userformer.jobs.steps import index as index_step
 from userformer.jobs.steps import infer as infer_step
 from userformer.jobs.steps import publish as publish_step
+from userformer.jobs.steps import sequences as sequences_step
 from userformer.schemas import tables as schema
 
 log = logging.getLogger(__name__)
@@ -507,7 +509,6 @@ def _published_of(p: dict) -> dict | None:
 # --------------------------------------------------------------- recompute
 def plan_recompute(cfg: Config, from_dt: dt.date, to_dt: dt.date, users: list[str] | None) -> dict:
     """What recompute will do, validated (the affected users are counted by `select_users`)."""
-    from userformer.jobs.core.drops import last_drop
 
     _validate_range(from_dt, to_dt, "recompute")
     seq, events = cfg.table_path("user_sequences"), cfg.table_path("events")
@@ -585,8 +586,6 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     events loses their row; every other row is untouched (deletion vectors mark the replaced rows)."""
     import pyarrow as pa
     from pyspark.sql import functions as F
-
-    from userformer.jobs.steps import sequences as sequences_step  # loads torch (user_sequences' stream)
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     spark = spark_session(cfg)
