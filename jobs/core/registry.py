@@ -171,28 +171,14 @@ def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
     repair's id) go into the pointer and its log line."""
     man = read_manifest(cfg, version)
     read_checkpoint(version_dir(cfg, version) / "model.pt", man)  # never point at something unloadable
-    prev = published(cfg)
-    return store(cfg).set_pointer(
-        {
-            "version": version,
-            "published_at": now_iso(),
-            "reason": reason,
-            "previous": prev["version"] if prev else None,
-            **(extra or {}),
-        }
-    )
+    return store(cfg).set_pointer(version, {"reason": reason, **(extra or {})})
 
 
 def unpublish(cfg, reason: str, extra: dict | None = None) -> dict | None:
     """Remove the PUBLISHED pointer: no model is served, as before the first one (`repair` back to before the
     first model). Every version stays. Logged in publish_log.jsonl with ``"version": null``. Returns the log line,
     or None when nothing was published."""
-    prev = published(cfg)
-    if prev is None:
-        return None
-    return store(cfg).clear_pointer(
-        {"version": None, "published_at": now_iso(), "reason": reason, "previous": prev["version"], **(extra or {})}
-    )
+    return store(cfg).clear_pointer({"reason": reason, **(extra or {})})
 
 
 def publish_log(cfg) -> list[dict]:

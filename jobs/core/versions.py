@@ -178,18 +178,24 @@ class VersionStore:
         """The pointer ({"version", ...}), or None when none is set; a UserError when it is corrupt."""
         return files.read_pointer(self.pointer_path, self.id_pattern, self.pointer_label, self.pointer_fix)
 
-    def set_pointer(self, entry: dict) -> dict:
-        """Point at ``entry["version"]`` (the whole entry is the pointer file, written atomically) and append the
-        entry to the log. Returns the entry."""
-        self._check_id(entry.get("version"))
+    def set_pointer(self, version: str, fields: dict) -> dict:
+        """Point at `version` and append the change to the log. The entry (the whole pointer file, written
+        atomically) is ``{"version", **fields, <time_key>: now, "previous": the version pointed at before}``.
+        Returns the entry."""
+        self._check_id(version)
+        prev = self.pointer()
+        entry = {"version": version, **fields, self.time_key: now_iso(), "previous": prev["version"] if prev else None}
         files.write_json(self.pointer_path, entry)
         self._append(entry)
         return entry
 
-    def clear_pointer(self, entry: dict) -> dict:
-        """Remove the pointer (no version in use) and append `entry` (``"version": None``) to the log."""
-        if entry.get("version") is not None:
-            raise ValueError("the log entry of a removed pointer has version None")
+    def clear_pointer(self, fields: dict) -> dict | None:
+        """Remove the pointer (no version in use) and log ``{"version": None, **fields, <time_key>, "previous"}``.
+        Returns the log entry, None when there was no pointer (nothing changes then)."""
+        prev = self.pointer()
+        if prev is None:
+            return None
+        entry = {"version": None, **fields, self.time_key: now_iso(), "previous": prev["version"]}
         self.pointer_path.unlink()
         files.fsync_dir(self.pointer_path.parent)
         self._append(entry)

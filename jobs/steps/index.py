@@ -525,28 +525,15 @@ def switch(cfg: Config, version: str, manifest: dict | None = None, extra: dict 
     manifest = manifest or read_manifest(cfg, version)
     if manifest.get("status") != "current":
         raise UserError(f"index version {version} was {manifest.get('status')}: it cannot be made current")
-    prev = current(cfg)
     return store(cfg).set_pointer(
-        {
-            "version": version,
-            "model_version": manifest["model_version"],
-            "as_of": manifest["as_of"],
-            "switched_at": now_iso(),
-            "previous": prev["version"] if prev else None,
-            **(extra or {}),
-        }
+        version, {"model_version": manifest["model_version"], "as_of": manifest["as_of"], **(extra or {})}
     )
 
 
 def unset_current(cfg: Config, extra: dict | None = None) -> dict | None:
     """Remove the CURRENT pointer (no index, as before the first one; `repair` back to before the first model).
     The versions stay. Logged in switch_log.jsonl with ``"version": null``; None when there was no CURRENT."""
-    prev = current(cfg)
-    if prev is None:
-        return None
-    return store(cfg).clear_pointer(
-        {"version": None, "switched_at": now_iso(), "previous": prev["version"], **(extra or {})}
-    )
+    return store(cfg).clear_pointer(dict(extra or {}))
 
 
 def retain(cfg: Config) -> list[str]:

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from userformer.jobs.core import versions
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.versions import VersionStore
 
@@ -39,8 +40,14 @@ def complete(store: VersionStore, version: str, **manifest) -> None:
     store.write_manifest(version, {"version": version, **manifest})
 
 
-def entry(version, at: str, **extra) -> dict:
-    return {"version": version, "switched_at": at, **extra}
+@pytest.fixture
+def clock(monkeypatch):
+    """Sets the time the store records: ``clock("2026-01-01T10:00:00+00:00")``."""
+
+    def set_to(text: str) -> None:
+        monkeypatch.setattr(versions, "now_iso", lambda: text)
+
+    return set_to
 
 
 # ----------------------------------------------------------------- ids
@@ -52,7 +59,7 @@ def test_bad_ids_are_rejected(tmp_path):
             s.path(bad)
     assert s.path("t0012-b") == tmp_path / "versions" / "t0012-b" and s.number("t0012-b") == 12
     with pytest.raises(UserError, match="not a test version id"):
-        s.set_pointer({"version": "nope"})
+        s.set_pointer("nope", {})
     with pytest.raises(UserError, match="not a test version id"):
         s.allocate(lambda n: f"v{n}")
     with pytest.raises(ValueError, match="not number 1"):
@@ -124,24 +131,26 @@ def test_incomplete_versions_are_not_listed(tmp_path):
 
 
 # ------------------------------------------------------------- pointer
-def test_pointer_set_clear_and_log(tmp_path):
+def test_pointer_set_clear_and_log(tmp_path, clock):
     s = make_store(tmp_path)
-    assert s.pointer() is None and s.log() == []
+    assert s.pointer() is None and s.log() == [] and s.clear_pointer({}) is None
     v1, v2 = new(s), new(s)
-    first = entry(v1, "2026-01-01T10:00:00+00:00", previous=None)
-    assert s.set_pointer(first) == first and s.pointer() == first
-    second = entry(v2, "2026-01-02T10:00:00+00:00", previous=v1, repair={"id": "r1"})
-    s.set_pointer(second)
+    clock("2026-01-01T10:00:00+00:00")
+    first = s.set_pointer(v1, {})
+    assert first == {"version": v1, "switched_at": "2026-01-01T10:00:00+00:00", "previous": None}
+    assert s.pointer() == first
+    clock("2026-01-02T10:00:00+00:00")
+    second = s.set_pointer(v2, {"repair": {"id": "r1"}})
+    assert second == {"version": v2, "repair": {"id": "r1"}, "switched_at": "2026-01-02T10:00:00+00:00", "previous": v1}
     assert s.pointer() == second
-    # The pointer is the entry as given, keys in order; the log has one JSON line per change.
-    assert list(json.loads(s.pointer_path.read_text())) == ["version", "switched_at", "previous", "repair"]
+    # The pointer file is the entry, keys in order; the log has one JSON line per change.
+    assert list(json.loads(s.pointer_path.read_text())) == ["version", "repair", "switched_at", "previous"]
     assert s.log_path.read_text().splitlines()[1] == json.dumps(second)
-    gone = {"version": None, "switched_at": "2026-01-03T10:00:00+00:00", "previous": v2}
-    assert s.clear_pointer(gone) == gone
+    clock("2026-01-03T10:00:00+00:00")
+    gone = s.clear_pointer({"reason": "repair"})
+    assert gone == {"version": None, "reason": "repair", "switched_at": "2026-01-03T10:00:00+00:00", "previous": v2}
     assert s.pointer() is None and not s.pointer_path.exists()
     assert s.log() == [first, second, gone]
-    with pytest.raises(ValueError, match="version None"):
-        s.clear_pointer(first)
     s.pointer_path.write_text("{not json")
     with pytest.raises(UserError, match=r"CURRENT: corrupt test pointer .*; set it again"):
         s.pointer()
@@ -150,14 +159,19 @@ def test_pointer_set_clear_and_log(tmp_path):
         s.log()
 
 
-def test_pointer_as_of_a_time_is_replayed_from_the_log(tmp_path):
+def test_pointer_as_of_a_time_is_replayed_from_the_log(tmp_path, clock):
     s = make_store(tmp_path)
     v1, v2, v3 = new(s), new(s), new(s)
-    s.set_pointer(entry(v1, "2026-01-01T10:00:00+00:00"))
-    s.set_pointer(entry(v2, "2026-01-02T10:00:00+00:00"))
-    s.clear_pointer({"version": None, "switched_at": "2026-01-03T10:00:00+00:00"})
-    s.set_pointer(entry(v3, "2026-01-04T10:00:00+00:00"))
-    s.set_pointer(entry(v1, "2026-01-04T10:00:00+00:00"))  # two changes within one second: the last holds
+    changes = {}
+    for at, version in (
+        ("2026-01-01T10:00:00+00:00", v1),
+        ("2026-01-02T10:00:00+00:00", v2),
+        ("2026-01-03T10:00:00+00:00", None),
+        ("2026-01-04T10:00:00+00:00", v3),
+        ("2026-01-04T10:00:00+00:00", v1),  # two changes within one second: the last holds
+    ):
+        clock(at)
+        changes[at] = s.set_pointer(version, {}) if version else s.clear_pointer({})
 
     def at(text):
         e = s.pointer_at(dt.datetime.fromisoformat(text))
@@ -170,4 +184,4 @@ def test_pointer_as_of_a_time_is_replayed_from_the_log(tmp_path):
     assert at("2026-01-02T12:30:00+02:00") == v2  # another zone, the same instant rules
     assert at("2026-01-03T12:00:00+00:00") is None  # the pointer was removed then
     assert at("2026-01-05T00:00:00+00:00") == v1
-    assert s.pointer_at(dt.datetime(2026, 1, 2, 12, tzinfo=dt.UTC)) == entry(v2, "2026-01-02T10:00:00+00:00")
+    assert s.pointer_at(dt.datetime(2026, 1, 2, 12, tzinfo=dt.UTC)) == changes["2026-01-02T10:00:00+00:00"]
