@@ -19,6 +19,7 @@ Helpers:
   other exception is transient and retried (`ConcurrentWrite` too: another writer committed first, and the retry
   reads the tables afresh). `step(...)` = ``@task(...)`` + that translation; the function's
   docstring becomes the task's doc (``doc_md``, shown in the UI's task details).
+- `writes(...)`: a `step` in the writers' pool of one slot (every task that changes the warehouse).
 - `drop_date(context)` / `drop_date_of(ds)`: the drop date D a run processes (see `drop_date`).
 - `run_context()`: inside a task, ``(cfg, D, params)`` of the running task.
 - `plain(obj)`: a step result as plain JSON (what goes to XCom: small dicts, no numpy or paths).
@@ -76,6 +77,7 @@ def no_retry_on_bad_data(fn):
             raise AirflowFailException(f"data-quality gate failed (not retried): {exc}") from exc
         except UserError as exc:
             raise AirflowFailException(f"bad input (not retried): {exc}") from exc
+        # TryAgain (another writer was in the way: the lease, or a commit refused) is not caught: retried.
 
     return run
 
@@ -90,6 +92,13 @@ def step(fn=None, **task_kwargs):
         return task(**task_kwargs)(no_retry_on_bad_data(f))
 
     return wrap(fn) if fn is not None else wrap
+
+
+def writes(fn=None, **task_kwargs):
+    """``@writes`` / ``@writes(depends_on_past=True)``: a `step` that writes the warehouse. It runs in the writers'
+    pool of one slot (``pipeline.writers_pool``), shared by every DAG: the writing tasks of overlapping runs (a
+    backfill beside the schedule, a repair) queue there instead of waiting on the warehouse lease."""
+    return step(fn, pool=config().pipeline.writers_pool, **task_kwargs)
 
 
 def drop_date_of(ds: str | None) -> dt.date:

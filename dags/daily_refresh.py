@@ -24,7 +24,17 @@ import datetime as dt
 import logging
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
-from common import QUALITY_TASK_RETRIES, TAG, config, default_args, no_retry_on_bad_data, plain, run_context, step
+from common import (
+    QUALITY_TASK_RETRIES,
+    TAG,
+    config,
+    default_args,
+    no_retry_on_bad_data,
+    plain,
+    run_context,
+    step,
+    writes,
+)
 
 from userformer.jobs.core import ledger
 
@@ -54,7 +64,7 @@ def wait_for_raw() -> bool:
     return ready
 
 
-@step(depends_on_past=True)
+@writes(depends_on_past=True)
 def ingest() -> dict:
     """Raw drop D -> ``events[dt=D]`` + ``events_rejected[dt=D]``, ``items``, ``vocab`` (Spark; one commit per
     table). Depends on its previous run: vocabulary ids are handed out in date order."""
@@ -74,7 +84,7 @@ def check_events(ingested: dict) -> dict:
     return plain(pipeline.check(cfg, "events", day))
 
 
-@step(depends_on_past=True)
+@writes(depends_on_past=True)
 def sequences(checked: dict) -> dict:
     """``events[dt=D]`` -> ``user_sequences``: the rows of the users active on D (one commit). Depends on its
     previous run: the table carries every earlier day."""
@@ -93,7 +103,7 @@ def check_user_sequences(updated: dict) -> dict:
     return plain(pipeline.check(cfg, "user_sequences", day))
 
 
-@step(depends_on_past=True)
+@writes(depends_on_past=True)
 def finetune(checked: dict) -> dict:
     """Fine-tune the published model on D's users (+ replay) into a candidate; with nothing published, train the
     first model. Skipped with the param ``skip_finetune``. Depends on its previous run (the model carries)."""
@@ -104,7 +114,7 @@ def finetune(checked: dict) -> dict:
     return plain({k: res.get(k) for k in ("action", "candidate", "version", "status", "reason", "skipped")})
 
 
-@step(depends_on_past=True)
+@writes(depends_on_past=True)
 def gate(tuned: dict) -> dict:
     """Promote the day's candidate iff it holds up against the published model on held-out users of D
     (``finetune.gate_metrics``, ``finetune.max_quality_drop``). A rejected candidate is not an error."""
@@ -136,7 +146,7 @@ def check_outputs(inferred: list) -> dict:
     return plain(pipeline.check_outputs(cfg, day, len(SHARDS)))
 
 
-@step
+@writes
 def publish(checked: dict) -> dict:
     """One Delta commit per output table: ``user_embeddings``, ``user_preference_scores``, ``item_embeddings``
     (checks again first; a rerun completes a crashed publish)."""
@@ -146,7 +156,7 @@ def publish(checked: dict) -> dict:
     return plain(pipeline.publish(cfg, day, len(SHARDS)))
 
 
-@step
+@writes
 def index(published: dict) -> dict:
     """FAISS index of ``item_embeddings``, switched to (``index/CURRENT``) only if its recall check passes."""
     from userformer.jobs.flows import pipeline
@@ -165,7 +175,7 @@ def check_index(built: dict) -> dict:
     return plain(pipeline.check_index(cfg, day))
 
 
-@step
+@writes
 def candidates(checked: dict) -> dict:
     """``user_candidates``: top-N items from the current index for every user refreshed on D."""
     from userformer.jobs.flows import pipeline

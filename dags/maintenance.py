@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import dag
-from common import TAG, config, default_args, plain, step
+from common import TAG, config, default_args, plain, writes
 
 # The tasks import the maintenance tool (jobs/tools/maintain.py) inside their bodies: Airflow parses this file often
 # (the DAG processor, and each task's process once more), and importing it here would add delta-rs, Arrow and numpy to
@@ -29,7 +29,7 @@ from common import TAG, config, default_args, plain, step
 CFG = config()
 
 
-@step
+@writes
 def maintain() -> dict:
     """Compact and purge the Spark tables, vacuum every table beyond ``storage.retention_days``, clear old staging."""
     from userformer.jobs.tools import maintain as maintain_tool

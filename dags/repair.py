@@ -28,7 +28,7 @@ import datetime as dt
 import logging
 
 from airflow.sdk import Param, dag, get_current_context
-from common import TAG, config, default_args, plain, step
+from common import TAG, config, default_args, plain, step, writes
 
 # The tasks import the repair flow (jobs/flows/repair.py) inside their bodies: Airflow parses this file often (the DAG
 # processor, and each task's process once more), and importing it here would add delta-rs, Arrow and numpy to every
@@ -62,7 +62,7 @@ def plan() -> dict:
     return plain(summary)
 
 
-@step
+@writes
 def state(summary: dict) -> dict:
     """restore: tables, model, index, marker back to before FROM; recompute: the users' sequences rebuilt."""
     from userformer.jobs.flows import repair as repair_flow
@@ -72,7 +72,7 @@ def state(summary: dict) -> dict:
     return plain(repair_flow.stage_state(CFG, summary))
 
 
-@step
+@writes
 def outputs(summary: dict, st: dict) -> dict:
     """restore: re-run FROM..TO in order; recompute: re-infer and publish the users."""
     from userformer.jobs.flows import repair as repair_flow
@@ -82,7 +82,7 @@ def outputs(summary: dict, st: dict) -> dict:
     return plain(repair_flow.stage_outputs(CFG, summary, st))
 
 
-@step
+@writes
 def index(summary: dict, out: dict) -> dict:
     """recompute: index and candidates (restore: each re-run day built them)."""
     from userformer.jobs.flows import repair as repair_flow

@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 
 from airflow.sdk import Param, dag, get_current_context, task
-from common import QUALITY_TASK_RETRIES, TAG, config, default_args, plain, step
+from common import QUALITY_TASK_RETRIES, TAG, config, default_args, plain, step, writes
 
 # The tasks import the retrain flow and the pipeline (jobs/flows/) inside their bodies: Airflow parses this file often
 # (the DAG processor, and each task's process once more), and importing them here would add torch, delta-rs and Arrow
@@ -48,7 +48,7 @@ def train() -> dict:
     return plain({"dt": str(day), **res})
 
 
-@step
+@writes
 def judge(trained: dict) -> dict:
     """Evaluate the new version and the published one on the same held-out window ending with D; publish the new
     one only if it is better on every ``finetune.gate_metrics`` (at least as good, and better on one)."""
@@ -85,7 +85,7 @@ def check_outputs(judged: dict) -> dict:
     return plain({"dt": judged["dt"], **pipeline.check_outputs(config(), _day(judged), len(SHARDS))})
 
 
-@step
+@writes
 def publish(checked: dict) -> dict:
     """One Delta commit per output table, as the daily refresh does."""
     from userformer.jobs.flows import pipeline
@@ -93,7 +93,7 @@ def publish(checked: dict) -> dict:
     return plain({"dt": checked["dt"], **pipeline.publish(config(), _day(checked), len(SHARDS))})
 
 
-@step
+@writes
 def index(published: dict) -> dict:
     """Rebuild the FAISS index of the new item vectors; switched to only if its recall check passes."""
     from userformer.jobs.flows import pipeline
@@ -109,7 +109,7 @@ def check_index(built: dict) -> dict:
     return plain({"dt": built["dt"], **pipeline.check_index(config(), _day(built))})
 
 
-@step
+@writes
 def candidates(checked: dict) -> dict:
     """``user_candidates`` of every re-embedded user from the new index."""
     from userformer.jobs.flows import pipeline

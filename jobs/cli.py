@@ -14,8 +14,7 @@ import logging
 import sys
 
 from userformer.jobs.core.config import ConfigError, load_config
-from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.storage.delta import ConcurrentWrite
+from userformer.jobs.core.errors import TryAgain, UserError
 
 # Order is the order of `userformer --help`: the data's path through the pipeline.
 STEP_MODULES = [
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         return int(args.func(args, cfg) or 0)
-    except (ConfigError, UserError, ConcurrentWrite) as exc:  # ConcurrentWrite: exit 75, rerun it
+    except (ConfigError, UserError, TryAgain) as exc:  # TryAgain: exit 75, rerun it later
         print(f"userformer {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "code", 2)
 

@@ -114,6 +114,14 @@ class StorageConfig:
     # `userformer maintain` deletes files no version of the last N days references.
     # Time travel (restore, reruns of a past day) reaches back this far and no further.
     retention_days: float = field(default=30.0, metadata=_rng(0.0, 3650.0))
+    # Writers (the steps that change tables, the registry or the index) hold the warehouse's lease one at a
+    # time (jobs/core/lease.py); a second one waits this long for it, then fails naming the holder (exit 75).
+    lease_wait_s: float = field(default=900.0, metadata=_rng(0.0, 86400.0))
+    # How often a holder refreshes the heartbeat in its lease record (what a waiting writer shows).
+    lease_heartbeat_s: float = field(default=15.0, metadata=_rng(0.1, 3600.0))
+    # Folder of the lease's lock. "" = <warehouse>/_lease, or <home>/lease for a warehouse in a bucket (exclusive
+    # on one host only: writers on several hosts need a shared folder with flock, see the operations page).
+    lease_dir: str = ""
 
 
 GATE_METRICS = ["hr@10", "ndcg@10", "recall@10"]
@@ -212,6 +220,9 @@ class PipelineConfig:
     retry_delay_s: int = field(default=60, metadata=_rng(1, 86400))
     # Airflow pool of the inference shards (size = GPU workers) and its slot count when the pool is created.
     gpu_pool: str = "gpu"
+    # Airflow pool of one slot for every task that writes (all DAGs): writing tasks of overlapping runs (a backfill
+    # beside the schedule, a repair) queue for it instead of failing on the warehouse lease.
+    writers_pool: str = "userformer_writers"
     gpu_pool_slots: int = field(default=1, metadata=_rng(1, 10_000))
 
 

@@ -11,6 +11,13 @@ class UserError(Exception):
         self.code = code
 
 
+class TryAgain(Exception):
+    """Another writer was in the way and this step changed nothing: rerunning it later is safe. The CLI exits 75
+    (EX_TEMPFAIL); Airflow retries it like any transient failure."""
+
+    code = 75
+
+
 class GateFailed(UserError):
     """A data-quality gate failed: nothing downstream runs or is published. Exit code 1; never retried."""
 

@@ -37,6 +37,7 @@ import re
 import zipfile
 from pathlib import Path
 
+from userformer.jobs.core import lease
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import files
 from userformer.jobs.core.versions import VersionStore, now_iso
@@ -166,6 +167,7 @@ def published(cfg) -> dict | None:
     return store(cfg).pointer()
 
 
+@lease.writer("publish-model")
 def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
     """Make `version` the published model (atomic pointer swap); the version must load. `extra` keys (e.g. a
     repair's id) go into the pointer and its log line."""
@@ -174,6 +176,7 @@ def publish(cfg, version: str, reason: str, extra: dict | None = None) -> dict:
     return store(cfg).set_pointer(version, {"reason": reason, **(extra or {})})
 
 
+@lease.writer("publish-model")
 def unpublish(cfg, reason: str, extra: dict | None = None) -> dict | None:
     """Remove the PUBLISHED pointer: no model is served, as before the first one (`repair` back to before the
     first model). Every version stays. Logged in publish_log.jsonl with ``"version": null``. Returns the log line,

@@ -22,7 +22,7 @@ import datetime as dt
 import logging
 import time
 
-from userformer.jobs.core import registry
+from userformer.jobs.core import lease, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.ledger import STEPS, record
@@ -289,7 +289,8 @@ def run_day(
             + (f" has no {marker} marker" if marker else " has no Parquet file")
         )
     out = {"dt": str(day)}
-    for step in STEPS:
-        out[step] = _RUN[step](cfg, day, out, skip_finetune=skip_finetune, full_reembed=full_reembed, shards=shards)
+    with lease.hold(cfg, "run-day"):  # the whole day: no other writer's commit lands between its steps
+        for step in STEPS:
+            out[step] = _RUN[step](cfg, day, out, skip_finetune=skip_finetune, full_reembed=full_reembed, shards=shards)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out

@@ -62,7 +62,7 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core import registry
+from userformer.jobs.core import lease, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.drops import last_drop
@@ -777,6 +777,7 @@ def _users_of(summary: dict) -> list[str]:
     return parse_users(users_file=summary["users_file"])
 
 
+@lease.writer("repair")
 def stage_state(cfg: Config, summary: dict) -> dict:
     """restore: tables, model, index, marker, ledgers back to before from_dt; recompute: the users' sequences."""
     from_dt = dt.date.fromisoformat(summary["from_dt"])
@@ -786,6 +787,7 @@ def stage_state(cfg: Config, summary: dict) -> dict:
     return {"sequences": {**{k: v for k, v in seq.items() if k != "removed"}, "removed_users": seq["removed"]}}
 
 
+@lease.writer("repair")
 def stage_outputs(cfg: Config, summary: dict, state: dict | None = None) -> dict:
     """restore: the drops re-run in order (run_day: sequences, model, inference, publish, index, candidates);
     recompute: the users re-inferred and published (their removed users' rows deleted)."""
@@ -805,6 +807,7 @@ def stage_outputs(cfg: Config, summary: dict, state: dict | None = None) -> dict
     return {"outputs": reinfer_and_publish(cfg, _users_of(summary), upto, removed, summary["id"])}
 
 
+@lease.writer("repair")
 def stage_index(cfg: Config, summary: dict) -> dict:
     """recompute: the index (unchanged when item_embeddings is) and the candidates of the repaired users;
     restore: nothing left (each re-run day built its index and candidates)."""
@@ -843,10 +846,14 @@ def repair(
     repair_id: str | None = None,
 ) -> dict:
     """Repair drops from_dt..to_dt (module doc). Returns the JSON summary (also kept in reports_root/repairs/)."""
-    t0 = time.perf_counter()
-    summary = start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id)
     if dry_run:
-        return summary
+        return start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id)
+    with lease.hold(cfg, "repair"):  # the plan and every stage: no other writer moves the tables in between
+        return _repair(cfg, start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id))
+
+
+def _repair(cfg: Config, summary: dict) -> dict:
+    t0 = time.perf_counter()
     parts: list[dict] = []
     try:
         parts.append(stage_state(cfg, summary))

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 
-from userformer.jobs.core import drops, ledger, registry
+from userformer.jobs.core import drops, lease, ledger, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -82,6 +82,7 @@ def better(new: dict, old: dict, metrics: list[str]) -> dict:
     }
 
 
+@lease.writer("retrain")
 def judge(cfg: Config, day: dt.date, version: str) -> dict:
     """Step 2: evaluate `version` and the published model on the same window; publish `version` iff better."""
     t0 = time.perf_counter()
@@ -149,6 +150,7 @@ def refresh_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dic
     return out
 
 
+@lease.writer("retrain")
 def retrain(
     cfg: Config, day: dt.date | None, window_days: int, *, epochs: int | None = None, shards: int | None = None
 ) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from userformer.jobs.core import lease
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -94,6 +95,7 @@ def topn(index: ItemIndex, queries: np.ndarray, n: int, exclude: list[set[int]] 
     return out
 
 
+@lease.writer("candidates")
 def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | None = None) -> dict:
     """Write user_candidates for the users refreshed on `dt` (one MERGE commit). See the module doc."""
     t0 = time.perf_counter()

@@ -70,7 +70,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.core import registry
+from userformer.jobs.core import lease, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -413,6 +413,7 @@ def _write_index(index, path: Path) -> None:
     _faiss().write_index(index, str(path))
 
 
+@lease.writer("index")
 def build_index(cfg: Config, day: datetime.date, *, force: bool = False) -> IndexResult:
     """Build, check and (when the check passes) make current an index of item_embeddings. See the module doc."""
     t0 = time.perf_counter()
@@ -519,6 +520,7 @@ def _class_name(index) -> str:
     )
 
 
+@lease.writer("index")
 def switch(cfg: Config, version: str, manifest: dict | None = None, extra: dict | None = None) -> dict:
     """Make a complete, accepted version current (atomic pointer replace) and log the switch (`extra`: e.g. a
     repair's id, in the pointer and the log)."""
@@ -530,6 +532,7 @@ def switch(cfg: Config, version: str, manifest: dict | None = None, extra: dict 
     )
 
 
+@lease.writer("index")
 def unset_current(cfg: Config, extra: dict | None = None) -> dict | None:
     """Remove the CURRENT pointer (no index, as before the first one; `repair` back to before the first model).
     The versions stay. Logged in switch_log.jsonl with ``"version": null``; None when there was no CURRENT."""

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userformer.jobs.core import hooks
+from userformer.jobs.core import hooks, lease
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -379,6 +379,7 @@ def update_items(
 
 
 # ------------------------------------------------------------------- main
+@lease.writer("ingest")
 def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     """Ingest the raw drop of `day` (see module doc). Returns counts."""
     from pyspark.sql import functions as F

@@ -51,7 +51,7 @@ import json
 import sys
 import time
 
-from userformer.jobs.core import drops, registry
+from userformer.jobs.core import drops, lease, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -218,6 +218,7 @@ def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | No
 
 
 # -------------------------------------------------------------------- step
+@lease.writer("publish")
 def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -> dict:
     """Check and publish the staged inference of drop `day` (module doc). Returns what was committed."""
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from userformer.jobs.core import drops, hooks
+from userformer.jobs.core import drops, hooks, lease
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -163,6 +163,7 @@ def _write(df, cfg: Config, n_rows: int, meta: dict) -> int:
     return delta.spark_write(out, path, mode="overwrite", metadata=meta, properties=PROPERTIES)
 
 
+@lease.writer("sequences")
 def update(cfg: Config, day: dt.date) -> dict:
     """Merge drop D's events into user_sequences for the users active on D (idempotent: a rerun of D replaces D)."""
     from pyspark.sql import functions as F
@@ -310,6 +311,7 @@ def _drop_ingested(events_path, day) -> bool:
     return any(h.get("step") == "ingest" and h.get("dt") == str(day) for h in delta.lineage(events_path))
 
 
+@lease.writer("sequences-rebuild")
 def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
     """Recompute user_sequences from all of `events` (up to drop `upto`) and replace the table in one commit."""
     from pyspark.sql import functions as F

@@ -54,7 +54,7 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core import dates, drops, registry
+from userformer.jobs.core import dates, drops, lease, registry
 from userformer.jobs.core.config import Config, ModelConfig, TrainConfig
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -355,6 +355,7 @@ def gate(
     }
 
 
+@lease.writer("finetune")
 def finetune(
     cfg: Config, day: dt.date, *, epochs: int | None = None, promote: bool = True, progress: bool = True, log=_stderr
 ) -> dict:
@@ -554,6 +555,7 @@ def _prior_candidate(cfg: Config, day: dt.date, parent: str, data: dict) -> dict
     return None
 
 
+@lease.writer("gate")
 def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
     """The gate: publish the candidate `version` iff its held-out measurements pass the rule of the current config.
 

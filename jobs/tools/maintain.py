@@ -23,6 +23,7 @@ import json
 import logging
 import time
 
+from userformer.jobs.core import lease
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta, files
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 
 def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None = None) -> dict:
     """Compact and purge the Spark tables, vacuum every table beyond the retention window, clear stale staging."""
+    if dry_run:  # reads only: no need to wait for a writer
+        return _maintain(cfg, dry_run, retention_days)
+    with lease.hold(cfg, "maintain"):
+        return _maintain(cfg, dry_run, retention_days)
+
+
+def _maintain(cfg: Config, dry_run: bool, retention_days: float | None) -> dict:
     days = cfg.storage.retention_days if retention_days is None else retention_days
     hours = int(days * 24)
     out = {"retention_days": days, "dry_run": dry_run, "tables": {}}

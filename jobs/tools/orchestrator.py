@@ -10,7 +10,8 @@ healthy and the project's DAGs are parsed:
 - LocalExecutor with a small parallelism, no example DAGs, one API worker,
 - the venv's ``bin`` first on PATH (standalone starts its parts as ``airflow ...``), and this process's
   environment (``USERFORMER_HOME``, ``USERFORMER_CONFIG``, ``USERFORMER__*``) passed through to every task,
-- the inference pool ``pipeline.gpu_pool`` created with ``pipeline.gpu_pool_slots`` slots (if missing).
+- the inference pool ``pipeline.gpu_pool`` created with ``pipeline.gpu_pool_slots`` slots (if missing), and the
+  writers' pool ``pipeline.writers_pool`` with exactly one slot.
 
 The handle has ``.url``, ``.username``, ``.password``, ``.pid``, ``.log_path`` and REST helpers (token from
 ``POST /auth/token``): `unpause`, `backfill` (``POST /api/v2/backfills``), `dag_runs`, `task_instances`,
@@ -222,10 +223,16 @@ class Airflow:
         res = self.api("GET", f"/dags/{dag_id}", ok=(404,))
         return None if res.get("status") == 404 else res
 
-    def ensure_pool(self, name: str, slots: int, description: str = "") -> dict:
-        """Create pool `name` with `slots` slots unless it exists (an existing pool keeps its size)."""
+    def ensure_pool(self, name: str, slots: int, description: str = "", *, exact: bool = False) -> dict:
+        """Create pool `name` with `slots` slots unless it exists; an existing pool keeps its size, unless `exact`
+        (the writers' pool must have exactly one slot)."""
         res = self.api("POST", "/pools", {"name": name, "slots": slots, "description": description}, ok=(409,))
-        return self.api("GET", f"/pools/{name}") if res.get("status") == 409 else res
+        if res.get("status") != 409:
+            return res
+        pool = self.api("GET", f"/pools/{name}")
+        if exact and pool.get("slots") != slots:
+            pool = self.api("PATCH", f"/pools/{name}?update_mask=slots", {"slots": slots})
+        return pool
 
     def unpause(self, dag_id: str) -> dict:
         return self.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
@@ -420,6 +427,12 @@ def _wait_ready(af: Airflow, cfg: Config, timeout: float, dags: tuple[str, ...],
         cfg.pipeline.gpu_pool,
         cfg.pipeline.gpu_pool_slots,
         "inference shards of userformer (size it to the GPU workers)",
+    )
+    af.ensure_pool(
+        cfg.pipeline.writers_pool,
+        1,
+        "userformer tasks that write the warehouse: one at a time, whatever DAG or run they belong to",
+        exact=True,
     )
     folder = str(dags_folder())
     while left():

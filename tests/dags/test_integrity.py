@@ -21,6 +21,13 @@ QUALITY_TASKS = {
     "retrain": {"check_outputs", "check_index"},
 }
 DEPENDS_ON_PAST = {"ingest", "sequences", "finetune", "gate"}
+# The tasks that change the warehouse, the registry or the index: one at a time, in the writers' pool.
+WRITERS = {
+    "daily_refresh": {"ingest", "sequences", "finetune", "gate", "publish", "index", "candidates"},
+    "retrain": {"judge", "publish", "index", "candidates"},
+    "repair": {"state", "outputs", "index"},
+    "maintenance": {"maintain"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +40,7 @@ def bag(tmp_path_factory):
         "USERFORMER__PIPELINE__RETRIES": "3",
         "USERFORMER__PIPELINE__RETRY_DELAY_S": "7",
         "USERFORMER__PIPELINE__GPU_POOL": "gpu_test",
+        "USERFORMER__PIPELINE__WRITERS_POOL": "writers_test",
         "USERFORMER__INFER__SHARDS": "2",
     }
     old = {k: os.environ.get(k) for k in env}
@@ -115,9 +123,12 @@ def test_retry_policy_and_pools(bag):
                 assert t.retries == 3, (dag_id, t.task_id)  # pipeline.retries from the environment
                 assert t.retry_exponential_backoff and t.retry_delay == dt.timedelta(seconds=7)
                 assert t.max_retry_delay == dt.timedelta(seconds=7 * 32)
-            want_pool = "gpu_test" if t.task_id == "infer" else "default_pool"
-            assert (t.partial_kwargs.get("pool", t.pool) if hasattr(t, "partial_kwargs") else t.pool) == want_pool
             assert t.doc_md, f"{dag_id}.{t.task_id} has no doc (its docstring is the UI's task doc)"
+    for dag_id, writers in WRITERS.items():
+        for t in bag.dags[dag_id].tasks:
+            want = "writers_test" if t.task_id in writers else "gpu_test" if t.task_id == "infer" else "default_pool"
+            pool = t.partial_kwargs.get("pool", t.pool) if hasattr(t, "partial_kwargs") else t.pool
+            assert pool == want, (dag_id, t.task_id, pool)
     d = bag.dags["daily_refresh"]
     assert {t.task_id for t in d.tasks if t.depends_on_past} == DEPENDS_ON_PAST
     infer = d.get_task("infer")
@@ -152,6 +163,10 @@ def test_quality_failures_are_not_retried_other_errors_are():
 
     with pytest.raises(ConcurrentWrite):  # another writer won the commit: the retry reads afresh
         raising(ConcurrentWrite("/w/vocab", "read version 3, now 4"))()
+    from userformer.jobs.core.lease import LeaseBusy
+
+    with pytest.raises(LeaseBusy):  # another writer held the warehouse too long: the retry waits again
+        raising(LeaseBusy("the warehouse is being written by step ingest ..."))()
 
 
 def _server_params(bag, dag_id):

@@ -45,11 +45,18 @@ class Step:
 
 
 def start(
-    home: Path, logs: Path, *args: str, pause_at: str = "", pause_dir: Path | None = None, name: str = ""
+    home: Path,
+    logs: Path,
+    *args: str,
+    pause_at: str = "",
+    pause_dir: Path | None = None,
+    name: str = "",
+    env: dict | None = None,
 ) -> Step:
+    """`userformer ARGS` in `home` (`env`: more variables, e.g. settings as USERFORMER__SECTION__KEY)."""
     logs.mkdir(parents=True, exist_ok=True)
     name = name or "-".join(args).replace("/", "_")
-    env = {**os.environ, "USERFORMER_HOME": str(home), **SMALL_SPARK}
+    env = {**os.environ, "USERFORMER_HOME": str(home), **SMALL_SPARK, **(env or {})}
     if pause_at:
         env[hooks.ENV_POINTS] = pause_at
         env[hooks.ENV_DIR] = str(pause_dir)

@@ -1,12 +1,18 @@
 """Two real `userformer ingest` processes on one warehouse at the same time.
 
-Both are held after they read every table (vocab, items, events) until both have, then released together, so
-they really race for their commits. Whatever the interleaving: each exits 0 or 75 with the ConcurrentWrite
-message (never another error, never a silent overwrite), vocab never hands one id out twice, what the winner
-committed equals a clean one-process ingest, and the loser's rerun lands as if the two had run one after the other.
+With one lease (one host, or hosts sharing the lease folder): the second waits for the first, says whom it waits
+for, and both land as if run one after the other.
+
+Without a shared lease (two hosts writing one bucket, each with its own lock): both are held after they read every
+table (vocab, items, events) until both have, then released together, so they really race for their commits.
+Whatever the interleaving: each exits 0 or 75 with the ConcurrentWrite message (never another error, never a
+silent overwrite), vocab never hands one id out twice, what the winner committed equals a clean one-process
+ingest, and the loser's rerun lands as if the two had run one after the other.
 """
 
 from __future__ import annotations
+
+import time
 
 import pyarrow as pa
 import pytest
@@ -33,8 +39,35 @@ def assert_vocab_unique(cfg) -> None:
         assert ids == list(range(1, len(ids) + 1)), kind
 
 
+def test_two_ingests_queue_on_the_lease(cfg, spark, tmp_path):
+    three_days(cfg.raw_root)
+    pause = tmp_path / "pause"
+    first = procs.start(
+        cfg.paths.home, tmp_path / "logs", "ingest", "--dt", str(D2), pause_at=POINT, pause_dir=pause, name="first"
+    )
+    second = None
+    try:
+        procs.wait_paused(pause, POINT, [first])  # holding the lease, about to commit
+        second = procs.start(cfg.paths.home, tmp_path / "logs", "ingest", "--dt", str(D1), name="second")
+        deadline = time.monotonic() + 120
+        while "waiting up to" not in second.stderr:
+            assert second.proc.poll() is None, second.stderr[-4000:]
+            assert time.monotonic() < deadline, "the second ingest never said it waits for the lease"
+            time.sleep(0.2)
+        assert f"held by step ingest (pid {first.pid} on " in second.stderr
+        procs.release(pause, POINT)
+        codes = [first.wait(), second.wait()]
+    finally:
+        procs.stop_all([first] + ([second] if second else []))
+    assert codes == [0, 0], (first.stderr[-3000:], second.stderr[-3000:])
+    assert_vocab_unique(cfg)
+    got, want = tables_of(cfg), clean_ingest(tmp_path, D2, D1)
+    for name in want:
+        assert got[name].equals(want[name]), name
+
+
 @pytest.mark.parametrize("days", CASES.values(), ids=list(CASES))
-def test_two_ingests_at_once(cfg, spark, tmp_path, days):
+def test_two_ingests_at_once_without_a_shared_lease(cfg, spark, tmp_path, days):
     three_days(cfg.raw_root)
     pause = tmp_path / "pause"
     steps = [
@@ -47,6 +80,7 @@ def test_two_ingests_at_once(cfg, spark, tmp_path, days):
             pause_at=POINT,
             pause_dir=pause,
             name=f"ingest-{i}-{d}",
+            env={"USERFORMER__STORAGE__LEASE_DIR": str(tmp_path / f"lease-{i}")},  # two hosts, two locks
         )
         for i, d in enumerate(days)
     ]

@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
+from userformer.jobs.core.errors import TryAgain
+
 if TYPE_CHECKING:
     import pyarrow.dataset as pds
 
@@ -49,14 +51,11 @@ class StorageError(RuntimeError):
     """A table could not be read or written as asked."""
 
 
-class ConcurrentWrite(StorageError):
+class ConcurrentWrite(StorageError, TryAgain):
     """Another writer committed to the table while this step ran; nothing of this step was committed.
 
-    Rerunning the step is safe: it reads the table afresh. `code` is the CLI's exit status
-    (EX_TEMPFAIL: try again); Airflow retries it like any transient failure.
+    Rerunning the step is safe: it reads the table afresh (exit 75; Airflow retries it).
     """
-
-    code = 75
 
     def __init__(self, path, detail: str = ""):
         self.path = str(path)
