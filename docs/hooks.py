@@ -2,7 +2,8 @@
 
 - measured results: the markers in docs/measured.md become tables read from the benchmark results
   (tests/benchmarks/results/*.json) and the sweeps (experiments/<name>/results.json + one TOML per run), each block
-  with the command and the commit it was recorded with (or a line saying the file lacks them);
+  with the command and the commit it was recorded with (or a line saying the file lacks them); a result file is
+  rendered by tests/benchmarks/render.py, the renderer that writes the `.md` beside it too;
 - the design page's Mermaid flowchart becomes an inline SVG, so the site shows it without fetching a script.
 
 Markers, each alone on a line: ``<!-- RESULT file.json -->``, ``<!-- EXPERIMENT name -->``, ``<!-- RESULT-INDEX -->``.
@@ -13,6 +14,7 @@ result file it cites stops the build.
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import re
 import tomllib
@@ -22,6 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 EXPERIMENTS = ROOT / "experiments"
 
+
+def _load_render():
+    """tests/benchmarks/render.py, by its path: MkDocs runs this file as a hook, with no package around it to import
+    the repository's modules from (and the render module needs none: it imports the standard library only). Loaded
+    afresh with the hook, so `mkdocs serve` shows an edit of it at the next build."""
+    spec = importlib.util.spec_from_file_location("userformer_benchmarks_render", RESULTS.parent / "render.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+render = _load_render()
+
 MARKER = re.compile(r"^<!-- (RESULT|EXPERIMENT) ([\w.@-]+) -->$|^<!-- RESULT-INDEX -->$", re.M)
 MERMAID = re.compile(r"^```mermaid\n(.*?)^```$", re.M | re.S)
 
@@ -30,440 +45,21 @@ class DocsError(Exception):
     """Something the page asks for cannot be rendered truthfully: the build stops."""
 
 
-# ------------------------------------------------------------------ helpers
-def _num(x, fmt: str = ",.1f") -> str:
-    return "—" if x is None else format(x, fmt)
-
-
-def _cell(s) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list], align: str | None = None) -> str:
-    align = align or "-" * len(header)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _on(flag) -> str:
-    return "not recorded" if flag is None else "on" if flag else "off"
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{x:.1%}"
-
-
 def load_results() -> dict[str, dict]:
     """Every result file, by name."""
     return {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
 
 
-def commit_of(d: dict) -> str | None:
-    return (d.get("git") or {}).get("commit") or d.get("commit")
-
-
-def provenance(name: str, d: dict) -> str:
-    """Command, commit, when, where: what a reader needs to trust or redo a number."""
-    cmd = d.get("command")
-    git = d.get("git") or {}
-    commit = commit_of(d)
-    out = [f"- **Command:** `{cmd.strip()}`" if cmd else "- **Command:** not recorded in the file"]
-    if commit:
-        line = f"- **Commit:** `{commit}`"
-        if git.get("dirty") is True:
-            changed = [f"`{c.strip()}`" for c in git.get("changed_files") or []]
-            line += f", with uncommitted changes ({', '.join(changed) or 'files not listed'}"
-            line += f"; {len(git.get('untracked') or [])} untracked files)"
-        elif git.get("dirty") is False:
-            line += ", clean working tree"
-        else:
-            line += " (whether the working tree had changes is not recorded)"
-        out.append(line)
-    else:
-        out.append("- **Commit:** not recorded in the file")
-    if d.get("started"):
-        out.append(f"- **When:** {d['started']} .. {d.get('finished', '?')}")
-    m = d.get("machine")
-    if m:
-        parts = [f"{m.get('cpu_count')} CPUs ({m.get('cpu_model')})", f"{m.get('memory_total_gib')} GiB"]
-        parts += [f"{k} {m[k]}" for k in ("python", "pyspark", "deltalake", "faiss") if m.get(k)]
-        torch = (d.get("torch") or {}).get("torch")
-        if torch:
-            parts.append(f"torch {torch}")
-        out.append("- **Machine:** " + ", ".join(parts))
-    if d.get("load_at_start"):
-        load = ", ".join(str(x) for x in d["load_at_start"])
-        end = f"; at the end {', '.join(str(x) for x in d['load_at_end'])}" if d.get("load_at_end") else ""
-        out.append(f"- **Load average at the start:** {load}{end} (a shared machine: compare within one run)")
-    out.append(f"- **File:** `tests/benchmarks/results/{name}`")
-    return "\n".join(out)
-
-
-# ------------------------------------------------------------ per benchmark
-STEP_NAMES = {
-    "ingest": "ingest",
-    "sequences_first_build": "sequences (first build)",
-    "sequences_rebuild": "sequences --rebuild",
-}
-
-
-def pipeline_throughput(d: dict) -> str:
-    rows = []
-    for r in d["results"]:
-        spark = r.get("config", {}).get("spark", {})
-        where = (
-            f"{spark.get('master')}, driver {spark.get('driver_memory')}, {spark.get('shuffle_partitions')} partitions"
-        )
-        for key, label in STEP_NAMES.items():
-            s = r["steps"].get(key)
-            if s:
-                n = f"{len(s['samples_s'])}" + (" (budget)" if s.get("reduced") else "")
-                rows.append([f"{r['events_raw']:,}", label, _num(s["median_s"]), n, f"{s['events_per_s']:,}", where])
-        both = r.get("ingest_plus_sequences")
-        if both:
-            rows.append(
-                [
-                    f"{r['events_raw']:,}",
-                    "ingest + sequences (sum of medians)",
-                    _num(both["median_s"]),
-                    "",
-                    f"{both['events_per_s']:,}",
-                    where,
-                ]
-            )
-    table = _table(["raw events", "step", "median s", "samples", "events/s", "Spark"], rows, "rlrrrl")
-    return "One raw drop of each size; medians of the samples.\n\n" + table
-
-
-def pipeline_incremental(d: dict) -> str:
-    r = d["results"][0]
-    last, gen = r["last_day"], r.get("generate", {})
-    head = (
-        f"History: {r['users']:,} users over {r['days']} days, {r['active_frac']:.0%} active per day; "
-        f"{gen.get('events_total', 0):,} raw events, {r.get('events_total_accepted', 0):,} accepted. "
-        f"Day measured, {last['dt']}: {last['raw_events']:,} raw events, {last['active_users']:,} active users of "
-        f"{last['user_sequences_rows']:,} in `user_sequences`."
-    )
-
-    def row(label, s):
-        return [label, _num(s["median_s"]), ", ".join(_num(x) for x in s["samples_s"])]
-
-    times = _table(
-        ["measure", "median s", "samples s"],
-        [
-            row("ingest of the day", r["ingest_last_day"]),
-            row("`sequences --dt` (one MERGE)", r["sequences_incremental"]),
-            row("`sequences --rebuild` (all history)", r["sequences_rebuild"]),
-        ],
-        "lrl",
-    )
-    ratio = (
-        f"**Ratio incremental / rebuild: {r['ratio_incremental_to_rebuild']:.2f}**; "
-        f"the two tables are {'identical' if r.get('tables_equal') else 'NOT identical'}."
-    )
-    w = r["written"]
-    inc, reb = w["incremental"], w["rebuild"]
-
-    def wrow(label, x):
-        return [
-            label,
-            f"{x['rows_written']:,}",
-            x["files_added"],
-            _num(x["bytes_added"] / 2**20),
-            x.get("files_rewritten", "—"),
-            x.get("deletion_vectors_added", "—"),
-            x.get("target_rows_copied", "—"),
-            _num(x["scan_ms"] / 1000) if "scan_ms" in x else "—",
-            _num(x["rewrite_ms"] / 1000) if "rewrite_ms" in x else "—",
-        ]
-
-    written = _table(
-        [
-            "path",
-            "rows written",
-            "files added",
-            "MiB added",
-            "files rewritten",
-            "deletion vectors",
-            "rows copied",
-            "MERGE scan s",
-            "MERGE rewrite s",
-        ],
-        [wrow("incremental", inc), wrow("rebuild", reb)],
-        "lrrrrrrrr",
-    )
-    mt = r.get("maintain") or {}
-    maint = (
-        f"`maintain` afterwards: {_num(mt['seconds'])} s; `user_sequences` files "
-        f"{mt['user_sequences_files_before']} → {mt['user_sequences_files_after']}."
-        if mt
-        else "`maintain` was not measured in this file."
-    )
-    return "\n\n".join(
-        [head, times, ratio, "What each path wrote (from the commit's operation metrics):", written, maint]
-    )
-
-
-def infer_incremental(d: dict) -> str:
-    p = d.get("params", {})
-    head = (
-        f"{d['users_in_table']:,} users in `user_sequences`, the day cut to a stable-hash "
-        f"{p.get('active_share', 0):.0%} of them; {d['items']:,} items, a d={d.get('d_model')} model; "
-        f"`infer` + `publish` of the same day, alternating, {d.get('repeats')} samples each, "
-        f"device `{p.get('device', d.get('device'))}`."
-    )
-    rows = []
-    for key, label in (("full", "full re-embed (`infer --all-users`)"), ("incremental", "incremental (`infer`)")):
-        x = d[key]
-        rows.append(
-            [
-                label,
-                f"{x['users']:,}",
-                _num(x["infer_s"]),
-                _num(x["publish_s"]),
-                _num(x["total_s"]),
-                ", ".join(_num(s) for s in x["samples_total_s"]),
-            ]
-        )
-    table = _table(["run", "users", "infer s", "publish s", "total s", "samples total s"], rows, "lrrrrl")
-    ratio = d["ratio"]
-    line = (
-        f"**Ratio incremental / full: total {ratio['total_s']:.3f}, infer {ratio['infer_s']:.3f}, "
-        f"publish {ratio['publish_s']:.3f}** for {_pct(ratio['users'])} of the users (medians)."
-    )
-    return "\n\n".join([head, table, line])
-
-
-def index_speed(d: dict) -> str:
-    cfg, data = d["index_config"], d.get("data", {})
-    head = (
-        f"d={data.get('dimension')} unit vectors around {data.get('clusters'):,} centres, "
-        f"{d['params'].get('queries'):,} user-like queries; recall@10 against exact search; "
-        f"FAISS threads {d.get('faiss_threads')}. Rows marked ★ are what `userformer index` builds at that size "
-        f"with the default `[index]` settings (exact up to {cfg['flat_max_items']:,} items, HNSW up to "
-        f"{cfg['hnsw_max_items']:,}, IVF above; efSearch {cfg['hnsw_ef_search']}, nprobe {cfg['ivf_nprobe']})."
-    )
-    rows = []
-    for r in d["results"]:
-        n, kind = r["items"], r.get("default_kind")
-
-        def add(label, params, build, e, default, n=n):
-            rows.append(
-                [
-                    f"{n:,}",
-                    label + (" ★" if default else ""),
-                    params,
-                    f"{_num(build['median_s'], '.2f')} ({len(build['samples_s'])})" if build else "″",
-                    _num(e["recall_at_10"], ".3f"),
-                    _num(e["qps"], ",.0f"),
-                    _num(e["single_query_ms"]["median"], ".3f"),
-                ]
-            )
-
-        ex = r["exact"]
-        add("exact", "IndexFlatIP", ex["build"], ex, kind == "flat")
-        for key, knob, cfg_key in (("hnsw", "efSearch", "hnsw_ef_search"), ("ivf", "nprobe", "ivf_nprobe")):
-            ix = r.get(key)
-            if not ix:
-                continue
-            fixed = {k: v for k, v in ix["params"].items() if k not in ("metric", knob)}
-            for i, e in enumerate(ix["sweep"]):
-                params = " ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in fixed.items())
-                add(
-                    key.upper(),
-                    f"{params} {knob}={e[knob]}",
-                    ix["build"] if i == 0 else None,
-                    e,
-                    kind == key and e[knob] == cfg[cfg_key],
-                )
-    table = _table(
-        ["items", "index", "parameters", "build s (samples)", "recall@10", "batch q/s", "single query ms"],
-        rows,
-        "rllrrrr",
-    )
-    return head + "\n\n" + table
-
-
-QUALITY_MODELS = {"full": "full model", "id_only": "id-only SASRec", "popular": "most popular"}
-
-
-def _metric(m: dict, key: str, fmt: str = ".4f") -> str:
-    v = m.get(key)
-    if v is None:
-        return "—"
-    std = (m.get("std") or {}).get(key)
-    return f"{v:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
-
-
-def quality(d: dict) -> str:
-    data, cfg = d["data"], d["config"]
-    mc, tc = cfg["model"], cfg["train"]
-    seeds = cfg.get("seeds") or []
-    head = (
-        f"`{d['dataset']}`: {data['users']:,} users, {data['items']:,} items, {data['events']:,} events, "
-        f"{data['test_users']:,} test users. Protocol: {d['protocol']}."
-    )
-    settings = (
-        f"Settings: d={mc['d_model']}, {mc['n_layers']} layer(s), {mc['n_heads']} head(s), max_len {mc['max_len']}, "
-        f"dropout {mc['dropout']}, item dropout {mc.get('item_dropout')}, item MLP {_on(mc['item_mlp'])}, output MLP "
-        f"{_on(mc['output_mlp'])}; {tc['objective']}, {tc['loss']} softmax with {tc['uniform_negatives']:,} uniform "
-        f"negatives{' per positive' if tc.get('negatives_per_row') else ' shared by the batch'}, lr {tc['lr']}, "
-        f"batch {tc['batch_size']}, patience {tc['patience']}; seed(s) {', '.join(str(s) for s in seeds)}."
-    )
-    models = d["models"]
-    has_recall = any("recall@10" in m for m in models.values())
-    header = ["model", "HR@10", "NDCG@10"] + (["recall@10"] if has_recall else [])
-    header += ["coverage@10", "history kept: HR@10 / NDCG@10", "best epoch", "validation (early stopping)"]
-    rows = []
-    for name, m in models.items():
-        kept = m.get("history_kept") or {}
-        bv = m.get("best_valid")
-        if isinstance(bv, dict):
-            key = "recall@10" if "recall@10" in bv else "ndcg@10"
-            valid = f"{key} {bv[key]:.4f}"
-        elif isinstance(bv, float):
-            valid = f"{'recall@10' if 'recall@10' in m else 'ndcg@10'} {bv:.4f}"
-        else:
-            valid = "—"
-        best = m.get("best_epoch")
-        row = [QUALITY_MODELS.get(name, name), _metric(m, "hr@10"), _metric(m, "ndcg@10")]
-        row += [_metric(m, "recall@10")] if has_recall else []
-        row += [
-            _metric(m, "coverage@10", ".3f"),
-            f"{_num(kept.get('hr@10'), '.4f')} / {_num(kept.get('ndcg@10'), '.4f')}",
-            "—" if best is None else f"{best:g}" if isinstance(best, int) else f"{best:.1f} (mean)",
-            valid,
-        ]
-        rows.append(row)
-    table = _table(header, rows, "l" + "r" * (len(header) - 1))
-    out = [head, settings, table]
-    full, ido = models.get("full"), models.get("id_only")
-    if full and ido:
-        rel = [f"{k} {full[k] / ido[k] - 1:+.1%}" for k in ("hr@10", "ndcg@10", "recall@10") if k in full and k in ido]
-        out.append("Full model against id-only SASRec of the same run: " + ", ".join(rel) + ".")
-    heads = []
-    for name, m in models.items():
-        for task, h in (m.get("heads") or {}).items():
-            heads.append(
-                [QUALITY_MODELS.get(name, name), task, _num(h.get("acc@1"), ".3f"), _num(h.get("majority@1"), ".3f")]
-            )
-    if heads:
-        out.append("Preference heads on the test targets:")
-        out.append(_table(["model", "head", "acc@1", "majority class acc@1"], heads, "llrr"))
-    return "\n\n".join(out)
-
-
-def model_speed(d: dict) -> str:
-    peak = d["peak_gflops"]
-    t = d.get("torch") or {}
-    head = (
-        f"torch {t.get('torch')}, {t.get('num_threads')} threads, CPU capability {t.get('cpu_capability')}, device "
-        f"`{t.get('device')}` (CUDA available: {'yes' if t.get('cuda_available') else 'no'}). Matmul 2048³ in the "
-        f"same run, the peak the fractions divide by: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} "
-        f"GFLOP/s. Medians; FLOPs from the model's shape."
-    )
-    configs = d.get("configs", {})
-    mcfg = d.get("model_config", {})
-    rows = []
-    for r in d["results"]:
-        tr = {x["precision"]: x for x in r["train"]}
-        inf = {x["precision"]: x for x in r["infer"]}
-
-        def rate(x, key, prec):
-            return _num(x[prec][key]["median"], ",.0f") if prec in x else "—"
-
-        def frac(x, prec):
-            return _pct(x[prec]["gflops_formula"]["median"] / peak[prec]) if prec in x else "—"
-
-        check = (tr.get("fp32") or {}).get("flop_check") or {}
-        rows.append(
-            [
-                r["config"],
-                r["mix"],
-                rate(tr, "sequences_per_s", "fp32"),
-                frac(tr, "fp32"),
-                rate(tr, "sequences_per_s", "bf16"),
-                rate(inf, "users_per_s", "fp32"),
-                frac(inf, "fp32"),
-                rate(inf, "users_per_s", "bf16"),
-                _num(check.get("ratio_counter_to_formula"), ".3f"),
-            ]
-        )
-    table = _table(
-        [
-            "config",
-            "mix",
-            "training fp32 seq/s",
-            "of fp32 peak",
-            "training bf16 seq/s",
-            "inference fp32 users/s",
-            "of fp32 peak",
-            "inference bf16 users/s",
-            "FLOP counter / formula",
-        ],
-        rows,
-        "llrrrrrrr",
-    )
-    desc = []
-    for name, text in configs.items():
-        mc = mcfg.get(name, {})
-        desc.append(f"`{name}`: {text}; item MLP {_on(mc.get('item_mlp'))}, output MLP {_on(mc.get('output_mlp'))}")
-    out = [head, table, "Configurations as recorded: " + "; ".join(desc) + "."]
-    probe = [r for r in d["results"] if r.get("thread_probe")]
-    mm1 = {x["dtype"]: x["gflops"]["median"] for x in d.get("matmul_1_thread") or []}
-    if probe or mm1:
-        lines = []
-        if mm1:
-            lines.append(
-                ", ".join(f"matmul 2048³ {k} {v:.0f} GFLOP/s (2 threads: {peak[k]:.0f})" for k, v in mm1.items())
-            )
-        for r in probe:
-            p = r["thread_probe"]
-            tr2 = next(x for x in r["train"] if x["precision"] == p["precision"])
-            in2 = next(x for x in r["infer"] if x["precision"] == p["precision"])
-            lines.append(
-                f"{r['config']} / {r['mix']} / {p['precision']}: training "
-                f"{p['train']['sequences_per_s']['median']:,.0f} seq/s (2 threads: "
-                f"{tr2['sequences_per_s']['median']:,.0f}), inference {p['infer']['users_per_s']['median']:,.0f} "
-                f"users/s (2 threads: {in2['users_per_s']['median']:,.0f})"
-            )
-        out.append("The same run at 1 thread: " + "; ".join(lines) + ".")
-    return "\n\n".join(out)
-
-
-def kind(name: str, d: dict) -> str:
-    if "models" in d and "dataset" in d:
-        return "quality"
-    if "index_config" in d:
-        return "index-speed"
-    return d.get("benchmark") or Path(name).stem
-
-
-RENDERERS = {
-    "pipeline-throughput": pipeline_throughput,
-    "pipeline-incremental": pipeline_incremental,
-    "infer-incremental": infer_incremental,
-    "index-speed": index_speed,
-    "quality": quality,
-    "model-speed": model_speed,
-}
-
-
 def render_result(name: str, results: dict[str, dict]) -> str:
     if name not in results:
         raise DocsError(f"no result file tests/benchmarks/results/{name}")
-    d = results[name]
-    fn = RENDERERS.get(kind(name, d))
-    body = fn(d) if fn else "(no table for this kind of result: the file holds the numbers)"
-    return provenance(name, d) + "\n\n" + body
+    return render.block(name, results[name])
 
 
 def render_index(results: dict[str, dict]) -> str:
     rows = []
     for name, d in results.items():
-        commit = commit_of(d)
+        commit = render.commit_of(d)
         dirty = (d.get("git") or {}).get("dirty")
         rows.append(
             [
@@ -473,7 +69,7 @@ def render_index(results: dict[str, dict]) -> str:
                 d["started"][:10] if d.get("started") else "not recorded",
             ]
         )
-    return _table(["file", "command", "commit", "date"], rows)
+    return render.md_table(["file", "command", "commit", "date"], rows)
 
 
 # ------------------------------------------------------------------- sweeps
@@ -529,8 +125,8 @@ def check_sweep(sweep: dict, results: dict[str, dict] | None = None) -> list[str
         if d is None:
             problems.append(f"{where}: cites missing {src}")
             continue
-        if run.get("commit") != commit_of(d):
-            problems.append(f"{where}: commit {run.get('commit')} but {src} says {commit_of(d)}")
+        if run.get("commit") != render.commit_of(d):
+            problems.append(f"{where}: commit {run.get('commit')} but {src} says {render.commit_of(d)}")
         if run.get("command") != d.get("command"):
             problems.append(f"{where}: command differs from the one {src} records")
         m = d["models"].get(run["model"])
@@ -589,7 +185,7 @@ def render_sweep(name: str, results: dict[str, dict] | None = None) -> str:
         cells = []
         for key, spec in metrics.items():
             v, std = r.get(key), r.get(f"{key}_std")
-            cell = _num(v, spec["format"])
+            cell = render.num(v, spec["format"])
             if v is not None and std is not None:
                 cell += f" ± {std:{spec['format']}}"
             cells.append(cell)
@@ -604,7 +200,7 @@ def render_sweep(name: str, results: dict[str, dict] | None = None) -> str:
         note = f" {run['note']}" if run.get("note") else ""
         details.append(f"- `{run['name']}`: `{run['config']}` = {sets}.{note}")
     header = ["run", "model", *(s["label"] for s in metrics.values()), "commit"]
-    table = _table(header, rows, "ll" + "r" * len(metrics) + "l")
+    table = render.md_table(header, rows, "ll" + "r" * len(metrics) + "l")
     cmds = "\n".join(f"{run['name']}: {run['command']}" for run in sweep["runs"])
     recorded = f'??? note "Commands as recorded"\n\n    ```text\n{_indent(cmds, 4)}\n    ```'
     table += "\n\nEach run's configuration (as `--set` overrides) and notes:\n\n" + "\n".join(details)

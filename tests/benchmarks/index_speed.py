@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.benchmarks.pipeline import REPO, git_info, load, machine_info, mem_available_gib, now, summary
+from tests.benchmarks.render import write_summary
 
 D = 64
 CLUSTERS = 1000
@@ -182,70 +183,6 @@ def bench_size(n: int, args, cfg) -> dict:
     return out
 
 
-# --------------------------------------------------------------- markdown
-def markdown(res: dict) -> str:
-    p = res["params"]
-    g = res["git"]
-    lines = [
-        "# Item index speed (exact vs HNSW vs IVF)",
-        "",
-        f"`{res['command']}`",
-        "",
-        f"Commit `{(g['commit'] or '?')[:7]}`{' (dirty)' if g['dirty'] else ''}, {res['started']} .. {res['finished']} "
-        f"({res['total_s']:.0f} s). Machine: {res['machine']['cpu_count']} cores ({res['machine']['cpu_model']}), "
-        f"{res['machine']['memory_total_gib']} GiB, faiss {res['machine']['faiss']}, {res['faiss_threads']} threads; "
-        f"load average {res['load_at_start']} at start, {res['load_at_end']} at end (shared machine: absolute "
-        "numbers are pessimistic; compare within this run).",
-        "",
-        f"Data: d={D}, {CLUSTERS} clusters (Zipf {ZIPF} sizes), spread {SPREAD}; {p['queries']} user-like queries "
-        f"(mixes of two centres); recall@10 against exact IndexFlatIP; q/s = queries / median seconds of one batch "
-        f"search of all of them ({p['repeats']} repeats); single = median latency of {p['single']} one-query calls "
-        "(one FAISS thread). "
-        "Build: median of the samples (count in brackets). Rows marked * are the default [index] parameters.",
-        "",
-        "| items | index | parameters | build s | recall@10 | batch q/s | single ms |",
-        "|---:|---|---|---:|---:|---:|---:|",
-    ]
-    for r in res["results"]:
-        n = f"{r['items']:,}"
-        e = r["exact"]
-        lines.append(
-            f"| {n} | exact{' *' if r['default_kind'] == 'flat' else ''} | IndexFlatIP | "
-            f"{e['build']['median_s']:.2f} ({len(e['build']['samples_s'])}) | 1.000 | {e['qps']:,.0f} | "
-            f"{e['single_query_ms']['median']:.2f} |"
-        )
-        for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")):
-            if kind not in r:
-                continue
-            x = r[kind]
-            b = x["build"]
-            fixed = (
-                f"M={x['params']['M']} efC={x['params']['efConstruction']}"
-                if kind == "hnsw"
-                else f"nlist={x['params']['nlist']} train={x['params']['train_size']:,}"
-            )
-            default = x["params"][key]
-            for i, s in enumerate(x["sweep"]):
-                star = (
-                    " *"
-                    if s[key] == default and r["default_kind"] == kind
-                    else (" (default)" if s[key] == default else "")
-                )
-                build = f"{b['median_s']:.1f} ({len(b['samples_s'])})" if i == 0 else "″"
-                lines.append(
-                    f"| {n} | {kind}{star} | {fixed} {key}={s[key]} | {build} | {s['recall_at_10']:.3f} | "
-                    f"{s['qps']:,.0f} | {s['single_query_ms']['median']:.3f} |"
-                )
-    lines += [
-        "",
-        "Default kind by size (`[index]` flat_max_items / hnsw_max_items): "
-        + ", ".join(f"{r['items']:,} -> {r['default_kind']}" for r in res["results"])
-        + ".",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.index_speed", description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(float(x.replace("M", "e6").replace("K", "e3"))) for x in s.split(",") if x]  # noqa: E731
@@ -292,10 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         res["results"].append(bench_size(n, args, cfg))
     res.update(finished=now(), load_at_end=load(), total_s=round(time.perf_counter() - t0, 1))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "index-speed.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    (args.out / "index-speed.md").write_text(md)
-    print(md)
+    path = args.out / "index-speed.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(write_summary(path, json.loads(path.read_text())))
     return 0
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from tests.benchmarks.pipeline import git_info, load, log, machine_info, mem_available_gib, now
+from tests.benchmarks.render import write_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 START = dt.date(2026, 2, 1)
@@ -123,38 +124,6 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def markdown(doc: dict) -> str:
-    m, g = doc["machine"], doc["git"]
-    f, i, r = doc["full"], doc["incremental"], doc["ratio"]
-    lines = [
-        "## inference: incremental day vs full re-embed",
-        "",
-        f"{m['cpu_count']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB; commit {str(g['commit'])[:10]}"
-        f"{' (dirty)' if g['dirty'] else ''}; {doc['started']} .. {doc['finished']}; load avg at start "
-        f"{doc['load_at_start']}; device {doc['device']}",
-        "",
-        f"{doc['users_in_table']:,} users in user_sequences, {i['users']:,} active on the day "
-        f"({doc['active_share_measured']:.1%}), {doc['items']:,} items; model {doc['setup']['model']} "
-        f"(d={doc['d_model']}); {doc['repeats']} samples each, alternating.",
-        "",
-        "| run | users | infer s (median) | publish s (median) | total s (median) | samples total s | users/s (infer) |",
-        "|---|---:|---:|---:|---:|---|---:|",
-    ]
-    for name, s in (("full re-embed (`infer --all-users` + `publish`)", f), ("incremental (`infer` + `publish`)", i)):
-        lines.append(
-            f"| {name} | {s['users']:,} | {s['infer_s']:.2f} | {s['publish_s']:.2f} | {s['total_s']:.2f} | "
-            f"{', '.join(f'{x:.2f}' for x in s['samples_total_s'])} | {s['users'] / s['infer_s']:,.0f} |"
-        )
-    lines += [
-        "",
-        f"**ratio incremental / full: total {r['total_s']:.3f}, infer {r['infer_s']:.3f}, publish "
-        f"{r['publish_s']:.3f}** (users {r['users']:.3f}). Both embed every catalogue item (shard 0) and "
-        "read the model and catalogue once, which does not shrink with the day.",
-        "",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tests.benchmarks.infer_incremental", description=__doc__.split("\n\n")[0]
@@ -210,10 +179,9 @@ def main(argv=None) -> int:
         if not a.keep_home:
             shutil.rmtree(home, ignore_errors=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "infer-incremental.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    md = markdown(doc)
-    (a.out / "infer-incremental.md").write_text(md)
-    print(md)
+    path = a.out / "infer-incremental.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(write_summary(path, json.loads(path.read_text())))
     return 0
 
 

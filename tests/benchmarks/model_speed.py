@@ -40,6 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from tests.benchmarks.pipeline import git_info, load, log, machine_info, mem_available_gib, now
+from tests.benchmarks.render import write_summary
 from userformer.jobs.core.config import ModelConfig, TrainConfig
 from userformer.models import losses
 from userformer.models.data import INT_FIELDS, ITEM_ATTRS, ItemCatalog, Sequences, batches, item_counts, pad_batch
@@ -866,186 +867,6 @@ def lengths_summary(lengths: np.ndarray, max_len: int) -> dict:
     }
 
 
-# ---------------------------------------------------------------- markdown
-def _f(x, nd=0):
-    return "" if x is None else f"{x:,.{nd}f}"
-
-
-def _pct(x):
-    return "" if x is None else f"{100 * x:.1f}%"
-
-
-def markdown(doc: dict) -> str:
-    m, g, t = doc["machine"], doc["git"], doc["torch"]
-    dev = t.get("cuda_device") or f"{m['cpu_count']} CPUs ({m['cpu_model']})"
-    lines = [
-        "## model speed",
-        "",
-        f"{dev}; torch {t['torch']}, {t['num_threads']} threads, {t['cpu_capability']}; "
-        f"commit {str(g['commit'])[:10]}{' (dirty)' if g['dirty'] else ''}; {doc['started']} .. {doc['finished']}; "
-        f"load avg at start {doc['load_at_start']}, at end {doc['load_at_end']}; "
-        f"{doc['params']['repeats']} samples per row (medians shown)",
-        "",
-    ]
-    peak = doc["peak_gflops"]
-    lines += [
-        "### matmul",
-        "",
-        "| shape | m x k x n | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |",
-        "|---|---|---:|---:|---:|",
-    ]
-    by = {}
-    for r in doc["matmul"]:
-        by.setdefault((r["shape"], r["m"], r["k"], r["n"]), {})[r["dtype"]] = r["gflops"]["median"]
-    for (shape, mm, k, n), v in by.items():
-        ratio = v["bf16"] / v["fp32"] if "bf16" in v and "fp32" in v else None
-        lines.append(f"| {shape} | {mm} x {k} x {n} | {_f(v.get('fp32'))} | {_f(v.get('bf16'))} | {_f(ratio, 1)} |")
-    lines += [
-        "",
-        f"Peak used for the fractions below: matmul {doc['params']['peak_shape']}^3 "
-        + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items()),
-        "",
-    ]
-
-    lines += [
-        "### training (one optimizer step: batch_loss forward + backward + clip + AdamW)",
-        "",
-        f"batch {doc['params']['batch_size']}, next_action, sampled softmax with "
-        f"{doc['params']['negatives']} negatives, heads as configured. FLOPs per sequence from the formula "
-        f"(`step_flops`); FlopCounterMode check (first precision) on a {doc['params']['check_rows']}-row slice "
-        f"of the median batch: counter / formula. CPU util = CPU s / wall s (2 = both cores); sys share = "
-        f"kernel part of the CPU time.",
-        "",
-        "| config | mix | precision | seq/s | samples seq/s | GFLOP/seq | GFLOP/s | of matmul peak | padding | FlopCounter/formula | fwd / bwd / opt share | CPU util | sys share |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for r in doc["results"]:
-        for tr in r["train"]:
-            ph = [x["phases_s"] for x in tr["runs"] if x.get("phases_s")]
-            share = ""
-            if ph:
-                tot = {k: med([p[k] for p in ph]) for k in ph[0]}
-                s = sum(tot.values())
-                share = " / ".join(f"{100 * tot[k] / s:.0f}%" for k in ("forward", "backward", "clip_optimizer"))
-            fc = tr.get("flop_check", {}).get("ratio_counter_to_formula")
-            lines.append(
-                f"| {r['config']} | {r['mix']} | {tr['precision']} | {_f(tr['sequences_per_s']['median'])} | "
-                f"{', '.join(f'{x:.0f}' for x in tr['sequences_per_s']['samples'])} | "
-                f"{tr['flops_per_sequence_formula'] / 1e9:.3f} | {_f(tr['gflops_formula']['median'], 1)} | "
-                f"{_pct(tr['gflops_formula']['median'] / peak[tr['precision']])} | {_pct(tr['padding_share'])} | "
-                f"{'' if fc is None else f'{fc:.3f}'} | {share} | {_f(tr['cpu_utilisation'], 2)} | {_pct(_sys(tr['runs']))} |"
-            )
-    lines += [
-        "",
-        "### inference (embed_users: users/s; item_tower.all_items: items/s)",
-        "",
-        "| config | mix | precision | users/s | samples users/s | MFLOP/user | GFLOP/s | of matmul peak | padding | FlopCounter/formula | CPU util | items/s | item GFLOP/s |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in doc["results"]:
-        for inf in r["infer"]:
-            fc = inf.get("flop_check", {}).get("ratio_counter_to_formula")
-            it = inf["items"]
-            lines.append(
-                f"| {r['config']} | {r['mix']} | {inf['precision']} | {_f(inf['users_per_s']['median'])} | "
-                f"{', '.join(f'{x:.0f}' for x in inf['users_per_s']['samples'])} | "
-                f"{inf['flops_per_user_formula'] / 1e6:.1f} | {_f(inf['gflops_formula']['median'], 1)} | "
-                f"{_pct(inf['gflops_formula']['median'] / peak[inf['precision']])} | {_pct(inf['padding_share'])} | "
-                f"{'' if fc is None else f'{fc:.3f}'} | {_f(inf['cpu_utilisation'], 2)} | "
-                f"{_f(it['items_per_s']['median'])} | {_f(it['gflops_formula']['median'], 1)} |"
-            )
-    probes = [(r, r["thread_probe"]) for r in doc["results"] if r.get("thread_probe")]
-    if probes or doc.get("matmul_1_thread"):
-        nt = doc["params"]["threads"]
-        lines += [
-            "",
-            f"### 1 thread vs {nt} threads (same run; the machine is shared, see load)",
-            "",
-            f"| what | 1 thread | {nt} threads | {nt} threads / 1 thread |",
-            "|---|---:|---:|---:|",
-        ]
-        for r1 in doc.get("matmul_1_thread", []):
-            rn = next(
-                (
-                    x
-                    for x in doc["matmul"]
-                    if x["shape"] == "square" and x["m"] == r1["m"] and x["dtype"] == r1["dtype"]
-                ),
-                None,
-            )
-            if rn:
-                lines.append(
-                    f"| matmul {r1['m']}^3 {r1['dtype']} GFLOP/s | {_f(r1['gflops']['median'])} | "
-                    f"{_f(rn['gflops']['median'])} | {rn['gflops']['median'] / r1['gflops']['median']:.2f} |"
-                )
-        for r, pr in probes:
-            tn = next(x for x in r["train"] if x["precision"] == pr["precision"])
-            inn = next(x for x in r["infer"] if x["precision"] == pr["precision"])
-            for label, one, many, key in (
-                ("training seq/s", pr["train"], tn, "sequences_per_s"),
-                ("embed_users users/s", pr["infer"], inn, "users_per_s"),
-            ):
-                lines.append(
-                    f"| {r['config']} / {r['mix']} / {pr['precision']} {label} | {_f(one[key]['median'])} | "
-                    f"{_f(many[key]['median'])} | {many[key]['median'] / one[key]['median']:.2f} |"
-                )
-            i1, i2 = pr["infer"]["items"]["items_per_s"]["median"], inn["items"]["items_per_s"]["median"]
-            lines.append(
-                f"| {r['config']} / {pr['precision']} all_items items/s | {_f(i1)} | {_f(i2)} | {i2 / i1:.2f} |"
-            )
-    lines += [
-        "",
-        "### FLOPs per sequence by part (training forward, formula)",
-        "",
-        "| config | mix | " + " | ".join(PARTS) + " |",
-        "|---|---|" + "---:|" * len(PARTS),
-    ]
-    for r in doc["results"]:
-        if r["train"]:
-            p = r["train"][0]["forward_parts_per_sequence"]
-            tot = sum(p.values())
-            lines.append(
-                f"| {r['config']} | {r['mix']} | "
-                + " | ".join(
-                    f"{p.get(k, 0) / 1e6:.1f}M ({100 * p.get(k, 0) / tot:.0f}%)" if p.get(k) else "-" for k in PARTS
-                )
-                + " |"
-            )
-    prof = [(r, x, kind) for r in doc["results"] for kind in ("train", "infer") for x in r[kind] if x.get("profile")]
-    if prof:
-        lines += [
-            "",
-            "### where the time goes (torch.profiler: one sample's training steps / one embedding batch; "
-            "self time of aten ops by kind)",
-            "",
-            "| config | mix | what | precision | by kind | top ops |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r, x, kind in prof:
-            pr = x["profile"]
-            kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(pr["by_kind"].items())[:5])
-            tops = ", ".join(f"{o['op'].replace('aten::', '')} {100 * o['share']:.0f}%" for o in pr["top_ops"][:5])
-            lines.append(
-                f"| {r['config']} | {r['mix']} | {'train step' if kind == 'train' else 'embed batch'} | "
-                f"{x['precision']} | {kinds} | {tops} |"
-            )
-    lines += [
-        "",
-        "Configs: " + "; ".join(f"`{k}` {v}" for k, v in doc["configs"].items()),
-        "",
-        "Mixes: " + "; ".join(f"`{k}` {v}" for k, v in MIXES.items()),
-        "",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _sys(runs: list[dict]) -> float | None:
-    """Share of the process's CPU time spent in the kernel (page faults of fresh large allocations, mostly)."""
-    u = sum(r.get("cpu_user_s") or 0 for r in runs)
-    k = sum(r.get("cpu_sys_s") or 0 for r in runs)
-    return k / (u + k) if u + k else None
-
-
 PARTS = [
     "featurizer_data",
     "attn_qkv_out",
@@ -1283,10 +1104,9 @@ def main(argv=None) -> int:
     doc["load_at_end"] = load()
     doc["total_s"] = round(time.perf_counter() - t_start, 1)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "model-speed.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    md = markdown(doc)
-    (a.out / "model-speed.md").write_text(md)
-    print(md, flush=True)
+    path = a.out / "model-speed.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(write_summary(path, json.loads(path.read_text())), flush=True)
     log(f"wrote {a.out / 'model-speed.json'} and .md in {doc['total_s']:.0f}s")
     return 0
 

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from tests.benchmarks.pipeline import REPO, git_info, load, log, machine_info, mem_available_gib, now
+from tests.benchmarks.render import write_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,185 +102,13 @@ def header(scenario: str, params: dict) -> dict:
     }
 
 
-def write(out_dir: Path, scenario: str, doc: dict, md: str) -> None:
+def write(out_dir: Path, scenario: str, doc: dict) -> None:
+    """The result file and its summary beside it (render.py, as the docs site shows it); the summary is printed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"pipeline-{scenario}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    (out_dir / f"pipeline-{scenario}.md").write_text(md)
-    print(md, flush=True)
+    path = out_dir / f"pipeline-{scenario}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(write_summary(path, json.loads(path.read_text())), flush=True)
     log(f"wrote {out_dir / f'pipeline-{scenario}.json'} and .md")
-
-
-# ---------------------------------------------------------------- markdown
-def _n(x) -> str:
-    return f"{x:,}" if isinstance(x, int) else f"{x:,.0f}" if isinstance(x, float) else str(x)
-
-
-def _s(xs) -> str:
-    return ", ".join(f"{x:.1f}" for x in xs)
-
-
-def _machine_line(doc: dict) -> str:
-    m, g = doc["machine"], doc["git"]
-    return (
-        f"{m['cpu_count']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB; Python {m['python']}, "
-        f"PySpark {m['pyspark']}, deltalake {m['deltalake']}, pyarrow {m['pyarrow']}; "
-        f"commit {str(g['commit'])[:10]}{' (dirty)' if g['dirty'] else ''}; {doc['started']} .. {doc['finished']}; "
-        f"load avg at start {doc['load_at_start']}"
-    )
-
-
-def _stages(run: dict, k: int = 3) -> str:
-    sp = run.get("spark") or {}
-    slow = sp.get("slowest") or []
-    if not slow:
-        return ""
-    top = "; ".join(f"{s['name']} {s['wall_s']:.1f}s/{s['tasks']}t" for s in slow[:k])
-    return f"{sp['n_stages']} stages, {sp['stages_wall_s']:.1f}s: {top}"
-
-
-def md_throughput(doc: dict) -> str:
-    lines = [
-        "## pipeline throughput (one drop)",
-        "",
-        _machine_line(doc),
-        "",
-        "| raw events | users | step | median s | events/s | samples s | Spark |",
-        "|---:|---:|---|---:|---:|---|---|",
-    ]
-    for r in doc["results"]:
-        st = r["steps"]
-        sp = r["config"]["spark"]
-        label = {
-            "ingest": "ingest",
-            "sequences_first_build": "sequences.update (first build)",
-            "sequences_rebuild": "sequences.rebuild",
-        }
-        for i, (k, name) in enumerate(label.items()):
-            s = st[k]
-            extra = " (reduced)" if s["reduced"] else ""
-            lines.append(
-                f"| {_n(r['events_raw']) if i == 0 else ''} | {_n(r['users']) if i == 0 else ''} | {name} | "
-                f"{s['median_s']:.1f} | {_n(s['events_per_s'])} | {_s(s['samples_s'])}{extra} | "
-                f"{sp['driver_memory'] + ', ' + str(sp['shuffle_partitions']) + ' partitions' if i == 0 else ''} |"
-            )
-        b = r["ingest_plus_sequences"]
-        lines.append(
-            f"| | | **ingest + sequences** | **{b['median_s']:.1f}** | **{_n(b['events_per_s'])}** | sum of medians | |"
-        )
-    lines += [
-        "",
-        "Generation (not timed above): "
-        + "; ".join(f"{_n(r['events_raw'])} events in {r['generate']['seconds']:.1f}s" for r in doc["results"]),
-        "",
-    ]
-    lines += [
-        "Slowest Spark stages of the median-nearest sample (stage wall time / tasks):",
-        "",
-        "| raw events | step | stages |",
-        "|---:|---|---|",
-    ]
-    for r in doc["results"]:
-        for k, s in r["steps"].items():
-            runs = s["runs"]
-            best = min(runs, key=lambda x: abs(x["seconds"] - s["median_s"]))
-            lines.append(f"| {_n(r['events_raw'])} | {k} | {_stages(best)} |")
-    return "\n".join(lines) + "\n"
-
-
-def md_incremental(doc: dict) -> str:
-    r = doc["results"][0]
-    ld = r["last_day"]
-    lines = [
-        f"## pipeline incremental ({r['days']} days, {_n(r['users'])} users, active_frac {r['active_frac']})",
-        "",
-        _machine_line(doc),
-        "",
-        f"History: {_n(r['generate']['events_total'])} raw events generated in {r['generate']['seconds']:.1f}s, "
-        f"{_n(r['events_total_accepted'])} accepted; last day {ld['dt']}: {_n(ld['raw_events'])} raw events, "
-        f"{_n(ld['active_users'])} active users of {_n(ld['user_sequences_rows'])} in user_sequences.",
-        "",
-        "| measure (day " + ld["dt"] + ") | median s | samples s | events/s |",
-        "|---|---:|---|---:|",
-    ]
-    for name, key in (
-        ("ingest of the day", "ingest_last_day"),
-        ("sequences.update (incremental, state after the previous day)", "sequences_incremental"),
-        ("sequences.rebuild(upto=day) (all history)", "sequences_rebuild"),
-    ):
-        s = r[key]
-        ev = ld["raw_events"] if key != "sequences_rebuild" else r["events_total_accepted"]
-        lines.append(f"| {name} | {s['median_s']:.1f} | {_s(s['samples_s'])} | {_n(round(ev / s['median_s']))} |")
-    lines += [
-        "",
-        f"**ratio median(incremental) / median(rebuild) = {r['ratio_incremental_to_rebuild']:.3f}** "
-        f"(rebuild {r['speedup_rebuild_over_incremental']:.1f}x slower); "
-        f"**tables_equal = {str(r['tables_equal']).lower()}**"
-        + (f" — first difference: {r['tables_difference']}" if not r["tables_equal"] else ""),
-        "",
-    ]
-    w = r.get("written")
-    if w:
-        lines += [
-            "What each wrote (the median-nearest sample's commit, from its operationMetrics):",
-            "",
-            "| path | rows written | files added | MB added | files rewritten | deletion vectors added | "
-            "rows copied | MERGE scan s | MERGE rewrite s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name in ("incremental", "rebuild"):
-            x = w[name]
-            ms = lambda k: f"{x[k] / 1000:.1f}" if x.get(k) is not None else ""  # noqa: E731
-            lines.append(
-                f"| {name} | {_n(x.get('rows_written'))} | {_n(x.get('files_added'))} | "
-                f"{(x.get('bytes_added') or 0) / 2**20:.1f} | {_n(x.get('files_rewritten', 0))} | "
-                f"{_n(x.get('deletion_vectors_added', 0))} | {_n(x.get('target_rows_copied', 0))} | "
-                f"{ms('scan_ms')} | {ms('rewrite_ms')} |"
-            )
-        lines.append("")
-    mt = r.get("maintain")
-    if mt:
-        us = mt["tables"].get("user_sequences") or {}
-        lines += [
-            f"`maintain` after the incremental samples: {mt['seconds']:.1f}s; user_sequences "
-            f"{mt['user_sequences_files_before']} files → {mt['user_sequences_files_after']} "
-            f"(OPTIMIZE {us.get('optimize')}, purge {us.get('purge')}, {us.get('files_deleted')} files vacuumed).",
-            "",
-        ]
-    inc = r["sequences_incremental"]["runs"]
-    reb = r["sequences_rebuild"]["runs"]
-    if inc and reb:
-        lines += [
-            f"Spark, incremental: {_stages(inc[len(inc) // 2])}",
-            "",
-            f"Spark, rebuild: {_stages(reb[len(reb) // 2])}",
-            "",
-        ]
-    ps = r["per_day_summary"]
-    lines += [
-        "Day-by-day pass (each day: ingest, then sequences.update):",
-        "",
-        "| step | total s | median s | min s | max s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for k, name in (("ingest_s", "ingest"), ("sequences_s", "sequences.update")):
-        lines.append(
-            f"| {name} | {ps[k]['total_s']:.1f} | {ps[k]['median_s']:.1f} | {ps[k]['min_s']:.1f} | {ps[k]['max_s']:.1f} |"
-        )
-    lines += [
-        "",
-        "<details><summary>per day</summary>",
-        "",
-        "| dt | raw events | ingest s | active users | sequences s | rows written | files added | files rewritten |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for p in r["per_day"]:
-        lines.append(
-            f"| {p['dt']} | {_n(p['raw_events'])} | {p['ingest_s']:.1f} | {_n(p['active_users'])} | "
-            f"{p['sequences_s']:.1f} | {_n(p.get('rows_written'))} | {_n(p.get('files_added'))} | "
-            f"{p['files_rewritten']} |"
-        )
-    lines += ["", "</details>"]
-    return "\n".join(lines) + "\n"
 
 
 # -------------------------------------------------------------------- main
@@ -355,7 +184,7 @@ def main(argv=None) -> int:
                 extra += ["--step-budget-s", str(a.step_budget_s)]
             doc["results"].append(child("throughput", extra))
         doc["finished"] = now()
-        write(a.out, "throughput", doc, md_throughput(doc))
+        write(a.out, "throughput", doc)
 
     if a.scenario in ("incremental", "all"):
         mem = a.driver_memory or "4g"
@@ -386,7 +215,7 @@ def main(argv=None) -> int:
         ]
         doc["results"] = [child("incremental", extra)]
         doc["finished"] = now()
-        write(a.out, "incremental", doc, md_incremental(doc))
+        write(a.out, "incremental", doc)
 
     if a.scenario in ("model", "all"):
         # Its own process: torch's threads and allocations stay out of this one; it writes its own results.

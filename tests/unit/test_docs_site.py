@@ -1,6 +1,7 @@
 """The documentation site's generated parts (docs/hooks.py): the measured results come from their files, each with its
-command and commit; the sweeps under experiments/ agree with the result files they cite; the design page's flowchart
-is the day's real step order and tables; the nav holds every page."""
+command and commit, rendered by the renderer that writes the summaries beside them (tests/benchmarks/render.py); the
+sweeps under experiments/ agree with the result files they cite; the design page's flowchart is the day's real step
+order and tables; the nav holds every page."""
 
 import copy
 import importlib.util
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.benchmarks import render
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.ledger import STEPS
 from userformer.schemas.tables import TABLES
@@ -43,14 +45,23 @@ def test_there_is_something_to_render():
 @pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: p.name)
 def test_measured_page_shows_every_result_file_with_its_command_and_commit(measured, path):
     d = json.loads(path.read_text())
-    assert d.get("command") and hooks.commit_of(d), f"{path.name} lacks its command or commit"
+    assert d.get("command") and render.commit_of(d), f"{path.name} lacks its command or commit"
     # Its own block: the provenance lines, then the numbers.
     block = measured.split(f"- **File:** `tests/benchmarks/results/{path.name}`")
     assert len(block) == 2, f"{path.name} is not rendered exactly once"
     head = block[0].rsplit("- **Command:**", 1)[1]
     assert f"`{d['command'].strip()}`" in head
-    assert f"`{hooks.commit_of(d)}`" in head
+    assert f"`{render.commit_of(d)}`" in head
     assert f"`{path.name}`" in measured.split("## Every result file")[1]
+
+
+@pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: p.name)
+def test_measured_page_blocks_are_the_renderers(measured, path):
+    """The page shows each file as render.py renders it: the same block as in the summary written beside it."""
+    d = json.loads(path.read_text())
+    block = render.block(path.name, d)
+    assert block in measured
+    assert block in render.document(path.name, d)
 
 
 def test_measured_page_numbers_are_the_files(measured):
