@@ -42,6 +42,9 @@ from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import files
 from userformer.jobs.core.versions import VersionStore, now_iso
 
+# torch and the model's modules are imported in the functions that load or save checkpoints: the steps that only
+# read the registry's pointer (the checks, publish, the index, repair's planning) do not pay torch's import.
+
 REEMBED_RULE = (
     "on promotion every user is re-embedded with the new model: user embeddings of an older "
     "version are not comparable with this version's item vectors (see stale_embeddings)"
