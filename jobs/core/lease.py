@@ -134,6 +134,15 @@ def _acquire(cfg, step: str, log) -> _Held:
             if not said:
                 log(f"{step}: waiting up to {wait_s:g} s for the warehouse lease held by {describe(holder)}")
                 said = True
+    try:
+        return _take(cfg, folder, lock, step, log)
+    except BaseException:
+        lock.release()  # the record could not be written: do not keep a lock nobody is recorded for
+        raise
+
+
+def _take(cfg, folder: Path, lock: filelock.BaseFileLock, step: str, log) -> _Held:
+    """The lock is ours: write the holder record (reporting a dead holder's leftover one) and start the heartbeat."""
     previous = read_holder(cfg)  # a record under a free lock: its holder died holding it
     record = {
         "holder": uuid.uuid4().hex[:12],
