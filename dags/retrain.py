@@ -23,7 +23,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from common import QUALITY_TASK_RETRIES, TAG, config, default_args, plain, step, writes
 
 # The tasks import the retrain flow and the pipeline (jobs/flows/) inside their bodies: Airflow parses this file often
-# (the DAG processor, and each task's process once more), and importing them here would add torch, delta-rs and Arrow
+# (the DAG processor, and each task's process once more), and importing them here would add delta-rs and Arrow
 # to every parse (seconds, against milliseconds for this file); each task then loads only what its step needs.
 
 log = logging.getLogger("userformer.dags.retrain")

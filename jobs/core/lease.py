@@ -59,7 +59,7 @@ def lease_dir(cfg) -> Path:
     if cfg.storage.lease_dir:
         return Path(cfg.storage.lease_dir).expanduser().resolve()
     root = cfg.warehouse_root
-    return root / "_lease" if isinstance(root, Path) else cfg.home / "lease"
+    return cfg.home / "lease" if files.is_remote(root) else root / "_lease"
 
 
 def _now() -> str:

@@ -101,10 +101,12 @@ def provenance(name: str, d: dict, path: str | None = None) -> str:
     m = d.get("machine")
     if m:
         parts = [f"{m.get('cpu_count')} CPUs ({m.get('cpu_model')})", f"{m.get('memory_total_gib')} GiB"]
-        parts += [f"{k} {m[k]}" for k in ("python", "pyspark", "deltalake", "pyarrow", "faiss") if m.get(k)]
+        # Installed versions in pip's notation, as `pip freeze` and the lock file write them.
+        parts += [f"Python {m['python']}"] if m.get("python") else []
+        parts += [f"{k}=={m[k]}" for k in ("pyspark", "deltalake", "pyarrow", "faiss") if m.get(k)]
         torch = (d.get("torch") or {}).get("torch")
         if torch:
-            parts.append(f"torch {torch}")
+            parts.append(f"torch=={torch}")
         out.append("- **Machine:** " + ", ".join(parts))
     if d.get("load_at_start"):
         load = ", ".join(str(x) for x in d["load_at_start"])
@@ -626,7 +628,7 @@ def model_speed(d: dict) -> str:
     t = d.get("torch") or {}
     nt = (d.get("params") or {}).get("threads", t.get("num_threads"))
     head = (
-        f"torch {t.get('torch')}, {t.get('num_threads')} threads, CPU capability {t.get('cpu_capability')}, device "
+        f"torch=={t.get('torch')}, {t.get('num_threads')} threads, CPU capability {t.get('cpu_capability')}, device "
         f"`{t.get('device')}` (CUDA available: {'yes' if t.get('cuda_available') else 'no'}). Matmul 2048³ in the "
         f"same run, the peak the fractions divide by: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} "
         f"GFLOP/s. Medians; FLOPs from the model's shape."
