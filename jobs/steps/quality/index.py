@@ -28,20 +28,24 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from userformer.jobs.steps import index as item_index
-from userformer.jobs.steps.quality.suites import MissingData, Outcome, Plan, Source
+from userformer.jobs.steps.quality.suites import MissingData, Outcome, Plan
+
+if TYPE_CHECKING:
+    from userformer.jobs.steps.quality.source import Warehouse
 
 RECALL_K = 10
 USERS_KEY = "user_embeddings_version"  # the manifest's record of the users the recall queries came from
 
 
 def recall_queries(
-    cfg, src: Source, model_version: str, items: np.ndarray, seed: int
+    cfg, src: Warehouse, model_version: str, items: np.ndarray, seed: int
 ) -> tuple[np.ndarray, str, int | None]:
     """Recall queries: a sample of user embeddings of the model version, else of item vectors. Returns (queries,
     where they came from, the user_embeddings Delta version or None)."""
@@ -62,7 +66,7 @@ def recall_queries(
     return items[take], "item_embeddings", None
 
 
-def _measured_on_these_inputs(man: dict, day: _dt.date, src: Source) -> bool:
+def _measured_on_these_inputs(man: dict, day: _dt.date, src: Warehouse) -> bool:
     """Did the build measure this index's recall on exactly what the gate would measure it on now: the same
     item_embeddings and user_embeddings versions and the same day (the queries' seed)?"""
     users = src.version("user_embeddings") if src.exists("user_embeddings") else None
@@ -82,7 +86,7 @@ def _norm_bad(vectors: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     return ~finite, finite & (np.abs(norms - 1.0) > tol)
 
 
-def index(cfg, day: _dt.date, src: Source, version: str | None = None) -> Plan:
+def index(cfg, day: _dt.date, src: Warehouse, version: str | None = None) -> Plan:
     """The index gate of `version` (default: the CURRENT index) for drop date `dt` (module doc)."""
     checking_current = version is None
     if version is None:

@@ -27,13 +27,17 @@ only a few numbers per row are kept) and then validated as GE expectations.
 from __future__ import annotations
 
 import datetime as _dt
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from userformer.jobs.steps import infer
-from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, Source, type_check
+from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
+
+if TYPE_CHECKING:
+    from userformer.jobs.steps.quality.source import Warehouse
 from userformer.schemas import tables
 
 SUM_TOLERANCE = 1e-4  # float32 rounding of probabilities that sum to 1
@@ -91,7 +95,7 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def outputs(cfg, day: _dt.date, src: Source, shards: int | None = None) -> Plan:
+def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop date `dt` for the published model (module doc)."""
     import pandas as pd
     from great_expectations import expectations as E

@@ -3,9 +3,9 @@
 A suite never opens storage itself. Everything it judges comes through its
 source: the Delta tables (one snapshot per table and version, so every read of
 a check sees the same data), the model registry's pointer and manifests, the
-staged inference shards of a day, and the item index versions. A suite can so
-be run against any object with these methods (the `Source` protocol in
-suites.py), and what a check read is listed in one place.
+staged inference shards of a day, and the item index versions. What a check
+reads is listed in one place, and a suite can be run against any object with
+these methods.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Expectation suites per table, built from the Arrow schemas (schemas.tables) and the config.
 
-A suite builder reads what it needs through a `Source` (the runner, jobs/steps/check.py,
-hands it the warehouse: jobs/steps/quality/source.py), turns what Great Expectations cannot express directly
+A suite builder reads what it needs through the source the runner (jobs/steps/check.py) hands it,
+a `Warehouse` (jobs/steps/quality/source.py), turns what Great Expectations cannot express directly
 (array properties, row counts, ratios) into plain pandas columns, and returns a
 `Plan`: pandas frames with the GE expectations to evaluate on each, plus the
 few outcomes decided outside GE (column types, skipped checks), which are
@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -30,52 +30,11 @@ from userformer.schemas import tables
 
 if TYPE_CHECKING:
     from userformer.jobs.core.config import Config
+    from userformer.jobs.steps.quality.source import Warehouse
 
 
 class MissingData(Exception):
     """The table, or the rows of the date, to check are not there: the check fails with this message."""
-
-
-class Source(Protocol):
-    """What a suite reads (jobs/steps/quality/source.py: `Warehouse`); one consistent snapshot per table."""
-
-    # Delta tables. Each raises MissingData when the table does not exist.
-    def schema(self, table: str) -> pa.Schema: ...
-
-    def exists(self, table: str) -> bool: ...
-
-    def version(self, table: str) -> int: ...  # the Delta version every read of the table sees
-
-    def read(
-        self, table: str, columns: list[str], filter: pc.Expression | None = None, version: int | None = None
-    ) -> pa.Table: ...
-
-    def count_rows(self, table: str, filter: pc.Expression | None = None, version: int | None = None) -> int: ...
-
-    def take(self, table: str, rows: np.ndarray, columns: list[str]) -> pa.Table: ...
-
-    def partition_rows(self, table: str) -> dict[_dt.date, int]: ...  # rows per dt partition, from the log
-
-    def drops(self, table: str) -> set[_dt.date]: ...  # drop dates ingested (an empty drop has no partition)
-
-    # The model registry, the staged inference shards, the item index versions.
-    def published_model(self) -> str: ...
-
-    def model_config(self, version: str) -> dict: ...
-
-    def staged_dir(self, day: _dt.date, model_version: str) -> str: ...
-
-    def staged_shards(self, day: _dt.date, model_version: str, shards: int) -> list[dict | None]: ...
-
-    def staged_schema(self, folder: str, name: str) -> pa.Schema: ...
-
-    def staged_table(self, folder: str, name: str, columns: list[str]) -> pa.Table: ...
-
-    def staged_batches(self, folder: str, name: str, columns: list[str]) -> Iterator[pa.Table]: ...
-
-    def current_index(self) -> str | None: ...
-
-    def item_index(self, version: str) -> Any: ...  # jobs.steps.index.ItemIndex
 
 
 @dataclass
@@ -198,7 +157,7 @@ def _known(parts) -> str:
 
 
 # ------------------------------------------------------------------- events
-def events(cfg: Config, day: _dt.date, src: Source) -> Plan:
+def events(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
     """The accepted events of drop date `dt` (partition dt=D), and the day's counts against history."""
     import pandas as pd
     from great_expectations import expectations as E
@@ -377,7 +336,7 @@ def _last_is(ts: pa.ChunkedArray, last: pa.ChunkedArray) -> np.ndarray:
     return (lens > 0) & ~nulls[end] & ~want_null & (v[end] == want)
 
 
-def user_sequences(cfg: Config, day: _dt.date, src: Source) -> Plan:
+def user_sequences(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
     """The users refreshed on `dt` (updated_dt == D); user_id uniqueness over the whole table."""
     from great_expectations import expectations as E
 
@@ -463,7 +422,7 @@ def user_sequences(cfg: Config, day: _dt.date, src: Source) -> Plan:
 
 
 # ------------------------------------------------------------ model outputs
-def outputs(cfg: Config, day: _dt.date, src: Source, shards: int | None = None) -> Plan:
+def outputs(cfg: Config, day: _dt.date, src: Warehouse, shards: int | None = None) -> Plan:
     """The staged inference outputs of drop D, before publishing (jobs/steps/quality/outputs.py)."""
     # Imported here: that module builds on this one's Batch, Plan and Outcome.
     from userformer.jobs.steps.quality.outputs import outputs as build
@@ -472,7 +431,7 @@ def outputs(cfg: Config, day: _dt.date, src: Source, shards: int | None = None) 
 
 
 # ---------------------------------------------------------------- item index
-def index(cfg: Config, day: _dt.date, src: Source, version: str | None = None) -> Plan:
+def index(cfg: Config, day: _dt.date, src: Warehouse, version: str | None = None) -> Plan:
     """An item index version, CURRENT by default: recall, vectors, ids, model version (jobs/steps/quality/index.py)."""
     # Imported here: it imports the index step (FAISS), which imports the check runner, which imports this module.
     from userformer.jobs.steps.quality.index import index as build
