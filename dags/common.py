@@ -20,6 +20,8 @@ Helpers:
   reads the tables afresh). `step(...)` = ``@task(...)`` + that translation; the function's
   docstring becomes the task's doc (``doc_md``, shown in the UI's task details).
 - `writes(...)`: a `step` in the writers' pool of one slot (every task that changes the warehouse).
+- `RELEASED`: the assets a release updates (``userformer://user_embeddings``, ...): a downstream DAG scheduled on
+  them runs once readers see a new day.
 - `drop_date(context)` / `drop_date_of(ds)`: the drop date D a run processes (see `drop_date`).
 - `run_context()`: inside a task, ``(cfg, D, params)`` of the running task.
 - `plain(obj)`: a step result as plain JSON (what goes to XCom: small dicts, no numpy or paths).
@@ -32,7 +34,7 @@ import datetime as dt
 import functools
 import json
 
-from airflow.sdk import get_current_context, task
+from airflow.sdk import Asset, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from userformer.jobs.core.config import Config, load_config
@@ -45,6 +47,12 @@ BACKOFF_MULTIPLIER = 2.0
 MAX_BACKOFF_FACTOR = 32
 # Every DAG of the project carries this tag (the UI's filter).
 TAG = "userformer"
+# What a release (jobs/steps/release.py) makes visible: one asset per published output and the item index. The task
+# that runs it lists them as outlets, so each successful release is an asset event for downstream DAGs.
+RELEASED = [
+    Asset(uri=f"userformer://{name}", name=name)
+    for name in ("user_embeddings", "user_preference_scores", "item_embeddings", "user_candidates", "item_index")
+]
 
 
 def config() -> Config:
@@ -99,6 +107,17 @@ def writes(fn=None, **task_kwargs):
     pool of one slot (``pipeline.writers_pool``), shared by every DAG: the writing tasks of overlapping runs (a
     backfill beside the schedule, a repair) queue there instead of waiting on the warehouse lease."""
     return step(fn, pool=config().pipeline.writers_pool, **task_kwargs)
+
+
+def announce(result: dict) -> dict:
+    """Inside a release task: put the release's drop date and whether it changed the snapshot on the asset events
+    the task emits (what a downstream DAG reads from ``triggering_asset_events``). Returns `result`."""
+    events = get_current_context().get("outlet_events")
+    if events is not None:
+        extra = {"dt": result.get("dt"), "changed": bool(result.get("changed")), "skipped": result.get("skipped")}
+        for asset in RELEASED:
+            events[asset].extra = extra
+    return result
 
 
 def drop_date_of(ds: str | None) -> dt.date:

@@ -6,7 +6,11 @@ date (``{{ ds }}``) is D (dags/common.py `drop_date`). Each task calls one step 
 function `userformer run-day --dt D` calls, so a day runs identically without Airflow.
 
 wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences -> fine-tune -> gate
--> infer (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index -> candidates -> report
+-> infer (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index -> candidates
+-> release -> report
+
+Readers see nothing of D until ``release``: it flips the published snapshot to D (every output, the index and the
+model of D at once) and updates the assets ``userformer://user_embeddings`` ... (`common.RELEASED`).
 
 * **Idempotent**: every step replaces D's outputs; a rerun (clear) of a run or a task duplicates nothing.
 * **In date order**: one active run at a time, and ingest, sequences, fine-tune and gate depend on their previous
@@ -26,7 +30,9 @@ import logging
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 from common import (
     QUALITY_TASK_RETRIES,
+    RELEASED,
     TAG,
+    announce,
     config,
     default_args,
     no_retry_on_bad_data,
@@ -184,6 +190,17 @@ def candidates(checked: dict) -> dict:
     return plain(pipeline.candidates(cfg, day))
 
 
+@writes(outlets=RELEASED)
+def release(done: dict) -> dict:
+    """Flip the published snapshot to D: readers (the Python API, the CLI, ``read_snapshot``) see D's outputs, index
+    and model from here on, all at once. Refused (no retry) unless publish, the checked index and the candidates of D
+    agree. Each success is an event of the assets ``userformer://user_embeddings`` ... (extra: dt, changed)."""
+    from userformer.jobs.flows import pipeline
+
+    cfg, day, _ = run_context()
+    return announce(plain(pipeline.release(cfg, day)))
+
+
 @step
 def report(done: dict) -> dict:
     """The day's HTML report (metrics over days, users refreshed, checks); its file:// URL is in this log."""
@@ -231,7 +248,7 @@ def daily_refresh():
         .partial(gated=gate(finetune(seq)))
         .expand(shard=SHARDS)
     )
-    report(candidates(check_index(index(publish(check_outputs(shards))))))
+    report(release(candidates(check_index(index(publish(check_outputs(shards)))))))
 
 
 daily_refresh()

@@ -1,22 +1,25 @@
 """### repair: undo bad drops FROM..TO, then redo them from clean data
 
 Manual only (no schedule). Trigger it with the params below after fixing the raw data (restore) or re-ingesting
-the bad partitions (recompute); **pause `daily_refresh` first** and unpause it when this run succeeded. Each task
-calls one function of `jobs/flows/repair.py`, the same ones `userformer repair --from FROM --to TO --mode MODE` runs,
-so a repair runs identically without Airflow.
+the bad partitions (recompute). Each task calls one function of `jobs/flows/repair.py`, the same ones `userformer
+repair --from FROM --to TO --mode MODE` runs, so a repair runs identically without Airflow.
 
-plan -> state -> outputs -> index -> report
+plan -> repair -> report
 
 * **plan**: validates the params against the warehouse and writes the plan (every table's version now and the
   version it goes back to) to ``reports_root/repairs/<id>.json``; refuses (no retry, nothing changed) when TO <
   FROM, when restore's TO is before the latest processed drop, when a raw drop is not ready, or when FROM is
   beyond the retention window (``storage.retention_days``: its versions were vacuumed). ``dry_run`` stops here.
-* **state** - restore: every Delta table, the published model, the index and the publish marker back to before
-  FROM, the day ledgers moved aside; recompute: user_sequences of the affected users rebuilt from the events.
-* **outputs** - restore: drops FROM..TO re-run in order (the daily pipeline's steps); recompute: the users
-  re-inferred with the published model and published.
-* **index** - recompute: index and candidates rebuilt (restore: done by each re-run day).
+* **repair** (one writing task, holding the warehouse lease throughout, so no other run's writer commits between
+  its stages) - restore: every Delta table, the published model, the index, the publish record and the published
+  snapshot back to before FROM, the day ledgers moved aside, then drops FROM..TO re-run in order (the daily
+  pipeline's steps, each day released); recompute: user_sequences of the affected users rebuilt from the events,
+  the users re-inferred with the published model and published, index and candidates rebuilt, released. Refused
+  when the warehouse processed another drop since the plan (trigger the repair again).
 * **report**: the JSON summary (also in the run's XCom).
+
+A scheduled ``daily_refresh`` run may stay active: its writing tasks queue behind the repair in the writers' pool
+and on the lease, and a drop it processes after the repair continues from the repaired tables.
 
 Every task can be retried (transient errors, exponential backoff); bad input and failed data-quality gates fail
 at once. A run is idempotent: triggering the same repair again gives the same tables.
@@ -28,7 +31,7 @@ import datetime as dt
 import logging
 
 from airflow.sdk import Param, dag, get_current_context
-from common import TAG, config, default_args, plain, step, writes
+from common import RELEASED, TAG, announce, config, default_args, plain, step, writes
 
 # The tasks import the repair flow (jobs/flows/repair.py) inside their bodies: Airflow parses this file often (the DAG
 # processor, and each task's process once more), and importing it here would add delta-rs, Arrow and numpy to every
@@ -62,46 +65,24 @@ def plan() -> dict:
     return plain(summary)
 
 
-@writes
-def state(summary: dict) -> dict:
-    """restore: tables, model, index, marker back to before FROM; recompute: the users' sequences rebuilt."""
-    from userformer.jobs.flows import repair as repair_flow
-
-    if summary["dry_run"]:
-        return {}
-    return plain(repair_flow.stage_state(CFG, summary))
-
-
-@writes
-def outputs(summary: dict, st: dict) -> dict:
-    """restore: re-run FROM..TO in order; recompute: re-infer and publish the users."""
-    from userformer.jobs.flows import repair as repair_flow
-
-    if summary["dry_run"]:
-        return {}
-    return plain(repair_flow.stage_outputs(CFG, summary, st))
-
-
-@writes
-def index(summary: dict, out: dict) -> dict:
-    """recompute: index and candidates (restore: each re-run day built them)."""
-    from userformer.jobs.flows import repair as repair_flow
-
-    if summary["dry_run"]:
-        return {}
-    return plain(repair_flow.stage_index(CFG, summary))
-
-
-@step(retries=0)
-def report(summary: dict, st: dict, out: dict, idx: dict) -> dict:
-    """The summary of the repair, kept in reports_root/repairs/<id>.json."""
+@writes(task_id="repair", outlets=RELEASED)
+def run_repair(summary: dict) -> dict:
+    """restore: tables, model, index, snapshot back to before FROM, then FROM..TO re-run in order; recompute: the
+    users' sequences rebuilt, re-inferred, published, index and candidates rebuilt, released. One task, so it holds
+    the warehouse lease from the first change to the last: no other DAG's writer runs in between."""
     from userformer.jobs.flows import repair as repair_flow
 
     if summary["dry_run"]:
         return summary
-    res = repair_flow.finish(CFG, summary, st, out, idx)
-    log.info("repair %s done: file://%s", res["id"], res["report"])
-    return plain(res)
+    return announce(plain(repair_flow.apply(CFG, summary)))
+
+
+@step(retries=0)
+def report(result: dict) -> dict:
+    """The summary of the repair, kept in reports_root/repairs/<id>.json."""
+    if not result.get("dry_run"):
+        log.info("repair %s %s: file://%s", result["id"], result.get("status"), result.get("report"))
+    return result
 
 
 @dag(
@@ -145,10 +126,7 @@ def report(summary: dict, st: dict, out: dict, idx: dict) -> dict:
     doc_md=__doc__,
 )
 def repair():
-    s = plan()
-    st = state(s)
-    out = outputs(s, st)
-    report(s, st, out, index(s, out))
+    report(run_repair(plan()))
 
 
 repair()

@@ -6,7 +6,8 @@ steps in one process: `userformer retrain --dt D --window-days N`.
 
 train (from scratch on the last ``window_days`` days up to drop D) -> judge (the new version and the published one
 on the same held-out window; promote iff better on ``finetune.gate_metrics``) -> only after a promotion: infer
-every user (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index -> candidates.
+every user (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index -> candidates
+-> release (readers switch to the new model at once).
 Without a promotion the run ends after `judge` (the rest is skipped) and nothing published changes.
 
 **Params** (validated at trigger time): ``dt`` the as-of drop date (YYYY-MM-DD; empty = the latest drop in
@@ -20,7 +21,7 @@ import datetime as dt
 import logging
 
 from airflow.sdk import Param, dag, get_current_context, task
-from common import QUALITY_TASK_RETRIES, TAG, config, default_args, plain, step, writes
+from common import QUALITY_TASK_RETRIES, RELEASED, TAG, announce, config, default_args, plain, step, writes
 
 # The tasks import the retrain flow and the pipeline (jobs/flows/) inside their bodies: Airflow parses this file often
 # (the DAG processor, and each task's process once more), and importing them here would add delta-rs and Arrow
@@ -117,6 +118,14 @@ def candidates(checked: dict) -> dict:
     return plain({"dt": checked["dt"], **pipeline.candidates(config(), _day(checked))})
 
 
+@writes(outlets=RELEASED)
+def release(done: dict) -> dict:
+    """Flip the published snapshot to the new model's outputs: readers switch to them all at once."""
+    from userformer.jobs.flows import pipeline
+
+    return announce(plain({**pipeline.release(config(), _day(done)), "dt": done["dt"]}))
+
+
 @dag(
     dag_id="retrain",
     schedule=None,
@@ -163,7 +172,7 @@ def retrain():
     go >> shards
     checked = check_outputs(judged)
     shards >> checked
-    candidates(check_index(index(publish(checked))))
+    release(candidates(check_index(index(publish(checked)))))
 
 
 retrain()

@@ -28,6 +28,7 @@ STEP_MODULES = [
     "userformer.jobs.steps.publish",
     "userformer.jobs.steps.index",
     "userformer.jobs.steps.candidates",
+    "userformer.jobs.steps.release",
     "userformer.jobs.tools.serve",
     "userformer.jobs.steps.report",
     "userformer.jobs.flows.repair",

@@ -24,6 +24,7 @@ STEPS = [
     "index",
     "check_index",
     "candidates",
+    "release",
     "report",
 ]
 

@@ -2,7 +2,8 @@
 
     wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences
       -> fine-tune (or bootstrap the first model) -> gate -> infer (per shard)
-      -> check outputs -> publish (runs the output checks again) -> index -> check index -> candidates -> report
+      -> check outputs -> publish (runs the output checks again) -> index -> check index -> candidates
+      -> release (readers see D from here on) -> report
 
 Each step is a plain function ``(cfg, day, ...) -> dict`` that reads only D's
 inputs and writes only D's outputs, so a rerun replaces, never duplicates. A
@@ -33,6 +34,7 @@ from userformer.jobs.steps import index as index_step
 from userformer.jobs.steps import infer as infer_step
 from userformer.jobs.steps import ingest as ingest_step
 from userformer.jobs.steps import publish as publish_step
+from userformer.jobs.steps import release as release_step
 from userformer.jobs.steps import report as report_step
 from userformer.jobs.steps import sequences as sequences_step
 from userformer.jobs.steps import train as train_step
@@ -247,6 +249,13 @@ def candidates(cfg: Config, day: dt.date) -> dict:
     return candidates_step.candidates(cfg, day)
 
 
+@_step("release")
+def release(cfg: Config, day: dt.date) -> dict:
+    """Flip the published snapshot to D: from here on readers see D's outputs, all of them at once
+    (jobs/steps/release.py). Before it, they keep the previous day's."""
+    return release_step.release(cfg, day)
+
+
 @_step("report")
 def report(cfg: Config, day: dt.date) -> dict:
     """The day's HTML report (jobs/steps/report.py): metrics over days, loss, users refreshed, scores, drift, checks."""
@@ -272,6 +281,7 @@ _RUN = {
     "index": lambda cfg, day, out, **o: index(cfg, day),
     "check_index": lambda cfg, day, out, **o: check_index(cfg, day),
     "candidates": lambda cfg, day, out, **o: candidates(cfg, day),
+    "release": lambda cfg, day, out, **o: release(cfg, day),
     "report": lambda cfg, day, out, **o: report(cfg, day),
 }
 

@@ -19,7 +19,8 @@ equals a run that never saw the bad data:
    is removed when there was none. No version is deleted; the change is a line in publish_log.jsonl;
 3. the index CURRENT pointer goes back to the newest accepted index of that model built before D1 (rebuilt from
    the restored item_embeddings when none is kept), or is removed with the model; logged in switch_log.jsonl;
-4. the publish marker ``warehouse/_published/outputs.json`` goes back to the last publish before D1; the day
+4. the publish record ``warehouse/_published/outputs.json`` goes back to the last publish before D1 and the
+   published snapshot (jobs/core/snapshot.py: what readers read) to the last one released before D1; the day
    ledgers ``reports_root/runs/dt=D`` for D >= D1 are moved to ``reports_root/repairs/<id>/runs/``; the
    staged inference of those days is deleted;
 5. drops D1..D2 are run again with `pipeline.run_day`, in order.
@@ -50,7 +51,8 @@ leaves the warehouse as a pipeline stopped at that day. `--dry-run` prints the p
 and the version it goes back to) and changes nothing. Every repair writes its plan and result to
 ``reports_root/repairs/<id>.json`` and prints it.
 
-Pause the daily DAG while a repair runs: the two must not write the same tables at once.
+A repair holds the warehouse lease (jobs/core/lease.py) from its plan to its last stage: a daily run's writers
+wait for it, and it waits for a writer that holds the lease when it starts.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core import lease, registry
+from userformer.jobs.core import lease, registry, snapshot
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.drops import last_drop
@@ -320,6 +322,24 @@ def marker_target(cfg: Config, from_dt: dt.date) -> dict:
     }
 
 
+def snapshot_target(cfg: Config, from_dt: dt.date) -> dict:
+    """The published snapshot before from_dt: the last record of snapshot_log.jsonl of a drop before it."""
+    cur = snapshot.current(cfg)
+    cur_dt = cur.get("dt") if cur else None
+    if cur_dt is None or dt.date.fromisoformat(cur_dt) < from_dt:
+        return {"current_dt": cur_dt, "action": "unchanged"}
+    target = None
+    for rec in snapshot.history(cfg):
+        if rec.get("dt") and dt.date.fromisoformat(rec["dt"]) < from_dt:
+            target = rec
+    return {
+        "current_dt": cur_dt,
+        "target_dt": target["dt"] if target else None,
+        "action": "rewrite" if target else "remove",
+        "_record": target,
+    }
+
+
 def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
     """Everything restore will do, validated; changes nothing (the dry run prints it)."""
     _validate_range(from_dt, to_dt, "restore")
@@ -356,6 +376,7 @@ def plan_restore(cfg: Config, from_dt: dt.date, to_dt: dt.date) -> dict:
         "model": reg,
         "index": idx,
         "marker": marker_target(cfg, from_dt),
+        "snapshot": {k: v for k, v in snapshot_target(cfg, from_dt).items() if k != "_record"},
         "ledgers": [str(d) for d in ledger_days(cfg) if d >= from_dt],
         "staged_infer": [p.name for p in _staged_days(cfg) if _day_of(p) and _day_of(p) >= from_dt],
         "rerun": [str(d) for d in days],
@@ -443,12 +464,30 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
         rec = dict(mk.pop("_record"))
         rec["tables"] = {t: delta.version_of(cfg.table_path(t)) for t in rec.get("tables", {})}
         rec.update(extra, restored_at=registry.now_iso())
-        publish_step._write_marker(cfg, rec)
+        publish_step.write_marker(cfg, rec)
     elif mk["action"] == "remove":
         mk.pop("_record", None)
         files.move(publish_step.marker_path(cfg), aside / "outputs.json")
     else:
         mk.pop("_record", None)
+
+    # Readers go back to the last snapshot released before D1, on the restored versions (the same rows) and
+    # the index step 3 made current; the re-run days release theirs.
+    snap = snapshot_target(cfg, from_dt)
+    if snap["action"] == "rewrite":
+        rec = dict(snap.pop("_record"))
+        rec["tables"] = {t: delta.version_of(cfg.table_path(t)) for t in rec.get("tables", {})}
+        ptr = index_step.current(cfg)
+        if ptr is not None:
+            man = index_step.read_manifest(cfg, ptr["version"])
+            rec["index"] = {k: man.get(k) for k in ("version", "model_version", "kind", "items", "recall_at_10")}
+        rec.update(extra, released_at=registry.now_iso())
+        snapshot.flip(cfg, rec)
+    elif snap["action"] == "remove":
+        snap.pop("_record", None)
+        snapshot.remove(cfg, aside)
+    else:
+        snap.pop("_record", None)
 
     moved = []
     runs_aside = repairs_root(cfg) / repair_id / "runs"
@@ -468,6 +507,7 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
         "model": model,
         "index": {k: v for k, v in idx.items() if k != "note"},
         "marker": mk,
+        "snapshot": snap,
         "ledgers_moved": moved,
         "ledgers_moved_to": str(runs_aside) if moved else None,
         "staged_infer_deleted": staged,
@@ -680,6 +720,11 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
                         f"user_id IN ({quoted})", commit_properties=delta.strict_commit(meta)
                     )
                 deleted[t] = m.get("num_deleted_rows")
+        # The publish record names the versions without the removed users: the release reads them.
+        rec = publish_step.published_outputs(cfg)
+        rec["tables"].update({t: delta.version_of(cfg.table_path(t)) for t in deleted})
+        publish_step.write_marker(cfg, rec)
+        pub["tables"] = rec["tables"]
     return {
         "inferred": sum(m["users"] for m in staged),
         "shards": shards,
@@ -694,15 +739,18 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
 
 
 def reindex(cfg: Config, day: dt.date) -> dict:
-    """The index (a new version only if item_embeddings changed) and the candidates of the users as of `day`."""
+    """The index (a new version only if item_embeddings changed), the candidates of the users as of `day`, and
+    the release that shows readers the repaired rows."""
 
     idx = pipeline.index.__wrapped__(cfg, day)
     chk = pipeline.check_index.__wrapped__(cfg, day)
     cand = pipeline.candidates.__wrapped__(cfg, day)
+    rel = pipeline.release.__wrapped__(cfg, day)
     return {
         "index": {k: idx.get(k) for k in ("status", "version", "skipped")},
         "check_index": {k: chk.get(k) for k in ("version", "failed", "skipped")},
         "candidates": {k: cand.get(k) for k in ("users", "written", "table_version", "skipped")},
+        "release": {k: rel.get(k) for k in ("dt", "changed", "skipped")},
     }
 
 
@@ -727,9 +775,9 @@ def plan(cfg: Config, from_dt: dt.date, to_dt: dt.date, mode: str, users: list[s
     return plan_recompute(cfg, from_dt, to_dt, users)
 
 
-# The stages of a repair: `repair()` runs them in order; the `repair` DAG runs each as a task. Each takes the
-# summary `start` made (JSON-plain, what goes to XCom), returns its part of the result, and can be retried: it
-# re-derives what is left to do from the warehouse.
+# The stages of a repair: `repair()` and `apply()` run them in order under one lease hold. Each takes the summary
+# `start` made (JSON-plain, what goes to XCom), returns its part of the result, and can be retried: it re-derives
+# what is left to do from the warehouse.
 def start(
     cfg: Config,
     from_dt: dt.date,
@@ -850,6 +898,32 @@ def repair(
         return start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id)
     with lease.hold(cfg, "repair"):  # the plan and every stage: no other writer moves the tables in between
         return _repair(cfg, start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id))
+
+
+def apply(cfg: Config, summary: dict) -> dict:
+    """Every stage of a planned repair (`start`'s summary) under one hold of the warehouse lease: what the `repair`
+    DAG's writing task runs, so that no other DAG's writer commits between the restore and the re-run days. A retry
+    continues a repair whose state stage already ran; a first try refuses when the warehouse moved on since the plan
+    (another drop processed: the plan's re-run days would leave it out)."""
+    with lease.hold(cfg, "repair"):
+        _still_as_planned(cfg, summary)
+        return _repair(cfg, summary)
+
+
+def _still_as_planned(cfg: Config, summary: dict) -> None:
+    report = repairs_root(cfg) / f"{summary['id']}.json"
+    if report.is_file() and "tables" in json.loads(report.read_text()):
+        return  # the state stage of this repair ran (an earlier try): the warehouse moved because of it
+    key, now = (
+        ("latest_processed", latest_processed(cfg)) if summary["mode"] == "restore" else ("upto", last_drop(
+            cfg.table_path("user_sequences"))[0])
+    )
+    then = summary["plan"].get(key)
+    if now is not None and then is not None and str(now) != then:
+        raise UserError(
+            f"repair {summary['id']}: the warehouse processed drop {now} since this repair was planned (then: "
+            f"{then}); nothing was changed. Plan it again (for restore: --to {now} or later)"
+        )
 
 
 def _repair(cfg: Config, summary: dict) -> dict:

@@ -13,8 +13,8 @@ What the manual ``retrain`` DAG runs (dags/retrain.py), step by step, and the CL
    the evaluation window (its report flags ``window_overlaps_training``); that favours it, so a promotion is
    conservative. The verdict goes into the new version's manifest (status promoted / rejected).
 3. After a promotion: every user is re-embedded (`pipeline.infer(full=True)` for every shard), the outputs
-   checked and published, the index rebuilt and checked, the candidates refreshed, all as of D. Without one
-   nothing else changes.
+   checked and published, the index rebuilt and checked, the candidates refreshed, all as of D, and released:
+   readers switch to the new model's outputs at once. Without one nothing else changes.
 
 Every step's result is kept in the ledger of D (`ledger.record`): ``retrain_train``, ``retrain_judge`` and the
 pipeline steps' own entries.
@@ -139,7 +139,8 @@ def judge(cfg: Config, day: dt.date, version: str) -> dict:
 
 
 def refresh_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dict:
-    """Step 3 (after a promotion): re-embed every user, check + publish, rebuild + check the index, candidates."""
+    """Step 3 (after a promotion): re-embed every user, check + publish, rebuild + check the index, candidates,
+    release."""
     shards = shards or cfg.infer.shards
     out = {"infer": [pipeline.infer(cfg, day, i, shards, full=True) for i in range(shards)]}
     out["check_outputs"] = pipeline.check_outputs(cfg, day, shards)
@@ -147,6 +148,7 @@ def refresh_outputs(cfg: Config, day: dt.date, shards: int | None = None) -> dic
     out["index"] = pipeline.index(cfg, day)
     out["check_index"] = pipeline.check_index(cfg, day)
     out["candidates"] = pipeline.candidates(cfg, day)
+    out["release"] = pipeline.release(cfg, day)
     return out
 
 

@@ -70,7 +70,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.core import lease, registry
+from userformer.jobs.core import lease, registry, snapshot
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -540,7 +540,8 @@ def unset_current(cfg: Config, extra: dict | None = None) -> dict | None:
 
 
 def retain(cfg: Config) -> list[str]:
-    """Keep the newest `versions_kept` accepted versions (the current one always); remove the rest."""
+    """Keep the newest `versions_kept` accepted versions (the current one and the released one always); remove
+    the rest."""
     versions = store(cfg)
     ptr = versions.pointer()
     cur = ptr["version"] if ptr else None
@@ -552,6 +553,9 @@ def retain(cfg: Config) -> list[str]:
     keep = {v for v, _ in accepted[-cfg.index.versions_kept :]}
     if cur:
         keep.add(cur)
+    released = (snapshot.current(cfg) or {}).get("index") or {}
+    if released.get("version"):
+        keep.add(released["version"])  # what readers search until the next release
     cur_n = versions.number(cur) if cur else None
     for v, status in accepted + other:
         if v in keep:

@@ -78,7 +78,7 @@ def published_outputs(cfg: Config) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _write_marker(cfg: Config, record: dict) -> None:
+def write_marker(cfg: Config, record: dict) -> None:
     write_json(marker_path(cfg), record)
     append_line(marker_path(cfg).with_name("log.jsonl"), json.dumps(record, default=str))
 
@@ -350,7 +350,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
         "inputs": {t: v["version"] for t, v in inputs.items()},
         "published_at": registry.now_iso(),
     }
-    _write_marker(cfg, record)
+    write_marker(cfg, record)
     out = {
         **record,
         "reason": common.get("reason") or manifests[0].get("reason"),

@@ -1,22 +1,24 @@
 """Downstream access to the published outputs: a small Python API and `recommend` / `similar-items` / `embeddings`.
 
-    from userformer.jobs.tools.serve import Recommender
+    from userformer.jobs.tools.serve import Recommender, read_snapshot
 
     r = Recommender()                                   # load_config(): $USERFORMER_HOME, --config, ...
     r.recommend("u42", k=10, exclude_purchased=True)    # [Hit(rank, item_id, item_idx, score), ...]
     r.similar_items("i17", k=10)                        # nearest items, the item itself left out
     r.embeddings(["u1", "u2"])                          # pyarrow.Table: user_id, embedding, model_version, as_of
+    read_snapshot("user_candidates")                    # any published table, as of the published snapshot
 
-Reads ``user_embeddings`` (one row per user, found by a filtered Delta scan)
-and the current item index (``index_root/CURRENT``, resolved once when first
-needed and then kept: a Recommender serves one index version for its whole
-life; make a new one to pick up a newer index). Excluding purchases reads the
-user's ``events`` rows with event_type purchase (a pushed-down filter, no full
-scan). A user's embedding must be of the index's model version (vectors of
-two model versions are not comparable).
+Everything here reads the **published snapshot** (jobs/core/snapshot.py): the
+table versions, item index and model that the last release named, by Delta
+time travel; never the tables' latest versions, which a running day may be
+committing to. A Recommender resolves the snapshot once, when first needed,
+and keeps it (user rows, index and purchases of one released day for its whole
+life); make a new one to pick up a newer release. Excluding purchases reads
+the user's ``events`` rows with event_type purchase (a pushed-down filter, no
+full scan) of the snapshot's events version.
 
-Errors are UserError with an exit code: an unknown user or item -> 3, no
-published table or index (or one of another model version) -> 2.
+Errors are UserError with an exit code: an unknown user or item -> 3, nothing
+released yet (or a released version no longer readable) -> 2.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from userformer.jobs.core import snapshot
 from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
@@ -57,26 +60,32 @@ class Hit:
 
 
 class Recommender:
-    """The published user embeddings + the current item index, for one process."""
+    """The published snapshot's user embeddings and item index, for one process."""
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg or load_config()
+        self._snapshot: dict | None = None
         self._index: index_step.ItemIndex | None = None
         self._users = None
 
     # ---------------------------------------------------------------- sources
     @property
+    def snapshot(self) -> dict:
+        """The published snapshot this Recommender reads (resolved once)."""
+        if self._snapshot is None:
+            self._snapshot = snapshot.require(self.cfg)
+        return self._snapshot
+
+    @property
     def index(self) -> index_step.ItemIndex:
         if self._index is None:
-            self._index = index_step.open_current(self.cfg)
+            self._index = index_step.open_version(self.cfg, self.snapshot["index"]["version"])
         return self._index
 
     def _user_table(self):
         if self._users is None:
             path = self.cfg.table_path("user_embeddings")
-            if not delta.exists(path):
-                raise UserError(f"no published user_embeddings table at {path}: run `userformer publish --dt D` first")
-            self._users = delta.open_table(path)
+            self._users = delta.open_table(path, snapshot.table_version(self.cfg, "user_embeddings", self.snapshot))
         return self._users
 
     def as_of(self) -> str:
@@ -126,11 +135,15 @@ class Recommender:
         return index_step.vectors_of(t["embedding"])[0], row
 
     def purchased(self, user_id: str) -> set[int]:
-        return candidates.purchased_items(self.cfg, [user_id]).get(user_id, set())
+        v = self.snapshot["tables"].get("events")
+        if v is None:
+            return set()
+        events = delta.Snapshot(self.cfg.table_path("events"), v)
+        return candidates.purchased_items(self.cfg, [user_id], events=events).get(user_id, set())
 
     # --------------------------------------------------------------- queries
     def recommend(self, user_id: str, k: int = 10, exclude_purchased: bool = False) -> list[Hit]:
-        """The k items of the current index with the highest dot product with the user's embedding."""
+        """The k items of the published index with the highest dot product with the user's embedding."""
         return self._recommend(user_id, k, exclude_purchased)[0]
 
     def _recommend(self, user_id: str, k: int, exclude_purchased: bool) -> tuple[list[Hit], dict]:
@@ -138,21 +151,21 @@ class Recommender:
         idx = self.index
         if row["model_version"] != idx.model_version:
             raise UserError(
-                f"user {user_id}'s embedding is of model {row['model_version']} but the current index "
-                f"{idx.version} is of model {idx.model_version}: run `userformer index --dt D` "
-                "after publishing, so both are of one version"
+                f"user {user_id}'s embedding is of model {row['model_version']} but the published index "
+                f"{idx.version} is of model {idx.model_version}: the published snapshot "
+                f"{snapshot.path(self.cfg)} is inconsistent; rerun `userformer release --dt D` for the last day"
             )
         exclude = [self.purchased(user_id)] if exclude_purchased else None
         labels, scores = candidates.topn(idx, vec[None, :], _k(k), exclude)[0]
         return self._hits(labels, scores), row
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Hit]:
-        """The k items nearest to `item_id` in the current index (the item itself left out)."""
+        """The k items nearest to `item_id` in the published index (the item itself left out)."""
         idx = self.index
         item_idx = idx.idx_of_item(str(item_id))
         if item_idx is None:
             raise UnknownId(
-                f"item {item_id} is not in the current item index ({idx.version}, "
+                f"item {item_id} is not in the published item index ({idx.version}, "
                 f"{idx.ntotal:,} items of model {idx.model_version})"
             )
         labels, scores = candidates.topn(idx, idx.vector(item_idx)[None, :], _k(k), [{item_idx}])[0]
@@ -161,6 +174,22 @@ class Recommender:
     def _hits(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
         ids = self.index.ids_of(labels) if len(labels) else []
         return [Hit(r + 1, str(i), int(l), float(s)) for r, (i, l, s) in enumerate(zip(ids, labels, scores))]
+
+
+def read_snapshot(table: str, columns: list[str] | None = None, filter=None, cfg: Config | None = None) -> pa.Table:
+    """`table` as of the published snapshot (one Arrow table; `filter` a pyarrow.dataset expression).
+
+    The outputs (user_embeddings, user_preference_scores, item_embeddings, user_candidates) and the inputs they
+    were computed from (events, user_sequences, items, vocab) of the last released day, all of one day and one
+    model; `snapshot_versions()` gives the versions for other readers (Spark's versionAsOf, Polars' version=).
+    """
+    return snapshot.read_table(cfg or load_config(), table, columns=columns, filter=filter)
+
+
+def snapshot_versions(cfg: Config | None = None) -> dict:
+    """{"dt", "model_version", "index", "tables": {table: Delta version}} of the published snapshot."""
+    rec = snapshot.require(cfg or load_config())
+    return {k: rec[k] for k in ("dt", "model_version", "index", "tables")}
 
 
 def _k(k: int) -> int:
@@ -211,9 +240,9 @@ def write_embeddings(t: pa.Table, fmt: str, out) -> None:
 def register(sub) -> None:
     p = sub.add_parser(
         "recommend",
-        help="top-k items of the current index for a user (published embedding)",
+        help="top-k items of the published index for a user (published embedding)",
         description="The k items with the highest dot product with the user's published embedding, "
-        "searched in the current item index. Exit 3: unknown user; 2: no index/table.",
+        "searched in the published item index. Exit 3: unknown user; 2: no index/table.",
     )
     p.add_argument("--user", required=True, help="user_id")
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
@@ -222,8 +251,8 @@ def register(sub) -> None:
     p.set_defaults(func=run_recommend)
     p = sub.add_parser(
         "similar-items",
-        help="nearest items of an item in the current index",
-        description="The k items nearest to an item (dot product of item vectors) in the current "
+        help="nearest items of an item in the published index",
+        description="The k items nearest to an item (dot product of item vectors) in the published "
         "item index, the item itself left out. Exit 3: unknown item; 2: no index.",
     )
     p.add_argument("--item", required=True, help="item_id")

@@ -23,9 +23,9 @@ QUALITY_TASKS = {
 DEPENDS_ON_PAST = {"ingest", "sequences", "finetune", "gate"}
 # The tasks that change the warehouse, the registry or the index: one at a time, in the writers' pool.
 WRITERS = {
-    "daily_refresh": {"ingest", "sequences", "finetune", "gate", "publish", "index", "candidates"},
-    "retrain": {"judge", "publish", "index", "candidates"},
-    "repair": {"state", "outputs", "index"},
+    "daily_refresh": {"ingest", "sequences", "finetune", "gate", "publish", "index", "candidates", "release"},
+    "retrain": {"judge", "publish", "index", "candidates", "release"},
+    "repair": {"repair"},
     "maintenance": {"maintain"},
 }
 
@@ -87,7 +87,18 @@ def test_no_cycles_and_the_documented_order(bag):
         "index",
         "check_index",
         "candidates",
+        "release",
     ]
+
+
+def test_releases_are_asset_events(bag):
+    """The tasks that flip the published snapshot, and only they, update the outputs' assets."""
+    want = {f"userformer://{n}/" for n in ("user_embeddings", "user_preference_scores", "item_embeddings")}
+    want |= {"userformer://user_candidates/", "userformer://item_index/"}
+    for dag_id in ("daily_refresh", "retrain", "repair", "maintenance"):
+        for t in bag.dags[dag_id].tasks:
+            uris = {a.uri for a in t.outlets}
+            assert uris == (want if t.task_id in ("release", "repair") else set()), (dag_id, t.task_id, uris)
 
 
 def test_daily_refresh_schedule_is_a_daily_data_interval(bag):

@@ -2,10 +2,11 @@
 
 One small warehouse (2 generated days, 150 users, 200 items) is run with
 `pipeline.run_day`. Each published table (user_embeddings,
-user_preference_scores, item_embeddings, user_candidates) is read by Spark by
+user_preference_scores, item_embeddings, user_candidates) is read at the
+version the published snapshot names (``_published/snapshot.json``) by Spark by
 path and as a named catalog table (`register_tables`), delta-rs, Polars,
-pandas and DuckDB (over delta-rs's Arrow and over the active Parquet files):
-same rows, same values. The published tables carry no reader feature.
+pandas, DuckDB (over delta-rs's Arrow and over the version's Parquet files) and
+`read_snapshot`: same rows, same values. The published tables carry no reader feature.
 user_sequences, MERGEd with deletion vectors, is read alike by Spark, Polars
 and `delta.read_arrow`, and refused by delta-rs's own pyarrow reader.
 """
@@ -13,6 +14,7 @@ and `delta.read_arrow`, and refused by delta-rs's own pyarrow reader.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 
 import duckdb
@@ -26,6 +28,7 @@ from deltalake import DeltaTable
 from tests.integration import warehouses
 from userformer.jobs.core.spark import register_tables
 from userformer.jobs.core.storage import delta
+from userformer.jobs.tools.serve import read_snapshot
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -42,6 +45,9 @@ KEYS = {
 def built(tmp_path_factory, spark):
     cfg = warehouses.two_days(tmp_path_factory.mktemp("readers") / "home")
     assert delta.exists(cfg.table_path("user_candidates"))
+    snap = json.loads((cfg.warehouse_root / "_published" / "snapshot.json").read_text())
+    assert snap["dt"] == str(D2)  # the last day released everything it published
+    assert {t: snap["tables"][t] for t in KEYS} == {t: delta.version_of(cfg.table_path(t)) for t in KEYS}
     return cfg
 
 
@@ -79,17 +85,19 @@ def arrow(t: pa.Table) -> list[dict]:
 
 
 def readers(spark, cfg, table: str) -> dict:
-    """table's current version as {reader: records}."""
+    """table as of the published snapshot as {reader: records}, each reader the way docs/readers.md shows."""
     path = str(cfg.table_path(table))
-    dtab = DeltaTable(path)
+    v = json.loads((cfg.warehouse_root / "_published" / "snapshot.json").read_text())["tables"][table]
+    dtab = DeltaTable(path, version=v)
     from_rs = dtab.to_pyarrow_table()
     names = register_tables(spark, cfg)
     assert f"userformer.{table}" in names
     return {
         "delta-rs": arrow(from_rs),
-        "spark (path)": arrow(spark.read.format("delta").load(path).toArrow()),
-        "spark (catalog)": arrow(spark.table(f"userformer.{table}").toArrow()),
-        "polars": pl.read_delta(path).to_dicts(),
+        "read_snapshot": arrow(read_snapshot(table, cfg=cfg)),
+        "spark (path)": arrow(spark.read.format("delta").option("versionAsOf", v).load(path).toArrow()),
+        "spark (catalog)": arrow(spark.sql(f"select * from userformer.{table} version as of {v}").toArrow()),
+        "polars": pl.read_delta(path, version=v).to_dicts(),
         "pandas": dtab.to_pandas().to_dict("records"),
         "duckdb (arrow)": arrow(duckdb.sql("select * from from_rs").to_arrow_table()),
         # Only right for tables without deletion vectors (the active files are the table).

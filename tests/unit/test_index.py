@@ -2,7 +2,8 @@
 (jobs/steps/candidates.py) and the downstream API/CLI (jobs/tools/serve.py).
 
 The published tables are written here directly with delta.write_arrow (synthetic clustered unit vectors),
-so these tests do not depend on `infer` / `publish`. Small catalogues, d=16: fast.
+so these tests do not depend on `infer` / `publish`; `show` then makes their latest versions the published
+snapshot, as a release would (jobs/steps/release.py is tested on real publishes). Small catalogues, d=16: fast.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from userformer.jobs.core import snapshot
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.ledger import read_ledger
@@ -59,6 +61,18 @@ def icfg(home, monkeypatch):
 
 
 # ------------------------------------------------------------------ data
+def show(cfg, day=D1) -> dict:
+    """Publish the tables' latest versions and the CURRENT index to readers (the snapshot a release writes)."""
+    ptr = index.current(cfg)
+    rec = {
+        "dt": str(day),
+        "model_version": ptr["model_version"],
+        "tables": {t: delta.version_of(cfg.table_path(t)) for t in snapshot.TABLES},
+        "index": {"version": ptr["version"], "model_version": ptr["model_version"]},
+    }
+    return snapshot.flip(cfg, rec)
+
+
 def clustered(n: int, seed: int, clusters: int = 40, spread: float = 0.5) -> np.ndarray:
     """Unit vectors around `clusters` random centres (the same centres for every seed)."""
     centres = np.random.default_rng(1234).standard_normal((clusters, DIM))
@@ -409,6 +423,7 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     assert index.read_manifest(icfg, "i0001-20260106")["recall_query_source"] == "user_embeddings"
     candidates.candidates(icfg, D1, exclude_purchased=True)
     candidates.candidates(icfg, D1)
+    show(icfg)
     r = serve.Recommender(icfg)
     assert [h.item_idx for h in r.recommend("u3", k=3)] == exact(items, x[3:4], 3)[0].tolist()
     assert [h.item_idx for h in r.recommend("u3", k=3, exclude_purchased=True)] == exact(items, x[3:4], 4)[
@@ -523,6 +538,7 @@ def test_exclude_purchased(icfg):
     assert row["item_idx"] == [int(i) for i in exact(items, users[1:2], 23)[0] if i not in bought][:20]
     # u0 bought nothing: unchanged; the view of u1 (item_idx 1) is not a purchase.
     assert t.filter(pc.field("user_id") == "u0").to_pylist()[0]["item_idx"] == exact(items, users[0:1], 20)[0].tolist()
+    show(icfg)
     r = serve.Recommender(icfg)
     assert [h.item_idx for h in r.recommend("u1", k=5)] == top[:5].tolist()
     assert [h.item_idx for h in r.recommend("u1", k=5, exclude_purchased=True)] == [
@@ -536,10 +552,11 @@ def test_recommender_api(icfg):
     items = write_items(icfg, 600)
     users = write_users(icfg, 10)
     r = serve.Recommender(icfg)
-    with pytest.raises(UserError, match=r"no item index is current .*run `userformer index --dt D`") as e:
+    with pytest.raises(UserError, match=r"nothing is published yet: .*snapshot.json does not exist") as e:
         r.recommend("u1")
     assert e.value.code == 2
     index.build_index(icfg, D1)
+    show(icfg)
     r = serve.Recommender(icfg)
     hits = r.recommend("u3", k=7)
     assert [h.item_idx for h in hits] == exact(items, users[3:4], 7)[0].tolist()
@@ -550,7 +567,7 @@ def test_recommender_api(icfg):
     with pytest.raises(UserError, match=r"user nobody has no published embedding \(as of 2026-01-06") as e:
         r.recommend("nobody")
     assert e.value.code == 3
-    with pytest.raises(UserError, match="item nope is not in the current item index") as e:
+    with pytest.raises(UserError, match="item nope is not in the published item index") as e:
         r.similar_items("nope")
     assert e.value.code == 3
     t = r.embeddings(["u2", "u0", "u2"])
@@ -578,6 +595,11 @@ def test_recommender_api(icfg):
         mode="overwrite",
         predicate="user_id = 'u9'",
     )
+    # Committed but not released: readers do not see it.
+    assert serve.Recommender(icfg).embeddings(["u9"])["model_version"].to_pylist() == [MV]
+    assert r.embeddings(["u5"])["as_of"].to_pylist() == [D1]  # a Recommender keeps the snapshot it read
+    show(icfg, D2)
+    assert serve.Recommender(icfg).embeddings(["u5"])["as_of"].to_pylist() == [D2]
     with pytest.raises(UserError, match="u9's embedding is of model v0002-20260106-finetune") as e:
         serve.Recommender(icfg).recommend("u9")
     assert e.value.code == 2
@@ -591,13 +613,13 @@ def cli(*args, home, env=None):
 
 def test_cli(icfg, home, tmp_path):
     r = cli("recommend", "--user", "u1", home=home)
-    assert r.returncode == 2 and b"no published user_embeddings table" in r.stderr
+    assert r.returncode == 2 and b"nothing is published yet" in r.stderr
     items = write_items(icfg, 600)
     users = write_users(icfg, 10)
     write_purchases(icfg, [("u1", int(exact(items, users[1:2], 1)[0, 0]))])
 
     r = cli("similar-items", "--item", "i1", home=home)
-    assert r.returncode == 2 and b"run `userformer index --dt D`" in r.stderr and b"Traceback" not in r.stderr
+    assert r.returncode == 2 and b"nothing is published yet" in r.stderr and b"Traceback" not in r.stderr
 
     r = cli("index", "--dt", str(D1), home=home)
     assert r.returncode == 0, r.stderr.decode()
@@ -606,6 +628,9 @@ def test_cli(icfg, home, tmp_path):
     assert "CURRENT -> i0001-20260106" in out
     r = cli("index", "--dt", str(D1), home=home)
     assert r.returncode == 0 and b"nothing to do" in r.stdout
+    show(icfg)
+    r = cli("snapshot", home=home)
+    assert r.returncode == 0 and json.loads(r.stdout)["index"]["version"] == "i0001-20260106"
 
     r = cli("recommend", "--user", "u1", "-k", "5", "--exclude-purchased", "--json", home=home)
     assert r.returncode == 0, r.stderr.decode()
@@ -619,7 +644,7 @@ def test_cli(icfg, home, tmp_path):
     assert r.returncode == 3
     assert "userformer recommend: error: user ghost has no published embedding (as of 2026-01-06" in r.stderr.decode()
     r = cli("similar-items", "--item", "ghost", home=home)
-    assert r.returncode == 3 and b"item ghost is not in the current item index" in r.stderr
+    assert r.returncode == 3 and b"item ghost is not in the published item index" in r.stderr
 
     r = cli("embeddings", "--users", "u2,u0", home=home)
     assert r.returncode == 0

@@ -38,7 +38,7 @@ def validated(dag, **values):
 
 def test_repair_dag_is_manual_and_thin(dag):
     assert dag.schedule is None and dag.max_active_runs == 1
-    assert [t.task_id for t in dag.tasks] == ["plan", "state", "outputs", "index", "report"]
+    assert [t.task_id for t in dag.tasks] == ["plan", "repair", "report"]
     assert validated(dag, **GOOD)["users"] is None
     assert validated(dag, **{**GOOD, "mode": "recompute", "users": ["u1", "u2"]})["users"] == ["u1", "u2"]
 
