@@ -268,7 +268,7 @@ def catalog_of(ck: dict, path: Path | str = "checkpoint"):
 def load_checkpoint(path, catalog: ItemCatalog | None = None) -> tuple[UserFormer, dict]:
     """A checkpoint file -> (model, checkpoint). Without `catalog`, the one the model was trained with (its
     attribute buffer and vocabulary sizes). Registry versions: jobs/core/registry.py: load (checks and clear errors)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
     if catalog is None:
         catalog = catalog_of(ck, path)
     model = UserFormer(ModelConfig(**ck["model_config"]), catalog)

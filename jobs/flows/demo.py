@@ -218,8 +218,9 @@ def _run_in_process(cfg: Config, days: list[dt.date]) -> None:
 def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
     t0 = time.perf_counter()
     af = orchestrator.start(cfg, args.port or orchestrator.free_port(), scheduled_runs=False)
+    login = f"login {af.username}, password in {af.home / orchestrator.PASSWORDS_FILE}"
     print(
-        f"Airflow {af.url} (login {af.username} / {af.password}; pid {af.pid}) ready in "
+        f"Airflow {af.url} ({login}; pid {af.pid}) ready in "
         f"{time.perf_counter() - t0:.0f}s; backfill of daily_refresh {days[0]} .. {days[-1]}",
         flush=True,
     )
@@ -252,7 +253,7 @@ def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
             raise UserError(f"daily_refresh failed for {', '.join(failed)}: see the logs above or {af.url}", code=1)
         if args.keep_airflow:
             print(
-                f"\nAirflow keeps running at {af.url} (login {af.username} / {af.password}); Ctrl-C stops it.",
+                f"\nAirflow keeps running at {af.url} ({login}); Ctrl-C stops it.",
                 flush=True,
             )
             print_summary(cfg, days)

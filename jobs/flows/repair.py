@@ -915,8 +915,9 @@ def _still_as_planned(cfg: Config, summary: dict) -> None:
     if report.is_file() and "tables" in json.loads(report.read_text()):
         return  # the state stage of this repair ran (an earlier try): the warehouse moved because of it
     key, now = (
-        ("latest_processed", latest_processed(cfg)) if summary["mode"] == "restore" else ("upto", last_drop(
-            cfg.table_path("user_sequences"))[0])
+        ("latest_processed", latest_processed(cfg))
+        if summary["mode"] == "restore"
+        else ("upto", last_drop(cfg.table_path("user_sequences"))[0])
     )
     then = summary["plan"].get(key)
     if now is not None and then is not None and str(now) != then:

@@ -4,12 +4,14 @@
 does not reach it) and returns an `Airflow` handle once the API answers, the scheduler and DAG processor are
 healthy and the project's DAGs are parsed:
 
-- ``AIRFLOW_HOME = $USERFORMER_HOME/airflow`` (SQLite, logs, the generated admin password),
+- ``AIRFLOW_HOME = $USERFORMER_HOME/airflow`` (SQLite, logs, the admin password: generated here into
+  ``simple_auth_manager_passwords.json.generated``, mode 0600, so that Airflow does not print it to its log),
 - the DAGs folder = this repository's ``dags/`` (or ``$USERFORMER_DAGS_FOLDER``),
 - the API/UI on ``127.0.0.1`` only, on `port` (default: 8080 when free, else a free port),
 - LocalExecutor with a small parallelism, no example DAGs, one API worker,
-- the venv's ``bin`` first on PATH (standalone starts its parts as ``airflow ...``), and this process's
-  environment (``USERFORMER_HOME``, ``USERFORMER_CONFIG``, ``USERFORMER__*``) passed through to every task,
+- the venv's ``bin`` first on PATH (standalone starts its parts as ``airflow ...``), and of this process's
+  environment only what the tasks need (`task_environment`: ``USERFORMER*``, Python, Java, Spark, torch, object
+  storage, locale, and the names in ``pipeline.task_env``) passed through to every task,
 - the inference pool ``pipeline.gpu_pool`` created with ``pipeline.gpu_pool_slots`` slots (if missing), and the
   writers' pool ``pipeline.writers_pool`` with exactly one slot.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -80,11 +83,41 @@ def free_port(preferred: int | None = None) -> int:
         return s.getsockname()[1]
 
 
+# What of the starting environment reaches Airflow and so every task: the pipeline's own settings, what Python, Java,
+# Spark, torch and object storage need, and the locale. Anything else (tokens, credentials of other systems) stays
+# behind; a variable a task needs besides these is named in pipeline.task_env.
+TASK_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "VIRTUAL_ENV", "LD_LIBRARY_PATH")
+TASK_ENV_PREFIXES = (
+    "USERFORMER",
+    "AIRFLOW__",
+    "LC_",
+    "PYTHON",
+    "JAVA_",
+    "SPARK_",
+    "PYSPARK_",
+    "HADOOP_",
+    "AWS_",
+    "CUDA_",
+    "NVIDIA_",
+    "OMP_",
+    "MKL_",
+    "TORCH",
+    "SSL_CERT_",
+)
+
+
+def task_environment(cfg: Config, base: dict) -> dict:
+    """The variables of `base` Airflow's tasks may see (TASK_ENV, TASK_ENV_PREFIXES, pipeline.task_env)."""
+    extra = set(cfg.pipeline.task_env)
+    return {k: v for k, v in base.items() if k in TASK_ENV or k in extra or k.startswith(TASK_ENV_PREFIXES)}
+
+
 def environment(
     cfg: Config, port: int, *, parallelism: int = 2, scheduled_runs: bool = True, base: dict | None = None
 ) -> dict:
-    """The environment standalone (and so every task) runs with."""
-    env = dict(os.environ if base is None else base)
+    """The environment standalone (and so every task) runs with: `task_environment` of this process's, plus
+    Airflow's settings."""
+    env = task_environment(cfg, dict(os.environ if base is None else base))
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     env["USERFORMER_HOME"] = str(cfg.home)
@@ -344,6 +377,18 @@ def _midnight(day: dt.date) -> str:
     return f"{day.isoformat()}T00:00:00Z"
 
 
+def ensure_password(home: Path, user: str = "admin") -> Path:
+    """The admin password, generated here into Airflow's password file (mode 0600) before Airflow starts: Airflow
+    then finds it and does not print it to its log. Returns the file."""
+    p = home / PASSWORDS_FILE
+    if _read_password(home, user):
+        return p
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({user: secrets.token_urlsafe(12)}) + "\n")
+    return p
+
+
 def _read_password(home: Path, user: str = "admin") -> str | None:
     p = home / PASSWORDS_FILE
     try:
@@ -373,6 +418,7 @@ def start(
         raise AirflowError(f"port {port} on {HOST} is in use")
     home = airflow_home(cfg)
     home.mkdir(parents=True, exist_ok=True)
+    ensure_password(home)
     env = environment(cfg, port, parallelism=parallelism, scheduled_runs=scheduled_runs)
     log_path = home / "standalone.log"
     out = open(log_path, "ab")
@@ -514,8 +560,8 @@ def run(args, cfg: Config) -> int:
     if args.airflow_command == "start":
         af = start(cfg, args.port, parallelism=args.parallelism, scheduled_runs=not args.no_schedule, log=_print)
         print(
-            f"\nAirflow is up: {af.url}\n  login: {af.username} / {af.password}  "
-            f"(also in {af.home / PASSWORDS_FILE})\n  DAGs: {dags_folder()}\n  log: {af.log_path}\n"
+            f"\nAirflow is up: {af.url}\n  login: {af.username}, password in {af.home / PASSWORDS_FILE}\n"
+            f"  DAGs: {dags_folder()}\n  log: {af.log_path}\n"
             "Ctrl-C stops it.",
             flush=True,
         )

@@ -15,7 +15,7 @@ from tests.integration.test_train import warehouse  # noqa: F401 (fixture)
 from userformer.jobs.core import registry as model_registry
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.steps import candidates
+from userformer.jobs.steps import candidates, release
 from userformer.jobs.steps import index as index_step
 from userformer.jobs.tools import serve
 
@@ -53,15 +53,27 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     ref = exact_top(cfg, sample, 15)
     got = {r["user_id"]: r["item_idx"] for r in cand.filter(pc.is_in(cand["user_id"], pa.array(sample))).to_pylist()}
     assert got == ref
+    rel = release.release(cfg, D3)
+    assert rel["changed"] and rel["dt"] == str(D3) and rel["index"]["version"] == res.version
+    assert rel["tables"]["user_candidates"] == delta.version_of(cfg.table_path("user_candidates"))
 
     # D4: a few users refreshed; the catalogue grew, so item_embeddings was rewritten and the index is rebuilt.
     before = {r["user_id"]: r for r in delta.read_arrow(cfg.table_path("user_candidates")).to_pylist()}
     run_day(cfg, D4)
+    # Published, not released: readers keep D3 (its users, its index), and D4 cannot be released before its index
+    # and candidates exist.
+    with pytest.raises(release.NotReady, match="is not the checked index of what 2026-11-04 published") as e:
+        release.release(cfg, D4)
+    assert e.value.code == 2
+    assert serve.Recommender(cfg).snapshot["dt"] == str(D3) and serve.Recommender(cfg).index.version == res.version
     ue = delta.read_arrow(cfg.table_path("user_embeddings"), columns=["user_id", "as_of"])
     day_users = set(ue.filter(pc.equal(ue["as_of"], pa.scalar(D4, pa.date32())))["user_id"].to_pylist())
     assert 0 < len(day_users) < len(ue)
     r4 = index_step.build_index(cfg, D4)
     assert r4.status == "current" and r4.version != res.version and r4.manifest["items"] > n_items
+    with pytest.raises(release.NotReady, match="user_candidates holds no candidates of 2026-11-04"):
+        release.release(cfg, D4)
+    assert serve.Recommender(cfg).index.version == res.version  # kept by retention while it is released
     out4 = candidates.candidates(cfg, D4)
     assert out4["written"] == len(day_users)
     after = {r["user_id"]: r for r in delta.read_arrow(cfg.table_path("user_candidates")).to_pylist()}
@@ -72,6 +84,8 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
             assert r == before[u]
     ref = exact_top(cfg, sorted(day_users)[:10], 15)
     assert {u: after[u]["item_idx"] for u in ref} == ref
+    assert release.release(cfg, D4)["changed"] and not release.release(cfg, D4)["changed"]
+    assert release.release(cfg, D3)["skipped"].startswith("the published snapshot is of 2026-11-04")
 
     # The API over the same outputs, with the user's real purchases from events.
     ev = delta.read_arrow(
@@ -98,3 +112,5 @@ def test_published_outputs_to_index_candidates_and_recommendations(setup):  # no
     with pytest.raises(UserError, match=f"item_embeddings holds model version {v1} but the published model is {v2}"):
         index_step.build_index(cfg, D4, force=True)
     assert index_step.current(cfg)["version"] == r4.version
+    # Readers keep the released day of the old model meanwhile: recommendations still work.
+    assert serve.Recommender(cfg).recommend(buyer, k=3)
