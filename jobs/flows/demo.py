@@ -178,6 +178,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     print(f"  Delta tables        {cfg.warehouse_root}/<table>")
     print(f"  item index          {cfg.index_root} (CURRENT points at the live version)")
     print(f"  models              {cfg.models_root} (PUBLISHED points at the served version)")
+    print(f"  published snapshot  {cfg.warehouse_root / '_published' / 'snapshot.json'} (what readers read)")
     print(f"  checks' reports     {cfg.reports_root / 'checks'}")
     print(f"  day ledgers         {cfg.reports_root / 'runs'}")
     if rep.get("html"):
@@ -193,7 +194,7 @@ def print_summary(cfg: Config, days: list[dt.date]) -> None:
     )
     user = _some_user(cfg)
     if user:
-        print("a user's recommendations from the index:")
+        print("a user's recommendations from the published snapshot's index:")
         print(f"  {env} {Path(sys.executable).parent / 'userformer'} recommend --user {user} -k 10")
 
 

@@ -248,6 +248,13 @@ def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tm
         assert {t["task_id"] for t in tis} >= {"wait_for_raw", "ingest", "infer", "publish", "report"}
         assert all(t["state"] == "success" for t in tis)
         assert [t["pool"] for t in tis if t["task_id"] == "infer"] == [cfg.pipeline.gpu_pool]
+        # Each day's release is an event of the outputs' assets, naming the day it made visible (day 1 has no
+        # model yet: its release changed nothing).
+        events = af.api("GET", "/assets/events?limit=100")["asset_events"]
+        ue = [e["extra"] for e in events if e["uri"] == "userformer://user_embeddings/"]
+        assert sorted(x["dt"] for x in ue if x.get("changed")) == [str(d) for d in DAYS[1:]], ue
+        # The admin password is in its private file, not in Airflow's log.
+        assert af.password not in af.log_path.read_text()
         # The report task links the day's report from its log.
         logs = af.task_log_path("daily_refresh", ordered[-1]["dag_run_id"], "report")
         assert logs and "file://" in logs[-1].read_text()
