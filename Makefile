@@ -61,8 +61,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+# The demo has a home of its own (var/demo), never the one `make airflow` and the CLI use, unless USERFORMER_HOME is
+# given on the command line or in the environment.
+DEMO_HOME = $(if $(filter environment command line,$(origin USERFORMER_HOME)),$(USERFORMER_HOME),$(CURDIR)/var/demo)
 demo: venv
-	$(BIN)/userformer demo
+	USERFORMER_HOME=$(DEMO_HOME) $(BIN)/userformer demo
 
 # AIRFLOW_PORT=8080 by default (a free port if 8080 is taken); state under $(USERFORMER_HOME)/airflow.
 airflow: venv

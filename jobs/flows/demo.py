@@ -1,6 +1,7 @@
 """`userformer demo`: generate a week of synthetic logs and run `daily_refresh` over it through Airflow.
 
-This is what `make demo` runs: a fresh demo home (it only ever wipes one an earlier demo made), 7 days of
+This is what `make demo` runs: a fresh demo home (its own, ``~/.local/share/userformer-demo`` unless
+USERFORMER_HOME names one; it only ever clears a home an earlier demo made, and only inside it), 7 days of
 synthetic raw drops, then Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py) and one backfill of the
 `daily_refresh` DAG over those dates (``POST /api/v2/backfills``; the runs go in date order), and a summary: rows
 per table, users refreshed per day, model versions, evaluation metrics, index recall, where everything is and a
@@ -22,10 +23,10 @@ import time
 from pathlib import Path
 
 from userformer.jobs.core import ledger, registry
-from userformer.jobs.core.config import Config, load_config
+from userformer.jobs.core.config import DEFAULT_HOME, Config, load_config
 from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.storage import delta
+from userformer.jobs.core.storage import delta, files
 from userformer.jobs.flows import pipeline
 from userformer.jobs.tools import generate, info, orchestrator
 
@@ -70,34 +71,85 @@ def run_days(args, cfg: Config) -> int:
 
 
 DEMO_MARKER = ".userformer-demo"
+# Without USERFORMER_HOME or paths.home the demo has its own home, never the production default (config.DEFAULT_HOME).
+DEMO_HOME = "~/.local/share/userformer-demo"
+
+
+def _demo_dirs(cfg: Config) -> dict[str, Path]:
+    return {
+        "raw": cfg.raw_root,
+        "warehouse": cfg.warehouse_root,
+        "reports": cfg.reports_root,
+        "models": cfg.models_root,
+        "index": cfg.index_root,
+        "airflow": orchestrator.airflow_home(cfg),
+    }
 
 
 def _fresh_demo_home(cfg: Config) -> None:
-    """The demo starts from nothing each time; it only ever wipes a home that an earlier demo made."""
-    marker = cfg.home / DEMO_MARKER
-    dirs = [cfg.raw_root, cfg.warehouse_root, cfg.reports_root, cfg.models_root, cfg.index_root]
-    if any(d.exists() and any(d.iterdir()) for d in dirs) and not marker.exists():
+    """The demo starts from nothing each time, and only ever deletes inside a home it made.
+
+    Its marker (``<home>/.userformer-demo``, JSON) records the absolute home it was made for; a marker of another
+    folder (a copied or moved home) or of an older format is not trusted. Every folder it would clear must lie inside
+    the home (a ``paths.*`` pointing elsewhere, or at object storage, is refused), and a home holding pipeline data
+    without a marker is refused."""
+    home = cfg.home.resolve()
+    dirs = _demo_dirs(cfg)
+    outside = {
+        k: str(d)
+        for k, d in dirs.items()
+        if files.is_remote(d) or not Path(d).resolve().is_relative_to(home) or Path(d).resolve() == home
+    }
+    if outside:
         raise UserError(
-            f"{cfg.home} already holds pipeline data that no demo made; "
-            "point USERFORMER_HOME at an empty folder for the demo"
+            f"the demo only clears folders inside its home {home}: "
+            + ", ".join(f"{k} is {v}" for k, v in outside.items())
+            + "; unset those paths.* settings for the demo, or give it a home of its own (USERFORMER_HOME)"
         )
-    for d in dirs + [orchestrator.airflow_home(cfg)]:
+    marker = home / DEMO_MARKER
+    holds_data = any(Path(d).exists() and any(Path(d).iterdir()) for d in dirs.values())
+    if marker.exists():
+        try:
+            made_for = json.loads(marker.read_text()).get("home")
+        except (ValueError, AttributeError):
+            made_for = None
+        if made_for != str(home):
+            raise UserError(
+                f"{marker} was not made by a demo for this folder (it names {made_for or 'no home'}); the demo "
+                f"clears only a home it made: remove {home} yourself or point USERFORMER_HOME at an empty folder"
+            )
+    elif holds_data:
+        raise UserError(
+            f"{home} already holds pipeline data that no demo made; point USERFORMER_HOME at an empty folder for the demo"
+        )
+    for d in dirs.values():
         shutil.rmtree(d, ignore_errors=True)
-    cfg.home.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by `userformer demo`; the next demo may wipe this folder's pipeline data\n")
+    home.mkdir(parents=True, exist_ok=True)
+    files.write_json(
+        marker,
+        {
+            "home": str(home),
+            "made_by": "userformer demo: the next demo may clear this home's pipeline folders",
+            "folders": {k: str(Path(d).resolve()) for k, d in dirs.items()},
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+    )
 
 
 def demo_config(args, cfg: Config) -> Config:
     """The demo's configuration: --config / $USERFORMER_CONFIG when given, else infra/config/demo.toml; exported as
-    USERFORMER_CONFIG so that Airflow's tasks read the same file."""
+    USERFORMER_CONFIG so that Airflow's tasks read the same file. Without a home of its own (USERFORMER_HOME or
+    paths.home) the demo runs in DEMO_HOME, exported as USERFORMER_HOME."""
     if args.config or os.environ.get("USERFORMER_CONFIG"):
         path = Path(args.config or os.environ["USERFORMER_CONFIG"]).resolve()
         os.environ["USERFORMER_CONFIG"] = str(path)
-        return cfg
-    if not DEMO_CONFIG.is_file():
-        return cfg
-    os.environ["USERFORMER_CONFIG"] = str(DEMO_CONFIG)
-    return load_config(DEMO_CONFIG)
+    elif DEMO_CONFIG.is_file():
+        os.environ["USERFORMER_CONFIG"] = str(DEMO_CONFIG)
+        cfg = load_config(DEMO_CONFIG)
+    if not os.environ.get("USERFORMER_HOME") and cfg.paths.home == DEFAULT_HOME:
+        os.environ["USERFORMER_HOME"] = str(Path(DEMO_HOME).expanduser())
+        cfg = load_config()
+    return cfg
 
 
 def day_line(cfg: Config, day: dt.date, seconds: float | None = None) -> str:
