@@ -120,7 +120,8 @@ def _fresh_demo_home(cfg: Config) -> None:
             )
     elif holds_data:
         raise UserError(
-            f"{home} already holds pipeline data that no demo made; point USERFORMER_HOME at an empty folder for the demo"
+            f"{home} already holds pipeline data that no demo made; point USERFORMER_HOME at an empty folder "
+            "for the demo"
         )
     for d in dirs.values():
         shutil.rmtree(d, ignore_errors=True)
