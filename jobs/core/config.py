@@ -114,6 +114,9 @@ class StorageConfig:
     # `userformer maintain` deletes files no version of the last N days references.
     # Time travel (restore, reruns of a past day) reaches back this far and no further.
     retention_days: float = field(default=30.0, metadata=_rng(0.0, 3650.0))
+    # The shortest window `maintain` accepts (its --retention-days included): reruns of recent days, a repair of
+    # them and readers of the published snapshot need their versions. Lower it only knowing what you give up.
+    min_retention_days: float = field(default=7.0, metadata=_rng(0.0, 3650.0))
     # Writers (the steps that change tables, the registry or the index) hold the warehouse's lease one at a
     # time (jobs/core/lease.py); a second one waits this long for it, then fails naming the holder (exit 75).
     lease_wait_s: float = field(default=900.0, metadata=_rng(0.0, 86400.0))
@@ -345,6 +348,11 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"{where}={v!r}: must be >= {meta['lo']}")
             if meta.get("hi") is not None and v > meta["hi"]:
                 raise ConfigError(f"{where}={v!r}: must be <= {meta['hi']}")
+    if cfg.storage.retention_days < cfg.storage.min_retention_days:
+        raise ConfigError(
+            f"storage.retention_days={cfg.storage.retention_days} is under storage.min_retention_days="
+            f"{cfg.storage.min_retention_days}: reruns and repairs of the last days need their versions"
+        )
     lo, hi = (cfg.quality.row_count_band + [None, None])[:2]
     if len(cfg.quality.row_count_band) != 2 or not (0 <= lo <= 1 <= hi):
         raise ConfigError(f"quality.row_count_band={cfg.quality.row_count_band!r}: must be [lo<=1, hi>=1]")

@@ -8,9 +8,20 @@ rows; REORG ... APPLY (PURGE) rewrites the files that still carry deletion
 vectors, so readers stop filtering deleted rows; VACUUM then deletes files
 (data and deletion vectors) that no version younger than the retention window
 references, plus orphans of failed runs. delta-spark checkpoints their logs
-itself. The other tables are written by delta-rs: delta-rs vacuums and
-checkpoints them. delta-rs never vacuums a table with deletion vectors (it
-does not know their files). The staging folders of crashed runs are cleared.
+itself. The other tables are written by delta-rs: delta-rs vacuums them in
+its full mode (which lists the folder, so files a killed writer left behind
+without a commit go too) and checkpoints them. delta-rs never vacuums a table
+with deletion vectors (it does not know their files). The staging folders of
+crashed runs are cleared.
+
+**The window** is ``storage.retention_days`` (``--retention-days`` for one
+run), never under ``storage.min_retention_days`` (refused: reruns and
+repairs of recent days need their versions). Every table's
+``delta.logRetentionDuration`` and ``delta.deletedFileRetentionDuration``
+are set to it (one SET TBLPROPERTIES commit when they differ), so the log
+keeps the same history the files do. The versions the published snapshot
+names (jobs/core/snapshot.py) are kept whatever their age: readers read them
+until the next release.
 
 Time travel (and so `repair`, reruns of a day) works back to the retention
 window and no further: size it to the longest repair you may need.
@@ -23,13 +34,17 @@ import json
 import logging
 import time
 
-from userformer.jobs.core import lease
+from userformer.jobs.core import lease, snapshot
 from userformer.jobs.core.config import Config
+from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta, files
 from userformer.schemas.tables import SPARK_TABLES, TABLES
 
 log = logging.getLogger(__name__)
+
+# Table properties that keep a table's history: the log entries and the removed files of the last N hours.
+RETENTION_PROPERTIES = ("delta.logRetentionDuration", "delta.deletedFileRetentionDuration")
 
 
 def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None = None) -> dict:
@@ -42,20 +57,36 @@ def maintain(cfg: Config, *, dry_run: bool = False, retention_days: float | None
 
 def _maintain(cfg: Config, dry_run: bool, retention_days: float | None) -> dict:
     days = cfg.storage.retention_days if retention_days is None else retention_days
+    if days < cfg.storage.min_retention_days:
+        raise UserError(
+            f"a retention of {days} days is under storage.min_retention_days ({cfg.storage.min_retention_days}): "
+            "reruns and repairs of the last days, and readers of the published snapshot, need those versions "
+            "(lower storage.min_retention_days only if you accept losing them)"
+        )
     hours = int(days * 24)
     out = {"retention_days": days, "dry_run": dry_run, "tables": {}}
+    released = (snapshot.current(cfg) or {}).get("tables") or {}
     spark = None
     for name in TABLES:
         path = cfg.table_path(name)
         if not delta.exists(path):
             continue
+        keep = released.get(name)
+        if not dry_run:
+            _align_retention(cfg, name, path, hours)
         t = delta.open_table(path)
         if name in SPARK_TABLES or delta.has_deletion_vectors(t):
             if spark is None:
                 spark = spark_session(cfg)
-            out["tables"][name] = _spark_maintain(spark, path, hours, dry_run)
+            out["tables"][name] = _spark_maintain(spark, path, max(hours, _hours_since(path, keep)), dry_run)
             continue
-        vacuumed = t.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False)
+        vacuumed = t.vacuum(
+            retention_hours=hours,
+            dry_run=dry_run,
+            enforce_retention_duration=False,
+            full=True,  # also the files of commits that never landed (a killed writer's)
+            keep_versions=[int(keep)] if keep is not None else None,
+        )
         if not dry_run:
             t.create_checkpoint()
             t.cleanup_metadata()  # log entries older than the table's logRetentionDuration
@@ -78,6 +109,34 @@ def _maintain(cfg: Config, dry_run: bool, retention_days: float | None) -> dict:
     out["stale_staging"] = stale
     log.info("maintain: %s", out)
     return out
+
+
+def _align_retention(cfg: Config, name: str, path, hours: int) -> None:
+    """The table's log and deleted-file retention = the window (one commit, only when they differ)."""
+    want = {k: f"interval {hours} hours" for k in RETENTION_PROPERTIES}
+    have = delta.open_table(path).metadata().configuration
+    if all(have.get(k) == v for k, v in want.items()):
+        return
+    if name in SPARK_TABLES:
+        spark = spark_session(cfg)
+        props = ", ".join(f"'{k}' = '{v}'" for k, v in want.items())
+        with delta.spark_commit(spark, path, {"step": "maintain", "action": "retention"}):
+            spark.sql(f"ALTER TABLE delta.`{delta.spark_uri(path)}` SET TBLPROPERTIES ({props})").collect()
+    else:
+        with delta.conflicts(path):
+            delta.open_table(path).alter.set_table_properties(
+                want, commit_properties=delta.strict_commit({"step": "maintain", "action": "retention"})
+            )
+
+
+def _hours_since(path, version) -> int:
+    """Hours since `version` of a table was committed (+1): a VACUUM window that keeps its files."""
+    if version is None:
+        return 0
+    ts = next((h.get("timestamp") for h in delta.history(path) if int(h["version"]) == int(version)), None)
+    if ts is None:
+        return 0
+    return int((time.time() * 1000 - int(ts)) // 3_600_000) + 1
 
 
 def _spark_maintain(spark, path, hours: int, dry_run: bool) -> dict:

@@ -3,6 +3,9 @@ current tables intact."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from userformer.jobs.core.errors import UserError
@@ -35,7 +38,11 @@ def test_vacuum_deletes_only_unreferenced_files(cfg, spark):
     assert delta.history(seq_path, 1)[0]["operation"].startswith("VACUUM")
     on_disk = list(seq_path.glob("*.parquet")) + list(seq_path.glob("deletion_vector_*.bin"))
     assert len(on_disk) > 1
-    # A dry run with a zero window only lists (old data files and deletion vectors).
+    # A window under storage.min_retention_days is refused, changing nothing ...
+    with pytest.raises(UserError, match="under storage.min_retention_days"):
+        maintain.maintain(cfg, retention_days=0)
+    # ... unless the floor is lowered. A dry run with a zero window only lists (old data files and deletion vectors).
+    cfg.storage.min_retention_days = 0
     dry = maintain.maintain(cfg, dry_run=True, retention_days=0)
     assert dry["tables"]["user_sequences"]["files_to_delete"] == len(on_disk) - 1
     assert len(list(seq_path.glob("*.parquet")) + list(seq_path.glob("deletion_vector_*.bin"))) == len(on_disk)
@@ -75,3 +82,24 @@ def test_stale_staging_folders_are_cleared(cfg):
     res = maintain.maintain(cfg)
     assert res["stale_staging"] == [str(stale)]  # its age is its newest file's
     assert not stale.exists() and fresh.exists() and in_use.exists()
+
+
+def test_log_retention_follows_the_window_and_orphans_go(cfg, spark):
+    three_days(cfg.raw_root)
+    ingest.ingest(cfg, D1)
+    vocab = cfg.table_path("vocab")
+    # A writer killed between writing its file and committing it leaves an orphan no version names.
+    orphan = vocab / "part-00000-killed-writer.parquet"
+    orphan.write_bytes((next(vocab.glob("*.parquet"))).read_bytes())
+    cfg.storage.min_retention_days = 0
+    maintain.maintain(cfg, retention_days=10)
+    for name in ("vocab", "events"):
+        conf = delta.open_table(cfg.table_path(name)).metadata().configuration
+        assert conf["delta.logRetentionDuration"] == conf["delta.deletedFileRetentionDuration"] == "interval 240 hours"
+    assert orphan.exists()  # younger than the window: it might be a writer's file about to be committed
+    old = 20 * 86400
+    os.utime(orphan, (time.time() - old, time.time() - old))
+    maintain.maintain(cfg, retention_days=10)
+    assert not orphan.exists()
+    ops = [h["operation"] for h in delta.history(vocab)]
+    assert ops.count("SET TBLPROPERTIES") == 1  # aligned once; the second run found them aligned

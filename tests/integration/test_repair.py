@@ -245,6 +245,7 @@ def test_restore_beyond_the_retention_window_is_refused(clean, tmp_path):
     from userformer.jobs.tools.maintain import maintain
 
     b = fresh(clean, tmp_path, copy_all=True)
+    b.storage.min_retention_days = 0  # allowed only by lowering the floor, as an operator would
     maintain(b, retention_days=0)  # every file no current version references is gone
     with pytest.raises(UserError, match="beyond the retention window"):
         repair.repair(b, D2, D3, "restore", dry_run=True)
