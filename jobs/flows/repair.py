@@ -42,6 +42,8 @@ the index and their candidates rebuilt. Refused unless the outputs are published
 model (finish or rerun drop L first). After a recompute, a rerun of drop L needs `userformer sequences
 --rebuild` (its sequences are a rebuild now) or a restore repair.
 
+An interrupted repair (killed, or a re-run day failed) is continued by running the same repair again: the newest
+report under ``reports_root/repairs/`` names its plan, and its stages re-derive what is left from the warehouse.
 Both modes are idempotent: the same repair again gives the same tables (restore re-runs from the same restored
 state; recompute rebuilds the same rows; run-specific columns such as user_embeddings.updated_at and the ids
 of newly trained model and index versions are new). Every table changes by whole commits; a failure part way
@@ -64,7 +66,7 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core import lease, registry, snapshot
+from userformer.jobs.core import hooks, lease, registry, snapshot
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.drops import last_drop
@@ -897,7 +899,34 @@ def repair(
     if dry_run:
         return start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id)
     with lease.hold(cfg, "repair"):  # the plan and every stage: no other writer moves the tables in between
+        prior = unfinished(cfg)
+        if prior is not None and (prior["mode"], prior["from_dt"], prior["to_dt"]) == (mode, str(from_dt), str(to_dt)):
+            log.warning("continuing repair %s, interrupted after it began changing the warehouse", prior["id"])
+            return _repair(cfg, {**prior, "resumed_at": registry.now_iso()})
         return _repair(cfg, start(cfg, from_dt, to_dt, mode, users, dry_run, repair_id))
+
+
+# What a report holds once the repair's state stage ran (restore: the tables restored; recompute: the sequences).
+STATE_KEYS = ("restored", "sequences")
+# The keys of `start`'s summary (what the stages take), as kept in the report.
+SUMMARY_KEYS = ("id", "mode", "from_dt", "to_dt", "dry_run", "started_at", "plan", "users_file", "status")
+
+
+def unfinished(cfg: Config) -> dict | None:
+    """The summary of the newest repair when it began changing the warehouse and did not finish (a crash, a kill,
+    a failed re-run day): running the same repair again continues it, since its plan cannot be made again once
+    the tables went back (the drops it re-runs look unprocessed). None otherwise."""
+    root = repairs_root(cfg)
+    reports = sorted(root.glob("r*.json")) if root.is_dir() else []
+    if not reports:
+        return None
+    try:
+        rep = json.loads(reports[-1].read_text())  # ids begin with their start time: the newest last
+    except ValueError:
+        return None
+    if rep.get("status") == "done" or rep.get("dry_run") or not any(k in rep for k in STATE_KEYS):
+        return None
+    return {k: rep[k] for k in SUMMARY_KEYS if k in rep}
 
 
 def apply(cfg: Config, summary: dict) -> dict:
@@ -912,7 +941,7 @@ def apply(cfg: Config, summary: dict) -> dict:
 
 def _still_as_planned(cfg: Config, summary: dict) -> None:
     report = repairs_root(cfg) / f"{summary['id']}.json"
-    if report.is_file() and "tables" in json.loads(report.read_text()):
+    if report.is_file() and any(k in json.loads(report.read_text()) for k in STATE_KEYS):
         return  # the state stage of this repair ran (an earlier try): the warehouse moved because of it
     key, now = (
         ("latest_processed", latest_processed(cfg))
@@ -933,6 +962,7 @@ def _repair(cfg: Config, summary: dict) -> dict:
     try:
         parts.append(stage_state(cfg, summary))
         write_report(cfg, {**summary, **parts[0]})
+        hooks.pause("repair.after_state")  # tests: a kill here, with the tables back before FROM
         parts.append(stage_outputs(cfg, summary, parts[0]))
         parts.append(stage_index(cfg, summary))
     except Exception as exc:

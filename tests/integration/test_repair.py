@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.integration import warehouses
-from userformer.jobs.core import ledger, registry
+from tests.integration import procs, warehouses
+from userformer.jobs.core import ledger, registry, snapshot
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.core.storage import delta
@@ -104,6 +104,8 @@ def assert_same_as_clean(a, b):
 
     ma, mb = publish.published_outputs(a), publish.published_outputs(b)
     assert (mb["dt"], warehouses.model_id(mb["model_version"])) == (ma["dt"], warehouses.model_id(ma["model_version"]))
+    sa, sb = snapshot.current(a), snapshot.current(b)  # what readers read: the same day and model
+    assert (sb["dt"], warehouses.model_id(sb["model_version"])) == (sa["dt"], warehouses.model_id(sa["model_version"]))
     assert sorted(p.name for p in (b.reports_root / "runs").iterdir()) == sorted(
         p.name for p in (a.reports_root / "runs").iterdir()
     )
@@ -239,6 +241,28 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
     # Idempotent.
     repair.repair(b, D3, D3, "recompute", users=victims)
     assert_same_tables(clean, b)
+
+
+def test_a_killed_restore_is_continued_by_running_it_again(clean, tmp_path):
+    """SIGKILL after the tables went back to before D2 (no cleanup runs): the same command again finishes it."""
+    b = fresh(clean, tmp_path, copy_all=True)
+    env = {f"USERFORMER__{k}": v for k, v in SETTINGS.items()}
+    pause = tmp_path / "pause"
+    args = ("repair", "--from", str(D2), "--to", str(D3), "--mode", "restore")
+    step = procs.start(b.home, tmp_path / "logs", *args, pause_at="repair.after_state", pause_dir=pause, env=env)
+    try:
+        procs.wait_paused(pause, "repair.after_state", [step], timeout=600)
+    finally:
+        step.kill()
+    # Killed with the warehouse before D2: readers are back on the last snapshot released before D2.
+    assert snapshot.current(b) is None or snapshot.current(b)["dt"] < str(D2)
+    (report,) = (b.reports_root / "repairs").glob("r*.json")
+    assert repair.unfinished(b)["id"] == report.stem
+    res = repair.repair(b, D2, D3, "restore")  # as on-call would: the same repair again
+    assert res["id"] == report.stem and res["status"] == "done" and res.get("resumed_at")
+    assert [r["dt"] for r in res["rerun"]] == [str(D2), str(D3)]
+    assert_same_as_clean(clean, b)
+    assert repair.unfinished(b) is None
 
 
 def test_restore_beyond_the_retention_window_is_refused(clean, tmp_path):
