@@ -37,7 +37,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from userformer.jobs.core import lease
+from userformer.jobs.core import hooks, lease
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import files
 from userformer.jobs.core.versions import VersionStore, now_iso
@@ -87,7 +87,11 @@ def pointer_path(cfg) -> Path:
 def save_torch(path: Path, obj) -> None:
     import torch
 
-    files.replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        torch.save(obj, tmp)
+        hooks.pause("registry.checkpoint_written")  # tests: a kill with the temp file written, not renamed
+
+    files.replace_atomically(path, write)
 
 
 def plain(obj):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+from userformer.jobs.core import hooks
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
@@ -77,6 +78,7 @@ def flip(cfg: Config, record: dict) -> dict:
     warehouse lease. A crash between the two leaves the log one record short, which the next flip of the same
     record completes."""
     files.write_json(path(cfg), record)
+    hooks.pause("release.before_log")  # tests: flipped, not yet in the log
     last = history(cfg)[-1:] or [None]
     if last[0] != json.loads(json.dumps(record, default=files.jsonable)):
         files.append_line(log_path(cfg), json.dumps(record, default=files.jsonable))

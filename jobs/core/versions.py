@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from userformer.jobs.core import hooks
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import files
 
@@ -185,8 +186,11 @@ class VersionStore:
         self._check_id(version)
         prev = self.pointer()
         entry = {"version": version, **fields, self.time_key: now_iso(), "previous": prev["version"] if prev else None}
-        files.write_json(self.pointer_path, entry)
+        # The log first: a crash between the two leaves a logged switch that did not happen, which the step's
+        # rerun makes again (logged again); the other order would lose the entry of a switch that happened.
         self._append(entry)
+        hooks.pause("versions.between_log_and_pointer")
+        files.write_json(self.pointer_path, entry)
         return entry
 
     def clear_pointer(self, fields: dict) -> dict | None:

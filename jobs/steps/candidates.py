@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.core import lease
+from userformer.jobs.core import hooks, lease
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -231,6 +231,7 @@ def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | Non
             path.mkdir(parents=True, exist_ok=True)
         else:
             target = delta.open_table(path, read_v)
+        hooks.pause("candidates.before_commit")  # tests: the day's candidates staged, not committed
         created = delta.ConcurrentWrite(path, "the table was created meanwhile")
         if read_v is None and delta.exists(path):
             raise created

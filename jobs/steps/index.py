@@ -70,7 +70,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userformer.jobs.core import lease, registry, snapshot
+from userformer.jobs.core import hooks, lease, registry, snapshot
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -480,6 +480,7 @@ def build_index(cfg: Config, day: datetime.date, *, force: bool = False) -> Inde
         }
         files.write_json(building / MANIFEST, manifest)
         files.fsync_dir(building)
+        hooks.pause("index.before_rename")  # tests: a kill with the version built in _building
         os.rename(building, dest)  # replaces the empty placeholder the allocation made
         files.fsync_dir(dest.parent)
         # The gate runs on the version as a reader would open it; nothing points at it until it passes.
@@ -503,6 +504,7 @@ def build_index(cfg: Config, day: datetime.date, *, force: bool = False) -> Inde
     if not res.success:
         log.warning("index %s failed its check: CURRENT stays %s", version, result.previous)
         return result
+    hooks.pause("index.before_switch")  # tests: checked and accepted, CURRENT not switched
     switch(cfg, version, manifest)
     result.removed = retain(cfg)
     log.info("index %s is current (%.1fs)", version, time.perf_counter() - t0)

@@ -54,7 +54,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from userformer.jobs.core import drops, registry
+from userformer.jobs.core import drops, hooks, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -478,6 +478,7 @@ def infer(
             "created_at": registry.now_iso(),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        hooks.pause("infer.before_manifest")  # tests: a kill with the shard's files staged, no manifest
         files.write_json(final / MANIFEST, manifest)  # last: the shard now names this run
     except BaseException:
         files.remove_tree(tmp)

@@ -518,6 +518,7 @@ def _publish(
     v_ev = delta.spark_write(
         events.repartition(n_files).sortWithinPartitions("dt", "user_id", "ts"), events_path, **part
     )
+    hooks.pause("ingest.after_commit")
     result = {
         "dt": str(day),
         "raw_files": len(files),

@@ -51,7 +51,7 @@ import json
 import sys
 import time
 
-from userformer.jobs.core import drops, lease, registry
+from userformer.jobs.core import drops, hooks, lease, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -315,6 +315,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
             else:
                 v = _replace_preferences(cfg, user_files, _files(manifests, table), common["full"], meta, read_v[table])
             report[table] = {"committed": True, "version": v, "rows": sum(m["rows"][table] for m in manifests)}
+            hooks.pause(f"publish.after_{table}")  # tests: a kill between publish's commits
     # 3: the items (the same catalogue under the same model: nothing new).
     items_m = next(m for m in manifests if m["shard"] == 0)
     h = done["item_embeddings"]
@@ -350,6 +351,7 @@ def publish(cfg: Config, day: dt.date, shards: int | None = None, log=_stderr) -
         "inputs": {t: v["version"] for t, v in inputs.items()},
         "published_at": registry.now_iso(),
     }
+    hooks.pause("publish.before_record")  # tests: every table committed, the record not written
     write_marker(cfg, record)
     out = {
         **record,

@@ -30,7 +30,7 @@ import datetime as dt
 import json
 import logging
 
-from userformer.jobs.core import lease, snapshot
+from userformer.jobs.core import hooks, lease, snapshot
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -171,6 +171,7 @@ def release(cfg: Config, day: dt.date) -> dict:
         released_at=now_iso(),
         previous={k: cur.get(k) for k in ("dt", "model_version", "released_at")} if cur else None,
     )
+    hooks.pause("release.before_flip")  # tests: everything of D committed and checked, readers still on D-1
     snapshot.flip(cfg, rec)
     log.info(
         "released %s: model %s, index %s, %s",

@@ -222,6 +222,7 @@ def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | N
         ensure_deletion_vectors(spark, seq_path)
         hooks.pause("sequences.before_merge")  # tests: a crash here, after a rerun's RESTORE
         result.update(_merge(spark, seq_path, new, meta, cfg.sequences.max_len))
+        hooks.pause("sequences.after_merge")
     else:
         result["version"] = delta.version_of(seq_path)
     log.info("sequences dt=%s: %s", day, result)

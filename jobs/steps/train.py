@@ -54,7 +54,7 @@ import time
 import uuid
 from pathlib import Path
 
-from userformer.jobs.core import dates, drops, lease, registry
+from userformer.jobs.core import dates, drops, hooks, lease, registry
 from userformer.jobs.core.config import Config, ModelConfig, TrainConfig
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -616,6 +616,7 @@ def promote_candidate(cfg: Config, day: dt.date, version: str) -> dict:
         )
     status = "promoted" if decision["promote"] else "rejected"
     registry.set_status(cfg, version, status, decision)
+    hooks.pause("gate.before_publish")  # tests: judged, not yet published
     if decision["promote"]:
         ptr = registry.publish(cfg, version, f"finetune dt={day} over {man['parent']}: gate {decision['reason']}")
     return {
