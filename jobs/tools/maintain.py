@@ -12,7 +12,8 @@ itself. The other tables are written by delta-rs: delta-rs vacuums them in
 its full mode (which lists the folder, so files a killed writer left behind
 without a commit go too) and checkpoints them. delta-rs never vacuums a table
 with deletion vectors (it does not know their files). The staging folders of
-crashed runs are cleared.
+crashed runs are cleared: a writer's at once (maintain holds the lease, so
+none is running), infer's staged outputs after a day untouched.
 
 **The window** is ``storage.retention_days`` (``--retention-days`` for one
 run), never under ``storage.min_retention_days`` (refused: reruns and
@@ -94,7 +95,9 @@ def _maintain(cfg: Config, dry_run: bool, retention_days: float | None) -> dict:
             "files_deleted" if not dry_run else "files_to_delete": len(vacuumed),
             "version": t.version(),
         }
-    # Staging folders of runs that died without their cleanup (a killed JVM, a lost machine).
+    # Staging folders of runs that died without their cleanup (a killed JVM, a lost machine). The writers' (every
+    # step but infer) are dead for sure while maintain holds the lease; infer's outputs wait there for publish, so
+    # only those untouched for a day go.
     stale = []
     cutoff = time.time() - 24 * 3600
     staging = cfg.warehouse_root / "_staging"
@@ -102,7 +105,7 @@ def _maintain(cfg: Config, dry_run: bool, retention_days: float | None) -> dict:
         if not d.is_dir():
             continue
         newest = files.newest_mtime(d)
-        if newest is None or newest < cutoff:
+        if (d.parent.name != "infer" and not dry_run) or newest is None or newest < cutoff:
             stale.append(str(d))
             if not dry_run:
                 files.remove_tree(d)

@@ -67,21 +67,23 @@ def test_vacuum_deletes_only_unreferenced_files(cfg, spark):
 
 
 def test_stale_staging_folders_are_cleared(cfg):
-    import os
-    import time
-
-    stale = cfg.warehouse_root / "_staging" / "events" / "20200101T000000-dead"
-    fresh = cfg.warehouse_root / "_staging" / "events" / "20990101T000000-live"
+    stale = cfg.warehouse_root / "_staging" / "user_candidates" / "20200101T000000-dead"
+    killed = cfg.warehouse_root / "_staging" / "user_candidates" / "20990101T000000-killed"  # a writer's: none runs
+    waiting = cfg.warehouse_root / "_staging" / "infer" / "dt=2099-01-01"  # staged inference waiting for publish
     in_use = cfg.warehouse_root / "_staging" / "infer" / "dt=2020-01-01"  # an old folder a run writes into now
-    for d in (stale, fresh, in_use / "model=m1"):
+    old_infer = cfg.warehouse_root / "_staging" / "infer" / "dt=2019-01-01"
+    for d in (stale, killed, waiting, in_use / "model=m1", old_infer):
         d.mkdir(parents=True)
         (d / "part-0.parquet").write_bytes(b"x")
     old = time.time() - 3 * 24 * 3600
-    for p in (stale / "part-0.parquet", stale, in_use / "model=m1", in_use):
+    for p in (stale / "part-0.parquet", stale, in_use / "model=m1", in_use, old_infer / "part-0.parquet", old_infer):
         os.utime(p, (old, old))
+    dry = maintain.maintain(cfg, dry_run=True)
+    assert sorted(dry["stale_staging"]) == sorted([str(stale), str(old_infer)])  # a dry run holds no lease
     res = maintain.maintain(cfg)
-    assert res["stale_staging"] == [str(stale)]  # its age is its newest file's
-    assert not stale.exists() and fresh.exists() and in_use.exists()
+    assert sorted(res["stale_staging"]) == sorted([str(stale), str(killed), str(old_infer)])  # infer's by age
+    assert not stale.exists() and not killed.exists() and not old_infer.exists()
+    assert waiting.exists() and in_use.exists()
 
 
 def test_log_retention_follows_the_window_and_orphans_go(cfg, spark):
