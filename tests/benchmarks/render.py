@@ -710,6 +710,50 @@ def model_speed(d: dict) -> str:
     return "\n\n".join(out)
 
 
+def fault_matrix(d: dict) -> str:
+    """One row per kill point: was it reached, did the rerun equal the clean run, what did a reader see."""
+    rows = []
+    for r in d["results"]:
+        if not r["reached"]:
+            outcome = "not reached"
+        elif r.get("rerun_error"):
+            outcome = f"rerun failed: {r['rerun_error']}"
+        elif r["equal"] and not r["mixed"] and not r["orphans"]:
+            outcome = "as a clean run"
+        else:
+            outcome = "; ".join(
+                x
+                for x in (
+                    None if r["equal"] else f"differs: {r.get('difference')}",
+                    f"{len(r['mixed'])} mixed snapshots" if r["mixed"] else None,
+                    f"orphans {r['orphans']}" if r["orphans"] else None,
+                )
+                if x
+            )
+        rows.append(
+            [
+                f"`{r['point']}`",
+                r["what"],
+                outcome,
+                ", ".join(r["snapshots_seen"]) or "none",
+                num(r["snapshot_reads"], ",d"),
+                num(r["kill_seconds"]) + " / " + num(r["rerun_seconds"]),
+            ]
+        )
+    good = sum(1 for r in d["results"] if r["reached"] and r["equal"] and not r["mixed"] and not r["orphans"])
+    head = (
+        f"Day {d['day']} killed (SIGKILL, with its Spark JVM) at each point, then run again: **{good} of "
+        f"{len(d['results'])} points end equal to a clean run**, with no mixed snapshot seen by the polling reader "
+        "and no orphaned file after `maintain`."
+    )
+    table = md_table(
+        ["kill point", "what is half done there", "outcome", "snapshots a reader saw", "reads", "kill / rerun s"],
+        rows,
+        "lllllr",
+    )
+    return head + "\n\n" + table
+
+
 # -------------------------------------------------------------- every kind
 def kind(name: str, d: dict) -> str:
     if "models" in d and "dataset" in d:
@@ -726,6 +770,7 @@ RENDERERS = {
     "index-speed": index_speed,
     "quality": quality,
     "model-speed": model_speed,
+    "fault-matrix": fault_matrix,
 }
 
 # The title of a summary file (results/<name>.md); the site puts its own headings around the blocks.
@@ -736,6 +781,7 @@ TITLES = {
     "index-speed": "Item index speed: exact, HNSW, IVF",
     "quality": "Model quality",
     "model-speed": "Model speed",
+    "fault-matrix": "Kill -9 fault matrix",
 }
 
 # Kinds whose benchmark writes no summary beside its JSON: `userformer benchmark quality` (an installed command,
