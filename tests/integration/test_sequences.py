@@ -402,3 +402,34 @@ def test_a_manual_restore_is_followed(small, spark):
     replayed = table(cfg)
     sequences.rebuild(cfg)
     assert table(cfg).equals(replayed)
+
+
+def test_two_days_at_once_queue_on_the_lease(small, tmp_path):
+    """`sequences --dt D1` and `--dt D2` started together: D1 holds the lease (held right after taking it), D2
+    waits and says for whom, then applies after D1. Unique users, every update present: the rebuild's table."""
+    cfg = small
+    for d in (D1, D2):
+        ingest.ingest(cfg, d)
+    pause, logs, env = tmp_path / "pause", tmp_path / "logs", {"USERFORMER__SEQUENCES__MAX_LEN": "3"}
+    first = procs.start(
+        cfg.paths.home, logs, "sequences", "--dt", str(D1), pause_at="lease.acquired", pause_dir=pause, env=env
+    )
+    second = None
+    try:
+        procs.wait_paused(pause, "lease.acquired", [first])
+        second = procs.start(cfg.paths.home, logs, "sequences", "--dt", str(D2), env=env)
+        deadline = time.monotonic() + 120
+        while "waiting up to" not in second.stderr:
+            assert second.proc.poll() is None, second.stderr[-4000:]
+            assert time.monotonic() < deadline, "the second day never said it waits for the lease"
+            time.sleep(0.2)
+        assert f"held by step sequences (pid {first.pid} on " in second.stderr
+        procs.release(pause, "lease.acquired")
+        codes = [first.wait(), second.wait()]
+    finally:
+        procs.stop_all([first] + ([second] if second else []))
+    assert codes == [0, 0], (first.stderr[-3000:], second.stderr[-3000:])
+    assert drops.last_drop(cfg.table_path("user_sequences"))[0] == D2
+    t = table(cfg)
+    assert t.num_rows == len(set(t["user_id"].to_pylist()))  # one row per user
+    assert equals_rebuild(cfg)  # both days applied once, in order
