@@ -5,9 +5,11 @@ during Spark's write, between publish's commits, between the last commit and the
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from tests.integration import faults
+from tests.integration import faults, procs
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -29,3 +31,31 @@ def test_killed_then_rerun_equals_a_clean_run(homes, tmp_path, point):
     assert row["snapshot_reads"] > 0 and not row["mixed"], row["mixed"]
     assert str(faults.D3) in row["snapshots_seen"]  # the rerun released D3
     assert row["orphans"] == {}, row["orphans"]
+
+
+def test_a_repair_started_during_a_day_waits_for_it_then_redoes_the_days(homes, tmp_path):
+    """`run-day D3` holds the lease (between publish's commits) when on-call starts `repair --from D2 --mode restore`:
+    the repair says it waits for the day, runs after it, and ends equal to a clean run."""
+    base, ref = homes
+    cfg = faults.copy(base, tmp_path / "home")
+    pause, logs = tmp_path / "pause", tmp_path / "logs"
+    env = {**faults.env(cfg.home), "USERFORMER__SPARK__SHUFFLE_PARTITIONS": str(cfg.spark.shuffle_partitions)}
+    point = "publish.after_user_embeddings"
+    day = procs.start(cfg.home, logs, "run-day", "--dt", str(faults.D3), pause_at=point, pause_dir=pause, env=env)
+    fix = None
+    try:
+        procs.wait_paused(pause, point, [day], timeout=600)
+        args = ("repair", "--from", str(faults.D2), "--to", str(faults.D3), "--mode", "restore")
+        fix = procs.start(cfg.home, logs, *args, env=env)
+        deadline = time.monotonic() + 300
+        while "waiting up to" not in fix.stderr:
+            assert fix.proc.poll() is None, fix.stderr[-4000:]
+            assert time.monotonic() < deadline, "the repair never said it waits for the lease"
+            time.sleep(0.2)
+        assert f"held by step run-day (pid {day.pid} on " in fix.stderr
+        procs.release(pause, point)
+        codes = [day.wait(timeout=900), fix.wait(timeout=1800)]
+    finally:
+        procs.stop_all([day] + ([fix] if fix else []))
+    assert codes == [0, 0], (day.stderr[-3000:], fix.stderr[-3000:])
+    assert faults.same_as(ref, cfg) is None
