@@ -72,13 +72,17 @@ class IngestConfig:
     max_late_days: int = field(default=7, metadata=_rng(0, 3650))
     # Events this far after the end of the drop date are rejected (future_ts): clock skew allowance.
     future_tolerance_s: int = field(default=3600, metadata=_rng(0, 7 * 86400))
-    # A duplicate of an event delivered in one of the previous N drops is dropped too.
-    dedupe_lookback_days: int = field(default=3, metadata=_rng(0, 90))
+    # A duplicate of an event delivered in one of the previous N drops is dropped too. At least max_late_days: a
+    # late event may come again in any drop of its late window, and a copy from before the lookback would be
+    # accepted twice.
+    dedupe_lookback_days: int = field(default=7, metadata=_rng(0, 3650))
     # Values outside are rejected (bad_duration).
     max_duration_s: float = field(default=86400.0, metadata=_rng(1.0, None))
     # A single user with more events than this in one drop is a bot/replay burst:
     # the excess (latest events kept) goes to events_rejected (user_burst).
     max_events_per_user_per_day: int = field(default=20_000, metadata=_rng(10, None))
+    # Longer ids, event types or surfaces are rejected (too_long); the rejected row keeps the first this many.
+    max_id_chars: int = field(default=512, metadata=_rng(16, 1_000_000))
 
     @property
     def event_types(self) -> list:
@@ -348,6 +352,11 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"{where}={v!r}: must be >= {meta['lo']}")
             if meta.get("hi") is not None and v > meta["hi"]:
                 raise ConfigError(f"{where}={v!r}: must be <= {meta['hi']}")
+    if cfg.ingest.dedupe_lookback_days < cfg.ingest.max_late_days:
+        raise ConfigError(
+            f"ingest.dedupe_lookback_days={cfg.ingest.dedupe_lookback_days} is under ingest.max_late_days="
+            f"{cfg.ingest.max_late_days}: a late event delivered again after the lookback would be accepted twice"
+        )
     if cfg.storage.retention_days < cfg.storage.min_retention_days:
         raise ConfigError(
             f"storage.retention_days={cfg.storage.retention_days} is under storage.min_retention_days="

@@ -157,6 +157,18 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
     day_start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
     latest = day_start + dt.timedelta(days=1, seconds=ic.future_tolerance_s)
     earliest = day_start - dt.timedelta(days=ic.max_late_days)
+    # Parquet strings must be UTF-8, but a producer can write other bytes: such a row is rejected, and its strings
+    # are stored with U+FFFD in place of the bad bytes (readers decode every row of events_rejected).
+    texts = [f.name for f in tables.RAW_EVENTS if pa.types.is_string(f.type)]
+    bad_utf8 = F.lit(False)
+    for c in texts:
+        bad_utf8 = bad_utf8 | ~F.coalesce(F.is_valid_utf8(c), F.lit(True))
+    df = df.withColumn("_bad_utf8", bad_utf8)
+    for c in texts:
+        df = df.withColumn(c, F.make_valid_utf8(c))
+    ids = ["event_id", "user_id", "item_id", "event_type", "surface"]
+    longest = F.greatest(*[F.coalesce(F.char_length(c), F.lit(0)) for c in ids])
+    df = df.withColumn("_longest", longest)
     df = (
         df.withColumn("user_id", F.nullif(F.trim("user_id"), F.lit("")))
         .withColumn("item_id", F.nullif(F.trim("item_id"), F.lit("")))
@@ -166,6 +178,16 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
     item_types = list(ic.item_event_types)
     known = item_types + list(ic.non_item_event_types)
     rules = [
+        ("invalid_utf8", F.col("_bad_utf8"), F.lit("a string column holds bytes that are not UTF-8")),
+        (
+            "too_long",
+            F.col("_longest") > ic.max_id_chars,
+            F.concat(
+                F.lit("an id, event type or surface of "),
+                F.col("_longest").cast("string"),
+                F.lit(f" characters (limit {ic.max_id_chars})"),
+            ),
+        ),
         ("null_user_id", F.col("user_id").isNull(), F.lit("user_id is null or empty")),
         ("null_ts", F.col("ts_raw").isNull(), F.lit("ts is null")),
         ("unparseable_ts", F.col("ts").isNull(), F.concat(F.lit("cannot parse ts "), F.col("ts_raw"))),
@@ -192,6 +214,7 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
         ),
         (
             "bad_duration",
+            # NaN and +/-inf included (inf is above the limit, -inf below 0)
             (F.col("duration_s") < 0) | (F.col("duration_s") > ic.max_duration_s) | F.isnan("duration_s"),
             F.concat(F.lit("duration_s out of [0, %g]: " % ic.max_duration_s), F.col("duration_s").cast("string")),
         ),
@@ -201,6 +224,10 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
         reason = F.when(F.coalesce(cond, F.lit(False)), F.lit(name)).otherwise(reason)
         detail = F.when(F.coalesce(cond, F.lit(False)), msg).otherwise(detail)
     df = df.withColumn("reason", reason).withColumn("detail", detail)
+    cut = F.col("reason") == "too_long"  # kept for the record, not whole: one row must not weigh megabytes
+    for c in ids:
+        df = df.withColumn(c, F.when(cut, F.substring(c, 1, ic.max_id_chars)).otherwise(F.col(c)))
+    df = df.drop("_bad_utf8", "_longest")
     # Non-item actions carry no item: a stray item_id would create a phantom item.
     df = df.withColumn("item_id", F.when(F.col("event_type").isin(item_types), F.col("item_id")))
 

@@ -203,8 +203,19 @@ def _embedding_text(vec) -> str:
     return "[" + ",".join(str(np.float32(v)) if np.isfinite(v) else "null" for v in vec) + "]"
 
 
+# A spreadsheet runs a cell that begins with one of these as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str | None) -> str | None:
+    """A text cell that a spreadsheet shows as text: one beginning like a formula gets a leading apostrophe
+    (OWASP's advice for CSV exports; the ids come from the raw logs, so from anyone)."""
+    return "'" + text if isinstance(text, str) and text.startswith(FORMULA_START) else text
+
+
 def write_embeddings(t: pa.Table, fmt: str, out) -> None:
-    """`t` (embeddings()) as parquet, csv (the vector as a JSON array text) or jsonl to a binary stream."""
+    """`t` (embeddings()) as parquet, csv (the vector as a JSON array text; a text cell that would start a formula
+    gets a leading apostrophe) or jsonl to a binary stream."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -230,7 +241,7 @@ def write_embeddings(t: pa.Table, fmt: str, out) -> None:
         w = csv.writer(text, lineterminator="\n")
         w.writerow(EMBEDDING_COLUMNS)
         for u, v, m, d in zip(users, vecs, mvs, dts):
-            w.writerow([u, _embedding_text(v), m, str(d)])
+            w.writerow([csv_cell(u), _embedding_text(v), csv_cell(m), str(d)])
         out.write(text.getvalue().encode())
         return
     raise UserError(f"unknown format {fmt!r}: parquet, csv or jsonl")

@@ -403,3 +403,75 @@ def test_tables_readable_by_other_engines(three):
     ds = delta.open_table(path).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads the local by its name)
     assert duckdb.sql("select count(distinct user_id) from ds").fetchall()[0][0] == 3
     assert pq.read_table(path + "/" + delta.active_files(path)[0]).num_rows == 4
+
+
+# ------------------------------------------------------------ more bad input
+def test_bad_bytes_long_ids_and_infinite_durations_are_quarantined(cfg, spark):
+    """Each bad row gets its reason; what events_rejected keeps of it stays readable and small."""
+    t = events_table(
+        [
+            ("a", "u1", ts(D1, 1), "view", "i1"),
+            ("b", "BAD", ts(D1, 2), "view", "i1"),
+            ("c", "u" * 100_000, ts(D1, 3), "view", "i1"),
+            ("d", "u2", ts(D1, 4), "view", "i2"),
+            ("e", "u2", ts(D1, 5), "view", "i2"),
+            ("f", "u3", ts(D1, 6), "view", "i" * 600),
+        ]
+    )
+    # Bytes that are not UTF-8 in a Parquet string column (pyarrow writes them unchecked, as a producer might).
+    users = t["user_id"].to_pylist()
+    raw = pa.array([u.encode() if u != "BAD" else b"u\xff\xfe9" for u in users], pa.binary()).view(pa.string())
+    t = t.set_column(1, "user_id", raw)
+    t = t.set_column(6, "duration_s", pa.array([1.0, 1.0, 1.0, float("inf"), float("nan"), 1.0]))
+    write_drop(cfg.raw_root, D1, t)
+    r = ingest_mod.ingest(cfg, D1)
+    assert r["accepted"] == 1
+    assert r["rejected"] == {"invalid_utf8": 1, "too_long": 2, "bad_duration": 2}
+    rej = {x["event_id"]: x for x in read(cfg, "events_rejected").to_pylist()}  # decodes every string
+    assert rej["b"]["user_id"] == "u\ufffd\ufffd9" and "not UTF-8" in rej["b"]["detail"]
+    assert len(rej["c"]["user_id"]) == cfg.ingest.max_id_chars and "100000 characters" in rej["c"]["detail"]
+    assert rej["f"]["reason"] == "too_long"
+
+
+def test_timezone_naive_timestamps_are_utc_and_ids_are_normalised(cfg, spark):
+    """Policy: a timestamp without a zone (Parquet or text) is UTC. Ids are trimmed text: 7, "7" and " 7 " are one
+    user. Columns outside the contract are ignored."""
+    naive = pa.table(
+        {
+            "event_id": ["a", "b"],
+            "user_id": pa.array([7, 7], pa.int64()),
+            "ts": pa.array([dt.datetime(2026, 1, 1, 1), dt.datetime(2026, 1, 1, 2)], pa.timestamp("us")),
+            "event_type": ["view", "view"],
+            "item_id": ["i1", "i2"],
+            "producer_debug": ["x", "y"],  # not in the contract
+        }
+    )
+    text = events_table([("c", " 7 ", ts(D1, 3), "view", "i3"), ("d", "7", ts(D1, 4), "view", "i1")])
+    text = text.set_column(2, "ts", pa.array(["2026-01-01T03:00:00", "2026-01-01 04:00:00"]))
+    write_drop(cfg.raw_root, D1, naive, name="part-a.parquet")
+    write_drop(cfg.raw_root, D1, text, name="part-b.parquet")
+    r = ingest_mod.ingest(cfg, D1)
+    assert r["accepted"] == 4 and not r["rejected"]
+    ev = read(cfg, "events")
+    assert set(ev["user_id"].to_pylist()) == {"7"}
+    assert sorted(ev["ts"].to_pylist()) == [ts(D1, h) for h in (1, 2, 3, 4)]
+    assert "producer_debug" not in ev.column_names
+
+
+def test_a_late_copy_within_the_late_window_is_a_duplicate(home, monkeypatch, spark):
+    """An event delivered on D1 and again, late, on D1 + max_late_days: still a duplicate (the lookback covers the
+    late window; a configuration where it would not is refused)."""
+    monkeypatch.setenv("USERFORMER__INGEST__MAX_LATE_DAYS", "3")
+    monkeypatch.setenv("USERFORMER__INGEST__DEDUPE_LOOKBACK_DAYS", "3")
+    cfg = load_config()
+    late = D1 + dt.timedelta(days=3)
+    write_drop(cfg.raw_root, D1, events_table([("a", "u1", ts(D1, 1), "view", "i1")]))
+    for d in (D2, D3):
+        write_drop(cfg.raw_root, d, events_table([(f"x{d}", "u2", ts(d, 1), "view", "i1")]))
+    write_drop(cfg.raw_root, late, events_table([("a", "u1", ts(D1, 1), "view", "i1")]))
+    for d in (D1, D2, D3, late):
+        ingest_mod.ingest(cfg, d)
+    assert read(cfg, "events_rejected").to_pylist()[0]["detail"] == f"already delivered in drop dt={D1}"
+    monkeypatch.setenv("USERFORMER__INGEST__DEDUPE_LOOKBACK_DAYS", "2")
+    with pytest.raises(Exception, match="dedupe_lookback_days=2 is under ingest.max_late_days=3"):
+        load_config()

@@ -586,6 +586,11 @@ def test_recommender_api(icfg):
     serve.write_embeddings(t, "csv", buf)
     lines = buf.getvalue().decode().splitlines()
     assert lines[0] == "user_id,embedding,model_version,as_of" and lines[1].startswith('u2,"[')
+    # Ids come from the logs: one that a spreadsheet would run as a formula is written as text.
+    evil = t.slice(0, 1).set_column(0, "user_id", pa.array(['=HYPERLINK("http://x","y")'], t.schema.field(0).type))
+    buf = io.BytesIO()
+    serve.write_embeddings(evil, "csv", buf)
+    assert buf.getvalue().decode().splitlines()[1].startswith('"\'=HYPERLINK(""http://x"",""y"")"')
     # A user embedded by another model than the index: refused, not silently mixed.
     refresh_users(icfg, ["u5"], D2, seed=3)
     delta.write_arrow(
