@@ -11,7 +11,10 @@ The step is a transaction over day D:
      surfaces (append-only vocab) and update the item catalogue;
   4. commit events_rejected[dt=D] and events[dt=D] through delta-spark, each
      replacing that partition in one Delta commit, so a rerun of D replaces D.
-Everything that can fail on bad input happens before the first commit.
+Everything that can fail on bad input happens before the first commit. The events
+commit records the drop's files (names and sizes); a drop of the lookback
+window whose folder changed since (a file added late) stops the next ingest
+with a clear error: it needs a repair, not a silent next day.
 Two ingests at once on one warehouse: each commit lands on the version the
 step read or fails with ConcurrentWrite (exit 75; rerunning is safe), so ids
 are never handed out twice and no drop is silently replaced.
@@ -424,6 +427,7 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     # The version of each table this step starts from (-1: none yet); its commits are checked against them.
     read = {name: _version(cfg, name) for name in ("events", "events_rejected")}
     lookback_days = [day - dt.timedelta(days=i) for i in range(1, cfg.ingest.dedupe_lookback_days + 1)]
+    _drops_unchanged(cfg, lookback_days)
     lookback = None
     if read["events"] >= 0 and lookback_days:
         lookback = (
@@ -437,6 +441,40 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
         return _publish(cfg, spark, day, files, raw_rows, snapshot, checked, read, lookback_days)
     finally:
         checked.unpersist()  # a long session (run-day over many days) must not keep every day's blocks
+
+
+def fingerprint(files) -> str:
+    """What a drop held when it was ingested: its files' names and sizes (kept in the commit metadata)."""
+    import hashlib
+
+    paths = [f.path if isinstance(f, RawFile) else f for f in files]
+    listing = "\n".join(sorted(f"{p.name}\t{p.stat().st_size}" for p in paths))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def _drops_unchanged(cfg: Config, days: list[dt.date]) -> None:
+    """Refuse to go on when a drop of the lookback window changed after it was ingested (a file added, replaced
+    or removed): its events are no longer what the raw folder holds, and deduplicating against them would hide
+    the difference. The fix is a repair of that drop, not a silent next day."""
+    path = cfg.table_path("events")
+    if not delta.exists(path) or not days:
+        return
+    want = {str(d) for d in days}
+    seen: dict[str, dict] = {}
+    for h in delta.history(path, 20 * len(days)):
+        if h.get("step") == "ingest" and h.get("dt") in want and h["dt"] not in seen:
+            seen[h["dt"]] = h
+    for d, h in sorted(seen.items()):
+        raw = cfg.raw_events_dir(dt.date.fromisoformat(d))
+        if not h.get("raw_fingerprint") or not raw.is_dir():
+            continue
+        files = [p for p in raw.iterdir() if p.is_file() and not p.name.startswith((".", "_"))]
+        if fingerprint(files) != h["raw_fingerprint"]:
+            raise UserError(
+                f"raw drop {d} changed after it was ingested ({len(files)} files now, {h.get('raw_files')} then): "
+                f"its events are not what {raw} holds. Repair it (`userformer repair --from {d} --to <latest drop> "
+                "--mode restore`) or put the folder back as it was, then ingest this drop"
+            )
 
 
 def _version(cfg: Config, name: str) -> int:
@@ -516,7 +554,7 @@ def _publish(
     # items and events refer to); vocab and items land on the versions read above or fail as ConcurrentWrite,
     # so two concurrent ingests never hand out one id twice.
     hooks.pause("ingest.before_commit")
-    meta = {"step": "ingest", "dt": str(day)}
+    meta = {"step": "ingest", "dt": str(day), "raw_files": str(len(files)), "raw_fingerprint": fingerprint(files)}
     depends = {"events": [day, *lookback_days], "events_rejected": [day]}
     for name, days in depends.items():
         _unchanged_since(cfg.table_path(name), read[name], days)

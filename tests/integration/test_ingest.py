@@ -475,3 +475,19 @@ def test_a_late_copy_within_the_late_window_is_a_duplicate(home, monkeypatch, sp
     monkeypatch.setenv("USERFORMER__INGEST__DEDUPE_LOOKBACK_DAYS", "2")
     with pytest.raises(Exception, match="dedupe_lookback_days=2 is under ingest.max_late_days=3"):
         load_config()
+
+
+def test_a_file_added_to_an_ingested_drop_stops_the_next_day(three):
+    """A producer adds a file to drop D1 after D1 was ingested: the D2 ingest refuses with the way out, and a
+    non-Parquet file in a drop is refused by name."""
+    cfg = three
+    ingest_mod.ingest(cfg, D1)
+    before = versions(cfg)
+    write_drop(cfg.raw_root, D1, events_table([("late-file", "u9", ts(D1, 9), "view", "i1")]), name="part-9.parquet")
+    _assert_refused(cfg, D2, f"raw drop {D1} changed after it was ingested")
+    assert versions(cfg) == before
+    (cfg.raw_events_dir(D1) / "part-9.parquet").unlink()  # put back as it was: the next day goes on
+    (cfg.raw_events_dir(D2) / "export.csv").write_text("user_id,ts\n")
+    _assert_refused(cfg, D2, "export.csv: not a Parquet file")
+    (cfg.raw_events_dir(D2) / "export.csv").unlink()
+    assert ingest_mod.ingest(cfg, D2)["accepted"] > 0
