@@ -38,6 +38,19 @@ export SPARK_CONF_DIR="$RUN_DIR/conf"          # empty: no stray spark-env.sh is
 export SPARK_IDENT_STRING=userformer           # fixed PID file names, whoever runs it
 mkdir -p "$SPARK_PID_DIR" "$SPARK_LOG_DIR" "$SPARK_LOCAL_DIRS" "$SPARK_CONF_DIR"
 
+# ---- authentication: one generated secret for master, workers, executors and drivers --------
+# Spark's shared-secret authentication (spark.authenticate): only a process that knows the secret can register
+# with the master or talk to an executor. The daemons read it from $SPARK_CONF_DIR/spark-defaults.conf (mode
+# 600), drivers too when their SPARK_CONF_DIR is this folder (jobs/core/spark.py sets it for the default run
+# folder), so the secret never appears on a command line.
+SECRET_FILE="$RUN_DIR/secret"
+if [[ ! -s "$SECRET_FILE" ]]; then
+  (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$SECRET_FILE")
+fi
+(umask 077 && printf 'spark.authenticate true\nspark.authenticate.secret %s\n' "$(cat "$SECRET_FILE")" \
+  >"$SPARK_CONF_DIR/spark-defaults.conf")
+chmod 600 "$SECRET_FILE" "$SPARK_CONF_DIR/spark-defaults.conf"
+
 # ---- everything on loopback, same Python everywhere ------------------------
 HOST=127.0.0.1
 export SPARK_MASTER_HOST="$HOST" SPARK_LOCAL_IP="$HOST" SPARK_LOCAL_HOSTNAME="$HOST"

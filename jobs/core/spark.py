@@ -64,6 +64,12 @@ def spark_session(cfg: Config):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if cfg.spark.master.startswith("spark://") and "SPARK_CONF_DIR" not in os.environ:
+        # The local standalone cluster (infra/spark/start-cluster.sh) authenticates with a generated secret,
+        # kept in its run folder's spark-defaults.conf: a driver reads it there, never from its command line.
+        conf = Path(os.environ.get("USERFORMER_SPARK_RUN_DIR") or cfg.home / "run" / "spark") / "conf"
+        if (conf / "spark-defaults.conf").is_file():
+            os.environ["SPARK_CONF_DIR"] = str(conf)
     from pyspark.sql import SparkSession
 
     b = (

@@ -231,6 +231,7 @@ class SparkCluster:
             USERFORMER__SPARK__DRIVER_MEMORY=driver_memory,
             USERFORMER__SPARK__EXECUTOR_MEMORY=executor_memory or self.memory,
             SPARK_LOCAL_IP="127.0.0.1",
+            SPARK_CONF_DIR=str(self.workdir / "conf"),  # the cluster's secret (spark.authenticate)
             PYSPARK_PYTHON=self.python,
             PYSPARK_DRIVER_PYTHON=self.python,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -81,6 +82,15 @@ def test_cluster_runs_pipeline_session_like_local(tmp_path):
         assert all(w["host"] == "127.0.0.1" and w["cores"] == 1 and w["memory"] == 1024 for w in st["workers"])
         pids = dict(cluster.pids)
         assert len(pids) == 3 and all(pid_alive(p) for p in pids.values()), pids
+        # Shared-secret authentication: the secret in a private file the daemons read, never on a command line.
+        conf = tmp_path / "spark" / "conf" / "spark-defaults.conf"
+        assert conf.stat().st_mode & 0o777 == 0o600 and "spark.authenticate true" in conf.read_text()
+        secret = (tmp_path / "spark" / "secret").read_text().strip()
+        assert len(secret) == 64 and secret in conf.read_text()
+        for pid in pids.values():
+            assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        master_log = next((tmp_path / "spark" / "logs").glob("*Master*.out")).read_text()
+        assert "authentication enabled" in master_log, master_log[-3000:]
 
         # start-cluster.sh again: a no-op that prints the same URL.
         again = subprocess.run(
