@@ -80,6 +80,16 @@ def wait_paused(pause_dir: Path, point: str, steps: list[Step], timeout: float =
         time.sleep(0.1)
 
 
+def wait_said(step: Step, text: str, timeout: float = 120) -> None:
+    """Until `text` is in the step's stderr (e.g. "waiting up to": it waits for the lease); the step exiting first
+    fails the test with its stderr."""
+    deadline = time.monotonic() + timeout
+    while text not in step.stderr:
+        assert step.proc.poll() is None, step.stderr[-4000:]
+        assert time.monotonic() < deadline, f"pid {step.pid} never said {text!r} within {timeout} s"
+        time.sleep(0.2)
+
+
 def release(pause_dir: Path, point: str) -> None:
     (pause_dir / f"{point}.go").touch()
 

@@ -12,8 +12,6 @@ ingest, and the loser's rerun lands as if the two had run one after the other.
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 import pytest
 
@@ -49,11 +47,7 @@ def test_two_ingests_queue_on_the_lease(cfg, spark, tmp_path):
     try:
         procs.wait_paused(pause, POINT, [first])  # holding the lease, about to commit
         second = procs.start(cfg.paths.home, tmp_path / "logs", "ingest", "--dt", str(D1), name="second")
-        deadline = time.monotonic() + 120
-        while "waiting up to" not in second.stderr:
-            assert second.proc.poll() is None, second.stderr[-4000:]
-            assert time.monotonic() < deadline, "the second ingest never said it waits for the lease"
-            time.sleep(0.2)
+        procs.wait_said(second, "waiting up to", timeout=120)
         assert f"held by step ingest (pid {first.pid} on " in second.stderr
         procs.release(pause, POINT)
         codes = [first.wait(), second.wait()]

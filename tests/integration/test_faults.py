@@ -5,8 +5,6 @@ during Spark's write, between publish's commits, between the last commit and the
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.integration import faults, procs
@@ -47,11 +45,7 @@ def test_a_repair_started_during_a_day_waits_for_it_then_redoes_the_days(homes, 
         procs.wait_paused(pause, point, [day], timeout=600)
         args = ("repair", "--from", str(faults.D2), "--to", str(faults.D3), "--mode", "restore")
         fix = procs.start(cfg.home, logs, *args, env=env)
-        deadline = time.monotonic() + 300
-        while "waiting up to" not in fix.stderr:
-            assert fix.proc.poll() is None, fix.stderr[-4000:]
-            assert time.monotonic() < deadline, "the repair never said it waits for the lease"
-            time.sleep(0.2)
+        procs.wait_said(fix, "waiting up to", timeout=300)
         assert f"held by step run-day (pid {day.pid} on " in fix.stderr
         procs.release(pause, point)
         codes = [day.wait(timeout=900), fix.wait(timeout=1800)]

@@ -418,11 +418,7 @@ def test_two_days_at_once_queue_on_the_lease(small, tmp_path):
     try:
         procs.wait_paused(pause, "lease.acquired", [first])
         second = procs.start(cfg.paths.home, logs, "sequences", "--dt", str(D2), env=env)
-        deadline = time.monotonic() + 120
-        while "waiting up to" not in second.stderr:
-            assert second.proc.poll() is None, second.stderr[-4000:]
-            assert time.monotonic() < deadline, "the second day never said it waits for the lease"
-            time.sleep(0.2)
+        procs.wait_said(second, "waiting up to", timeout=120)
         assert f"held by step sequences (pid {first.pid} on " in second.stderr
         procs.release(pause, "lease.acquired")
         codes = [first.wait(), second.wait()]
