@@ -13,8 +13,9 @@ vectors, D's index and D's candidates together, never a mix of two days or two
 models, whatever the pipeline is committing meanwhile.
 
 ``snapshot_log.jsonl`` beside it keeps every record released, in order (what a
-repair goes back to). A record is readable while its table versions are:
-``userformer maintain`` keeps them for ``storage.retention_days``.
+repair goes back to). ``userformer maintain`` keeps the current record's
+versions whatever their age (and index retention its index); older records
+stay readable for ``storage.retention_days``.
 """
 
 from __future__ import annotations
