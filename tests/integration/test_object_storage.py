@@ -9,8 +9,8 @@ the endpoint comes from the AWS environment, as delta-rs and fsspec read it). Th
 - the files beside the tables are in the bucket, not on local disk: the staged inference (a run folder and
   its manifest), the publish marker and its log;
 - Polars reads a published table from the bucket;
-- `userformer maintain` compacts and vacuums there, and keeps a staging folder in use (its age is its newest
-  object's time: a bucket has no folder times);
+- `userformer maintain` compacts and vacuums there, keeps staged inference in use (its age is its newest object's
+  time: a bucket has no folder times) and clears a dead writer's staging;
 - a restore repair of the last day moves nothing by rename and ends equal to the clean run again.
 """
 
@@ -121,12 +121,16 @@ def test_the_pipeline_runs_on_a_bucket_as_on_local_disk(tmp_path, bucket, spark)
     ue = pl.read_delta(str(b.table_path("user_embeddings")), storage_options=bucket)
     assert ue.height == len(warehouses.table_rows(a, "user_embeddings", ("user_id",)))
 
-    # maintain in the bucket: compaction and vacuum change no row; a staging folder in use is kept.
-    in_use = files.location(f"{wh}/_staging/user_candidates/20991231T000000-live")
-    (in_use / "part-0.parquet").write_bytes(b"x")
+    # maintain in the bucket: compaction and vacuum change no row; staged inference waiting for publish is kept
+    # (its age is its newest object's), a dead writer's staging goes (no writer runs while maintain holds the lease).
+    in_use = files.location(f"{wh}/_staging/infer/dt=2099-12-31")
+    dead = files.location(f"{wh}/_staging/user_candidates/20991231T000000-killed")
+    for d in (in_use, dead):
+        (d / "part-0.parquet").write_bytes(b"x")
     res = run(["maintain"], env)
     warehouses.assert_same_tables(a, b)
     assert in_use.is_dir() and str(in_use) not in res.stdout
+    assert not dead.is_dir() and str(dead) in res.stdout
 
     # A restore repair of the last day moves the publish marker aside (copy + delete) and reruns it.
     run(["repair", "--from", str(D2), "--to", str(D2), "--mode", "restore"], env)
