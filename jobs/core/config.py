@@ -231,8 +231,8 @@ class PipelineConfig:
     # beside the schedule, a repair) queue for it instead of failing on the warehouse lease.
     writers_pool: str = "userformer_writers"
     gpu_pool_slots: int = field(default=1, metadata=_rng(1, 10_000))
-    # Environment variables Airflow's tasks get besides the pipeline's own and what Python, Java, Spark, torch
-    # and object storage need (jobs/tools/orchestrator.py task_environment); the rest of the environment stays out.
+    # Environment variables Airflow's tasks get besides the pipeline's own and what Python, Java, Spark,
+    # torch==2.13.0 and object storage need (jobs/tools/orchestrator.py task_environment); the rest stays out.
     task_env: list = field(default_factory=list)
 
 

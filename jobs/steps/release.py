@@ -84,9 +84,9 @@ def _last_commit(path, step: str) -> dict | None:
     return next((h for h in reversed(delta.lineage(path)) if h.get("step") == step), None)
 
 
-def compose(cfg: Config, day: dt.date) -> dict:
-    """The record releasing D would write; NotReady when D's outputs do not agree."""
-    pub = publish_step.published_outputs(cfg)
+def compose(cfg: Config, day: dt.date, pub: dict | None) -> dict:
+    """The record releasing D would write from `pub` (the last publish record); NotReady when D's outputs do not
+    agree."""
     if pub is None or pub.get("dt") != str(day):
         raise NotReady(
             day,
@@ -162,7 +162,7 @@ def release(cfg: Config, day: dt.date) -> dict:
         return {"skipped": "nothing is published yet"}
     if pub.get("dt") and pub["dt"] > str(day):
         return {"skipped": f"drop {pub['dt']} is published after {day}: its release makes {day} visible too"}
-    rec = compose(cfg, day)
+    rec = compose(cfg, day, pub)
     same = cur is not None and all(cur.get(k) == rec[k] for k in ("dt", "tables", "index", "outputs_id"))
     if same:
         snapshot.flip(cfg, cur)  # completes the log when a crash came between the flip and the log line

@@ -10,8 +10,8 @@ healthy and the project's DAGs are parsed:
 - the API/UI on ``127.0.0.1`` only, on `port` (default: 8080 when free, else a free port),
 - LocalExecutor with a small parallelism, no example DAGs, one API worker,
 - the venv's ``bin`` first on PATH (standalone starts its parts as ``airflow ...``), and of this process's
-  environment only what the tasks need (`task_environment`: ``USERFORMER*``, Python, Java, Spark, torch, object
-  storage, locale, and the names in ``pipeline.task_env``) passed through to every task,
+  environment only what the tasks need (`task_environment`: ``USERFORMER*``, Python, Java, Spark,
+  torch==2.13.0, object storage, locale, and the names in ``pipeline.task_env``) passed through to every task,
 - the inference pool ``pipeline.gpu_pool`` created with ``pipeline.gpu_pool_slots`` slots (if missing), and the
   writers' pool ``pipeline.writers_pool`` with exactly one slot.
 
@@ -83,9 +83,9 @@ def free_port(preferred: int | None = None) -> int:
         return s.getsockname()[1]
 
 
-# What of the starting environment reaches Airflow and so every task: the pipeline's own settings, what Python, Java,
-# Spark, torch and object storage need, and the locale. Anything else (tokens, credentials of other systems) stays
-# behind; a variable a task needs besides these is named in pipeline.task_env.
+# What of the starting environment reaches Airflow and so every task: the pipeline's own settings, what Python,
+# Java, Spark, torch==2.13.0 and object storage need, and the locale. Anything else (tokens, credentials of other
+# systems) stays behind; a variable a task needs besides these is named in pipeline.task_env.
 TASK_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "VIRTUAL_ENV", "LD_LIBRARY_PATH")
 TASK_ENV_PREFIXES = (
     "USERFORMER",

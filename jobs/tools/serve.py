@@ -67,6 +67,7 @@ class Recommender:
         self._snapshot: dict | None = None
         self._index: index_step.ItemIndex | None = None
         self._users = None
+        self._events = None
 
     # ---------------------------------------------------------------- sources
     @property
@@ -138,8 +139,9 @@ class Recommender:
         v = self.snapshot["tables"].get("events")
         if v is None:
             return set()
-        events = delta.Snapshot(self.cfg.table_path("events"), v)
-        return candidates.purchased_items(self.cfg, [user_id], events=events).get(user_id, set())
+        if self._events is None:  # opened once: each open reads the table's log
+            self._events = delta.Snapshot(self.cfg.table_path("events"), v)
+        return candidates.purchased_items(self.cfg, [user_id], events=self._events).get(user_id, set())
 
     # --------------------------------------------------------------- queries
     def recommend(self, user_id: str, k: int = 10, exclude_purchased: bool = False) -> list[Hit]:

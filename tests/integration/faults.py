@@ -34,6 +34,7 @@ from userformer.jobs.core import registry, snapshot
 from userformer.jobs.core.config import Config, load_config
 from userformer.jobs.core.storage import delta
 from userformer.jobs.flows import pipeline
+from userformer.jobs.steps import index as index_step
 from userformer.jobs.tools import generate
 
 START = dt.date(2026, 11, 1)
@@ -64,12 +65,17 @@ POINTS = {
 }
 
 
-def env(home: Path) -> dict:
-    return warehouses.small_env(home)
+def env(cfg: Config) -> dict:
+    """The environment of a `userformer` process on `cfg`'s home: its settings, and the same shuffle partitions as
+    this process's Spark (the clean run's): they decide the order of the rows training reads, so the model."""
+    return {
+        **warehouses.small_env(cfg.home),
+        "USERFORMER__SPARK__SHUFFLE_PARTITIONS": str(cfg.spark.shuffle_partitions),
+    }
 
 
 def config(home: Path) -> Config:
-    return load_config(env=env(home))
+    return load_config(env=warehouses.small_env(home))
 
 
 def base(home: Path) -> Config:
@@ -96,8 +102,6 @@ def reference(base_cfg: Config, home: Path) -> Config:
 # ------------------------------------------------------------------ reader
 def mixed_reason(cfg: Config) -> str | None:
     """Why the published snapshot as a reader opens it now is not one consistent state (None: it is)."""
-    from userformer.jobs.steps import index as index_step
-
     rec = snapshot.current(cfg)
     if rec is None:
         return None
@@ -171,10 +175,7 @@ def kill_at(cfg: Config, point: str, logs: Path, timeout: float = 600) -> dict:
     pause = logs / "pause"
     t0 = time.perf_counter()
     kw = {} if point == SPARK_WRITE else {"pause_at": point, "pause_dir": pause}
-    # The same shuffle partitions as this process's Spark (the clean run's): they decide the order of the rows
-    # training reads, and so the fine-tuned model.
-    more = {**env(cfg.home), "USERFORMER__SPARK__SHUFFLE_PARTITIONS": str(cfg.spark.shuffle_partitions)}
-    step = procs.start(cfg.home, logs, "run-day", "--dt", str(D3), name=point, env=more, **kw)
+    step = procs.start(cfg.home, logs, "run-day", "--dt", str(D3), name=point, env=env(cfg), **kw)
     try:
         if point == SPARK_WRITE:
             reached = _wait_spark_write(cfg, step, timeout)
@@ -219,8 +220,6 @@ def delta_tables(cfg: Config) -> list[str]:
 
 def same_as(ref: Config, cfg: Config) -> str | None:
     """None when `cfg` equals the clean run `ref` (module doc), else what differs."""
-    from userformer.jobs.steps import index as index_step
-
     try:
         warehouses.assert_same_tables(ref, cfg, renumbered=True)
     except AssertionError as exc:

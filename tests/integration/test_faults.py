@@ -37,7 +37,7 @@ def test_a_repair_started_during_a_day_waits_for_it_then_redoes_the_days(homes, 
     base, ref = homes
     cfg = faults.copy(base, tmp_path / "home")
     pause, logs = tmp_path / "pause", tmp_path / "logs"
-    env = {**faults.env(cfg.home), "USERFORMER__SPARK__SHUFFLE_PARTITIONS": str(cfg.spark.shuffle_partitions)}
+    env = faults.env(cfg)
     point = "publish.after_user_embeddings"
     day = procs.start(cfg.home, logs, "run-day", "--dt", str(faults.D3), pause_at=point, pause_dir=pause, env=env)
     fix = None
