@@ -19,7 +19,9 @@ class TryAgain(Exception):
 
 
 class GateFailed(UserError):
-    """A data-quality gate failed: nothing downstream runs or is published. Exit code 1; never retried."""
+    """A data-quality gate failed: nothing downstream runs or is published. Exit code 1; never retried.
+    `check`: the gate's ledger entry, when a writer's gate failed before its commit."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, check: dict | None = None):
         super().__init__(message, code=1)
+        self.check = check

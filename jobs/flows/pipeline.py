@@ -77,56 +77,46 @@ def raw_ready(cfg: Config, day: dt.date) -> bool:
 
 @_step("ingest")
 def ingest(cfg: Config, day: dt.date) -> dict:
-    """Raw drop D -> events[dt=D] + events_rejected[dt=D], items, vocab (Spark; one commit per table)."""
+    """Raw drop D -> events[dt=D] + events_rejected[dt=D], items, vocab (Spark; one commit per table), after the
+    events gate passed on the staged rows."""
 
     marker = cfg.pipeline.ready_marker
     # A drop the producer marked complete may be empty (a quiet day); without a marker an empty folder is an error.
-    return ingest_step.ingest(cfg, day, allow_empty=bool(marker) and (cfg.raw_events_dir(day) / marker).is_file())
+    allow_empty = bool(marker) and (cfg.raw_events_dir(day) / marker).is_file()
+    return _gated(cfg, day, "events", lambda: ingest_step.ingest(cfg, day, allow_empty=allow_empty))
+
+
+def _gated(cfg: Config, day: dt.date, table: str, write):
+    """Run a writer whose gate judges its staged rows before it commits (ingest: events, sequences:
+    user_sequences), and keep the gate's result in the ledger as ``check_<table>``, passed or failed."""
+    try:
+        res = write()
+    except GateFailed as exc:
+        if exc.check is not None:
+            record(cfg, day, f"check_{table}", exc.check, exc.check.get("seconds", 0.0))
+        raise
+    if res.get("check"):
+        record(cfg, day, f"check_{table}", res["check"], res["check"].get("seconds", 0.0))
+    return res
 
 
 def check(cfg: Config, table: str, day: dt.date, options: dict | None = None) -> dict:
     """The data-quality gate of `table` for D (Great Expectations); raises GateFailed when it fails."""
     t0 = time.perf_counter()
-    out, res = _run_check(cfg, table, day, options)
+    res = check_step.check(cfg, table, day, options)
+    out = check_step.ledger_entry(res)
     record(cfg, day, f"check_{table}", out, time.perf_counter() - t0)
     if not res.success:
-        raise _gate_failed(table, day, res)
+        raise check_step.gate_failed(res)
     return out
-
-
-# Facts of a check's result that its ledger entry keeps (the daily report and the demo show them).
-_LEDGER_FACTS = {"index": ("version", "model_version", "items", "recall_at_10")}
-
-
-def _run_check(cfg: Config, table: str, day: dt.date, options: dict | None = None):
-    """(ledger result, CheckResult) of the suite of `table` for D (jobs/steps/check.py)."""
-
-    res = check_step.check(cfg, table, day, options)
-    out = {
-        "table": table,
-        "success": res.success,
-        "expectations": len(res.results),
-        "failed": [r.expectation for r in res.failed],
-        "html": str(res.html_path),
-        "json": str(res.json_path),
-        **{k: res.facts.get(k) for k in _LEDGER_FACTS.get(table, ())},
-    }
-    return out, res
-
-
-def _gate_failed(table: str, day: dt.date, res) -> GateFailed:
-
-    return GateFailed(
-        f"{table} check failed for {day}: {', '.join(r.expectation for r in res.failed)} "
-        f"(report: {res.html_path})\n{check_step.summary(res)}"
-    )
 
 
 @_step("sequences")
 def sequences(cfg: Config, day: dt.date) -> dict:
-    """events[dt=D] -> user_sequences: the rows of the users active on D (one MERGE)."""
+    """events[dt=D] -> user_sequences: the rows of the users active on D (one MERGE), after the user_sequences gate
+    passed on the staged rows."""
 
-    return sequences_step.update(cfg, day)
+    return _gated(cfg, day, "user_sequences", lambda: sequences_step.update(cfg, day))
 
 
 @_step("finetune")
@@ -234,11 +224,11 @@ def check_index(cfg: Config, day: dt.date) -> dict:
     fails."""
     if not delta.exists(cfg.table_path("item_embeddings")):
         return {"skipped": "no index yet"}
-    out, res = _run_check(cfg, "index", day)
+    res = check_step.check(cfg, "index", day)
     if not res.success:
-        record(cfg, day, "check_index", out, 0.0)
-        raise _gate_failed("index", day, res)
-    return out
+        record(cfg, day, "check_index", check_step.ledger_entry(res), res.seconds)
+        raise check_step.gate_failed(res)
+    return check_step.ledger_entry(res)
 
 
 @_step("candidates")

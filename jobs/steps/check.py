@@ -22,7 +22,7 @@ from pathlib import Path
 
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
-from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.steps.quality.source import Warehouse
 from userformer.jobs.steps.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
 
@@ -186,14 +186,17 @@ def evaluate(plan: Plan, examples: int) -> list[ExpectationResult]:
 
 
 # --------------------------------------------------------------------- step
-def check(cfg: Config, table: str, day: datetime.date, options: dict | None = None) -> CheckResult:
+def check(
+    cfg: Config, table: str, day: datetime.date, options: dict | None = None, source: Warehouse | None = None
+) -> CheckResult:
     """Run the suite of `table` for drop date `dt`; write the HTML and JSON reports; never raises on bad data.
-    `options` go to the suite builder (outputs: shards; index: version, instead of the CURRENT one)."""
+    `options` go to the suite builder (outputs: shards; index: version, instead of the CURRENT one). `source` is
+    what it reads: the warehouse as it is (default), or a writer's staged rows (`quality.source.Staged`)."""
     if table not in SUITES:
         raise UserError(f"no quality suite for table {table!r}; known: {', '.join(SUITES)}")
     t0 = time.perf_counter()
     try:
-        plan = SUITES[table](cfg, day, Warehouse(cfg), **(options or {}))
+        plan = SUITES[table](cfg, day, source or Warehouse(cfg), **(options or {}))
         res = CheckResult(table, day, success=False, results=evaluate(plan, cfg.quality.examples), facts=plan.facts)
         res.success = not res.failed
     except MissingData as exc:
@@ -206,6 +209,42 @@ def check(cfg: Config, table: str, day: datetime.date, options: dict | None = No
     res.html_path.write_text(render_html(res))
     log.info("check %s dt=%s: %s in %.2fs", table, day, "passed" if res.success else "FAILED", res.seconds)
     return res
+
+
+# Facts of a check's result that its ledger entry keeps (the daily report and the demo show them).
+_LEDGER_FACTS = {"index": ("version", "model_version", "items", "recall_at_10")}
+
+
+def ledger_entry(res: CheckResult) -> dict:
+    """What the day's ledger keeps of a check (``check_<table>``): pass/fail, what failed, its reports."""
+    return {
+        "table": res.table,
+        "success": res.success,
+        "expectations": len(res.results),
+        "failed": [r.expectation for r in res.failed],
+        "html": str(res.html_path),
+        "json": str(res.json_path),
+        "seconds": res.seconds,
+        **{k: res.facts.get(k) for k in _LEDGER_FACTS.get(res.table, ())},
+    }
+
+
+def gate_failed(res: CheckResult) -> GateFailed:
+    """The error of a failed gate: what failed, where its report is, the summary; `.check` is its ledger entry."""
+    return GateFailed(
+        f"{res.table} check failed for {res.dt}: {', '.join(r.expectation for r in res.failed) or res.error} "
+        f"(report: {res.html_path})\n{summary(res)}",
+        check=ledger_entry(res),
+    )
+
+
+def gate(cfg: Config, table: str, day: datetime.date, source: Warehouse) -> dict:
+    """The gate of what a writer is about to commit (`source`: the warehouse with its staged rows): its ledger
+    entry when it passes; `GateFailed` when it fails, before anything is committed."""
+    res = check(cfg, table, day, source=source)
+    if not res.success:
+        raise gate_failed(res)
+    return ledger_entry(res)
 
 
 def _jsonable(v):

@@ -9,7 +9,10 @@ The step is a transaction over day D:
      cap single-user bursts; failing rows get a reason;
   3. assign stable ids to new items / categories / brands / event types /
      surfaces (append-only vocab) and update the item catalogue;
-  4. commit events_rejected[dt=D] and events[dt=D] through delta-spark, each
+  4. the events gate (the `events` suite of `userformer check`) judges the
+     staged rows of D, as the tables will be after the commits: a failed gate
+     raises GateFailed and commits nothing;
+  5. commit events_rejected[dt=D] and events[dt=D] through delta-spark, each
      replacing that partition in one Delta commit, so a rerun of D replaces D.
 Everything that can fail on bad input happens before the first commit. The events
 commit records the drop's files (names and sizes); a drop of the lookback
@@ -550,53 +553,92 @@ def _publish(
     rejected = rejected.select(*[F.col(f.name).cast(_spark_type(f)) for f in tables.EVENTS_REJECTED])
     counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
 
-    # Every read is done and every check passed: from here on, commits. vocab first (it reserves the ids that
-    # items and events refer to); vocab and items land on the versions read above or fail as ConcurrentWrite,
-    # so two concurrent ingests never hand out one id twice.
-    hooks.pause("ingest.before_commit")
-    meta = {"step": "ingest", "dt": str(day), "raw_files": str(len(files)), "raw_fingerprint": fingerprint(files)}
-    depends = {"events": [day, *lookback_days], "events_rejected": [day]}
-    for name, days in depends.items():
-        _unchanged_since(cfg.table_path(name), read[name], days)
-    write_items = bool(item_stats["items_changed"] or item_stats["items_unknown_new"] or read["items"] < 0)
-    # Both small tables first, so that a lost race on items is found before vocab commits anything.
-    for name, writes in (("vocab", len(vocab_new) > 0), ("items", write_items)):
-        if writes and _version(cfg, name) != read[name]:
-            raise delta.ConcurrentWrite(cfg.table_path(name), f"read version {read[name]}, now {_version(cfg, name)}")
-    if len(vocab_new):
-        delta.write_arrow(
-            cfg.table_path("vocab"), vocab_new, tables.VOCAB, mode="append", metadata=meta, read_version=read["vocab"]
-        )
-    if write_items:
-        delta.write_arrow(
-            cfg.table_path("items"), items, tables.ITEMS, mode="overwrite", metadata=meta, read_version=read["items"]
-        )
+    # Write, audit, publish: the events gate judges exactly the rows the commits below write (checkpointed), on
+    # the tables as they will be after them; when it fails, nothing is committed.
+    events, rejected = events.localCheckpoint(), rejected.localCheckpoint()
+    try:
+        gate = _gate(cfg, day, events, rejected, read)
 
-    # events_rejected[D] and events[D]: each one commit replacing just partition D (a rerun of D replaces D).
-    part = {"mode": "overwrite", "partition_by": ["dt"], "replace_where": f"dt = '{day}'", "metadata": meta}
-    _unchanged_since(rejected_path, read["events_rejected"], depends["events_rejected"])
-    v_rej = delta.spark_write(rejected.coalesce(1), rejected_path, **part)
-    hooks.pause("ingest.before_events_commit")
-    _unchanged_since(events_path, read["events"], depends["events"])
-    n_files = max(1, int(raw_rows // 2_000_000) + 1)
-    # dt leads the sort so the writer's own ordering by partition column is already met and keeps user_id, ts.
-    v_ev = delta.spark_write(
-        events.repartition(n_files).sortWithinPartitions("dt", "user_id", "ts"), events_path, **part
+        # Every read is done and every check passed: from here on, commits. vocab first (it reserves the ids that
+        # items and events refer to); vocab and items land on the versions read above or fail as ConcurrentWrite,
+        # so two concurrent ingests never hand out one id twice.
+        hooks.pause("ingest.before_commit")
+        meta = {"step": "ingest", "dt": str(day), "raw_files": str(len(files)), "raw_fingerprint": fingerprint(files)}
+        depends = {"events": [day, *lookback_days], "events_rejected": [day]}
+        for name, days in depends.items():
+            _unchanged_since(cfg.table_path(name), read[name], days)
+        write_items = bool(item_stats["items_changed"] or item_stats["items_unknown_new"] or read["items"] < 0)
+        # Both small tables first, so that a lost race on items is found before vocab commits anything.
+        for name, writes in (("vocab", len(vocab_new) > 0), ("items", write_items)):
+            if writes and _version(cfg, name) != read[name]:
+                raise delta.ConcurrentWrite(
+                    cfg.table_path(name), f"read version {read[name]}, now {_version(cfg, name)}"
+                )
+        if len(vocab_new):
+            delta.write_arrow(
+                cfg.table_path("vocab"),
+                vocab_new,
+                tables.VOCAB,
+                mode="append",
+                metadata=meta,
+                read_version=read["vocab"],
+            )
+        if write_items:
+            delta.write_arrow(
+                cfg.table_path("items"),
+                items,
+                tables.ITEMS,
+                mode="overwrite",
+                metadata=meta,
+                read_version=read["items"],
+            )
+
+        # events_rejected[D] and events[D]: each one commit replacing just partition D (a rerun of D replaces D).
+        part = {"mode": "overwrite", "partition_by": ["dt"], "replace_where": f"dt = '{day}'", "metadata": meta}
+        _unchanged_since(rejected_path, read["events_rejected"], depends["events_rejected"])
+        v_rej = delta.spark_write(rejected.coalesce(1), rejected_path, **part)
+        hooks.pause("ingest.before_events_commit")
+        _unchanged_since(events_path, read["events"], depends["events"])
+        n_files = max(1, int(raw_rows // 2_000_000) + 1)
+        # dt leads the sort so the writer's own ordering by partition column is already met and keeps user_id, ts.
+        v_ev = delta.spark_write(
+            events.repartition(n_files).sortWithinPartitions("dt", "user_id", "ts"), events_path, **part
+        )
+        hooks.pause("ingest.after_commit")
+        result = {
+            "dt": str(day),
+            "raw_files": len(files),
+            "raw_rows": raw_rows,
+            "accepted": counts.pop("accepted", 0),
+            "rejected": dict(sorted(counts.items())),
+            "new_vocab": dict(Counter(vocab_new["kind"].to_pylist())),
+            **item_stats,
+            "events_version": v_ev,
+            "events_rejected_version": v_rej,
+            "check": gate,
+        }
+        log.info("ingest dt=%s: %s", day, result)
+        return result
+    finally:
+        events.unpersist()
+        rejected.unpersist()
+
+
+def _gate(cfg: Config, day: dt.date, events, rejected, read: dict) -> dict:
+    """The events gate (jobs/steps/quality/suites.py `events`) on the staged partition D of events and
+    events_rejected, which replace their partition D of the versions read; raises GateFailed when it fails."""
+    from userformer.jobs.steps import check
+    from userformer.jobs.steps.quality.source import Change, Staged
+
+    day_d = pc.field("dt") == pa.scalar(day, pa.date32())
+    staged = Staged(
+        cfg,
+        {
+            "events": Change(events.toArrow(), day_d, read["events"], drop=day),
+            "events_rejected": Change(rejected.toArrow(), day_d, read["events_rejected"], drop=day),
+        },
     )
-    hooks.pause("ingest.after_commit")
-    result = {
-        "dt": str(day),
-        "raw_files": len(files),
-        "raw_rows": raw_rows,
-        "accepted": counts.pop("accepted", 0),
-        "rejected": dict(sorted(counts.items())),
-        "new_vocab": dict(Counter(vocab_new["kind"].to_pylist())),
-        **item_stats,
-        "events_version": v_ev,
-        "events_rejected_version": v_rej,
-    }
-    log.info("ingest dt=%s: %s", day, result)
-    return result
+    return check.gate(cfg, "events", day, staged)
 
 
 def _spark_type(f: pa.Field):

@@ -1,11 +1,14 @@
 """Per-user sequences: events -> user_sequences, incrementally (one drop) or rebuilt (all drops).
 
-`update(cfg, D)` is one Delta MERGE by user_id of D's per-user events into
-user_sequences: a matched user's stored last-max_len events and D's events
-(late ones included) are merged in time order and cut to the last max_len,
-lifetime counts add up; a new user is inserted. The table carries deletion
-vectors, so the MERGE writes only the active users' new rows and marks their
-old rows deleted instead of rewriting the files that hold them.
+`update(cfg, D)` computes the rows D gives its active users: a stored
+user's last-max_len events and D's events (late ones included) are merged in
+time order and cut to the last max_len, lifetime counts add up; a new user's
+row comes from D alone. The user_sequences gate judges those staged rows in
+place of the users' stored ones before anything is committed (a failed gate
+leaves the table as it was); then one Delta MERGE by user_id writes exactly
+them. The table carries deletion vectors, so the MERGE writes only the active
+users' new rows and marks their old rows deleted instead of rewriting the
+files that hold them.
 
 `rebuild(cfg)` computes the same table from `events` alone. The two agree
 exactly because both sort events by the same total order (the full event
@@ -211,32 +214,82 @@ def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | N
         "files_added": 0,
         "rows_written": 0,
     }
-    # The state D is applied to: the current table, or on a rerun the version before D.
-    if rerun and base >= 0:
-        _restore(spark, seq_path, base, day)
-    if (n_active and not delta.exists(seq_path)) or (rerun and base < 0):
-        # D creates the table, or a rerun of the day that created it replaces it (with no rows if D is empty now).
-        version = _write(_finish(new, cfg.sequences.max_len), cfg, n_active, meta)
-        result.update(_write_metrics(seq_path, version), new_users=n_active, version=version)
-    elif n_active:
-        ensure_deletion_vectors(spark, seq_path)
-        hooks.pause("sequences.before_merge")  # tests: a crash here, after a rerun's RESTORE
-        result.update(_merge(spark, seq_path, new, meta, cfg.sequences.max_len))
-        hooks.pause("sequences.after_merge")
-    else:
-        result["version"] = delta.version_of(seq_path)
+    # The state D is applied to: the current table, or on a rerun the version before D (-1: D creates the table,
+    # or a rerun of the day that created it replaces it, with no rows if D is empty now).
+    creates = (n_active and not delta.exists(seq_path)) or (rerun and base < 0)
+    current = delta.version_of(seq_path) if delta.exists(seq_path) else None
+    state = -1 if creates or current is None else (base if rerun else current)
+    if not n_active and not creates:
+        result["version"] = current
+        result["check"] = _gate(cfg, day, None, state)
+        log.info("sequences dt=%s: %s", day, result)
+        return result
+    # Write, audit, publish: the rows D gives its users, computed on that state and checkpointed, are judged by
+    # the user_sequences gate before anything is committed, and are then exactly what the commit writes.
+    staged = _staged_rows(spark, seq_path, new, state, cfg.sequences.max_len).localCheckpoint()
+    try:
+        result["check"] = _gate(cfg, day, staged, state)
+        if rerun and base >= 0:
+            _restore(spark, seq_path, base, day)
+        if creates:
+            version = _write(staged, cfg, n_active, meta)
+            result.update(_write_metrics(seq_path, version), new_users=n_active, version=version)
+        else:
+            ensure_deletion_vectors(spark, seq_path)
+            hooks.pause("sequences.before_merge")  # tests: a crash here, after a rerun's RESTORE
+            result.update(_merge(spark, seq_path, staged, meta))
+            hooks.pause("sequences.after_merge")
+    finally:
+        staged.unpersist()
     log.info("sequences dt=%s: %s", day, result)
     return result
 
 
-def _merge(spark, seq_path, new, meta: dict, max_len: int) -> dict:
-    """The day's users into the table: one MERGE, one commit; its counts from the commit's operationMetrics."""
+def _staged_rows(spark, seq_path, new, state: int, max_len: int):
+    """The user_sequences rows of D's users once D is applied to version `state` (-1: to nothing): a stored user's
+    row merged with D's events (`_merged`), a new user's row from D's events alone (`_inserted`)."""
+    from pyspark.sql import functions as F
+
+    if state < 0:
+        return _finish(new, max_len)
+    stored = delta.spark_read(spark, seq_path, version=state)
+    joined = new.alias("s").join(stored.alias("t"), F.col("s.user_id") == F.col("t.user_id"), "left")
+    merged, inserted = _merged(max_len), _inserted(max_len)
+    is_new = F.col("t.user_id").isNull()
+    return joined.select(
+        *[
+            F.when(is_new, inserted[f.name]).otherwise(merged.get(f.name, inserted[f.name])).alias(f.name)
+            for f in tables.USER_SEQUENCES
+        ]
+    )
+
+
+def _gate(cfg: Config, day: dt.date, staged, state: int) -> dict:
+    """The user_sequences gate (jobs/steps/quality/suites.py `user_sequences`) on version `state` with the staged
+    rows in place of their users' rows (None: D changes no row); raises GateFailed when it fails."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from userformer.jobs.steps import check
+    from userformer.jobs.steps.quality.source import Change, Staged
+
+    if staged is None:
+        rows, replaces = tables.USER_SEQUENCES.empty_table(), None
+    else:
+        rows = staged.toArrow()
+        replaces = pc.field("user_id").isin(rows["user_id"].combine_chunks().cast(pa.string()))
+    return check.gate(cfg, "user_sequences", day, Staged(cfg, {"user_sequences": Change(rows, replaces, state)}))
+
+
+def _merge(spark, seq_path, staged, meta: dict) -> dict:
+    """The day's users' staged rows into the table: one MERGE by user_id, one commit; its counts from the
+    commit's operationMetrics."""
     target = delta.spark_table(spark, seq_path).alias("t")
     with delta.spark_commit(spark, seq_path, meta) as c:
         (
-            target.merge(new.alias("s"), "t.user_id = s.user_id")
-            .whenMatchedUpdate(set=_merged(max_len))
-            .whenNotMatchedInsert(values=_inserted(max_len))
+            target.merge(staged.alias("s"), "t.user_id = s.user_id")
+            .whenMatchedUpdateAll()
+            .whenNotMatchedInsertAll()
             .execute()
         )
     if c["version"] is None:

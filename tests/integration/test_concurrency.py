@@ -18,10 +18,17 @@ import pytest
 from userformer.jobs.steps import ingest as ingest_mod
 
 from . import procs
-from .rawdata import D1, D2, three_days
+from .rawdata import D1, D2, open_gate, three_days
 from .test_ingest import clean_ingest, read, tables_of
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _open_gate(home, monkeypatch):
+    """Every test here runs on hand-made drops: the events gate is opened for them (rawdata.OPEN_GATE)."""
+    open_gate(monkeypatch)
+
 
 POINT = "ingest.before_commit"
 CASES = {"two drops": (D1, D2), "one drop twice": (D1, D1)}

@@ -19,9 +19,16 @@ from userformer.jobs.steps import ingest as ingest_mod
 from userformer.schemas import tables
 
 from . import procs
-from .rawdata import D1, D2, D3, events_table, three_days, ts, write_drop
+from .rawdata import D1, D2, D3, OPEN_GATE, events_table, open_gate, three_days, ts, write_drop
 
 pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(autouse=True)
+def _open_gate(home, monkeypatch):
+    """Every test here runs on hand-made drops: the events gate is opened for them (rawdata.OPEN_GATE)."""
+    open_gate(monkeypatch)
+
 
 TABLES = ("events", "events_rejected", "vocab", "items")
 
@@ -56,7 +63,7 @@ def tables_of(cfg) -> dict:
 def clean_ingest(tmp_path: Path, *days, raw=three_days) -> dict:
     """The tables after an uninterrupted one-process ingest of `days` in order, in a warehouse of their own
     (raw drops made by `raw(raw_root)`)."""
-    cfg = load_config(env={"USERFORMER_HOME": str(tmp_path / f"clean-{'-'.join(map(str, days))}")})
+    cfg = load_config(env={"USERFORMER_HOME": str(tmp_path / f"clean-{'-'.join(map(str, days))}"), **OPEN_GATE})
     raw(cfg.raw_root)
     for d in days:
         ingest_mod.ingest(cfg, d)

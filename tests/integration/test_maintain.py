@@ -13,9 +13,15 @@ from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import ingest, sequences
 from userformer.jobs.tools import maintain
 
-from .rawdata import D1, D2, D3, three_days
+from .rawdata import D1, D2, D3, open_gate, three_days
 
 pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(autouse=True)
+def _open_gate(home, monkeypatch):
+    """Every test here runs on hand-made drops: the events gate is opened for them (rawdata.OPEN_GATE)."""
+    open_gate(monkeypatch)
 
 
 def test_vacuum_deletes_only_unreferenced_files(cfg, spark):

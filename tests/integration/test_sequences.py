@@ -19,9 +19,15 @@ from userformer.jobs.tools import maintain
 from userformer.schemas import tables
 
 from . import procs
-from .rawdata import D1, D2, D3, events_table, three_days, ts, write_drop
+from .rawdata import D1, D2, D3, events_table, open_gate, three_days, ts, write_drop
 
 pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(autouse=True)
+def _open_gate(home, monkeypatch):
+    """Every test here runs on hand-made drops: the events gate is opened for them (rawdata.OPEN_GATE)."""
+    open_gate(monkeypatch)
 
 
 def table(cfg) -> pa.Table:

@@ -6,15 +6,22 @@ a check sees the same data), the model registry's pointer and manifests, the
 staged inference shards of a day, and the item index versions. What a check
 reads is listed in one place, and a suite can be run against any object with
 these methods.
+
+`Staged` is the warehouse as it will be once a writer's commit lands: the
+writer (ingest, sequences) hands it the rows it is about to commit, and the
+gate judges them before the commit, so that rows failing a gate never become
+visible (write, audit, publish).
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userformer.jobs.core import registry
@@ -82,7 +89,10 @@ class Warehouse:
 
         Spark's MERGE and DELETE leave deleted rows in the files of its tables (events, events_rejected,
         user_sequences), which the log's `num_records` still counts."""
-        snap = self._table(table)
+        return self._partition_rows(self._table(table))
+
+    @staticmethod
+    def _partition_rows(snap: delta.Snapshot) -> dict[datetime.date, int]:
         out: dict[datetime.date, int] = {}
         for day, n in delta.partition_rows(snap.path, "dt", snap.version).items():
             day = datetime.date.fromisoformat(day) if isinstance(day, str) else day
@@ -145,6 +155,94 @@ class Warehouse:
             return _index_step().open_version(self.cfg, version)
         except UserError as exc:
             raise MissingData(str(exc)) from None
+
+
+# ------------------------------------------------------------------ staged rows
+@dataclass
+class Change:
+    """Rows a writer is about to commit to a table, in one commit on the version it read (`version`; -1: the
+    commit creates the table). They replace the rows of that version that `replaces` selects (a pyarrow
+    expression; None: they are added)."""
+
+    rows: pa.Table
+    replaces: pc.Expression | None
+    version: int
+    drop: datetime.date | None = None  # the commit is the ingest of this drop date
+
+
+class Staged(Warehouse):
+    """The warehouse as it will be once the staged `changes` commit (table -> `Change`); other tables as they are.
+
+    What a suite reads of a changed table is the version the writer read, minus the rows the change replaces,
+    plus the staged rows: what a reader will see after the commit, judged before it."""
+
+    def __init__(self, cfg: Config, changes: dict[str, Change]):
+        super().__init__(cfg)
+        self.changes = changes
+
+    def _committed(self, table: str) -> delta.Snapshot | None:
+        v = self.changes[table].version
+        return None if v < 0 else self._table(table, v)
+
+    def exists(self, table: str) -> bool:
+        return table in self.changes or super().exists(table)
+
+    def schema(self, table: str) -> pa.Schema:
+        if table not in self.changes:
+            return super().schema(table)
+        snap = self._committed(table)  # the commit keeps an existing table's schema
+        return self.changes[table].rows.schema if snap is None else snap.schema
+
+    def version(self, table: str) -> int:
+        return self.changes[table].version if table in self.changes else super().version(table)
+
+    def read(self, table: str, columns: list[str], filter=None, version: int | None = None) -> pa.Table:
+        if table not in self.changes or version is not None:
+            return super().read(table, columns, filter, version)
+        change, snap = self.changes[table], self._committed(table)
+        staged = change.rows if filter is None else change.rows.filter(filter)
+        schema = self.schema(table)
+        # One type per column for both parts (nullable: the staged rows are judged, not trusted).
+        target = pa.schema([schema.field(c).with_nullable(True) for c in columns])
+        staged = staged.select(columns).cast(target)
+        if snap is None:
+            return staged
+        keep = None if change.replaces is None else ~change.replaces
+        where = keep if filter is None else (filter if keep is None else filter & keep)
+        return pa.concat_tables([snap.to_table(columns, where).cast(target), staged])
+
+    def count_rows(self, table: str, filter=None, version: int | None = None) -> int:
+        if table not in self.changes or version is not None:
+            return super().count_rows(table, filter, version)
+        return self.read(table, [self.schema(table).names[0]], filter).num_rows
+
+    def take(self, table: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        if table not in self.changes:
+            return super().take(table, rows, columns)
+        return self.read(table, columns).take(pa.array(rows))
+
+    def drops(self, table: str) -> set[datetime.date]:
+        if table not in self.changes:
+            return super().drops(table)
+        change = self.changes[table]
+        before = set() if change.version < 0 else super().drops(table)
+        return before | ({change.drop} if change.drop else set())
+
+    def partition_rows(self, table: str) -> dict[datetime.date, int]:
+        if table not in self.changes:
+            return super().partition_rows(table)
+        change, snap = self.changes[table], self._committed(table)
+        out = {} if snap is None else self._partition_rows(snap)
+        if snap is not None and change.replaces is not None:
+            for day, n in _counts(snap.to_table(["dt"], change.replaces)["dt"]).items():
+                out[day] = out.get(day, 0) - n
+        for day, n in _counts(change.rows["dt"]).items():
+            out[day] = out.get(day, 0) + n
+        return {d: n for d, n in out.items() if n > 0}
+
+
+def _counts(dates: pa.ChunkedArray) -> dict[datetime.date, int]:
+    return {r["values"]: r["counts"] for r in pc.value_counts(dates.cast(pa.date32())).to_pylist()}
 
 
 def _index_step():
