@@ -5,17 +5,21 @@ latest data": ``@daily`` as a data-interval timetable, so the run for D starts a
 date (``{{ ds }}``) is D (dags/common.py `drop_date`). Each task calls one step of `jobs/flows/pipeline.py`, the same
 function `userformer run-day --dt D` calls, so a day runs identically without Airflow.
 
-wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences -> fine-tune -> gate
--> infer (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index -> candidates
--> release -> report
+wait for the previous day + wait for raw[D] -> ingest (gate: events) -> sequences (gate: user_sequences)
+-> fine-tune -> gate -> infer (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index
+-> candidates -> release -> report
 
 Readers see nothing of D until ``release``: it flips the published snapshot to D (every output, the index and the
 model of D at once) and updates the assets ``userformer://user_embeddings`` ... (`common.RELEASED`).
 
 * **Idempotent**: every step replaces D's outputs; a rerun (clear) of a run or a task duplicates nothing.
-* **In date order**: one active run at a time, and ingest, sequences, fine-tune and gate depend on their previous
-  run (vocabulary ids, sequences and the model carry state from day to day). Backfills are explicit (no catchup):
-  from the UI's Backfill dialog or ``POST /api/v2/backfills`` (reprocess behaviour "failed" or "completed").
+* **In date order**: vocabulary ids, sequences and the model carry state from day to day, so the run for D starts
+  its first step only once the run of the previous logical date succeeded, whatever started either of them (the
+  schedule, a backfill, a manual trigger): ``wait_for_previous_day``. Airflow's ``max_active_runs`` does not cover
+  this, as a backfill's runs are counted apart from the scheduled ones. Backfills are explicit (no catchup): from
+  the UI's Backfill dialog or ``POST /api/v2/backfills`` (reprocess behaviour "failed" or "completed").
+* **Write, audit, publish**: ingest and sequences run their data-quality gate on the rows they are about to commit
+  and commit nothing when it fails; readers see D only after ``release``.
 * **Retries**: transient errors retry with exponential backoff (``pipeline.retries``, ``pipeline.retry_delay_s``);
   a failed data-quality gate or bad input fails at once (no retry), and nothing downstream is published.
 * **Params**: ``skip_finetune`` keeps the published model; ``full_reembed`` re-embeds every user (booleans,
@@ -27,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 from common import (
     QUALITY_TASK_RETRIES,
     RELEASED,
@@ -70,49 +74,46 @@ def wait_for_raw() -> bool:
     return ready
 
 
-@writes(depends_on_past=True)
+@task.sensor(
+    mode="reschedule", poke_interval=CFG.pipeline.sensor_poke_s, timeout=CFG.pipeline.sensor_timeout_s, retries=0
+)
+def wait_for_previous_day() -> bool:
+    """Wait until the run of the previous logical date has succeeded (any run type), or there is none: days are
+    processed in date order. A failed previous run keeps this one waiting until it is cleared and succeeds (or
+    this sensor times out after ``pipeline.sensor_timeout_s``)."""
+    prev = get_current_context()["ti"].get_previous_dagrun()
+    if prev is None:
+        log.info("no run before this one: nothing to wait for")
+        return True
+    log.info("previous run %s (%s, %s): %s", prev.run_id, prev.logical_date, prev.run_type, prev.state)
+    return getattr(prev.state, "value", prev.state) == "success"
+
+
+@writes
 def ingest() -> dict:
     """Raw drop D -> ``events[dt=D]`` + ``events_rejected[dt=D]``, ``items``, ``vocab`` (Spark; one commit per
-    table). Depends on its previous run: vocabulary ids are handed out in date order."""
+    table), once the events gate (Great Expectations; HTML report under ``reports/checks/events``) passed on the
+    staged rows. A failed gate commits nothing and fails the task without retry."""
     from userformer.jobs.flows import pipeline
 
     cfg, day, _ = run_context()
     return plain(pipeline.ingest(cfg, day))
 
 
-@step(retries=QUALITY_TASK_RETRIES)
-def check_events(ingested: dict) -> dict:
-    """Data-quality gate of ``events[dt=D]`` (Great Expectations; HTML report under ``reports/checks/events``).
-    Fails without retry when an expectation fails."""
-    from userformer.jobs.flows import pipeline
-
-    cfg, day, _ = run_context()
-    return plain(pipeline.check(cfg, "events", day))
-
-
-@writes(depends_on_past=True)
-def sequences(checked: dict) -> dict:
-    """``events[dt=D]`` -> ``user_sequences``: the rows of the users active on D (one commit). Depends on its
-    previous run: the table carries every earlier day."""
+@writes
+def sequences(ingested: dict) -> dict:
+    """``events[dt=D]`` -> ``user_sequences``: the rows of the users active on D (one commit), once the
+    user_sequences gate passed on them. A failed gate commits nothing and fails the task without retry."""
     from userformer.jobs.flows import pipeline
 
     cfg, day, _ = run_context()
     return plain(pipeline.sequences(cfg, day))
 
 
-@step(retries=QUALITY_TASK_RETRIES)
-def check_user_sequences(updated: dict) -> dict:
-    """Data-quality gate of the ``user_sequences`` rows refreshed on D. Fails without retry."""
-    from userformer.jobs.flows import pipeline
-
-    cfg, day, _ = run_context()
-    return plain(pipeline.check(cfg, "user_sequences", day))
-
-
-@writes(depends_on_past=True)
-def finetune(checked: dict) -> dict:
+@writes
+def finetune(updated: dict) -> dict:
     """Fine-tune the published model on D's users (+ replay) into a candidate; with nothing published, train the
-    first model. Skipped with the param ``skip_finetune``. Depends on its previous run (the model carries)."""
+    first model. Skipped with the param ``skip_finetune``."""
     from userformer.jobs.flows import pipeline
 
     cfg, day, params = run_context()
@@ -120,7 +121,7 @@ def finetune(checked: dict) -> dict:
     return plain({k: res.get(k) for k in ("action", "candidate", "version", "status", "reason", "skipped")})
 
 
-@writes(depends_on_past=True)
+@writes
 def gate(tuned: dict) -> dict:
     """Promote the day's candidate iff it holds up against the published model on held-out users of D
     (``finetune.gate_metrics``, ``finetune.max_quality_drop``). A rejected candidate is not an error."""
@@ -241,11 +242,10 @@ def report(done: dict) -> dict:
 )
 def daily_refresh():
     ing = ingest()
-    wait_for_raw() >> ing
-    seq = check_user_sequences(sequences(check_events(ing)))
+    wait_for_previous_day() >> wait_for_raw() >> ing
     shards = (
         infer.override(pool=CFG.pipeline.gpu_pool, doc_md=infer.function.__doc__)
-        .partial(gated=gate(finetune(seq)))
+        .partial(gated=gate(finetune(sequences(ing))))
         .expand(shard=SHARDS)
     )
     report(release(candidates(check_index(index(publish(check_outputs(shards)))))))

@@ -13,9 +13,7 @@ from userformer.jobs.core.storage import files
 # The steps of a day, in order (ledger names; infer is "infer-<shard>-of-<shards>").
 STEPS = [
     "ingest",
-    "check_events",
     "sequences",
-    "check_user_sequences",
     "finetune",
     "gate",
     "infer",
@@ -27,6 +25,12 @@ STEPS = [
     "release",
     "report",
 ]
+
+
+# The gate a writing step runs on its staged rows before it commits: its result is a ledger entry of its own.
+GATES = {"ingest": "check_events", "sequences": "check_user_sequences"}
+# Every ledger entry of a day, in order: each step, its gate after it.
+ENTRIES = [e for s in STEPS for e in (s, GATES.get(s)) if e]
 
 
 def ledger_dir(cfg: Config, day: dt.date) -> Path:

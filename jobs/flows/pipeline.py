@@ -1,6 +1,6 @@
 """The daily pipeline for one drop date D, as steps: what `userformer run-day` and the Airflow DAGs run.
 
-    wait for raw[D] -> ingest -> check events -> sequences -> check user_sequences
+    wait for raw[D] -> ingest (its gate: events) -> sequences (its gate: user_sequences)
       -> fine-tune (or bootstrap the first model) -> gate -> infer (per shard)
       -> check outputs -> publish (runs the output checks again) -> index -> check index -> candidates
       -> release (readers see D from here on) -> report
@@ -258,9 +258,7 @@ def report(cfg: Config, day: dt.date) -> dict:
 # function with the day's options and the results of the steps before it.
 _RUN = {
     "ingest": lambda cfg, day, out, **o: ingest(cfg, day),
-    "check_events": lambda cfg, day, out, **o: check(cfg, "events", day),
     "sequences": lambda cfg, day, out, **o: sequences(cfg, day),
-    "check_user_sequences": lambda cfg, day, out, **o: check(cfg, "user_sequences", day),
     "finetune": lambda cfg, day, out, **o: finetune(cfg, day, skip=o["skip_finetune"]),
     "gate": lambda cfg, day, out, **o: gate(cfg, day, out["finetune"].get("candidate")),
     "infer": lambda cfg, day, out, **o: [

@@ -14,7 +14,9 @@ The step is a transaction over day D:
      raises GateFailed and commits nothing;
   5. commit events_rejected[dt=D] and events[dt=D] through delta-spark, each
      replacing that partition in one Delta commit, so a rerun of D replaces D.
-Everything that can fail on bad input happens before the first commit. The events
+Everything that can fail on bad input happens before the first commit. Drops
+go in date order: a drop older than the last one user_sequences applied is
+refused (past days are redone by a repair, which restores first). The events
 commit records the drop's files (names and sizes); a drop of the lookback
 window whose folder changed since (a file added late) stops the next ingest
 with a clear error: it needs a repair, not a silent next day.
@@ -35,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userformer.jobs.core import hooks, lease
+from userformer.jobs.core import drops, hooks, lease
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -417,6 +419,14 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
     """Ingest the raw drop of `day` (see module doc). Returns counts."""
     from pyspark.sql import functions as F
 
+    applied, _ = drops.last_drop(cfg.table_path("user_sequences"))
+    if applied is not None and day < applied:
+        raise UserError(
+            f"user_sequences already includes drops up to {applied}: ingesting the older drop {day} now would "
+            "process it out of date order (the later days were built without it, and deduplicated against drops "
+            f"without it). Redo past days with a repair: `userformer repair --from {day} --to <latest drop> "
+            "--mode restore`, or the repair DAG"
+        )
     files = inspect_raw_files(cfg.raw_events_dir(day))
     raw_rows = sum(f.rows for f in files)
     if raw_rows == 0 and not allow_empty:

@@ -39,7 +39,7 @@ from userformer.jobs.core import registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
-from userformer.jobs.core.ledger import STEPS, ledger_dir, read_ledger
+from userformer.jobs.core.ledger import ENTRIES, ledger_dir, read_ledger
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.steps import index, infer
 
@@ -209,7 +209,7 @@ def step_status(res: dict) -> tuple[str, str]:
 def section_steps(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
     """The day's steps in pipeline order, then every check report of the day."""
     names = []
-    for s in STEPS:
+    for s in ENTRIES:
         if s == "infer":
             names += sorted(k for k in ledger if k.startswith("infer-")) or ["infer"]
         else:

@@ -17,10 +17,12 @@ from userformer.jobs.core import ledger
 
 DAGS = REPO / "dags"
 QUALITY_TASKS = {
-    "daily_refresh": {"check_events", "check_user_sequences", "check_outputs", "check_index"},
+    "daily_refresh": {"check_outputs", "check_index"},
     "retrain": {"check_outputs", "check_index"},
 }
-DEPENDS_ON_PAST = {"ingest", "sequences", "finetune", "gate"}
+# Date order is one sensor on the previous run (any run type), not depends_on_past, which the first run of a
+# backfill skips.
+SENSORS = {"wait_for_previous_day", "wait_for_raw"}
 # The tasks that change the warehouse, the registry or the index: one at a time, in the writers' pool.
 WRITERS = {
     "daily_refresh": {"ingest", "sequences", "finetune", "gate", "publish", "index", "candidates", "release"},
@@ -72,7 +74,7 @@ def test_no_cycles_and_the_documented_order(bag):
     d = bag.dags["daily_refresh"]
     d.check_cycle() if hasattr(d, "check_cycle") else None
     order = [t.task_id for t in d.topological_sort()]
-    expected = ["wait_for_raw", *ledger.STEPS]  # the day's step list, declared once
+    expected = ["wait_for_previous_day", "wait_for_raw", *ledger.STEPS]  # the day's step list, declared once
     assert order == expected
     for a, b in zip(expected, expected[1:]):  # a chain: each task is directly upstream of the next
         assert b in d.get_task(a).downstream_task_ids, (a, b)
@@ -128,7 +130,7 @@ def test_retry_policy_and_pools(bag):
         d = bag.dags[dag_id]
         for t in d.tasks:
             quality = t.task_id in QUALITY_TASKS[dag_id]
-            if quality or t.task_id == "wait_for_raw":
+            if quality or t.task_id in SENSORS:
                 assert t.retries == 0, (dag_id, t.task_id)  # a verdict on data: never retried
             elif t.task_id != "promoted":
                 assert t.retries == 3, (dag_id, t.task_id)  # pipeline.retries from the environment
@@ -141,11 +143,10 @@ def test_retry_policy_and_pools(bag):
             pool = t.partial_kwargs.get("pool", t.pool) if hasattr(t, "partial_kwargs") else t.pool
             assert pool == want, (dag_id, t.task_id, pool)
     d = bag.dags["daily_refresh"]
-    assert {t.task_id for t in d.tasks if t.depends_on_past} == DEPENDS_ON_PAST
+    assert not [t.task_id for t in d.tasks if t.depends_on_past]
     infer = d.get_task("infer")
     assert infer.op_kwargs_expand_input.value == {"shard": [0, 1]}  # one mapped task per shard (infer.shards=2)
-    sensor = d.get_task("wait_for_raw")
-    assert sensor.mode == "reschedule"
+    assert all(d.get_task(s).mode == "reschedule" for s in SENSORS)  # no worker slot held while waiting
 
 
 def test_quality_failures_are_not_retried_other_errors_are():

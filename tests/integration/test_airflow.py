@@ -10,9 +10,12 @@ for the module (what `userformer run-day` does). Then:
 - **repair**: then, in home B, ``airflow dags test repair`` with conf from_dt = day 2, to_dt = day 3, mode =
   restore: the tables must equal A's again (model versions compared without their allocation number); a bad
   mode is refused before any task runs.
-- **backfill**: home C starts Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py; started and stopped by PID
-  here), creates one backfill over the three dates through ``POST /api/v2/backfills``, waits until every run
-  succeeded, stops Airflow, and its tables must equal A's.
+- **backfill beside the schedule**: home C starts Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py;
+  started and stopped by PID here) with its scheduler creating runs. The three dates end yesterday, so unpausing
+  `daily_refresh` starts the scheduled run of the last one, which waits for its drop (its ready marker is held
+  back). While it is active, one backfill of the two older dates is created through ``POST /api/v2/backfills``, and
+  the last drop is then marked ready. The scheduled run must wait for the backfill's days (date order), every run
+  must succeed, and after Airflow is stopped the tables must equal A's.
 
 Equal means: events, events_rejected (without source_file, a path into the home), vocab, items and
 user_sequences row for row; user_embeddings, user_preference_scores, item_embeddings and user_candidates with a
@@ -28,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +49,8 @@ from userformer.jobs.tools import generate
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
-START = dt.date(2026, 11, 1)
+# Ending yesterday (UTC): the scheduler's own run of daily_refresh (no catchup) is the run of the last day.
+START = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=3)
 DAYS = [START + dt.timedelta(days=i) for i in range(3)]
 BIN = Path(sys.executable).parent
 # Small and fast, passed to Airflow's task processes through the environment as well.
@@ -133,7 +138,7 @@ def assert_contents(cfg):
     per_day = {str(d): n for d, n in zip(*np.unique(np.array(events["dt"].cast(pa.string())), return_counts=True))}
     for d in DAYS:
         led = ledger.read_ledger(cfg, d)
-        missing = [s for s in ledger.STEPS if s != "infer" and s not in led]
+        missing = [s for s in ledger.ENTRIES if s != "infer" and s not in led]
         assert not missing, f"{d}: steps missing from the ledger: {missing}"
         assert per_day[str(d)] == led["ingest"]["result"]["accepted"] > 0
         for c in ("check_events", "check_user_sequences"):
@@ -155,6 +160,15 @@ def assert_contents(cfg):
     last = ledger.read_ledger(cfg, DAYS[-1])
     assert last["check_index"]["result"]["recall_at_10"] >= cfg.index.min_recall_at_10
     assert last["check_outputs"]["result"]["success"] is True
+
+
+def _wait_for(get, timeout: float, poll: float = 2.0):
+    """`get()` once it returns something truthy; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (got := get()):
+        assert time.monotonic() < deadline, f"nothing after {timeout:.0f}s"
+        time.sleep(poll)
+    return got
 
 
 # ------------------------------------------------------------------ tests
@@ -212,16 +226,20 @@ def test_daily_refresh_end_to_end_three_days(sequential, tmp_path):
     assert r.returncode != 0 and "rebuild-everything" in r.stdout + r.stderr
 
 
-def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tmp_path):
-    """Standalone on 127.0.0.1, a backfill over three dates via POST /api/v2/backfills, the last date backfilled
-    again, stopped by PID."""
+def test_a_backfill_beside_the_scheduled_run_goes_in_date_order(sequential, tmp_path):
+    """Standalone on 127.0.0.1 with the schedule on: the scheduled run of the last date is active (waiting for its
+    drop) when a backfill of the two older dates is created via POST /api/v2/backfills; then the last date is
+    backfilled again; stopped by PID."""
     from userformer.jobs.tools import orchestrator
 
     cfg = new_home(tmp_path)
+    marker = cfg.raw_events_dir(DAYS[-1]) / cfg.pipeline.ready_marker
+    held = marker.with_name(marker.name + ".held")
+    marker.rename(held)  # the producer has not finished the last drop yet
     saved = {k: os.environ.get(k) for k in env_of(cfg.home) if k.startswith("USERFORMER")}
     os.environ.update({k: v for k, v in env_of(cfg.home).items() if k.startswith("USERFORMER")})
     try:
-        af = orchestrator.start(cfg, orchestrator.free_port(), scheduled_runs=False)
+        af = orchestrator.start(cfg, orchestrator.free_port(), scheduled_runs=True)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -232,18 +250,25 @@ def test_backfill_through_the_rest_api_equals_the_days_one_by_one(sequential, tm
         assert af.url.startswith("http://127.0.0.1:") and af.password
         assert af.api("GET", f"/pools/{cfg.pipeline.gpu_pool}")["slots"] == cfg.pipeline.gpu_pool_slots
         af.unpause("daily_refresh")
-        b = af.backfill("daily_refresh", DAYS[0], DAYS[-1], reprocess="failed")
+        scheduled = _wait_for(lambda: [r for r in af.dag_runs("daily_refresh") if r["run_type"] == "scheduled"], 180)
+        assert [(r["logical_date"][:10], r["state"]) for r in scheduled] == [(str(DAYS[-1]), "running")]
+        b = af.backfill("daily_refresh", DAYS[0], DAYS[-2], reprocess="failed")
         assert b["dag_id"] == "daily_refresh" and b["max_active_runs"] == 1
+        held.rename(marker)  # the last drop is complete now: its run may go on once the older days are done
         runs = af.wait_runs("daily_refresh", start=DAYS[0], end=DAYS[-1], timeout=1500)
-        states = {r["logical_date"][:10]: r["state"] for r in runs}
+        states = {r["logical_date"][:10]: (r["run_type"], r["state"]) for r in runs}
         failed = {
             r["dag_run_id"]: af.failed_tasks("daily_refresh", r["dag_run_id"]) for r in runs if r["state"] != "success"
         }
-        assert states == {str(d): "success" for d in DAYS}, (states, failed, orchestrator._tail(af.log_path, 80))
-        # In date order: each run started after the previous one ended.
+        want = {str(d): ("backfill", "success") for d in DAYS[:-1]} | {str(DAYS[-1]): ("scheduled", "success")}
+        assert states == want, (states, failed, orchestrator._tail(af.log_path, 80))
+        # In date order: no run wrote before the previous one ended; the scheduled run said what it waited for.
         ordered = sorted(runs, key=lambda r: r["logical_date"])
         for prev, nxt in zip(ordered, ordered[1:]):
-            assert nxt["start_date"] >= prev["end_date"]
+            tis = {t["task_id"]: t for t in af.task_instances("daily_refresh", nxt["dag_run_id"])}
+            assert tis["ingest"]["start_date"] >= prev["end_date"], (prev, tis["ingest"])
+        waited = af.task_log_path("daily_refresh", ordered[-1]["dag_run_id"], "wait_for_previous_day")
+        assert waited and any(f"previous run {ordered[-2]['dag_run_id']}" in p.read_text() for p in waited)
         tis = af.task_instances("daily_refresh", ordered[-1]["dag_run_id"])
         assert {t["task_id"] for t in tis} >= {"wait_for_raw", "ingest", "infer", "publish", "report"}
         assert all(t["state"] == "success" for t in tis)

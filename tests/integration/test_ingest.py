@@ -200,8 +200,9 @@ def test_nanosecond_and_integer_id_columns_are_normalised(cfg, spark):
     assert (row["user_id"], row["item_id"], row["ts"]) == ("7", "42", ts(D1, 1))
 
 
-def test_files_of_one_drop_may_differ_in_types(cfg, spark):
-    """One producer sends string ids and ISO strings, another integers and timestamps: both land."""
+def test_files_of_one_drop_may_differ_in_types(cfg, spark, caplog):
+    """One producer sends string ids and ISO strings, another integers and timestamps and a column the contract
+    does not know (ignored, with a warning naming it): both land."""
     a = events_table([("a", "u1", ts(D1, 1), "view", "i1")])
     b = pa.table(
         {
@@ -209,11 +210,15 @@ def test_files_of_one_drop_may_differ_in_types(cfg, spark):
             "ts": pa.array(["2026-01-01T02:00:00Z"]),
             "event_type": ["cart"],
             "item_id": pa.array([42], pa.int64()),
+            "session_tag": ["x"],
         }
     )
     write_drop(cfg.raw_root, D1, a, name="part-a.parquet")
     write_drop(cfg.raw_root, D1, b, name="part-b.parquet")
-    r = ingest_mod.ingest(cfg, D1)
+    with caplog.at_level("WARNING", logger=ingest_mod.log.name):
+        r = ingest_mod.ingest(cfg, D1)
+    assert "part-b.parquet: ignoring columns outside the raw contract: ['session_tag']" in caplog.text
+    assert "session_tag" not in read(cfg, "events").column_names
     assert r["accepted"] == 2 and r["raw_files"] == 2
     got = sorted((x["user_id"], x["item_id"], x["ts"]) for x in read(cfg, "events").to_pylist())
     assert got == [("2", "42", ts(D1, 2)), ("u1", "i1", ts(D1, 1))]
@@ -498,3 +503,20 @@ def test_a_file_added_to_an_ingested_drop_stops_the_next_day(three):
     _assert_refused(cfg, D2, "export.csv: not a Parquet file")
     (cfg.raw_events_dir(D2) / "export.csv").unlink()
     assert ingest_mod.ingest(cfg, D2)["accepted"] > 0
+
+
+def test_a_skipped_day_then_its_late_drop(three):
+    """Drop D2 never came: D3 goes on after D1 (nothing requires every date). When D2 arrives after D3 was applied,
+    it is refused before anything is written, with the way out (a repair restores to before D2 and runs D2, D3 in
+    order); re-ingesting the latest applied drop stays a plain rerun."""
+    from userformer.jobs.steps import sequences
+
+    cfg = three
+    for d in (D1, D3):
+        ingest_mod.ingest(cfg, d)
+        sequences.update(cfg, d)
+    before = versions(cfg)
+    with pytest.raises(UserError, match=rf"already includes drops up to {D3}: ingesting the older drop {D2}.*repair"):
+        ingest_mod.ingest(cfg, D2)
+    assert versions(cfg) == before
+    ingest_mod.ingest(cfg, D3)  # the same day again: allowed

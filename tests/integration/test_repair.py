@@ -112,7 +112,7 @@ def assert_same_as_clean(a, b):
 
 
 # ------------------------------------------------------------------ tests
-def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(clean, tmp_path):
+def test_detected_corruption_commits_nothing_and_the_redelivered_day_gives_the_clean_tables(clean, tmp_path):
     b = fresh(clean, tmp_path)
     good = pq.read_table(raw_file(b, D2))
     # A third of day 2's rows get an event type the contract does not know: the rejected-ratio check fails.
@@ -120,29 +120,22 @@ def test_detected_corruption_fails_its_gate_and_restore_gives_the_clean_tables(c
     bad_types = pc.if_else(pa.array(np.arange(n) % 3 == 0), pa.scalar("clik"), good["event_type"])
     pq.write_table(good.set_column(good.schema.get_field_index("event_type"), "event_type", bad_types), raw_file(b, D2))
     pipeline.run_day(b, D1)
+    before = {t: delta.version_of(b.table_path(t)) for t in tables.TABLES}
     with pytest.raises(GateFailed, match="events check failed"):
         pipeline.run_day(b, D2)
-    # Nothing downstream of the failed check was written: no sequences of D2, no model, no output table.
-    from userformer.jobs.core.drops import last_drop
-
-    assert last_drop(b.table_path("user_sequences"))[0] == D1
+    # The gate judged D2 before ingest committed: no table changed, nothing downstream ran.
+    assert {t: delta.version_of(b.table_path(t)) for t in tables.TABLES} == before
+    assert str(D2) not in {str(d) for d in delta.read_arrow(b.table_path("events"))["dt"].to_pylist()}
     assert registry.published(b) is None
-    assert not any(delta.exists(b.table_path(t)) for t in ("user_embeddings", "item_embeddings", "user_candidates"))
-    assert set(ledger.read_ledger(b, D2)) == {"ingest", "check_events"}
+    assert set(ledger.read_ledger(b, D2)) == {"check_events"}
+    # Nothing of D2 to undo: a repair says so and changes nothing.
+    with pytest.raises(UserError, match=f"nothing was processed on or after {D2}"):
+        repair.repair(b, D2, D3, "restore", dry_run=True)
 
-    pq.write_table(good, raw_file(b, D2))  # the producer re-delivers the clean drop
-    plan = repair.repair(b, D2, D3, "restore", dry_run=True)["plan"]
-    assert plan["tables"]["events"] == {
-        **plan["tables"]["events"],
-        "action": "restore",
-        "to_version": 0,
-        "to_dt": str(D1),
-    }
-    assert plan["tables"]["user_sequences"]["action"] == "unchanged"
-    assert plan["rerun"] == [str(D2), str(D3)] and plan["ledgers"] == [str(D2)]
-    res = repair.repair(b, D2, D3, "restore")
-    assert res["status"] == "done" and [d["dt"] for d in res["rerun"]] == [str(D2), str(D3)]
-    assert (b.reports_root / "repairs" / res["id"] / "runs" / f"dt={D2}" / "check_events.json").is_file()
+    pq.write_table(good, raw_file(b, D2))  # the producer re-delivers the clean drop: the days simply run
+    for d in (D2, D3):
+        pipeline.run_day(b, d)
+    assert ledger.read_ledger(b, D2)["check_events"]["result"]["success"] is True
     assert_same_as_clean(clean, b)
 
 
