@@ -49,6 +49,8 @@ from userformer.jobs.core.errors import UserError
 DEFAULT_PORT = 8080
 HOST = "127.0.0.1"
 FINISHED = {"success", "failed"}
+# How long a backfill request waits out a metadata database locked by the scheduler (SQLite).
+BUSY_DB_WAIT_S = 120.0
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 
 
@@ -286,7 +288,8 @@ class Airflow:
         `reprocess`: what happens to dates that have a finished run: "failed" reruns failed ones, "completed"
         reruns every finished one, "none" leaves them (not allowed for DAGs with depends_on_past). Airflow runs
         one backfill per DAG at a time and marks a finished one complete a few seconds after its last run:
-        `wait_running_s` retries that long while the previous backfill is still running (HTTP 409)."""
+        `wait_running_s` retries that long while the previous backfill is still running (HTTP 409). A metadata
+        database busy with the scheduler's writes (HTTP 503, SQLite) is retried for up to BUSY_DB_WAIT_S."""
         body = {
             "dag_id": dag_id,
             "from_date": _midnight(start),
@@ -297,13 +300,17 @@ class Airflow:
         }
         if conf is not None:
             body["dag_run_conf"] = conf
-        deadline = time.monotonic() + wait_running_s
+        start_t = time.monotonic()
         while True:
-            res = self.api("POST", "/backfills", body, ok=(409,))
-            if res.get("status") != 409:
+            res = self.api("POST", "/backfills", body, ok=(409, 503))
+            status = res.get("status")
+            if status not in (409, 503):
                 return res
-            if time.monotonic() > deadline:
-                raise AirflowError(f"Airflow POST /backfills: HTTP 409: {res['detail'][:2000]}")
+            # 503: on SQLite Airflow refuses to create a backfill while the scheduler writes ("Database is
+            # locked"); it is free again within seconds.
+            waited = time.monotonic() - start_t
+            if waited > (wait_running_s if status == 409 else max(wait_running_s, BUSY_DB_WAIT_S)):
+                raise AirflowError(f"Airflow POST /backfills: HTTP {status}: {res['detail'][:2000]}")
             time.sleep(2.0)
 
     def dag_runs(self, dag_id: str, **query) -> list[dict]:
