@@ -5,7 +5,7 @@ latest data": ``@daily`` as a data-interval timetable, so the run for D starts a
 date (``{{ ds }}``) is D (dags/common.py `drop_date`). Each task calls one step of `jobs/flows/pipeline.py`, the same
 function `userformer run-day --dt D` calls, so a day runs identically without Airflow.
 
-wait for the previous day + wait for raw[D] -> ingest (gate: events) -> sequences (gate: user_sequences)
+wait for raw[D] -> wait for the previous day -> ingest (gate: events) -> sequences (gate: user_sequences)
 -> fine-tune -> gate -> infer (one task per shard, pool `gpu`) -> check outputs -> publish -> index -> check index
 -> candidates -> release -> report
 
@@ -242,7 +242,9 @@ def report(done: dict) -> dict:
 )
 def daily_refresh():
     ing = ingest()
-    wait_for_previous_day() >> wait_for_raw() >> ing
+    # The previous day is asked for last, right before the first write: a run of an earlier date created while
+    # this one waited for its drop (a backfill) is then seen and waited for.
+    wait_for_raw() >> wait_for_previous_day() >> ing
     shards = (
         infer.override(pool=CFG.pipeline.gpu_pool, doc_md=infer.function.__doc__)
         .partial(gated=gate(finetune(sequences(ing))))

@@ -230,14 +230,15 @@ def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | N
     try:
         result["check"] = _gate(cfg, day, staged, state)
         if rerun and base >= 0:
-            _restore(spark, seq_path, base, day)
+            state = _restore(spark, seq_path, base, day)  # the same rows as `state` had, one version later
         if creates:
             version = _write(staged, cfg, n_active, meta)
             result.update(_write_metrics(seq_path, version), new_users=n_active, version=version)
         else:
-            ensure_deletion_vectors(spark, seq_path)
+            if ensure_deletion_vectors(spark, seq_path):
+                state += 1  # the ALTER changed no row
             hooks.pause("sequences.before_merge")  # tests: a crash here, after a rerun's RESTORE
-            result.update(_merge(spark, seq_path, staged, meta))
+            result.update(_merge(spark, seq_path, staged, state, meta))
             hooks.pause("sequences.after_merge")
     finally:
         staged.unpersist()
@@ -281,9 +282,13 @@ def _gate(cfg: Config, day: dt.date, staged, state: int) -> dict:
     return check.gate(cfg, "user_sequences", day, Staged(cfg, {"user_sequences": Change(rows, replaces, state)}))
 
 
-def _merge(spark, seq_path, staged, meta: dict) -> dict:
+def _merge(spark, seq_path, staged, read_version: int, meta: dict) -> dict:
     """The day's users' staged rows into the table: one MERGE by user_id, one commit; its counts from the
-    commit's operationMetrics."""
+    commit's operationMetrics. The rows were computed on `read_version`: if another writer committed since, the
+    MERGE would replace its rows with stale ones, so it is refused (ConcurrentWrite) instead."""
+    now = delta.version_of(seq_path)
+    if now != read_version:
+        raise delta.ConcurrentWrite(seq_path, f"the day's rows were computed on version {read_version}, now {now}")
     target = delta.spark_table(spark, seq_path).alias("t")
     with delta.spark_commit(spark, seq_path, meta) as c:
         (

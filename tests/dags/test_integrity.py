@@ -74,7 +74,7 @@ def test_no_cycles_and_the_documented_order(bag):
     d = bag.dags["daily_refresh"]
     d.check_cycle() if hasattr(d, "check_cycle") else None
     order = [t.task_id for t in d.topological_sort()]
-    expected = ["wait_for_previous_day", "wait_for_raw", *ledger.STEPS]  # the day's step list, declared once
+    expected = ["wait_for_raw", "wait_for_previous_day", *ledger.STEPS]  # the day's step list, declared once
     assert order == expected
     for a, b in zip(expected, expected[1:]):  # a chain: each task is directly upstream of the next
         assert b in d.get_task(a).downstream_task_ids, (a, b)
