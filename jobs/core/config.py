@@ -220,6 +220,8 @@ class PipelineConfig:
     bootstrap_epochs: int = field(default=0, metadata=_rng(0, 10_000))
     # Airflow: wait for the raw drop this long (poke every sensor_poke_s) before failing the run.
     sensor_timeout_s: int = field(default=6 * 3600, metadata=_rng(1, 7 * 86400))
+    # Keep it well above a task's start-up time (~10 s) wherever sensors really wait: Airflow 3.3 can mark a
+    # reschedule-mode sensor failed when its next poke is requeued before the end of the previous one was processed.
     sensor_poke_s: int = field(default=60, metadata=_rng(1, 86400))
     # Airflow: retries of a task on a transient error (never on a data-quality failure), with exponential
     # backoff from retry_delay_s.

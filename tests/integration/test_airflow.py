@@ -65,7 +65,10 @@ SETTINGS = {
     "TRAIN__STREAM_CHUNK_USERS": "64",
     "TRAIN__PATIENCE": "2",
     "FINETUNE__EPOCHS": "1",
-    "PIPELINE__SENSOR_POKE_S": "5",
+    # Sensors wait here (the last drop, the previous day): a poke every 20 s, well above a task's start-up time.
+    # With pokes due sooner, Airflow 3.3 can mark a reschedule-mode sensor failed when it requeues the next poke
+    # before it has processed the end of the previous one (apache/airflow#71172).
+    "PIPELINE__SENSOR_POKE_S": "20",
     "PIPELINE__RETRY_DELAY_S": "5",
     # Each Spark task starts a JVM: start it fast (infra/config/demo.toml says why).
     "SPARK__EXTRA": '{"spark.driver.extraJavaOptions" = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"}',

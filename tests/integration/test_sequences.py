@@ -241,8 +241,8 @@ def test_incremental_equals_rebuild_after_maintain(small):
 
 
 def test_a_failed_merge_leaves_sequences_as_they_were(small, monkeypatch):
-    """The MERGE's Spark job fails while it writes (a task error in a SET expression): nothing is committed,
-    the files it wrote are invisible, and the day applies normally afterwards."""
+    """The MERGE's Spark job fails while it writes (a task error in a column of the rows it writes): nothing is
+    committed, the files it wrote are invisible, and the day applies normally afterwards."""
     from pyspark.sql import functions as F
 
     cfg = small
@@ -250,20 +250,46 @@ def test_a_failed_merge_leaves_sequences_as_they_were(small, monkeypatch):
         ingest.ingest(cfg, d)
     sequences.update(cfg, D1)
     before, v = table(cfg), delta.version_of(cfg.table_path("user_sequences"))
-    real = sequences._merged
+    real = sequences._merge
 
-    def failing(max_len):
-        cols = real(max_len)
-        cols["seq_len"] = F.when(F.col("s.user_id").isNotNull(), F.raise_error(F.lit("disk full (injected)")))
-        return cols
+    def failing(spark, seq_path, staged, read_version, meta):
+        boom = F.when(F.col("user_id").isNotNull(), F.raise_error(F.lit("disk full (injected)"))).cast("int")
+        return real(spark, seq_path, staged.withColumn("seq_len", boom), read_version, meta)
 
-    monkeypatch.setattr(sequences, "_merged", failing)
+    monkeypatch.setattr(sequences, "_merge", failing)
     with pytest.raises(Exception, match="disk full"):
         sequences.update(cfg, D2)
     assert delta.version_of(cfg.table_path("user_sequences")) == v and table(cfg).equals(before)
-    monkeypatch.setattr(sequences, "_merged", real)
+    monkeypatch.setattr(sequences, "_merge", real)
     assert sequences.update(cfg, D2)["rerun"] is False  # the failed attempt left no trace of D2
     assert equals_rebuild(cfg)
+
+
+def test_another_writers_commit_after_the_rows_were_computed_refuses_the_merge(small, monkeypatch, spark):
+    """Writers without a shared lease (two hosts, one bucket): another writer commits to user_sequences after this
+    step computed and judged D's rows. Merging them would put back rows computed on the older version, so the
+    step refuses with ConcurrentWrite (exit 75, retried), the other commit stays, and the retry lands."""
+    from delta.tables import DeltaTable
+
+    cfg = small
+    for d in (D1, D2):
+        ingest.ingest(cfg, d)
+    sequences.update(cfg, D1)
+    path = cfg.table_path("user_sequences")
+    real = sequences._gate
+
+    def judged_then_another_writer(*args, **kwargs):
+        out = real(*args, **kwargs)
+        DeltaTable.forPath(spark, delta.spark_uri(path)).delete("user_id = 'u3'")
+        return out
+
+    monkeypatch.setattr(sequences, "_gate", judged_then_another_writer)
+    with pytest.raises(delta.ConcurrentWrite, match="computed on version"):
+        sequences.update(cfg, D2)
+    got = rows(cfg)  # the other writer's commit, nothing of D2
+    assert "u3" not in got and all(r["updated_dt"] == D1 for r in got.values())
+    monkeypatch.setattr(sequences, "_gate", real)
+    assert sequences.update(cfg, D2)["rerun"] is False
 
 
 def _kill_at_merge(cfg, tmp_path, day, *, then_s: float | None = None) -> None:
