@@ -170,7 +170,9 @@ class DeltaSequences:
                 f"cannot read user_sequences version {version} ({str(exc).splitlines()[0][:300]}): "
                 "vacuumed after storage.retention_days? read a later version"
             ) from None
-        for f in files:
+        # Files in an order set by what they hold, not by their (random) names or the log's order of them: the
+        # same table content gives the same chunks, hence the same model, in any warehouse.
+        for f in sorted(files, key=lambda f: (f.rows, f.stats, f.path)):
             try:
                 md = pq.ParquetFile(f.path).metadata
             except FileNotFoundError:

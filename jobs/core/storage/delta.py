@@ -153,6 +153,9 @@ class DataFile:
     partition: dict
     rows: int
     keep: np.ndarray | None  # bool per physical row (deletion vector); None = every row
+    # The file's column statistics (min and max per column, as text, in the log's order): what it holds, unlike
+    # its name, which is random; readers that must not depend on file names order files by (rows, stats).
+    stats: tuple = ()
 
     def mask(self, start: int, length: int) -> np.ndarray | None:
         """The keep-mask of physical rows [start, start + length), or None when all are kept."""
@@ -201,7 +204,8 @@ def data_files(path: str | Path, version: int | None = None) -> list[DataFile]:
         rows = a.get("num_records")
         if rows is None:  # a file committed without stats: its footer has the count
             rows = pq.ParquetFile(loc).metadata.num_rows
-        out.append(DataFile(loc, {p: a.get(f"partition.{p}") for p in parts}, int(rows), keeps.get(_plain(loc))))
+        stats = tuple(str(v) for k, v in a.items() if k.startswith(("min.", "max.")))
+        out.append(DataFile(loc, {p: a.get(f"partition.{p}") for p in parts}, int(rows), keeps.get(_plain(loc)), stats))
     return out
 
 
