@@ -50,7 +50,8 @@ def quiet(line):
 @pytest.fixture(scope="module")
 def warehouse(tmp_path_factory, spark):
     root = tmp_path_factory.mktemp("warehouse")
-    cfg = load_config(env={"USERFORMER_HOME": str(root)})
+    # D5 is a quiet day (a drop without events): the events gate's row-count band must start at 0 to let it in.
+    cfg = load_config(env={"USERFORMER_HOME": str(root), "USERFORMER__QUALITY__ROW_COUNT_BAND": "[0.0, 5.0]"})
     generate.generate(cfg, users=300, items=400, days=4, start=START, seed=3)
     for i in range(4):
         ingest.ingest(cfg, START + dt.timedelta(days=i))
