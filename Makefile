@@ -49,7 +49,7 @@ $(JARS_S3)/.installed: infra/jars/pom.xml infra/jars/jars-s3.sha256 infra/jars/f
 
 jars-s3: $(JARS_S3)/.installed
 
-# torch first and alone, pinned exactly: any unpinned torch would pull a newer
+# torch==2.13.0 first and alone, pinned exactly: an unpinned install would pull a newer
 # build. Where pip's find-links hold a CPU wheel of 2.13.0 it takes that one;
 # otherwise the index serves the CUDA build (larger; it runs on CPUs too).
 # Then the locked set, then the project.
@@ -100,14 +100,14 @@ cluster-up: venv
 cluster-down:
 	bash infra/spark/stop-cluster.sh
 
-# Re-resolve the lock in a scratch venv (torch first, as above).
+# Re-resolve the lock in a scratch venv (torch==2.13.0 first, as above).
 lock:
 	rm -rf /tmp/userformer-lock && $(PYTHON) -m venv /tmp/userformer-lock
 	/tmp/userformer-lock/bin/pip install --quiet --upgrade "pip==26.3"
 	/tmp/userformer-lock/bin/pip install --quiet "torch==2.13.0"
 	/tmp/userformer-lock/bin/pip install --quiet ".[test]"
 	{ echo "# Resolved, pinned dependency set (one resolve on Python 3.11, Linux x86_64)."; \
-	  echo "# torch is installed first, alone, from its pinned CPU build: see Makefile."; \
+	  echo "# torch==2.13.0 is installed first, alone, from its pinned CPU build: see Makefile."; \
 	  echo "# Regenerate with: make lock"; \
 	  /tmp/userformer-lock/bin/pip freeze --all | grep -vE '^(torch==|userformer|-e |pip==)'; } > requirements.lock
 
