@@ -13,6 +13,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def _project_environment() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith("USERFORMER")}
+
+
+@pytest.fixture(autouse=True)
+def environment_left_as_found():
+    """Every test leaves the project's variables (USERFORMER_*) as it found them. The processes a later test starts
+    inherit them: a variable one test's code exported (the demo exports USERFORMER_CONFIG) would silently change
+    their settings. Restored, and the test fails."""
+    before = _project_environment()
+    yield
+    after = _project_environment()
+    if after != before:
+        for k in after.keys() - before.keys():
+            del os.environ[k]
+        os.environ.update(before)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        pytest.fail(f"the test changed the environment and did not restore it: {', '.join(changed)}")
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh USERFORMER_HOME (raw/, warehouse/, ... beneath it) for one test."""

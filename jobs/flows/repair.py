@@ -625,8 +625,10 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     """Rebuild the user_sequences rows of `users` from their events up to `upto`, in one commit (module doc).
 
     One MERGE by user_id: a chosen user with events gets their rebuilt row (updated or inserted), one without
-    events loses their row; every other row is untouched (deletion vectors mark the replaced rows)."""
+    events loses their row; every other row is untouched (deletion vectors mark the replaced rows). The rows are
+    judged by the user_sequences gate before the MERGE (GateFailed: nothing committed)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     from pyspark.sql import functions as F
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
@@ -650,8 +652,6 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
                 "version": delta.version_of(seq_path),
                 "reason": "none of the users has events or a row",
             }
-        rows = sequences_step._finish(per_user, cfg.sequences.max_len).withColumn("_rebuilt", F.lit(True))
-        src = sel.join(rows, "user_id", "left")
         values = {c: F.col(f"s.{c}") for c in schema.USER_SEQUENCES.names}
         meta = {
             "step": "sequences-rebuild",
@@ -662,16 +662,24 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
             "users": len(users),
         }
         sequences_step.ensure_deletion_vectors(spark, seq_path)
-        with delta.spark_commit(spark, seq_path, meta) as c:
-            (
-                delta.spark_table(spark, seq_path)
-                .alias("t")
-                .merge(src.alias("s"), "t.user_id = s.user_id")
-                .whenMatchedDelete(condition="s._rebuilt IS NULL")
-                .whenMatchedUpdate(set=values)
-                .whenNotMatchedInsert(condition="s._rebuilt", values=values)
-                .execute()
-            )
+        read = delta.version_of(seq_path)
+        chosen = pc.field("user_id").isin(pa.array(list(dict.fromkeys(users)), pa.string()))
+        finished = sequences_step._finish(per_user, cfg.sequences.max_len)
+        # Write, audit, publish: the table as the MERGE will leave it (the chosen users' rows replaced by their
+        # rebuilt rows) passes the user_sequences gate as of drop `upto` before anything is committed.
+        with sequences_step.staged_files(cfg, finished, "repair") as (staged, judged):
+            check = sequences_step.gate_change(cfg, upto, judged, chosen, read)
+            src = sel.join(staged.withColumn("_rebuilt", F.lit(True)), "user_id", "left")
+            with delta.spark_commit(spark, seq_path, meta) as c:
+                (
+                    delta.spark_table(spark, seq_path)
+                    .alias("t")
+                    .merge(src.alias("s"), "t.user_id = s.user_id")
+                    .whenMatchedDelete(condition="s._rebuilt IS NULL")
+                    .whenMatchedUpdate(set=values)
+                    .whenNotMatchedInsert(condition="s._rebuilt", values=values)
+                    .execute()
+                )
     finally:
         per_user.unpersist()
     if c["version"] is None:
@@ -686,6 +694,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
         "files_added": m["files_added"],
         "rows_written": m["rows_written"],
         "version": c["version"],
+        "check": check,
     }
     log.info("repair %s: user_sequences %s", repair_id, {k: v for k, v in res.items() if k != "removed"})
     return res

@@ -12,11 +12,9 @@ refreshed users writes nothing and succeeds.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -33,19 +31,6 @@ from userformer.schemas import tables
 log = logging.getLogger(__name__)
 
 PURCHASE = "purchase"
-
-
-@contextlib.contextmanager
-def _staging(cfg: Config, step: str):
-    """A fresh folder under warehouse/_staging/<step>/ for one run's intermediate files, deleted on exit
-    (`maintain` clears those of runs that died)."""
-    stamp = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
-    d = cfg.warehouse_root / "_staging" / step / stamp
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        yield d
-    finally:
-        files.remove_tree(d)
 
 
 def events_dataset(cfg: Config):
@@ -191,7 +176,7 @@ def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | Non
     # streamed. Not a delta-rs MERGE: it would rewrite about every file anyway (refreshed users are spread
     # over all of them) and writes strings as string_view, which pyarrow filters cannot compare (see
     # str_field). Rows of users that no longer have a user_embeddings row are dropped.
-    with _staging(cfg, path.name) as stage:
+    with files.scratch(cfg.warehouse_root / "_staging" / path.name) as stage:
         staged = stage / "candidates.parquet"
         refreshed: list[str] = []
         fs, where = files.arrow(staged)

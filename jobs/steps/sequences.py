@@ -10,7 +10,8 @@ them. The table carries deletion vectors, so the MERGE writes only the active
 users' new rows and marks their old rows deleted instead of rewriting the
 files that hold them.
 
-`rebuild(cfg)` computes the same table from `events` alone. The two agree
+`rebuild(cfg)` computes the same table from `events` alone, staged in Parquet
+and judged by the same gate before it replaces the table. The two agree
 exactly because both sort events by the same total order (the full event
 struct, time first) and keep the top max_len of it: the newest max_len of
 (newest max_len of the old events + the new events) are the newest max_len
@@ -19,6 +20,7 @@ of all events.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 
@@ -27,7 +29,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.spark import spark_session
-from userformer.jobs.core.storage import delta
+from userformer.jobs.core.storage import delta, files
 from userformer.schemas import tables
 
 log = logging.getLogger(__name__)
@@ -267,19 +269,38 @@ def _staged_rows(spark, seq_path, new, state: int, max_len: int):
 
 def _gate(cfg: Config, day: dt.date, staged, state: int) -> dict:
     """The user_sequences gate (jobs/steps/quality/suites.py `user_sequences`) on version `state` with the staged
-    rows in place of their users' rows (None: D changes no row); raises GateFailed when it fails."""
+    rows (a DataFrame) in place of their users' rows (None: D changes no row); raises GateFailed when it fails."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if staged is None:
+        return gate_change(cfg, day, tables.USER_SEQUENCES.empty_table(), None, state)
+    rows = staged.toArrow()
+    users = pc.field("user_id").isin(rows["user_id"].combine_chunks().cast(pa.string()))
+    return gate_change(cfg, day, rows, users, state)
+
+
+def gate_change(cfg: Config, day: dt.date, rows, replaces, state: int) -> dict:
+    """The user_sequences gate on version `state` (-1: none) with `rows` (a pyarrow table or dataset) in place of
+    the rows `replaces` selects, judged as of drop `day`; raises GateFailed when it fails."""
     from userformer.jobs.steps import check
     from userformer.jobs.steps.quality.source import Change, Staged
 
-    if staged is None:
-        rows, replaces = tables.USER_SEQUENCES.empty_table(), None
-    else:
-        rows = staged.toArrow()
-        replaces = pc.field("user_id").isin(rows["user_id"].combine_chunks().cast(pa.string()))
     return check.gate(cfg, "user_sequences", day, Staged(cfg, {"user_sequences": Change(rows, replaces, state)}))
+
+
+@contextlib.contextmanager
+def staged_files(cfg: Config, df, step: str):
+    """`df` written once to Parquet under warehouse/_staging/<step>/: (those rows as a DataFrame for the commit,
+    as a pyarrow dataset for the gate), so that the gate judges exactly what is committed and nobody holds the
+    rows in memory. The folder goes on exit."""
+    import pyarrow.dataset as pds
+
+    with files.scratch(cfg.warehouse_root / "_staging" / step) as d:
+        out = d / "rows"
+        df.write.parquet(delta.spark_uri(out))
+        fs, where = files.arrow(out)
+        yield df.sparkSession.read.parquet(delta.spark_uri(out)), pds.dataset(where, filesystem=fs, format="parquet")
 
 
 def _merge(spark, seq_path, staged, read_version: int, meta: dict) -> dict:
@@ -373,6 +394,7 @@ def _drop_ingested(events_path, day) -> bool:
 @lease.writer("sequences-rebuild")
 def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
     """Recompute user_sequences from all of `events` (up to drop `upto`) and replace the table in one commit."""
+    import pyarrow.compute as pc
     from pyspark.sql import functions as F
 
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
@@ -389,11 +411,17 @@ def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
         if last is None:
             raise UserError("events holds no rows to rebuild from")
         # `upto` records the last drop included, so a following `--dt` update knows where the state stands.
-        meta = {"step": "sequences-rebuild", "upto": str(upto or last), "events_version": delta.version_of(events_path)}
-        version = _write(_finish(per_user, cfg.sequences.max_len), cfg, n, meta)
+        day = upto or last
+        meta = {"step": "sequences-rebuild", "upto": str(day), "events_version": delta.version_of(events_path)}
+        state = delta.version_of(seq_path) if delta.exists(seq_path) else -1
+        # Write, audit, publish as for a day: the new table is judged as of its last drop (that drop's rows, one
+        # row per user over all of it) in place of every row of the current one, and is written only if it passes.
+        with staged_files(cfg, _finish(per_user, cfg.sequences.max_len), "sequences-rebuild") as (rows, judged):
+            check = gate_change(cfg, day, judged, pc.scalar(True), state)
+            version = _write(rows, cfg, n, meta)
     finally:
         per_user.unpersist()
-    return {"users": n, "version": version, "upto": meta["upto"], **_write_metrics(seq_path, version)}
+    return {"users": n, "version": version, "upto": meta["upto"], "check": check, **_write_metrics(seq_path, version)}
 
 
 # -------------------------------------------------------------------- CLI

@@ -1,5 +1,6 @@
 """Write, audit, publish: the events and user_sequences gates judge a writer's staged rows before its commit, so a
-failed gate leaves every table at the version it had and a reader never sees the rows it refused.
+failed gate leaves every table at the version it had and a reader never sees the rows it refused. The same holds
+for the two other writers of user_sequences: `sequences --rebuild` and a repair's recompute.
 
 The pipeline's steps are called as `run-day` and the Airflow tasks call them (jobs/flows/pipeline.py), so the
 day's ledger is checked too: the gate's result is its entry ``check_<table>``, passed or failed."""
@@ -15,8 +16,8 @@ from userformer.jobs.core import ledger
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import GateFailed
 from userformer.jobs.core.storage import delta
-from userformer.jobs.flows import pipeline
-from userformer.jobs.steps import ingest
+from userformer.jobs.flows import pipeline, repair
+from userformer.jobs.steps import ingest, sequences
 
 from .rawdata import D1, D2, events_table, open_gate, three_days, ts, write_drop
 
@@ -101,3 +102,58 @@ def test_a_failed_user_sequences_gate_commits_nothing(opened, spark):
     unique = [r for r in report["results"] if r["expectation"] == "expect_column_values_to_be_unique"]
     assert [set(r["examples"]) for r in unique] == [{"u1"}]
     assert ledger.read_ledger(cfg, D2)["check_user_sequences"]["result"]["success"] is False
+
+
+def _rows_with_a_defect(monkeypatch):
+    """A defect in how rows are computed (here: seq_len off by max_len), the kind of error a gate is there to
+    stop, put into the one function the rebuild and the repair's recompute build rows with."""
+    from pyspark.sql import functions as F
+
+    finish = sequences._finish
+    monkeypatch.setattr(sequences, "_finish", lambda df, n: finish(df, n).withColumn("seq_len", F.col("seq_len") + n))
+    return lambda: monkeypatch.setattr(sequences, "_finish", finish)
+
+
+def _staging_left(cfg) -> list:
+    root = cfg.warehouse_root / "_staging"
+    return sorted(str(p) for p in root.glob("*/*")) if root.is_dir() else []
+
+
+def test_a_rebuild_that_fails_the_gate_replaces_nothing(opened, monkeypatch):
+    cfg = opened
+    for day in (D1, D2):
+        ingest.ingest(cfg, day)
+        sequences.update(cfg, day)
+    path = cfg.table_path("user_sequences")
+    before, rows = delta.version_of(path), delta.read_arrow(path).sort_by("user_id")
+
+    fixed = _rows_with_a_defect(monkeypatch)
+    with pytest.raises(GateFailed, match=rf"user_sequences check failed for {D2}: expect_column_values_to_be_between"):
+        sequences.rebuild(cfg)
+    assert delta.version_of(path) == before and delta.read_arrow(path).sort_by("user_id").equals(rows)
+    assert _staging_left(cfg) == []  # the staged Parquet went with the failed run
+
+    fixed()
+    res = sequences.rebuild(cfg)
+    assert res["check"]["success"] is True and res["version"] == before + 1
+    assert delta.read_arrow(path).sort_by("user_id").equals(rows)  # a rebuild of the same drops: the same rows
+    assert _staging_left(cfg) == []
+
+
+def test_a_recompute_that_fails_the_gate_commits_nothing(opened, monkeypatch):
+    cfg = opened
+    for day in (D1, D2):
+        ingest.ingest(cfg, day)
+        sequences.update(cfg, day)
+    path = cfg.table_path("user_sequences")
+    before = delta.version_of(path)
+
+    fixed = _rows_with_a_defect(monkeypatch)
+    with pytest.raises(GateFailed, match=rf"user_sequences check failed for {D2}"):
+        repair.recompute_sequences(cfg, ["u1", "u2"], D2, "test-repair")
+    assert delta.version_of(path) == before
+    assert _staging_left(cfg) == []
+
+    fixed()
+    res = repair.recompute_sequences(cfg, ["u1", "u2"], D2, "test-repair")
+    assert res["committed"] and res["check"]["success"] is True and res["version"] == before + 1

@@ -59,8 +59,11 @@ def test_paths_outside_the_home_are_refused(home, tmp_path, monkeypatch):
 
 
 def test_the_demo_has_its_own_default_home(monkeypatch):
-    monkeypatch.delenv("USERFORMER_HOME", raising=False)
-    monkeypatch.delenv("USERFORMER_CONFIG", raising=False)
+    # demo_config exports both variables; set first so that monkeypatch removes them again afterwards (a delenv of
+    # an unset variable records nothing to undo).
+    for k in ("USERFORMER_HOME", "USERFORMER_CONFIG"):
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     cfg = load_config()
     assert cfg.paths.home == DEFAULT_HOME
     got = demo.demo_config(argparse.Namespace(config=None), cfg)

@@ -15,7 +15,9 @@ written as its data objects first and one small object last that names them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -77,6 +79,19 @@ def remove_tree(p: Location) -> None:
             p.fs.rm(p.path, recursive=True)
         return
     shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch(parent: Location):
+    """A fresh folder under `parent` (warehouse/_staging/<step>/) for one run's intermediate files, deleted on
+    exit; `maintain` clears the folders of runs that died (a kill skips this cleanup)."""
+    stamp = f"{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    d = parent / stamp
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        yield d
+    finally:
+        remove_tree(d)
 
 
 def move(src: Location, dest: Location) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from userformer.jobs.core import registry
@@ -162,12 +163,18 @@ class Warehouse:
 class Change:
     """Rows a writer is about to commit to a table, in one commit on the version it read (`version`; -1: the
     commit creates the table). They replace the rows of that version that `replaces` selects (a pyarrow
-    expression; None: they are added)."""
+    expression; None: they are added). `rows` is a table in memory, or a pyarrow dataset of staged files (a
+    rebuild's rows, read only as far as a suite asks)."""
 
-    rows: pa.Table
+    rows: pa.Table | pds.Dataset
     replaces: pc.Expression | None
     version: int
     drop: datetime.date | None = None  # the commit is the ingest of this drop date
+
+    def staged(self, columns: list[str], filter=None) -> pa.Table:
+        if isinstance(self.rows, pa.Table):
+            return (self.rows if filter is None else self.rows.filter(filter)).select(columns)
+        return self.rows.to_table(columns=columns, filter=filter)
 
 
 class Staged(Warehouse):
@@ -200,11 +207,10 @@ class Staged(Warehouse):
         if table not in self.changes or version is not None:
             return super().read(table, columns, filter, version)
         change, snap = self.changes[table], self._committed(table)
-        staged = change.rows if filter is None else change.rows.filter(filter)
         schema = self.schema(table)
         # One type per column for both parts (nullable: the staged rows are judged, not trusted).
         target = pa.schema([schema.field(c).with_nullable(True) for c in columns])
-        staged = staged.select(columns).cast(target)
+        staged = change.staged(columns, filter).cast(target)
         if snap is None:
             return staged
         keep = None if change.replaces is None else ~change.replaces
@@ -236,7 +242,7 @@ class Staged(Warehouse):
         if snap is not None and change.replaces is not None:
             for day, n in _counts(snap.to_table(["dt"], change.replaces)["dt"]).items():
                 out[day] = out.get(day, 0) - n
-        for day, n in _counts(change.rows["dt"]).items():
+        for day, n in _counts(change.staged(["dt"])["dt"]).items():
             out[day] = out.get(day, 0) + n
         return {d: n for d, n in out.items() if n > 0}
 
