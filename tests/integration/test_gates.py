@@ -119,12 +119,17 @@ def _staging_left(cfg) -> list:
     return sorted(str(p) for p in root.glob("*/*")) if root.is_dir() else []
 
 
-def test_a_rebuild_that_fails_the_gate_replaces_nothing(opened, monkeypatch):
-    cfg = opened
+def _two_days(cfg):
+    """D1 and D2 ingested and applied to user_sequences; that table's path."""
     for day in (D1, D2):
         ingest.ingest(cfg, day)
         sequences.update(cfg, day)
-    path = cfg.table_path("user_sequences")
+    return cfg.table_path("user_sequences")
+
+
+def test_a_rebuild_that_fails_the_gate_replaces_nothing(opened, monkeypatch):
+    cfg = opened
+    path = _two_days(cfg)
     before, rows = delta.version_of(path), delta.read_arrow(path).sort_by("user_id")
 
     fixed = _rows_with_a_defect(monkeypatch)
@@ -142,10 +147,7 @@ def test_a_rebuild_that_fails_the_gate_replaces_nothing(opened, monkeypatch):
 
 def test_a_recompute_that_fails_the_gate_commits_nothing(opened, monkeypatch):
     cfg = opened
-    for day in (D1, D2):
-        ingest.ingest(cfg, day)
-        sequences.update(cfg, day)
-    path = cfg.table_path("user_sequences")
+    path = _two_days(cfg)
     before = delta.version_of(path)
 
     fixed = _rows_with_a_defect(monkeypatch)
