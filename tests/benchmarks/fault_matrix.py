@@ -4,8 +4,8 @@
 
 The procedure and what each column means: tests/integration/faults.py (the suite runs a few of the points with the
 same harness, tests/integration/test_faults.py). Writes ``fault-matrix.json`` and its summary ``.md`` into
-tests/benchmarks/results/ (docs/measured.md shows it). The 19 points took 53 minutes on 2 shared cores (the
-result's ``started`` and ``finished``).
+tests/benchmarks/results/ (docs/measured.md shows it). The 19 points took 25 minutes on 2 shared cores (the
+result's ``started`` and ``finished``; 53 on a busier day).
 """
 
 from __future__ import annotations
