@@ -7,6 +7,12 @@ events gets the population's preferences).  Each label looks at the events relev
 over the task's labels gives the user's preference scores. Label 0 (unknown)
 is never predicted. Trained on random prefixes (MCM): the readout only ever
 sees the past.
+
+The attention of every label over every position is a (batch, labels,
+length) tensor: a task with many labels (brands) is read out in chunks of
+labels, each recomputed in the backward pass instead of kept (activation
+checkpointing), so memory stays that of one chunk however many labels there
+are. Each label's softmax is over positions, so the chunks are independent.
 """
 
 from __future__ import annotations
@@ -15,8 +21,21 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from userformer.models.item_tower import FIELD
+
+# Attention scores one chunk of labels may hold (batch x labels x length): 16M floats, 64 MB.
+READOUT_BLOCK = 1 << 24
+
+
+def _read(h: torch.Tensor, mask: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """s(w) for the labels `e` (W, d): (B, W)."""
+    att = torch.einsum("bld,wd->bwl", h, e)  # e_w . h_i
+    a = torch.softmax(att.masked_fill(~mask[:, None, :], float("-inf")), -1).nan_to_num(0.0)
+    # s(w) = r_w . e_w = sum_i a_wi (h_i . e_w) = sum_i a_wi att_wi: no (B, W, d) readout tensor needed.
+    # A user with no events reads nothing (a = 0, s = 0).
+    return (a * att).sum(-1)
 
 
 class TaskReadout(nn.Module):
@@ -30,11 +49,21 @@ class TaskReadout(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h (B, L, d), mask (B, L) of the positions to read -> scores (B, W); column 0 is -inf."""
         e = self.labels.weight  # (W, d)
-        att = torch.einsum("bld,wd->bwl", h, e)  # e_w . h_i
-        a = torch.softmax(att.masked_fill(~mask[:, None, :], float("-inf")), -1).nan_to_num(0.0)
-        # s(w) = r_w . e_w = sum_i a_wi (h_i . e_w) = sum_i a_wi att_wi: no (B, W, d) readout tensor needed.
-        # A user with no events reads nothing (a = 0, s = 0).
-        s = (a * att).sum(-1) + self.bias
+        step = max(1, READOUT_BLOCK // max(h.shape[0] * h.shape[1], 1))
+        if step >= e.shape[0]:
+            s = _read(h, mask, e)
+        else:
+            grad = torch.is_grad_enabled()
+            s = torch.cat(
+                [
+                    checkpoint(_read, h, mask, e[lo : lo + step], use_reentrant=False)
+                    if grad
+                    else _read(h, mask, e[lo : lo + step])
+                    for lo in range(0, e.shape[0], step)
+                ],
+                1,
+            )
+        s = s + self.bias
         s[:, 0] = float("-inf")
         return s
 

@@ -7,6 +7,10 @@ benchmark (whose published Beauty numbers docs/measured.md compares with) exclud
 them; where users repeat items (views) they must stay. A target's rank is its
 position in the score-sorted list (0 = top; ties in topk's order).
 
+Only the best max(k, k_div) items of each user are kept, so a catalogue of any
+size is scored in chunks of items (`top_items`): each chunk's best are merged
+with the best so far, and no users x catalogue matrix is ever held.
+
 - HR@10: share of users whose (single) target ranks < 10 (= Recall@10 with one target).
 - NDCG@10: 1 / log2(rank + 2) when rank < 10, else 0, averaged over users.
 - Recall@10 (several targets, time split): |top10 & positives| / |positives|, averaged.
@@ -38,6 +42,43 @@ def entropies(labels: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.where(p > 0, p, 1.0))).sum(1)
 
 
+# The most scores one chunk of `top_items` holds (users x items; 32M floats, 128 MB).
+SCORE_BLOCK = 1 << 25
+
+
+def top_items(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    kk: int,
+    exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    block: int = SCORE_BLOCK,
+) -> torch.Tensor:
+    """Indices (U, kk) of the kk best-scoring rows of `items` for each user (dot product), best first. Row 0
+    (padding) and the (user row, item) pairs of `exclude` score -inf. Items are scored in chunks of at most
+    `block` / U rows; each chunk's top kk is merged with the running top kk (ties: topk's order)."""
+    n, u = items.shape[0], users.shape[0]
+    step = max(kk, block // max(u, 1))
+    ex_rows = ex_items = None
+    if exclude is not None:
+        ex_rows = torch.as_tensor(exclude[0], dtype=torch.long, device=users.device)
+        ex_items = torch.as_tensor(exclude[1], dtype=torch.long, device=users.device)
+    best_v = best_i = None
+    for lo in range(0, n, step):
+        s = (users @ items[lo : lo + step].T).float()
+        if lo == 0:
+            s[:, 0] = float("-inf")  # padding is not an item
+        if ex_items is not None:
+            inside = (ex_items >= lo) & (ex_items < lo + s.shape[1])
+            s[ex_rows[inside], ex_items[inside] - lo] = float("-inf")
+        v, i = s.topk(min(kk, s.shape[1]), dim=1)
+        i = i + lo
+        if best_v is not None:
+            v, at = torch.cat([best_v, v], 1).topk(min(kk, best_v.shape[1] + v.shape[1]), dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, at)
+        best_v, best_i = v, i
+    return best_i
+
+
 class RankingAccumulator:
     """Collects per-chunk results of full-catalogue ranking, then summarises."""
 
@@ -61,8 +102,27 @@ class RankingAccumulator:
             scores[torch.as_tensor(exclude[0], dtype=torch.long), torch.as_tensor(exclude[1], dtype=torch.long)] = (
                 float("-inf")
             )
-        kk = min(max(self.k, self.k_div), self.n_items)
-        top_t = scores.topk(kk, dim=1).indices
+        self.add_top(scores.topk(self.kk, dim=1).indices, targets, target_sets)
+
+    def add_embeddings(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        targets: torch.Tensor,
+        target_sets: list | None = None,
+        exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """As `add` with scores users @ items.T, computed in chunks of items (`top_items`)."""
+        self.add_top(top_items(users.float(), items.float(), self.kk, exclude), targets, target_sets)
+
+    @property
+    def kk(self) -> int:
+        """How many of each user's best items the metrics need."""
+        return min(max(self.k, self.k_div), self.n_items)
+
+    def add_top(self, top_t: torch.Tensor, targets: torch.Tensor, target_sets: list | None = None) -> None:
+        """Each user's best `kk` items (U, kk), best first."""
+        kk = top_t.shape[1]
         # Rank within the top kk (= kk when the target is further down): all that @k metrics need, and
         # much cheaper than comparing every score. Ties are ordered by topk, as any ranker would.
         hit = top_t == targets[:, None].to(top_t.device)

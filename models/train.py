@@ -168,7 +168,7 @@ def evaluate(
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     for i in range(0, len(users), chunk):
         sets = ev.target_sets[i : i + chunk] if ev.target_sets is not None else None
-        acc.add((users[i : i + chunk] @ items.T).cpu(), targets[i : i + chunk], sets, history_pairs(ev, i, chunk))
+        acc.add_embeddings(users[i : i + chunk], items, targets[i : i + chunk], sets, history_pairs(ev, i, chunk))
     out = acc.result()
     if heads and model.heads.tasks:
         out["heads"] = evaluate_heads(model, ev, device, tcfg, ref_ts)

@@ -389,7 +389,6 @@ def evaluate_embeddings(
     """Full-catalogue metrics of given user embeddings against given item vectors (e.g. stale users x new items)."""
     acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
-    items = items.float()
     for i in range(0, len(users), chunk):
-        acc.add((users[i : i + chunk].float() @ items.T).cpu(), targets[i : i + chunk], ev.target_sets[i : i + chunk])
+        acc.add_embeddings(users[i : i + chunk], items, targets[i : i + chunk], ev.target_sets[i : i + chunk])
     return acc.result()

@@ -11,9 +11,9 @@ import torch
 
 from userformer.jobs.core.config import ModelConfig, TrainConfig
 from userformer.models import data as model_data
-from userformer.models import losses
+from userformer.models import heads, losses
 from userformer.models.heads import TaskReadout
-from userformer.models.metrics import RankingAccumulator, entropies
+from userformer.models.metrics import RankingAccumulator, entropies, top_items
 from userformer.models.model import UserFormer
 from userformer.models.train import batch_loss, evaluate, fit
 
@@ -205,6 +205,33 @@ def test_readout_matches_hand_computation():
     a2 = math.exp(2) / (1 + math.exp(2))
     assert s[0] == float("-inf")
     assert s[1].item() == pytest.approx(a1, rel=1e-5) and s[2].item() == pytest.approx(2 * a2, rel=1e-5)
+
+
+def test_a_readout_in_chunks_of_labels_equals_the_whole(monkeypatch):
+    # Many labels are read out a chunk at a time, each recomputed in the backward pass: the same scores and the
+    # same gradients as one (batch, labels, length) tensor. A user with no events reads only the prior.
+    torch.manual_seed(0)
+    r = TaskReadout(50, 8)
+    with torch.no_grad():
+        r.bias.normal_()
+    h = torch.randn(4, 6, 8, requires_grad=True)
+    mask = torch.rand(4, 6) > 0.3
+    mask[0] = False
+
+    def scores_and_grads():
+        s = r(h, mask)
+        return s.detach(), torch.autograd.grad((s[:, 1:] * torch.arange(49.0)).sum(), [h, r.labels.weight, r.bias])
+
+    whole, whole_grads = scores_and_grads()
+    monkeypatch.setattr(heads, "READOUT_BLOCK", 4 * 6 * 7)  # 7 labels a chunk: 8 chunks, the last one short
+    parts, part_grads = scores_and_grads()
+    assert torch.all(parts[:, 0] == float("-inf"))
+    assert torch.allclose(parts[:, 1:], whole[:, 1:], atol=1e-6)
+    assert torch.allclose(parts[0, 1:], r.bias[1:].detach())
+    for a, b in zip(part_grads, whole_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():  # inference: plain chunks, no checkpointing
+        assert torch.allclose(r(h, mask)[:, 1:], whole[:, 1:], atol=1e-6)
 
 
 # --------------------------------------------------------------- loss
@@ -489,6 +516,28 @@ def test_history_exclusion_removes_seen_items_from_the_ranking():
     acc = RankingAccumulator(4, None, k=1, k_div=1)
     acc.add(scores.clone(), torch.tensor([3]), exclude=(rows, items))
     assert kept["hr@1"] == 0.0 and acc.result()["hr@1"] == 1.0  # the target moves to the top once 1, 2 are out
+
+
+def test_chunked_scoring_equals_the_dense_matrix():
+    # The catalogue scored in chunks of items (top_items) ranks exactly as one users x items matrix would,
+    # exclusions included; chunks as small as the top kept (kk) and a chunk that holds the whole catalogue.
+    g = torch.Generator().manual_seed(3)
+    users, items = torch.randn(37, 8, generator=g), torch.randn(1001, 8, generator=g)
+    targets = torch.randint(1, 1001, (37,), generator=g)
+    rows = torch.randint(0, 37, (400,), generator=g).numpy()
+    excluded = torch.randint(1, 1001, (400,), generator=g).numpy()
+    cat = torch.randint(0, 7, (1001,), generator=g).numpy()
+    sets = [np.array([t, t + 1]) for t in targets.tolist()]
+    dense = RankingAccumulator(1000, cat, 10, 50)
+    dense.add(users @ items.T, targets, sets, exclude=(rows, excluded))
+    want = (users @ items.T).index_put_((torch.as_tensor(rows), torch.as_tensor(excluded)), torch.tensor(-1e30))
+    want[:, 0] = -1e30
+    for block in (37 * 50, 37 * 333, 1 << 25):
+        got = top_items(users, items, 50, exclude=(rows, excluded), block=block)
+        assert torch.equal(got, want.topk(50, dim=1).indices), block
+    acc = RankingAccumulator(1000, cat, 10, 50)
+    acc.add_embeddings(users, items, targets, sets, exclude=(rows, excluded))
+    assert acc.result() == dense.result() and dense.result()["users"] == 37
 
 
 def test_users_without_events_get_the_trained_cold_embedding(data):
