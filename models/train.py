@@ -3,6 +3,14 @@ tqdm progress (loss, sequences/s), early stopping on validation NDCG@10, best ch
 
 `fit` works on in-memory `Sequences` (data.py) or on a chunked source
 (models/stream.py: DeltaSequences streams user_sequences) through the same `train_epoch`.
+
+Data-parallel: when torch.distributed is initialised (torchrun, or any launcher
+that sets up a process group; gloo on CPUs, nccl on GPUs), every rank runs `fit`
+on the same data with the same seed, so all ranks draw the same chunks and
+batches, and each trains on its share of them (batch i goes to rank i mod world)
+through DistributedDataParallel, which averages the gradients. Negatives and
+dropout are drawn per rank. Rank 0 validates, keeps the best checkpoint and
+writes the files; at the end every rank holds rank 0's result.
 """
 
 from __future__ import annotations
@@ -36,6 +44,38 @@ from userformer.models.data import (
 )
 from userformer.models.metrics import HeadAccuracy, RankingAccumulator
 from userformer.models.model import UserFormer
+
+# Seed offset of rank r's negatives and dropout (rank 0 draws exactly what a single process draws).
+RANK_SEED = 7919
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel group `fit` runs in: (0, 1) without torch.distributed."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _share(batches, rank: int, world: int):
+    """Rank `rank`'s batches: every world-th, the same number on every rank (the remainder is left out), because
+    each step is a collective that every rank must join."""
+    if world == 1:
+        yield from batches
+        return
+    all_ = list(batches)
+    yield from all_[rank::world][: len(all_) // world]
+
+
+class _BatchLoss(torch.nn.Module):
+    """`batch_loss` as a module's forward, so that DistributedDataParallel can average the gradients."""
+
+    def __init__(self, model: UserFormer, tcfg: TrainConfig, sampler, gen: torch.Generator):
+        super().__init__()
+        self.model, self.tcfg, self.sampler, self.gen = model, tcfg, sampler, gen
+
+    def forward(self, batch: dict, real_time: bool) -> torch.Tensor:
+        return batch_loss(self.model, batch, self.tcfg, self.sampler, self.gen, real_time)[0]
 
 
 def seed_everything(seed: int) -> None:
@@ -349,11 +389,15 @@ def fit(
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=tcfg.lr, weight_decay=tcfg.weight_decay
     )
+    rank, world = process_group()
+    own = tcfg.seed + RANK_SEED * rank  # this rank's negatives and dropout; chunks and batches use tcfg.seed
+    if rank:
+        torch.manual_seed(own)
     counts = source.item_counts(catalog.n_items)
     sampler = losses.NegativeSampler(
-        counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=tcfg.seed, per_row=tcfg.negatives_per_row
+        counts, tcfg.uniform_negatives, tcfg.inbatch_negatives, seed=own, per_row=tcfg.negatives_per_row
     )
-    gen = torch.Generator().manual_seed(tcfg.seed + 1)
+    gen = torch.Generator().manual_seed(own + 1)
     rng = np.random.default_rng(tcfg.seed)
     best, best_ck, bad, history, t_train, done, stopped = -1.0, None, 0, [], 0.0, 0, False
     if resume is not None:
@@ -362,6 +406,11 @@ def fit(
         best, best_ck, bad, history = resume["best"], resume["best_checkpoint"], resume["bad"], list(resume["history"])
         t_train, done, stopped = resume["train_seconds"], resume["epoch"], resume["stopped"]
         set_rng_state(resume["rng"], rng, gen, sampler)
+    step = None
+    if world > 1:  # built after any resume: it starts every rank from rank 0's weights
+        step = torch.nn.parallel.DistributedDataParallel(
+            _BatchLoss(model, tcfg, sampler, gen), find_unused_parameters=True
+        )
     for epoch in range(done + 1, tcfg.epochs + 1):
         if stopped:
             break
@@ -370,10 +419,14 @@ def fit(
         bar = tqdm(total=source.n_sequences, desc=f"epoch {epoch}", unit="seq", disable=not progress, leave=False)
         for chunk in source.chunks(rng):
             rows_all = np.flatnonzero(chunk.lengths >= 2)  # a sequence needs one input and one target
-            for rows in batches(len(rows_all), tcfg.batch_size, rng, lengths=chunk.lengths[rows_all]):
+            mine = _share(batches(len(rows_all), tcfg.batch_size, rng, lengths=chunk.lengths[rows_all]), rank, world)
+            for rows in mine:
                 b = to_device(pad_batch(chunk, rows_all[rows], max_len + 1), device)
                 with autocast(device, tcfg):
-                    loss, _ = batch_loss(model, b, tcfg, sampler, gen, chunk.real_time)
+                    if step is not None:
+                        loss = step(b, chunk.real_time)
+                    else:
+                        loss, _ = batch_loss(model, b, tcfg, sampler, gen, chunk.real_time)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if tcfg.grad_clip > 0:
@@ -387,6 +440,10 @@ def fit(
         bar.close()
         dt = time.perf_counter() - t0
         t_train += dt
+        if world > 1:  # the epoch's loss and throughput over every rank
+            sums = torch.tensor([tot, float(n_b), float(n_seq)], dtype=torch.float64)
+            torch.distributed.all_reduce(sums)
+            tot, n_b, n_seq = sums[0].item(), int(sums[1].item()), int(sums[2].item())
         rec = {
             "epoch": epoch,
             "loss": tot / max(n_b, 1),
@@ -398,7 +455,7 @@ def fit(
             raise FloatingPointError(f"loss is {rec['loss']} at epoch {epoch}: {rec}")
         if valid is None:
             best_ck = None  # the last epoch is the result (built after the loop)
-        elif epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+        elif rank == 0 and (epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs):
             m = evaluate(model, valid, catalog, device, tcfg, heads=False)
             rec.update({f"valid_{k}": v for k, v in m.items() if k != "users"})
             # Several positives per user (time split): recall@10; one target (leave-one-out): NDCG@10.
@@ -418,7 +475,11 @@ def fit(
                 bad += 1
         history.append(rec)
         stopped = bad >= tcfg.patience
-        if state_path:
+        if world > 1:  # rank 0 decides
+            flag = torch.tensor([int(stopped)])
+            torch.distributed.broadcast(flag, 0)
+            stopped = bool(flag.item())
+        if state_path and rank == 0:
             save_atomic(
                 {
                     "epoch": epoch,
@@ -436,14 +497,18 @@ def fit(
                 },
                 state_path,
             )
-        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if rank == 0:
+            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
     if valid is None:
         last = history[-1]["epoch"] if history else 0
         best_ck = checkpoint(model, tcfg, last, {"train_seconds": t_train}, {"history": history, **(extra or {})})
-        if ckpt_path:
+        if ckpt_path and rank == 0:
             save_atomic(best_ck, ckpt_path)
     if best_ck is not None:
         model.load_state_dict(best_ck["state_dict"])
+    if world > 1:  # every rank returns rank 0's model
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, 0)
     return model, {
         "history": history,
         "best_epoch": best_ck["epoch"] if best_ck else None,
