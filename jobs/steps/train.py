@@ -49,6 +49,7 @@ import copy
 import dataclasses
 import datetime as dt
 import json
+import os
 import sys
 import time
 import uuid
@@ -147,6 +148,108 @@ def _find_run(cfg: Config, ref: str) -> Path:
     return d
 
 
+def _training_data(snap: Snapshot, tcfg: TrainConfig, window_days: float | None, max_users: int | None):
+    """What `train` fits on, the same in every process of a data-parallel run: the training source (events before
+    the validation window), the validation users, and the split and window start times."""
+    from userformer.jobs.core import stream
+
+    T_ref = dates.day_end(snap.day)
+    horizon = tcfg.eval_horizon_days * DAY_S
+    split = T_ref - horizon
+    t_min = None
+    if window_days is not None:
+        if window_days * DAY_S <= horizon:
+            raise UserError(
+                f"a training window of {window_days} days leaves nothing to train on before the "
+                f"validation window (train.eval_horizon_days={tcfg.eval_horizon_days})"
+            )
+        t_min = T_ref - window_days * DAY_S
+    source = stream.DeltaSequences(
+        snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split, t_min=t_min
+    )
+    if max_users:
+        frac = max_users / max(source.n_rows, 1)
+        source.select = lambda t: _bucket(t, "max-users") < frac
+    valid = stream.WindowUsers(
+        split,
+        T_ref,
+        tcfg.max_eval_users,
+        salt=SAMPLE_SALT,
+        keep=lambda t: _bucket(t, VALID_SALT) < tcfg.valid_user_fraction,
+    )
+    source.summarise(snap.catalog.n_items, (valid,))
+    if not source.n_sequences:
+        raise NotEnoughHistory(
+            f"no user has 2+ events before {dates.iso(split)}"
+            + (f" (from {dates.iso(t_min)})" if t_min is not None else "")
+            + f" in user_sequences as of {snap.day} "
+            f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first"
+        )
+    valid_ev = valid.result()
+    return source, valid, valid_ev, split, t_min
+
+
+def _fit_parallel(cfg: Config, snap: Snapshot, mcfg, tcfg, data: tuple, run_dir: Path, resume: bool, extra: dict):
+    """`fit` in tcfg.processes processes of this machine (torch's elastic launcher, as torchrun starts them;
+    rendezvous on 127.0.0.1), each on the same snapshot; rank 0 writes best.pt and last.pt into the run folder and
+    hands back its history and model. The caller keeps the lease: the workers only read the warehouse."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from userformer.models import train as training
+    from userformer.models.model import UserFormer
+
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=tcfg.processes,
+        run_id=f"train-{run_dir.name}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    results = elastic_launch(launch, _fit_rank)(cfg, snap.day, snap.versions, mcfg, tcfg, data, run_dir, resume, extra)
+    hist, weights = results[0]
+    model = UserFormer(mcfg, snap.catalog)
+    model.load_state_dict(weights)
+    return model.to(training.pick_device(tcfg.device)), hist
+
+
+def _fit_rank(cfg: Config, day, versions, mcfg, tcfg, data, run_dir: Path, resume: bool, extra: dict):
+    """One process of `_fit_parallel`: joins the group the launcher set up (env://), rebuilds the training data
+    from the same snapshot and fits; rank 0 returns (history, weights)."""
+    import torch
+
+    from userformer.models import train as training
+
+    device = training.pick_device(tcfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        rank = torch.distributed.get_rank()
+        snap = snapshot(cfg, day, versions)
+        source, _, valid_ev, _, _ = _training_data(snap, tcfg, *data)
+        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True) if resume else None
+        model, hist = training.fit(
+            mcfg,
+            tcfg,
+            source,
+            valid_ev if len(valid_ev.targets) else None,
+            snap.catalog,
+            ckpt_path=run_dir / "best.pt",
+            progress=False,
+            log=_stderr,
+            state_path=run_dir / "last.pt",
+            resume=state,
+            extra=extra,
+        )
+        return (hist, {k: v.cpu() for k, v in model.state_dict().items()}) if rank == 0 else None
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def train(
     cfg: Config,
     *,
@@ -211,39 +314,8 @@ def train(
     files.write_json(run_dir / "run.json", run)
 
     cat = snap.catalog
+    source, valid, valid_ev, split, t_min = _training_data(snap, tcfg, window_days, max_users)
     T_ref = dates.day_end(snap.day)
-    horizon = tcfg.eval_horizon_days * DAY_S
-    split = T_ref - horizon
-    t_min = None
-    if window_days is not None:
-        if window_days * DAY_S <= horizon:
-            raise UserError(
-                f"a training window of {window_days} days leaves nothing to train on before the "
-                f"validation window (train.eval_horizon_days={tcfg.eval_horizon_days})"
-            )
-        t_min = T_ref - window_days * DAY_S
-    source = stream.DeltaSequences(
-        snap.seq_path, snap.versions["user_sequences"], tcfg.stream_chunk_users, t_max=split, t_min=t_min
-    )
-    if max_users:
-        frac = max_users / max(source.n_rows, 1)
-        source.select = lambda t: _bucket(t, "max-users") < frac
-    valid = stream.WindowUsers(
-        split,
-        T_ref,
-        tcfg.max_eval_users,
-        salt=SAMPLE_SALT,
-        keep=lambda t: _bucket(t, VALID_SALT) < tcfg.valid_user_fraction,
-    )
-    source.summarise(cat.n_items, (valid,))
-    if not source.n_sequences:
-        raise NotEnoughHistory(
-            f"no user has 2+ events before {dates.iso(split)}"
-            + (f" (from {dates.iso(t_min)})" if t_min is not None else "")
-            + f" in user_sequences as of {snap.day} "
-            f"(train.eval_horizon_days={tcfg.eval_horizon_days}): ingest more days first"
-        )
-    valid_ev = valid.result()
     if not len(valid_ev.targets):
         log(
             f"warning: no validation users with item events in [{dates.iso(split)}, {dates.iso(T_ref)}): "
@@ -265,19 +337,22 @@ def train(
         "window_days": window_days,
     }
     extra = {"data": snap.record(cfg), "protocol": protocol, "run_id": run["run_id"], "parent": None}
-    model, hist = training.fit(
-        mcfg,
-        tcfg,
-        source,
-        valid_ev if len(valid_ev.targets) else None,
-        cat,
-        ckpt_path=run_dir / "best.pt",
-        progress=progress,
-        log=log,
-        state_path=run_dir / "last.pt",
-        resume=state,
-        extra=extra,
-    )
+    if tcfg.processes > 1:
+        model, hist = _fit_parallel(cfg, snap, mcfg, tcfg, (window_days, max_users), run_dir, state is not None, extra)
+    else:
+        model, hist = training.fit(
+            mcfg,
+            tcfg,
+            source,
+            valid_ev if len(valid_ev.targets) else None,
+            cat,
+            ckpt_path=run_dir / "best.pt",
+            progress=progress,
+            log=log,
+            state_path=run_dir / "last.pt",
+            resume=state,
+            extra=extra,
+        )
 
     device = training.pick_device(tcfg.device)
     metrics = {

@@ -171,6 +171,26 @@ def test_resume_ends_like_an_uninterrupted_run(warehouse, tmp_path):
         train.train(b, resume="latest", log=quiet)
 
 
+def test_train_in_two_processes(warehouse, trained, tmp_path):
+    """train.processes = 2: two worker processes (torch's elastic launcher, gloo on 127.0.0.1) train one model
+    by DDP, each on half of every epoch's batches; it is registered like a one-process model, on the same data."""
+    cfg = config(warehouse, tmp_path, TRAIN__PROCESSES="2", TRAIN__NUM_THREADS="1", TRAIN__BATCH_SIZE="32")
+    s = train.train(cfg, day=D3, progress=False, log=quiet)
+    one = trained[1]
+    assert s["published"] and s["epochs"] == one["epochs"] == 2
+    assert (s["train_sequences"], s["valid_users"], s["data"]) == (
+        one["train_sequences"],
+        one["valid_users"],
+        one["data"],
+    )
+    model, ck = registry.load(cfg, s["version"])
+    assert ck["train_config"]["processes"] == 2 and len(ck["history"]) == 2
+    run_dir = cfg.models_root / "runs" / s["run_id"]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished" and not (run_dir / "last.pt").exists()
+    print("valid recall@10: one process", one["valid"], "two", s["valid"])
+    assert s["valid"]["recall@10"] > 0
+
+
 # --------------------------------------------------------------- finetune
 def test_finetune_grows_the_published_model_and_promotes_it(warehouse, trained, tmp_path):
     cfg = config(warehouse, tmp_path, FINETUNE__MAX_QUALITY_DROP="1.0", FINETUNE__MIN_HOLDOUT_USERS="1")
