@@ -115,6 +115,18 @@ class RankingAccumulator:
         """As `add` with scores users @ items.T, computed in chunks of items (`top_items`)."""
         self.add_top(top_items(users.float(), items.float(), self.kk, exclude), targets, target_sets)
 
+    def add_shared(
+        self,
+        scores: torch.Tensor,
+        targets: torch.Tensor,
+        target_sets: list | None = None,
+        exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """As `add` when every user has the same scores (n_items + 1,), e.g. popularity: scored as a one-dimensional
+        dot product (1 x score), in chunks of items, so the row is never repeated per user."""
+        ones = torch.ones(len(targets), 1)
+        self.add_top(top_items(ones, scores.float()[:, None], self.kk, exclude), targets, target_sets)
+
     @property
     def kk(self) -> int:
         """How many of each user's best items the metrics need."""

@@ -255,9 +255,8 @@ def evaluate_popular(
     acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     for i in range(0, len(targets), chunk):
-        n = len(targets[i : i + chunk])
         sets = ev.target_sets[i : i + chunk] if ev.target_sets is not None else None
-        acc.add(counts[None, :].repeat(n, 1), targets[i : i + chunk], sets, history_pairs(ev, i, chunk))
+        acc.add_shared(counts, targets[i : i + chunk], sets, history_pairs(ev, i, chunk))
     return acc.result()
 
 

@@ -372,8 +372,7 @@ def evaluate_counts(
     acc = RankingAccumulator(catalog.n_items, catalog.attrs.get(category))
     targets = torch.as_tensor(ev.targets, dtype=torch.long)
     for i in range(0, len(targets), chunk):
-        m = len(targets[i : i + chunk])
-        acc.add(scores[None, :].repeat(m, 1), targets[i : i + chunk], ev.target_sets[i : i + chunk])
+        acc.add_shared(scores, targets[i : i + chunk], ev.target_sets[i : i + chunk])
     return acc.result()
 
 

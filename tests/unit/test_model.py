@@ -538,6 +538,12 @@ def test_chunked_scoring_equals_the_dense_matrix():
     acc = RankingAccumulator(1000, cat, 10, 50)
     acc.add_embeddings(users, items, targets, sets, exclude=(rows, excluded))
     assert acc.result() == dense.result() and dense.result()["users"] == 37
+    # One score row for every user (most-popular): the same as that row repeated per user.
+    row = torch.randn(1001, generator=g)
+    repeated, shared = RankingAccumulator(1000, cat, 10, 50), RankingAccumulator(1000, cat, 10, 50)
+    repeated.add(row[None, :].repeat(37, 1), targets, sets, exclude=(rows, excluded))
+    shared.add_shared(row, targets, sets, exclude=(rows, excluded))
+    assert shared.result() == repeated.result()
 
 
 def test_users_without_events_get_the_trained_cold_embedding(data):
