@@ -189,6 +189,28 @@ def _training_data(snap: Snapshot, tcfg: TrainConfig, window_days: float | None,
     return source, valid, valid_ev, split, t_min
 
 
+def _fit(mcfg, tcfg, source, valid_ev, catalog, run_dir: Path, state, extra: dict, *, progress: bool, log):
+    """`fit` as `train` runs it: best.pt and the resumable last.pt in the run folder; no validation users, no early
+    stopping (the last epoch is kept)."""
+    from userformer.models import train as training
+
+    valid = valid_ev if len(valid_ev.targets) else None
+    ckpt, last = run_dir / "best.pt", run_dir / "last.pt"
+    return training.fit(
+        mcfg,
+        tcfg,
+        source,
+        valid,
+        catalog,
+        ckpt_path=ckpt,
+        progress=progress,
+        log=log,
+        state_path=last,
+        resume=state,
+        extra=extra,
+    )
+
+
 def _fit_parallel(cfg: Config, snap: Snapshot, mcfg, tcfg, data: tuple, run_dir: Path, resume: bool, extra: dict):
     """`fit` in tcfg.processes processes of this machine (torch's elastic launcher, as torchrun starts them;
     rendezvous on 127.0.0.1), each on the same snapshot; rank 0 writes best.pt and last.pt into the run folder and
@@ -232,19 +254,8 @@ def _fit_rank(cfg: Config, day, versions, mcfg, tcfg, data, run_dir: Path, resum
         snap = snapshot(cfg, day, versions)
         source, _, valid_ev, _, _ = _training_data(snap, tcfg, *data)
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True) if resume else None
-        model, hist = training.fit(
-            mcfg,
-            tcfg,
-            source,
-            valid_ev if len(valid_ev.targets) else None,
-            snap.catalog,
-            ckpt_path=run_dir / "best.pt",
-            progress=False,
-            log=_stderr,
-            state_path=run_dir / "last.pt",
-            resume=state,
-            extra=extra,
-        )
+        cat = snap.catalog
+        model, hist = _fit(mcfg, tcfg, source, valid_ev, cat, run_dir, state, extra, progress=False, log=_stderr)
         return (hist, {k: v.cpu() for k, v in model.state_dict().items()}) if rank == 0 else None
     finally:
         torch.distributed.destroy_process_group()
@@ -340,19 +351,7 @@ def train(
     if tcfg.processes > 1:
         model, hist = _fit_parallel(cfg, snap, mcfg, tcfg, (window_days, max_users), run_dir, state is not None, extra)
     else:
-        model, hist = training.fit(
-            mcfg,
-            tcfg,
-            source,
-            valid_ev if len(valid_ev.targets) else None,
-            cat,
-            ckpt_path=run_dir / "best.pt",
-            progress=progress,
-            log=log,
-            state_path=run_dir / "last.pt",
-            resume=state,
-            extra=extra,
-        )
+        model, hist = _fit(mcfg, tcfg, source, valid_ev, cat, run_dir, state, extra, progress=progress, log=log)
 
     device = training.pick_device(tcfg.device)
     metrics = {
