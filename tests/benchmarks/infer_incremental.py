@@ -66,7 +66,13 @@ def setup(home: Path, users: int, items: int, share: float, device: str) -> tupl
     from userformer.jobs.tools.generate import generate
 
     cfg = load_config(
-        env={"USERFORMER_HOME": str(home), "USERFORMER__INFER__DEVICE": device, "USERFORMER__TRAIN__DEVICE": device}
+        env={
+            "USERFORMER_HOME": str(home),
+            "USERFORMER__INFER__DEVICE": device,
+            "USERFORMER__TRAIN__DEVICE": device,
+            # The cut day holds ~6% of a history day's rows: under the events gate's default row-count band.
+            "USERFORMER__QUALITY__ROW_COUNT_BAND": "[0.0, 5.0]",
+        }
     )
     d1, d2, d3 = (START + dt.timedelta(days=i) for i in range(3))
     t0 = time.perf_counter()
