@@ -114,8 +114,8 @@ class TrainConfig:
     cpu_bf16: bool = False
     # CPU threads for torch (the machines here have 2 cores).
     num_threads: int = field(default=2, metadata=bounds(1, 1024))
-    # Data-parallel processes of `userformer train` / `retrain` (DDP started by torch's elastic launcher on this
-    # machine: gloo on CPUs, nccl with one GPU each); each uses num_threads. Fine-tuning runs in one process.
+    # Data-parallel processes of `userformer train` / `retrain` (DDP started on this machine by torch.distributed's
+    # elastic launcher: gloo on CPUs, nccl with one GPU each); each uses num_threads. Fine-tuning runs in one process.
     processes: int = field(default=1, metadata=bounds(1, 1024))
     # --- training from the warehouse (`userformer train` / `evaluate`, jobs/core/stream.py) ---
     # Users read from user_sequences per chunk (memory bound); chunk order and rows are shuffled per epoch.

@@ -18,6 +18,7 @@ are. Each label's softmax is over positions, so the chunks are independent.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
@@ -53,16 +54,9 @@ class TaskReadout(nn.Module):
         if step >= e.shape[0]:
             s = _read(h, mask, e)
         else:
-            grad = torch.is_grad_enabled()
-            s = torch.cat(
-                [
-                    checkpoint(_read, h, mask, e[lo : lo + step], use_reentrant=False)
-                    if grad
-                    else _read(h, mask, e[lo : lo + step])
-                    for lo in range(0, e.shape[0], step)
-                ],
-                1,
-            )
+            # Training: each chunk is recomputed in backward instead of kept; inference needs no such care.
+            read = partial(checkpoint, _read, use_reentrant=False) if torch.is_grad_enabled() else _read
+            s = torch.cat([read(h, mask, e[lo : lo + step]) for lo in range(0, e.shape[0], step)], 1)
         s = s + self.bias
         s[:, 0] = float("-inf")
         return s

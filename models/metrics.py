@@ -124,8 +124,7 @@ class RankingAccumulator:
     ) -> None:
         """As `add` when every user has the same scores (n_items + 1,), e.g. popularity: scored as a one-dimensional
         dot product (1 x score), in chunks of items, so the row is never repeated per user."""
-        ones = torch.ones(len(targets), 1)
-        self.add_top(top_items(ones, scores.float()[:, None], self.kk, exclude), targets, target_sets)
+        self.add_embeddings(torch.ones(len(targets), 1), scores[:, None], targets, target_sets, exclude)
 
     @property
     def kk(self) -> int:

@@ -634,7 +634,8 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
     events_path, seq_path = cfg.table_path("events"), cfg.table_path("user_sequences")
     spark = spark_session(cfg)
     # Unique ids: a MERGE refuses two source rows for one target row.
-    sel = spark.createDataFrame(pa.table({"user_id": pa.array(list(dict.fromkeys(users)), pa.string())}).to_pandas())
+    chosen = pa.array(list(dict.fromkeys(users)), pa.string())
+    sel = spark.createDataFrame(pa.table({"user_id": chosen}).to_pandas())
     sel = F.broadcast(sel) if len(users) <= 1_000_000 else sel
     events = delta.spark_read(spark, events_path).where(F.col("dt") <= F.lit(upto))
     per_user = sequences_step._per_user(events.join(sel, "user_id", "left_semi")).localCheckpoint()
@@ -663,12 +664,11 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
         }
         sequences_step.ensure_deletion_vectors(spark, seq_path)
         read = delta.version_of(seq_path)
-        chosen = pc.field("user_id").isin(pa.array(list(dict.fromkeys(users)), pa.string()))
         finished = sequences_step._finish(per_user, cfg.sequences.max_len)
         # Write, audit, publish: the table as the MERGE will leave it (the chosen users' rows replaced by their
         # rebuilt rows) passes the user_sequences gate as of drop `upto` before anything is committed.
         with sequences_step.staged_files(cfg, finished, "repair") as (staged, judged):
-            check = sequences_step.gate_change(cfg, upto, judged, chosen, read)
+            check = sequences_step.gate_change(cfg, upto, judged, pc.field("user_id").isin(chosen), read)
             src = sel.join(staged.withColumn("_rebuilt", F.lit(True)), "user_id", "left")
             with delta.spark_commit(spark, seq_path, meta) as c:
                 (

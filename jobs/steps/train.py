@@ -212,7 +212,7 @@ def _fit(mcfg, tcfg, source, valid_ev, catalog, run_dir: Path, state, extra: dic
 
 
 def _fit_parallel(cfg: Config, snap: Snapshot, mcfg, tcfg, data: tuple, run_dir: Path, resume: bool, extra: dict):
-    """`fit` in tcfg.processes processes of this machine (torch's elastic launcher, as torchrun starts them;
+    """`fit` in tcfg.processes processes of this machine (torch.distributed's elastic launcher, as torchrun starts them;
     rendezvous on 127.0.0.1), each on the same snapshot; rank 0 writes best.pt and last.pt into the run folder and
     hands back its history and model. The caller keeps the lease: the workers only read the warehouse."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -172,8 +172,8 @@ def test_resume_ends_like_an_uninterrupted_run(warehouse, tmp_path):
 
 
 def test_train_in_two_processes(warehouse, trained, tmp_path):
-    """train.processes = 2: two worker processes (torch's elastic launcher, gloo on 127.0.0.1) train one model
-    by DDP, each on half of every epoch's batches; it is registered like a one-process model, on the same data."""
+    """train.processes = 2: two worker processes (torch.distributed's elastic launcher, gloo on 127.0.0.1) train one
+    model by DDP, each on half of every epoch's batches; it is registered like a one-process model, on the same data."""
     cfg = config(warehouse, tmp_path, TRAIN__PROCESSES="2", TRAIN__NUM_THREADS="1", TRAIN__BATCH_SIZE="32")
     s = train.train(cfg, day=D3, progress=False, log=quiet)
     one = trained[1]
