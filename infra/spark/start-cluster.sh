@@ -61,6 +61,15 @@ export SPARK_DAEMON_MEMORY="${SPARK_DAEMON_MEMORY:-512m}"
 # print would then be wrong); the REST submission server stays off.
 export SPARK_MASTER_OPTS="${SPARK_MASTER_OPTS:-} -Dspark.port.maxRetries=0 -Dspark.master.rest.enabled=false"
 export SPARK_WORKER_OPTS="${SPARK_WORKER_OPTS:-} -Dspark.port.maxRetries=0"
+# GPUs each worker offers to executors (spark.worker.resource.gpu.*): found by gpu-discovery.sh (nvidia-smi).
+# Drivers then ask for them with spark.executor.resource.gpu.amount / spark.task.resource.gpu.amount
+# (docs/operations.md); infer.engine = spark embeds on the GPU a task was given.
+WORKER_GPUS="${SPARK_WORKER_GPUS:-0}"
+[[ "$WORKER_GPUS" =~ ^[0-9]+$ ]] || die "SPARK_WORKER_GPUS must be a number of GPUs, got '$WORKER_GPUS'"
+if (( WORKER_GPUS > 0 )); then
+  SPARK_WORKER_OPTS+=" -Dspark.worker.resource.gpu.amount=$WORKER_GPUS"
+  SPARK_WORKER_OPTS+=" -Dspark.worker.resource.gpu.discoveryScript=$SCRIPT_DIR/gpu-discovery.sh"
+fi
 
 MASTER_CLASS=org.apache.spark.deploy.master.Master
 WORKER_CLASS=org.apache.spark.deploy.worker.Worker
@@ -114,6 +123,9 @@ WORKER_PORT="${SPARK_WORKER_PORT:-0}"              # base; 0 = any free port
 WORKER_WEBUI_PORT="${SPARK_WORKER_WEBUI_PORT:-8081}" # base; instance i gets base+i-1; 0 = any
 TIMEOUT="${USERFORMER_SPARK_START_TIMEOUT:-90}"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "SPARK_WORKER_INSTANCES must be >= 1, got '$WORKERS'"
+# Every worker on this host would discover, and hand out, the same GPUs.
+(( WORKER_GPUS == 0 || WORKERS == 1 )) \
+  || die "SPARK_WORKER_GPUS needs SPARK_WORKER_INSTANCES=1 (one worker per host owns its GPUs)"
 
 if MASTER_PID="$(running "$MASTER_CLASS" 1)"; then
   [[ -f "$STATE" ]] || die "a master runs (PID $MASTER_PID) but $STATE is missing; run stop-cluster.sh first"

@@ -164,6 +164,10 @@ class InferConfig:
     # auto = cuda when available, else cpu; bf16 autocast on CUDA (outputs are re-normalised in float32).
     device: str = field(default="auto", metadata=_rng(choices=["auto", "cpu", "cuda"]))
     bf16: bool = True
+    # Where the users are embedded: "local" = in the step's own process (small installs, no Spark started);
+    # "spark" = on the executors of cfg.spark.master (mapInArrow, the model loaded once per Python worker, on the
+    # GPU Spark assigned to the task when the cluster schedules GPUs, docs/operations.md). Same output.
+    engine: str = field(default="local", metadata=_rng(choices=["local", "spark"]))
     # Output checks before publishing: |norm - 1| of every embedding below this.
     norm_tolerance: float = field(default=1e-3, metadata=_rng(1e-7, 0.5))
     # Mean top-1 preference probability of every task within [lo, hi] (0..1): outside, a head has

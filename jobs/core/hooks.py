@@ -19,11 +19,18 @@ ENV_DIR = "USERFORMER_PAUSE_DIR"
 MAX_WAIT_S = 600.0
 
 
-def pause(name: str) -> None:
-    points = os.environ.get(ENV_POINTS)
+def forwarded() -> dict:
+    """This process's pause settings, for work it hands to processes that do not inherit its environment (Spark
+    executors, started by the cluster's workers): they pass it to `pause` as `env`."""
+    return {k: os.environ[k] for k in (ENV_POINTS, ENV_DIR) if k in os.environ}
+
+
+def pause(name: str, env: dict | None = None) -> None:
+    env = os.environ if env is None else env
+    points = env.get(ENV_POINTS)
     if not points or name not in {p.strip() for p in points.split(",")}:
         return
-    d = Path(os.environ.get(ENV_DIR) or ".")
+    d = Path(env.get(ENV_DIR) or ".")
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{name}.{os.getpid()}").write_text(str(time.time()))
     go = d / f"{name}.go"

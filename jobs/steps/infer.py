@@ -50,6 +50,7 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -114,6 +115,14 @@ def read_manifest(folder: Location) -> dict | None:
         return None
     # Shards staged before run folders existed hold their files beside the manifest.
     return {**m, "path": str(folder / m["files"] if m.get("files") else folder)}
+
+
+def staged_parts(manifest: dict, table: str) -> list[Location]:
+    """The files of a staged shard's `table` as its manifest names them: one file in-process, one per Spark
+    partition from the executors (only the attempts Spark reported as successful)."""
+    folder = files.location(manifest["path"])
+    names = (manifest.get("parts") or {}).get(table, [f"{table}.parquet"])
+    return [folder / n for n in names]
 
 
 def _drop_other_runs(folder: Location, keep: str) -> None:
@@ -315,6 +324,185 @@ def user_tables(user_ids, emb, prefs, keys, version: str, day: dt.date, updated_
     return ue, ps
 
 
+# ----------------------------------------------------------------- batches
+@dataclass(frozen=True)
+class Job:
+    """What every batch of one infer run needs besides the model (picklable: Spark ships it to executors)."""
+
+    version: str
+    day: dt.date
+    updated_at: dt.datetime
+    shard: int
+    shards: int
+    batch_size: int
+    top_k: int
+    bf16: bool
+    device: str  # infer.device: auto, cpu or cuda
+    catalog_versions: dict  # {"items": v, "vocab": v}: the catalogue the model is grown to
+    pause: dict = field(default_factory=dict)  # test pause points, forwarded to executors
+
+
+def _embed_table(model, t, keys, device, job: Job):
+    """The staged rows (user_embeddings, user_preference_scores) of one batch of user_sequences rows, or None when
+    none of them is in the job's shard."""
+    import pyarrow as pa
+
+    from userformer.models.data import from_sequences_table
+
+    if job.shards > 1:
+        t = t.filter(pa.array(shard_of(t["user_id"].to_pylist(), job.shards) == job.shard))
+    if not t.num_rows:
+        return None
+    seqs = from_sequences_table(t)
+    emb, prefs = embed_sequences(model, seqs, device, batch_size=job.batch_size, top_k=job.top_k, bf16=job.bf16)
+    return user_tables(seqs.user_ids, emb, prefs, keys, job.version, job.day, job.updated_at)
+
+
+# ------------------------------------------------------- on Spark executors
+# A Python worker serves many tasks one after the other (spark.python.worker.reuse): the model is loaded into it
+# once per (model, catalogue, device), not once per task.
+_WORKER_MODEL: dict = {}
+
+
+def _task_device(choice: str):
+    """The GPU Spark assigned to this task (spark.task.resource.gpu.amount), else infer.device as in-process."""
+    import torch
+    from pyspark import TaskContext
+
+    from userformer.models import train
+
+    gpus = (TaskContext.get().resources() or {}).get("gpu")
+    if gpus is not None and gpus.addresses and choice != "cpu":
+        return torch.device(f"cuda:{gpus.addresses[0]}")
+    device = train.pick_device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("infer.device = cuda but this executor has no CUDA device (use auto or cpu)")
+    return device
+
+
+def _worker_model(cfg: Config, job: Job):
+    """(model, label keys, device) for this Python worker: the published model grown to the job's catalogue,
+    exactly what the driver grows (models/grow.py is deterministic)."""
+    from userformer.jobs.core import stream
+
+    device = _task_device(job.device)
+    key = (str(cfg.models_root), job.version, str(job.day), tuple(sorted(job.catalog_versions.items())), str(device))
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()  # one model per worker: a new day's model replaces the last one
+        model, _ = registry.load(cfg, job.version)
+        cat = stream.warehouse_catalog(cfg, job.day, versions=job.catalog_versions)
+        registry.fit_to_catalog(model, cat.catalog, f"model {job.version}")
+        model.to(device).eval()
+        keys = label_keys(cfg, job.catalog_versions["vocab"], list(model.heads.readouts))
+        _WORKER_MODEL[key] = (model, keys, device)
+    return _WORKER_MODEL[key]
+
+
+# What each partition reports back to the driver.
+PART_SCHEMA = "part int, attempt int, file string, users long, preferences long, device string"
+
+
+def _partition_embedder(cfg: Config, job: Job, run_dir: str):
+    """The mapInArrow function: embeds a partition's rows batch by batch and writes them as one Parquet file per
+    table, named by partition AND attempt (a retried or speculative attempt never writes into another's file);
+    yields one row saying which file holds the partition's rows. The driver keeps only what successful
+    attempts reported."""
+
+    def run(batches):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        part, attempt = ctx.partitionId(), ctx.attemptNumber()
+        torch.set_num_threads(max(1, int(ctx.cpus())))
+        model, keys, device = _worker_model(cfg, job)
+        name = f"part-{part:05d}-{attempt}.parquet"
+        writers, n_u, n_p = {}, 0, 0
+        try:
+            for b in batches:
+                hooks.pause("infer.on_executor", job.pause)  # tests: kill this executor mid-partition
+                out = _embed_table(model, pa.Table.from_batches([b]), keys, device, job)
+                if out is None:
+                    continue
+                for table, rows in zip(("user_embeddings", "user_preference_scores"), out):
+                    if table not in writers:
+                        fs, where = files.arrow(files.location(run_dir) / table / name)
+                        writers[table] = pq.ParquetWriter(where, rows.schema, filesystem=fs)
+                    writers[table].write_table(rows)
+                n_u += out[0].num_rows
+                n_p += out[1].num_rows
+        finally:
+            for w in writers.values():
+                w.close()
+        yield pa.RecordBatch.from_pydict(
+            {
+                "part": [part],
+                "attempt": [attempt],
+                "file": [name if writers else None],
+                "users": [n_u],
+                "preferences": [n_p],
+                "device": [str(device)],
+            },
+            schema=pa.schema(
+                [
+                    ("part", pa.int32()),
+                    ("attempt", pa.int32()),
+                    ("file", pa.string()),
+                    ("users", pa.int64()),
+                    ("preferences", pa.int64()),
+                    ("device", pa.string()),
+                ]
+            ),
+        )
+
+    return run
+
+
+def _embed_on_spark(cfg: Config, job: Job, run_dir: Location, seq_v: int, full: bool, selection) -> tuple:
+    """Embed the run's users on the executors of cfg.spark.master. Returns ({table: [file names relative to the
+    run folder]}, users, preference rows, {"partitions", "retried" (partitions whose first attempt failed),
+    "devices"})."""
+    from pyspark.sql import functions as F
+
+    from userformer.jobs.core import stream
+    from userformer.jobs.core.spark import spark_session
+
+    spark = spark_session(cfg)
+    df = spark.read.format("delta").option("versionAsOf", seq_v).load(delta.spark_uri(cfg.table_path("user_sequences")))
+    if selection is not None:
+        df = df.join(spark.createDataFrame([(u,) for u in selection], "user_id string"), "user_id", "left_semi")
+    elif not full:
+        df = df.where(F.col("updated_dt") == F.lit(job.day))  # pruned to the day's files by their statistics
+    df = df.select(*stream.COLUMNS)
+    slots = spark.sparkContext.defaultParallelism
+    if df.rdd.getNumPartitions() < slots:  # a day's rows sit in few files: spread them over every task slot
+        df = df.repartition(slots, "user_id")
+    for table in ("user_embeddings", "user_preference_scores"):
+        (run_dir / table).mkdir(parents=True, exist_ok=True)
+    # Arrow batches of infer.chunk_users rows reach the Python workers (bounded memory per task).
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, str(cfg.infer.chunk_users))
+    try:
+        done = df.mapInArrow(_partition_embedder(cfg, job, str(run_dir)), PART_SCHEMA).collect()
+    finally:
+        spark.conf.unset(key) if before is None else spark.conf.set(key, before)
+    names = sorted(r["file"] for r in done if r["file"])
+    parts = {t: [f"{t}/{n}" for n in names] for t in ("user_embeddings", "user_preference_scores")}
+    for table in parts:  # files of failed attempts: nothing names them; delete them now
+        for p in (run_dir / table).iterdir():
+            if p.name not in names:
+                p.unlink()
+    spark_run = {
+        "partitions": len(done),
+        "retried": sorted(r["part"] for r in done if r["attempt"] > 0),  # partitions a failed attempt preceded
+        "devices": sorted({r["device"] for r in done}),
+    }
+    return parts, sum(r["users"] for r in done), sum(r["preferences"] for r in done), spark_run
+
+
 # ------------------------------------------------------------------- step
 def infer(
     cfg: Config,
@@ -338,7 +526,6 @@ def infer(
 
     from userformer.jobs.core import stream
     from userformer.models import train
-    from userformer.models.data import from_sequences_table
 
     if shards < 1 or not 0 <= shard < shards:
         raise UserError(f"--shard must be in 0..{shards - 1} (--shards {shards}), got {shard}")
@@ -368,7 +555,9 @@ def infer(
         full = reason is not None
         if not full:
             reason = f"users whose sequences changed on {day} (updated_dt = {day})"
-    device = train.pick_device(ic.device)
+    # With the Spark engine the GPUs may be the executors' only: the driver embeds the catalogue on its own CUDA
+    # device when it has one, else on its CPU.
+    device = train.pick_device("auto" if ic.engine == "spark" and ic.device == "cuda" else ic.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("infer.device = cuda but no CUDA device is available (use auto or cpu)")
     torch.set_num_threads(cfg.train.num_threads)
@@ -393,34 +582,47 @@ def infer(
         fs, where = files.arrow(tmp / name)
         return pq.ParquetWriter(where, schema, filesystem=fs)
 
+    job = Job(
+        version=version,
+        day=day,
+        updated_at=updated_at,
+        shard=shard,
+        shards=shards,
+        batch_size=ic.batch_size,
+        top_k=ic.top_k_labels,
+        bf16=ic.bf16,
+        device=ic.device,
+        catalog_versions=dict(cat.versions),
+        pause=hooks.forwarded(),
+    )
     try:
-        ue_w = writer("user_embeddings.parquet", tables.USER_EMBEDDINGS)
-        ps_w = writer("user_preference_scores.parquet", tables.USER_PREFERENCE_SCORES)
-        try:
+        if selection is not None:
+            with writer(SELECTION, pa.schema([("user_id", pa.string())])) as w:
+                w.write_table(pa.table({"user_id": pa.array(selection, pa.string())}))
+        if ic.engine == "spark":
+            parts, rows["user_embeddings"], rows["user_preference_scores"], spark_run = _embed_on_spark(
+                cfg, job, tmp, seq_v, full, selection
+            )
+            devices = spark_run["devices"]
+        else:
+            spark_run, devices = None, [str(device)]
+            parts = {t: [f"{t}.parquet"] for t in ("user_embeddings", "user_preference_scores")}
             if selection is not None:
-                with writer(SELECTION, pa.schema([("user_id", pa.string())])) as w:
-                    w.write_table(pa.table({"user_id": pa.array(selection, pa.string())}))
                 filt = pc.field("user_id").isin(pa.array(selection, pa.string()))
             else:
                 filt = None if full else pc.field("updated_dt") == pa.scalar(day, pa.date32())
-            # delta.scan, not delta-rs's dataset: user_sequences is MERGEd by Spark with deletion vectors.
-            for t in delta.scan(seq_path, seq_v, columns=stream.COLUMNS, filter=filt, batch_size=ic.chunk_users):
-                if shards > 1:
-                    t = t.filter(pa.array(shard_of(t["user_id"].to_pylist(), shards) == shard))
-                if not t.num_rows:
-                    continue
-                seqs = from_sequences_table(t)
-                emb, prefs = embed_sequences(
-                    model, seqs, device, batch_size=ic.batch_size, top_k=ic.top_k_labels, bf16=ic.bf16
-                )
-                ue, ps = user_tables(seqs.user_ids, emb, prefs, keys, version, day, updated_at)
-                ue_w.write_table(ue)
-                ps_w.write_table(ps)
-                rows["user_embeddings"] += ue.num_rows
-                rows["user_preference_scores"] += ps.num_rows
-        finally:
-            ue_w.close()
-            ps_w.close()
+            with (
+                writer("user_embeddings.parquet", tables.USER_EMBEDDINGS) as ue_w,
+                writer("user_preference_scores.parquet", tables.USER_PREFERENCE_SCORES) as ps_w,
+            ):
+                # delta.scan, not delta-rs's dataset: user_sequences is MERGEd by Spark with deletion vectors.
+                for t in delta.scan(seq_path, seq_v, columns=stream.COLUMNS, filter=filt, batch_size=ic.chunk_users):
+                    out = _embed_table(model, t, keys, device, job)
+                    if out is not None:
+                        ue_w.write_table(out[0])
+                        ps_w.write_table(out[1])
+                        rows["user_embeddings"] += out[0].num_rows
+                        rows["user_preference_scores"] += out[1].num_rows
         if shard == 0:
             items = delta.read_arrow(
                 cfg.table_path("items"),
@@ -446,6 +648,7 @@ def infer(
             with writer("item_embeddings.parquet", tables.ITEM_EMBEDDINGS) as w:
                 w.write_table(it)
             rows["item_embeddings"] = n
+            parts["item_embeddings"] = ["item_embeddings.parquet"]
         manifest = {
             "dt": str(day),
             "model_version": version,
@@ -453,6 +656,9 @@ def infer(
             "shards": shards,
             "run_id": run_id,
             "files": tmp.name,
+            "parts": parts,
+            "engine": ic.engine,
+            "spark": spark_run,
             "full": full,
             "reason": reason,
             "users": rows["user_embeddings"],
@@ -472,8 +678,9 @@ def infer(
             },
             "inputs": inputs,
             "grown_since_model": grown,
-            "device": str(device),
-            "bf16": bool(ic.bf16 and device.type == "cuda"),
+            "device": str(device),  # the catalogue's; the users' on `devices`
+            "devices": devices,
+            "bf16": bool(ic.bf16 and any(d.startswith("cuda") for d in [*devices, str(device)])),
             "updated_at": updated_at.isoformat(),
             "created_at": registry.now_iso(),
             "seconds": round(time.perf_counter() - t0, 3),

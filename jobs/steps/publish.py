@@ -56,7 +56,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
-from userformer.jobs.core.storage.files import Location, append_line, location, parquet_dataset, write_json
+from userformer.jobs.core.storage.files import Location, append_line, parquet_dataset, write_json
 from userformer.jobs.steps import check, infer
 from userformer.schemas import tables
 
@@ -129,8 +129,7 @@ def outputs_id(manifests: list[dict]) -> str:
 
 
 def _files(manifests: list[dict], table: str) -> list[str]:
-    found = (location(m["path"]) / f"{table}.parquet" for m in manifests)
-    return [str(f) for f in found if f.is_file()]
+    return [str(f) for m in manifests for f in infer.staged_parts(m, table) if f.is_file()]
 
 
 # ----------------------------------------------------------------- commits

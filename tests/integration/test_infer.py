@@ -12,7 +12,9 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +77,11 @@ def registry(warehouse, tmp_path_factory):  # noqa: F811
 def setup(warehouse, registry, tmp_path):  # noqa: F811
     """A function giving a fresh home (own copy of the warehouse tables and of the registry) -> its config."""
 
-    def make(name: str = "home"):
+    def make(name: str = "home", **settings):
         home = tmp_path / name
         shutil.copytree(warehouse / "warehouse", home / "warehouse")
         shutil.copytree(registry[0], home / "models")
-        return load_config(env=env_of(warehouse, home))
+        return load_config(env={**env_of(warehouse, home), **settings})
 
     return make
 
@@ -235,6 +237,107 @@ def test_shards_equal_one_shard_and_a_new_model_reembeds_everyone(setup, monkeyp
     for t in infer_step.OUTPUTS:
         assert {r["model_version"] for r in rows(b, t).values()} == {v2}, t
     assert len(rows(b, "user_embeddings")) == len(before) and publish_step.published_outputs(b)["model_version"] == v2
+
+
+def assert_same_outputs(a, b) -> None:
+    """Two homes published the same rows: vectors and scores within float tolerance (batches differ), the same
+    labels, versions and dates."""
+    for t in infer_step.OUTPUTS:
+        ra, rb = rows(a, t, drop=("updated_at",)), rows(b, t, drop=("updated_at",))
+        assert ra.keys() == rb.keys(), t
+        for k, r in ra.items():
+            for c, v in r.items():
+                if c in ("embedding", "scores"):
+                    np.testing.assert_allclose(rb[k][c], v, atol=1e-5, err_msg=f"{t} {k} {c}")
+                else:
+                    assert rb[k][c] == v, (t, k, c)
+
+
+def test_the_spark_engine_equals_the_in_process_path(setup):
+    """infer.engine = spark embeds on the executors of the session's master (here local[2]): the same published
+    rows as in-process, a day's users only, each partition's rows in the files its successful attempt wrote."""
+    small = {"USERFORMER__INFER__CHUNK_USERS": "50", "USERFORMER__INFER__BATCH_SIZE": "16"}
+    here = setup("here", **small)
+    on_spark = setup("spark", USERFORMER__INFER__ENGINE="spark", **small)
+    for day in (D3, D4):
+        (mh,), _ = run_day(here, day)
+        (ms,), _ = run_day(on_spark, day)
+        assert ms["engine"] == "spark" and mh["engine"] == "local"
+        assert ms["users"] == mh["users"] > 0 and ms["full"] == (day == D3)
+        assert ms["devices"] == ["cpu"]
+        folder = staged(on_spark, day, ms["model_version"], 0, 1)
+        for t in ("user_embeddings", "user_preference_scores"):
+            parts = ms["parts"][t]
+            assert len(parts) >= 2 and all(p.startswith(f"{t}/part-") for p in parts)  # several tasks wrote
+            assert sorted(p.name for p in (folder / t).iterdir()) == sorted(p.split("/")[1] for p in parts)
+            assert sum(pq.read_metadata(folder / p).num_rows for p in parts) == ms["rows"][t]
+        assert_same_outputs(here, on_spark)
+    assert ms["users"] == len(seq_users(on_spark, D4))
+
+
+def _executor_of(pid: int) -> int:
+    """The executor JVM (CoarseGrainedExecutorBackend) a Python worker runs under: its nearest such ancestor."""
+    p = pid
+    while p > 1:
+        if b"CoarseGrainedExecutorBackend" in Path(f"/proc/{p}/cmdline").read_bytes():
+            return p
+        p = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    raise AssertionError(f"no executor JVM above Python worker {pid}")
+
+
+@pytest.mark.cluster
+def test_on_the_cluster_a_lost_executor_is_retried_and_the_day_equals_in_process(setup, warehouse, tmp_path):  # noqa: F811
+    """`userformer infer` with infer.engine = spark on a real standalone cluster (2 workers). One executor is
+    SIGKILLed (its JVM and its Python worker) while it embeds a partition: Spark reruns the partition on
+    another executor, the run stages only the successful attempts' files, and the published day equals the
+    in-process run."""
+    from tests.integration.spark_cluster import SparkCluster, pid_alive
+
+    here = setup("here")
+    run_day(here, D3)
+    target = setup("cluster", USERFORMER__INFER__ENGINE="spark", USERFORMER__INFER__CHUNK_USERS="50")
+    pauses = tmp_path / "pauses"
+    with SparkCluster(tmp_path / "spark", workers=2, cores=1, memory="1g") as cluster:
+        env = cluster.driver_env(
+            home=target.home,
+            **{k: v for k, v in env_of(warehouse, target.home).items() if k != "USERFORMER_HOME"},
+            USERFORMER__INFER__ENGINE="spark",
+            USERFORMER__INFER__CHUNK_USERS="50",
+            USERFORMER_PAUSE_AT="infer.on_executor",
+            USERFORMER_PAUSE_DIR=str(pauses),
+        )
+        proc = subprocess.Popen(
+            [cluster.bin("userformer"), "infer", "--dt", str(D3)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not list(pauses.glob("infer.on_executor.*")):
+                assert proc.poll() is None, proc.communicate()[1][-5000:]
+                assert time.monotonic() < deadline, cluster.log_tail()
+                time.sleep(0.2)
+            worker = int(sorted(pauses.glob("infer.on_executor.*"))[0].suffix[1:])
+            jvm = _executor_of(worker)
+            for pid in (jvm, worker):
+                os.kill(pid, signal.SIGKILL)
+            while pid_alive(worker) or pid_alive(jvm):
+                time.sleep(0.05)
+            (pauses / "infer.on_executor.go").touch()
+            out, err = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, f"{err[-5000:]}\n{cluster.log_tail()}"
+    m = json.loads(out[out.index("{") :])  # the manifest, printed last
+    assert m["engine"] == "spark" and m["spark"]["retried"], m["spark"]  # the lost executor's partition ran again
+    folder = Path(m["path"])
+    for t in ("user_embeddings", "user_preference_scores"):  # only the successful attempts' files remain
+        assert sorted(p.name for p in (folder / t).iterdir()) == sorted(p.split("/")[1] for p in m["parts"][t])
+    publish_step.publish(target, D3, log=quiet)
+    assert_same_outputs(here, target)
 
 
 # ------------------------------------------------------------------ faults

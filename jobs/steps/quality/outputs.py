@@ -152,16 +152,17 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
     ):
         problems, bad = [], set()
         for m in manifests if table != "item_embeddings" else manifests[:1]:
-            name = f"{table}.parquet"
-            try:
-                actual = src.staged_schema(m["path"], name)
-            except (OSError, pa.ArrowInvalid) as exc:
-                problems.append(f"shard {m['shard']}: {name} unreadable ({exc})")
-                bad.add("*")
-                continue
-            o, b = type_check(table, schema, actual)
-            problems += [f"shard {m['shard']}: {p}" for p in o.examples]
-            bad |= b
+            for file in src.staged_parts(m, table):
+                name = file.removeprefix(m["path"]).lstrip("/")
+                try:
+                    actual = src.staged_schema(file)
+                except (OSError, pa.ArrowInvalid) as exc:
+                    problems.append(f"shard {m['shard']}: {name} unreadable ({exc})")
+                    bad.add("*")
+                    continue
+                o, b = type_check(table, schema, actual)
+                problems += [f"shard {m['shard']}: {name}: {p}" for p in o.examples]
+                bad |= b
         readable[table] = not bad
         plan.items.append(
             Outcome(
@@ -181,7 +182,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
     filt = None if first["full"] else pc.field("updated_dt") == pa.scalar(day, pa.date32())
     selected = first.get("selection")
     if selected:  # a repair's explicit users (jobs/steps/infer.py): those of them with a row
-        sel = src.staged_table(first["path"], selected["file"], ["user_id"])["user_id"]
+        sel = src.staged_table(f"{first['path']}/{selected['file']}", ["user_id"])["user_id"]
         filt = pc.field("user_id").isin(sel.combine_chunks().cast(pa.string()))
     want_ids = src.read("user_sequences", ["user_id"], filter=filt, version=inp["version"])["user_id"].to_pylist()
     expected = (
@@ -200,7 +201,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
         for m in manifests:
             n = 0
             for t in src.staged_batches(
-                m["path"], "user_embeddings.parquet", ["user_id", "embedding", "model_version", "as_of"]
+                src.staged_parts(m, "user_embeddings"), ["user_id", "embedding", "model_version", "as_of"]
             ):
                 ids = t["user_id"].to_pylist()
                 users.append(
@@ -222,8 +223,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
     if readable["user_preference_scores"]:
         for m in manifests:
             for t in src.staged_batches(
-                m["path"],
-                "user_preference_scores.parquet",
+                src.staged_parts(m, "user_preference_scores"),
                 ["user_id", "task", "label_idx", "labels", "scores", "model_version"],
             ):
                 st = score_stats(t["scores"], t["label_idx"], t["labels"])
@@ -364,7 +364,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
     if readable["item_embeddings"]:
         parts = []
         for t in src.staged_batches(
-            first["path"], "item_embeddings.parquet", ["item_idx", "embedding", "model_version"]
+            src.staged_parts(first, "item_embeddings"), ["item_idx", "embedding", "model_version"]
         ):
             parts.append(
                 {

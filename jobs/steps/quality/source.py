@@ -127,19 +127,24 @@ class Warehouse:
         that is missing or was never completed."""
         return [infer.read_manifest(infer.shard_dir(self.cfg, day, model_version, i, shards)) for i in range(shards)]
 
-    def staged_schema(self, folder: str, name: str) -> pa.Schema:
-        with (location(folder) / name).open("rb") as f:
+    def staged_parts(self, manifest: dict, table: str) -> list[str]:
+        """The files holding a staged shard's `table` (one in-process, one per partition from Spark executors)."""
+        return [str(p) for p in infer.staged_parts(manifest, table)]
+
+    def staged_schema(self, file: str) -> pa.Schema:
+        with location(file).open("rb") as f:
             return pq.read_schema(f)
 
-    def staged_table(self, folder: str, name: str, columns: list[str]) -> pa.Table:
-        with (location(folder) / name).open("rb") as f:
+    def staged_table(self, file: str, columns: list[str]) -> pa.Table:
+        with location(file).open("rb") as f:
             return pq.read_table(f, columns=columns)
 
-    def staged_batches(self, folder: str, name: str, columns: list[str]) -> Iterator[pa.Table]:
-        """A staged file of a shard (local, or in the warehouse's bucket) in batches (bounded memory)."""
-        with (location(folder) / name).open("rb") as f:
-            for b in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
-                yield pa.Table.from_batches([b])
+    def staged_batches(self, parts: list[str], columns: list[str]) -> Iterator[pa.Table]:
+        """Staged files of a shard (local, or in the warehouse's bucket) in batches (bounded memory)."""
+        for file in parts:
+            with location(file).open("rb") as f:
+                for b in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
+                    yield pa.Table.from_batches([b])
 
     # ------------------------------------------------------------- item index
     def current_index(self) -> str | None:
