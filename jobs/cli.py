@@ -36,6 +36,7 @@ STEP_MODULES = [
     "userformer.jobs.flows.retrain",
     "userformer.jobs.flows.demo",
     "userformer.jobs.tools.orchestrator",
+    "userformer.jobs.tools.connect",
     "userformer.jobs.tools.info",
     "userformer.jobs.tools.benchmark",
 ]

@@ -57,6 +57,9 @@ class SparkConfig:
     shuffle_partitions: int = field(default=8, metadata=_rng(1, 100_000))
     # Extra spark.* settings, e.g. {"spark.executor.cores" = "1"}.
     extra: dict = field(default_factory=dict)
+    # sc://host:port of a running Spark Connect server (`userformer spark-connect start`): every step is a client
+    # of that one driver instead of starting a JVM of its own. "" = each step starts a driver for `master`.
+    remote: str = ""
     # Folder of Delta's Spark JARs with their jars.sha256 ("" = infra/jars/lib, filled by `make jars`).
     jars_dir: str = ""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
@@ -48,63 +49,121 @@ def delta_jars(cfg: Config) -> list[Path]:
     return jars
 
 
-def spark_session(cfg: Config):
-    """A SparkSession for cfg.spark.master (local[N] or spark://...) that reads and writes Delta natively.
+def driver_conf(cfg: Config) -> dict[str, str]:
+    """Settings fixed when a driver starts (a SparkContext's or a Spark Connect server's).
 
-    Why the settings: Delta's JARs from infra/jars (spark.jars: also shipped to
-    a cluster's executors) with its SQL extension and catalog; Parquet
-    timestamps as INT64 micros (what every other reader of the tables expects;
-    Spark's INT96 default reads back as nanoseconds); UTC everywhere so dates
-    do not shift with the host.
+    Why: Delta's JARs from infra/jars (spark.jars: also shipped to a cluster's
+    executors) with its SQL extension and catalog; no UI; no .crc / _SUCCESS
+    side files beside local data files (the Delta log has its own checksums);
+    executors run this venv's Python.
     """
+    out = {
+        "spark.master": cfg.spark.master,
+        "spark.app.name": cfg.spark.app_name,
+        "spark.jars": ",".join(str(j) for j in delta_jars(cfg)),
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.driver.memory": cfg.spark.driver_memory,
+        "spark.executor.memory": cfg.spark.executor_memory,
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        # The session catalog's own folder (register_tables' database) under the home, not in the cwd.
+        "spark.sql.warehouse.dir": str(cfg.home / "spark-warehouse"),
+        "spark.hadoop.fs.file.impl": "org.apache.hadoop.fs.RawLocalFileSystem",
+        "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
+        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+    }
+    return {**out, **{k: str(v) for k, v in {**s3a_from_env(cfg), **cfg.spark.extra}.items()}}
+
+
+def session_conf(cfg: Config) -> dict[str, str]:
+    """Settings every session sets for itself, also on a shared Spark Connect server.
+
+    Why: Parquet timestamps as INT64 micros (what every other reader of the
+    tables expects; Spark's INT96 default reads back as nanoseconds); UTC
+    everywhere so dates do not shift with the host; raw files written by
+    pandas/pyarrow often carry nanosecond timestamps, which Spark refuses, so
+    they are read as longs and converted in ingest.
+    """
+    return {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+        # Delta rebuilds a table's state from its log in this many tasks before every read, write and MERGE;
+        # its default (50) makes that the slowest stage of a small day on a few cores.
+        "spark.databricks.delta.snapshotPartitions": str(cfg.spark.shuffle_partitions),
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        "spark.sql.parquet.compression.codec": "snappy",
+        "spark.sql.legacy.parquet.nanosAsLong": "true",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+    }
+
+
+# The Spark Connect server of a home (jobs/tools/connect.py): its folder and the file of its bearer token.
+CONNECT_TOKEN = "token"
+
+
+def connect_dir(cfg: Config) -> Path:
+    return cfg.home / "run" / "connect"
+
+
+def client_url(cfg: Config) -> str:
+    """cfg.spark.remote with the token of this home's server when the URL carries none (a server started
+    elsewhere takes its token in the URL, or in SPARK_CONNECT_AUTHENTICATE_TOKEN)."""
+    url = cfg.spark.remote
+    token = connect_dir(cfg) / CONNECT_TOKEN
+    if ";token=" in url or not token.is_file() or "SPARK_CONNECT_AUTHENTICATE_TOKEN" in os.environ:
+        return url
+    # gRPC's local credentials carry a token without TLS only to "localhost" (pyspark's ChannelBuilder).
+    url = url.replace("sc://127.0.0.1:", "sc://localhost:")
+    return url.rstrip("/") + "/;token=" + token.read_text().strip()
+
+
+def _reusable(session, cfg: Config) -> bool:
+    if session is None:
+        return False
+    if cfg.spark.remote:
+        return getattr(session, "_userformer_remote", None) == cfg.spark.remote and not session.is_stopped
+    return (
+        getattr(session, "_jsc", None) is not None
+        and getattr(session, "_userformer_remote", None) is None
+        and session.conf.get("spark.master") == cfg.spark.master
+    )
+
+
+def spark_session(cfg: Config):
+    """A SparkSession that reads and writes Delta natively: a client of the Spark Connect server at
+    cfg.spark.remote (one long-lived driver for every task: jobs/tools/connect.py starts it), else a driver in
+    this process for cfg.spark.master (local[N] or spark://...)."""
     global _SESSION
-    if _SESSION is not None and _SESSION._jsc is not None and _SESSION.conf.get("spark.master") == cfg.spark.master:
+    if _reusable(_SESSION, cfg):
         return _SESSION
-    jars = delta_jars(cfg)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark.sql import SparkSession
+
+    if cfg.spark.remote:
+        _SESSION = SparkSession.builder.remote(client_url(cfg)).getOrCreate()
+        for k, v in session_conf(cfg).items():
+            _SESSION.conf.set(k, v)
+        _SESSION._userformer_remote = cfg.spark.remote
+        # Close the client before the interpreter's last collection: a DataFrame cached on the server
+        # (localCheckpoint) left alive then (a step that failed) asks the server to release it from its __del__,
+        # and a gRPC call made during finalization never returns. Once the client is closed, it asks nothing.
+        atexit.register(stop_spark)
+        return _SESSION
     if cfg.spark.master.startswith("spark://") and "SPARK_CONF_DIR" not in os.environ:
         # The local standalone cluster (infra/spark/start-cluster.sh) authenticates with a generated secret,
         # kept in its run folder's spark-defaults.conf: a driver reads it there, never from its command line.
         conf = Path(os.environ.get("USERFORMER_SPARK_RUN_DIR") or cfg.home / "run" / "spark") / "conf"
         if (conf / "spark-defaults.conf").is_file():
             os.environ["SPARK_CONF_DIR"] = str(conf)
-    from pyspark.sql import SparkSession
-
-    b = (
-        SparkSession.builder.master(cfg.spark.master)
-        .appName(cfg.spark.app_name)
-        .config("spark.jars", ",".join(str(j) for j in jars))
-        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-        .config("spark.driver.memory", cfg.spark.driver_memory)
-        .config("spark.executor.memory", cfg.spark.executor_memory)
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.session.timeZone", "UTC")
-        # The session catalog's own folder (register_tables' database) under the home, not in the cwd.
-        .config("spark.sql.warehouse.dir", str(cfg.home / "spark-warehouse"))
-        .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
-        # Delta rebuilds a table's state from its log in this many tasks before every read, write and MERGE;
-        # its default (50) makes that the slowest stage of a small day on a few cores.
-        .config("spark.databricks.delta.snapshotPartitions", str(cfg.spark.shuffle_partitions))
-        .config("spark.sql.adaptive.enabled", "true")
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        .config("spark.sql.parquet.compression.codec", "snappy")
-        # Raw files written by pandas/pyarrow often carry nanosecond timestamps,
-        # which Spark refuses; read them as longs and convert in ingest.
-        .config("spark.sql.legacy.parquet.nanosAsLong", "true")
-        # No .crc / _SUCCESS side files beside local data files (the Delta log has its own checksums).
-        .config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
-        .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
-    )
-    for k, v in {**s3a_from_env(cfg), **cfg.spark.extra}.items():
-        b = b.config(k, str(v))
+    b = SparkSession.builder
+    for k, v in {**session_conf(cfg), **driver_conf(cfg)}.items():  # driver_conf ends with spark.extra: it wins
+        b = b.config(k, v)
     _SESSION = b.getOrCreate()
     _SESSION.sparkContext.setLogLevel("WARN")
     return _SESSION

@@ -2,7 +2,9 @@
 
 This is what `make demo` runs: a fresh demo home (its own, ``~/.local/share/userformer-demo`` unless
 USERFORMER_HOME names one; it only ever clears a home an earlier demo made, and only inside it), 7 days of
-synthetic raw drops, then Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py) and one backfill of the
+synthetic raw drops, then a Spark Connect server (jobs/tools/connect.py: one Spark driver that every Spark task
+of the DAG uses, instead of a JVM of its own each) and Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py),
+both stopped by PID at the end, and one backfill of the
 `daily_refresh` DAG over those dates (``POST /api/v2/backfills``; the runs go in date order), and a summary: rows
 per table, users refreshed per day, model versions, evaluation metrics, index recall, where everything is and a
 query to try. ``--no-airflow`` runs the same steps in this process instead (`pipeline.run_day`, as
@@ -28,7 +30,7 @@ from userformer.jobs.core.dates import date_arg, date_range
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.flows import pipeline
-from userformer.jobs.tools import generate, info, orchestrator
+from userformer.jobs.tools import connect, generate, info, orchestrator
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "config" / "demo.toml"
 
@@ -271,7 +273,13 @@ def _run_in_process(cfg: Config, days: list[dt.date]) -> None:
 
 def _run_through_airflow(args, cfg: Config, days: list[dt.date]) -> None:
     t0 = time.perf_counter()
-    af = orchestrator.start(cfg, args.port or orchestrator.free_port(), scheduled_runs=False)
+    # One Spark driver for every task (a Spark Connect server), instead of a JVM started by each Spark task.
+    with connect.serving(cfg, log=lambda line: print(line, flush=True)) as task_env:
+        _airflow_backfill(args, cfg, days, task_env, t0)
+
+
+def _airflow_backfill(args, cfg: Config, days: list[dt.date], task_env: dict, t0: float) -> None:
+    af = orchestrator.start(cfg, args.port or orchestrator.free_port(), scheduled_runs=False, env=task_env)
     login = f"login {af.username}, password in {af.home / orchestrator.PASSWORDS_FILE}"
     print(
         f"Airflow {af.url} ({login}; pid {af.pid}) ready in "

@@ -419,7 +419,7 @@ def apply_restore(cfg: Config, from_dt: dt.date, repair_id: str) -> dict:
                 # deletion vectors (user_sequences), bringing deleted rows back.
                 spark = spark_session(cfg)
                 with delta.spark_commit(spark, path, rmeta) as c:
-                    delta.spark_table(spark, path).restoreToVersion(t["to_version"])
+                    delta.spark_restore(spark, path, t["to_version"])
                 version = c["version"]
             else:
                 delta.open_table(path).restore(
@@ -653,7 +653,9 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
                 "version": delta.version_of(seq_path),
                 "reason": "none of the users has events or a row",
             }
-        values = {c: F.col(f"s.{c}") for c in schema.USER_SEQUENCES.names}
+        names = [f"`{c}`" for c in schema.USER_SEQUENCES.names]  # the table's columns, not the helper _rebuilt
+        assign = ", ".join(f"t.{c} = s.{c}" for c in names)
+        columns, sources = ", ".join(names), ", ".join(f"s.{c}" for c in names)
         meta = {
             "step": "sequences-rebuild",
             "upto": str(upto),
@@ -671,14 +673,13 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
             check = sequences_step.gate_change(cfg, upto, judged, pc.field("user_id").isin(chosen), read)
             src = sel.join(staged.withColumn("_rebuilt", F.lit(True)), "user_id", "left")
             with delta.spark_commit(spark, seq_path, meta) as c:
-                (
-                    delta.spark_table(spark, seq_path)
-                    .alias("t")
-                    .merge(src.alias("s"), "t.user_id = s.user_id")
-                    .whenMatchedDelete(condition="s._rebuilt IS NULL")
-                    .whenMatchedUpdate(set=values)
-                    .whenNotMatchedInsert(condition="s._rebuilt", values=values)
-                    .execute()
+                delta.spark_merge(
+                    spark,
+                    seq_path,
+                    src,
+                    "t.user_id = s.user_id",
+                    f"WHEN MATCHED AND s._rebuilt IS NULL THEN DELETE WHEN MATCHED THEN UPDATE SET {assign} "
+                    f"WHEN NOT MATCHED AND s._rebuilt THEN INSERT ({columns}) VALUES ({sources})",
                 )
     finally:
         per_user.unpersist()

@@ -476,9 +476,8 @@ def _embed_on_spark(cfg: Config, job: Job, run_dir: Location, seq_v: int, full: 
     elif not full:
         df = df.where(F.col("updated_dt") == F.lit(job.day))  # pruned to the day's files by their statistics
     df = df.select(*stream.COLUMNS)
-    slots = spark.sparkContext.defaultParallelism
-    if df.rdd.getNumPartitions() < slots:  # a day's rows sit in few files: spread them over every task slot
-        df = df.repartition(slots, "user_id")
+    # A day's rows sit in the few files its MERGE wrote: spread them over spark.shuffle_partitions tasks.
+    df = df.repartition(cfg.spark.shuffle_partitions, "user_id")
     for table in ("user_embeddings", "user_preference_scores"):
         (run_dir / table).mkdir(parents=True, exist_ok=True)
     # Arrow batches of infer.chunk_users rows reach the Python workers (bounded memory per task).

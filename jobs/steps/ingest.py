@@ -651,8 +651,11 @@ def _gate(cfg: Config, day: dt.date, events, rejected, read: dict) -> dict:
     return check.gate(cfg, "events", day, staged)
 
 
-def _spark_type(f: pa.Field):
-    return tables.to_spark(pa.schema([f]))[0].dataType
+def _spark_type(f: pa.Field) -> str:
+    """The Spark type of a contract column, as SQL type text (e.g. "string"): parsed by the driver, so that a
+    client of a Spark Connect server casts to the default string type. A StringType object sent by such a client
+    arrives as an explicit UTF8_BINARY collation, which Delta writes into the table's schema and delta-rs refuses."""
+    return tables.to_spark(pa.schema([f]))[0].dataType.simpleString()
 
 
 # -------------------------------------------------------------------- CLI

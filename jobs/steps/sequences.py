@@ -310,13 +310,13 @@ def _merge(spark, seq_path, staged, read_version: int, meta: dict) -> dict:
     now = delta.version_of(seq_path)
     if now != read_version:
         raise delta.ConcurrentWrite(seq_path, f"the day's rows were computed on version {read_version}, now {now}")
-    target = delta.spark_table(spark, seq_path).alias("t")
     with delta.spark_commit(spark, seq_path, meta) as c:
-        (
-            target.merge(staged.alias("s"), "t.user_id = s.user_id")
-            .whenMatchedUpdateAll()
-            .whenNotMatchedInsertAll()
-            .execute()
+        delta.spark_merge(
+            spark,
+            seq_path,
+            staged,
+            "t.user_id = s.user_id",
+            "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
         )
     if c["version"] is None:
         raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
@@ -379,7 +379,7 @@ def _restore(spark, seq_path, version: int, day: dt.date) -> int:
     with delta.spark_commit(
         spark, seq_path, {"step": "sequences-rerun", "rerun_of": str(day), "restored_version": version}
     ) as c:
-        delta.spark_table(spark, seq_path).restoreToVersion(version)
+        delta.spark_restore(spark, seq_path, version)
     return c["version"]
 
 

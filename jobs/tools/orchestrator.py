@@ -27,6 +27,7 @@ the dates, waits, reports every run's state and stops it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -413,12 +414,14 @@ def start(
     timeout: float = 240.0,
     dags: tuple[str, ...] = ("daily_refresh",),
     log=None,
+    env: dict | None = None,
 ) -> Airflow:
     """Start standalone Airflow in the background and return once it is usable (module doc).
 
     `scheduled_runs=False` keeps the scheduler from creating runs on its own (``[scheduler] use_job_schedule``):
     backfills and triggered runs still run; what the demo and the tests use. `dags`: wait until these are parsed
-    (an import error of the dags folder fails the start)."""
+    (an import error of the dags folder fails the start). `env`: variables every task gets besides (e.g.
+    USERFORMER__SPARK__REMOTE)."""
     say = log or (lambda s: None)
     port = free_port(port or DEFAULT_PORT) if not port else port
     if port and free_port(port) != port:
@@ -426,7 +429,7 @@ def start(
     home = airflow_home(cfg)
     home.mkdir(parents=True, exist_ok=True)
     ensure_password(home)
-    env = environment(cfg, port, parallelism=parallelism, scheduled_runs=scheduled_runs)
+    env = {**environment(cfg, port, parallelism=parallelism, scheduled_runs=scheduled_runs), **(env or {})}
     log_path = home / "standalone.log"
     out = open(log_path, "ab")
     out.write(f"\n---- userformer airflow start {dt.datetime.now(dt.UTC).isoformat()} port {port}\n".encode())
@@ -544,6 +547,12 @@ def register(sub) -> None:
     a.add_argument(
         "--no-schedule", action="store_true", help="create no scheduled runs (backfills and triggered runs only)"
     )
+    a.add_argument(
+        "--own-spark",
+        action="store_true",
+        help="each Spark task starts its own driver (default: one Spark Connect server for every task, started "
+        "and stopped with Airflow, unless spark.remote names one)",
+    )
     a.set_defaults(func=run)
     b = s.add_parser("backfill", help="start Airflow, backfill daily_refresh over --from..--to, wait, stop")
     b.add_argument("--from", dest="start", type=date_arg, required=True, help="first drop date")
@@ -556,6 +565,7 @@ def register(sub) -> None:
         help="dates that already have a finished run: rerun failed ones (default) or all",
     )
     b.add_argument("--port", type=int, help="API port (default: a free one)")
+    b.add_argument("--own-spark", action="store_true", help="each Spark task starts its own driver (see start)")
     b.set_defaults(func=run)
 
 
@@ -564,8 +574,20 @@ def _print(line: str) -> None:
 
 
 def run(args, cfg: Config) -> int:
+    from userformer.jobs.tools import connect
+
+    if args.airflow_command == "backfill" and args.end < args.start:
+        raise UserError(f"--to {args.end} is before --from {args.start}")
+    spark = contextlib.nullcontext({}) if args.own_spark else connect.serving(cfg, log=_print)
+    with spark as task_env:
+        return _run(args, cfg, task_env)
+
+
+def _run(args, cfg: Config, task_env: dict) -> int:
     if args.airflow_command == "start":
-        af = start(cfg, args.port, parallelism=args.parallelism, scheduled_runs=not args.no_schedule, log=_print)
+        af = start(
+            cfg, args.port, parallelism=args.parallelism, scheduled_runs=not args.no_schedule, log=_print, env=task_env
+        )
         print(
             f"\nAirflow is up: {af.url}\n  login: {af.username}, password in {af.home / PASSWORDS_FILE}\n"
             f"  DAGs: {dags_folder()}\n  log: {af.log_path}\n"
@@ -581,9 +603,7 @@ def run(args, cfg: Config) -> int:
             code = af.stop()
         print(f"Airflow stopped (exit {code}).", flush=True)
         return 0
-    if args.end < args.start:
-        raise UserError(f"--to {args.end} is before --from {args.start}")
-    af = start(cfg, args.port or free_port(), scheduled_runs=False, log=_print, dags=(args.dag,))
+    af = start(cfg, args.port or free_port(), scheduled_runs=False, log=_print, dags=(args.dag,), env=task_env)
     try:
         states = run_backfill(
             af,

@@ -642,7 +642,7 @@ def _restore_state(cfg, seq_path: Path, version: int, applied: dt.date) -> None:
     spark = spark_session(cfg)
     meta = {"step": "sequences-restore", "dt": str(applied), "restored_version": str(version), "by": "tests.benchmarks"}
     with delta.spark_commit(spark, seq_path, meta):
-        delta.spark_table(spark, seq_path).restoreToVersion(version)
+        delta.spark_restore(spark, seq_path, version)
 
 
 def _first_difference(a, b) -> dict:

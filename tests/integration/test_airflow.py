@@ -10,12 +10,13 @@ for the module (what `userformer run-day` does). Then:
 - **repair**: then, in home B, ``airflow dags test repair`` with conf from_dt = day 2, to_dt = day 3, mode =
   restore: the tables must equal A's again (model versions compared without their allocation number); a bad
   mode is refused before any task runs.
-- **backfill beside the schedule**: home C starts Airflow standalone on 127.0.0.1 (jobs/tools/orchestrator.py;
-  started and stopped by PID here) with its scheduler creating runs. The three dates end yesterday, so unpausing
-  `daily_refresh` starts the scheduled run of the last one, which waits for its drop (its ready marker is held
-  back). While it is active, one backfill of the two older dates is created through ``POST /api/v2/backfills``, and
-  the last drop is then marked ready. The scheduled run must wait for the backfill's days (date order), every run
-  must succeed, and after Airflow is stopped the tables must equal A's.
+- **backfill beside the schedule**: home C starts a Spark Connect server (jobs/tools/connect.py) and Airflow
+  standalone on 127.0.0.1 (jobs/tools/orchestrator.py), both started and stopped by PID here, its scheduler
+  creating runs; every Spark task is a client of that one server, as in `make demo`. The three dates end
+  yesterday, so unpausing `daily_refresh` starts the scheduled run of the last one, which waits for its drop
+  (its ready marker is held back). While it is active, one backfill of the two older dates is created through
+  ``POST /api/v2/backfills``, and the last drop is then marked ready. The scheduled run must wait for the
+  backfill's days (date order), every run must succeed, and after Airflow is stopped the tables must equal A's.
 
 Equal means: events, events_rejected (without source_file, a path into the home), vocab, items and
 user_sequences row for row; user_embeddings, user_preference_scores, item_embeddings and user_candidates with a
@@ -233,16 +234,22 @@ def test_a_backfill_beside_the_scheduled_run_goes_in_date_order(sequential, tmp_
     """Standalone on 127.0.0.1 with the schedule on: the scheduled run of the last date is active (waiting for its
     drop) when a backfill of the two older dates is created via POST /api/v2/backfills; then the last date is
     backfilled again; stopped by PID."""
-    from userformer.jobs.tools import orchestrator
+    from userformer.jobs.tools import connect, orchestrator
 
     cfg = new_home(tmp_path)
+    server = connect.start(cfg)
     marker = cfg.raw_events_dir(DAYS[-1]) / cfg.pipeline.ready_marker
     held = marker.with_name(marker.name + ".held")
     marker.rename(held)  # the producer has not finished the last drop yet
     saved = {k: os.environ.get(k) for k in env_of(cfg.home) if k.startswith("USERFORMER")}
     os.environ.update({k: v for k, v in env_of(cfg.home).items() if k.startswith("USERFORMER")})
     try:
-        af = orchestrator.start(cfg, orchestrator.free_port(), scheduled_runs=True)
+        af = orchestrator.start(
+            cfg, orchestrator.free_port(), scheduled_runs=True, env={"USERFORMER__SPARK__REMOTE": server["url"]}
+        )
+    except BaseException:
+        connect.stop(cfg)
+        raise
     finally:
         for k, v in saved.items():
             if v is None:
@@ -296,8 +303,10 @@ def test_a_backfill_beside_the_scheduled_run_goes_in_date_order(sequential, tmp_
     finally:
         pid = af.pid
         af.stop()
+        connect.stop(cfg)
     assert af.proc.returncode is not None
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)  # no process of its group is left
+    for group in (pid, server["pid"]):
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)  # no process of Airflow's group, nor of the Spark server's, is left
     assert_contents(cfg)
     assert_same_as(sequential, cfg, rerun_of=str(DAYS[-1]))

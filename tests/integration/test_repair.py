@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from delta.tables import DeltaTable as SparkDeltaTable
 
 from tests.integration import procs, warehouses
 from userformer.jobs.core import ledger, registry, snapshot
@@ -203,7 +204,7 @@ def test_recompute_rebuilds_the_damaged_users_and_leaves_the_others(clean, tmp_p
         [{**r, "lifetime_counts": dict(r["lifetime_counts"])} for r in src.to_pylist()],
         schema=tables.to_spark(tables.USER_SEQUENCES),
     )
-    delta.spark_table(spark, b.table_path("user_sequences")).alias("t").merge(
+    SparkDeltaTable.forPath(spark, delta.spark_uri(b.table_path("user_sequences"))).alias("t").merge(
         sdf.alias("s"), "t.user_id = s.user_id"
     ).whenMatchedUpdateAll().execute()
     with pytest.raises(AssertionError):

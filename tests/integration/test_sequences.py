@@ -425,7 +425,7 @@ def test_a_manual_restore_is_followed(small, spark):
     for d in (D1, D2, D3):
         ingest.ingest(cfg, d)
         versions.append(sequences.update(cfg, d)["version"])
-    delta.spark_table(spark, seq_path).restoreToVersion(versions[0])
+    spark.sql(f"RESTORE TABLE {delta.spark_sql_name(seq_path)} TO VERSION AS OF {versions[0]}")
     h = delta.history(seq_path, 1)[0]
     assert h["operation"] == "RESTORE" and int(h["operationParameters"]["version"]) == versions[0]
     assert drops.last_drop(seq_path)[0] == D1

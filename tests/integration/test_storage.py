@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from delta.tables import DeltaTable as SparkDeltaTable
 from deltalake import DeltaTable
 
 from tests.unit.test_stream import DAY, seq_rows
@@ -72,7 +73,7 @@ def dv_table(tmp_path_factory, spark):
         )
         with delta.spark_commit(spark, path, {"step": "merge"}):
             (
-                delta.spark_table(spark, path)
+                SparkDeltaTable.forPath(spark, delta.spark_uri(path))
                 .alias("t")
                 .merge(upd.alias("s"), "t.k = s.k and t.dt = s.dt")
                 .whenMatchedUpdateAll()
@@ -80,7 +81,7 @@ def dv_table(tmp_path_factory, spark):
                 .execute()
             )
         with delta.spark_commit(spark, path, {"step": "delete"}):
-            delta.spark_table(spark, path).delete("v % 11 = 0 and v > 0")
+            SparkDeltaTable.forPath(spark, delta.spark_uri(path)).delete("v % 11 = 0 and v > 0")
     return path
 
 
@@ -154,7 +155,7 @@ def test_delta_sequences_read_a_merged_user_sequences_table(tmp_path, spark):
         new = spark.createDataFrame(seq_rows(range(0, 400, 3), DAY))
         with delta.spark_commit(spark, path, {"step": "sequences"}):
             (
-                delta.spark_table(spark, path)
+                SparkDeltaTable.forPath(spark, delta.spark_uri(path))
                 .alias("t")
                 .merge(new.alias("s"), "t.user_id = s.user_id")
                 .whenMatchedUpdateAll()

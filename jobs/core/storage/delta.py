@@ -2,7 +2,7 @@
 
 Who writes what. The Spark jobs (ingest's `events` / `events_rejected`,
 `user_sequences`) write, overwrite partitions (`replaceWhere`) and MERGE
-through delta-spark (`spark_write`, `spark_table`), and only Spark writes
+through delta-spark (`spark_write`, `spark_merge`, `spark_restore`), and only Spark writes
 them: `user_sequences` carries deletion vectors, which delta-rs cannot write.
 Python steps (vocab, items, the published outputs, candidates) write with
 delta-rs (`write_arrow`); these tables carry no reader-breaking feature, so
@@ -452,11 +452,26 @@ def spark_read(spark, path: str | Path, version: int | None = None):
     return r.load(spark_uri(path))
 
 
-def spark_table(spark, path: str | Path):
-    """delta.tables.DeltaTable for MERGE, RESTORE, OPTIMIZE, VACUUM on a path."""
-    from delta.tables import DeltaTable as SparkDeltaTable
+def spark_sql_name(path: str | Path) -> str:
+    """A table's location as Spark SQL names it: delta.`<uri>`."""
+    return "delta.`" + spark_uri(path).replace("`", "``") + "`"
 
-    return SparkDeltaTable.forPath(spark, spark_uri(path))
+
+# MERGE and RESTORE are SQL, not delta-spark's Python DeltaTable: SQL runs the same on a driver in this process and
+# through a Spark Connect server (DeltaTable reaches into the driver's JVM, which a Connect client has not).
+def spark_restore(spark, path: str | Path, version: int) -> None:
+    spark.sql(f"RESTORE TABLE {spark_sql_name(path)} TO VERSION AS OF {int(version)}")
+
+
+def spark_merge(spark, path: str | Path, source, on: str, clauses: str) -> None:
+    """MERGE INTO the table (alias t) USING the DataFrame `source` (alias s) ON `on`, then the SQL `clauses`
+    (WHEN [NOT] MATCHED ... THEN ...)."""
+    view = f"merge_source_{uuid.uuid4().hex}"
+    source.createOrReplaceTempView(view)
+    try:
+        spark.sql(f"MERGE INTO {spark_sql_name(path)} AS t USING {view} AS s ON {on} {clauses}")
+    finally:
+        spark.catalog.dropTempView(view)
 
 
 def _tagged(metadata: dict | None) -> tuple[dict, str]:
