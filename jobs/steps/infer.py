@@ -23,12 +23,18 @@ written one row group per chunk. CUDA with bf16 autocast when present
 (``infer.device``/``infer.bf16``), CPU otherwise; vectors and probabilities are
 finished in float32 (re-normalised), so both pass the same output checks.
 
+**Where.** ``infer.engine = local`` embeds in this process, as above. ``spark`` embeds on the executors of
+``spark.master`` (``_embed_on_spark``): mapInArrow over the same rows, the model loaded once per Python worker, on
+the GPU Spark gave the task when the cluster schedules GPUs, one Parquet file per table and partition, named by
+partition and attempt; the manifest lists the files of the successful attempts (``parts``). Same rows either way.
+
 **Staged output.** One folder per (D, model version, shard)::
 
     warehouse/_staging/infer/dt=D/model=V/shard=i-of-n/
         _SUCCESS.json                    rows, model version, input Delta versions, full/incremental, seconds,
                                          and the run folder below that holds the files
         run=<run id>/user_embeddings.parquet   schemas.tables.USER_EMBEDDINGS rows of the shard's users
+                                               (Spark: run=<run id>/user_embeddings/part-<partition>-<attempt>.parquet)
         run=<run id>/user_preference_scores.parquet   one row per user and head, top-K labels
         run=<run id>/item_embeddings.parquet   schemas.tables.ITEM_EMBEDDINGS (shard 0 only)
 
