@@ -190,18 +190,27 @@ def _read_lines(p: Path) -> list[str]:
         return []
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
 def _end(pid: int, timeout: float = 30.0) -> None:
-    """SIGTERM the process group `pid` leads, SIGKILL it after `timeout`."""
+    """SIGTERM the process group `pid` leads, SIGKILL it after `timeout`; return once no process of it is left
+    (the leader reaped when it is this process's child: a zombie leader keeps the group)."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
         deadline = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
+            if not _group_alive(pid):
+                return
             time.sleep(0.1)
-        if not _alive(pid):
-            return
 
 
 def stop(cfg: Config) -> dict | None:

@@ -126,6 +126,8 @@ def test_steps_through_spark_connect_equal_their_own_driver(tmp_path):
     finally:
         connect.stop(cfg)
     assert not pid_alive(server["pid"]) and connect.status(cfg) is None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server["pid"], 0)  # no process of its group is left, not even an unreaped leader
 
     # A server that cannot start is a clear error naming its log, and leaves no process: a taken port is refused
     # before anything starts; a driver that fails (an unknown master) ends the server.
