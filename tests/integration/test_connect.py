@@ -2,8 +2,8 @@
 
 `userformer spark-connect start` starts the server (its own process group, PID recorded); the steps run as
 subprocesses with spark.remote set and NO Java on their PATH, so they cannot have started a driver of their own.
-A rerun of a day (RESTORE + MERGE, as SQL through the server) is part of it. The same commands in another home
-without the server give the reference tables.
+A rerun of a day (RESTORE + MERGE, as SQL through the server) is part of it. The same steps in another home, run
+in the test process on its own local driver, give the reference tables.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tests.integration.spark_cluster import pid_alive
 from tests.integration.test_cluster import _tables
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.steps import ingest, sequences
 from userformer.jobs.tools import connect
 
 pytestmark = pytest.mark.spark
@@ -47,7 +48,15 @@ def _steps(env: dict) -> None:
         assert r.returncode == 0, f"{args}:\n{r.stdout[-2000:]}\n{r.stderr[-5000:]}"
 
 
-def test_steps_through_spark_connect_equal_their_own_driver(tmp_path):
+def _steps_here(cfg) -> None:
+    """The same steps in this process, on the session's own local driver: the reference tables."""
+    for day in DAYS:
+        ingest.ingest(cfg, dt.date.fromisoformat(day))
+        sequences.update(cfg, dt.date.fromisoformat(day))
+    sequences.update(cfg, dt.date.fromisoformat(DAYS[-1]))
+
+
+def test_steps_through_spark_connect_equal_their_own_driver(tmp_path, spark):
     raw = tmp_path / "raw"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("USERFORMER_", "USERFORMER__"))}
     gen = subprocess.run(
@@ -76,8 +85,9 @@ def test_steps_through_spark_connect_equal_their_own_driver(tmp_path):
     )
     assert gen.returncode == 0, gen.stderr
 
-    own = {**base, "USERFORMER_HOME": str(tmp_path / "own"), "USERFORMER__PATHS__RAW_ROOT": str(raw)}
-    _steps(own)
+    _steps_here(
+        load_config(env={**base, "USERFORMER_HOME": str(tmp_path / "own"), "USERFORMER__PATHS__RAW_ROOT": str(raw)})
+    )
 
     env = {**base, "USERFORMER_HOME": str(tmp_path / "remote"), "USERFORMER__PATHS__RAW_ROOT": str(raw)}
     cfg = load_config(env=env)
