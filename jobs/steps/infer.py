@@ -404,8 +404,15 @@ def _worker_model(cfg: Config, job: Job):
     return _WORKER_MODEL[key]
 
 
-# What each partition reports back to the driver.
-PART_SCHEMA = "part int, attempt int, file string, users long, preferences long, device string"
+# What each partition reports back to the driver: column -> Spark type ("long" or "string").
+PART_REPORT = {
+    "part": "long",
+    "attempt": "long",
+    "file": "string",
+    "users": "long",
+    "preferences": "long",
+    "device": "string",
+}
 
 
 def _partition_embedder(cfg: Config, job: Job, run_dir: str):
@@ -442,25 +449,17 @@ def _partition_embedder(cfg: Config, job: Job, run_dir: str):
         finally:
             for w in writers.values():
                 w.close()
+        report = {
+            "part": part,
+            "attempt": attempt,
+            "file": name if writers else None,
+            "users": n_u,
+            "preferences": n_p,
+            "device": str(device),
+        }
+        types = {"long": pa.int64(), "string": pa.string()}
         yield pa.RecordBatch.from_pydict(
-            {
-                "part": [part],
-                "attempt": [attempt],
-                "file": [name if writers else None],
-                "users": [n_u],
-                "preferences": [n_p],
-                "device": [str(device)],
-            },
-            schema=pa.schema(
-                [
-                    ("part", pa.int32()),
-                    ("attempt", pa.int32()),
-                    ("file", pa.string()),
-                    ("users", pa.int64()),
-                    ("preferences", pa.int64()),
-                    ("device", pa.string()),
-                ]
-            ),
+            {k: [v] for k, v in report.items()}, schema=pa.schema([(k, types[t]) for k, t in PART_REPORT.items()])
         )
 
     return run
@@ -491,7 +490,8 @@ def _embed_on_spark(cfg: Config, job: Job, run_dir: Location, seq_v: int, full: 
     before = spark.conf.get(key, None)
     spark.conf.set(key, str(cfg.infer.chunk_users))
     try:
-        done = df.mapInArrow(_partition_embedder(cfg, job, str(run_dir)), PART_SCHEMA).collect()
+        schema = ", ".join(f"{k} {t}" for k, t in PART_REPORT.items())
+        done = df.mapInArrow(_partition_embedder(cfg, job, str(run_dir)), schema).collect()
     finally:
         spark.conf.unset(key) if before is None else spark.conf.set(key, before)
     names = sorted(r["file"] for r in done if r["file"])
@@ -568,7 +568,6 @@ def infer(
     torch.set_num_threads(cfg.train.num_threads)
     model.to(device).eval()
     tasks = list(model.heads.readouts)
-    keys = label_keys(cfg, cat.versions["vocab"], tasks)
     updated_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
     seq_path = cfg.table_path("user_sequences")
     inputs = {
@@ -611,6 +610,7 @@ def infer(
             devices = spark_run["devices"]
         else:
             spark_run, devices = None, [str(device)]
+            keys = label_keys(cfg, cat.versions["vocab"], tasks)  # the executors read their own
             parts = {t: [f"{t}.parquet"] for t in ("user_embeddings", "user_preference_scores")}
             if selection is not None:
                 filt = pc.field("user_id").isin(pa.array(selection, pa.string()))

@@ -29,13 +29,13 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from userformer.jobs.core import processes
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.spark import CONNECT_TOKEN as TOKEN
@@ -47,26 +47,13 @@ SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 STATE = "server.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def status(cfg: Config) -> dict | None:
     """The running server of this home ({"pid", "port", "url", "log", ...}), None when none runs."""
     try:
         st = json.loads((run_dir(cfg) / STATE).read_text())
     except (OSError, ValueError):
         return None
-    return st if _alive(int(st["pid"])) else None
+    return st if processes.pid_alive(int(st["pid"])) else None
 
 
 def _free_port() -> int:
@@ -175,7 +162,7 @@ def _start(cfg: Config, d: Path, port: int | None, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while not _started(log, offset):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _end(proc.pid)
+            processes.end_group(proc.pid, 30.0)
             why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not listening after {timeout:.0f}s"
             raise UserError(f"the Spark Connect server (pid {proc.pid}) {why}; last lines of {log}:\n{_tail(log)}")
         time.sleep(0.25)
@@ -190,34 +177,11 @@ def _read_lines(p: Path) -> list[str]:
         return []
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def _end(pid: int, timeout: float = 30.0) -> None:
-    """SIGTERM the process group `pid` leads, SIGKILL it after `timeout`; return once no process of it is left
-    (the leader reaped when it is this process's child: a zombie leader keeps the group)."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            if not _group_alive(pid):
-                return
-            time.sleep(0.1)
-
-
 def stop(cfg: Config) -> dict | None:
     """Stop this home's server; the state it had, None when none ran."""
     st = status(cfg)
     if st is not None:
-        _end(int(st["pid"]))
+        processes.end_group(int(st["pid"]), 30.0)
     for name in (STATE, TOKEN):
         with contextlib.suppress(FileNotFoundError):
             (run_dir(cfg) / name).unlink()

@@ -43,6 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from userformer.jobs.core import processes
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
@@ -190,17 +191,7 @@ class Airflow:
         return self.proc.returncode
 
     def _end_group(self) -> None:
-        pgid = self.proc.pid  # start_new_session: the group id is the parent's pid
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            if not _group_alive(pgid):
-                return
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(pgid):
-                time.sleep(0.2)
+        processes.end_group(self.proc.pid, 10.0, 5.0)  # start_new_session: the group id is the parent's pid
 
     def __enter__(self) -> Airflow:
         return self
@@ -371,14 +362,6 @@ class Airflow:
     def task_log_path(self, dag_id: str, run_id: str, task_id: str) -> list[Path]:
         root = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
         return sorted(root.rglob("*.log")) if root.is_dir() else []
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 def _midnight(day: dt.date) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from userformer.jobs.core.processes import pid_alive
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "infra" / "spark"
 # Same interpreter for driver, executors and the tests: the one running pytest.
@@ -40,21 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class SparkClusterError(RuntimeError):

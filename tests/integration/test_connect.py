@@ -23,7 +23,7 @@ from tests.integration.test_cluster import _tables
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.steps import ingest, sequences
-from userformer.jobs.tools import connect
+from userformer.jobs.tools import connect, generate
 
 pytestmark = pytest.mark.spark
 
@@ -59,35 +59,10 @@ def _steps_here(cfg) -> None:
 def test_steps_through_spark_connect_equal_their_own_driver(tmp_path, spark):
     raw = tmp_path / "raw"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("USERFORMER_", "USERFORMER__"))}
-    gen = subprocess.run(
-        [
-            EXE,
-            "generate",
-            "--users",
-            "300",
-            "--items",
-            "400",
-            "--days",
-            "3",
-            "--start",
-            str(START),
-            "--seed",
-            "11",
-            "--out",
-            str(raw),
-            "--malformed-rate",
-            "0.01",
-        ],
-        env={**base, "USERFORMER_HOME": str(tmp_path / "gen")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert gen.returncode == 0, gen.stderr
+    own = load_config(env={**base, "USERFORMER_HOME": str(tmp_path / "own"), "USERFORMER__PATHS__RAW_ROOT": str(raw)})
+    generate.generate(own, users=300, items=400, days=3, start=START, seed=11, out=raw, malformed_rate=0.01)
 
-    _steps_here(
-        load_config(env={**base, "USERFORMER_HOME": str(tmp_path / "own"), "USERFORMER__PATHS__RAW_ROOT": str(raw)})
-    )
+    _steps_here(own)
 
     env = {**base, "USERFORMER_HOME": str(tmp_path / "remote"), "USERFORMER__PATHS__RAW_ROOT": str(raw)}
     cfg = load_config(env=env)
