@@ -99,7 +99,16 @@ class TrainConfig:
     # Weight of each preference head's loss (added to the retrieval loss).
     head_weight: float = field(default=0.1, metadata=bounds(0.0, 100.0))
     lr: float = field(default=0.001, metadata=bounds(1e-6, 1.0))
+    # AdamW's decoupled weight decay, on the dense parameters; with sparse_embeddings, not on the sparse tables.
     weight_decay: float = field(default=0.0, metadata=bounds(0.0, 10.0))
+    # Sparse gradients for the item-id tables (the item tower's; the event featuriser's when not tied) and for
+    # every other id table of the towers with at least sparse_min_rows rows (a large brand vocabulary), updated by
+    # SparseAdam (lazy Adam: only the rows a step used move, and only their moments), AdamW for the rest. A step
+    # then costs the rows it touches instead of the whole catalogue (tests/benchmarks/results/sparse-embeddings.*).
+    # The sparse tables get no weight decay (as is usual for id embeddings). Off: every table is dense (AdamW).
+    # Worthless with loss = "full", which touches every item row every step.
+    sparse_embeddings: bool = False
+    sparse_min_rows: int = field(default=100_000, metadata=bounds(1, 2**62))
     batch_size: int = field(default=128, metadata=bounds(1, 1_000_000))
     epochs: int = field(default=200, metadata=bounds(1, 100_000))
     # Early stopping: evaluations without a better validation NDCG@10.

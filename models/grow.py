@@ -18,6 +18,12 @@ known labels (it has not been seen yet). A new ITEM's id row makes the item
 exactly its content before any fine-tuning: the mean of its (grown) attribute
 embeddings under mean pooling (id and content are averaged), zero under
 ``id_plus_mean`` pooling (the id is added to the content mean).
+
+Optimizer state does not cross a growth: fine-tuning a grown model starts a
+new optimizer (train.fit), so every row, old or new, starts with zero Adam
+moments; under ``train.sparse_embeddings`` a new item's row gets moments the
+first time a batch uses it (SparseAdam's state is per table, sized to the grown
+table when the optimizer is built).
 """
 
 from __future__ import annotations
@@ -31,8 +37,14 @@ from userformer.models.item_tower import FIELD
 
 
 def _grown(emb: nn.Embedding, n: int) -> nn.Embedding:
+    # `sparse` carries over: a table trained with sparse gradients keeps them (train.fit sets it again anyway).
     new = nn.Embedding(
-        n, emb.embedding_dim, padding_idx=emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype
+        n,
+        emb.embedding_dim,
+        padding_idx=emb.padding_idx,
+        sparse=emb.sparse,
+        device=emb.weight.device,
+        dtype=emb.weight.dtype,
     )
     with torch.no_grad():
         new.weight.zero_()

@@ -1,5 +1,6 @@
-"""Training loop: deterministic by seed, CPU or CUDA (bf16 autocast) with the same code, AdamW,
-tqdm progress (loss, sequences/s), early stopping on validation NDCG@10, best checkpoint kept.
+"""Training loop: deterministic by seed, CPU or CUDA (bf16 autocast) with the same code, AdamW (and SparseAdam for
+the item-id tables with ``train.sparse_embeddings``: see `Optimizer`), tqdm progress (loss, sequences/s), early
+stopping on validation NDCG@10, best checkpoint kept.
 
 `fit` works on in-memory `Sequences` (data.py) or on a chunked source
 (models/stream.py: DeltaSequences streams user_sequences) through the same `train_epoch`.
@@ -10,7 +11,8 @@ on the same data with the same seed, so all ranks draw the same chunks and
 batches, and each trains on its share of them (batch i goes to rank i mod world)
 through DistributedDataParallel, which averages the gradients. Negatives and
 dropout are drawn per rank. Rank 0 validates, keeps the best checkpoint and
-writes the files; at the end every rank holds rank 0's result.
+writes the files (the resumable state holds every rank's random streams); at
+the end every rank holds rank 0's result.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from userformer.models import losses
@@ -65,6 +69,87 @@ def _share(batches, rank: int, world: int):
         return
     all_ = list(batches)
     yield from all_[rank::world][: len(all_) // world]
+
+
+# ------------------------------------------------------ sparse embeddings
+def sparse_tables(model: UserFormer, tcfg: TrainConfig) -> list[nn.Embedding]:
+    """Set which embedding tables give sparse gradients under `tcfg` (``sparse_embeddings``, ``sparse_min_rows``) and
+    return them (each once: a table tied between the towers is one). Sets the flag both ways, so a model trained
+    before with another setting follows this one. Call it before DistributedDataParallel wraps the model: DDP reads
+    the flags when it is built."""
+    out: dict[int, nn.Embedding] = {}
+    for embs in (model.item_tower.embs, model.encoder.features.embs):
+        for name, emb in embs.items():
+            big = name == "item_id" or emb.num_embeddings >= tcfg.sparse_min_rows
+            emb.sparse = bool(tcfg.sparse_embeddings and big)
+            if emb.sparse and emb.weight.requires_grad:
+                out[id(emb)] = emb
+    return list(out.values())
+
+
+class Optimizer:
+    """AdamW over the dense parameters and, with sparse tables, SparseAdam over those, stepped as one.
+
+    SparseAdam is lazy Adam: a step moves only the rows in its gradient (the items, categories, brands the batch
+    used: positives, negatives, history) and updates only their moments, so the cost of a step follows the batch,
+    not the catalogue; rows a step does not use keep their values and their moments. It has no weight decay: the
+    sparse tables are not decayed (``weight_decay`` applies to the dense parameters), as is usual for id embeddings;
+    AdamW's decay of every row at every step would make every step dense again. Without sparse tables this is plain
+    AdamW and its state_dict is AdamW's (the format earlier checkpoints have)."""
+
+    def __init__(self, model: nn.Module, tcfg: TrainConfig, sparse: list[nn.Embedding]):
+        ids = {id(e.weight) for e in sparse}
+        dense = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        self.dense = torch.optim.AdamW(dense, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        self.sparse = torch.optim.SparseAdam([e.weight for e in sparse], lr=tcfg.lr) if sparse else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        if self.sparse is not None:
+            self.sparse.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.dense.step()
+        if self.sparse is not None:
+            self.sparse.step()
+
+    def state_dict(self) -> dict:
+        if self.sparse is None:
+            return self.dense.state_dict()
+        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if ("sparse" in state) != (self.sparse is not None):
+            raise ValueError(
+                "optimizer state of a run with train.sparse_embeddings="
+                f"{'sparse' in state}, but this run has {self.sparse is not None}: resume with the run's own setting"
+            )
+        if self.sparse is None:
+            self.dense.load_state_dict(state)
+        else:
+            self.dense.load_state_dict(state["dense"])
+            self.sparse.load_state_dict(state["sparse"])
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> None:
+    """clip_grad_norm_ over dense and sparse gradients (torch's has no norm of a sparse tensor). A sparse gradient is
+    coalesced first: a row used twice in a step (a table read by both towers, an item in two sequences) holds
+    two entries until then, and the norm is that of the summed row."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    if not grads:
+        return
+    total = torch.nn.utils.get_total_norm(grads)
+    # The same coefficient as clip_grad_norm_ (clamped, so never scaled up).
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef)
 
 
 class _BatchLoss(torch.nn.Module):
@@ -368,6 +453,7 @@ def fit(
     state_path: str | Path | None = None,
     resume: dict | None = None,
     extra: dict | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> tuple[UserFormer, dict]:
     """Train; returns the best model (by validation recall@10 / NDCG@10) and a history dict.
 
@@ -377,7 +463,9 @@ def fit(
     `model`: warm start from it (its config wins over `mcfg`) instead of a fresh model.
     `state_path`: after every epoch, the whole training state (weights, optimizer, every RNG, early-stopping
     state, history) is written there atomically; `resume` (that state, loaded) continues after its epoch and
-    ends exactly as the uninterrupted run would. `extra` goes into every checkpoint (e.g. data versions).
+    ends exactly as the uninterrupted run would (data-parallel too: the state holds every rank's random streams).
+    `extra` goes into every checkpoint (e.g. data versions). `after_epoch(epoch)` is called on every rank once the
+    epoch's state is written (the jobs side names a pause point there, for crash tests).
     """
     torch.set_num_threads(tcfg.num_threads)
     seed_everything(tcfg.seed)
@@ -385,9 +473,9 @@ def fit(
     source = as_source(train)
     model = (model if model is not None else UserFormer(mcfg, catalog)).to(device)
     max_len = model.cfg.max_len
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=tcfg.lr, weight_decay=tcfg.weight_decay
-    )
+    sparse = sparse_tables(model, tcfg)
+    opt = Optimizer(model, tcfg, sparse)
+    params = [p for p in model.parameters() if p.requires_grad]
     rank, world = process_group()
     own = tcfg.seed + RANK_SEED * rank  # this rank's negatives and dropout; chunks and batches use tcfg.seed
     if rank:
@@ -404,7 +492,13 @@ def fit(
         opt.load_state_dict(resume["optimizer"])
         best, best_ck, bad, history = resume["best"], resume["best_checkpoint"], resume["bad"], list(resume["history"])
         t_train, done, stopped = resume["train_seconds"], resume["epoch"], resume["stopped"]
-        set_rng_state(resume["rng"], rng, gen, sampler)
+        # Each rank continues its own streams; a state without them (written by another number of processes)
+        # gives every rank rank 0's: the run goes on, but not exactly as it would have.
+        ranks = resume.get("rng_ranks") or []
+        exact = len(ranks) == world if world > 1 else True
+        if not exact and rank == 0:
+            log(f"resume: the state has the random streams of {len(ranks) or 1} process(es), not {world}: not exact")
+        set_rng_state(ranks[rank] if world > 1 and exact else resume["rng"], rng, gen, sampler)
     step = None
     if world > 1:  # built after any resume: it starts every rank from rank 0's weights
         step = torch.nn.parallel.DistributedDataParallel(
@@ -428,7 +522,9 @@ def fit(
                         loss, _ = batch_loss(model, b, tcfg, sampler, gen, chunk.real_time)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if tcfg.grad_clip > 0:
+                if tcfg.grad_clip > 0 and sparse:
+                    clip_gradients(params, tcfg.grad_clip)
+                elif tcfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
                 opt.step()
                 n_seq += len(rows)
@@ -478,6 +574,10 @@ def fit(
             flag = torch.tensor([int(stopped)])
             torch.distributed.broadcast(flag, 0)
             stopped = bool(flag.item())
+        rngs = None
+        if state_path and world > 1:  # every rank's streams (negatives and dropout differ by rank) into rank 0's file
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, rng_state(rng, gen, sampler))
         if state_path and rank == 0:
             save_atomic(
                 {
@@ -485,6 +585,7 @@ def fit(
                     "state_dict": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "rng": rng_state(rng, gen, sampler),
+                    "rng_ranks": rngs,
                     "best": best,
                     "best_checkpoint": best_ck,
                     "bad": bad,
@@ -498,6 +599,8 @@ def fit(
             )
         if rank == 0:
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if after_epoch is not None:
+            after_epoch(epoch)
     if valid is None:
         last = history[-1]["epoch"] if history else 0
         best_ck = checkpoint(model, tcfg, last, {"train_seconds": t_train}, {"history": history, **(extra or {})})

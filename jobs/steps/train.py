@@ -208,6 +208,8 @@ def _fit(mcfg, tcfg, source, valid_ev, catalog, run_dir: Path, state, extra: dic
         state_path=last,
         resume=state,
         extra=extra,
+        # tests: a kill here, on every rank, with the epoch's last.pt written
+        after_epoch=lambda epoch: hooks.pause("train.after_epoch"),
     )
 
 
