@@ -111,6 +111,12 @@ class QualityConfig:
     max_rejected_ratio: float = field(default=0.05, metadata=_rng(0.0, 1.0))
     # How many unexpected example values a failed expectation shows.
     examples: int = field(default=5, metadata=_rng(0, 100))
+    # The memory bound of a gate: it reads at most this many rows at once (never a whole table or day) and hands
+    # Great Expectations frames of at most this many rows, combining their results (docs/quality.md).
+    batch_rows: int = field(default=200_000, metadata=_rng(1, 100_000_000))
+    # Uniqueness checks (event_id of a day, user_id over user_sequences and the staged outputs) hold at most about
+    # this many ids at once: one pass over the id column per ceil(rows / ids_per_pass) hash partitions.
+    ids_per_pass: int = field(default=2_000_000, metadata=_rng(1, 1_000_000_000))
 
 
 # [model] and [train]: models/config.py (ModelConfig, TrainConfig).

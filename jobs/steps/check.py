@@ -1,8 +1,10 @@
 """`userformer check TABLE --dt D`: the data-quality gate of one drop date, with Great Expectations.
 
 The suites (what good data means) live in jobs/steps/quality/suites.py; this step
-opens the warehouse for them (jobs/steps/quality/source.py), lets GE evaluate the expectations on pandas,
-writes ``reports/checks/<table>/dt=D.html`` and ``.json``, and exits 1 when any
+opens the warehouse for them (jobs/steps/quality/source.py), lets GE evaluate the expectations on pandas
+(frame by frame for a `Stream`: batches of at most ``quality.batch_rows`` rows, or hash partitions of an id,
+their results combined into one per expectation; jobs/steps/quality/streams.py), writes
+``reports/checks/<table>/dt=D.html`` and ``.json``, and exits 1 when any
 expectation fails so that the pipeline stops before bad data spreads. The item
 index has a suite too (``check index``: the CURRENT index; `userformer index`
 runs it on each version it builds, before making it current).
@@ -24,7 +26,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import GateFailed, UserError
 from userformer.jobs.steps.quality.source import Warehouse
-from userformer.jobs.steps.quality.suites import SUITES, Batch, MissingData, Outcome, Plan
+from userformer.jobs.steps.quality.suites import SUITES, Batch, MissingData, Outcome, Plan, Stream
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,11 @@ def _batch_definition(asset: str):
 
 
 def _validate(table: str, batch: Batch, examples: int) -> list[ExpectationResult]:
+    return [r for r, _ in _results(table, batch, examples)]
+
+
+def _results(table: str, batch: Batch, examples: int) -> list[tuple[ExpectationResult, int | None]]:
+    """GE's result of each expectation on the batch's frame, with its missing count (None: GE gave none)."""
     import great_expectations as gx
 
     if not batch.expectations:
@@ -127,21 +134,60 @@ def _validate(table: str, batch: Batch, examples: int) -> list[ExpectationResult
         kwargs = {k: v for k, v in cfg_.kwargs.items() if k != "batch_id"}
         if isinstance(kwargs.get("row_condition"), dict):
             kwargs["row_condition"] = _condition_text(kwargs["row_condition"])
-        out.append(
-            ExpectationResult(
-                expectation=cfg_.type,
-                kwargs=kwargs,
-                success=bool(r.success),
-                unexpected_count=got.get("unexpected_count"),
-                element_count=got.get("element_count"),
-                unexpected_percent=got.get("unexpected_percent"),
-                examples=_jsonable(values[:examples]),
-                description=cfg_.description or "",
-                note=_exception_text(r.exception_info),
-                scope=batch.name,
-            )
+        result = ExpectationResult(
+            expectation=cfg_.type,
+            kwargs=kwargs,
+            success=bool(r.success),
+            unexpected_count=got.get("unexpected_count"),
+            element_count=got.get("element_count"),
+            unexpected_percent=got.get("unexpected_percent"),
+            examples=_jsonable(values[:examples]),
+            description=cfg_.description or "",
+            note=_exception_text(r.exception_info),
+            scope=batch.name,
         )
+        out.append((result, got.get("missing_count")))
     return out
+
+
+def _validate_stream(table: str, stream: Stream, examples: int) -> list[ExpectationResult]:
+    """Each frame of the stream validated with the same suite, the results combined into one per expectation:
+    what one frame of all the rows would give (counts summed, the first `examples` examples in frame order).
+    Only one frame's results are held at a time."""
+    total: list[tuple[ExpectationResult, int | None]] | None = None
+    for frame in stream.frames:
+        got = _results(table, Batch(stream.name, frame, stream.expectations, stream.id_column), examples)
+        total = got if total is None else [_combine(a, b, examples) for a, b in zip(total, got)]
+    out = []
+    for r, missing in total or []:
+        nonnull = None if r.element_count is None else r.element_count - (missing or 0)
+        if r.unexpected_count is None or not r.element_count:
+            r.unexpected_percent = None
+        else:  # as GE: of the non-missing values where it counts them, else of all
+            r.unexpected_percent = 100.0 * r.unexpected_count / nonnull if nonnull else None
+        mostly = r.kwargs.get("mostly")
+        if mostly is not None and not r.note and r.unexpected_count is not None:
+            r.success = nonnull == 0 or (1 - r.unexpected_count / nonnull) >= mostly
+        out.append(r)
+    return out
+
+
+def _combine(
+    a: tuple[ExpectationResult, int | None], b: tuple[ExpectationResult, int | None], examples: int
+) -> tuple[ExpectationResult, int | None]:
+    """The results of one expectation on two frames of a stream as one."""
+    (ra, ma), (rb, mb) = a, b
+
+    def plus(x, y):
+        return None if x is None and y is None else (x or 0) + (y or 0)
+
+    notes = [n for n in dict.fromkeys((ra.note, rb.note)) if n]
+    ra.success = ra.success and rb.success
+    ra.unexpected_count = plus(ra.unexpected_count, rb.unexpected_count)
+    ra.element_count = plus(ra.element_count, rb.element_count)
+    ra.examples = (ra.examples + rb.examples)[:examples]
+    ra.note = "; ".join(notes)
+    return ra, plus(ma, mb)
 
 
 def _condition_text(c: dict) -> str:
@@ -181,7 +227,12 @@ def _outcome(o: Outcome, examples: int) -> ExpectationResult:
 def evaluate(plan: Plan, examples: int) -> list[ExpectationResult]:
     out = []
     for item in plan.items:
-        out += _validate(plan.table, item, examples) if isinstance(item, Batch) else [_outcome(item, examples)]
+        if isinstance(item, Stream):
+            out += _validate_stream(plan.table, item, examples)
+        elif isinstance(item, Batch):
+            out += _validate(plan.table, item, examples)
+        else:
+            out.append(_outcome(item, examples))
     return out
 
 

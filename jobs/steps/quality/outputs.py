@@ -27,6 +27,7 @@ only a few numbers per row are kept) and then validated as GE expectations.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,7 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from userformer.jobs.steps import infer
-from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, type_check
+from userformer.jobs.steps.quality.streams import bucket, partitions, rebatch
+from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, Stream, type_check
 
 if TYPE_CHECKING:
     from userformer.jobs.steps.quality.source import Warehouse
@@ -89,10 +91,47 @@ def score_stats(scores, label_idx, labels) -> dict[str, np.ndarray]:
     return out
 
 
-def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
-    if not parts:
-        return {}
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def _top1_means(src: Warehouse, manifests: list[dict]) -> dict[str, float]:
+    """The mean top-1 probability of each task over the staged preference rows of all shards (NaN: no row of the
+    task has a score), summed batch by batch."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for m in manifests:
+        for t in src.staged_batches(src.staged_parts(m, "user_preference_scores"), ["task", "scores"]):
+            lens, flat = _flat(t["scores"])
+            top = np.full(len(lens), np.nan)
+            has = lens > 0
+            top[has] = flat[(np.cumsum(lens) - lens)[has]]
+            task = np.asarray(t["task"].to_pylist(), object)
+            for x in dict.fromkeys(task[pc.is_valid(t["task"]).to_numpy(zero_copy_only=False)]):
+                v = top[task == x]
+                v = v[~np.isnan(v)]
+                sums[str(x)] = sums.get(str(x), 0.0) + float(v.sum())
+                counts[str(x)] = counts.get(str(x), 0) + len(v)
+    return {x: sums[x] / counts[x] if counts[x] else float("nan") for x in sums}
+
+
+def _ids_counted(tables, hold: int) -> pa.Table:
+    """(user_id, n): how many rows of `tables` each user id has, merged every `hold` rows so that no more are
+    held than the distinct ids plus `hold`."""
+    acc, pending, held = None, [], 0
+
+    def merge():
+        parts = ([acc] if acc is not None else []) + [
+            p.group_by("user_id").aggregate([("user_id", "count")]).rename_columns(["user_id", "n"]) for p in pending
+        ]
+        if not parts:
+            return None
+        t = pa.concat_tables(parts, promote_options="permissive")
+        return t.group_by("user_id").aggregate([("n", "sum")]).rename_columns(["user_id", "n"])
+
+    for t in tables:
+        pending.append(t.select(["user_id"]))
+        held += t.num_rows
+        if held >= hold:
+            acc, pending, held = merge(), [], 0
+    acc = merge()
+    return acc if acc is not None else pa.table({"user_id": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
 
 
 def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Plan:
@@ -184,75 +223,102 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
     if selected:  # a repair's explicit users (jobs/steps/infer.py): those of them with a row
         sel = src.staged_table(f"{first['path']}/{selected['file']}", ["user_id"])["user_id"]
         filt = pc.field("user_id").isin(sel.combine_chunks().cast(pa.string()))
-    want_ids = src.read("user_sequences", ["user_id"], filter=filt, version=inp["version"])["user_id"].to_pylist()
-    expected = (
-        np.bincount(infer.shard_of(want_ids, shards), minlength=shards) if want_ids else np.zeros(shards, np.int64)
-    )
+    expected = np.zeros(shards, np.int64)
+    for t in src.scan("user_sequences", ["user_id"], filter=filt, version=inp["version"]):
+        if t.num_rows:
+            expected += np.bincount(infer.shard_of(t["user_id"].to_pylist(), shards), minlength=shards)
     items_in = first["inputs"]["items"]
     catalogue = src.count_rows(
         "items", filter=pc.field("first_dt") <= pa.scalar(day, pa.date32()), version=items_in["version"]
     )
 
-    # Per-row properties, shard by shard.
+    # Row counts from the files' footers; the mean top-1 probability per task, summed batch by batch.
     n_tasks = len(first["tasks"])
     ks = first.get("labels_per_task") or {}
-    users, prefs, shard_rows = [], [], []
+    q = cfg.quality
+    shard_rows, n_users, n_pref = [], 0, 0
     if readable["user_embeddings"]:
         for m in manifests:
-            n = 0
-            for t in src.staged_batches(
-                src.staged_parts(m, "user_embeddings"), ["user_id", "embedding", "model_version", "as_of"]
-            ):
-                ids = t["user_id"].to_pylist()
-                users.append(
-                    {
-                        "user_id": np.asarray(ids, object),
-                        "shard": np.full(len(ids), m["shard"]),
-                        "in_shard": infer.shard_of(ids, shards) == m["shard"],
-                        "model_version": np.asarray(t["model_version"].to_pylist(), object),
-                        "as_of_is_dt": pc.fill_null(pc.equal(t["as_of"], pa.scalar(day, pa.date32())), False).to_numpy(
-                            zero_copy_only=False
-                        ),
-                        **vector_stats(t["embedding"]),
-                    }
-                )
-                n += len(ids)
+            n = src.staged_rows(src.staged_parts(m, "user_embeddings"))
             shard_rows.append(
                 {"shard": m["shard"], "rows": n, "expected": int(expected[m["shard"]]), "manifest_rows": m["users"]}
             )
+            n_users += n
+    top1: dict[str, float] = {}
     if readable["user_preference_scores"]:
-        for m in manifests:
-            for t in src.staged_batches(
-                src.staged_parts(m, "user_preference_scores"),
-                ["user_id", "task", "label_idx", "labels", "scores", "model_version"],
-            ):
-                st = score_stats(t["scores"], t["label_idx"], t["labels"])
-                task = np.asarray(t["task"].to_pylist(), object)
-                k_want = np.array([ks.get(x, -1) for x in task], np.int64)
-                prefs.append(
-                    {
-                        "user_id": np.asarray(t["user_id"].to_pylist(), object),
-                        "task": task,
-                        "model_version": np.asarray(t["model_version"].to_pylist(), object),
-                        "k_is_top_k": st.pop("k") == k_want,
-                        **st,
-                    }
-                )
-    u = pd.DataFrame(_concat(users))
-    p = pd.DataFrame(_concat(prefs))
-    n_users, n_pref = len(u), len(p)
+        n_pref = sum(src.staged_rows(src.staged_parts(m, "user_preference_scores")) for m in manifests)
+        top1 = _top1_means(src, manifests)
     tol = cfg.infer.norm_tolerance
 
+    def users_read():
+        for m in manifests:
+            yield from src.staged_batches(src.staged_parts(m, "user_embeddings"), ["user_id"])
+
+    def prefs_read(columns: list[str]):
+        for m in manifests:
+            yield from src.staged_batches(src.staged_parts(m, "user_preference_scores"), columns)
+
+    def users_by_id():
+        """Hash partitions of the user ids of all shards, each with its users' preference rows counted (the
+        preference rows of the same partition, read again per partition)."""
+        import pandas as pd
+
+        for mod, res, part in partitions(users_read, ["user_id"], n_users, q.ids_per_pass):
+            df = part.to_pandas()
+            counts = _ids_counted(
+                (
+                    t.filter(pa.array(bucket(t, ["user_id"], mod) == res)) if mod > 1 else t
+                    for t in (t.filter(t["user_id"].is_valid()) for t in prefs_read(["user_id"]))
+                ),
+                q.ids_per_pass,
+            )
+            tasks = pd.Series(counts["n"].to_numpy(), index=counts["user_id"].to_numpy(zero_copy_only=False))
+            df["tasks"] = df["user_id"].map(tasks).fillna(0).astype(int)
+            yield df
+
+    def user_rows():
+        def derived():
+            for m in manifests:
+                for t in src.staged_batches(
+                    src.staged_parts(m, "user_embeddings"), ["user_id", "embedding", "model_version", "as_of"]
+                ):
+                    ids = t["user_id"].to_pylist()
+                    yield pa.table(
+                        {
+                            "user_id": t["user_id"],
+                            "in_shard": infer.shard_of(ids, shards) == m["shard"],
+                            "model_version": t["model_version"],
+                            "as_of_is_dt": pc.fill_null(pc.equal(t["as_of"], pa.scalar(day, pa.date32())), False),
+                            **vector_stats(t["embedding"]),
+                        }
+                    )
+
+        for t in rebatch(derived(), q.batch_rows):
+            yield t.to_pandas()
+
     if n_users:
-        u["tasks"] = u["user_id"].map(p.groupby("user_id").size() if n_pref else {}).fillna(0).astype(int)
-        u = u.drop(columns=["shard"])
         plan.items.append(
-            Batch(
+            Stream(
                 "users",
-                u,
+                users_by_id(),
                 [
                     E.ExpectColumnValuesToNotBeNull(column="user_id", description="every row has a user"),
                     E.ExpectColumnValuesToBeUnique(column="user_id", description="one row per user, over all shards"),
+                    E.ExpectColumnValuesToBeInSet(
+                        column="tasks",
+                        value_set=[n_tasks],
+                        meta=IDS,
+                        description=f"one preference row per head ({n_tasks}) (examples: user_id)",
+                    ),
+                ],
+                id_column="user_id",
+            )
+        )
+        plan.items.append(
+            Stream(
+                "users",
+                user_rows(),
+                [
                     E.ExpectColumnValuesToBeInSet(
                         column="in_shard",
                         value_set=[True],
@@ -283,12 +349,6 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
                         meta=IDS,
                         description=f"as_of = {day} (examples: user_id)",
                     ),
-                    E.ExpectColumnValuesToBeInSet(
-                        column="tasks",
-                        value_set=[n_tasks],
-                        meta=IDS,
-                        description=f"one preference row per head ({n_tasks}) (examples: user_id)",
-                    ),
                 ],
                 id_column="user_id",
             )
@@ -305,18 +365,51 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
                 scope="users",
             )
         )
+
+    def prefs_by_key():
+        key = ["user_id", "task"]
+        # GE compares (user_id, task) rows with nulls too: a null hashes as a value, not spread by position.
+        for _, _, part in partitions(lambda: prefs_read(key), key, n_pref, q.ids_per_pass, spread_nulls=False):
+            yield part.to_pandas()
+
+    def pref_rows():
+        def derived():
+            for t in prefs_read(["user_id", "task", "label_idx", "labels", "scores", "model_version"]):
+                st = score_stats(t["scores"], t["label_idx"], t["labels"])
+                task = np.asarray(t["task"].to_pylist(), object)
+                k_want = np.array([ks.get(x, -1) for x in task], np.int64)
+                st.pop("top1")
+                yield pa.table(
+                    {
+                        "user_id": t["user_id"],
+                        "task": t["task"],
+                        "model_version": t["model_version"],
+                        "k_is_top_k": st.pop("k") == k_want,
+                        **st,
+                    }
+                )
+
+        for t in rebatch(derived(), q.batch_rows):
+            yield t.to_pandas()
+
     band = cfg.infer.top1_mean_band
-    top1 = {}
     if n_pref:
-        top1 = {str(t): float(g.mean()) for t, g in p.groupby("task")["top1"]}
         plan.items.append(
-            Batch(
+            Stream(
                 "preferences",
-                p.drop(columns=["top1"]),
+                prefs_by_key(),
                 [
                     E.ExpectCompoundColumnsToBeUnique(
                         column_list=["user_id", "task"], description="one row per user and head"
                     ),
+                ],
+            )
+        )
+        plan.items.append(
+            Stream(
+                "preferences",
+                pref_rows(),
+                [
                     E.ExpectColumnValuesToBeInSet(
                         column="task", value_set=list(first["tasks"]), description="a head of the model"
                     ),
@@ -362,26 +455,41 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
     # Items (shard 0).
     items_rows = 0
     if readable["item_embeddings"]:
-        parts = []
-        for t in src.staged_batches(
-            src.staged_parts(first, "item_embeddings"), ["item_idx", "embedding", "model_version"]
-        ):
-            parts.append(
-                {
-                    "item_idx": t["item_idx"].to_numpy(zero_copy_only=False),
-                    "model_version": np.asarray(t["model_version"].to_pylist(), object),
-                    **vector_stats(t["embedding"]),
-                }
-            )
-        it = pd.DataFrame(_concat(parts))
-        items_rows = len(it)
+        item_parts = src.staged_parts(first, "item_embeddings")
+        items_rows = src.staged_rows(item_parts)
+
+        def items_by_idx():
+            read = functools.partial(src.staged_batches, item_parts, ["item_idx"])
+            for _, _, part in partitions(read, ["item_idx"], items_rows, q.ids_per_pass):
+                yield part.to_pandas()
+
+        def item_rows():
+            def derived():
+                for t in src.staged_batches(item_parts, ["item_idx", "embedding", "model_version"]):
+                    yield pa.table(
+                        {
+                            "item_idx": t["item_idx"],
+                            "model_version": t["model_version"],
+                            **vector_stats(t["embedding"]),
+                        }
+                    )
+
+            for t in rebatch(derived(), q.batch_rows):
+                yield t.to_pandas()
+
         if items_rows:
             plan.items.append(
-                Batch(
+                Stream(
                     "items",
-                    it,
+                    items_by_idx(),
+                    [E.ExpectColumnValuesToBeUnique(column="item_idx", description="one row per item")],
+                )
+            )
+            plan.items.append(
+                Stream(
+                    "items",
+                    item_rows(),
                     [
-                        E.ExpectColumnValuesToBeUnique(column="item_idx", description="one row per item"),
                         E.ExpectColumnValuesToBeInSet(
                             column="finite",
                             value_set=[True],

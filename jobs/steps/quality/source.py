@@ -11,6 +11,11 @@ these methods.
 writer (ingest, sequences) hands it the rows it is about to commit, and the
 gate judges them before the commit, so that rows failing a gate never become
 visible (write, audit, publish).
+
+Suites read rows with `scan`: batches of at most ``quality.batch_rows`` rows
+(jobs/steps/quality/streams.py), never a whole table or day at once; `read`
+is left for what is small by nature (a repair's selected users, the item
+vectors an index is checked against).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core.storage.files import location
 from userformer.jobs.steps import infer
+from userformer.jobs.steps.quality.streams import read_rows, rebatch
 from userformer.jobs.steps.quality.suites import MissingData
 
 
@@ -40,6 +46,7 @@ class Warehouse:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._snapshots: dict[tuple[str, int | None], delta.Snapshot] = {}
+        self.batch_rows = cfg.quality.batch_rows
 
     # ------------------------------------------------------------ Delta tables
     def _table(self, table: str, version: int | None = None) -> delta.Snapshot:
@@ -68,6 +75,13 @@ class Warehouse:
     def read(self, table: str, columns: list[str], filter=None, version: int | None = None) -> pa.Table:
         """Rows of the table (deletion vectors applied); `filter` is a pyarrow.dataset expression."""
         return self._table(table, version).to_table(columns, filter)
+
+    def scan(self, table: str, columns: list[str], filter=None, version: int | None = None) -> Iterator[pa.Table]:
+        """The rows `read` returns, in order, in tables of at most ``quality.batch_rows`` rows; at least one
+        (empty when no row matches). Reads at most that many rows (and 65536) at once."""
+        snap = self._table(table, version)
+        empty = pa.schema([snap.schema.field(c) for c in columns])
+        yield from rebatch(snap.scan(columns, filter, read_rows(self.batch_rows)), self.batch_rows, empty)
 
     def count_rows(self, table: str, filter=None, version: int | None = None) -> int:
         return self._table(table, version).count_rows(filter)
@@ -140,11 +154,20 @@ class Warehouse:
             return pq.read_table(f, columns=columns)
 
     def staged_batches(self, parts: list[str], columns: list[str]) -> Iterator[pa.Table]:
-        """Staged files of a shard (local, or in the warehouse's bucket) in batches (bounded memory)."""
+        """Staged files of a shard (local, or in the warehouse's bucket) in batches of at most
+        ``quality.batch_rows`` rows (bounded memory)."""
         for file in parts:
             with location(file).open("rb") as f:
-                for b in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
+                for b in pq.ParquetFile(f).iter_batches(batch_size=read_rows(self.batch_rows), columns=columns):
                     yield pa.Table.from_batches([b])
+
+    def staged_rows(self, parts: list[str]) -> int:
+        """Rows of staged files, from their Parquet footers (no data read)."""
+        n = 0
+        for file in parts:
+            with location(file).open("rb") as f:
+                n += pq.ParquetFile(f).metadata.num_rows
+        return n
 
     # ------------------------------------------------------------- item index
     def current_index(self) -> str | None:
@@ -180,6 +203,17 @@ class Change:
         if isinstance(self.rows, pa.Table):
             return (self.rows if filter is None else self.rows.filter(filter)).select(columns)
         return self.rows.to_table(columns=columns, filter=filter)
+
+    def batches(self, columns: list[str], filter=None, rows: int = 65_536) -> Iterator[pa.Table]:
+        """The staged rows `staged` returns, at most `rows` at a time (a table in memory is filtered slice by
+        slice, not copied whole)."""
+        if isinstance(self.rows, pa.Table):
+            for start in range(0, self.rows.num_rows, rows):
+                part = self.rows.slice(start, rows)
+                yield (part if filter is None else part.filter(filter)).select(columns)
+            return
+        for b in self.rows.to_batches(columns=columns, filter=filter, batch_size=rows):
+            yield pa.Table.from_batches([b])
 
 
 class Staged(Warehouse):
@@ -222,10 +256,30 @@ class Staged(Warehouse):
         where = keep if filter is None else (filter if keep is None else filter & keep)
         return pa.concat_tables([snap.to_table(columns, where).cast(target), staged])
 
+    def scan(self, table: str, columns: list[str], filter=None, version: int | None = None) -> Iterator[pa.Table]:
+        if table not in self.changes or version is not None:
+            yield from super().scan(table, columns, filter, version)
+            return
+        change, snap = self.changes[table], self._committed(table)
+        schema = self.schema(table)
+        target = pa.schema([schema.field(c).with_nullable(True) for c in columns])  # as in `read`
+        n = read_rows(self.batch_rows)
+
+        def parts() -> Iterator[pa.Table]:
+            if snap is not None:
+                keep = None if change.replaces is None else ~change.replaces
+                where = keep if filter is None else (filter if keep is None else filter & keep)
+                for t in snap.scan(columns, where, n):
+                    yield t.cast(target)
+            for t in change.batches(columns, filter, n):
+                yield t.cast(target)
+
+        yield from rebatch(parts(), self.batch_rows, target)
+
     def count_rows(self, table: str, filter=None, version: int | None = None) -> int:
         if table not in self.changes or version is not None:
             return super().count_rows(table, filter, version)
-        return self.read(table, [self.schema(table).names[0]], filter).num_rows
+        return sum(t.num_rows for t in self.scan(table, [self.schema(table).names[0]], filter))
 
     def take(self, table: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
         if table not in self.changes:
@@ -244,16 +298,22 @@ class Staged(Warehouse):
             return super().partition_rows(table)
         change, snap = self.changes[table], self._committed(table)
         out = {} if snap is None else self._partition_rows(snap)
+        n = read_rows(self.batch_rows)
         if snap is not None and change.replaces is not None:
-            for day, n in _counts(snap.to_table(["dt"], change.replaces)["dt"]).items():
-                out[day] = out.get(day, 0) - n
-        for day, n in _counts(change.staged(["dt"])["dt"]).items():
-            out[day] = out.get(day, 0) + n
-        return {d: n for d, n in out.items() if n > 0}
+            for day, k in _counts(snap.scan(["dt"], change.replaces, n)).items():
+                out[day] = out.get(day, 0) - k
+        for day, k in _counts(change.batches(["dt"], None, n)).items():
+            out[day] = out.get(day, 0) + k
+        return {d: k for d, k in out.items() if k > 0}
 
 
-def _counts(dates: pa.ChunkedArray) -> dict[datetime.date, int]:
-    return {r["values"]: r["counts"] for r in pc.value_counts(dates.cast(pa.date32())).to_pylist()}
+def _counts(batches) -> dict[datetime.date, int]:
+    """Rows per dt of a stream of tables with a dt column."""
+    out: dict[datetime.date, int] = {}
+    for t in batches:
+        for r in pc.value_counts(t["dt"].cast(pa.date32())).to_pylist():
+            out[r["values"]] = out.get(r["values"], 0) + r["counts"]
+    return out
 
 
 def _index_step():

@@ -13,12 +13,26 @@ an item index version (jobs/steps/quality/index.py).
 
 GE and pandas are imported inside the builders: importing GE takes seconds and
 the CLI imports this module just to list the table names.
+
+**Memory.** No suite holds a whole table, a whole day or all the ids of a
+table. Rows reach GE as `Stream` frames of at most ``quality.batch_rows``
+rows, read as they are evaluated (`Warehouse.scan`); uniqueness (event_id
+within a day, user_id over user_sequences) is judged by GE on hash partitions
+of the id column, about ``quality.ids_per_pass`` ids each, one pass over that
+column per partition (jobs/steps/quality/streams.py). Day- and table-level
+numbers (row counts, rejects by reason) are counted as the rows stream by and
+judged by GE on a one-row "metrics" frame. A check holds about
+``batch_rows`` rows of the frame being judged (plus one read of at most 65536
+rows) or ``ids_per_pass`` ids; it costs one read of the rows, plus
+ceil(rows / ids_per_pass) reads of the id column.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import statistics
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -50,6 +64,22 @@ class Batch:
 
 
 @dataclass
+class Stream:
+    """The GE expectations to evaluate on each frame of a sequence of bounded frames (row batches of at most
+    ``quality.batch_rows`` rows, or the hash partitions of a key for uniqueness: jobs/steps/quality/streams.py).
+
+    The runner validates every frame with the same suite and reports one result per expectation: element,
+    unexpected and missing counts summed, examples in frame order up to ``quality.examples``. `frames` is read
+    once, when the runner reaches the stream; it gives at least one frame (an empty one when there is no row),
+    so that an empty day still reports every expectation."""
+
+    name: str
+    frames: Iterable  # of pandas.DataFrame
+    expectations: list
+    id_column: str | None = None  # as Batch.id_column
+
+
+@dataclass
 class Outcome:
     """A check decided outside GE, or skipped; reported like an expectation."""
 
@@ -69,7 +99,7 @@ class Outcome:
 class Plan:
     table: str
     dt: _dt.date
-    items: list = field(default_factory=list)  # Batch | Outcome, in report order
+    items: list = field(default_factory=list)  # Batch | Stream | Outcome, in report order
     facts: dict = field(default_factory=dict)  # context for the reader of the report (counts, medians)
 
 
@@ -151,6 +181,23 @@ def _dt_is(d: _dt.date, col: str = "dt") -> pc.Expression:
     return pc.field(col) == pa.scalar(d, pa.date32())
 
 
+def _frames(tables: Iterable[pa.Table], derive: Callable[[pa.Table], Any] | None = None) -> Iterator:
+    """pandas frames of a stream of Arrow tables (`derive`: table -> frame, default its columns as they are)."""
+    for t in tables:
+        yield derive(t) if derive else t.to_pandas()
+
+
+def _unique_frames(src: Warehouse, table: str, key: str, filter=None, version: int | None = None) -> Iterator:
+    """The `key` column of the table's rows (those `filter` selects), as frames of its hash partitions: every copy
+    of an id in one frame, so that GE's uniqueness of each frame, summed, is that of the whole column."""
+    from userformer.jobs.steps.quality.streams import partitions
+
+    rows = src.count_rows(table, filter=filter, version=version)
+    read = functools.partial(src.scan, table, [key], filter, version)
+    for _, _, part in partitions(read, [key], rows, src.cfg.quality.ids_per_pass):
+        yield part.to_pandas()
+
+
 def _known(parts) -> str:
     ds = sorted(parts)
     return f"{len(ds)} partitions, {ds[0]}..{ds[-1]}" if ds else "no partitions"
@@ -180,15 +227,15 @@ def events(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
     required = [f.name for f in tables.EVENTS if not f.nullable]
     idx_cols = [f.name for f in tables.EVENTS if f.name.endswith("_idx")]
     columns = [c for c in dict.fromkeys([*required, "item_id", *idx_cols]) if c not in bad]
-    df = src.read("events", columns, filter=_dt_is(day)).to_pandas()
+    n = src.count_rows("events", filter=_dt_is(day))
 
     ic = cfg.ingest
     earliest = _day_start(day) - _dt.timedelta(days=ic.max_late_days)
     latest = _day_start(day) + _dt.timedelta(days=1, seconds=ic.future_tolerance_s)
     is_item = Column("event_type").is_in(list(ic.item_event_types))
     rows = [E.ExpectColumnValuesToNotBeNull(column=c, description=f"{c} is required") for c in required]
+    unique = [E.ExpectColumnValuesToBeUnique(column="event_id", description="no event twice in the partition")]
     rows += [
-        E.ExpectColumnValuesToBeUnique(column="event_id", description="no event twice in the partition"),
         E.ExpectColumnValuesToBeInSet(
             column="event_type",
             value_set=list(ic.event_types),
@@ -216,11 +263,13 @@ def events(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
         )
     )
     rows, skipped = without_columns(rows, bad, "rows")
-    plan.items.append(Batch("rows", df, rows))
-    plan.items += skipped
+    plan.items.append(Stream("rows", _frames(src.scan("events", columns, filter=_dt_is(day))), rows))
+    unique, skipped_unique = without_columns(unique, bad, "rows")
+    if unique:  # across the day's batches: on hash partitions of the day's event ids
+        plan.items.append(Stream("rows", _unique_frames(src, "events", "event_id", _dt_is(day)), unique))
+    plan.items += skipped + skipped_unique
 
     # Day-level metrics, as a one-row frame so that GE still evaluates and reports them.
-    n = len(df)
     metrics: dict[str, float] = {"row_count": n}
     exps, outcomes = [], []
     trailing = sorted(d for d in rows_by_dt if d < day)[-cfg.quality.trailing_days :]
@@ -252,8 +301,10 @@ def events(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
             )
         )
     try:
-        reasons = src.read("events_rejected", ["reason"], filter=_dt_is(day)).column("reason")
-        by_reason = {r["values"]: r["counts"] for r in pc.value_counts(reasons).to_pylist()}
+        by_reason: dict | None = {}
+        for t in src.scan("events_rejected", ["reason"], filter=_dt_is(day)):
+            for r in pc.value_counts(t.column("reason")).to_pylist():
+                by_reason[r["values"]] = by_reason.get(r["values"], 0) + r["counts"]
     except MissingData as exc:
         by_reason = None
         for name in ("duplicate_ratio", "rejected_ratio"):
@@ -349,21 +400,21 @@ def user_sequences(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
 
     scalars = [f.name for f in tables.USER_SEQUENCES if not f.nullable and f.name != "user_id" and f.name not in bad]
     arrays = [a for a in tables.SEQUENCE_ARRAYS if a not in bad]
-    data = src.read(
-        "user_sequences", [c for c in ["user_id", *arrays, *scalars] if c not in bad], filter=_dt_is(day, "updated_dt")
-    )
+    columns = [c for c in ["user_id", *arrays, *scalars] if c not in bad]
+    updated = _dt_is(day, "updated_dt")
+    n = src.count_rows("user_sequences", filter=updated)
     # No refreshed rows is right only when drop D had no accepted events (an empty day).
-    empty_day = data.num_rows == 0 and src.partition_rows("events").get(day, 0) == 0
-    if data.num_rows == 0 and not empty_day:
+    empty_day = n == 0 and src.partition_rows("events").get(day, 0) == 0
+    if n == 0 and not empty_day:
         raise MissingData(f"user_sequences has no rows with updated_dt = {day}; was the sequences step run for {day}?")
-    plan.facts["rows_updated"] = data.num_rows
+    plan.facts["rows_updated"] = n
     if "user_id" not in bad:
-        users = src.read("user_sequences", ["user_id"]).to_pandas()
-        plan.facts["users"] = len(users)
+        # Over the whole table, on hash partitions of its user ids (never all of them at once).
+        plan.facts["users"] = src.count_rows("user_sequences")
         plan.items.append(
-            Batch(
+            Stream(
                 "users",
-                users,
+                _unique_frames(src, "user_sequences", "user_id"),
                 [
                     E.ExpectColumnValuesToNotBeNull(column="user_id", description="every row has a user"),
                     E.ExpectColumnValuesToBeUnique(
@@ -376,20 +427,28 @@ def user_sequences(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
     if empty_day:
         plan.facts["note"] = f"events has no rows for {day}: no user to refresh"
         return plan
-    df = data.select([c for c in data.column_names if c not in tables.SEQUENCE_ARRAYS]).to_pandas()
     derived = {  # flag -> (inputs, how, description)
         "arrays_match_seq_len": (
             [*tables.SEQUENCE_ARRAYS, "seq_len"],
-            lambda: _lengths_match(data, list(tables.SEQUENCE_ARRAYS)),
+            lambda data: _lengths_match(data, list(tables.SEQUENCE_ARRAYS)),
             "every array column has seq_len elements",
         ),
-        "ts_sorted": (["ts"], lambda: _ts_sorted(data["ts"]), "ts ascending within each row"),
+        "ts_sorted": (["ts"], lambda data: _ts_sorted(data["ts"]), "ts ascending within each row"),
         "last_event_ts_is_last_ts": (
             ["ts", "last_event_ts"],
-            lambda: _last_is(data["ts"], data["last_event_ts"]),
+            lambda data: _last_is(data["ts"], data["last_event_ts"]),
             "last_event_ts equals the last element of ts",
         ),
     }
+    computed = {flag: how for flag, (inputs, how, _) in derived.items() if not set(inputs) & bad}
+
+    def frame(data: pa.Table):
+        """The batch's scalar columns and the flags derived from its arrays (the arrays themselves go)."""
+        df = data.select([c for c in data.column_names if c not in tables.SEQUENCE_ARRAYS]).to_pandas()
+        for flag, how in computed.items():
+            df[flag] = how(data)
+        return df
+
     rows = [E.ExpectColumnValuesToNotBeNull(column=c, description=f"{c} is required") for c in scalars]
     rows += [
         E.ExpectColumnValuesToBeBetween(
@@ -405,18 +464,17 @@ def user_sequences(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
             description="lifetime_events >= seq_len (kept events are a subset)",
         ),
     ]
-    for flag, (inputs, how, desc) in derived.items():
-        if not set(inputs) & bad:
-            df[flag] = how()
+    for flag, (_, _, desc) in derived.items():
         rows.append(
             E.ExpectColumnValuesToBeInSet(
                 column=flag, value_set=[True], meta=IDS, description=f"{desc} (examples: user_id)"
             )
         )
     # A flag whose inputs are unusable was not computed: skip its expectation like the others on bad columns.
-    bad = bad | {flag for flag, (inputs, _, _) in derived.items() if set(inputs) & bad}
+    bad = bad | (set(derived) - set(computed))
     rows, skipped = without_columns(rows, bad, "rows")
-    plan.items.append(Batch("rows", df, rows, id_column="user_id" if "user_id" in df.columns else None))
+    frames = _frames(src.scan("user_sequences", columns, filter=updated), frame)
+    plan.items.append(Stream("rows", frames, rows, id_column="user_id" if "user_id" in columns else None))
     plan.items += skipped
     return plan
 
