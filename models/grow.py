@@ -19,11 +19,11 @@ exactly its content before any fine-tuning: the mean of its (grown) attribute
 embeddings under mean pooling (id and content are averaged), zero under
 ``id_plus_mean`` pooling (the id is added to the content mean).
 
-Optimizer state does not cross a growth: fine-tuning a grown model starts a
-new optimizer (train.fit), so every row, old or new, starts with zero Adam
-moments; under ``train.sparse_embeddings`` a new item's row gets moments the
-first time a batch uses it (SparseAdam's state is per table, sized to the grown
-table when the optimizer is built).
+No optimizer state crosses a growth: fine-tuning a grown model builds a new
+optimizer (train.fit), whose moments are tables of the grown size, zero for
+every row; under ``train.sparse_embeddings`` a row's moments (and the row)
+move only in steps whose batch uses it, so a new item no batch has seen keeps
+its content start. A grown table keeps its ``sparse`` flag.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from userformer.models.item_tower import FIELD
 
 
 def _grown(emb: nn.Embedding, n: int) -> nn.Embedding:
-    # `sparse` carries over: a table trained with sparse gradients keeps them (train.fit sets it again anyway).
+    # A table with sparse gradients keeps them (train.fit sets the flag from its config anyway).
     new = nn.Embedding(
         n,
         emb.embedding_dim,
