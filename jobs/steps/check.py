@@ -107,11 +107,14 @@ def _batch_definition(asset: str):
 
 
 def _validate(table: str, batch: Batch, examples: int) -> list[ExpectationResult]:
-    return [r for r, _ in _results(table, batch, examples)]
+    return [r for r, _, _ in _results(table, batch, examples)]
 
 
-def _results(table: str, batch: Batch, examples: int) -> list[tuple[ExpectationResult, int | None]]:
-    """GE's result of each expectation on the batch's frame, with its missing count (None: GE gave none)."""
+def _results(
+    table: str, batch: Batch, examples: int, position: str | None = None
+) -> list[tuple[ExpectationResult, int | None, list | None]]:
+    """GE's result of each expectation on the batch's frame, with its missing count (None: GE gave none) and,
+    with a `position` column, the position of each example's row (else None)."""
     import great_expectations as gx
 
     if not batch.expectations:
@@ -120,8 +123,9 @@ def _results(table: str, batch: Batch, examples: int) -> list[tuple[ExpectationR
         e.meta = {**(e.meta or {}), "_i": i}  # GE does not promise to keep the suite's order
     suite = gx.ExpectationSuite(name=f"{table}.{batch.name}", expectations=batch.expectations)
     fmt: dict = {"result_format": "BASIC", "partial_unexpected_count": examples}
-    if batch.id_column:
-        fmt.update(result_format="SUMMARY", unexpected_index_column_names=[batch.id_column])
+    index = [c for c in dict.fromkeys((batch.id_column, position)) if c]
+    if index:
+        fmt.update(result_format="SUMMARY", unexpected_index_column_names=index)
     gx_batch = _batch_definition(f"{table}.{batch.name}").get_batch(batch_parameters={"dataframe": batch.frame})
     res = gx_batch.validate(suite, result_format=fmt)
     out = []
@@ -129,8 +133,11 @@ def _results(table: str, batch: Batch, examples: int) -> list[tuple[ExpectationR
         cfg_ = r.expectation_config
         got = r.result or {}
         values = got.get("partial_unexpected_list") or []
+        rows = got.get("partial_unexpected_index_list") or []
         if (cfg_.meta or {}).get("examples") == "ids" and batch.id_column:
-            values = [row.get(batch.id_column) for row in got.get("partial_unexpected_index_list") or []]
+            values = [row.get(batch.id_column) for row in rows]
+        # GE lists the unexpected values and their rows in the same (frame) order.
+        at = [int(row[position]) for row in rows][: len(values)] if position else None
         kwargs = {k: v for k, v in cfg_.kwargs.items() if k != "batch_id"}
         if isinstance(kwargs.get("row_condition"), dict):
             kwargs["row_condition"] = _condition_text(kwargs["row_condition"])
@@ -146,7 +153,7 @@ def _results(table: str, batch: Batch, examples: int) -> list[tuple[ExpectationR
             note=_exception_text(r.exception_info),
             scope=batch.name,
         )
-        out.append((result, got.get("missing_count")))
+        out.append((result, got.get("missing_count"), at))
     return out
 
 
@@ -154,12 +161,13 @@ def _validate_stream(table: str, stream: Stream, examples: int) -> list[Expectat
     """Each frame of the stream validated with the same suite, the results combined into one per expectation:
     what one frame of all the rows would give (counts summed, the first `examples` examples in frame order).
     Only one frame's results are held at a time."""
-    total: list[tuple[ExpectationResult, int | None]] | None = None
+    total: list[tuple[ExpectationResult, int | None, list | None]] | None = None
     for frame in stream.frames:
-        got = _results(table, Batch(stream.name, frame, stream.expectations, stream.id_column), examples)
+        batch = Batch(stream.name, frame, stream.expectations, stream.id_column)
+        got = _results(table, batch, examples, stream.position)
         total = got if total is None else [_combine(a, b, examples) for a, b in zip(total, got)]
     out = []
-    for r, missing in total or []:
+    for r, missing, _ in total or []:
         nonnull = None if r.element_count is None else r.element_count - (missing or 0)
         if r.unexpected_count is None or not r.element_count:
             r.unexpected_percent = None
@@ -172,11 +180,11 @@ def _validate_stream(table: str, stream: Stream, examples: int) -> list[Expectat
     return out
 
 
-def _combine(
-    a: tuple[ExpectationResult, int | None], b: tuple[ExpectationResult, int | None], examples: int
-) -> tuple[ExpectationResult, int | None]:
-    """The results of one expectation on two frames of a stream as one."""
-    (ra, ma), (rb, mb) = a, b
+def _combine(a: tuple, b: tuple, examples: int) -> tuple:
+    """The results of one expectation on two frames of a stream as one: (result, missing count, positions of
+    the examples). Examples with positions are the first `examples` by position (each frame gave its first
+    ones, so these are the first of all rows); without, frames are runs of rows in order: a's, then b's."""
+    (ra, ma, pa_), (rb, mb, pb) = a, b
 
     def plus(x, y):
         return None if x is None and y is None else (x or 0) + (y or 0)
@@ -185,9 +193,14 @@ def _combine(
     ra.success = ra.success and rb.success
     ra.unexpected_count = plus(ra.unexpected_count, rb.unexpected_count)
     ra.element_count = plus(ra.element_count, rb.element_count)
-    ra.examples = (ra.examples + rb.examples)[:examples]
+    at = None
+    if pa_ is not None and pb is not None:
+        merged = sorted(zip(pa_ + pb, ra.examples + rb.examples), key=lambda x: x[0])[:examples]
+        at, ra.examples = [p for p, _ in merged], [x for _, x in merged]
+    else:
+        ra.examples = (ra.examples + rb.examples)[:examples]
     ra.note = "; ".join(notes)
-    return ra, plus(ma, mb)
+    return ra, plus(ma, mb), at
 
 
 def _condition_text(c: dict) -> str:

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 
 from userformer.jobs.steps import infer
 from userformer.jobs.steps.quality.streams import bucket, partitions, rebatch
-from userformer.jobs.steps.quality.suites import IDS, Batch, MissingData, Outcome, Plan, Stream, type_check
+from userformer.jobs.steps.quality.suites import IDS, POSITION, Batch, MissingData, Outcome, Plan, Stream, type_check
 
 if TYPE_CHECKING:
     from userformer.jobs.steps.quality.source import Warehouse
@@ -263,7 +263,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
         preference rows of the same partition, read again per partition)."""
         import pandas as pd
 
-        for mod, res, part in partitions(users_read, ["user_id"], n_users, q.ids_per_pass):
+        for mod, res, part in partitions(users_read, ["user_id"], n_users, q.ids_per_pass, position=POSITION):
             df = part.to_pandas()
             counts = _ids_counted(
                 (
@@ -312,6 +312,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
                     ),
                 ],
                 id_column="user_id",
+                position=POSITION,
             )
         )
         plan.items.append(
@@ -369,7 +370,8 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
     def prefs_by_key():
         key = ["user_id", "task"]
         # GE compares (user_id, task) rows with nulls too: a null hashes as a value, not spread by position.
-        for _, _, part in partitions(lambda: prefs_read(key), key, n_pref, q.ids_per_pass, spread_nulls=False):
+        read = functools.partial(prefs_read, key)
+        for _, _, part in partitions(read, key, n_pref, q.ids_per_pass, spread_nulls=False, position=POSITION):
             yield part.to_pandas()
 
     def pref_rows():
@@ -403,6 +405,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
                         column_list=["user_id", "task"], description="one row per user and head"
                     ),
                 ],
+                position=POSITION,
             )
         )
         plan.items.append(
@@ -460,7 +463,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
 
         def items_by_idx():
             read = functools.partial(src.staged_batches, item_parts, ["item_idx"])
-            for _, _, part in partitions(read, ["item_idx"], items_rows, q.ids_per_pass):
+            for _, _, part in partitions(read, ["item_idx"], items_rows, q.ids_per_pass, position=POSITION):
                 yield part.to_pandas()
 
         def item_rows():
@@ -483,6 +486,7 @@ def outputs(cfg, day: _dt.date, src: Warehouse, shards: int | None = None) -> Pl
                     "items",
                     items_by_idx(),
                     [E.ExpectColumnValuesToBeUnique(column="item_idx", description="one row per item")],
+                    position=POSITION,
                 )
             )
             plan.items.append(

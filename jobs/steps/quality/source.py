@@ -46,7 +46,11 @@ class Warehouse:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._snapshots: dict[tuple[str, int | None], delta.Snapshot] = {}
-        self.batch_rows = cfg.quality.batch_rows
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows read and judged at once (``quality.batch_rows``)."""
+        return self.cfg.quality.batch_rows
 
     # ------------------------------------------------------------ Delta tables
     def _table(self, table: str, version: int | None = None) -> delta.Snapshot:

@@ -106,12 +106,19 @@ def parts_for(rows: int, ids_per_pass: int) -> int:
 
 
 def partitions(
-    read: Callable[[], Iterable[pa.Table]], key: list[str], rows: int, ids_per_pass: int, spread_nulls: bool = True
+    read: Callable[[], Iterable[pa.Table]],
+    key: list[str],
+    rows: int,
+    ids_per_pass: int,
+    spread_nulls: bool = True,
+    position: str | None = None,
 ) -> Iterator[tuple[int, int, pa.Table]]:
     """The rows `read()` gives (each call a new pass, in the same order), split into hash partitions of `key`
     (module doc): (modulus, residue, the part's rows) for each part, every row in exactly one part, and a row is
     in part (m, r) when `bucket(row, key, m) == r`. `rows` is how many rows a pass gives (it chooses k). Every
-    part comes out, an empty one too, as long as `read()` gives a table (`Warehouse.scan` always does)."""
+    part comes out, an empty one too, as long as `read()` gives a table (`Warehouse.scan` always does).
+    `position`: a column added to each part with every row's position in the pass (to order examples as one
+    frame of all rows would)."""
     k = parts_for(rows, ids_per_pass)
     todo = [(k, r) for r in range(k)]
     while todo:
@@ -119,6 +126,8 @@ def partitions(
         got: list[pa.Table] = []
         held, seen, schema, split = 0, 0, None, False
         for t in read():
+            if position:
+                t = t.append_column(position, pa.array(np.arange(seen, seen + t.num_rows, dtype=np.int64)))
             schema = t.schema
             part = t.filter(pa.array(bucket(t, key, m, seen, spread_nulls) == r)) if m > 1 else t
             seen += t.num_rows

@@ -77,6 +77,12 @@ class Stream:
     frames: Iterable  # of pandas.DataFrame
     expectations: list
     id_column: str | None = None  # as Batch.id_column
+    # A column of each row's position among all rows, for frames that are not consecutive runs of rows (hash
+    # partitions): the examples are then the first in that order, as one frame of all rows would give them.
+    position: str | None = None
+
+
+POSITION = "_row"  # the position column of hash-partitioned frames (Stream.position)
 
 
 @dataclass
@@ -194,7 +200,7 @@ def _unique_frames(src: Warehouse, table: str, key: str, filter=None, version: i
 
     rows = src.count_rows(table, filter=filter, version=version)
     read = functools.partial(src.scan, table, [key], filter, version)
-    for _, _, part in partitions(read, [key], rows, src.cfg.quality.ids_per_pass):
+    for _, _, part in partitions(read, [key], rows, src.cfg.quality.ids_per_pass, position=POSITION):
         yield part.to_pandas()
 
 
@@ -266,7 +272,9 @@ def events(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
     plan.items.append(Stream("rows", _frames(src.scan("events", columns, filter=_dt_is(day))), rows))
     unique, skipped_unique = without_columns(unique, bad, "rows")
     if unique:  # across the day's batches: on hash partitions of the day's event ids
-        plan.items.append(Stream("rows", _unique_frames(src, "events", "event_id", _dt_is(day)), unique))
+        plan.items.append(
+            Stream("rows", _unique_frames(src, "events", "event_id", _dt_is(day)), unique, position=POSITION)
+        )
     plan.items += skipped + skipped_unique
 
     # Day-level metrics, as a one-row frame so that GE still evaluates and reports them.
@@ -421,6 +429,7 @@ def user_sequences(cfg: Config, day: _dt.date, src: Warehouse) -> Plan:
                         column="user_id", description="one row per user, over the whole table"
                     ),
                 ],
+                position=POSITION,
             )
         )
 
