@@ -70,6 +70,56 @@ def test_two_processes_reach_the_metric_of_one(tmp_path):
     assert lo <= two["best_valid"] <= hi, (two["best_valid"], ones.tolist())
 
 
+def _sparse_grad_rank(rank: int, world: int, store: str, out: str) -> None:
+    """One DDP step (fit's `_BatchLoss`) on this rank's batch with sparse item-id tables; saves the gradient."""
+    from userformer.models import losses
+    from userformer.models.model import UserFormer
+    from userformer.models.train import _BatchLoss, sparse_tables
+
+    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        train, _, catalog = _split()
+        tc = dataclasses.replace(TRAIN, sparse_embeddings=True)
+        torch.manual_seed(0)
+        model = UserFormer(tiny_cfg(item_dropout=0.0), catalog)  # no random draws but the seeded ones
+        sparse_tables(model, tc)  # before DDP is built: it reads the flags then
+        sampler = losses.NegativeSampler(model_data.item_counts(train, catalog.n_items), 16, 0, seed=0)
+        step = torch.nn.parallel.DistributedDataParallel(
+            _BatchLoss(model, tc, sampler, torch.Generator().manual_seed(0)), find_unused_parameters=True
+        )
+        batch = model_data.pad_batch(train, np.arange(4) + 4 * rank, 11)
+        step(batch, True).backward()
+        torch.save(model.item_tower.embs["item_id"].weight.grad.coalesce(), f"{out}/grad{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_averages_sparse_gradients(tmp_path):
+    """DistributedDataParallel with sparse item-id tables: every rank ends the backward pass with the mean of the
+    ranks' sparse gradients (what one process would get from both batches at half weight)."""
+    from userformer.models import losses
+    from userformer.models.model import UserFormer
+    from userformer.models.train import batch_loss, sparse_tables
+
+    mp.spawn(_sparse_grad_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    g0, g1 = (torch.load(tmp_path / f"grad{r}.pt", weights_only=True) for r in (0, 1))
+    assert g0.is_sparse and torch.equal(g0.to_dense(), g1.to_dense())
+    train, _, catalog = _split()
+    tc = dataclasses.replace(TRAIN, sparse_embeddings=True)
+    torch.manual_seed(0)
+    model = UserFormer(tiny_cfg(item_dropout=0.0), catalog)  # no random draws but the seeded ones
+    sparse_tables(model, tc)
+    sampler = losses.NegativeSampler(model_data.item_counts(train, catalog.n_items), 16, 0, seed=0)
+    total = 0.0
+    for rank in (0, 1):  # each rank's own negatives: the same seed on both ranks here
+        sampler.gen.manual_seed(0)
+        batch = model_data.pad_batch(train, np.arange(4) + 4 * rank, 11)
+        total = total + batch_loss(model, batch, tc, sampler, torch.Generator().manual_seed(0), True)[0] / 2
+    total.backward()
+    assert torch.allclose(g0.to_dense(), model.item_tower.embs["item_id"].weight.grad.to_dense(), atol=1e-6)
+
+
 # ------------------------------------------------------------------ resume
 # Per rank; three epochs, so that the resumed run has two to go and its second starts from resumed state.
 RESUME = TrainConfig(epochs=3, batch_size=8, lr=1e-2, uniform_negatives=16, num_threads=1, patience=100)
