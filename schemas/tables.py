@@ -292,9 +292,17 @@ TABLES: dict[str, tuple[pa.Schema, list[str], str]] = {
 
 # What ingest + sequences write (the rest are the model's published outputs).
 FOUNDATION_TABLES = ("events", "events_rejected", "vocab", "items", "user_sequences")
-# Written by Spark through delta-spark (user_sequences with deletion vectors): restore and rewrite them with
-# delta-spark and read them from Python through jobs/core/storage/delta.py; the others are delta-rs's.
-SPARK_TABLES = ("events", "events_rejected", "user_sequences")
+# Written by Spark through delta-spark (the tables MERGEd by user with deletion vectors: user_sequences and the
+# user-keyed outputs): restore and rewrite them with delta-spark and read them from Python through
+# jobs/core/storage/delta.py; the others are delta-rs's.
+SPARK_TABLES = (
+    "events",
+    "events_rejected",
+    "user_sequences",
+    "user_embeddings",
+    "user_preference_scores",
+    "user_candidates",
+)
 
 
 def describe_markdown() -> str:
@@ -311,6 +319,11 @@ def describe_markdown() -> str:
 
 
 # ------------------------------------------------------------- Spark bridge
+def spark_ddl(schema: pa.Schema) -> str:
+    """An Arrow schema as Spark SQL type text ("`user_id` string, `embedding` array<float>, ...")."""
+    return ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in to_spark(schema))
+
+
 def to_spark(schema: pa.Schema):
     """The Spark StructType of an Arrow schema (timestamps as TimestampType, UTC session)."""
     from pyspark.sql import types as T

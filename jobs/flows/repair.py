@@ -727,11 +727,12 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
             # On the version this repair's publish left: a writer that committed since makes it fail, not vanish.
             read_v = pub["tables"].get(t, delta.version_of(path))
             if read_v is not None:
-                with delta.conflicts(path):
-                    m = delta.open_table(path, read_v).delete(
-                        f"user_id IN ({quoted})", commit_properties=delta.strict_commit(meta)
-                    )
-                deleted[t] = m.get("num_deleted_rows")
+                # Spark's DELETE: these tables carry deletion vectors (publish and candidates MERGE them).
+                spark = spark_session(cfg)
+                delta.expect_version(path, read_v)
+                with delta.spark_commit(spark, path, meta) as c:
+                    delta.spark_delete(spark, path, f"user_id IN ({quoted})")
+                deleted[t] = _deleted_rows(path, c["version"])
         # The publish record names the versions without the removed users: the release reads them.
         rec = publish_step.published_outputs(cfg)
         rec["tables"].update({t: delta.version_of(cfg.table_path(t)) for t in deleted})
@@ -748,6 +749,14 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
         },
         "deleted_rows": deleted,
     }
+
+
+def _deleted_rows(path, version: int | None) -> int:
+    """Rows a DELETE commit removed (its operation metrics); 0 when it committed nothing."""
+    if version is None:
+        return 0
+    h = next((h for h in delta.history(path, 20) if int(h["version"]) == int(version)), {})
+    return int((h.get("operationMetrics") or {}).get("numDeletedRows", 0))
 
 
 def reindex(cfg: Config, day: dt.date) -> dict:

@@ -8,6 +8,15 @@ those users' rows replaced, every other user's row kept as it was (rows of
 users without a user_embeddings row any more are dropped). It refuses when
 those embeddings are of another model version than the index. A day without
 refreshed users writes nothing and succeeds.
+
+**Cost.** The day's users are read from the files publish's MERGE wrote for
+them (pruned by ``as_of``), searched in batches of
+``index.candidates_batch_users`` and staged in Parquet; the commit is a Spark
+MERGE with deletion vectors that writes those rows and marks the replaced
+ones, so a day costs its refreshed users, not the table (plus a scan of the
+two tables' user ids, to drop the rows of users who lost their embedding).
+With purchase exclusion, events are scanned once per run (the purchases of
+the day's users), not once per batch.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from userformer.jobs.core import hooks, lease
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta, files
-from userformer.jobs.steps.index import ItemIndex, open_current, str_field, str_in, vectors_of
+from userformer.jobs.steps.index import ItemIndex, open_current, str_field, vectors_of
 from userformer.schemas import tables
 
 log = logging.getLogger(__name__)
@@ -54,15 +64,18 @@ def purchased_items(
     flt = str_field("event_type") == PURCHASE
     if upto is not None:
         flt &= pc.field("dt") <= pa.scalar(upto, pa.date32())
-    if users is not None:
-        if not users:
-            return {}
-        flt &= str_in("user_id", users)
-    t = events.to_table(columns=["user_id", "item_idx"], filter=flt)
+    if users is not None and not users:
+        return {}
+    wanted = None if users is None else pa.array(sorted(set(users)), pa.string())
     out: dict[str, set[int]] = {}
-    for u, i in zip(t["user_id"].to_pylist(), t["item_idx"].to_pylist()):
-        if i:
-            out.setdefault(u, set()).add(i)
+    # One streamed pass; only the purchases of `users` are kept (a filter on a long id list would be
+    # evaluated per file and row group anyway).
+    for t in events.scan(columns=["user_id", "item_idx"], filter=flt):
+        if wanted is not None:
+            t = t.filter(pc.is_in(t["user_id"].cast(pa.string()), value_set=wanted))
+        for u, i in zip(t["user_id"].to_pylist(), t["item_idx"].to_pylist()):
+            if i:
+                out.setdefault(u, set()).add(i)
     return out
 
 
@@ -80,6 +93,90 @@ def topn(index: ItemIndex, queries: np.ndarray, n: int, exclude: list[set[int]] 
     return out
 
 
+DROP = "_drop_user"  # in the MERGE's source: a key row of a user whose row goes (no user_embeddings row any more)
+
+
+def _search(cfg: Config, idx: ItemIndex, ue: delta.Snapshot, day: datetime.date, exclude: bool, stats: dict):
+    """The candidate rows of the users refreshed on `day`, batch by batch (schemas.tables.USER_CANDIDATES)."""
+    n = cfg.index.candidates_n
+    flt = pc.field("as_of") == pa.scalar(day, pa.date32())
+    bought: dict[str, set[int]] = {}
+    if exclude:
+        users = [u for t in ue.scan(columns=["user_id"], filter=flt) for u in t["user_id"].to_pylist()]
+        bought = purchased_items(cfg, users, day)
+    for b in ue.scan(columns=["user_id", "embedding"], filter=flt, batch_size=cfg.index.candidates_batch_users):
+        users = b.column("user_id").to_pylist()
+        ex = [bought.get(u, set()) for u in users] if exclude else None
+        res = topn(idx, vectors_of(b.column("embedding")), n, ex)
+        if exclude:
+            stats["excluded"] += sum(len(e) for e in ex)
+        stats["rows"] += len(users)
+        labels = [r[0] for r in res]
+        lens = np.array([len(x) for x in labels], dtype=np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        flat_idx = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+        flat_sc = np.concatenate([r[1] for r in res]).astype(np.float32) if res else np.zeros(0, np.float32)
+        cols = {
+            "user_id": pa.array(users, pa.string()),
+            "item_idx": pa.ListArray.from_arrays(offsets, pa.array(flat_idx, pa.int64())),
+            "item_id": pa.ListArray.from_arrays(offsets, pa.array(idx.ids_of(flat_idx).tolist(), pa.string())),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(flat_sc, pa.float32())),
+            "model_version": pa.array([idx.model_version] * len(users), pa.string()),
+            "index_version": pa.array([idx.version] * len(users), pa.string()),
+            "as_of": pa.array([day] * len(users), pa.date32()),
+        }
+        yield pa.RecordBatch.from_arrays(
+            [cols[f.name].cast(f.type) for f in tables.USER_CANDIDATES], schema=tables.USER_CANDIDATES
+        )
+
+
+def _commit(cfg: Config, staged: str, ue_version: int, meta: dict) -> dict:
+    """One Spark commit of the staged rows: a MERGE that replaces the refreshed users' rows, inserts the new
+    users' and deletes the rows of users without a user_embeddings row (of `ue_version`); the table is created
+    when there is none. Lands on the version it read, or raises ConcurrentWrite. Returns the rows it kept,
+    dropped and the version."""
+    from pyspark.sql import functions as F
+
+    spark = spark_session(cfg)
+    path = cfg.table_path("user_candidates")
+    delta.ensure_merge_table(spark, path, tables.USER_CANDIDATES, "candidates")
+    read_v = delta.version_of(path)
+    rows = delta.spark_parquet(spark, [staged], tables.spark_ddl(tables.USER_CANDIDATES))
+    before = delta.logical_rows(path, read_v)
+    hooks.pause("candidates.before_commit")  # tests: the day's candidates staged, not committed
+    if not before:  # a new (empty) table: the rows are the table
+        delta.expect_version(path, read_v)
+        v = delta.spark_write(rows, path, mode="overwrite", metadata=meta)
+        return {"kept": 0, "dropped": 0, "version": v}
+    # Rows of users who no longer have an embedding (deleted from user_embeddings): their ids only.
+    gone = (
+        delta.spark_read(spark, path, read_v)
+        .select("user_id")
+        .join(
+            delta.spark_read(spark, cfg.table_path("user_embeddings"), ue_version).select("user_id"),
+            "user_id",
+            "left_anti",
+        )
+    )
+    source = rows.withColumn(DROP, F.lit(False)).unionByName(
+        gone.withColumn(DROP, F.lit(True)), allowMissingColumns=True
+    )
+    cols = tables.USER_CANDIDATES.names
+    values = ", ".join("s." + c for c in cols)
+    clauses = (
+        f"WHEN MATCHED AND s.{DROP} THEN DELETE "
+        f"WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in cols)} "
+        f"WHEN NOT MATCHED AND NOT s.{DROP} THEN INSERT ({', '.join(cols)}) VALUES ({values})"
+    )
+    delta.expect_version(path, read_v)
+    with delta.spark_commit(spark, path, meta) as c:
+        delta.spark_merge(spark, path, source, on="t.user_id = s.user_id", clauses=clauses)
+    h = next((h for h in delta.history(path, 20) if c["version"] is not None and h["version"] == c["version"]), {})
+    m = {k: int(v) for k, v in (h.get("operationMetrics") or {}).items() if str(v).isdigit()}
+    dropped = m.get("numTargetRowsDeleted", 0)
+    return {"kept": before - m.get("numTargetRowsUpdated", 0) - dropped, "dropped": dropped, "version": c["version"]}
+
+
 @lease.writer("candidates")
 def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | None = None) -> dict:
     """Write user_candidates for the users refreshed on `dt` (one MERGE commit). See the module doc."""
@@ -89,14 +186,13 @@ def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | Non
     if not delta.exists(ue_path):
         raise UserError(f"no user_embeddings table at {ue_path}: run `userformer publish --dt {day}` first")
     idx = open_current(cfg)
-    ue = delta.open_table(ue_path)
-    ue_version = ue.version()
-    ds = delta.dataset(ue)
+    ue_version = delta.version_of(ue_path)
+    ue = delta.Snapshot(ue_path, ue_version)  # publish MERGEs it with deletion vectors: not delta-rs's reader
     flt = pc.field("as_of") == pa.scalar(day, pa.date32())
-    versions = {
-        r["values"]: r["counts"]
-        for r in pc.value_counts(ds.to_table(columns=["model_version"], filter=flt)["model_version"]).to_pylist()
-    }
+    versions: dict[str, int] = {}
+    for t in ue.scan(columns=["model_version"], filter=flt):
+        for r in pc.value_counts(t["model_version"]).to_pylist():
+            versions[r["values"]] = versions.get(r["values"], 0) + r["counts"]
     n_users = sum(versions.values())
     out = {
         "dt": str(day),
@@ -122,42 +218,7 @@ def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | Non
             f"user embeddings of {day} are of model {shown} but the current index {idx.version} is of "
             f"model {idx.model_version}: run `userformer index --dt {day}` first"
         )
-    n = cfg.index.candidates_n
-    stats = {"excluded": 0, "rows": 0, "kept": 0, "dropped": 0}
-    events = events_dataset(cfg) if exclude else None
-
-    def batches():
-        for b in ds.to_batches(
-            columns=["user_id", "embedding"], filter=flt, batch_size=cfg.index.candidates_batch_users
-        ):
-            if not b.num_rows:
-                continue
-            users = b.column("user_id").to_pylist()
-            q = vectors_of(b.column("embedding"))
-            bought = purchased_items(cfg, users, day, events) if events is not None else {}
-            ex = [bought.get(u, set()) for u in users] if exclude else None
-            res = topn(idx, q, n, ex)
-            if exclude:
-                stats["excluded"] += sum(len(e) for e in ex)
-            stats["rows"] += len(users)
-            labels = [r[0] for r in res]
-            lens = np.array([len(x) for x in labels], dtype=np.int32)
-            offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-            flat_idx = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
-            flat_sc = np.concatenate([r[1] for r in res]).astype(np.float32) if res else np.zeros(0, np.float32)
-            cols = {
-                "user_id": pa.array(users, pa.string()),
-                "item_idx": pa.ListArray.from_arrays(offsets, pa.array(flat_idx, pa.int64())),
-                "item_id": pa.ListArray.from_arrays(offsets, pa.array(idx.ids_of(flat_idx).tolist(), pa.string())),
-                "scores": pa.ListArray.from_arrays(offsets, pa.array(flat_sc, pa.float32())),
-                "model_version": pa.array([idx.model_version] * len(users), pa.string()),
-                "index_version": pa.array([idx.version] * len(users), pa.string()),
-                "as_of": pa.array([day] * len(users), pa.date32()),
-            }
-            yield pa.RecordBatch.from_arrays(
-                [cols[f.name].cast(f.type) for f in tables.USER_CANDIDATES], schema=tables.USER_CANDIDATES
-            )
-
+    stats = {"excluded": 0, "rows": 0}
     meta = {
         "step": "candidates",
         "dt": str(day),
@@ -168,82 +229,25 @@ def candidates(cfg: Config, day: datetime.date, *, exclude_purchased: bool | Non
     }
     path = cfg.table_path("user_candidates")
     import pyarrow.parquet as pq
-    from deltalake import write_deltalake
-    from deltalake.exceptions import DeltaError
 
     # Searched batch by batch into a staged Parquet file (bounded memory; an error surfaces here, before any
-    # commit). Then ONE commit that rewrites the table: the other users' rows as they are, then the new rows,
-    # streamed. Not a delta-rs MERGE: it would rewrite about every file anyway (refreshed users are spread
-    # over all of them) and writes strings as string_view, which pyarrow filters cannot compare (see
-    # str_field). Rows of users that no longer have a user_embeddings row are dropped.
+    # commit), then one commit.
     with files.scratch(cfg.warehouse_root / "_staging" / path.name) as stage:
         staged = stage / "candidates.parquet"
-        refreshed: list[str] = []
         fs, where = files.arrow(staged)
         with pq.ParquetWriter(where, tables.USER_CANDIDATES, filesystem=fs) as w:
-            for b in batches():
-                refreshed += b.column("user_id").to_pylist()
+            for b in _search(cfg, idx, ue, day, exclude, stats):
                 w.write_batch(b)
-        published_users = ds.to_table(columns=["user_id"])["user_id"].cast(pa.string()).combine_chunks()
-        schema = tables.USER_CANDIDATES
-
-        def conform(b):
-            return pa.RecordBatch.from_arrays([b.column(f.name).cast(f.type) for f in schema], schema=schema)
-
-        # Opened here: rows() runs inside delta-rs' write, which must not be re-entered. The commit lands on
-        # exactly the version whose rows it copies, or fails (ConcurrentWrite): a concurrent writer's rows are
-        # never dropped by this overwrite.
-        read_v = delta.version_of(path)
-        old = delta.dataset(delta.open_table(path, read_v)) if read_v is not None else None
-
-        def rows():
-            if old is not None:
-                for b in old.to_batches(
-                    filter=~str_in("user_id", refreshed), batch_size=65536, batch_readahead=1, fragment_readahead=1
-                ):
-                    b = conform(b)
-                    live = pc.is_in(b.column("user_id"), value_set=published_users)
-                    b = b.filter(live)
-                    stats["kept"] += b.num_rows
-                    stats["dropped"] += len(live) - b.num_rows
-                    if b.num_rows:
-                        yield b
-            for b in pq.ParquetFile(where, filesystem=fs).iter_batches(batch_size=65536):
-                yield conform(b)
-
-        if read_v is None:
-            target = delta.uri(path)
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            target = delta.open_table(path, read_v)
-        hooks.pause("candidates.before_commit")  # tests: the day's candidates staged, not committed
-        created = delta.ConcurrentWrite(path, "the table was created meanwhile")
-        if read_v is None and delta.exists(path):
-            raise created
-        try:
-            with delta.conflicts(path):
-                # Creating: "error", so that a table another writer created since is refused, not overwritten.
-                write_deltalake(
-                    target,
-                    pa.RecordBatchReader.from_batches(schema, rows()),
-                    mode="overwrite" if read_v is not None else "error",
-                    commit_properties=delta.strict_commit(meta),
-                )
-        except DeltaError as exc:
-            if read_v is None and delta.exists(path):
-                raise created from exc
-            raise
+        done = _commit(cfg, str(staged), ue_version, meta)
     out.update(
         written=stats["rows"],
-        kept=stats["kept"],
-        dropped=stats["dropped"],
+        kept=done["kept"],
+        dropped=done["dropped"],
         excluded_purchases=stats["excluded"],
-        table_version=delta.version_of(path),
+        table_version=done["version"],
         seconds=round(time.perf_counter() - t0, 3),
     )
-    log.info(
-        "user_candidates: %d users of %s from index %s (v%s)", stats["rows"], day, idx.version, out["table_version"]
-    )
+    log.info("user_candidates: %d users of %s from index %s (v%s)", stats["rows"], day, idx.version, done["version"])
     return out
 
 

@@ -18,17 +18,23 @@ rows back in time.
 3. ``item_embeddings``: overwritten with the catalogue's vectors (skipped when
    the last publish already wrote this model on the same catalogue).
 
-After a full re-embed (a new model version) both user merges also delete rows
-of users no longer in user_sequences, so every row is of the new version.
+The two user tables are written by Spark (delta-spark) with deletion vectors:
+a MERGE writes the refreshed users' rows into new files and marks their old
+rows deleted, so a day costs its refreshed users, not the table
+(`userformer maintain` compacts the files and purges the marks). After a full
+re-embed (a new model version) or on the first publish, both are overwritten
+with the staged rows instead: every row is new, and users no longer in
+user_sequences go, so every row is of the new version. ``item_embeddings`` is
+replaced whole every time and stays delta-rs's.
 Each commit carries ``step=publish``, ``dt``, ``model_version``, ``shards``,
 ``full``, ``users``, the input Delta versions and ``outputs_id`` (which staged
 shards it published). A rerun skips a table whose last publish commit has the
 same ``outputs_id`` and redoes the rest, so a crash between commits is
 completed by rerunning, and publishing the same staged output twice leaves
 the tables as they are. An empty day (no user to refresh, same model,
-same catalogue) commits nothing. Each commit lands on exactly the version
-whose history publish read: when another writer committed to that table
-since, the commit fails (`ConcurrentWrite`, exit 75) and nothing of it is
+same catalogue) commits nothing. Each commit lands on the version whose
+history publish read: when another writer committed to that table since,
+the commit is refused (`ConcurrentWrite`, exit 75) and nothing of it is
 written; rerunning publish then reads afresh and completes.
 
 **What a reader sees.** Each table is whole at every version. Between the
@@ -55,6 +61,7 @@ from userformer.jobs.core import drops, hooks, lease, registry
 from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta
 from userformer.jobs.core.storage.files import Location, append_line, parquet_dataset, write_json
 from userformer.jobs.steps import check, infer
@@ -151,57 +158,53 @@ def _as_read(path, schema, read_v: int | None):
     return delta.open_table(path, read_v)
 
 
-def _merge_embeddings(cfg: Config, files: list[str], full: bool, meta: dict, read_v: int | None) -> int:
-    path = cfg.table_path("user_embeddings")
-    t = _as_read(path, tables.USER_EMBEDDINGS, read_v)
-    m = t.merge(
-        _reader(files, tables.USER_EMBEDDINGS),
-        predicate="t.user_id = s.user_id",
-        source_alias="s",
-        target_alias="t",
-        commit_properties=delta.strict_commit(meta),
-    )
-    m = m.when_matched_update_all().when_not_matched_insert_all()
-    if full:
-        m = m.when_not_matched_by_source_delete()
-    with delta.conflicts(path):
-        m.execute()
-    return t.version()
+def _commit_users(cfg: Config, table: str, source, full: bool, meta: dict, read_v: int | None, clauses: str) -> int:
+    """One commit of a user-keyed output by Spark (delta-spark), on the version publish read.
+
+    A day's refresh is a MERGE on user_id with deletion vectors: it writes the refreshed users' rows and marks
+    their old ones deleted, so it costs the day's users, not the table. A full re-embed (or the first publish)
+    overwrites: every row is new, and the table becomes exactly the staged rows (users no longer in
+    user_sequences go)."""
+    path = cfg.table_path(table)
+    spark = spark_session(cfg)
+    delta.expect_version(path, read_v)
+    delta.ensure_merge_table(spark, path, tables.TABLES[table][0], "publish")
+    if full or read_v is None:
+        return delta.spark_write(source, path, mode="overwrite", metadata=meta, properties=delta.DELETION_VECTORS)
+    with delta.spark_commit(spark, path, meta) as c:
+        delta.spark_merge(spark, path, source, on=f"t.user_id = s.{_key(table)}", clauses=clauses)
+    return c["version"]
+
+
+def _key(table: str) -> str:
+    return "user_id" if table == "user_embeddings" else KEY
+
+
+def _merge_embeddings(cfg: Config, staged: list[str], full: bool, meta: dict, read_v: int | None) -> int:
+    """Update the refreshed users' rows, insert the new users'."""
+    source = delta.spark_parquet(spark_session(cfg), staged, tables.spark_ddl(tables.USER_EMBEDDINGS))
+    clauses = "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+    return _commit_users(cfg, "user_embeddings", source, full, meta, read_v, clauses)
 
 
 def _replace_preferences(
-    cfg: Config, user_files: list[str], files: list[str], full: bool, meta: dict, read_v: int | None
+    cfg: Config, user_files: list[str], staged: list[str], full: bool, meta: dict, read_v: int | None
 ) -> int:
-    """Delete every row of the refreshed users and insert their new rows, in one merge commit."""
-    import pyarrow as pa
+    """Delete every row of the refreshed users and insert their new rows, in one merge commit: one key row per
+    refreshed user matches and deletes its old rows (user ids are unique over the shards: checked before
+    publishing); the new rows carry no key, never match, and are inserted."""
+    from pyspark.sql import functions as F
 
-    path = cfg.table_path("user_preference_scores")
-    t = _as_read(path, tables.USER_PREFERENCE_SCORES, read_v)
-    cols = tables.USER_PREFERENCE_SCORES
-    schema = pa.schema([pa.field(KEY, pa.string()), *[f.with_nullable(True) for f in cols]])
-
-    def batches():
-        # One key row per refreshed user (user ids are unique over the shards: checked before publishing) ...
-        for b in parquet_dataset(user_files).to_batches(columns=["user_id"], batch_readahead=1):
-            n = b.num_rows
-            yield pa.record_batch([b.column(0), *[pa.nulls(n, f.type) for f in cols]], schema=schema)
-        # ... and the new rows, without a key: they never match, so they are inserted.
-        for b in parquet_dataset(files, schema=cols).to_batches(batch_readahead=1):
-            yield pa.record_batch([pa.nulls(b.num_rows, pa.string()), *b.columns], schema=schema)
-
-    m = t.merge(
-        pa.RecordBatchReader.from_batches(schema, batches()),
-        predicate=f"t.user_id = s.{KEY}",
-        source_alias="s",
-        target_alias="t",
-        commit_properties=delta.strict_commit(meta),
-    )
-    m = m.when_matched_delete().when_not_matched_insert({c: f"s.{c}" for c in cols.names}, predicate=f"s.{KEY} IS NULL")
-    if full:
-        m = m.when_not_matched_by_source_delete()
-    with delta.conflicts(path):
-        m.execute()
-    return t.version()
+    spark = spark_session(cfg)
+    cols = tables.USER_PREFERENCE_SCORES.names
+    rows = delta.spark_parquet(spark, staged, tables.spark_ddl(tables.USER_PREFERENCE_SCORES))
+    if full or read_v is None:
+        return _commit_users(cfg, "user_preference_scores", rows, True, meta, read_v, "")
+    keys = delta.spark_parquet(spark, user_files, "`user_id` string").select(F.col("user_id").alias(KEY))
+    source = keys.unionByName(rows.withColumn(KEY, F.lit(None).cast("string")), allowMissingColumns=True)
+    insert = f"INSERT ({', '.join(cols)}) VALUES ({', '.join('s.' + c for c in cols)})"
+    clauses = f"WHEN MATCHED THEN DELETE WHEN NOT MATCHED AND s.{KEY} IS NULL THEN {insert}"
+    return _commit_users(cfg, "user_preference_scores", source, False, meta, read_v, clauses)
 
 
 def _overwrite_items(cfg: Config, files: list[str], meta: dict, read_v: int | None) -> int:

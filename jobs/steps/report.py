@@ -493,17 +493,18 @@ def section_scores(cfg: Config, day: dt.date, ledger: dict) -> tuple[str, dict]:
 
 
 def _at_version(cfg: Config, table_name: str, version: int):
-    """A table at a version as a pyarrow dataset; NotAvailable when that version can no longer be read."""
+    """A table at a version, opened for reads (`delta.Snapshot`); NotAvailable when that version can no longer be
+    read."""
     path = cfg.table_path(table_name)
     if not delta.exists(path):
         raise NotAvailable(f"no {table_name} table at {path}")
     try:
-        t = delta.open_table(path, version)
+        delta.open_table(path, version)
     except Exception as exc:  # delta-rs raises several kinds for a version whose log is gone
         raise NotAvailable(f"{table_name} version {version} cannot be read ({exc})") from None
     if delta.missing_files(path, version):
         raise NotAvailable(f"{table_name} version {version} has been vacuumed (storage.retention_days)")
-    return delta.dataset(t)
+    return delta.Snapshot(path, version)  # the user tables carry deletion vectors
 
 
 # ----------------------------------------------------------- 5: drift
@@ -514,13 +515,14 @@ def previous_publish(cfg: Config, table_name: str, day: dt.date) -> dict | None:
 
 
 def vectors(ds, key: str, keep=None) -> tuple[list, "np.ndarray", set]:
-    """(keys, vectors as rows, model versions) of a dataset, only keys in `keep` when given (read in batches)."""
+    """(keys, vectors as rows, model versions) of a `delta.Snapshot`, only keys in `keep` when given (read in
+    batches)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     keys, vecs, models = [], [], set()
-    for b in ds.to_batches(columns=[key, "embedding", "model_version"]):
+    for b in ds.scan(columns=[key, "embedding", "model_version"]):
         k = b.column(key)
         if pa.types.is_string_view(k.type) or pa.types.is_large_string(k.type):
             k = k.cast(pa.string())  # delta-rs MERGE writes string_view, which is_in cannot take

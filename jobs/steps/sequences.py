@@ -47,10 +47,6 @@ _EVENT_FIELDS = [
     "duration_s",
 ]
 
-# Written at creation (rebuild, first day) and set on older tables by `ensure_deletion_vectors`:
-# a MERGE then marks replaced rows instead of rewriting their files.
-PROPERTIES = {"delta.enableDeletionVectors": "true"}
-
 
 def _per_user(events):
     """Aggregate events to one row per user: event structs, counts per type, first/last time, last drop date.
@@ -165,7 +161,7 @@ def _write(df, cfg: Config, n_rows: int, meta: dict) -> int:
     out = df.repartition(n_files, "user_id").sortWithinPartitions("user_id")
     if delta.exists(path):  # a write's table properties apply only when it creates the table
         ensure_deletion_vectors(df.sparkSession, path)
-    return delta.spark_write(out, path, mode="overwrite", metadata=meta, properties=PROPERTIES)
+    return delta.spark_write(out, path, mode="overwrite", metadata=meta, properties=delta.DELETION_VECTORS)
 
 
 @lease.writer("sequences")
@@ -352,24 +348,16 @@ def _write_metrics(seq_path, version: int) -> dict:
 
 
 def ensure_deletion_vectors(spark, seq_path) -> bool:
-    """Enable deletion vectors on a table that lacks them (tables written before user_sequences was MERGEd
-    are valid Delta tables without the feature): one ALTER commit. True when it changed the table."""
-    props = delta.open_table(seq_path).metadata().configuration or {}
-    if str(props.get("delta.enableDeletionVectors", "")).lower() == "true":
-        return False
-    log.warning(
-        "user_sequences at %s has no deletion vectors: enabling them (delta.enableDeletionVectors, "
-        "a protocol upgrade; readers need Delta reader version 3 with deletionVectors)",
-        seq_path,
-    )
-    with delta.spark_commit(spark, seq_path, {"step": "sequences-migrate", "enable": "deletionVectors"}):
-        spark.sql(
-            f"ALTER TABLE delta.`{delta.spark_uri(seq_path)}` SET TBLPROPERTIES "
-            + "("
-            + ", ".join(f"'{k}' = '{v}'" for k, v in PROPERTIES.items())
-            + ")"
+    """Enable deletion vectors on a user_sequences written before it was MERGEd (one ALTER commit). True when it
+    changed the table."""
+    changed = delta.ensure_deletion_vectors(spark, seq_path, "sequences")
+    if changed:
+        log.warning(
+            "user_sequences at %s had no deletion vectors: enabled them (delta.enableDeletionVectors, "
+            "a protocol upgrade; readers need Delta reader version 3 with deletionVectors)",
+            seq_path,
         )
-    return True
+    return changed
 
 
 def _restore(spark, seq_path, version: int, day: dt.date) -> int:

@@ -67,6 +67,7 @@ class Recommender:
         self._snapshot: dict | None = None
         self._index: index_step.ItemIndex | None = None
         self._users = None
+        self._user_snapshot: delta.Snapshot | None = None
         self._events = None
 
     # ---------------------------------------------------------------- sources
@@ -89,6 +90,12 @@ class Recommender:
             self._users = delta.open_table(path, snapshot.table_version(self.cfg, "user_embeddings", self.snapshot))
         return self._users
 
+    def _user_rows(self) -> delta.Snapshot:
+        if self._user_snapshot is None:
+            t = self._user_table()
+            self._user_snapshot = delta.Snapshot(self.cfg.table_path("user_embeddings"), t.version())
+        return self._user_snapshot
+
     def as_of(self) -> str:
         """The latest as_of of user_embeddings (from the log's file stats when they have it)."""
         t = self._user_table()
@@ -100,7 +107,7 @@ class Recommender:
                     return str(v)
         except Exception:  # pragma: no cover - stats are an optimisation
             pass
-        v = pc.max(delta.dataset(t).to_table(columns=["as_of"])["as_of"]).as_py()
+        v = pc.max(self._user_rows().to_table(columns=["as_of"])["as_of"]).as_py()
         return str(v) if v is not None else "never: the table is empty"
 
     def _unknown_user(self, user_id: str) -> UnknownId:
@@ -118,8 +125,8 @@ class Recommender:
         schema = pa.schema([f for f in USER_EMBEDDINGS if f.name in EMBEDDING_COLUMNS])
         if not ids:
             return schema.empty_table()
-        ds = delta.dataset(self._user_table())
-        t = ds.to_table(columns=EMBEDDING_COLUMNS, filter=index_step.str_in("user_id", ids))
+        # Read with deletion vectors applied: publish MERGEs user_embeddings with them.
+        t = self._user_rows().to_table(columns=EMBEDDING_COLUMNS, filter=index_step.str_in("user_id", ids))
         pos = {u: i for i, u in enumerate(t["user_id"].to_pylist())}
         lost = [u for u in ids if u not in pos]
         if lost and missing == "error":

@@ -29,6 +29,7 @@ from userformer.jobs.core import drops
 from userformer.jobs.core import registry as model_registry
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import UserError
+from userformer.jobs.core.spark import spark_session
 from userformer.jobs.core.storage import delta, files
 from userformer.jobs.steps import check as check_step
 from userformer.jobs.steps import infer as infer_step
@@ -169,6 +170,14 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     assert publish_step.published_outputs(cfg)["tables"] == versions(cfg) and publish_step.published_outputs(cfg)[
         "dt"
     ] == str(D4)
+    # The day cost its users, not the table: the MERGEs marked the replaced rows (deletion vectors) and copied no
+    # row of another user into a rewritten file.
+    stayed = {k[0] for k in ue3} & day_users
+    for t, replaced in (("user_embeddings", len(stayed)), ("user_preference_scores", 3 * len(stayed))):
+        m = delta.history(cfg.table_path(t), 1)[0]["operationMetrics"]
+        assert int(m["numTargetRowsCopied"]) == 0 and int(m["numTargetDeletionVectorsAdded"]) > 0, (t, m)
+        changed = int(m.get("numTargetRowsUpdated", 0)) + int(m.get("numTargetRowsDeleted", 0))
+        assert changed == replaced, (t, m)
 
     # Publishing the same staged output again changes nothing; a rerun of the day gives the same rows.
     v_d4 = versions(cfg)
@@ -383,7 +392,7 @@ def test_a_concurrent_writer_fails_the_publish_and_the_rerun_completes_it(setup,
     real = publish_step._replace_preferences
 
     def raced(*args, **kw):  # another writer commits after publish read the table
-        delta.open_table(path).delete(f"user_id = '{victim}'")
+        delta.spark_delete(spark_session(cfg), path, f"user_id = '{victim}'")
         return real(*args, **kw)
 
     monkeypatch.setattr(publish_step, "_replace_preferences", raced)

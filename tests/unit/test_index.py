@@ -359,6 +359,7 @@ def test_retention_keeps_the_newest_versions(icfg, monkeypatch):
 
 
 # ------------------------------------------------------------- candidates
+@pytest.mark.spark
 def test_candidates_for_refreshed_users_only(icfg):
     items = write_items(icfg, 600)
     users = write_users(icfg, 100)
@@ -394,6 +395,7 @@ def test_candidates_for_refreshed_users_only(icfg):
     assert delta.version_of(path) == v0 + 1
 
 
+@pytest.mark.spark
 def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     """publish MERGEs user_embeddings; delta-rs then writes strings as string_view, which a plain pyarrow
     filter cannot compare. Every read here must still work, and user_candidates must stay filterable."""
@@ -431,10 +433,11 @@ def test_tables_written_by_a_delta_rs_merge_string_view_files(icfg):
     ].tolist()
     assert r.embeddings(["u4", "u3"])["user_id"].to_pylist() == ["u4", "u3"]
     cand = delta.open_table(icfg.table_path("user_candidates"))
-    assert {str(pq.read_schema(f).field("user_id").type) for f in cand.file_uris()} == {"string"}
-    assert cand.to_pyarrow_dataset().to_table(filter=pc.field("user_id") == "u3").num_rows == 1
+    assert {str(pq.read_schema(f).field("user_id").type) for f in cand.file_uris()} == {"string"}  # Spark's
+    assert delta.read_arrow(icfg.table_path("user_candidates"), filter=pc.field("user_id") == "u3").num_rows == 1
 
 
+@pytest.mark.spark
 def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
     write_items(icfg, 300)
     write_users(icfg, 50)
@@ -454,6 +457,7 @@ def test_candidates_of_users_without_an_embedding_are_dropped(icfg):
     assert len(users) == 49 and "u49" not in users
 
 
+@pytest.mark.spark
 def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
     write_items(icfg, 300)
     write_users(icfg, 100)  # two batches of 64
@@ -478,45 +482,45 @@ def test_candidates_failing_midway_write_nothing(icfg, monkeypatch):
     assert not list((icfg.warehouse_root / "_staging" / "user_candidates").iterdir())
 
 
+@pytest.mark.spark
 def test_candidates_commit_on_the_version_they_read(icfg, monkeypatch):
-    """A writer that commits to user_candidates while candidates runs makes its commit fail (ConcurrentWrite)
-    instead of being overwritten by rows copied from the older version; the rerun reads afresh and completes."""
-    import deltalake
+    """A writer that commits to user_candidates after candidates read it makes its commit fail (ConcurrentWrite)
+    instead of landing on rows it did not read; the rerun reads afresh and completes, the other row kept."""
+    from userformer.jobs.core import hooks
+    from userformer.jobs.core.spark import spark_session
 
     write_items(icfg, 300)
     write_users(icfg, 40)
     index.build_index(icfg, D1)
     candidates.candidates(icfg, D1)
     path = icfg.table_path("user_candidates")
-    real = deltalake.write_deltalake
+    real = hooks.pause
 
-    def racing(target, data, **kw):  # the other writer commits after candidates read the table
-        other = delta.read_arrow(path).filter(pc.field("user_id") == "u39").cast(tables.USER_CANDIDATES)
-        delta.write_arrow(
-            path,
-            other.set_column(
-                other.schema.get_field_index("index_version"), "index_version", pa.array(["other"], pa.string())
-            ),
-            tables.USER_CANDIDATES,
-            mode="overwrite",
-            predicate="user_id = 'u39'",
-        )
-        return real(target, data, **kw)
+    def racing(name, env=None):  # the other writer commits after candidates read the table
+        if name == "candidates.before_commit":
+            spark_session(icfg).sql(
+                f"UPDATE {delta.spark_sql_name(path)} SET index_version = 'other' WHERE user_id = 'u39'"
+            )
+        return real(name, env)
 
     refresh_users(icfg, ["u1", "u2"], D2, seed=3)
-    monkeypatch.setattr(deltalake, "write_deltalake", racing)
+    monkeypatch.setattr(hooks, "pause", racing)
     v0 = delta.version_of(path)
     with pytest.raises(delta.ConcurrentWrite, match="user_candidates"):
         candidates.candidates(icfg, D2)
     assert delta.version_of(path) == v0 + 1  # only the other writer's commit
     monkeypatch.undo()
     out = candidates.candidates(icfg, D2)
-    assert out["written"] == 2 and delta.version_of(path) == v0 + 2
+    assert (out["written"], out["kept"], out["dropped"]) == (2, 38, 0) and delta.version_of(path) == v0 + 2
     t = delta.read_arrow(path)
     assert t.num_rows == 40 and "other" in t["index_version"].to_pylist()  # the other writer's row survives
     assert sorted(t.filter(pc.field("as_of") == pa.scalar(D2, pa.date32()))["user_id"].to_pylist()) == ["u1", "u2"]
+    # The day cost its users: the MERGE marked the two replaced rows and copied no other row.
+    m = delta.history(path, 1)[0]["operationMetrics"]
+    assert int(m["numTargetRowsCopied"]) == 0 and int(m["numTargetRowsUpdated"]) == 2
 
 
+@pytest.mark.spark
 def test_candidates_refuse_embeddings_of_another_model(icfg):
     write_items(icfg, 300)
     write_users(icfg, 20, mv="v0002-20260106-finetune")
@@ -525,6 +529,7 @@ def test_candidates_refuse_embeddings_of_another_model(icfg):
         candidates.candidates(icfg, D1)
 
 
+@pytest.mark.spark
 def test_exclude_purchased(icfg):
     items = write_items(icfg, 600)
     users = write_users(icfg, 10)

@@ -275,7 +275,8 @@ class Snapshot:
                     n = b.num_rows
                     m = f.mask(start, n)
                     start += n
-                    tab = _with_partitions(b, f, schema)
+                    # Conformed first: a file written by delta-rs holds string_view, which Arrow cannot filter.
+                    tab = _conform(_with_partitions(b, f, schema), schema)
                     if m is not None:
                         tab = tab.filter(pa.array(m))
                     if filter is not None and tab.num_rows:
@@ -283,7 +284,7 @@ class Snapshot:
                     if columns is not None:
                         tab = tab.select(columns)
                     if tab.num_rows:
-                        yield _conform(tab, schema)
+                        yield tab
 
     def to_table(self, columns: list[str] | None = None, filter=None) -> pa.Table:
         if self._ds is not None:
@@ -472,6 +473,53 @@ def spark_merge(spark, path: str | Path, source, on: str, clauses: str) -> None:
         spark.sql(f"MERGE INTO {spark_sql_name(path)} AS t USING {view} AS s ON {on} {clauses}")
     finally:
         spark.catalog.dropTempView(view)
+
+
+def spark_delete(spark, path: str | Path, where: str) -> None:
+    """DELETE FROM the table WHERE `where` (SQL); with deletion vectors it marks the rows instead of rewriting."""
+    spark.sql(f"DELETE FROM {spark_sql_name(path)} WHERE {where}")
+
+
+def spark_parquet(spark, files: list[str], ddl: str):
+    """Parquet files (a step's staged output) as a DataFrame of the columns and types of `ddl` (SQL type text,
+    schemas.tables.spark_ddl: parsed by the driver, so that no explicit string collation reaches Delta)."""
+    return spark.read.schema(ddl).parquet(*[spark_uri(f) for f in files])
+
+
+# Written at creation by the steps that MERGE by user, and set on tables written before by
+# `ensure_deletion_vectors`: a MERGE or DELETE then marks the replaced rows in a small file beside the data
+# instead of rewriting every data file that holds one of them (a day costs its changed rows, not the table).
+DELETION_VECTORS = {"delta.enableDeletionVectors": "true"}
+
+
+def ensure_deletion_vectors(spark, path: str | Path, step: str) -> bool:
+    """Enable deletion vectors on a table that lacks them (one ALTER commit, a protocol upgrade to reader
+    version 3). True when it changed the table."""
+    props = open_table(path).metadata().configuration or {}
+    if all(str(props.get(k, "")).lower() == v for k, v in DELETION_VECTORS.items()):
+        return False
+    settings = ", ".join(f"'{k}' = '{v}'" for k, v in DELETION_VECTORS.items())
+    with spark_commit(spark, path, {"step": f"{step}-migrate", "enable": "deletionVectors"}):
+        spark.sql(f"ALTER TABLE {spark_sql_name(path)} SET TBLPROPERTIES ({settings})")
+    return True
+
+
+def ensure_merge_table(spark, path: str | Path, schema: pa.Schema, step: str) -> None:
+    """A table Spark MERGEs by key: created empty with the contract's schema when missing (so its NOT NULL
+    columns are Delta's invariants, checked on every write, and readers see the documented types), then with
+    deletion vectors enabled."""
+    ensure_table(path, schema)
+    ensure_deletion_vectors(spark, path, step)
+
+
+def expect_version(path: str | Path, read_version: int | None) -> None:
+    """Refuse (ConcurrentWrite) unless the table is still at the version a step read (None: it found none).
+
+    For Spark's commits, which cannot be pinned to a version as delta-rs's can: a step checks right before its
+    commit, and Delta's own conflict detection covers a writer that commits while the commit runs."""
+    now = version_of(path)
+    if now != read_version:
+        raise ConcurrentWrite(path, f"read version {read_version}, now {now}")
 
 
 def _tagged(metadata: dict | None) -> tuple[dict, str]:
