@@ -335,6 +335,61 @@ def infer_incremental(d: dict) -> str:
     return "\n\n".join([head, table, line])
 
 
+def sparse_embeddings(d: dict) -> str:
+    rs = d["results"]
+    r0 = rs[0]
+    head = (
+        f"One training step of `ModelConfig()` (d={r0['d_model']}) with `TrainConfig()`'s batch (128 full-width "
+        f"sequences, 2048 negatives), {r0['precision']} on `{r0['device']}` ({r0['threads']} threads), at catalogues of "
+        f"{', '.join(f'{n:,}' for n in sorted({r['items'] for r in rs}))} items: dense (AdamW over every row) against "
+        "`train.sparse_embeddings` (sparse item-id gradients, SparseAdam). Medians of the timed steps; peak = the "
+        "process's resident memory high-water mark during them, over its size before them."
+    )
+    rows = []
+    for r in rs:
+        m, mem = r["median"], r["memory"]
+        rows.append(
+            [
+                f"{r['items']:,}",
+                r["mode"],
+                num(m["seconds"], ".3f"),
+                num(m["forward_s"], ".3f"),
+                num(m["backward_s"], ".3f"),
+                num(m["clip_optimizer_s"], ".3f"),
+                f"{m['item_rows_with_gradient']:,.0f}",
+                num(mem.get("rss_before_steps_gib"), ".2f"),
+                num(mem.get("step_peak_extra_gib"), ".2f"),
+                sample_list([s["seconds"] for s in r["steps"]], ".2f"),
+            ]
+        )
+    table = md_table(
+        [
+            "items",
+            "mode",
+            "step s",
+            "forward s",
+            "backward s",
+            "clip + optimizer s",
+            "item rows with a gradient",
+            "RSS before steps GiB",
+            "step peak over it GiB",
+            "samples s",
+        ],
+        rows,
+        "llrrrrrrrl",
+    )
+    lines = [
+        f"- {x['items']:,} items: sparse / dense step time **{x['step_time_sparse_over_dense']:.3f}**"
+        + (
+            f", step peak memory {x['step_peak_extra_sparse_over_dense']:.3f}"
+            if x.get("step_peak_extra_sparse_over_dense") is not None
+            else ""
+        )
+        for x in d.get("ratios", [])
+    ]
+    return "\n\n".join([head, table, "\n".join(lines)])
+
+
 def index_speed(d: dict) -> str:
     cfg, data, p = d["index_config"], d.get("data", {}), d["params"]
     head = (
@@ -771,6 +826,7 @@ RENDERERS = {
     "quality": quality,
     "model-speed": model_speed,
     "fault-matrix": fault_matrix,
+    "sparse-embeddings": sparse_embeddings,
 }
 
 # The title of a summary file (results/<name>.md); the site puts its own headings around the blocks.
@@ -782,6 +838,7 @@ TITLES = {
     "quality": "Model quality",
     "model-speed": "Model speed",
     "fault-matrix": "Kill -9 fault matrix",
+    "sparse-embeddings": "Sparse item-id embeddings: one training step, dense versus sparse",
 }
 
 # Kinds whose benchmark writes no summary beside its JSON: `userformer benchmark quality` (an installed command,
