@@ -221,7 +221,9 @@ def main(argv=None) -> int:
         "started": now(),
         "load_at_start": load(),
         "mem_available_gib_at_start": mem_available_gib(),
-        "command": " ".join(sys.argv),
+        "command": " ".join(
+            ["python -m tests.benchmarks.sparse_embeddings", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "results": [],
     }
     for items in [int(x) for x in a.items.split(",")]:
