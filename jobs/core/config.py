@@ -116,7 +116,7 @@ class QualityConfig:
     batch_rows: int = field(default=200_000, metadata=_rng(1, 100_000_000))
     # Uniqueness checks (event_id of a day, user_id over user_sequences and the staged outputs) hold at most about
     # this many ids at once: one pass over the id column per ceil(rows / ids_per_pass) hash partitions.
-    ids_per_pass: int = field(default=2_000_000, metadata=_rng(1, 1_000_000_000))
+    ids_per_pass: int = field(default=1_000_000, metadata=_rng(1, 1_000_000_000))
 
 
 # [model] and [train]: models/config.py (ModelConfig, TrainConfig).

@@ -20,8 +20,17 @@ staged shards 0..n-1 of D:
   best first, summing to at most 1 per task, and the mean top-1 probability of
   every task within ``infer.top1_mean_band``.
 
-Array properties are computed with numpy (per staged file, batch by batch, so
-only a few numbers per row are kept) and then validated as GE expectations.
+Array properties are computed with numpy, batch by batch, and validated as GE
+expectations on frames of at most ``quality.batch_rows`` rows (a `Stream`):
+no more than that many rows of any staged table are held at once, never all
+the users or scores of a full re-embed. Uniqueness (user_id over all shards,
+(user_id, task), item_idx) and the preference rows per user are judged on hash
+partitions of the key (jobs/steps/quality/streams.py): about
+``quality.ids_per_pass`` keys per part, one pass over the key columns per part
+(for a user's preference rows: one pass over their user_id column per part of
+the users). Row counts come from the files' Parquet footers, the users to
+refresh are counted per shard batch by batch, and the mean top-1 probability is
+summed in one pass over the scores before the rows are judged.
 """
 
 from __future__ import annotations
