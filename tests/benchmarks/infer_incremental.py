@@ -12,12 +12,15 @@ its inference of the second day published (so the third is a plain daily
 refresh: same model, an earlier publish).
 
 Measured, alternating, ``--repeats`` times each, on the third day:
-  full         ``infer --all-users`` (every user in user_sequences) + ``publish`` (full MERGE)
-  incremental  ``infer`` (users with updated_dt = the day) + ``publish`` (MERGE of those users)
+  full         ``infer --all-users`` (every user in user_sequences) + ``publish`` (the user tables overwritten)
+               + ``candidates`` (every user searched; one MERGE)
+  incremental  ``infer`` (users with updated_dt = the day) + ``publish`` (Spark MERGE of those users, deletion
+               vectors) + ``candidates`` (those users searched; one MERGE)
 Both also embed the whole catalogue (shard 0), a cost that does not shrink with
-the day. Reported: medians, the ratio median(incremental) / median(full) of
-each part and of the total, users/s. Nothing is asserted. Results:
-DIR/infer-incremental.json and .md.
+the day. The item index is built once, in the setup. Reported: medians, the
+ratio median(incremental) / median(full) of each part and of the total,
+users/s, and what each publish commit wrote (its Delta operation metrics).
+Nothing is asserted. Results: DIR/infer-incremental.json and .md.
 """
 
 from __future__ import annotations
@@ -93,7 +96,10 @@ def setup(home: Path, users: int, items: int, share: float, device: str) -> tupl
     t0 = time.perf_counter()
     tr = train.train(cfg, day=d2, epochs=1, max_users=5000, publish=True, progress=False, log=log)
     log(f"trained {tr['version']} (1 epoch, ~5000 users) in {time.perf_counter() - t0:.1f}s")
-    measure(cfg, d2, full=True)  # the model's first publish: every user as of day 2
+    measure(cfg, d2, full=True, candidates=False)  # the model's first publish: every user as of day 2
+    from userformer.jobs.steps import index
+
+    index.build_index(cfg, d2)  # the index candidates search (the model's items of day 2)
     return cfg, {
         "generate": {"events": gen["events_total"], "day3_rows_before_cut": before, "day3_rows": after},
         "sequences": seq,
@@ -101,7 +107,30 @@ def setup(home: Path, users: int, items: int, share: float, device: str) -> tupl
     }
 
 
-def measure(cfg, day: dt.date, full: bool) -> dict:
+def _written(cfg, table: str, version: int) -> dict:
+    """What a commit wrote, from its operation metrics (rows, files, deletion vectors, rows copied)."""
+    from userformer.jobs.core.storage import delta
+
+    h = next((h for h in delta.history(cfg.table_path(table), 20) if int(h["version"]) == int(version)), {})
+    m = h.get("operationMetrics") or {}
+    keys = (
+        "numOutputRows",
+        "numTargetRowsInserted",
+        "numTargetRowsUpdated",
+        "numTargetRowsDeleted",
+        "numTargetRowsCopied",
+        "numTargetFilesAdded",
+        "numTargetFilesRemoved",
+        "numTargetDeletionVectorsAdded",
+        "numFiles",
+        "numOutputBytes",
+        "numTargetBytesAdded",
+    )
+    return {"operation": h.get("operation"), **{k: int(m[k]) for k in keys if k in m}}
+
+
+def measure(cfg, day: dt.date, full: bool, candidates: bool = True) -> dict:
+    from userformer.jobs.steps import candidates as candidates_step
     from userformer.jobs.steps import infer, publish
 
     quiet = lambda *_: None  # noqa: E731
@@ -110,21 +139,35 @@ def measure(cfg, day: dt.date, full: bool) -> dict:
     t1 = time.perf_counter()
     p = publish.publish(cfg, day, log=quiet)
     t2 = time.perf_counter()
+    c = candidates_step.candidates(cfg, day) if candidates else None
+    t3 = time.perf_counter()
     if m["full"] != full:
         raise RuntimeError(f"expected a {'full' if full else 'incremental'} inference, got {m['reason']}")
-    return {
+    out = {
         "users": m["users"],
         "items": m["rows"]["item_embeddings"],
         "infer_s": round(t1 - t0, 3),
         "publish_s": round(t2 - t1, 3),
-        "total_s": round(t2 - t0, 3),
+        "candidates_s": round(t3 - t2, 3),
+        "total_s": round(t3 - t0, 3),
         "load_before": load(),
         "commits": {t: r.get("committed") for t, r in p["commits"].items()},
+        "written": {
+            t: _written(cfg, t, r["version"])
+            for t, r in p["commits"].items()
+            if r.get("committed") and t != "item_embeddings"
+        },
     }
+    if c is not None:
+        out["written"]["user_candidates"] = _written(cfg, "user_candidates", c["table_version"])
+    return out
+
+
+PARTS = ("infer_s", "publish_s", "candidates_s", "total_s")
 
 
 def summarise(runs: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in runs) for k in ("infer_s", "publish_s", "total_s")} | {
+    return {k: statistics.median(r[k] for r in runs) for k in PARTS} | {
         "users": runs[0]["users"],
         "samples_total_s": [r["total_s"] for r in runs],
     }
@@ -162,7 +205,8 @@ def main(argv=None) -> int:
                 r = measure(cfg, day, full=kind == "full")
                 runs[kind].append(r)
                 log(
-                    f"  {kind} #{k + 1}: {r['users']:,} users, infer {r['infer_s']:.2f}s, publish {r['publish_s']:.2f}s"
+                    f"  {kind} #{k + 1}: {r['users']:,} users, infer {r['infer_s']:.2f}s, publish {r['publish_s']:.2f}s, "
+                    f"candidates {r['candidates_s']:.2f}s"
                 )
         from userformer.jobs.core import registry
 
@@ -178,7 +222,7 @@ def main(argv=None) -> int:
             items=runs["full"][0]["items"],
             active_share_measured=i["users"] / f["users"],
             d_model=registry.read_manifest(cfg, info["model"])["model_config"]["d_model"],
-            ratio={k: i[k] / f[k] for k in ("infer_s", "publish_s", "total_s")} | {"users": i["users"] / f["users"]},
+            ratio={k: i[k] / f[k] for k in PARTS} | {"users": i["users"] / f["users"]},
             finished=now(),
         )
     finally:

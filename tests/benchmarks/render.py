@@ -304,11 +304,12 @@ def pipeline_incremental(d: dict) -> str:
 def infer_incremental(d: dict) -> str:
     p = d.get("params", {})
     model = (d.get("setup") or {}).get("model")
+    cand = "candidates_s" in d["full"]
     head = (
         f"{d['users_in_table']:,} users in `user_sequences`, the day cut to a stable-hash "
         f"{p.get('active_share', 0):.0%} of them; {d['items']:,} items, a d={d.get('d_model')} model"
-        f"{f' (`{model}`)' if model else ''}; `infer` + `publish` of the same day, alternating, {d.get('repeats')} "
-        f"samples each, device `{p.get('device', d.get('device'))}`."
+        f"{f' (`{model}`)' if model else ''}; `infer` + `publish`{' + `candidates`' if cand else ''} of the same day, "
+        f"alternating, {d.get('repeats')} samples each, device `{p.get('device', d.get('device'))}`."
     )
     rows = []
     for key, label in (("full", "full re-embed (`infer --all-users`)"), ("incremental", "incremental (`infer`)")):
@@ -319,20 +320,48 @@ def infer_incremental(d: dict) -> str:
                 f"{x['users']:,}",
                 num(x["infer_s"]),
                 num(x["publish_s"]),
+                *([num(x["candidates_s"])] if cand else []),
                 num(x["total_s"]),
                 sample_list(x["samples_total_s"]),
                 num(x["users"] / x["infer_s"], ",.0f"),
             ]
         )
-    table = md_table(
-        ["run", "users", "infer s", "publish s", "total s", "samples total s", "users/s (infer)"], rows, "lrrrrlr"
-    )
+    cols = ["run", "users", "infer s", "publish s", *(["candidates s"] if cand else []), "total s"]
+    table = md_table([*cols, "samples total s", "users/s (infer)"], rows, "lr" + "r" * (len(cols) - 2) + "lr")
     ratio = d["ratio"]
     line = (
         f"**Ratio incremental / full: total {ratio['total_s']:.3f}, infer {ratio['infer_s']:.3f}, "
-        f"publish {ratio['publish_s']:.3f}** for {pct(ratio['users'])} of the users (medians)."
+        f"publish {ratio['publish_s']:.3f}"
+        + (f", candidates {ratio['candidates_s']:.3f}" if cand else "")
+        + f"** for {pct(ratio['users'])} of the users (medians)."
     )
-    return "\n\n".join([head, table, line])
+    out = [head, table, line]
+    written = [
+        [kind, t, w.get("operation") or "", *_written(w)]
+        for kind in ("full", "incremental")
+        for t, w in (d["runs"][kind][0].get("written") or {}).items()
+    ]
+    if written:
+        out.append("What each commit wrote (first sample; Delta's operation metrics):")
+        out.append(md_table(["run", "table", "operation", *WRITTEN], written, "lll" + "r" * len(WRITTEN)))
+    return "\n\n".join(out)
+
+
+WRITTEN = ["rows written", "rows replaced", "rows copied", "files added", "files removed", "deletion vectors"]
+
+
+def _written(w: dict) -> list[str]:
+    """A commit's operation metrics in WRITTEN's order (a WRITE and a MERGE name them differently)."""
+    merge = "numTargetRowsInserted" in w
+    vals = [
+        w.get("numTargetRowsInserted", 0) + w.get("numTargetRowsUpdated", 0) if merge else w.get("numOutputRows"),
+        w.get("numTargetRowsUpdated", 0) + w.get("numTargetRowsDeleted", 0) if merge else None,
+        w.get("numTargetRowsCopied"),
+        w.get("numTargetFilesAdded") if merge else w.get("numFiles"),
+        w.get("numTargetFilesRemoved"),
+        w.get("numTargetDeletionVectorsAdded"),
+    ]
+    return [f"{v:,}" if v is not None else "" for v in vals]
 
 
 def sparse_embeddings(d: dict) -> str:

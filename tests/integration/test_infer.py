@@ -200,8 +200,25 @@ def test_a_day_refreshes_exactly_its_users_and_leaves_the_others_untouched(setup
     # An older drop than the last published one is refused.
     with pytest.raises(UserError, match="is published already"):
         publish_step.publish(cfg, D3, log=quiet)
-    # Retention: maintain vacuums the published tables too.
+    # Retention: maintain vacuums the published tables too, and compacts the user tables' MERGE files and
+    # deletion vectors without changing a row.
     assert set(infer_step.OUTPUTS) <= set(maintain(cfg, dry_run=True)["tables"])
+    before = {t: rows(cfg, t) for t in infer_step.OUTPUTS}
+    maintain(cfg)
+    for t in ("user_embeddings", "user_preference_scores"):
+        assert rows(cfg, t) == before[t], t
+        assert all(f.keep is None for f in delta.data_files(cfg.table_path(t))), t  # the marks are purged
+    # Incremental = full: re-embedding everyone gives every user the vector and preferences the days gave them
+    # (a user is embedded at their newest event, whichever day computes it).
+    run_day(cfg, D5, all_users=True)
+    full = {t: rows(cfg, t, drop=("as_of", "updated_at")) for t in ("user_embeddings", "user_preference_scores")}
+    assert full["user_embeddings"].keys() == before["user_embeddings"].keys()
+    for k, r in full["user_embeddings"].items():
+        assert np.allclose(r["embedding"], before["user_embeddings"][k]["embedding"], atol=1e-5), k
+    assert full["user_preference_scores"].keys() == before["user_preference_scores"].keys()
+    for k, r in full["user_preference_scores"].items():
+        old = before["user_preference_scores"][k]
+        assert r["label_idx"] == old["label_idx"] and np.allclose(r["scores"], old["scores"], atol=1e-5), k
 
 
 def test_shards_equal_one_shard_and_a_new_model_reembeds_everyone(setup, monkeypatch):
