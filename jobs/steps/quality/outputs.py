@@ -125,14 +125,15 @@ def _ids_counted(tables, hold: int) -> pa.Table:
     held than the distinct ids plus `hold`."""
     acc, pending, held = None, [], 0
 
+    def counted(t: pa.Table, agg: tuple[str, str]) -> pa.Table:
+        g = t.group_by("user_id").aggregate([agg])
+        return pa.table({"user_id": g["user_id"], "n": g[f"{agg[0]}_{agg[1]}"]})
+
     def merge():
-        parts = ([acc] if acc is not None else []) + [
-            p.group_by("user_id").aggregate([("user_id", "count")]).rename_columns(["user_id", "n"]) for p in pending
-        ]
+        parts = ([acc] if acc is not None else []) + [counted(p, ("user_id", "count")) for p in pending]
         if not parts:
             return None
-        t = pa.concat_tables(parts, promote_options="permissive")
-        return t.group_by("user_id").aggregate([("n", "sum")]).rename_columns(["user_id", "n"])
+        return counted(pa.concat_tables(parts, promote_options="permissive"), ("n", "sum"))
 
     for t in tables:
         pending.append(t.select(["user_id"]))
