@@ -477,6 +477,11 @@ def fit(
     opt = Optimizer(model, tcfg, sparse)
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = process_group()
+    if sparse and world > 1 and torch.distributed.get_backend() == "nccl":
+        # DDP all-reduces each sparse gradient as such, and NCCL has no sparse all-reduce: fail before training.
+        raise ValueError(
+            "train.sparse_embeddings with several processes needs gloo: NCCL cannot all-reduce sparse tensors"
+        )
     own = tcfg.seed + RANK_SEED * rank  # this rank's negatives and dropout; chunks and batches use tcfg.seed
     if rank:
         torch.manual_seed(own)
