@@ -14,8 +14,8 @@ visible (write, audit, publish).
 
 Suites read rows with `scan`: batches of at most ``quality.batch_rows`` rows
 (jobs/steps/quality/streams.py), never a whole table or day at once; `read`
-is left for what is small by nature (a repair's selected users, the item
-vectors an index is checked against).
+is left to the index check, which searches all item vectors exactly as the
+index it checks holds them.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def hashes(t: pa.Table, key: list[str]) -> np.ndarray:
     out = None
     for c in key:
         text = pc.cast(t[c], pa.string()).to_numpy(zero_copy_only=False)
-        h = pd.util.hash_array(text.astype(object), categorize=False)
+        h = pd.util.hash_array(np.asarray(text, dtype=object), categorize=False)
         out = h if out is None else out * _MIX + h
     return out
 
