@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,6 +26,8 @@ from userformer.jobs.core.storage import delta
 from userformer.jobs.steps import ingest, sequences, train
 from userformer.jobs.tools import generate
 from userformer.schemas.tables import RAW_EVENTS
+
+from . import procs
 
 pytestmark = pytest.mark.spark
 
@@ -189,6 +192,54 @@ def test_train_in_two_processes(warehouse, trained, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished" and not (run_dir / "last.pt").exists()
     print("valid recall@10: one process", one["valid"], "two", s["valid"])
     assert s["valid"]["recall@10"] > 0
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_after_an_epoch_resumes_like_an_uninterrupted_one(warehouse, tmp_path):
+    """`userformer train` with train.processes = 2, SIGKILLed (the command, the launcher in it and both ranks) while
+    the ranks wait at `train.after_epoch` after epoch 1, then `--resume latest`: the same model as an uninterrupted
+    two-process run, bit for bit (every rank continues its own random streams)."""
+    two = {"TRAIN__PROCESSES": "2", "TRAIN__NUM_THREADS": "1", "TRAIN__BATCH_SIZE": "32"}
+    a = config(warehouse, tmp_path / "a", **two)
+    b = config(warehouse, tmp_path / "b", **two)
+    pauses = tmp_path / "pauses"
+    step = procs.start(
+        tmp_path / "b",
+        tmp_path / "logs",
+        "train",
+        "--dt",
+        str(D3),
+        "--no-progress",
+        pause_at="train.after_epoch",
+        pause_dir=pauses,
+        env={k: v for k, v in env_of(warehouse, tmp_path / "b", **two).items() if k != "USERFORMER_HOME"},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(pauses.glob("train.after_epoch.*"))) < 2:  # both ranks, rank 0 after writing last.pt
+            assert step.proc.poll() is None, step.stderr[-4000:]
+            assert time.monotonic() < deadline, "the ranks never reached train.after_epoch"
+            time.sleep(0.2)
+        ranks = [int(p.suffix[1:]) for p in pauses.glob("train.after_epoch.*")]
+        assert step.pid not in ranks
+        step.kill()  # its process group: the command, the elastic agent in it, both ranks
+    finally:
+        procs.stop_all([step])
+    (run_dir,) = (b.models_root / "runs").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and len(state["rng_ranks"]) == 2
+    assert registry.published(b) is None
+
+    sb = train.train(b, resume="latest", progress=False, log=quiet)
+    sa = train.train(a, day=D3, progress=False, log=quiet)
+    assert sb["run_id"] == run_dir.name and sb["epochs"] == sa["epochs"] == 2
+    ma, cka = registry.load(a, sa["version"])
+    mb, ckb = registry.load(b, sb["version"])
+    for (k, x), y in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+    assert cka["metrics"]["valid"] == ckb["metrics"]["valid"] and cka["epoch"] == ckb["epoch"]
+    assert [h["loss"] for h in cka["history"]] == [h["loss"] for h in ckb["history"]]
 
 
 # --------------------------------------------------------------- finetune
