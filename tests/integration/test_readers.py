@@ -106,7 +106,8 @@ def readers(spark, cfg, table: str) -> dict:
         via_polars = pl.read_delta(path, version=v).to_arrow()  # noqa: F841 (DuckDB reads it by name)
         return {
             **out,
-            "pandas (via polars)": pl.read_delta(path, version=v).to_pandas().to_dict("records"),
+            # Through Arrow: Polars' own to_pandas turns dates into datetime64.
+            "pandas (via polars)": pl.read_delta(path, version=v).to_arrow().to_pandas().to_dict("records"),
             "duckdb (polars arrow)": arrow(duckdb.sql("select * from via_polars").to_arrow_table()),
         }
     dtab = DeltaTable(path, version=v)
