@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from deltalake import DeltaTable
 
 from tests.integration.test_train import TINY
 from userformer.jobs.cli import main
 from userformer.jobs.core import ledger, registry
 from userformer.jobs.core.config import load_config
 from userformer.jobs.core.errors import GateFailed
+from userformer.jobs.core.storage import delta
 from userformer.jobs.flows import pipeline
 from userformer.jobs.steps import report
 from userformer.jobs.tools import generate
@@ -130,8 +130,11 @@ def test_day3_plots_and_per_day_numbers(built):
 
 
 def embeddings(cfg, table: str, version: int, key: str) -> dict:
-    t = DeltaTable(str(cfg.table_path(table)), version=version).to_pyarrow_table(
-        columns=[key, "embedding", "model_version", *(["as_of"] if table == "user_embeddings" else [])]
+    # delta.read_arrow applies deletion vectors (publish MERGEs user_embeddings with them).
+    t = delta.read_arrow(
+        cfg.table_path(table),
+        version,
+        columns=[key, "embedding", "model_version", *(["as_of"] if table == "user_embeddings" else [])],
     )
     ids = t[key].cast(pa.string()).to_pylist()
     return {k: r for k, r in zip(ids, t.drop_columns([key]).to_pylist())}
