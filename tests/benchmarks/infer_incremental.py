@@ -11,7 +11,9 @@ all three (Spark); a small model trained as of the second day, published, and
 its inference of the second day published (so the third is a plain daily
 refresh: same model, an earlier publish).
 
-Measured, alternating, ``--repeats`` times each, on the third day:
+Measured ``--repeats`` times each on the third day, the incremental samples first, then the full ones
+(not alternated: a full sample publishes every user as of the day, after which the day's candidates are
+every user's again):
   full         ``infer --all-users`` (every user in user_sequences) + ``publish`` (the user tables overwritten)
                + ``candidates`` (every user searched; one MERGE)
   incremental  ``infer`` (users with updated_dt = the day) + ``publish`` (Spark MERGE of those users, deletion
@@ -100,6 +102,9 @@ def setup(home: Path, users: int, items: int, share: float, device: str) -> tupl
     from userformer.jobs.steps import index
 
     index.build_index(cfg, d2)  # the index candidates search (the model's items of day 2)
+    from userformer.jobs.steps import candidates
+
+    candidates.candidates(cfg, d2)  # every user's candidates as of day 2: a day's MERGE has a table to update
     return cfg, {
         "generate": {"events": gen["events_total"], "day3_rows_before_cut": before, "day3_rows": after},
         "sequences": seq,
@@ -200,8 +205,8 @@ def main(argv=None) -> int:
         cfg, info = setup(home / "home", a.users, a.items, a.active_share, a.device)
         day = START + dt.timedelta(days=2)
         runs = {"full": [], "incremental": []}
-        for k in range(a.repeats):
-            for kind in ("incremental", "full"):
+        for kind in ("incremental", "full"):
+            for k in range(a.repeats):
                 r = measure(cfg, day, full=kind == "full")
                 runs[kind].append(r)
                 log(

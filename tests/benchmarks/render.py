@@ -309,7 +309,8 @@ def infer_incremental(d: dict) -> str:
         f"{d['users_in_table']:,} users in `user_sequences`, the day cut to a stable-hash "
         f"{p.get('active_share', 0):.0%} of them; {d['items']:,} items, a d={d.get('d_model')} model"
         f"{f' (`{model}`)' if model else ''}; `infer` + `publish`{' + `candidates`' if cand else ''} of the same day, "
-        f"alternating, {d.get('repeats')} samples each, device `{p.get('device', d.get('device'))}`."
+        f"{'the incremental samples first, ' if cand else 'alternating, '}{d.get('repeats')} samples each, "
+        f"device `{p.get('device', d.get('device'))}`."
     )
     rows = []
     for key, label in (("full", "full re-embed (`infer --all-users`)"), ("incremental", "incremental (`infer`)")):
