@@ -382,7 +382,7 @@ def test_a_table_without_deletion_vectors_is_migrated(small, caplog):
 
     with caplog.at_level(logging.WARNING, logger="userformer.jobs.steps.sequences"):
         r = sequences.update(cfg, D2)
-    assert any("enabling them" in m for m in caplog.messages)
+    assert any("enabled them" in m for m in caplog.messages)
     ops = [h["operation"] for h in delta.history(seq_path, 2)]
     assert ops == ["MERGE", "SET TBLPROPERTIES"]
     assert delta.open_table(seq_path).metadata().configuration["delta.enableDeletionVectors"] == "true"
