@@ -732,7 +732,7 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
                 delta.expect_version(path, read_v)
                 with delta.spark_commit(spark, path, meta) as c:
                     delta.spark_delete(spark, path, f"user_id IN ({quoted})")
-                deleted[t] = _deleted_rows(path, c["version"])
+                deleted[t] = c.get("metrics", {}).get("numDeletedRows", 0)
         # The publish record names the versions without the removed users: the release reads them.
         rec = publish_step.published_outputs(cfg)
         rec["tables"].update({t: delta.version_of(cfg.table_path(t)) for t in deleted})
@@ -749,14 +749,6 @@ def reinfer_and_publish(cfg: Config, users: list[str], day: dt.date, removed: li
         },
         "deleted_rows": deleted,
     }
-
-
-def _deleted_rows(path, version: int | None) -> int:
-    """Rows a DELETE commit removed (its operation metrics); 0 when it committed nothing."""
-    if version is None:
-        return 0
-    h = next((h for h in delta.history(path, 20) if int(h["version"]) == int(version)), {})
-    return int((h.get("operationMetrics") or {}).get("numDeletedRows", 0))
 
 
 def reindex(cfg: Config, day: dt.date) -> dict:

@@ -171,8 +171,7 @@ def _commit(cfg: Config, staged: str, ue_version: int, meta: dict) -> dict:
     delta.expect_version(path, read_v)
     with delta.spark_commit(spark, path, meta) as c:
         delta.spark_merge(spark, path, source, on="t.user_id = s.user_id", clauses=clauses)
-    h = next((h for h in delta.history(path, 20) if c["version"] is not None and h["version"] == c["version"]), {})
-    m = {k: int(v) for k, v in (h.get("operationMetrics") or {}).items() if str(v).isdigit()}
+    m = c.get("metrics", {})
     dropped = m.get("numTargetRowsDeleted", 0)
     return {"kept": before - m.get("numTargetRowsUpdated", 0) - dropped, "dropped": dropped, "version": c["version"]}
 

@@ -527,11 +527,16 @@ def _tagged(metadata: dict | None) -> tuple[dict, str]:
     return {**(metadata or {}), "commit_tag": tag}, tag
 
 
-def _version_tagged(path, tag: str) -> int:
+def _tagged_commit(path, tag: str) -> dict:
+    """The history entry of the commit carrying `tag`."""
     for h in history(path, 50):
         if h.get("commit_tag") == tag:
-            return int(h["version"])
+            return h
     raise StorageError(f"the commit just made to {path} is not in its recent history")
+
+
+def _version_tagged(path, tag: str) -> int:
+    return int(_tagged_commit(path, tag)["version"])
 
 
 def spark_write(
@@ -576,7 +581,8 @@ def spark_commit(spark, path: str | Path, metadata: dict | None = None):
     """Run a delta-spark operation (MERGE, DELETE, RESTORE, OPTIMIZE) as one tagged commit.
 
     Yields a dict whose "version" is the commit's version after the block
-    (None when the operation committed nothing). Conflicts become ConcurrentWrite.
+    (None when the operation committed nothing) and "metrics" its numeric operation metrics.
+    Conflicts become ConcurrentWrite.
     """
     meta, tag = _tagged(metadata)
     key = "spark.databricks.delta.commitInfo.userMetadata"
@@ -588,7 +594,9 @@ def spark_commit(spark, path: str | Path, metadata: dict | None = None):
     finally:
         spark.conf.unset(key)
     with contextlib.suppress(StorageError):
-        out["version"] = _version_tagged(path, tag)
+        h = _tagged_commit(path, tag)
+        out["version"] = int(h["version"])
+        out["metrics"] = {k: int(v) for k, v in (h.get("operationMetrics") or {}).items() if str(v).isdigit()}
 
 
 # --------------------------------------------------------------- log
