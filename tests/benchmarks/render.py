@@ -839,6 +839,98 @@ def fault_matrix(d: dict) -> str:
     return head + "\n\n" + table
 
 
+# -------------------------------------------------------------------- scale
+def _gib(x) -> str:
+    return num(x, ".2f") if x is not None else ""
+
+
+def scale(d: dict) -> str:
+    sizes = d.get("sizes") or []
+    if not sizes:
+        return f"No size finished. {d.get('stopped') or ''}".strip()
+    s0 = sizes[0]
+    head = (
+        f"Generated data, {s0['days']} days, {s0['active_frac']:.0%} of the users active a day "
+        f"(~{s0['events_per_active_user']:.0f} events each); Spark `{s0['master']}` (driver {s0['driver_memory']}, "
+        f"{s0['shuffle_partitions']} shuffle partitions), inference engine `{s0['infer_engine']}` on the CPU. "
+        "Each step ran once; memory is the peak during the step: the driver's Python process and the Spark JVM "
+        "(high-water marks), and the whole process tree (sampled every 0.2 s)."
+    )
+    rows = []
+    for s in sizes:
+        r = s["ratio_day_to_full"]
+        rows.append(
+            [
+                f"{s['users']:,}",
+                f"{s['users_in_table']:,}",
+                f"{s['day']['users']:,} ({s['day_share_of_users']:.1%})",
+                f"{s['day']['raw_events']:,}",
+                f"{s['ingest_plus_sequences_events_per_s']:,}",
+                num(r["sequences"], ".3f"),
+                num(r["infer"], ".3f"),
+                num(r["publish"], ".3f"),
+                num(r["candidates"], ".3f"),
+                "yes" if s["sequences_equal"]["equal"] else f"**no** {s['sequences_equal']}",
+            ]
+        )
+    summary = md_table(
+        [
+            "users generated",
+            "users in `user_sequences`",
+            "day's users",
+            "day's raw events",
+            "ingest + sequences events/s",
+            "sequences day / rebuild",
+            "infer day / full",
+            "publish day / full",
+            "candidates day / full",
+            "MERGEd = rebuilt",
+        ],
+        rows,
+        "rrrrrrrrrl",
+    )
+    parts = [head, summary]
+    # Per step, every size side by side: seconds and peaks (history ingests: the median day, the largest peaks).
+    keys = []
+    for s in sizes:
+        for rec in s["steps"]:
+            k = (rec["phase"], rec["step"])
+            if k not in keys:
+                keys.append(k)
+    rows = []
+    for phase, step in keys:
+        for s in sizes:
+            recs = [r for r in s["steps"] if (r["phase"], r["step"]) == (phase, step)]
+            if not recs:
+                continue
+            secs = sorted(r["seconds"] for r in recs)
+            eps = [r["events_per_s"] for r in recs if r.get("events_per_s")]
+            mem = [r["memory"] for r in recs]
+            label = f"{step} ({len(recs)} days, median)" if len(recs) > 1 else step
+            rows.append(
+                [
+                    phase,
+                    label,
+                    f"{s['users']:,}",
+                    num(secs[len(secs) // 2]),
+                    f"{sorted(eps)[len(eps) // 2]:,}" if eps else "",
+                    _gib(max(m["driver_python_peak_gib"] for m in mem)),
+                    _gib(max(m["jvm_peak_gib"] for m in mem)),
+                    _gib(max(m["tree_peak_gib"] for m in mem)),
+                ]
+            )
+    parts.append(
+        md_table(
+            ["phase", "step", "users", "s", "events/s", "driver Python peak GiB", "JVM peak GiB", "tree peak GiB"],
+            rows,
+            "llrrrrrr",
+        )
+    )
+    if d.get("stopped"):
+        parts.append(f"Stopped: {d['stopped']}")
+    return "\n\n".join(parts)
+
+
 # -------------------------------------------------------------- every kind
 def kind(name: str, d: dict) -> str:
     if "models" in d and "dataset" in d:
@@ -857,6 +949,7 @@ RENDERERS = {
     "model-speed": model_speed,
     "fault-matrix": fault_matrix,
     "sparse-embeddings": sparse_embeddings,
+    "scale": scale,
 }
 
 # The title of a summary file (results/<name>.md); the site puts its own headings around the blocks.
@@ -869,6 +962,7 @@ TITLES = {
     "model-speed": "Model speed",
     "fault-matrix": "Kill -9 fault matrix",
     "sparse-embeddings": "Sparse item-id embeddings: one training step, dense versus sparse",
+    "scale": "Scale: a day against a full rebuild, and peak memory per step, as users grow",
 }
 
 # Kinds whose benchmark writes no summary beside its JSON: `userformer benchmark quality` (an installed command,
