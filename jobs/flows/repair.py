@@ -669,7 +669,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
         finished = sequences_step._finish(per_user, cfg.sequences.max_len)
         # Write, audit, publish: the table as the MERGE will leave it (the chosen users' rows replaced by their
         # rebuilt rows) passes the user_sequences gate as of drop `upto` before anything is committed.
-        with sequences_step.staged_files(cfg, finished, "repair") as (staged, judged):
+        with delta.spark_staged(finished, cfg.warehouse_root / "_staging" / "repair") as (staged, judged):
             check = sequences_step.gate_change(cfg, upto, judged, pc.field("user_id").isin(chosen), read)
             src = sel.join(staged.withColumn("_rebuilt", F.lit(True)), "user_id", "left")
             with delta.spark_commit(spark, seq_path, meta) as c:

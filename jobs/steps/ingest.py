@@ -563,11 +563,14 @@ def _publish(
     rejected = rejected.select(*[F.col(f.name).cast(_spark_type(f)) for f in tables.EVENTS_REJECTED])
     counts = {r["reason"] or "accepted": r["count"] for r in checked.groupBy("reason").count().collect()}
 
-    # Write, audit, publish: the events gate judges exactly the rows the commits below write (checkpointed), on
-    # the tables as they will be after them; when it fails, nothing is committed.
-    events, rejected = events.localCheckpoint(), rejected.localCheckpoint()
-    try:
-        gate = _gate(cfg, day, events, rejected, read)
+    # Write, audit, publish: the events gate judges exactly the rows the commits below write (staged files, read
+    # in batches), on the tables as they will be after them; when it fails, nothing is committed.
+    staging = cfg.warehouse_root / "_staging" / "ingest"
+    with (
+        delta.spark_staged(events, staging) as (events, events_files),
+        delta.spark_staged(rejected, staging) as (rejected, rejected_files),
+    ):
+        gate = _gate(cfg, day, events_files, rejected_files, read)
 
         # Every read is done and every check passed: from here on, commits. vocab first (it reserves the ids that
         # items and events refer to); vocab and items land on the versions read above or fail as ConcurrentWrite,
@@ -629,14 +632,12 @@ def _publish(
         }
         log.info("ingest dt=%s: %s", day, result)
         return result
-    finally:
-        events.unpersist()
-        rejected.unpersist()
 
 
 def _gate(cfg: Config, day: dt.date, events, rejected, read: dict) -> dict:
     """The events gate (jobs/steps/quality/suites.py `events`) on the staged partition D of events and
-    events_rejected, which replace their partition D of the versions read; raises GateFailed when it fails."""
+    events_rejected (pyarrow datasets of the staged files), which replace their partition D of the versions read;
+    raises GateFailed when it fails."""
     from userformer.jobs.steps import check
     from userformer.jobs.steps.quality.source import Change, Staged
 
@@ -644,8 +645,8 @@ def _gate(cfg: Config, day: dt.date, events, rejected, read: dict) -> dict:
     staged = Staged(
         cfg,
         {
-            "events": Change(events.toArrow(), day_d, read["events"], drop=day),
-            "events_rejected": Change(rejected.toArrow(), day_d, read["events_rejected"], drop=day),
+            "events": Change(events, day_d, read["events"], drop=day),
+            "events_rejected": Change(rejected, day_d, read["events_rejected"], drop=day),
         },
     )
     return check.gate(cfg, "events", day, staged)

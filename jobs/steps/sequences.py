@@ -20,7 +20,6 @@ of all events.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 
@@ -29,7 +28,7 @@ from userformer.jobs.core.config import Config
 from userformer.jobs.core.dates import date_arg
 from userformer.jobs.core.errors import UserError
 from userformer.jobs.core.spark import spark_session
-from userformer.jobs.core.storage import delta, files
+from userformer.jobs.core.storage import delta
 from userformer.schemas import tables
 
 log = logging.getLogger(__name__)
@@ -222,11 +221,11 @@ def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | N
         result["check"] = _gate(cfg, day, None, state)
         log.info("sequences dt=%s: %s", day, result)
         return result
-    # Write, audit, publish: the rows D gives its users, computed on that state and checkpointed, are judged by
-    # the user_sequences gate before anything is committed, and are then exactly what the commit writes.
-    staged = _staged_rows(spark, seq_path, new, state, cfg.sequences.max_len).localCheckpoint()
-    try:
-        result["check"] = _gate(cfg, day, staged, state)
+    # Write, audit, publish: the rows D gives its users, computed on that state and written once to staged files,
+    # are judged by the user_sequences gate before anything is committed, and are then exactly what it writes.
+    rows = _staged_rows(spark, seq_path, new, state, cfg.sequences.max_len)
+    with delta.spark_staged(rows, cfg.warehouse_root / "_staging" / "sequences") as (staged, judged):
+        result["check"] = _gate(cfg, day, judged, state)
         if rerun and base >= 0:
             state = _restore(spark, seq_path, base, day)  # the same rows as `state` had, one version later
         if creates:
@@ -238,8 +237,6 @@ def _merge_day(cfg: Config, spark, day: dt.date, new, rerun: bool, base: int | N
             hooks.pause("sequences.before_merge")  # tests: a crash here, after a rerun's RESTORE
             result.update(_merge(spark, seq_path, staged, state, meta))
             hooks.pause("sequences.after_merge")
-    finally:
-        staged.unpersist()
     log.info("sequences dt=%s: %s", day, result)
     return result
 
@@ -265,15 +262,15 @@ def _staged_rows(spark, seq_path, new, state: int, max_len: int):
 
 def _gate(cfg: Config, day: dt.date, staged, state: int) -> dict:
     """The user_sequences gate (jobs/steps/quality/suites.py `user_sequences`) on version `state` with the staged
-    rows (a DataFrame) in place of their users' rows (None: D changes no row); raises GateFailed when it fails."""
+    rows (a pyarrow dataset of staged files, read in batches) in place of their users' rows (None: D changes no
+    row); raises GateFailed when it fails. Only the day's user ids are held, to select the rows they replace."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if staged is None:
         return gate_change(cfg, day, tables.USER_SEQUENCES.empty_table(), None, state)
-    rows = staged.toArrow()
-    users = pc.field("user_id").isin(rows["user_id"].combine_chunks().cast(pa.string()))
-    return gate_change(cfg, day, rows, users, state)
+    ids = staged.to_table(columns=["user_id"])["user_id"].combine_chunks().cast(pa.string())
+    return gate_change(cfg, day, staged, pc.field("user_id").isin(ids), state)
 
 
 def gate_change(cfg: Config, day: dt.date, rows, replaces, state: int) -> dict:
@@ -283,20 +280,6 @@ def gate_change(cfg: Config, day: dt.date, rows, replaces, state: int) -> dict:
     from userformer.jobs.steps.quality.source import Change, Staged
 
     return check.gate(cfg, "user_sequences", day, Staged(cfg, {"user_sequences": Change(rows, replaces, state)}))
-
-
-@contextlib.contextmanager
-def staged_files(cfg: Config, df, step: str):
-    """`df` written once to Parquet under warehouse/_staging/<step>/: (those rows as a DataFrame for the commit,
-    as a pyarrow dataset for the gate), so that the gate judges exactly what is committed and nobody holds the
-    rows in memory. The folder goes on exit."""
-    import pyarrow.dataset as pds
-
-    with files.scratch(cfg.warehouse_root / "_staging" / step) as d:
-        out = d / "rows"
-        df.write.parquet(delta.spark_uri(out))
-        fs, where = files.arrow(out)
-        yield df.sparkSession.read.parquet(delta.spark_uri(out)), pds.dataset(where, filesystem=fs, format="parquet")
 
 
 def _merge(spark, seq_path, staged, read_version: int, meta: dict) -> dict:
@@ -404,7 +387,8 @@ def rebuild(cfg: Config, upto: dt.date | None = None) -> dict:
         state = delta.version_of(seq_path) if delta.exists(seq_path) else -1
         # Write, audit, publish as for a day: the new table is judged as of its last drop (that drop's rows, one
         # row per user over all of it) in place of every row of the current one, and is written only if it passes.
-        with staged_files(cfg, _finish(per_user, cfg.sequences.max_len), "sequences-rebuild") as (rows, judged):
+        finished = _finish(per_user, cfg.sequences.max_len)
+        with delta.spark_staged(finished, cfg.warehouse_root / "_staging" / "sequences-rebuild") as (rows, judged):
             check = gate_change(cfg, day, judged, pc.scalar(True), state)
             version = _write(rows, cfg, n, meta)
     finally:

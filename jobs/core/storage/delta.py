@@ -42,6 +42,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from userformer.jobs.core.errors import TryAgain
+from userformer.jobs.core.storage import files
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pds
@@ -484,6 +485,21 @@ def spark_parquet(spark, files: list[str], ddl: str):
     """Parquet files (a step's staged output) as a DataFrame of the columns and types of `ddl` (SQL type text,
     schemas.tables.spark_ddl: parsed by the driver, so that no explicit string collation reaches Delta)."""
     return spark.read.schema(ddl).parquet(*[spark_uri(f) for f in files])
+
+
+@contextlib.contextmanager
+def spark_staged(df, parent) -> Iterator[tuple[object, pds.Dataset]]:
+    """`df` written once to Parquet in a fresh folder under `parent` (warehouse/_staging/<step>/); yields those
+    rows as a DataFrame (for the commit) and as a pyarrow dataset (for the gate), so that the gate judges exactly
+    what is committed and no process holds the rows in memory. The folder goes on exit; `maintain` clears the
+    folders of runs that died."""
+    import pyarrow.dataset as pds
+
+    with files.scratch(parent) as d:
+        out = d / "rows"
+        df.write.parquet(spark_uri(out))
+        fs, where = files.arrow(out)
+        yield df.sparkSession.read.parquet(spark_uri(out)), pds.dataset(where, filesystem=fs, format="parquet")
 
 
 # Written at creation by the steps that MERGE by user, and set on tables written before by
