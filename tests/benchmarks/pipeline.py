@@ -164,10 +164,11 @@ class StageLog:
         self.sql: dict[str, str] = {}
 
     def _find(self) -> Path | None:
-        if self.file is None or not self.file.exists():
-            files = sorted(p for p in self.folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-            self.file = files[-1] if files else None
-            self.offset = 0
+        # The newest log: a Spark session started again (after a step that runs without one) writes a new file.
+        files = [p for p in self.folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        newest = max(files, key=lambda p: p.stat().st_mtime, default=None)
+        if newest != self.file:
+            self.file, self.offset = newest, 0
         return self.file
 
     def _label(self, si: dict) -> str:
