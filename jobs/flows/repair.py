@@ -685,7 +685,7 @@ def recompute_sequences(cfg: Config, users: list[str], upto: dt.date, repair_id:
         per_user.unpersist()
     if c["version"] is None:
         raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
-    m = sequences_step._write_metrics(seq_path, c["version"])
+    m = sequences_step.merge_metrics(c["metrics"])
     res = {
         "users": len(users),
         "rebuilt": rebuilt,

@@ -299,34 +299,39 @@ def _merge(spark, seq_path, staged, read_version: int, meta: dict) -> dict:
         )
     if c["version"] is None:
         raise delta.StorageError(f"the MERGE into {seq_path} left no commit")
-    m = _write_metrics(seq_path, c["version"])
+    m = merge_metrics(c["metrics"])
     return {"version": c["version"], "new_users": m.pop("rows_inserted"), **m}
 
 
 def _write_metrics(seq_path, version: int) -> dict:
-    """Rows and files a commit wrote, from its operationMetrics (a MERGE's or a write's)."""
+    """Rows and files a commit wrote, from its operationMetrics in the table's history (a MERGE's or a write's)."""
     h = next(h for h in delta.history(seq_path, 50) if h["version"] == version)
     m = {k: int(v) for k, v in (h.get("operationMetrics") or {}).items() if str(v).lstrip("-").isdigit()}
     if h.get("operation") == "MERGE":
-        inserted, updated = m.get("numTargetRowsInserted", 0), m.get("numTargetRowsUpdated", 0)
-        return {
-            "rows_inserted": inserted,
-            "rows_updated": updated,
-            "rows_deleted": m.get("numTargetRowsDeleted", 0),
-            "rows_written": inserted + updated,
-            "files_added": m.get("numTargetFilesAdded", 0),
-            # With deletion vectors no file is rewritten: replaced rows are marked in the vectors.
-            "files_rewritten": m.get("numTargetFilesRemoved", 0),
-            "deletion_vectors_added": m.get("numTargetDeletionVectorsAdded", 0),
-            "bytes_added": m.get("numTargetBytesAdded", 0),
-            "target_rows_copied": m.get("numTargetRowsCopied", 0),
-            "scan_ms": m.get("scanTimeMs"),
-            "rewrite_ms": m.get("rewriteTimeMs"),
-        }
+        return merge_metrics(m)
     return {
         "rows_written": m.get("numOutputRows", 0),
         "files_added": m.get("numFiles", 0),
         "bytes_added": m.get("numOutputBytes", 0),
+    }
+
+
+def merge_metrics(m: dict) -> dict:
+    """Rows and files a MERGE into user_sequences wrote, from its operation metrics (`delta.spark_commit`'s)."""
+    inserted, updated = m.get("numTargetRowsInserted", 0), m.get("numTargetRowsUpdated", 0)
+    return {
+        "rows_inserted": inserted,
+        "rows_updated": updated,
+        "rows_deleted": m.get("numTargetRowsDeleted", 0),
+        "rows_written": inserted + updated,
+        "files_added": m.get("numTargetFilesAdded", 0),
+        # With deletion vectors no file is rewritten: replaced rows are marked in the vectors.
+        "files_rewritten": m.get("numTargetFilesRemoved", 0),
+        "deletion_vectors_added": m.get("numTargetDeletionVectorsAdded", 0),
+        "bytes_added": m.get("numTargetBytesAdded", 0),
+        "target_rows_copied": m.get("numTargetRowsCopied", 0),
+        "scan_ms": m.get("scanTimeMs"),
+        "rewrite_ms": m.get("rewriteTimeMs"),
     }
 
 

@@ -301,7 +301,8 @@ def one_size(
         steps.run("candidates (first)", lambda: pipeline.candidates(cfg, prev), phase="history")
 
         # ---- the day D: the daily path
-        ing = steps.run("ingest", lambda: pipeline.ingest(cfg, day), phase="day", events=_raw(cfg, day))
+        day_raw = _raw(cfg, day)
+        ing = steps.run("ingest", lambda: pipeline.ingest(cfg, day), phase="day", events=day_raw)
         seq = steps.run("sequences", lambda: pipeline.sequences(cfg, day), phase="day", events=ing["accepted"])
         inf = steps.run("infer", lambda: pipeline.infer(cfg, day), phase="day")
         steps.run("publish", lambda: pipeline.publish(cfg, day), phase="day")
@@ -344,15 +345,13 @@ def one_size(
             "spark_start_s": spark_start_s,
             "model": tr["version"],
             "events_accepted_history": hist_events,
-            "day": {"dt": str(day), "raw_events": _raw(cfg, day), "accepted": ing["accepted"], "users": day_users},
+            "day": {"dt": str(day), "raw_events": day_raw, "accepted": ing["accepted"], "users": day_users},
             "users_in_table": all_users,
             "day_share_of_users": round(day_users / all_users, 4),
             "sequences_equal": same,
             "steps": [_strip(r) for r in steps.records],
             "ratio_day_to_full": {k: round(v, 4) for k, v in ratio.items()},
-            "ingest_plus_sequences_events_per_s": round(
-                _raw(cfg, day) / (sec("day", "ingest") + sec("day", "sequences"))
-            ),
+            "ingest_plus_sequences_events_per_s": round(day_raw / (sec("day", "ingest") + sec("day", "sequences"))),
             "started": started,
             "finished": now(),
         }
