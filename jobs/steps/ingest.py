@@ -156,8 +156,9 @@ def _read_raw(spark, files: list[RawFile]):
     return df
 
 
-def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
-    """Add `reason`/`detail` (null when the row is accepted). First failing rule wins."""
+def _validate_rows(df, cfg: Config, day: dt.date):
+    """Add `reason`/`detail` (null when the row is accepted). First failing rule wins; duplicates within the drop
+    are quarantined here, those of earlier drops by `_mark_redelivered`, bursts by `_cap_bursts`."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -254,23 +255,45 @@ def _validate_rows(df, cfg: Config, day: dt.date, lookback_ids):
     dup = ok & (F.col("_rank") > 1)
     df = df.withColumn("detail", F.when(dup, F.lit("duplicate event_id within the drop")).otherwise(F.col("detail")))
     df = df.withColumn("reason", F.when(dup, F.lit("duplicate")).otherwise(F.col("reason"))).drop("_rank")
-    if lookback_ids is not None:
-        seen = lookback_ids.select(F.col("event_id").alias("_seen_id"), F.col("dt").alias("_seen_dt")).dropDuplicates(
-            ["_seen_id"]
-        )
-        df = df.join(seen, df.event_id == seen._seen_id, "left")
-        prior = F.col("reason").isNull() & F.col("_seen_id").isNotNull()
-        df = df.withColumn(
-            "detail",
-            F.when(prior, F.concat(F.lit("already delivered in drop dt="), F.col("_seen_dt").cast("string"))).otherwise(
-                F.col("detail")
-            ),
-        )
-        df = df.withColumn("reason", F.when(prior, F.lit("duplicate")).otherwise(F.col("reason")))
-        df = df.drop("_seen_id", "_seen_dt")
+    return df
+
+
+def _mark_redelivered(df, lookback_ids):
+    """Quarantine the accepted rows whose event_id an earlier drop of the lookback window already delivered.
+
+    The lookback holds several drops' ids (7 x a day's): joining them with the day on the id text shuffles and
+    sorts all of them. Only 64-bit hashes of the ids are shuffled instead, to find the ids of the lookback that
+    may be the day's (normally a few); those rows are then read with their text and joined on it, so a hash
+    collision never rejects an event. `df` is read twice (checkpoint it)."""
+    from pyspark.sql import functions as F
+
+    day_hashes = df.where(F.col("reason").isNull()).select(F.xxhash64("event_id").alias("_h"))
+    hit = lookback_ids.select(F.xxhash64("event_id").alias("_h")).join(day_hashes, "_h", "left_semi").distinct()
+    seen = (
+        lookback_ids.withColumn("_h", F.xxhash64("event_id"))
+        .join(hit, "_h", "left_semi")
+        .select(F.col("event_id").alias("_seen_id"), F.col("dt").alias("_seen_dt"))
+        .dropDuplicates(["_seen_id"])
+    )
+    df = df.join(seen, df.event_id == seen._seen_id, "left")
+    prior = F.col("reason").isNull() & F.col("_seen_id").isNotNull()
+    df = df.withColumn(
+        "detail",
+        F.when(prior, F.concat(F.lit("already delivered in drop dt="), F.col("_seen_dt").cast("string"))).otherwise(
+            F.col("detail")
+        ),
+    )
+    df = df.withColumn("reason", F.when(prior, F.lit("duplicate")).otherwise(F.col("reason")))
+    return df.drop("_seen_id", "_seen_dt")
+
+
+def _cap_bursts(df, cfg: Config):
+    """Quarantine a user's accepted rows beyond ingest.max_events_per_user_per_day (the earliest go)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
 
     # A single user flooding the drop (bot, replayed client buffer): keep the latest N events.
-    cap = ic.max_events_per_user_per_day
+    cap = cfg.ingest.max_events_per_user_per_day
     ok = F.col("reason").isNull()
     wu = Window.partitionBy("user_id", ok).orderBy(F.col("ts").desc(), F.col("event_id").desc())
     df = df.withColumn("_rank", F.row_number().over(wu))
@@ -449,7 +472,13 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
             .select("event_id", "dt")
         )
 
-    checked = _validate_rows(_read_raw(spark, files), cfg, day, lookback).localCheckpoint()
+    checked = _validate_rows(_read_raw(spark, files), cfg, day)
+    if lookback is not None:
+        first = checked.localCheckpoint()  # the day's rows once: _mark_redelivered reads them twice
+        checked = _cap_bursts(_mark_redelivered(first, lookback), cfg).localCheckpoint()
+        first.unpersist()
+    else:
+        checked = _cap_bursts(checked, cfg).localCheckpoint()
     try:
         return _publish(cfg, spark, day, files, raw_rows, snapshot, checked, read, lookback_days)
     finally:

@@ -486,3 +486,27 @@ def test_expectation_ge_cannot_evaluate_fails_with_its_error():
     ok, broken = check.evaluate(plan, 5)
     assert ok.success and (ok.unexpected_count, ok.element_count) == (0, 2)
     assert not broken.success and "nope" in broken.note
+
+
+def test_frames_reach_ge_with_64_bit_numbers():
+    """GE's pandas range check is vectorised only for int64/float64; narrower columns are widened, values kept."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "surface_idx": np.array([1, -1], dtype="int32"),
+            "score": np.array([0.5, np.nan], dtype="float32"),
+            "n": np.array([3, 4], dtype="int64"),
+            "user_id": ["a", None],
+        }
+    )
+    wide = check._wide(frame)
+    assert dict(wide.dtypes.astype(str)) == {
+        "surface_idx": "int64",
+        "score": "float64",
+        "n": "int64",
+        "user_id": "object",
+    }
+    assert wide["surface_idx"].tolist() == [1, -1] and wide["score"].isna().tolist() == [False, True]
+    assert check._wide(wide) is wide  # nothing to widen: the same frame, no copy
