@@ -111,10 +111,12 @@ def dense_all_action_targets(
     B, L1 = mask.shape
     L = L1 - 1
     valid_src = mask[:, :-1] & mask[:, 1:]  # a position with at least one later event
-    r = torch.rand(B, n_pos, L, generator=gen).masked_fill(~valid_src[:, None, :], -1.0)
+    dev = mask.device
+    # Drawn by `gen` on its own device (the same draws wherever the batch is), then moved to the batch's.
+    r = torch.rand(B, n_pos, L, generator=gen, device=gen.device).to(dev).masked_fill(~valid_src[:, None, :], -1.0)
     pos = r.argmax(-1)  # (B, P)
     has = valid_src.gather(1, pos)
-    j = torch.arange(L1)[None, None, :]
+    j = torch.arange(L1, device=dev)[None, None, :]
     after = j > pos[..., None]
     if by_time:
         t0 = ts.gather(1, pos)
@@ -122,7 +124,7 @@ def dense_all_action_targets(
     else:
         near = j <= pos[..., None] + horizon
     cand = after & near & mask[:, None, :] & (items[:, None, :] > 0)
-    pick = torch.rand(B, n_pos, L1, generator=gen).masked_fill(~cand, -1.0).argmax(-1)
+    pick = torch.rand(B, n_pos, L1, generator=gen, device=gen.device).to(dev).masked_fill(~cand, -1.0).argmax(-1)
     tgt = items.gather(1, pick)
     ok = has & cand.any(-1)
     return inp, pos, tgt, ok

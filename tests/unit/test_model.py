@@ -314,6 +314,16 @@ def test_dense_all_action_targets_are_in_the_future_window(data):
             assert t in items[r, p + 1 : p + 4].tolist()
 
 
+def test_dense_all_action_targets_follow_the_batch_device(data):
+    """Every tensor the dense objective makes lives on the batch's device (a CPU generator's draws are moved):
+    checked on PyTorch's shape-only "meta" device, so no GPU is needed to catch a CPU tensor mixed in."""
+    seqs, _ = data
+    b = {k: v.to("meta") for k, v in model_data.pad_batch(seqs, np.arange(8), 11).items()}
+    _, pos, tgt, ok = losses.dense_all_action_targets(b, 4, 3, False, torch.Generator().manual_seed(0))
+    _, *by_time = losses.dense_all_action_targets(b, 4, 86400.0, True, torch.Generator().manual_seed(0))
+    assert {t.device.type for t in (pos, tgt, ok, *by_time)} == {"meta"}
+
+
 # ----------------------------------------------------------- training
 def test_loss_decreases_and_is_deterministic(data):
     seqs, catalog = data
@@ -357,6 +367,28 @@ def test_objectives_and_full_softmax_train(data, objective, loss):
     m = evaluate(model, test, catalog, torch.device("cpu"), tc)
     assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
     assert m["hr@10"] > 0.6  # random: 10 / 30; a deterministic walk is learnable
+
+
+@pytest.mark.gpu
+def test_cuda_trains_the_dense_objective_and_embeds_in_bf16_as_in_fp32(data):
+    """The CUDA path: a training step of every kind (dense all-action, heads) on the GPU, then the user embedding
+    under bf16 autocast close to the CPU's fp32 one for the same weights."""
+    seqs, catalog = data
+    train, valid, test = model_data.leave_one_out(seqs)
+    tc = TrainConfig(
+        epochs=3, batch_size=8, lr=1e-2, objective="dense_all_action", dense_horizon_events=2, device="cuda"
+    )
+    model, h = fit(tiny_cfg(), tc, train, valid, catalog, progress=False, log=lambda s: None)
+    assert all(math.isfinite(r["loss"]) for r in h["history"]) and h["history"][-1]["loss"] < h["history"][0]["loss"]
+    m = evaluate(model, test, catalog, torch.device("cuda"), tc)
+    assert m["users"] == 40 and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
+    b = model_data.pad_batch(seqs, np.arange(16), 10)
+    with torch.no_grad():
+        cpu = model.cpu().eval().user_embedding(b)
+        gpu_model = model.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = gpu_model.user_embedding({k: v.cuda() for k, v in b.items()}).float().cpu()
+    assert torch.nn.functional.cosine_similarity(cpu, bf16).min() > 0.98
 
 
 def test_head_losses_are_present(data):
