@@ -17,7 +17,10 @@ item and scores 0 in a head); a new label's prior is the lowest prior of the
 known labels (it has not been seen yet). A new ITEM's id row makes the item
 exactly its content before any fine-tuning: the mean of its (grown) attribute
 embeddings under mean pooling (id and content are averaged), zero under
-``id_plus_mean`` pooling (the id is added to the content mean).
+``id_plus_mean`` pooling (the id is added to the content mean). A new item
+none of whose attribute values the model has learned (no metadata yet, or a
+new category and brand) has no content to be: its id row is the mean of the
+trained items' id rows (`cold_item_row`), never a zero vector.
 
 No optimizer state crosses a growth: fine-tuning a grown model builds a new
 optimizer (train.fit), whose moments are tables of the grown size, zero for
@@ -51,6 +54,16 @@ def _grown(emb: nn.Embedding, n: int) -> nn.Embedding:
         new.weight[: emb.num_embeddings] = emb.weight
     new.weight.requires_grad_(emb.weight.requires_grad)
     return new
+
+
+def cold_item_row(trained_rows: torch.Tensor) -> torch.Tensor:
+    """The id row of a new item with no content the model has learned (no metadata, or only attribute values
+    new since training): the mean of the trained items' id rows, a typical item, until fine-tuning places it.
+    Without it such an item's vector is zero (no id, no content), which no ranking can use and the outputs'
+    unit-norm check refuses."""
+    if not len(trained_rows):
+        return torch.zeros(trained_rows.shape[-1], dtype=trained_rows.dtype, device=trained_rows.device)
+    return trained_rows.mean(0)
 
 
 @torch.no_grad()
@@ -104,14 +117,15 @@ def grow(model, catalog: ItemCatalog) -> dict:
     tower.attrs = attrs.to(old_attrs.device)
     tower.n_items = n_items - 1
 
-    # Content initialisation of the new items' id rows (item tower side; tied tables see it too).
-    if "item_id" in tower.embs and not getattr(tower, "id_plus_mean", False):
+    # The new items' id rows (item tower side; tied tables see them too): their content, or the fallback.
+    if "item_id" in tower.embs:
         ids = tower.embs["item_id"]
         old_n = old_sizes["item"]
         if ids.num_embeddings > old_n:
             new = torch.arange(old_n, ids.num_embeddings, device=tower.attrs.device)
             total = torch.zeros(len(new), ids.embedding_dim, device=ids.weight.device, dtype=ids.weight.dtype)
             count = torch.zeros(len(new), 1, device=ids.weight.device, dtype=ids.weight.dtype)
+            trained = torch.zeros(len(new), dtype=torch.bool, device=ids.weight.device)
             for f, emb in tower.embs.items():
                 if f == "item_id":
                     continue
@@ -119,6 +133,8 @@ def grow(model, catalog: ItemCatalog) -> dict:
                 a = torch.where(a < emb.num_embeddings, a, torch.zeros_like(a))
                 total += emb.weight[a]
                 count += (a > 0).unsqueeze(-1).to(count.dtype)
-            ids.weight[new] = total / count.clamp_min(1.0)
+                trained |= ((a > 0) & (a < old_sizes.get(FIELD[f], 1))).to(trained.device)
+            own = torch.zeros_like(total) if getattr(tower, "id_plus_mean", False) else total / count.clamp_min(1.0)
+            ids.weight[new] = torch.where(trained[:, None], own, cold_item_row(ids.weight[1:old_n]))
     model.sizes = new_sizes
     return grown

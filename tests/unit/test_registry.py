@@ -238,6 +238,30 @@ def test_grow_adds_rows_and_keeps_old_ones_exactly(tie):
     assert grow(m, new_cat) == {}  # idempotent
 
 
+@pytest.mark.parametrize("pooling", ["id_plus_mean", "mean"])
+def test_a_new_item_without_learned_content_gets_a_unit_vector(pooling):
+    """New items with no metadata, or only attribute values newer than the model, have no content the model
+    knows: after growth they start as a typical item (the mean trained id row), a unit vector, never zero."""
+    cat = catalog()
+    m = tiny(cat, pooling=pooling, item_mlp=False)
+    new_cat = bigger(cat, more_items=3)
+    for a in data.ITEM_ATTRS:
+        new_cat.attrs[a][-2] = 0  # no metadata at all
+    new_cat.attrs["brand"][-1] = new_cat.sizes["brand"] - 1  # only values the model has not learned
+    new_cat.attrs["category_l3"][-1] = new_cat.sizes["category_l3"] - 1
+    for a in ("category_l1", "category_l2"):
+        new_cat.attrs[a][-1] = 0
+    grow(m, new_cat)
+    vecs = m.item_tower.all_items()
+    ids = m.item_tower.embs["item_id"].weight
+    typical = ids[1:31].mean(0)
+    for i in (32, 33):
+        assert torch.allclose(ids[i], typical, atol=1e-6)
+        assert vecs[i].norm().item() == pytest.approx(1.0, abs=1e-5)
+    # An item with learned content is not touched by the fallback.
+    assert not torch.allclose(ids[31], typical)
+
+
 # --------------------------------------------------------------- gate
 def test_gate_threshold():
     pub = {"ndcg@10": 0.10, "recall@10": 0.20}
