@@ -264,7 +264,9 @@ def pad_batch(
 
     `keep`: when > 0, the newest `keep` events are dropped first (kept out of the input).
     `trim`: narrow the batch to its longest row (most sequences are far shorter than max_len).
-    `ref_ts`: per user reference time for the time-to-reference feature (default: the newest kept event).
+    `ref_ts`: per user, the time the user is embedded at (the time-to-reference feature's reference: the
+    pipeline's as-of time, a time split's split time), never before the user's newest kept event (a later
+    event moves it there); default: the newest kept event.
     Returns ints (long), ts/duration (float), `mask` (True = real event), `from_start` (B,) (the row holds
     the user's first event).
     """
@@ -290,8 +292,8 @@ def pad_batch(
     # The window starts at the user's first event (nothing older was cut off): training then also learns
     # to predict that first event from an empty history (the cold-start embedding, see model.py).
     out["from_start"] = torch.from_numpy((starts == seqs.offsets[rows]) & (lens > 0))
-    if ref_ts is None:
-        ref_ts = np.where(lens > 0, ts[:, -1], 0.0)
+    newest = np.where(lens > 0, ts[:, -1], 0.0)
+    ref_ts = newest if ref_ts is None else np.maximum(np.asarray(ref_ts, np.float64), newest)
     out["ref_ts"] = torch.from_numpy(np.asarray(ref_ts, np.float64))
     return out
 

@@ -205,11 +205,28 @@ def _autocast(device, bf16: bool):
     return autocast(device, SimpleNamespace(bf16=bf16, cpu_bf16=False))
 
 
-def embed_sequences(model, seqs, device, *, batch_size: int, top_k: int, bf16: bool = True):
+def embedded_at(updated_dt) -> np.ndarray:
+    """When each user is embedded, in seconds since the epoch: the end of the drop date that last changed the
+    user's sequence (`user_sequences.updated_dt`), from when the vector is served. Training reads each position
+    at the time of the action it predicts, and the gate and evaluation embed at their split time, so all of
+    them condition on "time from the newest event to when the vector is used". A full re-embed on a later day
+    gives a user the vector the day that changed the user gave (the time does not depend on the day computing
+    it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    days = pc.cast(updated_dt, pa.int32()).to_numpy(zero_copy_only=False).astype(np.float64)  # days since epoch
+    return (days + 1.0) * 86400.0
+
+
+def embed_sequences(
+    model, seqs, device, *, batch_size: int, top_k: int, bf16: bool = True, as_of: np.ndarray | None = None
+):
     """(embeddings (U, d) float32, {task: (label ids (U, k) int64, probabilities (U, k) float32)}) of `seqs`,
-    in its user order. One encoder pass per batch feeds both the user vector (as model.user_embedding: the
-    newest event, cold embedding for a user without events) and the heads (softmax over each task's labels,
-    top k = min(top_k, labels - 1): label 0 "unknown" is never predicted)."""
+    in its user order. One encoder pass per batch feeds both the user vector (as model.user_embedding, at the
+    time `as_of` (U,) seconds or the newest event when later; the cold embedding for a user without events) and
+    the heads (softmax over each task's labels, top k = min(top_k, labels - 1): label 0 "unknown" is never
+    predicted)."""
     import torch
     import torch.nn.functional as F
 
@@ -226,7 +243,7 @@ def embed_sequences(model, seqs, device, *, batch_size: int, top_k: int, bf16: b
     with torch.no_grad():
         for i in range(0, n, batch_size):
             rows = order[i : i + batch_size]
-            b = to_device(pad_batch(seqs, rows, model.cfg.max_len), device)
+            b = to_device(pad_batch(seqs, rows, model.cfg.max_len, None if as_of is None else as_of[rows]), device)
             with _autocast(device, bf16):
                 h = model.encoder.hidden(b)
                 u = model.encoder.embed(h[:, -1], b["ref_ts"] - b["ts"][:, -1])
@@ -360,7 +377,15 @@ def _embed_table(model, t, keys, device, job: Job):
     if not t.num_rows:
         return None
     seqs = from_sequences_table(t)
-    emb, prefs = embed_sequences(model, seqs, device, batch_size=job.batch_size, top_k=job.top_k, bf16=job.bf16)
+    emb, prefs = embed_sequences(
+        model,
+        seqs,
+        device,
+        batch_size=job.batch_size,
+        top_k=job.top_k,
+        bf16=job.bf16,
+        as_of=embedded_at(t["updated_dt"]),
+    )
     return user_tables(seqs.user_ids, emb, prefs, keys, job.version, job.day, job.updated_at)
 
 

@@ -82,3 +82,47 @@ def test_vector_and_score_statistics():
     np.testing.assert_allclose(s["sum"][:3], [0.8, 0.9, 1.1], rtol=1e-6)
     np.testing.assert_allclose(s["top1"][:3], [0.5, 0.2, 0.9], rtol=1e-6)
     assert s["min"][1] == np.float32(0.2) and s["max"][2] == np.float32(0.9)
+
+
+def test_users_are_embedded_as_of_the_end_of_the_day_that_changed_them():
+    """Inference reads the time-to-reference feature at the end of the user's `updated_dt` (when the vector starts
+    being served), as the gate reads it at its split time; not at the newest event (a gap of 0 no training
+    position ever has). The day computing it does not matter: a full re-embed later gives the same vector."""
+    seqs, cat = tiny_data(n_users=6)
+    model = model_of(tiny_cfg(), cat).eval()
+    newest = seqs.ts[seqs.offsets[1:] - 1]
+    days = (newest // 86400).astype(np.int32) + np.arange(6) % 3  # changed on the newest event's day or later
+    t = pa.table(
+        {
+            "user_id": pa.array(list(seqs.user_ids), pa.string()),
+            "item_idx": pa.ListArray.from_arrays(pa.array(seqs.offsets.astype(np.int32)), pa.array(seqs.ints["item"])),
+            **{
+                c: pa.ListArray.from_arrays(pa.array(seqs.offsets.astype(np.int32)), pa.array(seqs.ints[k]))
+                for k, c in (
+                    ("event_type", "event_type_idx"),
+                    ("category_l1", "category_l1_idx"),
+                    ("category_l2", "category_l2_idx"),
+                    ("category_l3", "category_l3_idx"),
+                    ("brand", "brand_idx"),
+                    ("surface", "surface_idx"),
+                )
+            },
+            "ts": pa.ListArray.from_arrays(
+                pa.array(seqs.offsets.astype(np.int32)),
+                pa.array((seqs.ts * 1e6).astype(np.int64), pa.timestamp("us", tz="UTC")),
+            ),
+            "duration_s": pa.ListArray.from_arrays(pa.array(seqs.offsets.astype(np.int32)), pa.array(seqs.duration)),
+            "updated_dt": pa.array(days, pa.int32()).cast(pa.date32()),
+        }
+    )
+    keys = {task: np.array([None] + [f"l{i}" for i in range(1, 40)], object) for task in model.heads.readouts}
+    job = infer.Job("v1", dt.date(2026, 11, 1), dt.datetime(2026, 11, 2, tzinfo=dt.UTC), 0, 1, 4, 3, False, "cpu", {})
+    ue, _ = infer._embed_table(model, t, keys, torch.device("cpu"), job)
+    as_of = (days + 1.0) * 86400.0
+    np.testing.assert_allclose(infer.embedded_at(t["updated_dt"]), as_of)
+    with torch.no_grad():
+        want = model.user_embedding(pad_batch(seqs, np.arange(6), model.cfg.max_len, ref_ts=as_of, trim=False))
+        at_newest = model.user_embedding(pad_batch(seqs, np.arange(6), model.cfg.max_len, trim=False))
+    got = np.array(ue["embedding"].to_pylist(), np.float32)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert not np.allclose(got, at_newest.numpy(), atol=1e-3)  # the reference time is read, not ignored
