@@ -293,8 +293,7 @@ def pad_batch(
     # to predict that first event from an empty history (the cold-start embedding, see model.py).
     out["from_start"] = torch.from_numpy((starts == seqs.offsets[rows]) & (lens > 0))
     newest = np.where(lens > 0, ts[:, -1], 0.0)
-    ref_ts = newest if ref_ts is None else np.maximum(np.asarray(ref_ts, np.float64), newest)
-    out["ref_ts"] = torch.from_numpy(np.asarray(ref_ts, np.float64))
+    out["ref_ts"] = torch.from_numpy(newest if ref_ts is None else np.maximum(np.asarray(ref_ts, np.float64), newest))
     return out
 
 

@@ -113,10 +113,12 @@ def _batch_definition(asset: str):
 def _wide(frame):
     """The frame with narrow integer and float columns widened to 64 bits: GE's pandas range check is vectorised
     only for int64 and float64 columns and calls a Python function per value for int32 (the vocabulary ids)."""
+    import numpy as np
+
     narrow = {
         c: "float64" if t.kind == "f" else "int64"
         for c, t in frame.dtypes.items()
-        if getattr(t, "kind", "") in "iuf" and t.itemsize < 8
+        if isinstance(t, np.dtype) and t.kind in "iuf" and t.itemsize < 8  # pandas' nullable types are left as they are
     }
     # copy(): one block per type again, or GE's every row filter merges the blocks anew
     return frame.astype(narrow).copy() if narrow else frame

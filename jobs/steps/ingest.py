@@ -473,12 +473,13 @@ def ingest(cfg: Config, day: dt.date, *, allow_empty: bool = False) -> dict:
         )
 
     checked = _validate_rows(_read_raw(spark, files), cfg, day)
+    first = None
     if lookback is not None:
         first = checked.localCheckpoint()  # the day's rows once: _mark_redelivered reads them twice
-        checked = _cap_bursts(_mark_redelivered(first, lookback), cfg).localCheckpoint()
+        checked = _mark_redelivered(first, lookback)
+    checked = _cap_bursts(checked, cfg).localCheckpoint()
+    if first is not None:
         first.unpersist()
-    else:
-        checked = _cap_bursts(checked, cfg).localCheckpoint()
     try:
         return _publish(cfg, spark, day, files, raw_rows, snapshot, checked, read, lookback_days)
     finally:

@@ -304,11 +304,10 @@ def _merge(spark, seq_path, staged, read_version: int, meta: dict) -> dict:
 
 
 def _write_metrics(seq_path, version: int) -> dict:
-    """Rows and files a commit wrote, from its operationMetrics in the table's history (a MERGE's or a write's)."""
+    """Rows and files a write (the first build, a rebuild) committed, from its operationMetrics in the table's
+    history; a MERGE's come from its own commit (`merge_metrics`)."""
     h = next(h for h in delta.history(seq_path, 50) if h["version"] == version)
     m = {k: int(v) for k, v in (h.get("operationMetrics") or {}).items() if str(v).lstrip("-").isdigit()}
-    if h.get("operation") == "MERGE":
-        return merge_metrics(m)
     return {
         "rows_written": m.get("numOutputRows", 0),
         "files_added": m.get("numFiles", 0),

@@ -499,10 +499,12 @@ def test_frames_reach_ge_with_64_bit_numbers():
             "score": np.array([0.5, np.nan], dtype="float32"),
             "n": np.array([3, 4], dtype="int64"),
             "user_id": ["a", None],
+            "maybe": pd.array([1, None], dtype="Int32"),  # pandas' nullable type: a cast to int64 would fail on NA
         }
     )
     wide = check._wide(frame)
-    assert dict(wide.dtypes.astype(str)) == {
+    assert wide["maybe"].dtype == "Int32"
+    assert dict(wide.drop(columns="maybe").dtypes.astype(str)) == {
         "surface_idx": "int64",
         "score": "float64",
         "n": "int64",
